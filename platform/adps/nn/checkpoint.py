@@ -1,0 +1,230 @@
+"""The model checkpoint format: a folder with ``weights.safetensors`` and ``config.json``.
+
+* ``weights.safetensors``: the network's ``state_dict`` (safetensors; never pickle, so
+  loading a checkpoint cannot execute code).
+* ``config.json``: everything needed to rebuild the network and to know what it is:
+  the caller's fields (``preset``, ``method``, ``R``, the training config, ...), plus
+  ``unet`` (the complete resolved :class:`~adps.nn.unet.UNetConfig`), ``precond`` (when
+  an :class:`~adps.nn.precond.EDMPrecond` was saved), ``versions`` and ``format``.
+
+Each file is written under a temporary name in the same folder and then renamed
+(``os.replace``, atomic on POSIX), so a reader never sees a half-written file. Loading
+rebuilds the network from the config and refuses weights whose tensor names, shapes or
+dtypes differ in any way from that network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .ema import unwrap_model
+from .precond import EDMPrecond
+from .unet import SongUNet, UNetConfig, build_unet
+
+__all__ = ["CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "load_model", "save_model"]
+
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT = "adps-model/1"
+
+# Keys that save_model owns; a caller's value for them would be silently wrong.
+_RESERVED = ("unet", "precond", "versions", "format")
+# How many offending keys an error message lists before "...".
+_MAX_KEYS_SHOWN = 5
+
+
+def _versions() -> dict[str, str]:
+    """Library versions recorded with the weights (for provenance, not checked on load)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        adps_version = version("adps")
+    except (ImportError, PackageNotFoundError):
+        adps_version = getattr(sys.modules.get("adps"), "__version__", "unknown")
+    return {
+        "adps": str(adps_version),
+        "torch": torch.__version__,
+        "safetensors": getattr(safetensors, "__version__", "unknown"),
+        "python": sys.version.split()[0],
+    }
+
+
+def _write_atomically(target: Path, write: Any) -> None:
+    """Call ``write(tmp_path)``, then rename the temporary file onto ``target``."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:  # durable before it becomes visible
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(path_dir: str | os.PathLike[str], model: nn.Module, config: dict[str, Any]) -> Path:
+    """Save ``model`` (a :class:`SongUNet` or an :class:`EDMPrecond` around one) to a folder.
+
+    Args:
+        path_dir: the checkpoint folder (created if needed; existing files are replaced).
+        model: the network; DDP / torch.compile wrappers are looked through.
+        config: JSON-serialisable description: preset, method, R, training config, ...
+            (``unet``, ``precond``, ``versions`` and ``format`` are filled in here).
+
+    Returns:
+        The checkpoint folder.
+    """
+    model = unwrap_model(model)
+    precond: dict[str, Any] | None = None
+    if isinstance(model, EDMPrecond):
+        precond = {
+            "type": "edm",
+            "sigma_data": model.sigma_data,
+            "image_channels": model.image_channels,
+            "scale_cond": model.scale_cond,
+        }
+        net = unwrap_model(model.net)
+    else:
+        net = model
+    if not isinstance(net, SongUNet):
+        raise TypeError(f"save_model: expected a SongUNet or EDMPrecond(SongUNet), got {type(net).__name__}")
+    clashes = [k for k in _RESERVED if k in config]
+    if clashes:
+        raise ValueError(f"save_model: config keys {clashes} are reserved (written by save_model)")
+
+    record = dict(config)
+    record["unet"] = net.config.to_dict()
+    if precond is not None:
+        record["precond"] = precond
+    record["versions"] = _versions()
+    record["format"] = FORMAT
+    try:
+        config_text = json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"save_model: config is not JSON-serialisable: {err}") from err
+
+    # safetensors wants contiguous CPU tensors that share no storage; a copy guarantees it.
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in net.state_dict().items()}
+
+    folder = Path(path_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomically(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+
+    def write_config(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(config_text)
+
+    # Weights first: a reader that meets new weights with the old config gets a clear
+    # mismatch error from load_model rather than silently wrong numbers.
+    _write_atomically(folder / CONFIG_FILE, write_config)
+    return folder
+
+
+def _build_from_config(config: dict[str, Any], config_path: Path) -> SongUNet:
+    """The network described by a checkpoint config (without weights)."""
+    try:
+        if "unet" in config:
+            # The resolved config: independent of later changes to the presets.
+            return SongUNet(UNetConfig.from_dict(config["unet"]))
+        if "preset" in config:
+            return build_unet(config["preset"], **config.get("overrides", {}))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{config_path}: cannot build the network: {err}") from err
+    raise ValueError(f"{config_path}: neither 'unet' nor 'preset' given; cannot rebuild the network")
+
+
+def _short(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_KEYS_SHOWN])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > _MAX_KEYS_SHOWN else "")
+
+
+def _check_tensors(
+    weights_path: Path, config_path: Path, found: dict[str, Tensor], expected: dict[str, Tensor]
+) -> None:
+    """Raise ValueError unless ``found`` has exactly the names, shapes and dtypes of ``expected``."""
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing tensor(s) {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensor(s) {_short(unexpected)}")
+    shape_bad = [
+        f"{k} {tuple(found[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in sorted(set(found) & set(expected))
+        if found[k].shape != expected[k].shape
+    ]
+    if shape_bad:
+        problems.append(f"shape mismatch (file vs config) for {_short(shape_bad)}")
+    dtype_bad = [
+        f"{k} {found[k].dtype} vs {expected[k].dtype}"
+        for k in sorted(set(found) & set(expected))
+        if found[k].dtype != expected[k].dtype
+    ]
+    if dtype_bad:
+        problems.append(f"dtype mismatch (file vs config) for {_short(dtype_bad)}")
+    if problems:
+        raise ValueError(
+            f"{weights_path}: weights do not match the network described by {config_path}: " + "; ".join(problems)
+        )
+
+
+def load_model(
+    path_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save_model`.
+
+    Returns:
+        ``(model, config)``: the model (an :class:`EDMPrecond` if one was saved, else the
+        :class:`SongUNet`) on ``device`` in eval mode, and the parsed ``config.json``.
+
+    Raises:
+        FileNotFoundError: a file of the checkpoint is missing.
+        ValueError: a file is unreadable, or the weights do not fit the config exactly.
+    """
+    folder = Path(path_dir)
+    config_path = folder / CONFIG_FILE
+    weights_path = folder / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint file not found")
+
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path}: not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+
+    net = _build_from_config(config, config_path)
+    try:
+        tensors = load_file(str(weights_path), device="cpu")
+    except (safetensors.SafetensorError, OSError) as err:
+        raise ValueError(f"{weights_path}: not a readable safetensors file: {err}") from err
+    _check_tensors(weights_path, config_path, tensors, net.state_dict())
+    net.load_state_dict(tensors, strict=True)
+
+    model: nn.Module = net
+    precond = config.get("precond")
+    if precond is not None:
+        if not isinstance(precond, dict) or precond.get("type") != "edm":
+            raise ValueError(f"{config_path}: unsupported 'precond' entry {precond!r}")
+        model = EDMPrecond(
+            net,
+            sigma_data=float(precond.get("sigma_data", 0.5)),
+            image_channels=int(precond.get("image_channels", 2)),
+            scale_cond=bool(precond.get("scale_cond", False)),
+        )
+    return model.to(device).eval(), config
