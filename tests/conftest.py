@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+
 import pytest
 import torch
 
@@ -17,6 +21,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """Run a test on one intra-op thread (restored afterwards).
+
+    Tests dominated by small tensors gain nothing from a second thread, and on a shared
+    2-core machine a busy neighbour process makes every parallel region wait for a
+    descheduled thread: the toy ambient-loss test took 140 s with 2 threads and 13 s with 1.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """Terminate a server started with ``start_new_session=True`` and everything it spawned."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
 
 
 def devices() -> list[str]:
@@ -35,3 +65,102 @@ def random_complex(*shape: int, generator: torch.Generator, dtype: torch.dtype =
         torch.randn(*shape, generator=generator, dtype=real_dtype),
         torch.randn(*shape, generator=generator, dtype=real_dtype),
     ).to(dtype)
+
+
+# A real S3 server (moto) ---------------------------------------------------------------------
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "test",
+    "AWS_SECRET_ACCESS_KEY": "test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A moto S3 server on a free local port; yields its endpoint URL.
+
+    For the session, AWS_ENDPOINT_URL points at it and dummy credentials are set, so boto3 (and
+    pyarrow, and subprocesses such as ``adps synth s3://...``) use it without any argument; the
+    previous environment is restored afterwards. Tests should use their own bucket names, since
+    the server is shared by the session.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    moto_server = Path(sys.executable).parent / "moto_server"
+    with open(log_path, "wb") as log:
+        # A session of its own, so that the whole process group can be stopped at the end.
+        process = subprocess.Popen(
+            [str(moto_server), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1).close()
+                break
+            except urllib.error.HTTPError:
+                break  # any HTTP answer means the server is up
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on {endpoint}:\n{log_path.read_text()}") from None
+                time.sleep(0.1)
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
+                patch.setenv(key, value)
+            # No user config or credential files: they could name another endpoint or profile.
+            patch.setenv("AWS_CONFIG_FILE", str(log_path.parent / "no-aws-config"))
+            patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(log_path.parent / "no-aws-credentials"))
+            # Credentials or an endpoint just for S3 would override the ones above.
+            for key in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+                patch.delenv(key, raising=False)
+            yield endpoint
+    finally:
+        stop_process_group(process)
+
+
+# A shared Ray instance ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server: str, tmp_path_factory: pytest.TempPathFactory):
+    """One local Ray instance for the whole session: 2 CPUs, no dashboard (ray.init costs 5-12 s).
+
+    It depends on ``s3_server`` because Ray workers inherit the environment of the moment Ray
+    starts: the S3 endpoint and credentials must be set by then for tasks that read or write
+    ``s3://``. HOME points at a temporary folder while Ray starts (it writes ``~/.ray``), token
+    authentication is off for this local instance, and the temporary folder has a short path
+    (Ray's Unix sockets live there, and socket paths are limited to 107 characters).
+    """
+    import shutil
+    import tempfile
+
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(tmp_path_factory.mktemp("ray-home")))
+        patch.setenv("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

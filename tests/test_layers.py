@@ -18,6 +18,7 @@ LAYERS = {
     "data": 1,
     "metrics": 2,
     "nn": 2,
+    "orchestration": 3,
     "cli": 4,
     "demo": 4,
     "__main__": 4,

@@ -28,6 +28,54 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth(args: argparse.Namespace) -> int:
+    from adps.data.synth import synthesize_dataset  # deferred: keeps `adps --help` fast
+
+    try:
+        written = synthesize_dataset(
+            args.out,
+            n_volumes=args.volumes,
+            n_slices=args.slices,
+            n_coils=args.coils,
+            height=args.height,
+            width=args.width,
+            seed=args.seed,
+            acquisitions=tuple(args.acquisitions),
+            noise_std=args.noise_std,
+            oversampling=args.oversampling,
+        )
+    except FileNotFoundError as err:  # e.g. a missing bucket: a user's error, named in the message
+        print(f"adps synth: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"adps synth: wrote {len(written)} volumes ({args.slices} slices, {args.coils} coils, "
+        f"{args.height * args.oversampling} x {args.width} k-space, recon {args.height} x {args.width}) to {args.out}"
+    )
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    import logging
+
+    from adps.data.preprocess import PrepareConfig, parse_overrides  # deferred: keeps `adps --help` fast
+
+    try:
+        overrides = parse_overrides(args.set or [])
+        config = PrepareConfig.from_yaml(args.config, overrides) if args.config else PrepareConfig.from_dict(overrides)
+        config.validate()
+        print("adps prepare: config\n" + config.to_yaml(), flush=True)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        from adps.orchestration.prepare import prepare_dataset  # imports Ray
+
+        manifest = prepare_dataset(config, ray_address=args.address, progress=not args.no_progress)
+    except FileNotFoundError as err:  # a missing config file, source folder or bucket: a user's error
+        print(f"adps prepare: error: {err}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{split} {manifest['splits'][split]['n_slices']}" for split in ("train", "val", "test"))
+    print(f"adps prepare: {config.output}: slices {counts}; {len(manifest['rejected'])} source file(s) rejected")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adps",
@@ -46,6 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, help="seed of phantoms, noise and masks (default 0)")
     demo.add_argument("--workdir", type=Path, help="output folder (default .adps/demo)")
     demo.set_defaults(handler=_demo)
+
+    synth = commands.add_parser(
+        "synth", help="write synthetic multi-coil volumes in the FastMRI file schema (local folder or s3://)"
+    )
+    synth.add_argument("out", metavar="OUT", help="output folder or s3://bucket/prefix")
+    synth.add_argument("--volumes", type=int, default=4, help="number of volumes (default 4)")
+    synth.add_argument("--slices", type=int, default=8, help="slices per volume (default 8)")
+    synth.add_argument("--coils", type=int, default=16, help="receive coils (default 16)")
+    synth.add_argument("--height", type=int, default=384, help="reconstructed rows (default 384)")
+    synth.add_argument("--width", type=int, default=320, help="columns (default 320)")
+    synth.add_argument("--oversampling", type=int, default=2, help="readout oversampling (default 2)")
+    synth.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
+    synth.add_argument(
+        "--acquisitions", nargs="+", default=["AXT2"], metavar="NAME",
+        help="acquisition names, cycled over the volumes (default AXT2)",
+    )
+    synth.add_argument("--noise-std", type=float, default=0.02, help="k-space noise level (default 0.02)")
+    synth.set_defaults(handler=_synth)
+
+    prepare = commands.add_parser(
+        "prepare", help="prepare FastMRI volumes into training shards on Ray (local folder or s3://)"
+    )
+    prepare.add_argument("--config", type=Path, help="YAML file of PrepareConfig keys (see docs/data_format.md)")
+    prepare.add_argument(
+        "--set", action="append", metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set n_volumes=100 --set accelerations=4,8",
+    )
+    prepare.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
+    prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prepare.set_defaults(handler=_prepare)
     return parser
 
 
@@ -53,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ValueError as err:
-        # Errors a user can cause are ValueErrors with a message naming the input.
+    except (ValueError, FileNotFoundError) as err:
+        # Errors a user can cause (bad values, missing files or buckets) name the input.
         print(f"adps {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,4 +1,5 @@
-"""Data: synthetic multi-coil phantoms (and, later, FastMRI reading and prepared shards).
+"""Data: storage (local or s3://), FastMRI reading, synthetic phantoms and FastMRI-schema
+volumes, per-slice preprocessing, the prepared shard format and its torch dataset.
 
 Layer 1 of the platform (see ARCHITECTURE.md): no Ray, no MLflow.
 """

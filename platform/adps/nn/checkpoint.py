@@ -4,8 +4,12 @@
   loading a checkpoint cannot execute code).
 * ``config.json``: everything needed to rebuild the network and to know what it is:
   the caller's fields (``preset``, ``method``, ``R``, the training config, ...), plus
-  ``unet`` (the complete resolved :class:`~adps.nn.unet.UNetConfig`), ``precond`` (when
-  an :class:`~adps.nn.precond.EDMPrecond` was saved), ``versions`` and ``format``.
+  ``architecture`` (``"songunet"``, ``"ncsnv2"`` or ``"modl"``), the network's complete
+  resolved config under its own key (``unet``: :class:`~adps.nn.unet.UNetConfig`,
+  ``ncsnv2``: :class:`~adps.nn.ncsnv2.NCSNv2Config`, ``modl``:
+  :class:`~adps.nn.modl.MoDLConfig`), ``precond`` (when an
+  :class:`~adps.nn.precond.EDMPrecond` was saved), ``versions`` and ``format``. A config
+  without ``architecture`` (written before the baselines existed) is a SongUNet.
 
 Each file is written under a temporary name in the same folder and then renamed
 (``os.replace``, atomic on POSIX), so a reader never sees a half-written file. Loading
@@ -28,6 +32,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .ema import unwrap_model
+from .modl import MoDL, MoDLConfig, build_modl
+from .ncsnv2 import NCSNv2, NCSNv2Config, build_ncsnv2
 from .precond import EDMPrecond
 from .unet import SongUNet, UNetConfig, build_unet
 
@@ -37,8 +43,18 @@ WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "adps-model/1"
 
+# The networks a checkpoint can hold: architecture name -> (class, config class, key of its
+# resolved config in config.json, preset builder for configs that give only "preset").
+_ARCHITECTURES: dict[str, tuple[type[nn.Module], Any, str, Any]] = {
+    "songunet": (SongUNet, UNetConfig, "unet", build_unet),
+    "ncsnv2": (NCSNv2, NCSNv2Config, "ncsnv2", build_ncsnv2),
+    "modl": (MoDL, MoDLConfig, "modl", build_modl),
+}
+# Configs written before "architecture" existed hold a SongUNet.
+_DEFAULT_ARCHITECTURE = "songunet"
+
 # Keys that save_model owns; a caller's value for them would be silently wrong.
-_RESERVED = ("unet", "precond", "versions", "format")
+_RESERVED = ("architecture", *(key for _, _, key, _ in _ARCHITECTURES.values()), "precond", "versions", "format")
 # How many offending keys an error message lists before "...".
 _MAX_KEYS_SHOWN = 5
 
@@ -75,13 +91,15 @@ def _write_atomically(target: Path, write: Any) -> None:
 
 
 def save_model(path_dir: str | os.PathLike[str], model: nn.Module, config: dict[str, Any]) -> Path:
-    """Save ``model`` (a :class:`SongUNet` or an :class:`EDMPrecond` around one) to a folder.
+    """Save ``model`` (a :class:`SongUNet`, :class:`NCSNv2` or :class:`MoDL`, bare or inside
+    an :class:`EDMPrecond`) to a folder.
 
     Args:
         path_dir: the checkpoint folder (created if needed; existing files are replaced).
         model: the network; DDP / torch.compile wrappers are looked through.
         config: JSON-serialisable description: preset, method, R, training config, ...
-            (``unet``, ``precond``, ``versions`` and ``format`` are filled in here).
+            (``architecture``, the network config, ``precond``, ``versions`` and ``format``
+            are filled in here).
 
     Returns:
         The checkpoint folder.
@@ -98,14 +116,17 @@ def save_model(path_dir: str | os.PathLike[str], model: nn.Module, config: dict[
         net = unwrap_model(model.net)
     else:
         net = model
-    if not isinstance(net, SongUNet):
-        raise TypeError(f"save_model: expected a SongUNet or EDMPrecond(SongUNet), got {type(net).__name__}")
+    architecture = next((name for name, (cls, *_) in _ARCHITECTURES.items() if isinstance(net, cls)), None)
+    if architecture is None:
+        known = ", ".join(cls.__name__ for cls, *_ in _ARCHITECTURES.values())
+        raise TypeError(f"save_model: expected one of {known} (or an EDMPrecond around one), got {type(net).__name__}")
     clashes = [k for k in _RESERVED if k in config]
     if clashes:
         raise ValueError(f"save_model: config keys {clashes} are reserved (written by save_model)")
 
     record = dict(config)
-    record["unet"] = net.config.to_dict()
+    record["architecture"] = architecture
+    record[_ARCHITECTURES[architecture][2]] = net.config.to_dict()
     if precond is not None:
         record["precond"] = precond
     record["versions"] = _versions()
@@ -132,17 +153,23 @@ def save_model(path_dir: str | os.PathLike[str], model: nn.Module, config: dict[
     return folder
 
 
-def _build_from_config(config: dict[str, Any], config_path: Path) -> SongUNet:
+def _build_from_config(config: dict[str, Any], config_path: Path) -> nn.Module:
     """The network described by a checkpoint config (without weights)."""
+    architecture = config.get("architecture", _DEFAULT_ARCHITECTURE)
+    if architecture not in _ARCHITECTURES:
+        raise ValueError(
+            f"{config_path}: unknown architecture {architecture!r}; expected one of {sorted(_ARCHITECTURES)}"
+        )
+    cls, config_cls, key, build = _ARCHITECTURES[architecture]
     try:
-        if "unet" in config:
+        if key in config:
             # The resolved config: independent of later changes to the presets.
-            return SongUNet(UNetConfig.from_dict(config["unet"]))
+            return cls(config_cls.from_dict(config[key]))
         if "preset" in config:
-            return build_unet(config["preset"], **config.get("overrides", {}))
+            return build(config["preset"], **config.get("overrides", {}))
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{config_path}: cannot build the network: {err}") from err
-    raise ValueError(f"{config_path}: neither 'unet' nor 'preset' given; cannot rebuild the network")
+        raise ValueError(f"{config_path}: cannot build the {architecture} network: {err}") from err
+    raise ValueError(f"{config_path}: neither {key!r} nor 'preset' given; cannot rebuild the {architecture} network")
 
 
 def _short(keys: list[str]) -> str:
@@ -187,8 +214,8 @@ def load_model(
     """Load a checkpoint written by :func:`save_model`.
 
     Returns:
-        ``(model, config)``: the model (an :class:`EDMPrecond` if one was saved, else the
-        :class:`SongUNet`) on ``device`` in eval mode, and the parsed ``config.json``.
+        ``(model, config)``: the model (an :class:`EDMPrecond` if one was saved, else the bare
+        network) on ``device`` in eval mode, and the parsed ``config.json``.
 
     Raises:
         FileNotFoundError: a file of the checkpoint is missing.

@@ -1,0 +1,190 @@
+"""Benchmark of one training step per method: slices/s and peak memory.
+
+    python bench/train_step.py                    # CPU (tiny presets), and CUDA when present
+    python bench/train_step.py --device cpu --height 64 --width 64 --repeats 2
+
+Prints one JSON line per (device, method, preset): the median step time over ``--repeats``
+steps after ``--warmup`` steps (a step = loss, backward, gradient clean-up, Adam, EMA: exactly
+:func:`adps.nn.train_step`), slices/s and the peak memory. On every device each method runs
+with its ``tiny`` preset at ``--batch`` x ``--height`` x ``--width`` x ``--coils``; on CUDA
+the ``ambient`` preset also runs at the paper's size (batch 8, 384 x 320, 4 coils) with
+``--paper-amp`` autocast (bf16 by default). Rows of the ambient method carry the paper's own
+figure for that step (one H100, fp16: 19.7 slices/s, 54 GB) in ``paper_reference``.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` of that row; on CPU the process's
+peak resident set size so far (``ru_maxrss``), which only grows from row to row.
+
+Needs only torch and adps layers 1-2 (no Ray, no MLflow), so it runs on a bare GPU machine
+with ``PYTHONPATH=platform``. Without sigpy (no birdcage maps) the batch falls back to
+phantoms with smooth synthetic coil maps: the timing does not depend on the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from adps.data.phantom import brain_phantom
+from adps.mri import column_mask, fft2c, further_corrupted_mask, lines_at
+from adps.nn import EMA, METHODS, PAPER_PRESETS, build_model, make_synthetic_batch, train_step
+
+PAPER_REFERENCE = {
+    "source": "Aali, Daras et al. 2025 reference code (issue 4)",
+    "device": "1x NVIDIA H100",
+    "precision": "fp16",
+    "preset": "ambient",
+    "batch": 8,
+    "height": 384,
+    "width": 320,
+    "coils": 4,
+    "slices_per_s": 19.7,
+    "peak_memory_gb": 54.0,
+}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform as std_platform  # the standard library module (our package is adps)
+
+    return f"cpu ({std_platform.processor() or std_platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def smooth_maps_batch(n: int, coils: int, height: int, width: int, acceleration: float, seed: int) -> dict:
+    """A batch like :func:`make_synthetic_batch` without sigpy: Gaussian-bump coil maps."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
+    angles = 2 * np.pi * np.arange(coils) / coils
+    maps = np.stack([np.exp(-((xx - np.cos(a)) ** 2 + (yy - np.sin(a)) ** 2)) * np.exp(1j * a) for a in angles])
+    maps = maps / np.sqrt(np.sum(np.abs(maps) ** 2, axis=0, keepdims=True))
+    maps_t = torch.from_numpy(np.broadcast_to(maps, (n, coils, height, width)).astype(np.complex64).copy())
+    image = torch.from_numpy(np.stack([brain_phantom(height, width, rng) for _ in range(n)]))
+    acs = min(20, lines_at(width, acceleration + 1))
+    masks = [column_mask(width, acceleration, seed=seed, slice_id=i, acs=acs) for i in range(n)]
+    further = [further_corrupted_mask(m, acceleration, seed=seed, slice_id=i, acs=acs) for i, m in enumerate(masks)]
+    return {
+        "kspace": fft2c(maps_t * image[:, None]),
+        "maps": maps_t,
+        "reference": image,
+        "mask": torch.stack(masks),
+        "mask_further": torch.stack(further),
+        "l1": image.clone(),
+        "slice_id": torch.arange(n, dtype=torch.int64),
+    }
+
+
+@functools.lru_cache(maxsize=4)  # the methods of one run share their batch (read-only)
+def make_batch(n: int, coils: int, height: int, width: int, acceleration: float, seed: int = 0) -> dict:
+    try:
+        return make_synthetic_batch(n, coils, height, width, acceleration, seed)
+    except ImportError:  # no sigpy on this machine
+        return smooth_maps_batch(n, coils, height, width, acceleration, seed)
+
+
+def peak_memory_gb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30, "process_max_rss"
+
+
+def bench_one(
+    method: str, preset: str, device: torch.device, batch_size: int, height: int, width: int, coils: int,
+    acceleration: float, amp: str | None, warmup: int, repeats: int,
+) -> dict[str, object]:
+    torch.manual_seed(0)
+    model = build_model(method, preset).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8)
+    ema = EMA(model)
+    batch = {k: v.to(device) for k, v in make_batch(batch_size, coils, height, width, acceleration).items()}
+    generator = torch.Generator(device=device).manual_seed(0)  # every draw of the step, on its device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> dict:
+        return train_step(method, model, batch, optimizer, generator=generator, amp=amp, ema=ema)
+
+    for _ in range(warmup):
+        step()
+    times, losses = [], []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = step()  # returns Python floats: the step has finished on the device
+        times.append(time.perf_counter() - start)
+        losses.append(result["loss"])
+    median = statistics.median(times)
+    memory, memory_kind = peak_memory_gb(device)
+    return {
+        "device": device_name(device),
+        "method": method,
+        "preset": preset,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "batch": batch_size,
+        "height": height,
+        "width": width,
+        "coils": coils,
+        "acceleration": acceleration,
+        "amp": amp,
+        "median_ms": round(median * 1e3, 2),
+        "slices_per_s": round(batch_size / median, 3),
+        "peak_memory_gb": round(memory, 3),
+        "peak_memory_kind": memory_kind,
+        "loss_finite": all(math.isfinite(v) for v in losses),
+        "paper_reference": PAPER_REFERENCE if method == "ambient" else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CPU, and CUDA too when present")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--batch", type=int, default=1, help="slices per step for the tiny presets")
+    parser.add_argument("--height", type=int, default=384)
+    parser.add_argument("--width", type=int, default=320)
+    parser.add_argument("--coils", type=int, default=4)
+    parser.add_argument("--acceleration", type=float, default=4)
+    parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast of the tiny rows")
+    parser.add_argument("--paper-amp", choices=["bf16", "fp16", "none"], default="bf16",
+                        help="autocast of the paper-size ambient row on CUDA")
+    parser.add_argument("--no-paper", action="store_true", help="skip the paper-size ambient row on CUDA")
+    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
+    if args.device in ("auto", "cuda") and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    if not devices:
+        parser.error("no CUDA device found (--device cuda)")
+
+    for device in devices:
+        for method in args.methods:
+            row = bench_one(method, "tiny", device, args.batch, args.height, args.width, args.coils,
+                            args.acceleration, args.amp, args.warmup, args.repeats)
+            print(json.dumps(row), flush=True)
+        if device.type == "cuda" and not args.no_paper and "ambient" in args.methods:
+            amp = None if args.paper_amp == "none" else args.paper_amp
+            row = bench_one("ambient", PAPER_PRESETS["ambient"], device, 8, 384, 320, 4,
+                            args.acceleration, amp, args.warmup, args.repeats)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

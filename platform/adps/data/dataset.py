@@ -1,0 +1,224 @@
+"""A PyTorch dataset over prepared shards (the format of ``docs/data_format.md``).
+
+:class:`PreparedSliceDataset` yields one slice at a time as a dict of tensors, the input of
+every training step and sampler::
+
+    dataset = PreparedSliceDataset("s3://bucket/prepared", "train", acceleration=4)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True, num_workers=4)
+
+Safe in DataLoader workers: HDF5 files are opened lazily in the process that reads them, and
+reopened after a fork (h5py handles must not cross processes), so the dataset pickles without
+them. A Ray Train worker passes ``shards=`` to read only its own shards. Shards under an
+``s3://`` root are downloaded once to a local cache folder and read from there.
+
+Layer 1 (see ARCHITECTURE.md): torch / h5py only, no Ray, no MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from adps.data import storage
+from adps.data.preprocess import SPLITS, mask_key
+from adps.data.shards import ShardError, file_sha256, read_manifest
+
+DEFAULT_CACHE_ENV = "ADPS_SHARD_CACHE"
+"""Environment variable naming the default cache folder for shards of ``s3://`` datasets."""
+
+
+def default_cache_dir() -> Path:
+    """``$ADPS_SHARD_CACHE``, else ``~/.cache/adps/shards``."""
+    configured = os.environ.get(DEFAULT_CACHE_ENV)
+    return Path(configured) if configured else Path.home() / ".cache" / "adps" / "shards"
+
+
+class PreparedSliceDataset(Dataset):
+    """One split of a prepared dataset at one acceleration, slice by slice.
+
+    Args:
+        root: the prepared dataset's folder or ``s3://`` prefix (holding ``manifest.json``).
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        acceleration: the ``R`` whose masks are returned (one of the config's accelerations).
+        shards: restrict to these shard names (e.g. one Ray Train worker's share); default all
+            of the split's shards.
+        load_l1: also return the L1-wavelet reconstruction at ``R`` (needs ``l1: true`` at
+            preparation).
+        cache_dir: where shards of an ``s3://`` root are downloaded (default
+            :func:`default_cache_dir`; a sub-folder per dataset keeps datasets apart).
+        verify: check each shard's sha256 against the manifest when first opened (once per
+            process; for S3 roots, when downloaded).
+
+    Items are dicts of tensors with exactly these keys: ``kspace`` ``(C, H, W)`` complex64 (the
+    fully sampled prepared k-space; a training step applies the masks itself), ``maps``
+    ``(C, H, W)`` complex64, ``reference`` ``(H, W)`` complex64, ``mask`` ``(W,)`` bool (the
+    ``R`` mask), ``mask_further`` ``(W,)`` bool (its ``R + 1`` mask), ``l1`` ``(H, W)``
+    complex64 (only with ``load_l1``) and ``slice_id`` (int64 scalar). The default collate
+    function stacks them into ``(N, ...)`` batches.
+
+    Raises:
+        FileNotFoundError: no manifest under ``root``.
+        ValueError: unknown split, acceleration or shard name, or L1 asked but not prepared.
+        ShardError: a shard that is missing or fails its checksum (naming it), on first use.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        *,
+        acceleration: float,
+        shards: Sequence[str] | None = None,
+        load_l1: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+        verify: bool = True,
+    ) -> None:
+        self.root = str(root)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        self.split = split
+        self.manifest = read_manifest(self.root)
+        config = self.manifest["config"]
+        available = {mask_key(r): r for r in config["accelerations"]}
+        key = mask_key(acceleration)
+        if key not in available:
+            raise ValueError(
+                f"{self.root}: acceleration R={acceleration:g} was not prepared "
+                f"(available: {', '.join(f'{r:g}' for r in available.values())})"
+            )
+        if load_l1 and not config.get("l1"):
+            raise ValueError(f"{self.root}: load_l1=True but the dataset was prepared without L1 reconstructions (l1: false)")
+        self.acceleration = acceleration
+        self.load_l1 = load_l1
+        self.verify = verify
+        self._datasets = {
+            "kspace": "kspace",
+            "maps": "maps",
+            "reference": "reference",
+            "mask": f"mask/{key}",
+            "mask_further": f"mask_further/{key}",
+            **({"l1": f"l1/{key}"} if load_l1 else {}),
+        }
+
+        entry = self.manifest["splits"][split]
+        recorded = {s["name"]: s for s in entry["shards"]}
+        if shards is None:
+            selected = sorted(recorded)
+        else:
+            selected = list(dict.fromkeys(shards))
+            unknown = [name for name in selected if name not in recorded]
+            if unknown:
+                raise ValueError(
+                    f"{self.root}: shard {unknown[0]!r} is not in split {split!r} "
+                    f"(its shards: {', '.join(sorted(recorded)) or 'none'})"
+                )
+        self.shards: dict[str, dict[str, Any]] = {name: recorded[name] for name in selected}
+        chosen = set(selected)
+        self._index: list[tuple[str, int, int]] = [
+            (s["shard"], int(s["row"]), int(s["slice_id"])) for s in entry["slices"] if s["shard"] in chosen
+        ]
+        self.slices: list[dict[str, Any]] = [s for s in entry["slices"] if s["shard"] in chosen]
+        """Manifest entries of the slices, in item order (source, slice index, normalisation...)."""
+
+        self._local: dict[str, Path] = {}
+        if storage.is_s3(self.root):
+            base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+            # One folder per dataset URI, so equal shard names of different datasets do not clash.
+            folder = base / hashlib.sha256(self.root.rstrip("/").encode()).hexdigest()[:16]
+            for name in selected:
+                self._local[name] = self._download(name, folder)
+        else:
+            for name in selected:
+                self._local[name] = Path(self.root) / name
+
+        self._files: dict[str, h5py.File] = {}
+        self._verified: set[str] = set(self._local) if storage.is_s3(self.root) and verify else set()
+        self._pid = os.getpid()
+
+    # Shards ---------------------------------------------------------------------------------
+    def _download(self, name: str, folder: Path) -> Path:
+        """The local copy of shard ``name``: fetched once; a cached copy is reused if it verifies."""
+        expected = self.shards[name]["sha256"]
+        local = folder / name
+        if local.is_file() and (not self.verify or file_sha256(local) == expected):
+            return local
+        uri = storage.join(self.root, name)
+        if not storage.exists(uri):
+            raise ShardError(f"{uri}: shard listed in the manifest is missing")
+        folder.mkdir(parents=True, exist_ok=True)
+        with storage.local_copy(uri) as downloaded:
+            if self.verify and file_sha256(downloaded) != expected:
+                raise ShardError(f"{uri}: checksum mismatch (the shard differs from the manifest's sha256)")
+            # Publish atomically: concurrent workers of one node may download the same shard.
+            storage.upload_file_atomic(downloaded, local)
+        return local
+
+    def _file(self, name: str) -> h5py.File:
+        if os.getpid() != self._pid:
+            # A forked DataLoader worker inherited the parent's handles: never use them.
+            self._files = {}
+            self._pid = os.getpid()
+        handle = self._files.get(name)
+        if handle is None:
+            path = self._local[name]
+            if not path.is_file():
+                raise ShardError(f"{storage.join(self.root, name)}: shard listed in the manifest is missing")
+            if self.verify and name not in self._verified:
+                if file_sha256(path) != self.shards[name]["sha256"]:
+                    raise ShardError(
+                        f"{storage.join(self.root, name)}: checksum mismatch (the shard differs from the "
+                        "manifest's sha256; re-run adps prepare to restore it)"
+                    )
+                self._verified.add(name)
+            try:
+                handle = h5py.File(path, "r")
+            except OSError as err:
+                raise ShardError(f"{storage.join(self.root, name)}: cannot be opened ({err})") from None
+            self._files[name] = handle
+        return handle
+
+    def close(self) -> None:
+        """Close the open shard files of this process."""
+        for handle in self._files.values():
+            handle.close()
+        self._files = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # h5py handles cannot be pickled (spawned DataLoader workers, Ray): drop them.
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
+
+    def __del__(self) -> None:
+        try:
+            if os.getpid() == self._pid:
+                self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing useful to do
+            pass
+
+    # Items ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} slices")
+        name, row, sid = self._index[index]
+        handle = self._file(name)
+        item: dict[str, torch.Tensor] = {}
+        for key, dataset in self._datasets.items():
+            try:
+                array = handle[dataset][row]
+            except KeyError:
+                raise ShardError(f"{storage.join(self.root, name)}: no dataset {dataset!r}") from None
+            item[key] = torch.from_numpy(np.ascontiguousarray(array))
+        item["slice_id"] = torch.tensor(sid, dtype=torch.int64)
+        return item

@@ -1,0 +1,377 @@
+"""Storage paths that are either local folders or ``s3://bucket/key`` URIs.
+
+Every reader and writer of raw data, prepared shards and manifests goes through these helpers,
+so the same code runs on a laptop (local disk) and on a cluster (S3, or any S3-compatible
+server such as MinIO or moto).
+
+S3 configuration comes from the standard AWS environment and config files, nothing of our own:
+credentials (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` or a profile), the region
+(``AWS_DEFAULT_REGION``) and a custom endpoint (``AWS_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL_S3``;
+boto3 >= 1.28 reads these itself, and pyarrow, which Ray uses for its own storage, reads the
+same variable, so one setting serves both).
+
+Writes are atomic: a reader never sees a half-written file. Locally a file is written under a
+temporary name in the destination folder, flushed to disk and renamed over the destination
+(``os.replace`` is atomic within a file system). On S3 an object becomes visible only once its
+upload has completed, so a single put (or a multipart upload) is already atomic.
+
+Errors a user can cause name the URI: a missing local file or folder, bucket or key raises
+``FileNotFoundError("<uri>: ...")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+PathLike = str | os.PathLike
+
+S3_SCHEME = "s3://"
+
+# Environment variables that change which client boto3 builds; the client cache is keyed on
+# them so that a changed endpoint or credentials (e.g. a test's S3 server) takes effect.
+_CLIENT_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+_clients: dict[tuple, Any] = {}
+_clients_lock = threading.Lock()
+
+# S3 error codes that mean "not there" (head_object answers a bare "404").
+_NOT_FOUND_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+
+
+# Paths -----------------------------------------------------------------------------------------
+
+
+def is_s3(uri: PathLike) -> bool:
+    """Whether ``uri`` is an ``s3://`` URI (anything else is a local path)."""
+    return isinstance(uri, str) and uri.startswith(S3_SCHEME)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``"s3://bucket/a/b.h5"`` -> ``("bucket", "a/b.h5")``; the key may be empty."""
+    if not is_s3(uri):
+        raise ValueError(f"{uri}: not an s3:// URI")
+    bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
+    if not bucket:
+        raise ValueError(f"{uri}: the S3 URI has no bucket name")
+    return bucket, key
+
+
+def join(base: PathLike, *parts: str) -> str:
+    """Join path components onto a local folder or an S3 prefix, returning a string."""
+    if not is_s3(base):
+        return str(Path(base, *parts))
+    pieces = [str(base).rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")]
+    return "/".join(pieces)
+
+
+def basename(uri: PathLike) -> str:
+    """The last component of a local path or an S3 key (``"s3://b/raw/x.h5"`` -> ``"x.h5"``)."""
+    return str(uri).rstrip("/").rsplit("/", 1)[-1] if is_s3(uri) else Path(uri).name
+
+
+# S3 client -------------------------------------------------------------------------------------
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client configured from the standard AWS environment, with patient retries.
+
+    Clients are cached per process and per AWS environment: building one costs about 0.3 s,
+    and a created client is thread-safe, but creating clients concurrently from boto3's shared
+    default session is not, hence a fresh session under a lock. Retries use botocore's
+    ``standard`` mode with 8 attempts, which backs off on throttling and transient 5xx errors
+    that a cluster of workers reading shards at once can provoke.
+    """
+    key = (os.getpid(), tuple(os.environ.get(name) for name in _CLIENT_ENV))
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            import boto3  # deferred: only S3 paths need boto3, and its import is slow
+            from botocore.config import Config
+
+            config = Config(retries={"max_attempts": 8, "mode": "standard"})
+            client = boto3.session.Session().client("s3", config=config)
+            _clients[key] = client
+    return client
+
+
+def _error_code(err: BaseException) -> str | None:
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code"))
+    return None
+
+
+def _is_not_found(err: BaseException) -> bool:
+    return _error_code(err) in _NOT_FOUND_CODES
+
+
+def _not_found(uri: str, err: BaseException) -> FileNotFoundError:
+    code = _error_code(err)
+    what = "no such bucket" if code == "NoSuchBucket" else "no such S3 object"
+    return FileNotFoundError(f"{uri}: {what}")
+
+
+def _check_bucket(uri: str) -> None:
+    """Raise FileNotFoundError naming ``uri`` if its bucket does not exist.
+
+    Other answers (e.g. 403 for a role that may write objects but not list the bucket) are
+    not taken as a verdict: the operation itself will tell.
+    """
+    from botocore.exceptions import ClientError
+
+    bucket, _ = split_s3(uri)
+    try:
+        s3_client().head_bucket(Bucket=bucket)
+    except ClientError as err:
+        if _is_not_found(err):
+            raise FileNotFoundError(f"{uri}: no such bucket {bucket!r}") from None
+
+
+# Reading ---------------------------------------------------------------------------------------
+
+
+def list_files(root: PathLike, suffix: str = ".h5") -> list[str]:
+    """The files directly under ``root`` whose names end with ``suffix``, sorted.
+
+    ``root`` is a local folder (not searched recursively) or an ``s3://bucket/prefix`` (the
+    objects one level below the prefix, as if it were a folder). Raises FileNotFoundError if the
+    local folder or the bucket does not exist; an S3 prefix with no objects is simply empty,
+    since S3 has no folders to be missing.
+    """
+    if not is_s3(root):
+        folder = Path(root)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{root}: no such folder")
+        return sorted(str(p) for p in folder.iterdir() if p.is_file() and p.name.endswith(suffix))
+
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(str(root))
+    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+    found = []
+    paginator = s3_client().get_paginator("list_objects_v2")
+    try:
+        # Delimiter "/" keeps the listing one level deep, like a local folder.
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            for obj in page.get("Contents", []):
+                if obj["Key"].endswith(suffix):
+                    found.append(f"{S3_SCHEME}{bucket}/{obj['Key']}")
+    except ClientError as err:
+        if _is_not_found(err):
+            raise FileNotFoundError(f"{root}: no such bucket {bucket!r}") from None
+        raise
+    return sorted(found)
+
+
+def exists(uri: PathLike) -> bool:
+    """Whether a local file or folder, or an S3 object (a bucket for ``s3://bucket``), exists."""
+    if not is_s3(uri):
+        return Path(uri).exists()
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(str(uri))
+    try:
+        if key:
+            s3_client().head_object(Bucket=bucket, Key=key)
+        else:
+            s3_client().head_bucket(Bucket=bucket)
+    except ClientError as err:
+        if _is_not_found(err):
+            return False
+        raise
+    return True
+
+
+def read_bytes(uri: PathLike) -> bytes:
+    """The whole content of a local file or an S3 object."""
+    if not is_s3(uri):
+        try:
+            return Path(uri).read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{uri}: no such file") from None
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(str(uri))
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as err:
+        if _is_not_found(err):
+            raise _not_found(str(uri), err) from None
+        raise
+
+
+@contextlib.contextmanager
+def local_copy(uri: PathLike) -> Iterator[Path]:
+    """A local path holding the file at ``uri``, for libraries that need a real file (h5py).
+
+    A local path is yielded as it is. An S3 object is downloaded to a temporary file, which is
+    deleted when the context exits (also on error), so a worker's disk does not fill up with
+    the volumes it has processed.
+    """
+    if not is_s3(uri):
+        path = Path(uri)
+        if not path.is_file():
+            raise FileNotFoundError(f"{uri}: no such file")
+        yield path
+        return
+
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(str(uri))
+    fd, tmp_name = tempfile.mkstemp(prefix="adps-", suffix="-" + basename(uri))
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            s3_client().download_file(bucket, key, str(tmp))
+        except ClientError as err:
+            if _is_not_found(err):
+                raise _not_found(str(uri), err) from None
+            raise
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# Writing ---------------------------------------------------------------------------------------
+
+
+def _temporary_sibling(path: Path) -> Path:
+    """``folder/name.tmp-<uuid>``: same folder (so the rename is atomic), never a real name."""
+    return path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Persist a rename: the directory entry lives in the folder, not in the file."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms / file systems do not open folders; the rename still holds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _publish_local(tmp: Path, dest: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+    _fsync_folder(dest.parent)
+
+
+@contextlib.contextmanager
+def atomic_write_path(uri: PathLike) -> Iterator[Path]:
+    """A local path to write a file to; on success it is published at ``uri`` in one step.
+
+    Use it for files written by a library that wants a path (h5py, safetensors)::
+
+        with storage.atomic_write_path("s3://bucket/shards/000.h5") as tmp:
+            with h5py.File(tmp, "w") as f:
+                ...
+
+    Local: ``tmp`` is ``name.tmp-<uuid>`` in the destination folder (created if missing),
+    fsynced and renamed over ``uri``. S3: ``tmp`` is a local temporary file, uploaded to
+    ``uri`` in a single upload. If the block raises, the temporary file is removed and nothing
+    appears at ``uri``.
+    """
+    if is_s3(uri):
+        _check_bucket(str(uri))  # fail before the caller's work, not after it
+        fd, tmp_name = tempfile.mkstemp(prefix="adps-", suffix="-" + basename(uri))
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            yield tmp
+            upload_file_atomic(tmp, uri)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+
+    dest = Path(uri)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(dest)
+    try:
+        yield tmp
+        _publish_local(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(uri: PathLike, data: bytes) -> None:
+    """Write ``data`` to a local file or S3 object so that readers see all of it or nothing."""
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(str(uri))
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        except ClientError as err:
+            if _is_not_found(err):
+                raise _not_found(str(uri), err) from None
+            raise
+        return
+    with atomic_write_path(uri) as tmp:
+        tmp.write_bytes(data)
+
+
+def upload_file_atomic(local_path: PathLike, uri: PathLike) -> None:
+    """Copy a local file to ``uri`` (local or S3) so that readers see all of it or nothing."""
+    source = Path(local_path)
+    if not source.is_file():
+        raise FileNotFoundError(f"{local_path}: no such file")
+    if not is_s3(uri):
+        dest = Path(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary_sibling(dest)
+        try:
+            shutil.copyfile(source, tmp)
+            _publish_local(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+
+    import boto3.exceptions
+
+    bucket, key = split_s3(str(uri))
+    try:
+        # upload_file switches to a multipart upload for large files; the object still appears
+        # only when the upload completes.
+        s3_client().upload_file(str(source), bucket, key)
+    except boto3.exceptions.S3UploadFailedError:
+        _check_bucket(str(uri))  # the usual cause: name the missing bucket
+        raise
+
+
+def remove(uri: PathLike, *, missing_ok: bool = True) -> None:
+    """Delete a local file or an S3 object."""
+    if not is_s3(uri):
+        try:
+            Path(uri).unlink()
+        except FileNotFoundError:
+            if not missing_ok:
+                raise FileNotFoundError(f"{uri}: no such file") from None
+        return
+    if not missing_ok and not exists(uri):
+        raise FileNotFoundError(f"{uri}: no such S3 object")
+    bucket, key = split_s3(str(uri))
+    s3_client().delete_object(Bucket=bucket, Key=key)

@@ -1,0 +1,361 @@
+"""One optimisation step of every method in the study, on one device, from plain Python.
+
+The training platform (Ray Train) and the benchmarks call exactly :func:`train_step`; it
+knows nothing of distribution (wrap the model in DDP outside) or of logging.
+
+A batch is a dict of tensors as the prepared-shard dataset returns them:
+
+=================  ==================  ===============================================
+key                shape / dtype       meaning
+=================  ==================  ===============================================
+``kspace``         (N, C, H, W) c64    FULLY SAMPLED prepared k-space
+``maps``           (N, C, H, W) c64    coil sensitivity maps
+``reference``      (N, H, W) c64       R = 1 reference image (CG-SENSE)
+``mask``           (N, W) bool         the slice's mask at R
+``mask_further``   (N, W) bool         its further-corrupted mask at R + 1
+``l1``             (N, H, W) c64       optional: L1-wavelet reconstruction at R
+``slice_id``       (N,) int64          optional
+=================  ==================  ===============================================
+
+What each method trains on (:data:`METHODS`):
+
+* ``ambient``: ``kspace * mask`` only (the ambient loss, k-space form); never the full
+  k-space nor the reference.
+* ``edm``: ``reference`` (the fully sampled model, R = 1).
+* ``edm_l1``: ``l1`` (the L1-EDM baseline at R).
+* ``ncsnv2``: ``reference``, denoising score matching over the network's noise levels.
+* ``modl``: input ``kspace * mask``, supervised by ``reference`` (NRMSE).
+* ``ssdu``: ``kspace * mask`` split per step into Theta (input) and Lambda (loss); no
+  reference. A fresh split is drawn every step from the step's generator, so over training
+  every acquired column serves as loss column (SSDU's multi-mask spirit); SSDU's original
+  code draws one split per slice before training.
+
+The step: loss (optionally under autocast) -> backward -> non-finite gradient entries set
+to zero -> gradient-norm clipping -> optimizer step -> EMA update. A non-finite loss skips
+the step entirely (no parameter, optimizer or EMA change); under DistributedDataParallel
+the ranks decide that together (a loss that is non-finite on one rank skips the step on
+all), so that no rank waits alone in the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from adps.data.phantom import synthetic_slices
+from adps.mri import SenseOperator, cg_sense, column_mask, further_corrupted_mask, lines_at
+
+from .ema import EMA, unwrap_model
+from .modl import MoDL, build_modl
+from .ncsnv2 import NCSNv2, build_ncsnv2
+from .objectives import (
+    ambient_loss,
+    dsm_loss,
+    edm_loss,
+    modl_loss,
+    sample_noise,
+    sample_sigma,
+    ssdu_loss,
+    ssdu_split,
+)
+from .precond import EDMPrecond
+from .unet import build_unet
+
+__all__ = [
+    "BATCH_KEYS",
+    "METHODS",
+    "PAPER_PRESETS",
+    "build_model",
+    "make_synthetic_batch",
+    "method_loss",
+    "train_step",
+]
+
+METHODS = ("ambient", "edm", "edm_l1", "ncsnv2", "modl", "ssdu")
+
+# The batch keys each method reads (the step never touches the others).
+BATCH_KEYS: dict[str, tuple[str, ...]] = {
+    "ambient": ("kspace", "maps", "mask", "mask_further"),
+    "edm": ("reference",),
+    "edm_l1": ("l1",),
+    "ncsnv2": ("reference",),
+    "modl": ("kspace", "maps", "mask", "reference"),
+    "ssdu": ("kspace", "maps", "mask"),
+}
+
+# The paper-scale network preset of each method ("tiny" exists for all of them).
+PAPER_PRESETS = {
+    "ambient": "ambient",
+    "edm": "edm",
+    "edm_l1": "edm",
+    "ncsnv2": "ncsnv2",
+    "modl": "modl",
+    "ssdu": "modl",
+}
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_model(method: str, preset: str = "tiny", *, sigma_data: float = 0.5, **overrides: Any) -> nn.Module:
+    """The network a method trains, in the form :func:`train_step` expects.
+
+    * ``ambient``: :class:`EDMPrecond` around a SongUNet with 4 inputs (``ambient`` / ``tiny``);
+    * ``edm``, ``edm_l1``: EDMPrecond around a 2-input SongUNet (``edm`` / ``tiny``);
+    * ``ncsnv2``: :class:`NCSNv2` (``ncsnv2`` / ``tiny``);
+    * ``modl``, ``ssdu``: :class:`MoDL` (``modl`` / ``tiny``).
+
+    ``overrides`` are passed to the preset builder (fields of the network's config).
+    """
+    _check_method(method)
+    if preset not in (PAPER_PRESETS[method], "tiny"):
+        raise ValueError(f"{method}: preset must be {PAPER_PRESETS[method]!r} or 'tiny', got {preset!r}")
+    if method == "ambient":
+        return EDMPrecond(build_unet(preset, **overrides), sigma_data=sigma_data)
+    if method in ("edm", "edm_l1"):
+        # The tiny preset has the ambient layout (4 in); the EDM models see [Re, Im] only.
+        extra = {"in_channels": 2, "out_channels": 2} if preset == "tiny" else {}
+        return EDMPrecond(build_unet(preset, **{**extra, **overrides}), sigma_data=sigma_data)
+    if method == "ncsnv2":
+        return build_ncsnv2(preset, **overrides)
+    return build_modl(preset, **overrides)
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _prepare_batch(method: str, batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """The keys ``method`` needs, checked and moved to ``device``."""
+    missing = [k for k in BATCH_KEYS[method] if batch.get(k) is None]
+    if missing:
+        raise KeyError(f"{method}: batch lacks key(s) {missing} (has {sorted(k for k, v in batch.items() if v is not None)})")
+    out = {k: batch[k].to(device, non_blocking=True) for k in BATCH_KEYS[method]}
+    for key in ("mask", "mask_further"):
+        if key in out:
+            if out[key].ndim != 2:
+                raise ValueError(f"{method}: batch[{key!r}] must be (N, W), got shape {tuple(out[key].shape)}")
+            out[key] = out[key].to(torch.bool)
+    return out
+
+
+def method_loss(
+    method: str,
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    *,
+    generator: torch.Generator | None = None,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+    ssdu_rho: float = 0.2,
+    ssdu_keep_center: int = 4,
+) -> Tensor:
+    """The scalar training loss of ``method`` on ``batch`` (no backward, no step).
+
+    Args:
+        method: one of :data:`METHODS`.
+        model: the network from :func:`build_model` (DDP / compile wrappers are fine).
+        batch: the dataset's dict (see the module docstring); moved to the model's device.
+        generator: source of every random draw (sigma, noise, SSDU split, NCSN levels); on the
+            model's device for speed (a CPU generator works anywhere).
+        p_mean, p_std: EDM's log-normal sigma distribution (METHOD.md: -1.2, 1.2).
+        ssdu_rho: SSDU's ``|Lambda| / |Omega|`` (0.2).
+        ssdu_keep_center: central columns SSDU never puts in Lambda (see :func:`ssdu_split`).
+    """
+    _check_method(method)
+    device = _model_device(model)
+    data = _prepare_batch(method, batch, device)
+    core = unwrap_model(model)
+
+    if method in ("ambient", "edm", "edm_l1"):
+        sigma_data = getattr(core, "sigma_data", 0.5)
+        # The ambient loss adds its noise in image space too: (N, H, W) like a coil image.
+        images = data["maps"][:, 0] if method == "ambient" else data["reference" if method == "edm" else "l1"]
+        sigma = sample_sigma(images.shape[0], generator, p_mean=p_mean, p_std=p_std, device=device)
+        noise = sample_noise(images, generator)
+        if method == "ambient":
+            return ambient_loss(
+                model, data["kspace"], data["maps"], data["mask"], data["mask_further"], sigma, noise,
+                sigma_data=sigma_data,
+            )
+        return edm_loss(model, images, sigma, noise, sigma_data=sigma_data)
+
+    if method == "ncsnv2":
+        if not isinstance(core, NCSNv2):
+            raise TypeError(f"ncsnv2: expected an NCSNv2 model, got {type(core).__name__}")
+        return dsm_loss(model, data["reference"], core.sigmas(), generator=generator)
+
+    if not isinstance(core, MoDL):
+        raise TypeError(f"{method}: expected a MoDL model, got {type(core).__name__}")
+    mask = data["mask"]
+    measured = _keep_columns(data["kspace"], mask)  # the undersampled acquisition y = P F S x
+    if method == "modl":
+        return modl_loss(model(measured, data["maps"], mask), data["reference"])
+    theta, lam = ssdu_split(mask, rho=ssdu_rho, generator=generator, keep_center=ssdu_keep_center)
+    recon = model(_keep_columns(measured, theta), data["maps"], theta)
+    return ssdu_loss(recon, measured, data["maps"], lam)
+
+
+def _keep_columns(kspace: Tensor, mask: Tensor) -> Tensor:
+    """``kspace`` with the columns outside ``mask`` (N, W) set to zero. ``where`` rather than a
+    product: a NaN/Inf in an unmeasured column must not reach the loss (0 * NaN = NaN)."""
+    return torch.where(mask[:, None, None, :], kspace, kspace.new_zeros(()))
+
+
+def train_step(
+    method: str,
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    generator: torch.Generator | None = None,
+    amp: str | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float | None = 1.0,
+    ema: EMA | None = None,
+    **loss_kwargs: Any,
+) -> dict[str, Any]:
+    """One training step of ``method``: loss, backward, gradient hygiene, optimizer step, EMA.
+
+    Args:
+        method: one of :data:`METHODS`.
+        model: the network (from :func:`build_model`), in train mode; weights stay float32
+            (the master copy) whatever ``amp`` is.
+        batch: the dataset's dict (module docstring); moved to the model's device.
+        optimizer: e.g. Adam(lr 2e-4, betas (0.9, 0.999), eps 1e-8) as METHOD.md.
+        generator: source of every random draw of the loss (see :func:`method_loss`).
+        amp: None (full float32; the default, and the sensible choice on CPU), ``"bf16"`` or
+            ``"fp16"``: autocast of the forward pass to that dtype.
+        scaler: a ``torch.amp.GradScaler`` for ``fp16`` (optional): with it, overflowing steps
+            are skipped and the scale adapted; without it, non-finite gradient entries are
+            zeroed as for every other setting (the reference code's rule).
+        grad_clip: maximum global gradient norm (METHOD.md: 1.0); None or 0 = no clipping.
+        ema: an :class:`~adps.nn.ema.EMA` to update after the step (with the batch size).
+        loss_kwargs: hyper-parameters of :func:`method_loss` (``p_mean``, ``p_std``, ...).
+
+    Returns:
+        ``{"loss": float, "grad_norm": float, "skipped": bool, "nonfinite_grads": int}``:
+        the loss, the gradient norm before clipping (after zeroing), whether the step was
+        skipped (non-finite loss, or a GradScaler overflow), and how many gradient entries
+        were non-finite and zeroed.
+    """
+    if amp is not None and amp not in _AMP_DTYPES:
+        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    device = _model_device(model)
+    n_slices = int(next(v for v in batch.values() if isinstance(v, Tensor)).shape[0])
+    optimizer.zero_grad(set_to_none=True)
+
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp]) if amp is not None else contextlib.nullcontext()
+    )
+    with autocast:
+        loss = method_loss(method, model, batch, generator=generator, **loss_kwargs)
+    loss_value = float(loss.detach())
+    if not _finite_on_every_rank(model, math.isfinite(loss_value), device):
+        # A NaN/Inf loss means a bad batch or a diverged net: nothing of this step may land.
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_value, "grad_norm": float("nan"), "skipped": True, "nonfinite_grads": 0}
+
+    use_scaler = scaler is not None and scaler.is_enabled()
+    (scaler.scale(loss) if use_scaler else loss).backward()
+    if use_scaler:
+        scaler.unscale_(optimizer)  # records overflow for scaler.step, then true gradients
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    # One device sync for the count, not one per parameter.
+    nonfinite = int(torch.stack([(~torch.isfinite(g)).sum() for g in grads]).sum()) if grads else 0
+    if nonfinite and not use_scaler:
+        # METHOD.md: NaN/Inf gradient entries are zeroed (the reference maps NaN to 0 and
+        # +-Inf to +-1e5 before clipping; zero drops the broken entries entirely).
+        for g in grads:
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+    max_norm = grad_clip if grad_clip else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)) if grads else 0.0
+
+    skipped = False
+    if use_scaler:
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped = scaler.get_scale() < scale_before  # the scaler backs off only after skipping
+    else:
+        optimizer.step()
+    if ema is not None and not skipped:
+        ema.update(model, batch_size=n_slices)
+    return {"loss": loss_value, "grad_norm": grad_norm, "skipped": skipped, "nonfinite_grads": nonfinite}
+
+
+def _finite_on_every_rank(model: nn.Module, finite: bool, device: torch.device) -> bool:
+    """Whether the loss is finite on every DDP rank (just ``finite`` without DDP).
+
+    Under DistributedDataParallel a rank that skipped its backward would leave the others
+    waiting in the gradient all-reduce, so the skip decision is made together.
+    """
+    if not (isinstance(model, nn.parallel.DistributedDataParallel) and torch.distributed.is_initialized()):
+        return finite
+    flag = torch.tensor([1.0 if finite else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def make_synthetic_batch(
+    n: int,
+    coils: int,
+    height: int,
+    width: int,
+    acceleration: float,
+    seed: int,
+    *,
+    acs: int | None = None,
+    noise_std: float = 0.0,
+    with_l1: bool = True,
+    l1_iterations: int = 10,
+) -> dict[str, Tensor]:
+    """A batch in the prepared-shard layout, from synthetic phantoms (tests and benchmarks).
+
+    The maps are normalised (``sum_c |S_c|^2 = 1``), so the coil-combined image is the exact
+    least-squares solution of the fully sampled k-space: ``reference`` is the phantom itself.
+    Masks come from :func:`adps.mri.column_mask` / :func:`~adps.mri.further_corrupted_mask`
+    with ``(seed, slice id)``. ``l1`` is a stand-in for the L1-wavelet reconstruction at R:
+    CG-SENSE with ``l1_iterations`` iterations (sigpy's L1 solver is too slow for tests).
+
+    Args:
+        n, coils, height, width: batch size, coil count and matrix size.
+        acceleration: R of ``mask`` (``mask_further`` is at R + 1).
+        seed: seeds the phantoms and the masks; slice ids are ``0 .. n - 1``.
+        acs: always-kept central columns; None = METHOD.md's 20, reduced where the width is
+            too small for 20 ACS columns at R + 1.
+        noise_std: k-space noise of the phantoms (0 = noiseless).
+        with_l1: include ``l1``.
+        l1_iterations: CG iterations of the ``l1`` stand-in.
+    """
+    if acs is None:
+        acs = min(20, lines_at(width, acceleration + 1))
+    data = synthetic_slices(n, height=height, width=width, n_coils=coils, noise_std=noise_std, seed=seed)
+    masks, further = [], []
+    for slice_id in range(n):
+        mask = column_mask(width, acceleration, seed=seed, slice_id=slice_id, acs=acs)
+        masks.append(mask)
+        further.append(further_corrupted_mask(mask, acceleration, seed=seed, slice_id=slice_id, acs=acs))
+    batch = {
+        "kspace": data.kspace.to(torch.complex64),
+        "maps": data.maps.to(torch.complex64),
+        "reference": data.image.to(torch.complex64),
+        "mask": torch.stack(masks),
+        "mask_further": torch.stack(further),
+        "slice_id": torch.from_numpy(np.arange(n, dtype=np.int64)),
+    }
+    if with_l1:
+        op = SenseOperator(batch["maps"], batch["mask"])
+        batch["l1"] = cg_sense(op, op.forward(batch["reference"]), iterations=l1_iterations)
+    return batch

@@ -1,0 +1,144 @@
+"""The PyTorch dataset over prepared shards: items, DataLoader workers, shard subsets, checksums.
+
+A tiny dataset (8 coils, 64 x 48, 2 slices per volume, L1 reconstructions with few iterations)
+is prepared once on the session's Ray instance; the S3 path is covered in test_prepare.py.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from adps.data.dataset import PreparedSliceDataset
+from adps.data.preprocess import PrepareConfig
+from adps.data.shards import MANIFEST_NAME, ShardError
+from adps.data.synth import synthesize_dataset
+from adps.orchestration.prepare import prepare_dataset
+
+HEIGHT, WIDTH, COILS = 64, 48, 8
+KEYS = {"kspace", "maps", "reference", "mask", "mask_further", "slice_id"}
+
+
+@pytest.fixture(scope="module")
+def root(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    raw = tmp_path_factory.mktemp("dataset-raw")
+    synthesize_dataset(raw, n_volumes=4, n_slices=3, n_coils=COILS, height=HEIGHT, width=WIDTH, seed=3,
+                       noise_std=0.005, progress=False)
+    output = tmp_path_factory.mktemp("dataset") / "prepared"
+    config = PrepareConfig.from_dict({
+        "source": str(raw), "output": str(output), "n_volumes": 4, "slices_per_volume": 2,
+        "test_volumes": 1, "val_volumes": 1, "crop": (HEIGHT, WIDTH), "noise_patch": 8,
+        "accelerations": (2, 4), "acs": 8, "shard_size": 3, "l1": True, "l1_iterations": 5,
+    })
+    prepare_dataset(config, progress=False)
+    return output
+
+
+def manifest_of(root: Path) -> dict:
+    return json.loads((root / MANIFEST_NAME).read_text())
+
+
+def test_items_have_exactly_the_training_keys_shapes_and_dtypes(root: Path) -> None:
+    dataset = PreparedSliceDataset(root, "train", acceleration=4)
+    entries = manifest_of(root)["splits"]["train"]["slices"]
+    assert len(dataset) == len(entries) == 4
+    for index, entry in enumerate(entries):
+        item = dataset[index]
+        assert set(item) == KEYS
+        assert item["kspace"].shape == (4, HEIGHT, WIDTH) and item["kspace"].dtype == torch.complex64
+        assert item["maps"].shape == (4, HEIGHT, WIDTH) and item["maps"].dtype == torch.complex64
+        assert item["reference"].shape == (HEIGHT, WIDTH) and item["reference"].dtype == torch.complex64
+        assert item["mask"].shape == (WIDTH,) and item["mask"].dtype == torch.bool
+        assert item["mask_further"].shape == (WIDTH,) and item["mask_further"].dtype == torch.bool
+        assert item["slice_id"].shape == () and item["slice_id"].dtype == torch.int64
+        assert int(item["slice_id"]) == entry["slice_id"]
+        assert int(item["mask"].sum()) == WIDTH // 4 and int(item["mask_further"].sum()) == WIDTH // 5
+        assert bool((item["mask_further"] <= item["mask"]).all())
+        with h5py.File(root / entry["shard"], "r") as f:
+            np.testing.assert_array_equal(item["kspace"].numpy(), f["kspace"][entry["row"]])
+            np.testing.assert_array_equal(item["mask"].numpy(), f["mask/r4"][entry["row"]])
+            np.testing.assert_array_equal(item["mask_further"].numpy(), f["mask_further/r4"][entry["row"]])
+
+    with_l1 = PreparedSliceDataset(root, "train", acceleration=2, load_l1=True)
+    item = with_l1[0]
+    assert set(item) == KEYS | {"l1"}
+    assert item["l1"].shape == (HEIGHT, WIDTH) and item["l1"].dtype == torch.complex64
+    assert int(item["mask"].sum()) == WIDTH // 2
+
+    # Test keeps every coil.
+    assert PreparedSliceDataset(root, "test", acceleration=2)[0]["kspace"].shape == (COILS, HEIGHT, WIDTH)
+
+
+def test_dataloader_with_two_workers_batches_every_slice_once(root: Path) -> None:
+    dataset = PreparedSliceDataset(root, "train", acceleration=4, load_l1=True)
+    dataset[0]  # open a file in the parent: workers must not reuse its handle
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, shuffle=False)
+    ids = []
+    for batch in loader:
+        assert set(batch) == KEYS | {"l1"}
+        n = batch["slice_id"].shape[0]
+        assert batch["kspace"].shape == (n, 4, HEIGHT, WIDTH) and batch["mask"].shape == (n, WIDTH)
+        assert batch["reference"].shape == (n, HEIGHT, WIDTH) and batch["l1"].shape == (n, HEIGHT, WIDTH)
+        ids += batch["slice_id"].tolist()
+    assert ids == [s["slice_id"] for s in manifest_of(root)["splits"]["train"]["slices"]]
+
+
+def test_a_subset_of_shards(root: Path) -> None:
+    shards = manifest_of(root)["splits"]["train"]["shards"]
+    assert [s["n_slices"] for s in shards] == [3, 1]
+    last = PreparedSliceDataset(root, "train", acceleration=2, shards=["train-00001.h5"])
+    assert len(last) == 1
+    assert int(last[0]["slice_id"]) == manifest_of(root)["splits"]["train"]["slices"][3]["slice_id"]
+    with pytest.raises(ValueError, match="shard 'val-00000.h5' is not in split 'train'"):
+        PreparedSliceDataset(root, "train", acceleration=2, shards=["val-00000.h5"])
+
+
+def test_pickles_without_file_handles(root: Path) -> None:
+    dataset = PreparedSliceDataset(root, "val", acceleration=2)
+    first = dataset[0]
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert clone._files == {}
+    for key, value in clone[0].items():
+        assert torch.equal(value, first[key])
+
+
+def test_corrupt_or_missing_shards_are_refused_by_name(root: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    path = copy / "train-00000.h5"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    dataset = PreparedSliceDataset(copy, "train", acceleration=2)
+    with pytest.raises(ShardError, match=r"train-00000\.h5: checksum mismatch"):
+        dataset[0]
+    assert int(dataset[3]["slice_id"]) > 0  # the other shard still reads
+    (copy / "train-00001.h5").unlink()
+    with pytest.raises(ShardError, match=r"train-00001\.h5: shard listed in the manifest is missing"):
+        PreparedSliceDataset(copy, "train", acceleration=2)[3]
+
+
+def test_bad_arguments_are_named(root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"R=3 was not prepared \(available: 2, 4\)"):
+        PreparedSliceDataset(root, "train", acceleration=3)
+    with pytest.raises(ValueError, match="split must be one of"):
+        PreparedSliceDataset(root, "training", acceleration=2)
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        PreparedSliceDataset(tmp_path, "train", acceleration=2)
+    copy = tmp_path / "no-l1"
+    shutil.copytree(root, copy)
+    manifest = manifest_of(copy)
+    manifest["config"]["l1"] = False
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="prepared without L1"):
+        PreparedSliceDataset(copy, "train", acceleration=2, load_l1=True)
+    with pytest.raises(IndexError):
+        PreparedSliceDataset(root, "train", acceleration=2)[99]
