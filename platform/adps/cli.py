@@ -76,6 +76,23 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from adps.nn.train_config import TrainConfig, parse_overrides  # deferred: keeps `adps --help` fast
+
+    overrides = parse_overrides(args.set or [])
+    config = TrainConfig.from_yaml(args.config, overrides) if args.config else TrainConfig.from_dict(overrides)
+    config.validate()  # before Ray starts: a bad key costs a second, not a cluster start-up
+    print("adps train: config\n" + config.to_yaml(), flush=True)
+    from adps.orchestration.train import train  # imports Ray
+
+    result = train(config, ray_address=args.address)
+    if result.error is not None:
+        print(f"adps train: error: {result.error}", file=sys.stderr)
+        return 1
+    print(f"adps train: {config.resolved_run_name}: step {result.metrics.get('step')}; checkpoint {result.checkpoint}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adps",
@@ -124,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
     prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
     prepare.set_defaults(handler=_prepare)
+
+    train = commands.add_parser("train", help="train a model of the study on Ray Train (resumes a run of the same name)")
+    train.add_argument("--config", type=Path, help="YAML file of TrainConfig keys (see configs/)")
+    train.add_argument(
+        "--set", action="append", metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set dataset=s3://bucket/prepared --set num_workers=4",
+    )
+    train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
+    train.set_defaults(handler=_train)
     return parser
 
 

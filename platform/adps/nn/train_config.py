@@ -1,0 +1,227 @@
+"""Settings of one training run (``adps train``); every default is METHOD.md's value, visible here.
+
+Pure configuration (layer 2: no Ray, no MLflow). It is loaded and checked completely on the
+driver, before any Ray worker starts, so that a typo costs a second, not a cluster start-up.
+The loading rules mirror :class:`adps.data.preprocess.PrepareConfig`: :meth:`TrainConfig.from_yaml`
+with ``--set KEY=VALUE`` overrides (:func:`adps.data.preprocess.parse_overrides`), unknown keys and
+wrong types refused naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adps.data.preprocess import SPLITS, _coerce, mask_key, parse_overrides
+
+from .train_step import METHODS, PAPER_PRESETS
+
+__all__ = ["DEFAULT_EPOCHS", "PAPER_ACCELERATIONS", "TrainConfig", "parse_overrides"]
+
+# The paper grid's accelerations for the methods that train on undersampled data.
+PAPER_ACCELERATIONS = (2, 4, 6, 8)
+# Methods trained on fully sampled data (R = 1 only).
+FULLY_SAMPLED = ("edm", "ncsnv2")
+# METHOD.md "Optimisation": 250 epochs (paper appendix E); MoDL and SSDU: 10 epochs each.
+DEFAULT_EPOCHS = {"ambient": 250, "edm": 250, "edm_l1": 250, "ncsnv2": 250, "modl": 10, "ssdu": 10}
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``adps train``. Defaults are METHOD.md's ("Optimisation") unless stated."""
+
+    method: str = "ambient"
+    """One of :data:`adps.nn.train_step.METHODS`."""
+    acceleration: float = 4
+    """Training acceleration R: 1 for ``edm`` / ``ncsnv2``; > 1 (paper: 2, 4, 6, 8) otherwise,
+    and one the prepared dataset stores masks for."""
+    preset: str = ""
+    """Network preset: the method's paper preset (empty = that) or ``tiny`` (tests, demo)."""
+    dataset: str = ""
+    """Root (folder or ``s3://`` prefix) of a prepared dataset (holding ``manifest.json``)."""
+    split: str = "train"
+    """Split trained on."""
+    batch_size: int = 8
+    """Slices per worker per step (METHOD.md: 8 per GPU); the global batch is this x workers."""
+    lr: float = 2e-4
+    """Adam learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Maximum global gradient norm (0 = none)."""
+    ema_half_life_images: float = 500_000
+    """EMA half-life in training images (EDM)."""
+    ema_rampup: float = 0.05
+    """EMA ramp-up ratio: the half-life is at most ``images_seen * ema_rampup``."""
+    lr_rampup_images: int = 10_000_000
+    """Images over which the learning rate rises linearly from 0 to ``lr``. Not in METHOD.md:
+    EDM's reference training loop uses a 10 M image warm-up (``lr_rampup_kimg = 10000``), kept
+    here so that the ambient/EDM runs match the reference; 0 turns it off (MoDL/SSDU configs)."""
+    epochs: int = 0
+    """Passes over the split; 0 = the method's default (250; MoDL and SSDU 10)."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps in all (0 = no cap; tests and the demo)."""
+    amp: str = ""
+    """Mixed precision of the forward pass: ``""`` (float32, right on CPU), ``bf16`` or ``fp16``.
+    METHOD.md trains in mixed precision: the GPU configs set ``bf16``."""
+    num_workers: int = 1
+    """Ray Train workers (one per GPU); each reads a disjoint share of the train shards."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); False = CPU workers (Gloo)."""
+    cpus_per_worker: float = 1
+    """CPUs Ray reserves per worker (``resources_per_worker``)."""
+    seed: int = 0
+    """Seeds the model initialisation, the per-epoch shuffles and the loss's random draws."""
+    checkpoint_every_steps: int = 1000
+    """A checkpoint every this many steps (and always at the end)."""
+    keep_checkpoints: int = 3
+    """Checkpoints Ray keeps (the newest)."""
+    max_failures: int = 3
+    """Worker-group restarts from the latest checkpoint before the run fails."""
+    storage_path: str = ""
+    """Folder or ``s3://`` URI for Ray Train's run folders (empty = ``~/ray_results``)."""
+    run_name: str = ""
+    """Run folder name under ``storage_path``; re-running with the same name resumes. Empty =
+    ``<method>_r<R>``."""
+    log_every_steps: int = 10
+    """Metrics are reported to Ray every this many steps (checkpoints always carry metrics)."""
+    fail_at_steps: tuple[int, ...] = ()
+    """Fault injection (tests): worker rank 1 (rank 0 when alone) dies once just after each of
+    these steps; a marker file in the run folder makes each fire only once."""
+
+    # Loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build a config from a mapping, coercing YAML / ``--set`` values to each field's type.
+
+        Raises:
+            ValueError: for an unknown key (named, with the known ones) or a value of the wrong type.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
+        hints = typing.get_type_hints(cls)
+        return cls(**{key: _coerce(key, value, hints[key]) for key, value in values.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+        """Load a YAML mapping of config keys, then apply ``overrides`` (e.g. ``--set`` values)."""
+        import yaml  # deferred: only config loading needs it
+
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+        return cls.from_dict({**values, **(overrides or {})})
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied (coerced and checked like :meth:`from_dict`)."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def to_yaml(self) -> str:
+        """The config as YAML, in field order."""
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    # Resolved values -----------------------------------------------------------------------
+    @property
+    def resolved_preset(self) -> str:
+        """``preset``, or the method's paper preset when empty."""
+        return self.preset or PAPER_PRESETS.get(self.method, "")
+
+    @property
+    def resolved_epochs(self) -> int:
+        """``epochs``, or the method's default (250; MoDL / SSDU 10) when 0."""
+        return self.epochs or DEFAULT_EPOCHS.get(self.method, 250)
+
+    @property
+    def resolved_run_name(self) -> str:
+        """``run_name``, or ``<method>_r<R>``."""
+        return self.run_name or f"{self.method}_r{self.acceleration:g}"
+
+    # Checking ------------------------------------------------------------------------------
+    def validate(self, *, check_dataset: bool = True) -> None:
+        """Refuse settings that cannot work, naming the key, before any worker starts.
+
+        Args:
+            check_dataset: also read the dataset's manifest (it must exist, and hold masks at
+                ``acceleration``); off only for checks of the config alone.
+        """
+        if self.method not in METHODS:
+            raise ValueError(f"config key 'method': unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.preset and self.preset not in (PAPER_PRESETS[self.method], "tiny"):
+            raise ValueError(
+                f"config key 'preset': {self.method} takes {PAPER_PRESETS[self.method]!r} or 'tiny', got {self.preset!r}"
+            )
+        if self.method in FULLY_SAMPLED:
+            if self.acceleration != 1:
+                raise ValueError(
+                    f"config key 'acceleration': {self.method} trains on fully sampled data (R = 1), "
+                    f"got R = {self.acceleration:g}"
+                )
+        elif self.acceleration <= 1:
+            raise ValueError(
+                f"config key 'acceleration': {self.method} trains on undersampled data (R > 1; paper: "
+                f"{', '.join(map(str, PAPER_ACCELERATIONS))}), got R = {self.acceleration:g}"
+            )
+        if self.split not in SPLITS:
+            raise ValueError(f"config key 'split' must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        for key in ("batch_size", "num_workers", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
+        for key in ("epochs", "max_steps", "max_failures", "lr_rampup_images", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
+        for key in ("lr", "eps", "ema_half_life_images", "cpus_per_worker"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"config key {key!r} must be > 0, got {getattr(self, key)}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"config key 'betas' must be two values in [0, 1), got {list(self.betas)}")
+        if not 0 <= self.ema_rampup:
+            raise ValueError(f"config key 'ema_rampup' must be >= 0, got {self.ema_rampup}")
+        if self.amp not in ("", "bf16", "fp16"):
+            raise ValueError(f"config key 'amp' must be '', 'bf16' or 'fp16', got {self.amp!r}")
+        if any(s < 1 for s in self.fail_at_steps):
+            raise ValueError(f"config key 'fail_at_steps' must list steps >= 1, got {list(self.fail_at_steps)}")
+        if not self.dataset:
+            raise ValueError("config key 'dataset' is required: the root of a prepared dataset (adps prepare)")
+        if check_dataset:
+            self._check_dataset()
+
+    def _check_dataset(self) -> None:
+        from adps.data.shards import read_manifest
+
+        try:
+            manifest = read_manifest(self.dataset)
+        except FileNotFoundError:
+            raise ValueError(
+                f"config key 'dataset': no manifest.json under {self.dataset!r} (not prepared, or not finished)"
+            ) from None
+        accelerations = manifest["config"]["accelerations"]
+        # R = 1 runs read the reference only, but the dataset's masks are still loaded by the
+        # dataset class: any stored R serves them (see adps.orchestration.train.dataset_acceleration).
+        if self.acceleration != 1 and mask_key(self.acceleration) not in {mask_key(r) for r in accelerations}:
+            raise ValueError(
+                f"config key 'acceleration': the dataset {self.dataset!r} has no masks at R = {self.acceleration:g} "
+                f"(it has {', '.join(f'{r:g}' for r in accelerations)})"
+            )
+        if self.method == "edm_l1" and not manifest["config"].get("l1"):
+            raise ValueError(
+                f"config key 'dataset': method edm_l1 needs L1 reconstructions, but {self.dataset!r} was prepared with l1: false"
+            )
+        if not manifest["splits"][self.split]["shards"]:
+            raise ValueError(f"config key 'split': the dataset {self.dataset!r} has no {self.split!r} slices")

@@ -1,0 +1,417 @@
+"""Distributed training of every method on Ray Train V2 (``adps train``).
+
+:func:`train` checks a :class:`~adps.nn.train_config.TrainConfig` on the driver, then runs a
+:class:`ray.train.torch.TorchTrainer` whose workers each run :func:`worker_loop`:
+
+* every worker builds the model, Adam and the EMA from the same seed, wraps the model in DDP
+  (``prepare_model``: Gloo on CPU, NCCL on GPU) and calls :func:`adps.nn.train_step.train_step`;
+* each epoch the split's slices are permuted from ``(seed, epoch)`` and dealt out by rank
+  (:func:`worker_share`): the shares are disjoint, of equal length (DDP needs the same number
+  of steps on every rank) and together cover the split but for fewer than ``world_size``
+  slices; a worker reads only the slices of its own share;
+* every ``checkpoint_every_steps`` and at the end rank 0 writes a checkpoint folder
+  (:func:`save_training_checkpoint`: safetensors + JSON, no pickle) and reports it;
+* on start (and after a worker failure) the loop resumes from ``ray.train.get_checkpoint()``.
+  The data position is a function of the step (epoch = step // steps per epoch), and the
+  loss's random draws are seeded by ``(seed, rank, step)``, so a resumed run continues exactly
+  where the checkpoint was taken.
+
+Re-running with the same ``run_name`` and ``storage_path`` resumes the run (Ray Train V2 has
+no ``Trainer.restore``). Layer 3: the only module of the training path that imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from adps.nn.checkpoint import load_model, save_model
+from adps.nn.ema import EMA, unwrap_model
+from adps.nn.train_config import TrainConfig
+from adps.nn.train_step import build_model, train_step
+
+__all__ = [
+    "Trainee",
+    "build_trainee",
+    "load_training_checkpoint",
+    "save_training_checkpoint",
+    "steps_per_epoch",
+    "train",
+    "train_one_step",
+    "worker_loop",
+    "worker_share",
+]
+
+STATE_FILE = "state.json"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_JSON = "optimizer.json"
+MODEL_DIR = "model"
+EMA_DIR = "ema"
+
+
+# Data shares -----------------------------------------------------------------------------------
+def worker_share(n_slices: int, world_size: int, rank: int, epoch: int, seed: int) -> list[int]:
+    """Indices (into the split) that worker ``rank`` trains on in ``epoch``, in its order.
+
+    One permutation of ``range(n_slices)`` per epoch (from ``seed`` and ``epoch``), dealt out
+    round-robin and cut to ``n_slices // world_size`` each: the shares are disjoint, equally
+    long, and miss at most ``world_size - 1`` slices (different ones each epoch).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    order = np.random.default_rng([seed, epoch]).permutation(n_slices)
+    per_rank = n_slices // world_size
+    return [int(i) for i in order[rank::world_size][:per_rank]]
+
+
+def steps_per_epoch(n_slices: int, world_size: int, batch_size: int) -> int:
+    """Optimiser steps per epoch: full batches of each worker's share (the remainder is dropped)."""
+    return (n_slices // world_size) // batch_size
+
+
+# The per-worker training state ---------------------------------------------------------------
+@dataclass
+class Trainee:
+    """What one worker trains: the (possibly DDP-wrapped) model, its optimizer and EMA."""
+
+    config: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    rank: int = 0
+    world_size: int = 1
+    step: int = 0
+    """Optimiser steps done so far (over the whole run, resumes included)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_trainee(
+    config: TrainConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    device: torch.device | str = "cpu",
+) -> Trainee:
+    """Model (seeded: identical on every rank), Adam (METHOD.md settings) and EMA for ``config``.
+
+    ``wrap`` is applied to the model after building (``ray.train.torch.prepare_model`` in a Ray
+    worker: DDP and the device); without it the model is moved to ``device``.
+    """
+    torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    model = build_model(config.method, config.resolved_preset)
+    model = wrap(model) if wrap is not None else model.to(device)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps)
+    ema = EMA(model, half_life_images=config.ema_half_life_images, rampup_ratio=config.ema_rampup)
+    return Trainee(config, model, optimizer, ema, rank=rank, world_size=world_size)
+
+
+def _learning_rate(config: TrainConfig, images_seen: int) -> float:
+    """Linear warm-up over ``lr_rampup_images`` (EDM's reference schedule), then constant."""
+    if config.lr_rampup_images <= 0:
+        return config.lr
+    return config.lr * min(1.0, images_seen / config.lr_rampup_images)
+
+
+def train_one_step(trainee: Trainee, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One optimiser step of ``trainee`` on ``batch`` (this worker's part of the global batch).
+
+    The learning rate follows the warm-up of the *global* image count; the loss's random draws
+    come from a generator seeded by ``(seed, rank, step)`` so that a resumed run repeats them.
+    """
+    config = trainee.config
+    global_batch = config.batch_size * trainee.world_size
+    for group in trainee.optimizer.param_groups:
+        group["lr"] = _learning_rate(config, (trainee.step + 1) * global_batch)
+    seed = int(np.random.SeedSequence([config.seed, trainee.rank, trainee.step]).generate_state(1)[0])
+    generator = torch.Generator().manual_seed(seed)
+    out = train_step(
+        config.method,
+        trainee.model,
+        batch,
+        trainee.optimizer,
+        generator=generator,
+        amp=config.amp or None,
+        grad_clip=config.grad_clip or None,
+        # Not ema=: train_step would count only this worker's slices, but the EMA's half-life
+        # is in images over ALL workers (EDM), so the update is made here with the global batch.
+        ema=None,
+    )
+    if not out["skipped"]:  # every rank agrees on a skip (train_step decides it together)
+        trainee.ema.update(trainee.model, batch_size=global_batch)
+    trainee.step += 1
+    out["lr"] = trainee.optimizer.param_groups[0]["lr"]
+    return out
+
+
+# Checkpoints ---------------------------------------------------------------------------------
+def save_training_checkpoint(folder: str | os.PathLike[str], trainee: Trainee, state: dict[str, Any]) -> Path:
+    """Write a resumable checkpoint: model and EMA weights (:func:`adps.nn.checkpoint.save_model`),
+    optimizer tensors (safetensors) and scalars (JSON), and ``state`` (step, epoch, data
+    position, ...) as ``state.json``. Nothing is pickled, so loading cannot execute code."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"method": trainee.config.method, "R": trainee.config.acceleration, "preset": trainee.config.resolved_preset}
+    save_model(folder / MODEL_DIR, trainee.model, record)
+    save_model(folder / EMA_DIR, trainee.ema.model, {**record, "ema_images_seen": trainee.ema.images_seen})
+    opt = trainee.optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in opt["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().to("cpu").contiguous().clone()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    save_file(tensors, str(folder / OPTIMIZER_TENSORS))
+    (folder / OPTIMIZER_JSON).write_text(json.dumps({"param_groups": opt["param_groups"], "scalars": scalars}))
+    full_state = {**state, "step": trainee.step, "ema_images_seen": trainee.ema.images_seen}
+    (folder / STATE_FILE).write_text(json.dumps(full_state, indent=2, sort_keys=True))
+    return folder
+
+
+def load_training_checkpoint(folder: str | os.PathLike[str], trainee: Trainee) -> dict[str, Any]:
+    """Restore ``trainee`` from :func:`save_training_checkpoint`'s folder; returns its state."""
+    folder = Path(folder)
+    model, _ = load_model(folder / MODEL_DIR)
+    unwrap_model(trainee.model).load_state_dict(unwrap_model(model).state_dict())
+    ema_model, _ = load_model(folder / EMA_DIR)
+    state = json.loads((folder / STATE_FILE).read_text())
+    trainee.ema.load_state_dict(unwrap_model(ema_model).state_dict(), images_seen=state["ema_images_seen"])
+    tensors = load_file(str(folder / OPTIMIZER_TENSORS))
+    meta = json.loads((folder / OPTIMIZER_JSON).read_text())
+    device = next(trainee.model.parameters()).device
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        # Adam keeps "step" on the CPU; moments live with the parameters.
+        opt_state.setdefault(int(index), {})[name] = value if name == "step" else value.to(device)
+    for index, entry in meta["scalars"].items():
+        opt_state.setdefault(int(index), {}).update(entry)
+    trainee.optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    trainee.step = int(state["step"])
+    return state
+
+
+# The worker loop -----------------------------------------------------------------------------
+@dataclass
+class WorkerContext:
+    """What :func:`worker_loop` needs from its runtime (Ray Train, or a test's stand-in)."""
+
+    rank: int
+    world_size: int
+    report: Callable[[dict[str, Any], str | None], None]
+    """``report(metrics, checkpoint_folder_or_None)``; called on every rank at the same steps."""
+    checkpoint: str | None = None
+    """Folder of the checkpoint to resume from, if any."""
+    wrap: Callable[[nn.Module], nn.Module] | None = None
+    fault_dir: str | None = None
+    """Where fault-injection markers live (``fail_at_steps``); None disables injection."""
+
+
+def _batches(dataset: Any, indices: list[int], batch_size: int, start: int):
+    """Batches of ``dataset[indices]`` from batch number ``start`` on (full batches only)."""
+    for b in range(start, len(indices) // batch_size):
+        items = [dataset[i] for i in indices[b * batch_size : (b + 1) * batch_size]]
+        yield {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def dataset_acceleration(config: TrainConfig, accelerations: list[float]) -> float:
+    """The R whose masks the dataset loads: ``acceleration``; R = 1 methods ignore masks, so any
+    stored R serves."""
+    return accelerations[0] if config.acceleration == 1 else config.acceleration
+
+
+def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
+    """Train this worker's share until ``max_steps`` or the configured epochs; returns the final state."""
+    from adps.data.dataset import PreparedSliceDataset
+    from adps.data.shards import read_manifest
+
+    accelerations = read_manifest(config.dataset)["config"]["accelerations"]
+    dataset = PreparedSliceDataset(
+        config.dataset,
+        config.split,
+        acceleration=dataset_acceleration(config, accelerations),
+        load_l1=config.method == "edm_l1",
+    )
+    n = len(dataset)
+    per_epoch = steps_per_epoch(n, ctx.world_size, config.batch_size)
+    if per_epoch < 1:
+        raise ValueError(
+            f"config key 'batch_size': {config.batch_size} per worker x {ctx.world_size} workers exceeds the "
+            f"{n} slices of split {config.split!r}"
+        )
+    total = config.resolved_epochs * per_epoch
+    if config.max_steps:
+        total = min(total, config.max_steps)
+
+    trainee = build_trainee(config, rank=ctx.rank, world_size=ctx.world_size, wrap=ctx.wrap)
+    resumed_from = None
+    if ctx.checkpoint is not None:
+        resumed_from = int(load_training_checkpoint(ctx.checkpoint, trainee)["step"])
+
+    def state(epoch: int, position: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "position": position,  # batches of this epoch already trained on
+            "steps_per_epoch": per_epoch,
+            "total_steps": total,
+            "world_size": ctx.world_size,
+            "seed": config.seed,
+            "resumed_from": resumed_from,
+            "config": config.to_dict(),
+        }
+
+    def checkpoint_and_report(metrics: dict[str, Any], epoch: int, position: int) -> None:
+        if ctx.rank == 0:
+            with tempfile.TemporaryDirectory(prefix="adps-ckpt-") as tmp:
+                save_training_checkpoint(tmp, trainee, state(epoch, position))
+                ctx.report(metrics, tmp)  # Ray copies the folder to storage before returning
+        else:
+            ctx.report(metrics, None)
+
+    fail_rank = 1 if ctx.world_size > 1 else 0
+    metrics: dict[str, Any] = {"step": trainee.step}
+    while trainee.step < total:
+        epoch, position = divmod(trainee.step, per_epoch)
+        share = worker_share(n, ctx.world_size, ctx.rank, epoch, config.seed)
+        started = time.perf_counter()
+        for batch in _batches(dataset, share, config.batch_size, position):
+            out = train_one_step(trainee, batch)
+            now = time.perf_counter()
+            # Global throughput of this step (loading included): every rank steps in lockstep.
+            slices_per_s = config.batch_size * ctx.world_size / max(now - started, 1e-9)
+            started = now
+            epoch, position = divmod(trainee.step, per_epoch)
+            metrics = {
+                "step": trainee.step,
+                "epoch": trainee.step / per_epoch,
+                "loss": out["loss"],
+                "grad_norm": out["grad_norm"] if math.isfinite(out["grad_norm"]) else -1.0,
+                "lr": out["lr"],
+                "skipped": out["skipped"],
+                "images_seen": trainee.step * config.batch_size * ctx.world_size,
+                "slices_per_s": slices_per_s,
+                "slice_ids": [int(s) for s in batch["slice_id"]],
+                "resumed_from": resumed_from,
+            }
+            if trainee.step % config.checkpoint_every_steps == 0 or trainee.step == total:
+                checkpoint_and_report(metrics, epoch, position)
+            elif trainee.step % config.log_every_steps == 0:
+                ctx.report(metrics, None)
+            _maybe_fail(config, ctx, fail_rank, trainee.step)
+            if trainee.step >= total:
+                break
+    dataset.close()
+    return metrics
+
+
+def _maybe_fail(config: TrainConfig, ctx: WorkerContext, fail_rank: int, step: int) -> None:
+    """Fault injection: die once at each of ``fail_at_steps`` (a marker file makes it once)."""
+    if step not in config.fail_at_steps or ctx.rank != fail_rank or ctx.fault_dir is None:
+        return
+    marker = Path(ctx.fault_dir) / f".adps-fault-step-{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("fired\n")
+    raise RuntimeError(f"adps fault injection: rank {ctx.rank} fails at step {step}")
+
+
+# Ray Train -----------------------------------------------------------------------------------
+def _ray_worker(payload: dict[str, Any]) -> None:
+    """The ``train_loop_per_worker`` of the TorchTrainer."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    config = TrainConfig.from_dict(payload["config"])
+    context = ray.train.get_context()
+    # One intra-op thread per CPU reserved: two workers on a small node must not fight.
+    torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+
+    def report(metrics: dict[str, Any], folder: str | None) -> None:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if folder else None)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        # A local copy: the checkpoint may live on S3, and the loop reads it after this block.
+        checkpoint_dir: str | None = tempfile.mkdtemp(prefix="adps-resume-")
+        with checkpoint.as_directory() as folder:
+            shutil.copytree(folder, checkpoint_dir, dirs_exist_ok=True)
+    else:
+        checkpoint_dir = None
+    ctx = WorkerContext(
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        report=report,
+        checkpoint=checkpoint_dir,
+        wrap=ray.train.torch.prepare_model,
+        fault_dir=payload.get("fault_dir"),
+    )
+    try:
+        worker_loop(config, ctx)
+    finally:
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """Local ``dataset`` and ``storage_path`` made absolute: Ray workers run in other folders."""
+    absolute = {key: str(Path(value).resolve()) for key in ("dataset", "storage_path")
+                if (value := getattr(config, key)) and "://" not in value}
+    return config.replace(**absolute) if absolute else config
+
+
+def train(config: TrainConfig, *, ray_address: str | None = None) -> Any:
+    """Validate ``config`` (before any worker starts), then run or resume it on Ray Train.
+
+    ``ray_address``: the cluster to join when Ray is not initialised yet (default: RAY_ADDRESS,
+    else a local instance, as ``ray.init`` decides).
+
+    Returns Ray's :class:`ray.train.Result` (``metrics``: the last report; ``checkpoint``: the
+    latest checkpoint).
+    """
+    config.validate()
+    config = with_absolute_paths(config)
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address)
+    storage = config.storage_path or str(Path.home() / "ray_results")
+    run_name = config.resolved_run_name
+    local_storage = "://" not in storage
+    fault_dir = str(Path(storage) / run_name) if local_storage and config.fail_at_steps else None
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"config": config.to_dict(), "fault_dir": fault_dir},
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
+    )
+    return trainer.fit()

@@ -1,0 +1,196 @@
+"""Training on Ray Train V2 (``adps train``): config checks, data shares, checkpoints, resume.
+
+Few Ray runs, by design (a 2-worker Gloo run costs ~40 s here): one 2-worker ambient run with
+an injected worker failure checks completion, checkpoint contents, the resume from the latest
+checkpoint and the exact step count all at once; everything else runs without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adps.cli import main as adps_main
+from adps.data.preprocess import PrepareConfig, parse_overrides
+from adps.data.synth import synthetic_volume, volume_name, write_volume
+from adps.nn.train_config import TrainConfig
+from adps.nn.train_step import METHODS, make_synthetic_batch
+from adps.orchestration.train import (
+    WorkerContext,
+    build_trainee,
+    load_training_checkpoint,
+    save_training_checkpoint,
+    steps_per_epoch,
+    train,
+    train_one_step,
+    with_absolute_paths,
+    worker_loop,
+    worker_share,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+HEIGHT, WIDTH = 48, 32
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(ray_session, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A prepared dataset of 4 train slices (4 volumes x 2 slices; 1 val and 1 test volume)."""
+    from adps.orchestration.prepare import prepare_dataset
+
+    raw = tmp_path_factory.mktemp("train-raw")
+    for i in range(4):
+        volume = synthetic_volume(500 + i, n_slices=3, n_coils=4, height=HEIGHT, width=WIDTH, noise_std=0.005)
+        write_volume(raw / volume_name(i, "AXT2"), volume, acquisition="AXT2", patient_id=f"p{i}")
+    output = tmp_path_factory.mktemp("train-prepared") / "axt2"
+    config = PrepareConfig.from_dict({
+        "source": str(raw), "output": str(output), "n_volumes": 4, "slices_per_volume": 2,
+        "test_volumes": 1, "val_volumes": 1, "crop": (HEIGHT, WIDTH), "noise_patch": 8,
+        "virtual_coils": 2, "calib_width": 12, "accelerations": (2, 4), "acs": 4, "shard_size": 2,
+        "reference_iterations": 5, "seed": 3,
+    })
+    prepare_dataset(config, progress=False)
+    return str(output)
+
+
+def tiny_config(dataset: str, **changes: object) -> TrainConfig:
+    values = {"method": "ambient", "acceleration": 2, "preset": "tiny", "dataset": dataset, "batch_size": 1,
+              "lr_rampup_images": 0, "log_every_steps": 1}
+    values.update(changes)
+    return TrainConfig.from_dict(values)
+
+
+# Pure ---------------------------------------------------------------------------------------
+def test_defaults_are_methods_values() -> None:
+    config = TrainConfig()
+    assert (config.batch_size, config.lr, config.betas, config.eps, config.grad_clip) == (8, 2e-4, (0.9, 0.999), 1e-8, 1.0)
+    assert (config.ema_half_life_images, config.ema_rampup) == (500_000, 0.05)
+    assert config.resolved_epochs == 250
+    assert config.replace(method="modl").resolved_epochs == 10
+    assert config.replace(method="ssdu").resolved_epochs == 10
+    assert config.replace(method="edm").resolved_preset == "edm"
+
+
+def test_local_paths_are_made_absolute_for_the_workers(tmp_path: Path, monkeypatch) -> None:
+    """Ray workers run in other folders: a relative dataset path must not reach them."""
+    monkeypatch.chdir(tmp_path)
+    config = with_absolute_paths(TrainConfig(dataset="prepared", storage_path="runs"))
+    assert config.dataset == str(tmp_path / "prepared") and config.storage_path == str(tmp_path / "runs")
+    remote = with_absolute_paths(TrainConfig(dataset="s3://bucket/prepared", storage_path="s3://bucket/runs"))
+    assert remote.dataset == "s3://bucket/prepared" and remote.storage_path == "s3://bucket/runs"
+
+
+def test_bad_configs_fail_fast_naming_the_key(tmp_path: Path, capsys) -> None:
+    with pytest.raises(ValueError, match="'learning_rate'"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+    with pytest.raises(ValueError, match="'batch_size'"):
+        TrainConfig.from_dict({"batch_size": "eight"})
+    with pytest.raises(ValueError, match="'acceleration'.*R = 1"):
+        TrainConfig(method="edm", acceleration=4, dataset="x").validate(check_dataset=False)
+    with pytest.raises(ValueError, match="'acceleration'.*R > 1"):
+        TrainConfig(method="ambient", acceleration=1, dataset="x").validate(check_dataset=False)
+    with pytest.raises(ValueError, match="'method'"):
+        TrainConfig(method="vae", dataset="x").validate(check_dataset=False)
+    with pytest.raises(ValueError, match="'dataset'.*manifest"):
+        TrainConfig(dataset=str(tmp_path / "nothing")).validate()
+    with pytest.raises(ValueError, match="'dataset' is required"):
+        TrainConfig().validate()
+    # The command line refuses the same before Ray starts, naming the key.
+    assert adps_main(["train", "--set", "dataset=" + str(tmp_path), "--set", "lr=fast"]) != 0
+    assert "'lr'" in capsys.readouterr().err
+    path = tmp_path / "run.yaml"
+    path.write_text("method: modl\nacceleration: 4\n")
+    config = TrainConfig.from_yaml(path, parse_overrides(["batch_size=2", "betas=0.5,0.9"]))
+    assert (config.method, config.acceleration, config.batch_size, config.betas) == ("modl", 4, 2, (0.5, 0.9))
+
+
+def test_paper_grid_configs_load_and_check() -> None:
+    files = sorted((REPO / "configs").glob("*.yaml"))
+    names = {f.stem for f in files}
+    expected = {"edm_r1", "ncsnv2_r1"} | {f"{m}_r{r}" for m in ("ambient", "edm_l1", "modl", "ssdu") for r in (2, 4, 6, 8)}
+    assert names == expected
+    for path in files:
+        config = TrainConfig.from_yaml(path, {"dataset": "unused"})
+        config.validate(check_dataset=False)
+        assert config.resolved_run_name == path.stem
+
+
+def test_worker_shares_are_disjoint_and_cover_each_epoch() -> None:
+    for n, world in ((12, 2), (13, 4), (7, 1)):
+        for epoch in range(3):
+            shares = [worker_share(n, world, rank, epoch, seed=5) for rank in range(world)]
+            flat = [i for share in shares for i in share]
+            assert len(flat) == len(set(flat)), "shares overlap"
+            assert len(set(map(len, shares))) == 1, "unequal shares would desynchronise DDP"
+            assert n - len(flat) < world and set(flat) <= set(range(n))
+        assert worker_share(n, world, 0, 0, 5) != worker_share(n, world, 0, 1, 5) or n <= 2  # reshuffled
+    assert steps_per_epoch(13, 4, 2) == 1
+
+
+def test_one_step_of_every_method_and_checkpoint_round_trip(tmp_path: Path, one_intra_op_thread) -> None:
+    batch = make_synthetic_batch(2, 2, 32, 32, 4, seed=0, acs=4, l1_iterations=2)
+    for method in METHODS:
+        config = TrainConfig(method=method, acceleration=1 if method in ("edm", "ncsnv2") else 4, preset="tiny",
+                             dataset="x", lr_rampup_images=0)
+        trainee = build_trainee(config)
+        out = train_one_step(trainee, batch)
+        assert trainee.step == 1 and not out["skipped"] and out["loss"] == out["loss"], method
+    # The last trainee (ssdu): save, restore into a fresh one, identical state.
+    train_one_step(trainee, batch)
+    save_training_checkpoint(tmp_path / "ckpt", trainee, {"epoch": 0, "position": 2})
+    restored = build_trainee(config.replace(seed=9))
+    state = load_training_checkpoint(tmp_path / "ckpt", restored)
+    assert state["step"] == restored.step == 2
+    for a, b in zip(trainee.model.state_dict().values(), restored.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert restored.ema.images_seen == trainee.ema.images_seen
+    before = trainee.optimizer.state_dict()["state"]
+    after = restored.optimizer.state_dict()["state"]
+    torch.testing.assert_close(before[0]["exp_avg"], after[0]["exp_avg"], rtol=0, atol=0)
+
+
+def test_worker_loop_without_ray(tiny_dataset, one_intra_op_thread) -> None:
+    """The loop Ray runs, driven in-process: reports, checkpoints and the step cap."""
+    reports: list[tuple[dict, list[str] | None]] = []
+
+    def report(metrics: dict, folder: str | None) -> None:
+        reports.append((metrics, sorted(p.name for p in Path(folder).iterdir()) if folder else None))
+
+    config = tiny_config(tiny_dataset, max_steps=3, checkpoint_every_steps=2)
+    final = worker_loop(config, WorkerContext(rank=0, world_size=1, report=report))
+    assert final["step"] == 3
+    assert [m["step"] for m, _ in reports] == [1, 2, 3]
+    assert reports[1][1] == ["ema", "model", "optimizer.json", "optimizer.safetensors", "state.json"]
+
+
+# Ray ----------------------------------------------------------------------------------------
+def test_two_worker_run_survives_a_failure_and_resumes_exactly(tiny_dataset, tmp_path: Path) -> None:
+    """2 workers, checkpoint every 2 steps, rank 1 dies once after step 3: the run restarts from
+    the step-2 checkpoint and finishes with exactly max_steps steps."""
+    config = tiny_config(
+        tiny_dataset, num_workers=2, max_steps=5, checkpoint_every_steps=2, fail_at_steps=(3,), max_failures=2,
+        storage_path=str(tmp_path / "runs"), run_name="ambient_fault",
+    )
+    result = train(config)
+    assert result.error is None
+    assert result.metrics["step"] == 5
+    assert result.metrics["resumed_from"] == 2, "the restart must resume from the step-2 checkpoint"
+    assert (tmp_path / "runs" / "ambient_fault" / ".adps-fault-step-3").exists()
+    with result.checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        state = json.loads((folder / "state.json").read_text())
+        assert state["step"] == 5 and state["world_size"] == 2
+        assert state["ema_images_seen"] == 5 * 2  # 5 steps x (1 slice x 2 workers)
+        assert load_file(str(folder / "optimizer.safetensors"))
+        assert (folder / "model" / "weights.safetensors").is_file()
+        assert (folder / "ema" / "weights.safetensors").is_file()
+    # Rank 0's last batch came from its own share of that epoch (4 slices, 2 per worker).
+    # 4 train slices / 2 workers / batch 1 = 2 steps per epoch: step 5 is epoch 2, batch 0.
+    from adps.data.dataset import PreparedSliceDataset
+
+    dataset = PreparedSliceDataset(tiny_dataset, "train", acceleration=2)
+    share = worker_share(len(dataset), 2, 0, 2, config.seed)
+    assert result.metrics["slice_ids"] == [dataset.slices[share[0]]["slice_id"]]
