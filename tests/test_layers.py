@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "adps"
 # Layer of each top-level module or subpackage of adps (1 = physics and data ... 4 = interfaces).
 LAYERS = {
     "__init__": 0,  # the package docstring and version only
+    "config": 0,  # config-file loading; imports nothing of adps
     "mri": 1,
     "data": 1,
     "metrics": 2,

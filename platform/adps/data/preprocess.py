@@ -20,19 +20,18 @@ Layer 1 (see ARCHITECTURE.md): numpy / torch only, no Ray, no MLflow.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import time
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from adps.config import ConfigFile, parse_overrides  # noqa: F401 (parse_overrides: re-exported for callers)
 from adps.mri import (
     SenseOperator,
     background_patch,
@@ -63,7 +62,7 @@ EXECUTION_ONLY_KEYS = ("cpus_per_task",)
 
 
 @dataclass
-class PrepareConfig:
+class PrepareConfig(ConfigFile):
     """Settings of ``adps prepare``; every default is METHOD.md's value, visible here.
 
     Load from YAML with :meth:`from_yaml` or from a mapping with :meth:`from_dict` (unknown
@@ -127,51 +126,6 @@ class PrepareConfig:
 
     MAX_SHARD_SIZE: typing.ClassVar[int] = 64
 
-    # Loading -------------------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> PrepareConfig:
-        """Build a config from a mapping, coercing YAML / command-line values to each field's type.
-
-        Raises:
-            ValueError: for an unknown key (named, with the known ones) or a value of the wrong type.
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
-        hints = typing.get_type_hints(cls)
-        return cls(**{key: _coerce(key, value, hints[key]) for key, value in values.items()})
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> PrepareConfig:
-        """Load a YAML mapping of config keys, then apply ``overrides`` (e.g. ``--set`` values)."""
-        import yaml  # deferred: only config loading needs it
-
-        text = Path(path).read_text()
-        try:
-            values = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
-        return cls.from_dict({**values, **(overrides or {})})
-
-    def replace(self, **changes: Any) -> PrepareConfig:
-        """A copy with ``changes`` applied (coerced and checked like :meth:`from_dict`)."""
-        return PrepareConfig.from_dict({**self.to_dict(), **changes})
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (tuples as lists), as recorded in the manifest."""
-        return {
-            key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()
-        }
-
-    def to_yaml(self) -> str:
-        """The config as YAML, in field order (printed at the start of ``adps prepare``)."""
-        import yaml  # deferred: only config printing needs it
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
-
     def data_dict(self) -> dict[str, Any]:
         """The settings that determine the prepared bytes (everything but execution settings)."""
         return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_ONLY_KEYS}
@@ -226,78 +180,6 @@ class PrepareConfig:
                 )
         if self.cpus_per_task <= 0:
             raise ValueError(f"config key 'cpus_per_task' must be > 0, got {self.cpus_per_task}")
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["n_volumes=100", "l1=true", "crop=64,48"]`` -> a mapping for :meth:`PrepareConfig.from_dict`.
-
-    Values are read as YAML scalars or lists (``true``, ``4``, ``[2, 4]``); ``from_dict`` then
-    coerces them to each field's type, so ``accelerations=4,8`` works too.
-    """
-    import yaml  # deferred: only config loading needs it
-
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        # A path or URI stays text even where YAML would read it otherwise.
-        overrides[key.strip()] = raw if isinstance(value, dict) else value
-    return overrides
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Coerce a YAML or ``--set`` value to the type of config field ``key``."""
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        item_type = args[0]
-        if isinstance(value, str):
-            value = [v.strip() for v in value.strip("[]() ").split(",") if v.strip()]
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"config key {key!r}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            items = [_coerce(key, v, item_type) for v in value]
-        else:
-            if len(value) != len(args):
-                raise ValueError(f"config key {key!r}: expected {len(args)} values, got {len(value)}: {list(value)}")
-            items = [_coerce(key, v, t) for v, t in zip(value, args, strict=True)]
-        return tuple(items)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            return value.strip().lower() in ("true", "yes", "on", "1")
-        raise ValueError(f"config key {key!r}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int | str | float):
-            raise ValueError(f"config key {key!r}: expected an integer, got {value!r}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ValueError(f"config key {key!r}: expected an integer, got {value!r}") from None
-        if not number.is_integer():
-            raise ValueError(f"config key {key!r}: expected an integer, got {value!r}")
-        return int(number)
-    if hint is float:
-        if isinstance(value, bool):
-            raise ValueError(f"config key {key!r}: expected a number, got {value!r}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"config key {key!r}: expected a number, got {value!r}") from None
-        # Integral values stay ints, so that the recorded config reads "R: 4", not "4.0",
-        # and a YAML "4" and a "--set 4.0" compare equal in the resume check.
-        return int(number) if number.is_integer() else number
-    if hint is str:
-        if isinstance(value, str | Path):
-            return str(value)
-        raise ValueError(f"config key {key!r}: expected a string, got {value!r}")
-    raise TypeError(f"config key {key!r}: unsupported field type {hint!r}")  # a bug here, not user input
 
 
 # Identifiers -----------------------------------------------------------------------------------

@@ -9,14 +9,10 @@ wrong types refused naming the key.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from adps.data.preprocess import SPLITS, _coerce, mask_key, parse_overrides
+from adps.config import ConfigFile, parse_overrides
+from adps.data.preprocess import SPLITS, mask_key
 
 from .train_step import METHODS, PAPER_PRESETS
 
@@ -31,7 +27,7 @@ DEFAULT_EPOCHS = {"ambient": 250, "edm": 250, "edm_l1": 250, "ncsnv2": 250, "mod
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigFile):
     """Settings of ``adps train``. Defaults are METHOD.md's ("Optimisation") unless stated."""
 
     method: str = "ambient"
@@ -94,48 +90,6 @@ class TrainConfig:
     fail_at_steps: tuple[int, ...] = ()
     """Fault injection (tests): worker rank 1 (rank 0 when alone) dies once just after each of
     these steps; a marker file in the run folder makes each fire only once."""
-
-    # Loading -------------------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Build a config from a mapping, coercing YAML / ``--set`` values to each field's type.
-
-        Raises:
-            ValueError: for an unknown key (named, with the known ones) or a value of the wrong type.
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
-        hints = typing.get_type_hints(cls)
-        return cls(**{key: _coerce(key, value, hints[key]) for key, value in values.items()})
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-        """Load a YAML mapping of config keys, then apply ``overrides`` (e.g. ``--set`` values)."""
-        import yaml  # deferred: only config loading needs it
-
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
-        return cls.from_dict({**values, **(overrides or {})})
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with ``changes`` applied (coerced and checked like :meth:`from_dict`)."""
-        return TrainConfig.from_dict({**self.to_dict(), **changes})
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    def to_yaml(self) -> str:
-        """The config as YAML, in field order."""
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     # Resolved values -----------------------------------------------------------------------
     @property
