@@ -223,6 +223,7 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     grad_clip: float | None = 1.0,
     ema: EMA | None = None,
+    ema_batch_size: int | None = None,
     **loss_kwargs: Any,
 ) -> dict[str, Any]:
     """One training step of ``method``: loss, backward, gradient hygiene, optimizer step, EMA.
@@ -240,7 +241,9 @@ def train_step(
             are skipped and the scale adapted; without it, non-finite gradient entries are
             zeroed as for every other setting (the reference code's rule).
         grad_clip: maximum global gradient norm (METHOD.md: 1.0); None or 0 = no clipping.
-        ema: an :class:`~adps.nn.ema.EMA` to update after the step (with the batch size).
+        ema: an :class:`~adps.nn.ema.EMA` to update after the step.
+        ema_batch_size: images the EMA counts for this step. Its half-life is in images over
+            all workers (EDM), so under DDP pass the global batch; default: this batch's size.
         loss_kwargs: hyper-parameters of :func:`method_loss` (``p_mean``, ``p_std``, ...).
 
     Returns:
@@ -291,7 +294,7 @@ def train_step(
     else:
         optimizer.step()
     if ema is not None and not skipped:
-        ema.update(model, batch_size=n_slices)
+        ema.update(model, batch_size=ema_batch_size or n_slices)
     return {"loss": loss_value, "grad_norm": grad_norm, "skipped": skipped, "nonfinite_grads": nonfinite}
 
 

@@ -147,12 +147,9 @@ def train_one_step(trainee: Trainee, batch: dict[str, torch.Tensor]) -> dict[str
         generator=generator,
         amp=config.amp or None,
         grad_clip=config.grad_clip or None,
-        # Not ema=: train_step would count only this worker's slices, but the EMA's half-life
-        # is in images over ALL workers (EDM), so the update is made here with the global batch.
-        ema=None,
+        ema=trainee.ema,
+        ema_batch_size=global_batch,  # the EMA half-life counts images over all workers
     )
-    if not out["skipped"]:  # every rank agrees on a skip (train_step decides it together)
-        trainee.ema.update(trainee.model, batch_size=global_batch)
     trainee.step += 1
     out["lr"] = trainee.optimizer.param_groups[0]["lr"]
     return out
