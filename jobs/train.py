@@ -1,6 +1,6 @@
 """Ray job entry point for training.
 
-    ray job submit --working-dir . -- python jobs/train.py --config configs/train/ambient_r4.yaml \
+    ray job submit --working-dir . -- python jobs/train.py --config configs/ambient_r4.yaml \
         --set dataset=s3://bucket/prepared/axt2 --set storage_path=s3://bucket/runs
 
 Thin by design: arguments are those of ``adps train`` (see ``adps train --help``). Under

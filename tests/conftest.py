@@ -164,3 +164,41 @@ def ray_session(s3_server: str, tmp_path_factory: pytest.TempPathFactory):
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# MLflow and a prepared dataset ---------------------------------------------------------------
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory):
+    """A SQLite MLflow store for the session (MLFLOW_TRACKING_URI), so that no test writes the
+    default ``.adps/mlflow.db`` of the folder pytest runs in; yields the URI."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+        yield uri
+
+
+TINY_HEIGHT, TINY_WIDTH = 48, 32
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(ray_session, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A prepared dataset of 48 x 32 slices for training tests: 4 train slices (2 volumes x 2),
+    one val and one test volume, masks at R = 2 and 4, with L1 reconstructions (edm_l1)."""
+    from adps.data.preprocess import PrepareConfig
+    from adps.data.synth import synthetic_volume, volume_name, write_volume
+    from adps.orchestration.prepare import prepare_dataset
+
+    raw = tmp_path_factory.mktemp("train-raw")
+    for i in range(4):
+        volume = synthetic_volume(500 + i, n_slices=3, n_coils=4, height=TINY_HEIGHT, width=TINY_WIDTH, noise_std=0.005)
+        write_volume(raw / volume_name(i, "AXT2"), volume, acquisition="AXT2", patient_id=f"p{i}")
+    output = tmp_path_factory.mktemp("train-prepared") / "axt2"
+    config = PrepareConfig.from_dict({
+        "source": str(raw), "output": str(output), "n_volumes": 4, "slices_per_volume": 2,
+        "test_volumes": 1, "val_volumes": 1, "crop": (TINY_HEIGHT, TINY_WIDTH), "noise_patch": 8,
+        "virtual_coils": 2, "calib_width": 12, "accelerations": (2, 4), "acs": 4, "shard_size": 2,
+        "reference_iterations": 5, "seed": 3, "l1": True, "l1_iterations": 10,
+    })
+    prepare_dataset(config, progress=False)
+    return str(output)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -38,3 +39,57 @@ def test_baseline_in_bench_equals_the_operator() -> None:
     image = torch.randn(2, 16, 12, dtype=torch.complex64, generator=generator)
     op = SenseOperator(maps, torch.rand(12, generator=generator) > 0.5)
     torch.testing.assert_close(normal_with_shifts(op, image), op.normal(image), rtol=1e-5, atol=1e-5)
+
+
+def _load_bench(name: str):
+    """A bench script as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_scaling_bench_measures_every_configuration(ray_session, tmp_path: Path) -> None:
+    """CPU mode, tiny: the bare step, worker_loop without Ray, and Ray Train with 2 workers on the
+    session's Ray instance (which the bench reuses and leaves running). One Ray Train run costs
+    30-50 s here (the 1-worker run is the same code; the default benchmark runs both), and the
+    shards are written directly (the prepare path is the one tests/test_train.py's fixture uses)."""
+    out = tmp_path / "scaling.json"
+    code = _load_bench("train_scaling").main([
+        "--data", "direct", "--height", "48", "--width", "32", "--coils", "2", "--slices", "8", "--batch-size", "1",
+        "--steps", "3", "--warmup", "1", "--workers", "2", "--json", str(out),
+    ])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["mode"] == "cpu" and result["settings"]["height"] == 48
+    rows = {(row["kind"], row["workers"]): row for row in result["rows"]}
+    # Steps 1..4: step 2 follows nothing (the "ray" row), step 4 follows step 3's report.
+    assert {("bare", 1), ("loop", 1), ("ray", 2), ("ray_report", 2)} <= set(rows)
+    for row in result["rows"]:
+        assert row["error"] is None and row["samples"] >= 1
+        assert row["slices_per_s"] > 0 and row["median_ms"] > 0 and row["vs_bare"] > 0
+    assert rows[("ray", 2)]["global_batch"] == 2
+    assert ray_session.is_initialized()
+
+
+def test_train_scaling_gpu_mode_needs_no_ray_mlflow_or_sigpy(tmp_path: Path) -> None:
+    """The GPU-mode code path (here on the CPU, tiny) with Ray, MLflow and sigpy unimportable,
+    as on the GPU machine: the dataset is written directly and the batch has sigpy-free maps."""
+    out = tmp_path / "gpu.json"
+    blocked = "ray", "mlflow", "sigpy", "boto3"
+    script = (
+        "import runpy, sys\n"
+        f"sys.modules.update(dict.fromkeys({blocked!r}))\n"
+        f"sys.argv = ['bench/train_scaling.py', '--gpu', '--device', 'cpu', '--preset', 'tiny', '--height', '32',"
+        f" '--width', '40', '--coils', '2', '--slices', '4', '--batch-size', '2', '--steps', '2', '--warmup', '1',"
+        f" '--json', {str(out)!r}]\n"
+        "runpy.run_path('bench/train_scaling.py', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["mode"] == "gpu" and "ray" not in data["environment"]
+    assert [(row["kind"], row["amp"]) for row in data["rows"]] == [
+        ("bare", "bf16"), ("loop", "bf16"), ("bare", "fp32"), ("loop", "fp32")]
+    assert all(row["error"] is None and row["slices_per_s"] > 0 for row in data["rows"])
+    assert "worker_loop, no Ray" in result.stdout

@@ -15,8 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from adps.cli import main as adps_main
-from adps.data.preprocess import PrepareConfig, parse_overrides
-from adps.data.synth import synthetic_volume, volume_name, write_volume
+from adps.data.preprocess import parse_overrides
 from adps.nn.train_config import TrainConfig
 from adps.nn.train_step import METHODS, make_synthetic_batch
 from adps.orchestration.train import (
@@ -37,23 +36,9 @@ HEIGHT, WIDTH = 48, 32
 
 
 @pytest.fixture(scope="module")
-def tiny_dataset(ray_session, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A prepared dataset of 4 train slices (4 volumes x 2 slices; 1 val and 1 test volume)."""
-    from adps.orchestration.prepare import prepare_dataset
-
-    raw = tmp_path_factory.mktemp("train-raw")
-    for i in range(4):
-        volume = synthetic_volume(500 + i, n_slices=3, n_coils=4, height=HEIGHT, width=WIDTH, noise_std=0.005)
-        write_volume(raw / volume_name(i, "AXT2"), volume, acquisition="AXT2", patient_id=f"p{i}")
-    output = tmp_path_factory.mktemp("train-prepared") / "axt2"
-    config = PrepareConfig.from_dict({
-        "source": str(raw), "output": str(output), "n_volumes": 4, "slices_per_volume": 2,
-        "test_volumes": 1, "val_volumes": 1, "crop": (HEIGHT, WIDTH), "noise_patch": 8,
-        "virtual_coils": 2, "calib_width": 12, "accelerations": (2, 4), "acs": 4, "shard_size": 2,
-        "reference_iterations": 5, "seed": 3,
-    })
-    prepare_dataset(config, progress=False)
-    return str(output)
+def tiny_dataset(tiny_prepared: str) -> str:
+    """The session's prepared dataset (tests/conftest.py): 4 train slices of 48 x 32."""
+    return tiny_prepared
 
 
 def tiny_config(dataset: str, **changes: object) -> TrainConfig:
@@ -172,7 +157,8 @@ def test_two_worker_run_survives_a_failure_and_resumes_exactly(tiny_dataset, tmp
     the step-2 checkpoint and finishes with exactly max_steps steps."""
     config = tiny_config(
         tiny_dataset, num_workers=2, max_steps=5, checkpoint_every_steps=2, fail_at_steps=(3,), max_failures=2,
-        storage_path=str(tmp_path / "runs"), run_name="ambient_fault",
+        storage_path=str(tmp_path / "runs"), run_name="ambient_fault", register=False, validate_every_steps=2,
+        experiment="fault-test",
     )
     result = train(config)
     assert result.error is None
@@ -194,3 +180,20 @@ def test_two_worker_run_survives_a_failure_and_resumes_exactly(tiny_dataset, tmp
     dataset = PreparedSliceDataset(tiny_dataset, "train", acceleration=2)
     share = worker_share(len(dataset), 2, 0, 2, config.seed)
     assert result.metrics["slice_ids"] == [dataset.slices[share[0]]["slice_id"]]
+
+    # One MLflow run across the restart: the driver opened it before the workers started.
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("fault-test")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [result.run_id]
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["method"] == "ambient" and runs[0].data.params["fail_at_steps"] == "3"
+    losses = client.get_metric_history(result.run_id, "loss")
+    assert {m.step for m in losses} == {1, 2, 3, 4, 5}  # step 3 logged twice: before the failure and after
+    assert {m.step for m in client.get_metric_history(result.run_id, "val_nrmse")} == {2, 4, 5}
+    assert state["mlflow_run_id"] == result.run_id
+    # Every checkpoint was logged as it was written; the run's tag names the final one.
+    assert {m.step for m in client.get_metric_history(result.run_id, "checkpoint_step")} == {2, 4, 5}
+    assert runs[0].data.tags["adps.checkpoint"] == result.checkpoint.path

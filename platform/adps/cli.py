@@ -85,12 +85,24 @@ def _train(args: argparse.Namespace) -> int:
     print("adps train: config\n" + config.to_yaml(), flush=True)
     from adps.orchestration.train import train  # imports Ray
 
-    result = train(config, ray_address=args.address)
-    if result.error is not None:
-        print(f"adps train: error: {result.error}", file=sys.stderr)
-        return 1
-    print(f"adps train: {config.resolved_run_name}: step {result.metrics.get('step')}; checkpoint {result.checkpoint}")
+    run = train(config, ray_address=args.address)
+    print(f"adps train: {config.resolved_run_name}: step {run.metrics.get('step')}; checkpoint {run.checkpoint}")
+    if run.model_uri:
+        print(f"adps train: model {run.model_uri} (models:/{run.model_name}@latest); MLflow run {run.run_id}")
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from adps.nn.train_config import parse_overrides  # deferred: keeps `adps --help` fast
+    from adps.orchestration.sweep import format_summary, grid_gaps, load_sweep_configs, run_sweep
+
+    configs = load_sweep_configs(args.configs, parse_overrides(args.set or []), only=args.only or ())
+    gaps = grid_gaps(configs)
+    if gaps and not args.only:
+        print(f"adps sweep: note: the configs do not cover the paper runs {', '.join(gaps)}", flush=True)
+    rows = run_sweep(configs, max_concurrent=args.max_concurrent, ray_address=args.address)
+    print("adps sweep: summary\n" + format_summary(rows), flush=True)
+    return 1 if any(row.status == "failed" for row in rows) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
     train.set_defaults(handler=_train)
+
+    sweep = commands.add_parser(
+        "sweep", help="train the paper's whole grid (one run per config file) as concurrent Ray Train runs"
+    )
+    sweep.add_argument("--configs", type=Path, default=Path("configs"),
+                       help="folder of TrainConfig YAML files, one per run (default configs/)")
+    sweep.add_argument(
+        "--set", action="append", metavar="KEY=VALUE",
+        help="override a config key in every run (repeatable), e.g. --set dataset=s3://bucket/prepared",
+    )
+    sweep.add_argument("--only", nargs="+", metavar="RUN", help="train only these run names (e.g. ambient_r4 edm_r1)")
+    sweep.add_argument("--max-concurrent", type=int, default=0,
+                       help="runs at a time (default: as many as the cluster's GPUs, or CPUs, hold)")
+    sweep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
+    sweep.set_defaults(handler=_sweep)
     return parser
 
 

@@ -23,6 +23,7 @@ from .objectives import (
     ssdu_split,
 )
 from .precond import EDMCoefficients, EDMPrecond, edm_coefficients
+from .reconstruct import a_os, denoise_once, reconstruct, unrolled, validation_nrmse
 from .train_step import BATCH_KEYS, METHODS, PAPER_PRESETS, build_model, make_synthetic_batch, method_loss, train_step
 from .unet import PRESETS, GatedConv2d, SongUNet, UNetConfig, build_unet, count_parameters
 
@@ -43,6 +44,7 @@ __all__ = [
     "NCSNv2Config",
     "SongUNet",
     "UNetConfig",
+    "a_os",
     "ambient_loss",
     "ambient_network_input",
     "build_model",
@@ -52,6 +54,7 @@ __all__ = [
     "channels_to_complex",
     "complex_to_channels",
     "count_parameters",
+    "denoise_once",
     "dsm_loss",
     "edm_coefficients",
     "edm_loss",
@@ -63,10 +66,13 @@ __all__ = [
     "method_loss",
     "modl_loss",
     "ncsn_sigmas",
+    "reconstruct",
     "sample_noise",
     "sample_sigma",
     "save_model",
     "ssdu_loss",
     "ssdu_split",
     "train_step",
+    "unrolled",
+    "validation_nrmse",
 ]

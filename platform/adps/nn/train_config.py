@@ -16,10 +16,19 @@ from adps.data.preprocess import SPLITS, mask_key
 
 from .train_step import METHODS, PAPER_PRESETS
 
-__all__ = ["DEFAULT_EPOCHS", "PAPER_ACCELERATIONS", "TrainConfig", "parse_overrides"]
+__all__ = ["DEFAULT_EPOCHS", "PAPER_ACCELERATIONS", "PAPER_GRID", "TrainConfig", "parse_overrides"]
 
 # The paper grid's accelerations for the methods that train on undersampled data.
 PAPER_ACCELERATIONS = (2, 4, 6, 8)
+# Every training run of the paper's study: method -> the accelerations it is trained at.
+PAPER_GRID: dict[str, tuple[float, ...]] = {
+    "ambient": PAPER_ACCELERATIONS,
+    "edm": (1,),
+    "edm_l1": PAPER_ACCELERATIONS,
+    "ncsnv2": (1,),
+    "modl": PAPER_ACCELERATIONS,
+    "ssdu": PAPER_ACCELERATIONS,
+}
 # Methods trained on fully sampled data (R = 1 only).
 FULLY_SAMPLED = ("edm", "ncsnv2")
 # METHOD.md "Optimisation": 250 epochs (paper appendix E); MoDL and SSDU: 10 epochs each.
@@ -86,7 +95,28 @@ class TrainConfig(ConfigFile):
     """Run folder name under ``storage_path``; re-running with the same name resumes. Empty =
     ``<method>_r<R>``."""
     log_every_steps: int = 10
-    """Metrics are reported to Ray every this many steps (checkpoints always carry metrics)."""
+    """Metrics are reported to Ray and MLflow every this many steps (checkpoints always carry
+    metrics)."""
+    controller_poll_s: float = 0.5
+    """How often Ray Train's controller polls the workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``,
+    Ray's default 2 s). A worker's ``ray.train.report`` waits for the next poll, so with Ray's
+    default a step after a report stalls up to 2 s (bench/train_scaling.py measured 1.8-2.0 s).
+    The environment variable, where set, wins."""
+    validate_every_steps: int = 1000
+    """Validation metric (A-OS NRMSE for ambient models, the unrolled network's NRMSE for MoDL /
+    SSDU, one-pass denoising NRMSE for the priors; :func:`adps.nn.reconstruct.validation_nrmse`)
+    of the EMA model every this many steps and at the end (0 = only at the end)."""
+    validation_slices: int = 4
+    """Slices of the ``val`` split the validation metric averages over (0 = no validation)."""
+    tracking: bool = True
+    """Log the run to MLflow (params, metrics, validation) and register the final EMA model."""
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty = ``$MLFLOW_TRACKING_URI``, else ``sqlite:///.adps/mlflow.db``
+    in the folder the job starts in."""
+    experiment: str = "adps"
+    """MLflow experiment of the run."""
+    register: bool = True
+    """At the end, register the EMA model as ``adps-<method>-r<R>`` (a new version, which ``models:/<name>@latest`` resolves to)."""
     fail_at_steps: tuple[int, ...] = ()
     """Fault injection (tests): worker rank 1 (rank 0 when alone) dies once just after each of
     these steps; a marker file in the run folder makes each fire only once."""
@@ -137,10 +167,11 @@ class TrainConfig(ConfigFile):
         for key in ("batch_size", "num_workers", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
-        for key in ("epochs", "max_steps", "max_failures", "lr_rampup_images", "grad_clip"):
+        for key in ("epochs", "max_steps", "max_failures", "lr_rampup_images", "grad_clip", "validate_every_steps",
+                    "validation_slices"):
             if getattr(self, key) < 0:
                 raise ValueError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
-        for key in ("lr", "eps", "ema_half_life_images", "cpus_per_worker"):
+        for key in ("lr", "eps", "ema_half_life_images", "cpus_per_worker", "controller_poll_s"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"config key {key!r} must be > 0, got {getattr(self, key)}")
         if not all(0 <= b < 1 for b in self.betas):
@@ -151,6 +182,8 @@ class TrainConfig(ConfigFile):
             raise ValueError(f"config key 'amp' must be '', 'bf16' or 'fp16', got {self.amp!r}")
         if any(s < 1 for s in self.fail_at_steps):
             raise ValueError(f"config key 'fail_at_steps' must list steps >= 1, got {list(self.fail_at_steps)}")
+        if self.tracking and not self.experiment:
+            raise ValueError("config key 'experiment' must name an MLflow experiment (tracking is on)")
         if not self.dataset:
             raise ValueError("config key 'dataset' is required: the root of a prepared dataset (adps prepare)")
         if check_dataset:

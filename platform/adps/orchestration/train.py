@@ -17,11 +17,20 @@
   where the checkpoint was taken.
 
 Re-running with the same ``run_name`` and ``storage_path`` resumes the run (Ray Train V2 has
-no ``Trainer.restore``). Layer 3: the only module of the training path that imports Ray.
+no ``Trainer.restore``).
+
+MLflow (``tracking: true``): the driver opens the run's MLflow run before any worker starts
+(:func:`adps.orchestration.tracking.open_run`, found again by storage path + run name, so a
+restart or a resubmission continues it) and logs the config as params; rank 0 logs the
+metrics (loss, learning rate, slices/s, GPU memory) and the validation metric of the EMA model
+on a few ``val`` slices; at the end the driver registers the EMA model as
+``adps-<method>-r<R>`` (a new version; ``models:/<name>@latest`` resolves to the newest) (:func:`adps.orchestration.registry.register_model`).
+Layer 3: the only module of the training path that imports Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,10 +49,12 @@ from torch import nn
 
 from adps.nn.checkpoint import load_model, save_model
 from adps.nn.ema import EMA, unwrap_model
+from adps.nn.reconstruct import validation_nrmse
 from adps.nn.train_config import TrainConfig
 from adps.nn.train_step import build_model, train_step
 
 __all__ = [
+    "TrainedRun",
     "Trainee",
     "build_trainee",
     "load_training_checkpoint",
@@ -218,6 +229,8 @@ class WorkerContext:
     wrap: Callable[[nn.Module], nn.Module] | None = None
     fault_dir: str | None = None
     """Where fault-injection markers live (``fail_at_steps``); None disables injection."""
+    log: Callable[[dict[str, Any], int], None] | None = None
+    """Rank 0's metric logger (MLflow): ``log(metrics, step)``; None = no logging."""
 
 
 def _batches(dataset: Any, indices: list[int], batch_size: int, start: int):
@@ -233,18 +246,38 @@ def dataset_acceleration(config: TrainConfig, accelerations: list[float]) -> flo
     return accelerations[0] if config.acceleration == 1 else config.acceleration
 
 
+def validation_batch(config: TrainConfig, acceleration: float) -> dict[str, torch.Tensor] | None:
+    """The first ``validation_slices`` slices of the ``val`` split as one batch (None if the
+    split is empty or validation is off)."""
+    from adps.data.dataset import PreparedSliceDataset
+
+    if config.validation_slices < 1:
+        return None
+    dataset = PreparedSliceDataset(config.dataset, "val", acceleration=acceleration)
+    try:
+        items = [dataset[i] for i in range(min(config.validation_slices, len(dataset)))]
+    finally:
+        dataset.close()
+    if not items:
+        print(f"adps train: the dataset {config.dataset} has no val slices; no validation metric", flush=True)
+        return None
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def _gpu_memory_gb() -> dict[str, float]:
+    if not torch.cuda.is_available():
+        return {}
+    return {"gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
 def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
     """Train this worker's share until ``max_steps`` or the configured epochs; returns the final state."""
     from adps.data.dataset import PreparedSliceDataset
     from adps.data.shards import read_manifest
 
     accelerations = read_manifest(config.dataset)["config"]["accelerations"]
-    dataset = PreparedSliceDataset(
-        config.dataset,
-        config.split,
-        acceleration=dataset_acceleration(config, accelerations),
-        load_l1=config.method == "edm_l1",
-    )
+    acceleration = dataset_acceleration(config, accelerations)
+    dataset = PreparedSliceDataset(config.dataset, config.split, acceleration=acceleration, load_l1=config.method == "edm_l1")
     n = len(dataset)
     per_epoch = steps_per_epoch(n, ctx.world_size, config.batch_size)
     if per_epoch < 1:
@@ -260,6 +293,17 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
     resumed_from = None
     if ctx.checkpoint is not None:
         resumed_from = int(load_training_checkpoint(ctx.checkpoint, trainee)["step"])
+    # Rank 0 validates the EMA model; the other ranks wait for it in the next all-reduce.
+    val_batch = validation_batch(config, acceleration) if ctx.rank == 0 else None
+
+    def validate(step: int) -> dict[str, float]:
+        every = config.validate_every_steps
+        if val_batch is None or not (step == total or (every and step % every == 0)):
+            return {}
+        generator = torch.Generator().manual_seed(config.seed)  # the same noise at every validation
+        return {"val_nrmse": validation_nrmse(config.method, trainee.ema.model, val_batch, generator=generator)}
+
+    ctx_run_id = getattr(ctx.log, "run_id", None)
 
     def state(epoch: int, position: int) -> dict[str, Any]:
         return {
@@ -270,6 +314,7 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
             "world_size": ctx.world_size,
             "seed": config.seed,
             "resumed_from": resumed_from,
+            "mlflow_run_id": ctx_run_id,
             "config": config.to_dict(),
         }
 
@@ -305,7 +350,12 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
                 "slices_per_s": slices_per_s,
                 "slice_ids": [int(s) for s in batch["slice_id"]],
                 "resumed_from": resumed_from,
+                **_gpu_memory_gb(),
+                **validate(trainee.step),
             }
+            if ctx.log is not None and (trainee.step % config.log_every_steps == 0 or "val_nrmse" in metrics
+                                        or trainee.step == total):
+                ctx.log(metrics, trainee.step)
             if trainee.step % config.checkpoint_every_steps == 0 or trainee.step == total:
                 checkpoint_and_report(metrics, epoch, position)
             elif trainee.step % config.log_every_steps == 0:
@@ -341,8 +391,23 @@ def _ray_worker(payload: dict[str, Any]) -> None:
     # One intra-op thread per CPU reserved: two workers on a small node must not fight.
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))
 
+    rank = context.get_world_rank()
+    log = None
+    if rank == 0 and payload.get("mlflow_run_id"):
+        from adps.orchestration.tracking import RunLogger
+
+        log = RunLogger(config.tracking_uri, payload["mlflow_run_id"])
+
     def report(metrics: dict[str, Any], folder: str | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if folder else None)
+        persisted = ray.train.get_checkpoint() if folder and log is not None else None
+        if persisted is not None:
+            # The MLflow run records where each checkpoint went (the weights stay in the run storage).
+            try:
+                log.set_tags({"adps.checkpoint": checkpoint_uri(config.storage_path, persisted.path)})
+                log.log_metrics({"checkpoint_step": metrics["step"]}, metrics["step"])
+            except Exception as err:  # noqa: BLE001 - a tracking outage must not stop training
+                print(f"adps: warning: MLflow logging failed at step {metrics['step']}: {err}", flush=True)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -353,12 +418,13 @@ def _ray_worker(payload: dict[str, Any]) -> None:
     else:
         checkpoint_dir = None
     ctx = WorkerContext(
-        rank=context.get_world_rank(),
+        rank=rank,
         world_size=context.get_world_size(),
         report=report,
         checkpoint=checkpoint_dir,
         wrap=ray.train.torch.prepare_model,
         fault_dir=payload.get("fault_dir"),
+        log=log,
     )
     try:
         worker_loop(config, ctx)
@@ -374,14 +440,100 @@ def with_absolute_paths(config: TrainConfig) -> TrainConfig:
     return config.replace(**absolute) if absolute else config
 
 
-def train(config: TrainConfig, *, ray_address: str | None = None) -> Any:
-    """Validate ``config`` (before any worker starts), then run or resume it on Ray Train.
+@dataclass
+class TrainedRun:
+    """What :func:`train` returns: Ray's result, the MLflow run and the registered version."""
+
+    result: Any
+    """Ray's :class:`ray.train.Result` (``metrics``: the last report; ``checkpoint``: the latest)."""
+    run_id: str | None = None
+    """The MLflow run (None when ``tracking`` is off)."""
+    model_version: str | None = None
+    """The registered version of ``adps-<method>-r<R>`` (None when not registered)."""
+    model_name: str | None = None
+    tracking_uri: str | None = None
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.result.metrics
+
+    @property
+    def checkpoint(self) -> Any:
+        return self.result.checkpoint
+
+    @property
+    def error(self) -> Any:
+        return self.result.error
+
+    @property
+    def model_uri(self) -> str | None:
+        """``models:/adps-<method>-r<R>/<version>`` of the model this run registered."""
+        return f"models:/{self.model_name}/{self.model_version}" if self.model_version else None
+
+
+def _run_tags(config: TrainConfig) -> dict[str, str]:
+    from adps.orchestration.tracking import config_hash, git_commit, manifest_checksum
+
+    return {
+        "adps.method": config.method,
+        "adps.acceleration": f"{config.acceleration:g}",
+        "adps.dataset": config.dataset,
+        "adps.dataset_sha256": manifest_checksum(config.dataset),
+        "adps.git_commit": git_commit(),
+        "adps.config_hash": config_hash(config.to_dict()),
+    }
+
+
+def checkpoint_uri(storage_path: str, path: str) -> str:
+    """A checkpoint's location as users open it: Ray's ``checkpoint.path`` has no scheme
+    (``bucket/key`` on S3), so the storage's scheme is put back."""
+    return f"{storage_path.split('://')[0]}://{path}" if "://" in storage_path else path
+
+
+def _finish_tracking(config: TrainConfig, run: TrainedRun, tags: dict[str, str]) -> None:
+    """Record the final checkpoint, register the EMA model and close the MLflow run."""
+    from adps.orchestration.registry import model_name, register_model
+    from adps.orchestration.tracking import RunLogger, end_run
+
+    logger = RunLogger(run.tracking_uri, run.run_id)
+    checkpoint = run.result.checkpoint
+    where = checkpoint_uri(config.storage_path, checkpoint.path) if checkpoint is not None else ""
+    if checkpoint is not None:
+        logger.set_tags({"adps.checkpoint": where, "adps.final_step": run.metrics.get("step", "")})
+    if config.register and checkpoint is not None:
+        name = model_name(config.method, config.acceleration)
+        with checkpoint.as_directory() as folder:
+            version = register_model(
+                Path(folder) / EMA_DIR, tracking_uri=run.tracking_uri, run_id=run.run_id, name=name,
+                tags={**tags, "adps.run_name": config.resolved_run_name, "adps.checkpoint": where},
+            )
+        run.model_name, run.model_version = name, str(version.version)
+        logger.set_tags({"adps.registered_model": f"{name}/{version.version}"})
+        print(f"adps train: registered {name} version {version.version} (models:/{name}@latest)", flush=True)
+    end_run(run.tracking_uri, run.run_id, "FINISHED")
+
+
+@contextlib.contextmanager
+def _controller_poll_interval(seconds: float):
+    """Set ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` while the trainer starts its controller (Ray
+    propagates it from the driver's environment to the controller), unless the user set it."""
+    key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
+def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
+    """Validate ``config`` (before any worker starts), then run or resume it on Ray Train,
+    tracked in MLflow and registered at the end when ``tracking`` is on.
 
     ``ray_address``: the cluster to join when Ray is not initialised yet (default: RAY_ADDRESS,
     else a local instance, as ``ray.init`` decides).
-
-    Returns Ray's :class:`ray.train.Result` (``metrics``: the last report; ``checkpoint``: the
-    latest checkpoint).
     """
     config.validate()
     config = with_absolute_paths(config)
@@ -389,15 +541,29 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address)
     storage = config.storage_path or str(Path.home() / "ray_results")
     run_name = config.resolved_run_name
+    run = TrainedRun(result=None)
+    tags: dict[str, str] = {}
+    if config.tracking:
+        from adps.orchestration.tracking import open_run, resolve_tracking_uri
+
+        config = config.replace(tracking_uri=resolve_tracking_uri(config.tracking_uri))
+        tags = _run_tags(config)
+        run.tracking_uri = config.tracking_uri
+        run.run_id, resumed = open_run(
+            config.tracking_uri, config.experiment, f"{storage.rstrip('/')}/{run_name}", run_name, config.to_dict(), tags
+        )
+        print(f"adps train: MLflow run {run.run_id} ({'resumed' if resumed else 'new'}) at {config.tracking_uri}",
+              flush=True)
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address)
     local_storage = "://" not in storage
     fault_dir = str(Path(storage) / run_name) if local_storage and config.fail_at_steps else None
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"config": config.to_dict(), "fault_dir": fault_dir},
+        train_loop_config={"config": config.to_dict(), "fault_dir": fault_dir, "mlflow_run_id": run.run_id},
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
@@ -411,4 +577,17 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> Any:
             failure_config=FailureConfig(max_failures=config.max_failures),
         ),
     )
-    return trainer.fit()
+    try:
+        with _controller_poll_interval(config.controller_poll_s):
+            run.result = trainer.fit()
+        if run.result.error is not None:
+            raise run.result.error
+    except BaseException:
+        if run.run_id is not None:
+            from adps.orchestration.tracking import end_run
+
+            end_run(run.tracking_uri, run.run_id, "FAILED")
+        raise
+    if run.run_id is not None:
+        _finish_tracking(config, run, tags)
+    return run

@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# One prepared check of the GPU machine, run once from the repository root:
+#
+#     bash bench/gpu_check.sh
+#
+# The machine has torch (CUDA), numpy, h5py, scipy, scikit-image, safetensors and pytest, but
+# no Ray, MLflow or sigpy, and nothing can be installed there; everything runs with
+# PYTHONPATH=platform. In order, each with its own time limit, inside a budget of 350 s
+# (GPU_CHECK_BUDGET_S) that keeps the whole script under 6 minutes on one H100:
+#
+#   1. nvidia-smi, and the Python environment (versions; what is missing);
+#   2. the tests that use CUDA: those marked `gpu` and the CUDA cases of the tests
+#      parametrised over devices (test_train_step, test_mri_sense, test_mri_recon). Their
+#      phantoms need sigpy's birdcage_maps: where sigpy is missing, a stand-in for that one function
+#      is put on the tests' path (in a temporary folder, never in the repository);
+#   3. bench/train_scaling.py --gpu: bare train_step vs worker_loop, paper-size ambient, bf16/fp32;
+#   4. bench/train_step.py --device cuda: every method's tiny preset, and the paper-size ambient row;
+#   5. bench/operators.py --device cuda: the SENSE operators at the paper's test size.
+#
+# Every log and JSON goes under "$OUT" (./gpu_out if unset); a summary of the numbers is
+# printed at the end. The exit status is the number of failed steps (0 = all passed).
+#
+# GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at tiny sizes, with Ray, MLflow, sigpy
+# and boto3 made unimportable, to check this script where there is no GPU (PYTHON=.venv/bin/python).
+
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONPATH="$PWD/platform${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+DRY_RUN="${GPU_CHECK_DRY_RUN:-0}"
+OUT="${OUT:-./gpu_out}"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-350}))
+FAILED=()
+SUMMARY=()
+
+# run NAME LIMIT_S COMMAND...: run with a time limit (cut to the budget left), log to $OUT/NAME.log.
+run() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((DEADLINE - SECONDS))
+    if ((left < 10)); then
+        echo "=== $name: SKIPPED (time budget spent)"
+        FAILED+=("$name(skipped)")
+        SUMMARY+=("$name: skipped, no time left")
+        return
+    fi
+    ((limit > left)) && limit=$left
+    echo
+    echo "=== $name ($(date +%T), limit ${limit} s): $*"
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    local took=$((SECONDS - start))
+    echo "=== $name: exit $rc after $took s"
+    SUMMARY+=("$name: exit $rc, $took s")
+    if ((rc != 0)); then
+        FAILED+=("$name(exit $rc)")
+    fi
+}
+
+if [[ "$DRY_RUN" == 1 ]]; then
+    # The GPU machine's environment, simulated: these packages cannot be imported (a sigpy
+    # found in $SIGPY_SHIM, below, still can).
+    mkdir -p "$WORK/block"
+    cat >"$WORK/block/sitecustomize.py" <<'PYEOF'
+import importlib.machinery
+import os
+import sys
+
+BLOCKED = {"ray", "mlflow", "sigpy", "boto3", "botocore", "moto"}
+
+
+class _Blocker:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top not in BLOCKED:
+            return None
+        shim = os.environ.get("SIGPY_SHIM")
+        if top == "sigpy" and shim and importlib.machinery.PathFinder.find_spec(top, [shim]):
+            return None  # the shim, found on PYTHONPATH as usual
+        raise ModuleNotFoundError(f"No module named {name!r} (blocked: GPU_CHECK_DRY_RUN)", name=name)
+
+
+sys.meta_path.insert(0, _Blocker())
+PYEOF
+    export PYTHONPATH="$WORK/block:$PYTHONPATH"
+    DEVICE=cpu
+    SCALING_ARGS=(--gpu --device cpu --preset tiny --height 48 --width 40 --coils 2 --slices 4 --batch-size 2
+                  --steps 2 --warmup 1)
+    TRAIN_STEP_ARGS=(--device cpu --methods ambient modl --height 32 --width 40 --coils 2 --warmup 1 --repeats 2)
+    OPERATORS_ARGS=(--device cpu --slices 2 --coils 3 --height 32 --width 40 --acceleration 1 --warmup 1 --repeats 2)
+    PYTEST_K="cuda or gpu or bf16_autocast"  # the last one uses the phantoms (the sigpy shim) on the CPU
+    echo "GPU_CHECK_DRY_RUN=1: CPU, tiny sizes, Ray/MLflow/sigpy/boto3 blocked"
+else
+    DEVICE=cuda
+    SCALING_ARGS=(--gpu --warmup 5 --steps 20)
+    TRAIN_STEP_ARGS=(--device cuda --warmup 2 --repeats 5)
+    OPERATORS_ARGS=(--device cuda)
+    PYTEST_K="cuda or gpu"
+fi
+
+echo "gpu_check: $(date -u +%FT%TZ), repository $PWD ($(git rev-parse --short HEAD 2>/dev/null || echo 'no git')), output $OUT"
+
+# 1. The machine ---------------------------------------------------------------------------------
+if command -v nvidia-smi >/dev/null; then
+    run nvidia-smi 30 nvidia-smi
+elif [[ "$DRY_RUN" == 1 ]]; then
+    echo "(no nvidia-smi: dry run)"
+else
+    echo "=== nvidia-smi: not found"
+    FAILED+=("nvidia-smi(missing)")
+fi
+run environment 60 "$PY" - <<'PYEOF'
+import importlib
+import sys
+
+import torch
+
+print("python", sys.version.split()[0], sys.executable)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", torch.cuda.get_device_name(0), f"{p.total_memory / 2**30:.1f} GiB,", p.multi_processor_count, "SMs")
+    print("cudnn", torch.backends.cudnn.version(), "allow_tf32: cudnn", torch.backends.cudnn.allow_tf32,
+          "matmul", torch.backends.cuda.matmul.allow_tf32)
+for name in ("numpy", "scipy", "h5py", "safetensors", "skimage", "yaml", "pytest", "ray", "mlflow", "sigpy", "boto3"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name:12s}", getattr(module, "__version__", "present"))
+    except ImportError:
+        print(f"{name:12s} MISSING")
+import adps.orchestration.train  # noqa: F401,E402 - the GPU benchmark's imports, without Ray/MLflow
+print("adps imports: ok", sorted(m for m in ("ray", "mlflow", "sigpy") if m in sys.modules) or "(no ray/mlflow/sigpy)")
+PYEOF
+
+# 2. Tests that use CUDA -----------------------------------------------------------------------------
+TEST_PATH="$PYTHONPATH"
+if ! "$PY" -c "import sigpy.mri" 2>/dev/null; then
+    # A stand-in for sigpy.mri.birdcage_maps (the 2-D case adps uses), for the tests'
+    # synthetic phantoms only: the same physical model, written here.
+    mkdir -p "$WORK/shim/sigpy"
+    echo '"""Stand-in for sigpy: birdcage_maps only (bench/gpu_check.sh)."""' >"$WORK/shim/sigpy/__init__.py"
+    echo 'from . import mri  # noqa: F401' >>"$WORK/shim/sigpy/__init__.py"
+    cat >"$WORK/shim/sigpy/mri.py" <<'PYEOF'
+"""Birdcage coil maps, (coils, ny, nx) only: coils evenly spaced on a circle of radius ``r``
+(in units of the half field of view), each with magnitude 1 / distance and a phase that turns
+with the angle around it, normalised to a root-sum-of-squares of 1."""
+import numpy as np
+
+
+def birdcage_maps(shape, r=1.5, nzz=8, dtype=np.complex128):
+    if len(shape) != 3:
+        raise NotImplementedError("this stand-in covers (coils, ny, nx) only")
+    n_coils, ny, nx = shape
+    angle = (2 * np.pi / n_coils) * np.arange(n_coils)[:, None, None]
+    y = (np.arange(ny)[None, :, None] - ny / 2.0) / (ny / 2.0)
+    x = (np.arange(nx)[None, None, :] - nx / 2.0) / (nx / 2.0)
+    dx, dy = x - r * np.cos(angle), y - r * np.sin(angle)
+    field = np.exp(1j * (np.arctan2(dx, -dy) - angle)) / np.hypot(dx, dy)
+    return (field / np.sqrt(np.sum(np.abs(field) ** 2, axis=0))).astype(dtype)
+PYEOF
+    TEST_PATH="$WORK/shim:$PYTHONPATH"
+    export SIGPY_SHIM="$WORK/shim"
+    echo "(sigpy missing: the tests' phantoms use a stand-in birdcage_maps from $WORK/shim)"
+fi
+run tests 150 env PYTHONPATH="$TEST_PATH" "$PY" -m pytest -p no:cacheprovider -q -k "$PYTEST_K" \
+    --junitxml="$OUT/tests.xml" tests/test_train_step.py tests/test_mri_sense.py tests/test_mri_recon.py
+
+# 3-5. Benchmarks ------------------------------------------------------------------------------------
+run train_scaling 240 "$PY" bench/train_scaling.py "${SCALING_ARGS[@]}" --json "$OUT/train_scaling.json"
+run train_step 120 "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}"
+grep '^{' "$OUT/train_step.log" >"$OUT/train_step.jsonl" 2>/dev/null
+run operators 60 "$PY" bench/operators.py "${OPERATORS_ARGS[@]}"
+grep '^{' "$OUT/operators.log" >"$OUT/operators.jsonl" 2>/dev/null
+
+# Summary ----------------------------------------------------------------------------------------
+echo
+echo "=== summary (device $DEVICE, $SECONDS s in all)"
+printf '  %s\n' "${SUMMARY[@]}"
+"$PY" - "$OUT" <<'PYEOF'
+import json
+import sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+
+
+def rows(name):
+    path = out / name
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    return json.loads(text)["rows"] if name.endswith(".json") else [json.loads(line) for line in text.splitlines() if line]
+
+
+for r in rows("train_scaling.json"):
+    if r.get("error"):
+        print(f"train_scaling  {r['name']:22s} {r['amp']:5s} FAILED: {r['error']}")
+    else:
+        memory = f"{r['peak_memory_gb']:.1f} GB" if r.get("peak_memory_gb") is not None else "-"
+        ratio = f"{r['vs_bare']:.2f}" if r.get("vs_bare") is not None else "-"
+        print(f"train_scaling  {r['name']:22s} {r['amp']:5s} {r['median_ms']:9.1f} ms/step {r['slices_per_s']:8.2f} "
+              f"slices/s  vs bare {ratio}  peak {memory}")
+for r in rows("train_step.jsonl"):
+    print(f"train_step     {r['method']:8s} {r['preset']:8s} {r['batch']}x{r['height']}x{r['width']} amp {r['amp']}: "
+          f"{r['median_ms']:9.1f} ms {r['slices_per_s']:8.2f} slices/s peak {r['peak_memory_gb']:.1f} GB")
+for r in rows("operators.jsonl"):
+    print(f"operators      {r['operation']:42s} {r['median_ms']:9.3f} ms  {r['shape']}")
+PYEOF
+if ((${#FAILED[@]})); then
+    echo "FAILED: ${FAILED[*]}"
+else
+    echo "all steps passed"
+fi
+exit "${#FAILED[@]}"

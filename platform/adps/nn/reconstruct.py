@@ -1,0 +1,276 @@
+"""One-pass reconstructions and the periodic validation metric of every method.
+
+Layer 2 (no Ray, no MLflow): plain torch on top of :mod:`adps.mri`, :mod:`adps.metrics` and
+the networks of :mod:`adps.nn`. Each function calls its model exactly as the training loss
+of its method does (:mod:`adps.nn.train_step`, :mod:`adps.nn.objectives`), so that a trained
+model is used in-distribution:
+
+* ``ambient``: A-OS (METHOD.md "Samplers"), one call ``D([A^H y, mask], sigma = 0.003)``,
+  the input built by :func:`~adps.nn.objectives.ambient_network_input` as in
+  :func:`~adps.nn.objectives.ambient_loss`;
+* ``modl``, ``ssdu``: the unrolled network on the measured k-space ``P y`` (SSDU
+  reconstructs from every acquired column: the Theta/Lambda split exists only in training);
+* ``edm``, ``edm_l1``, ``ncsnv2``: priors. They reconstruct only through posterior sampling
+  (DPS, ALD), which is not one pass; :func:`denoise_once` is their cheap validation proxy.
+
+Every function runs under ``torch.no_grad`` with the model in eval mode (dropout off: a
+reconstruction must not be random), restoring each submodule's train/eval flag afterwards.
+Inputs are moved to the model's device and results stay there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from adps.metrics import nrmse
+from adps.mri import SenseOperator
+
+from .ema import unwrap_model
+from .modl import MoDL
+from .ncsnv2 import NCSNv2
+from .objectives import ambient_network_input, channels_to_complex, complex_to_channels, sample_noise
+from .precond import EDMPrecond
+from .train_step import METHODS
+
+__all__ = ["a_os", "denoise_once", "reconstruct", "unrolled", "validation_nrmse"]
+
+# Methods whose model is a prior D(x, sigma): no one-pass reconstruction exists for them.
+PRIOR_METHODS = ("edm", "edm_l1", "ncsnv2")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+@contextlib.contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd for the block; every submodule's own flag restored after.
+
+    Per-submodule flags, not one ``model.train(was_training)``: a caller may hold parts of
+    a model in eval on purpose, and a blanket ``train()`` would undo that.
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _measured(kspace: Tensor, mask: Tensor) -> Tensor:
+    """``P y``: ``kspace`` with the columns outside ``mask`` zeroed, as the losses do it.
+
+    ``where`` rather than a product, so a NaN/Inf in an unmeasured column cannot leak in.
+    """
+    columns = mask.to(device=kspace.device, dtype=torch.bool)
+    columns = columns[None, None, None, :] if columns.ndim == 1 else columns[:, None, None, :]
+    return torch.where(columns, kspace, kspace.new_zeros(()))
+
+
+def _check_acquisition(kspace: Tensor, maps: Tensor, mask: Tensor) -> None:
+    if not kspace.is_complex() or kspace.ndim != 4:
+        raise ValueError(f"kspace: expected complex (N, C, H, W), got {tuple(kspace.shape)} {kspace.dtype}")
+    if kspace.shape != maps.shape:
+        raise ValueError(f"kspace shape {tuple(kspace.shape)} differs from maps shape {tuple(maps.shape)}")
+    if mask.ndim not in (1, 2) or mask.shape[-1] != kspace.shape[-1]:
+        raise ValueError(f"mask: expected (N, W) or (W,) with W = {kspace.shape[-1]}, got {tuple(mask.shape)}")
+
+
+def _core_of_type(model: nn.Module, kind: type[nn.Module] | tuple[type[nn.Module], ...], what: str) -> nn.Module:
+    """The model under DDP / compile wrappers, checked to be a ``kind``."""
+    core = unwrap_model(model)
+    if not isinstance(core, kind):
+        raise TypeError(f"{what}: expected {_names(kind)}, got {type(core).__name__}")
+    return core
+
+
+def _names(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+# ------------------------------------------------------------------------------ reconstructors
+
+
+def a_os(model: nn.Module, kspace: Tensor, maps: Tensor, mask: Tensor, *, sigma: float = 0.003) -> Tensor:
+    """Ambient One-Step (A-OS): one call ``D([A^H y, mask], sigma)`` (METHOD.md "Samplers").
+
+    The input is built exactly as :func:`~adps.nn.objectives.ambient_loss` builds it in
+    training, ``ambient_network_input(A~^H y~, mask~)``, here with the acquisition's own
+    mask in the place of ``A~`` and no added noise (``sigma`` = 0.003 tells the network the
+    input is almost clean). It is in-distribution only when the acquisition is at about the
+    training acceleration (METHOD.md: R_inf = R_train).
+
+    Args:
+        model: the ambient denoiser, ``D(x, sigma, cond=...)`` (EDMPrecond of the ``ambient``
+            UNet; a DDP / compiled wrapper is fine).
+        kspace: multi-coil k-space ``(N, C, H, W)`` complex, fully sampled or already masked:
+            only the columns in ``mask`` are used.
+        maps: coil maps ``(N, C, H, W)`` complex.
+        mask: acquired columns ``(N, W)`` bool (or ``(W,)`` shared by the batch).
+        sigma: the noise level the network is told (upstream: 0.003).
+
+    Returns:
+        The complex image ``(N, H, W)`` (complex64) on the model's device.
+    """
+    _check_acquisition(kspace, maps, mask)
+    device = _device(model)
+    kspace, maps, mask = kspace.to(device), maps.to(device), mask.to(device, torch.bool)
+    op = SenseOperator(maps, mask)
+    net_x, net_cond = ambient_network_input(op.adjoint(_measured(kspace, mask)), mask)
+    sigmas = torch.full((maps.shape[0],), float(sigma), dtype=torch.float32, device=device)
+    with _inference(model):
+        return channels_to_complex(model(net_x, sigmas, cond=net_cond))
+
+
+def unrolled(model: nn.Module, kspace: Tensor, maps: Tensor, mask: Tensor) -> Tensor:
+    """The MoDL / SSDU unrolled network on the measured k-space ``P y``, as in training.
+
+    Args:
+        model: a :class:`~adps.nn.modl.MoDL` (DDP / compiled wrappers are fine).
+        kspace: multi-coil k-space ``(N, C, H, W)``, fully sampled or already masked.
+        maps: coil maps ``(N, C, H, W)``.
+        mask: acquired columns ``(N, W)`` bool (or ``(W,)``); for SSDU all of them (the
+            Theta/Lambda split is a training device only).
+
+    Returns:
+        The complex image ``(N, H, W)`` on the model's device.
+    """
+    _check_acquisition(kspace, maps, mask)
+    _core_of_type(model, MoDL, "unrolled")
+    device = _device(model)
+    kspace, maps, mask = kspace.to(device), maps.to(device), mask.to(device, torch.bool)
+    with _inference(model):
+        return model(_measured(kspace, mask), maps, mask)
+
+
+def denoise_once(model: nn.Module, image: Tensor, sigma: float, *, generator: torch.Generator | None = None) -> Tensor:
+    """Add Gaussian noise of level ``sigma`` to ``image`` and return the model's denoised estimate.
+
+    * EDM family (``edm``, ``edm_l1``: :class:`~adps.nn.precond.EDMPrecond`): ``D(x + sigma n,
+      sigma)``, called as :func:`~adps.nn.objectives.edm_loss` calls it.
+    * NCSNv2: Tweedie's formula ``x~ + sigma^2 s(x~, sigma)``. The network is trained on a
+      discrete set of levels only (:meth:`NCSNv2.sigmas`), so ``sigma`` is first snapped to
+      the nearest one (in log scale) and both the noise and the score use that level: the
+      formula is exact only when the level in it is the level of the noise. With the paper's
+      2,311 levels the snap moves sigma by less than 0.3 %.
+
+    The noise is complex, independent ``N(0, 1)`` real and imaginary parts times sigma
+    (white on the ``[Re, Im]`` channels, as in training).
+
+    Args:
+        model: an EDMPrecond with 2 input channels or an NCSNv2 (wrappers are fine).
+        image: clean complex images ``(N, H, W)``.
+        sigma: noise level (> 0), on the scale of the data.
+        generator: source of the noise (reproducible with a seed); None = the global RNG.
+
+    Returns:
+        The denoised complex image ``(N, H, W)`` (complex64) on the model's device.
+    """
+    if not sigma > 0:
+        raise ValueError(f"denoise_once: sigma must be > 0, got {sigma}")
+    core = _core_of_type(model, (EDMPrecond, NCSNv2), "denoise_once")
+    image = image.to(_device(model), torch.complex64)
+    if isinstance(core, NCSNv2):
+        sigma = _nearest_level(core, sigma)
+    noisy = complex_to_channels(image + sigma * sample_noise(image, generator))
+    sigmas = torch.full((image.shape[0],), float(sigma), dtype=torch.float32, device=image.device)
+    with _inference(model):
+        if isinstance(core, NCSNv2):
+            return channels_to_complex(noisy + sigma**2 * model(noisy, sigmas).float())
+        return channels_to_complex(model(noisy, sigmas))
+
+
+def _nearest_level(model: NCSNv2, sigma: float) -> float:
+    """The trained NCSNv2 noise level nearest to ``sigma`` in log scale (levels are geometric)."""
+    levels = model.sigmas().double()
+    index = int((levels.log() - torch.log(torch.tensor(float(sigma), dtype=torch.float64))).abs().argmin())
+    return float(levels[index])
+
+
+def reconstruct(method: str, model: nn.Module, kspace: Tensor, maps: Tensor, mask: Tensor, **options: Any) -> Tensor:
+    """The one-pass reconstruction of ``method``: ``ambient`` -> :func:`a_os`, ``modl`` /
+    ``ssdu`` -> :func:`unrolled`; ``options`` go to that function (e.g. ``sigma`` of A-OS).
+
+    Raises:
+        ValueError: for the priors (``edm``, ``edm_l1``, ``ncsnv2``), which reconstruct only
+            by posterior sampling, and for an unknown method.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if method in PRIOR_METHODS:
+        raise ValueError(
+            f"{method!r} is a prior (a denoiser of images, it never sees k-space): reconstructing with it "
+            "needs posterior sampling (DPS, or ALD for ncsnv2), which is not a one-pass reconstruction; "
+            "one-pass methods: ambient (A-OS), modl, ssdu"
+        )
+    if method == "ambient":
+        return a_os(model, kspace, maps, mask, **options)
+    return unrolled(model, kspace, maps, mask, **options)
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def validation_nrmse(
+    method: str,
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    *,
+    sigma_denoise: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> float:
+    """The periodic validation metric of training: mean per-slice NRMSE against ``reference``.
+
+    On magnitude images as :func:`adps.metrics.nrmse` defines it, one value per slice, then
+    the mean over the batch:
+
+    * ``ambient``: the A-OS reconstruction from ``kspace`` at the batch's ``mask`` (R_train,
+      where A-OS is in-distribution). The reference is used only here, never in training.
+    * ``modl``, ``ssdu``: the unrolled reconstruction at ``mask``.
+    * ``edm``, ``edm_l1``, ``ncsnv2``: priors have no one-pass reconstruction, so the proxy
+      is one denoising step of the reference, :func:`denoise_once` at ``sigma_denoise``.
+      ``edm_l1`` is also scored on the reference (not on its ``l1`` training images): as a
+      DPS prior it must denoise real images.
+
+    ``sigma_denoise = 0.1``, on the data's scale: the prepared k-space is divided by the 99th
+    percentile of the low-resolution RSS image (``adps.data.preprocess``, METHOD.md "Data"),
+    so bright tissue has magnitude about 1 and ``sigma_data`` is 0.5. 0.1 is then about 10 %
+    of the tissue level per real channel: well inside EDM's training range (``ln sigma ~
+    N(-1.2, 1.2^2)``, median 0.30) and NCSNv2's levels (0.0066 to 232), noisy enough that the
+    noisy input itself scores clearly worse than a good denoiser, not so noisy that the score
+    only measures blur.
+
+    Args:
+        method: one of :data:`~adps.nn.train_step.METHODS`.
+        model: the method's network (a DDP or compiled wrapper is unwrapped: a DDP forward
+            would start collectives that only this rank may be running).
+        batch: the prepared dataset's dict (``kspace`` fully sampled, ``maps``, ``reference``,
+            ``mask`` at R_train, ...; see :mod:`adps.nn.train_step`).
+        sigma_denoise: noise level of the priors' denoising proxy.
+        generator: source of that noise (reproducible with a seed).
+
+    Returns:
+        The mean NRMSE over the batch's slices. The model's train/eval flags are unchanged.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    core = unwrap_model(model)
+    reference = batch["reference"].to(_device(core))
+    if method == "ambient":
+        estimate = a_os(core, batch["kspace"], batch["maps"], batch["mask"])
+    elif method in ("modl", "ssdu"):
+        estimate = unrolled(core, batch["kspace"], batch["maps"], batch["mask"])
+    else:
+        estimate = denoise_once(core, reference, sigma_denoise, generator=generator)
+    return float(nrmse(reference, estimate).mean())

@@ -1,0 +1,255 @@
+"""The MLflow model registry: registering trained networks and pulling them back.
+
+A registered model ``adps-<method>-r<R>`` is an MLflow *pyfunc* model logged "from code"
+(:mod:`adps.orchestration.pyfunc_model`): its artifacts are the network's safetensors weights
+and JSON config (:func:`adps.nn.checkpoint.save_model`), so loading it never unpickles
+anything, and its ``predict`` reconstructs slices:
+
+* ``ambient``: A-OS, one call of the denoiser on ``[A^H y, mask]`` at sigma 0.003;
+* ``modl`` / ``ssdu``: the unrolled network;
+* ``edm`` / ``edm_l1`` / ``ncsnv2`` are priors: they reconstruct only through posterior
+  sampling, which ``predict`` refuses with a clear message until the samplers land.
+
+``predict`` takes a dict of arrays (what ``mlflow models serve`` parses from
+``{"inputs": {...}}``): ``kspace`` ``(N, C, H, W, 2)`` and ``maps`` ``(N, C, H, W, 2)`` float32
+with ``[real, imag]`` on the last axis (JSON has no complex numbers), ``mask`` ``(N, W)`` bool;
+it returns the image ``(N, H, W, 2)`` float32. :func:`to_model_input` and
+:func:`image_from_output` convert from and to complex tensors.
+
+Users pull a ready network with :func:`load_model` (also ``adps.load_model``)::
+
+    net = adps.load_model("models:/adps-ambient-r4@latest")
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ALIAS",
+    "PYFUNC_FILE",
+    "WEIGHTS_ARTIFACT",
+    "image_from_output",
+    "load_model",
+    "model_name",
+    "pip_requirements",
+    "predict_arrays",
+    "register_model",
+    "to_model_input",
+]
+
+ALIAS = "latest"
+"""How users address the newest version: ``models:/adps-ambient-r4@latest``. MLflow 3 reserves
+this alias and resolves it itself to the highest version number, so it is never set (setting it
+is refused); :func:`register_model` sets only other aliases."""
+WEIGHTS_ARTIFACT = "weights"
+"""Name of the pyfunc artifact holding the safetensors weights and config.json."""
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+A_OS_SIGMA = 0.003
+"""METHOD.md: A-OS denoises once at sigma = 0.003."""
+
+
+def model_name(method: str, acceleration: float) -> str:
+    """The registry name of a training run's model: ``adps-<method>-r<R>``."""
+    return f"adps-{method}-r{acceleration:g}"
+
+
+def pip_requirements() -> list[str]:
+    """The serving environment: pinned to the versions this process runs (inferring them
+    costs MLflow 15-20 s per model)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "numpy", "safetensors", "mlflow", "h5py")]
+
+
+# Input and output conversion -------------------------------------------------------------------
+def _pairs(array: Any) -> np.ndarray:
+    array = torch.as_tensor(array).detach().cpu()
+    if not array.is_complex():
+        raise ValueError(f"expected a complex array, got {array.dtype}")
+    return torch.view_as_real(array.to(torch.complex64).resolve_conj()).numpy()
+
+
+def to_model_input(kspace: Any, maps: Any, mask: Any) -> dict[str, np.ndarray]:
+    """``predict``'s input from complex k-space ``(N, C, H, W)``, complex maps ``(N, C, H, W)``
+    and a column mask ``(N, W)`` (tensors or arrays)."""
+    return {
+        "kspace": _pairs(kspace),
+        "maps": _pairs(maps),
+        "mask": torch.as_tensor(mask).detach().cpu().to(torch.bool).numpy(),
+    }
+
+
+def image_from_output(output: Any) -> Tensor:
+    """The complex image ``(N, H, W)`` from ``predict``'s ``(N, H, W, 2)`` output."""
+    return torch.view_as_complex(torch.as_tensor(np.ascontiguousarray(output), dtype=torch.float32))
+
+
+def _complex_input(inputs: Mapping[str, Any], key: str, ndim: int) -> Tensor:
+    if key not in inputs:
+        raise ValueError(f"predict: input {key!r} missing; expected keys kspace, maps, mask")
+    value = torch.as_tensor(np.asarray(inputs[key]))
+    if value.is_complex():
+        value = value.to(torch.complex64)
+    elif value.ndim == ndim + 1 and value.shape[-1] == 2:
+        value = torch.view_as_complex(value.to(torch.float32).contiguous())
+    else:
+        raise ValueError(
+            f"predict: input {key!r} must be complex with {ndim} axes or float with {ndim + 1} axes ending in "
+            f"[real, imag], got shape {tuple(value.shape)} and dtype {value.dtype}"
+        )
+    if value.ndim != ndim:
+        raise ValueError(f"predict: input {key!r} must have {ndim} axes (N, C, H, W), got shape {tuple(value.shape)}")
+    return value
+
+
+def predict_arrays(method: str, model: nn.Module, inputs: Mapping[str, Any], *, sigma: float = A_OS_SIGMA) -> np.ndarray:
+    """Reconstruct the slices of ``inputs`` (see the module docstring) with ``model``.
+
+    Returns the image ``(N, H, W, 2)`` float32 ``[real, imag]``.
+    """
+    from adps.nn.reconstruct import a_os, reconstruct
+
+    kspace = _complex_input(inputs, "kspace", 4)
+    maps = _complex_input(inputs, "maps", 4)
+    if "mask" not in inputs:
+        raise ValueError("predict: input 'mask' missing; expected keys kspace, maps, mask")
+    mask = torch.as_tensor(np.asarray(inputs["mask"])).to(torch.bool)
+    if mask.ndim == 1:
+        mask = mask.expand(kspace.shape[0], -1)
+    if maps.shape != kspace.shape or mask.shape != (kspace.shape[0], kspace.shape[-1]):
+        raise ValueError(
+            f"predict: shapes do not agree: kspace {tuple(kspace.shape)}, maps {tuple(maps.shape)} (same as kspace), "
+            f"mask {tuple(mask.shape)} (expected (N, W) = ({kspace.shape[0]}, {kspace.shape[-1]}))"
+        )
+    device = next(model.parameters()).device
+    kspace, maps, mask = kspace.to(device), maps.to(device), mask.to(device)
+    with torch.no_grad():
+        if method == "ambient":
+            image = a_os(model, kspace, maps, mask, sigma=sigma)
+        else:
+            image = reconstruct(method, model, kspace, maps, mask)
+    return torch.view_as_real(image.detach().to("cpu", torch.complex64)).numpy()
+
+
+# Registration --------------------------------------------------------------------------------
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([
+            TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1, 2), "kspace"),
+            TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1, 2), "maps"),
+            TensorSpec(np.dtype(np.bool_), (-1, -1), "mask"),
+        ]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 2), "image")]),
+        params=ParamSchema([ParamSpec("sigma", "double", A_OS_SIGMA)]),
+    )
+
+
+def register_model(
+    weights_dir: str | Path,
+    *,
+    tracking_uri: str,
+    run_id: str,
+    name: str,
+    tags: Mapping[str, str] | None = None,
+    alias: str | None = None,
+) -> Any:
+    """Log the network in ``weights_dir`` (a :func:`~adps.nn.checkpoint.save_model` folder) as a
+    pyfunc model of run ``run_id``, register it as ``name`` (a new version, which
+    ``models:/<name>@latest`` then resolves to), tag it and point ``alias`` (if any, other than
+    ``latest``) at it; returns the :class:`mlflow.entities.model_registry.ModelVersion`.
+
+    The adps package travels with the model (``code_paths``), so a serving machine needs only
+    the pinned :func:`pip_requirements`.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="adps-register-") as tmp:
+        # Only the package's sources travel (no caches or editable-install leftovers).
+        code = Path(tmp) / "adps"
+        shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # MLflow keeps an artifact folder's own name: copied to ``weights`` it lands at the fixed
+        # ``artifacts/weights`` that load_model looks for, whatever the checkpoint calls it.
+        weights = Path(tmp) / WEIGHTS_ARTIFACT
+        shutil.copytree(weights_dir, weights)
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # MLflow suggests type hints and an input example; the explicit tensor signature
+            # below replaces both (an example would be run through predict, which the priors refuse).
+            warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_FILE),
+                artifacts={WEIGHTS_ARTIFACT: str(weights)},
+                code_paths=[str(code)],
+                pip_requirements=pip_requirements(),
+                signature=_signature(),
+                registered_model_name=name,
+                await_registration_for=60,
+            )
+    version = str(info.registered_model_version)
+    if alias and alias.lower() != ALIAS:
+        client.set_registered_model_alias(name, alias, version)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(name, version, key, value)
+    return client.get_model_version(name, version)
+
+
+# Loading -------------------------------------------------------------------------------------
+def _weights_folder(local: Path) -> Path:
+    """The save_model folder inside a downloaded pyfunc model (or ``local`` itself)."""
+    if (local / "config.json").is_file():
+        return local
+    candidate = local / "artifacts" / WEIGHTS_ARTIFACT
+    if (candidate / "config.json").is_file():
+        return candidate
+    raise FileNotFoundError(
+        f"{local}: neither an adps model folder (config.json + weights.safetensors) nor an adps pyfunc model "
+        f"(artifacts/{WEIGHTS_ARTIFACT}/)"
+    )
+
+
+def load_model(
+    uri: str | Path, *, device: str | torch.device = "cpu", tracking_uri: str | None = None, with_config: bool = False
+) -> nn.Module | tuple[nn.Module, dict[str, Any]]:
+    """A ready network (eval mode, on ``device``) from the registry or a folder.
+
+    Args:
+        uri: ``models:/adps-ambient-r4@latest``, ``models:/<name>/<version>``, ``runs:/<id>/model``,
+            any MLflow artifact URI, or a local folder (a pyfunc model or a save_model folder).
+        device: where the network goes.
+        tracking_uri: the MLflow server or store (default: MLflow's, i.e. ``$MLFLOW_TRACKING_URI``).
+        with_config: also return the model's config (method, R, preset, architecture, ...).
+    """
+    from adps.nn.checkpoint import load_model as load_folder
+
+    text = str(uri)
+    if Path(text).exists():
+        model, config = load_folder(_weights_folder(Path(text)), device=device)
+    else:
+        import mlflow
+
+        if "://" not in text and not text.startswith(("models:/", "runs:/")):
+            raise FileNotFoundError(f"{text}: no such folder, and not a models:/ or runs:/ URI")
+        with tempfile.TemporaryDirectory(prefix="adps-model-") as tmp:
+            try:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=tmp, tracking_uri=tracking_uri)
+            except mlflow.exceptions.MlflowException as err:
+                raise FileNotFoundError(f"{text}: cannot download the model: {err.message}") from err
+            model, config = load_folder(_weights_folder(Path(local)), device=device)
+    return (model, config) if with_config else model
