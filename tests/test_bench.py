@@ -93,3 +93,24 @@ def test_train_scaling_gpu_mode_needs_no_ray_mlflow_or_sigpy(tmp_path: Path) -> 
         ("bare", "bf16"), ("loop", "bf16"), ("bare", "fp32"), ("loop", "fp32")]
     assert all(row["error"] is None and row["slices_per_s"] > 0 for row in data["rows"])
     assert "worker_loop, no Ray" in result.stdout
+
+
+def test_sample_speed_bench_prints_json_lines(tmp_path: Path) -> None:
+    """The CPU case of bench/sample_speed.py at a tiny size and a few steps: one JSON line per
+    batch size, with the device name and a finite seconds-per-slice, and the --json file."""
+    out = tmp_path / "sample_speed.json"
+    result = subprocess.run(
+        [sys.executable, "bench/sample_speed.py", "--device", "cpu", "--batches", "1", "2", "--height", "16",
+         "--width", "16", "--coils", "2", "--steps", "10", "--warmup", "1", "--timed-steps", "2", "--threads", "1",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["batch"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["device"].startswith("cpu") and row["sampler"] == "a_dps" and row["error"] is None
+        assert row["steps"] == 10 and row["measured_steps"] == 2 and row["finite"]
+        assert row["s_per_slice"] > 0 and row["median_step_ms"] > 0
+    assert "s/slice" in result.stderr  # the table
+    assert json.loads(out.read_text())["rows"] == rows

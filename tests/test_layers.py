@@ -20,6 +20,8 @@ LAYERS = {
     "mri": 1,
     "data": 1,
     "metrics": 2,
+    "perceptual": 2,  # LPIPS and FID; local weights only, no download
+    "crossover": 2,  # the cross-over analysis of a results table (numpy only)
     "nn": 2,
     "orchestration": 3,
     "cli": 4,

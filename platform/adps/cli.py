@@ -105,6 +105,37 @@ def _sweep(args: argparse.Namespace) -> int:
     return 1 if any(row.status == "failed" for row in rows) else 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from adps.nn.train_config import parse_overrides  # deferred: keeps `adps --help` fast
+    from adps.orchestration.evaluate import EvaluateConfig, evaluate
+
+    overrides = parse_overrides(args.set or [])
+    config = EvaluateConfig.from_yaml(args.config, overrides) if args.config else EvaluateConfig.from_dict(overrides)
+    config.validate()
+    print("adps evaluate: config\n" + config.to_yaml(), flush=True)
+    result = evaluate(config, ray_address=args.address)
+    from adps.orchestration.evaluate import format_crossover, format_results
+
+    print("adps evaluate: " + format_results(result["rows"]))
+    print("adps evaluate: cross-over against " + config.reference + "\n" + format_crossover(result["crossover"]))
+    print(f"adps evaluate: {len(result['rows'])} rows in {result['output']}; MLflow run {result['run_id']}")
+    return 0
+
+
+def _fid(args: argparse.Namespace) -> int:
+    from adps.nn.train_config import parse_overrides  # deferred: keeps `adps --help` fast
+    from adps.orchestration.fid import FidConfig, format_fid_table, run_fid
+
+    overrides = parse_overrides(args.set or [])
+    config = FidConfig.from_yaml(args.config, overrides) if args.config else FidConfig.from_dict(overrides)
+    config.validate()
+    print("adps fid: config\n" + config.to_yaml(), flush=True)
+    result = run_fid(config, ray_address=args.address)
+    print("adps fid: FID of unconditional samples (table 1)\n" + format_fid_table(result["rows"]))
+    print(f"adps fid: MLflow run {result['run_id']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adps",
@@ -177,6 +208,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="runs at a time (default: as many as the cluster's GPUs, or CPUs, hold)")
     sweep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
     sweep.set_defaults(handler=_sweep)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="reconstruct the test slices with every model at every R_inf; metrics, figures, cross-over"
+    )
+    evaluate.add_argument("--config", type=Path, help="YAML file of EvaluateConfig keys")
+    evaluate.add_argument(
+        "--set", action="append", metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set models=adps-ambient-r4,adps-edm-r1 --set slices=8",
+    )
+    evaluate.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
+    evaluate.set_defaults(handler=_evaluate)
+
+    fid = commands.add_parser("fid", help="unconditional samples and FID of each diffusion model (paper table 1)")
+    fid.add_argument("--config", type=Path, help="YAML file of FidConfig keys")
+    fid.add_argument(
+        "--set", action="append", metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set models=adps-edm-r1,adps-ncsnv2-r1 --set samples=100",
+    )
+    fid.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
+    fid.set_defaults(handler=_fid)
     return parser
 
 

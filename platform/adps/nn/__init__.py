@@ -1,6 +1,8 @@
 """Networks, objectives and the training step (no Ray, no MLflow): the gated DDPM++ U-Net,
 EDM preconditioning, NCSNv2 and MoDL, the losses of every method, the weight EMA, the
-safetensors checkpoint format and one training step per method."""
+safetensors checkpoint format, one training step per method, and the samplers
+(:mod:`adps.nn.samplers`; ``a_os`` / ``unrolled`` here are the one-pass reconstructions of
+:mod:`adps.nn.reconstruct`, their shared-signature forms are ``samplers.a_os`` / ``samplers.unrolled``)."""
 
 from .checkpoint import load_model, save_model
 from .ema import EMA, ema_beta
@@ -24,17 +26,39 @@ from .objectives import (
 )
 from .precond import EDMCoefficients, EDMPrecond, edm_coefficients
 from .reconstruct import a_os, denoise_once, reconstruct, unrolled, validation_nrmse
+from .samplers import (
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    METHOD_SAMPLERS,
+    SAMPLER_DEFAULTS,
+    SAMPLERS,
+    a_dps,
+    ald,
+    default_sigmas,
+    dps,
+    l1_wavelet,
+    prior_heun,
+    run_sampler,
+    sampler_for,
+    train_masks,
+)
+from .schedules import ald_sigmas, edm_sigmas, geometric_sigmas
 from .train_step import BATCH_KEYS, METHODS, PAPER_PRESETS, build_model, make_synthetic_batch, method_loss, train_step
 from .unet import PRESETS, GatedConv2d, SongUNet, UNetConfig, build_unet, count_parameters
 
 __all__ = [
     "BATCH_KEYS",
+    "DEFAULT_SAMPLER",
+    "DEFAULT_STEPS",
     "EMA",
     "METHODS",
+    "METHOD_SAMPLERS",
     "MODL_PRESETS",
     "NCSNV2_PRESETS",
     "PAPER_PRESETS",
     "PRESETS",
+    "SAMPLERS",
+    "SAMPLER_DEFAULTS",
     "EDMCoefficients",
     "EDMPrecond",
     "GatedConv2d",
@@ -44,7 +68,10 @@ __all__ = [
     "NCSNv2Config",
     "SongUNet",
     "UNetConfig",
+    "a_dps",
     "a_os",
+    "ald",
+    "ald_sigmas",
     "ambient_loss",
     "ambient_network_input",
     "build_model",
@@ -54,24 +81,33 @@ __all__ = [
     "channels_to_complex",
     "complex_to_channels",
     "count_parameters",
+    "default_sigmas",
     "denoise_once",
+    "dps",
     "dsm_loss",
     "edm_coefficients",
     "edm_loss",
+    "edm_sigmas",
     "edm_weight",
     "ema_beta",
+    "geometric_sigmas",
+    "l1_wavelet",
     "load_model",
     "make_synthetic_batch",
     "mask_channels",
     "method_loss",
     "modl_loss",
     "ncsn_sigmas",
+    "prior_heun",
     "reconstruct",
+    "run_sampler",
     "sample_noise",
     "sample_sigma",
+    "sampler_for",
     "save_model",
     "ssdu_loss",
     "ssdu_split",
+    "train_masks",
     "train_step",
     "unrolled",
     "validation_nrmse",

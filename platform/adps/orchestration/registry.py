@@ -233,7 +233,8 @@ def load_model(
         uri: ``models:/adps-ambient-r4@latest``, ``models:/<name>/<version>``, ``runs:/<id>/model``,
             any MLflow artifact URI, or a local folder (a pyfunc model or a save_model folder).
         device: where the network goes.
-        tracking_uri: the MLflow server or store (default: MLflow's, i.e. ``$MLFLOW_TRACKING_URI``).
+        tracking_uri: the MLflow server or store (default as for training:
+            ``$MLFLOW_TRACKING_URI``, else ``.adps/mlflow.db`` of the current folder).
         with_config: also return the model's config (method, R, preset, architecture, ...).
     """
     from adps.nn.checkpoint import load_model as load_folder
@@ -246,6 +247,12 @@ def load_model(
 
         if "://" not in text and not text.startswith(("models:/", "runs:/")):
             raise FileNotFoundError(f"{text}: no such folder, and not a models:/ or runs:/ URI")
+        from adps.orchestration.tracking import resolve_tracking_uri
+
+        tracking_uri = resolve_tracking_uri(tracking_uri or "")
+        # models:/ URIs are resolved through the *registry* URI, which follows the process-wide
+        # tracking URI, not download_artifacts' tracking_uri argument.
+        mlflow.set_tracking_uri(tracking_uri)
         with tempfile.TemporaryDirectory(prefix="adps-model-") as tmp:
             try:
                 local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=tmp, tracking_uri=tracking_uri)

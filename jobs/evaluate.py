@@ -1,0 +1,16 @@
+"""Ray job entry point for the evaluation.
+
+    ray job submit --working-dir . -- python jobs/evaluate.py \\
+        --set dataset=s3://bucket/prepared/axt2 --set models=adps-ambient-r4,adps-edm-r1 \\
+        --set output=s3://bucket/eval/study --set use_gpu=true
+
+Thin by design: arguments are those of ``adps evaluate`` (see ``adps evaluate --help``).
+Submitting it again with the same output resumes: finished cells are not recomputed.
+"""
+
+import sys
+
+from adps.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

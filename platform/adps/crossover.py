@@ -1,0 +1,113 @@
+"""The cross-over: the acceleration at which a model trained on corrupted data beats the model
+trained on clean data (paper section 3.3, figures 7-9).
+
+Input is the evaluation's tidy results table, one row per (model, R_inf, slice) with the metric
+columns (``nrmse``, ``psnr``, ``ssim``, ``lpips``). For an ambient model and a metric, the
+comparison at each R_inf is *paired by slice*: ``d_s = sign * (metric_ambient(s) -
+metric_reference(s))`` with ``sign`` chosen so that ``d_s > 0`` means the ambient model did
+better on slice ``s`` (lower NRMSE / LPIPS, higher PSNR / SSIM). The cross-over is the smallest
+R_inf whose mean ``d`` is positive; its margin is that mean, with a percentile bootstrap
+confidence interval over slices (resampling slices, keeping the pairs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["HIGHER_IS_BETTER", "CrossOver", "bootstrap_mean_ci", "crossover", "crossover_table", "paired_differences"]
+
+HIGHER_IS_BETTER = {"nrmse": False, "psnr": True, "ssim": True, "lpips": False}
+"""Direction of each metric of the results table."""
+
+
+@dataclass(frozen=True)
+class CrossOver:
+    """One model's cross-over on one metric against the reference model."""
+
+    model: str
+    reference: str
+    metric: str
+    crossover_r: float | None
+    """Smallest R_inf at which ``model`` beats ``reference`` on average; None if it never does."""
+    margin: float | None
+    """Mean paired improvement at ``crossover_r`` (in the metric's units; positive = better)."""
+    ci_low: float | None
+    ci_high: float | None
+    """Bootstrap confidence interval of the margin."""
+    n_slices: int
+    """Slices paired at ``crossover_r`` (0 when there is no cross-over)."""
+
+    def as_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def paired_differences(
+    rows: Iterable[Mapping[str, Any]], model: str, reference: str, metric: str, r_inf: float
+) -> np.ndarray:
+    """``d_s`` (positive = ``model`` better) for the slices both models reconstructed at ``r_inf``."""
+    if metric not in HIGHER_IS_BETTER:
+        raise ValueError(f"metric {metric!r}: expected one of {', '.join(HIGHER_IS_BETTER)}")
+    values: dict[str, dict[Any, float]] = {model: {}, reference: {}}
+    for row in rows:
+        if row["model"] in values and float(row["r_inf"]) == float(r_inf):
+            value = row.get(metric)
+            if value is not None and np.isfinite(value):
+                values[row["model"]][row["slice"]] = float(value)
+    shared = sorted(set(values[model]) & set(values[reference]), key=str)
+    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+    return np.array([sign * (values[model][s] - values[reference][s]) for s in shared], dtype=np.float64)
+
+
+def bootstrap_mean_ci(
+    differences: np.ndarray, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``differences`` (slices resampled with replacement)."""
+    if differences.size == 0:
+        raise ValueError("bootstrap of an empty sample")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, differences.size, size=(n_boot, differences.size))
+    means = differences[picks].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
+
+
+def crossover(
+    rows: Sequence[Mapping[str, Any]],
+    model: str,
+    reference: str,
+    metric: str,
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> CrossOver:
+    """The cross-over of ``model`` against ``reference`` on ``metric`` (see the module docstring).
+
+    Args:
+        rows: the results table (dicts with ``model``, ``r_inf``, ``slice`` and metric keys).
+        model: e.g. ``ambient_r4``; reference: e.g. ``edm_r1`` (FS-DPS).
+        n_boot: bootstrap resamples; level: confidence level; seed: the bootstrap's seed.
+    """
+    accelerations = sorted({float(r["r_inf"]) for r in rows if r["model"] == model}
+                           & {float(r["r_inf"]) for r in rows if r["model"] == reference})
+    for r_inf in accelerations:
+        d = paired_differences(rows, model, reference, metric, r_inf)
+        if d.size and d.mean() > 0:
+            low, high = bootstrap_mean_ci(d, n_boot=n_boot, level=level, seed=seed)
+            return CrossOver(model, reference, metric, r_inf, float(d.mean()), low, high, int(d.size))
+    return CrossOver(model, reference, metric, None, None, None, None, 0)
+
+
+def crossover_table(
+    rows: Sequence[Mapping[str, Any]],
+    models: Sequence[str],
+    reference: str,
+    metrics: Sequence[str] = ("nrmse", "psnr", "ssim"),
+    **options: Any,
+) -> list[CrossOver]:
+    """:func:`crossover` for every model and metric (``options`` go to it)."""
+    return [crossover(rows, model, reference, metric, **options) for model in models for metric in metrics]

@@ -1,0 +1,820 @@
+"""The reconstruction samplers of the study as flat functions sharing one signature.
+
+Layer 2 (no Ray, no MLflow): plain torch on :mod:`adps.mri` and the networks of :mod:`adps.nn`.
+In the style of k-diffusion's ``sample_*`` functions, every sampler is::
+
+    sampler(model, y, operator, sigmas, *, generator=None, callback=None, **options) -> Tensor
+
+* ``model``: the method's network (or None where none is used: ``l1_wavelet``);
+* ``y``: measured multi-coil k-space ``(N, C, H, W)`` complex64. Only the columns of the
+  operator's mask are read (anything elsewhere is replaced by zeros first);
+* ``operator``: an :class:`adps.mri.SenseOperator` ``A_inf`` (the slices' maps and their
+  acquisition masks ``(N, W)``);
+* ``sigmas``: the noise schedule (:mod:`adps.nn.schedules`); None = the sampler's default
+  from METHOD.md (:func:`default_sigmas`); unused by the one-pass methods;
+* ``generator``: a ``torch.Generator``, the source of every random draw (same seed, same
+  result); None = torch's global RNG;
+* ``callback(info)``: called once per step with a dict holding at least ``sampler``,
+  ``step`` (0-based), ``total``, ``sigma``, ``sigma_next``, ``x`` (the state after the
+  step), ``denoised`` (the step's estimate of the clean image) and ``residual_norm``
+  (``(N,)`` per-slice ``||y - A_inf denoised||``, the data-consistency trace; None without
+  measurements). Tensors in it are detached; copy them if you keep them.
+
+Every sampler returns the complex image ``(N, H, W)`` complex64 on the model's device, is
+batched over the N slices (one network call per step for all of them), keeps its state in
+complex64 / float32, and runs on CPU as well as CUDA. ``amp="bf16"`` (or ``"fp16"``) runs the
+network calls under ``torch.autocast`` on CUDA only; on CPU it is ignored with a warning
+(CPU autocast is slow and not what the GPU numbers mean).
+
+Samplers (settings: METHOD.md "Samplers"):
+
+* :func:`a_dps`: Ambient DPS (paper eq. 2.12), Euler over the EDM grid with the ambient
+  network fed ``[A_tr^H A_tr x, mask_tr]``;
+* :func:`dps`: the same loop with a prior ``D(x, sigma)`` (FS-DPS, L1-DPS);
+* :func:`a_os`: Ambient One-Step, one network call;
+* :func:`ald`: annealed Langevin dynamics with the NCSNv2 score network;
+* :func:`prior_heun`: EDM's deterministic Heun sampler, unconditional (FID samples);
+* :func:`l1_wavelet`, :func:`unrolled`: the classical and unrolled baselines.
+
+The guided loop is written once (:func:`_guided_euler`); A-DPS and DPS differ only in the
+denoise function they give it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from adps.mri import SenseOperator, l1_wavelet_recon
+from adps.mri.masks import DEFAULT_ACS, lines_at, slice_masks
+
+from .ema import unwrap_model
+from .modl import MoDL
+from .ncsnv2 import NCSNv2
+from .objectives import ambient_network_input, channels_to_complex, complex_to_channels, sample_noise
+from .precond import EDMPrecond
+from .reconstruct import a_os as _a_os_one_pass
+from .reconstruct import unrolled as _unrolled_one_pass
+from .schedules import ald_sigmas, edm_sigmas
+
+__all__ = [
+    "DEFAULT_SAMPLER",
+    "DEFAULT_STEPS",
+    "METHOD_SAMPLERS",
+    "SAMPLERS",
+    "SAMPLER_DEFAULTS",
+    "Callback",
+    "a_dps",
+    "a_os",
+    "ald",
+    "default_sigmas",
+    "dps",
+    "l1_wavelet",
+    "prior_heun",
+    "run_sampler",
+    "sampler_for",
+    "train_masks",
+    "unrolled",
+]
+
+Callback = Callable[[dict[str, Any]], None]
+"""``callback(info)``, called once per step (see the module docstring for the keys)."""
+
+Denoise = Callable[[Tensor, float], Tensor]
+"""``denoise(x complex (N, H, W), sigma) -> complex (N, H, W)``: the estimate of the clean image."""
+
+# Every default of every sampler, from METHOD.md "Samplers" (ald: Jalal et al. 2021 and a stable step, see ald()).
+# "steps" is the length of the default schedule (l1_wavelet: solver iterations).
+SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "a_dps": {"steps": 500, "sigma_min": 0.004, "sigma_max": 10.0, "rho": 7.0, "guidance": 1.0},
+    "dps": {"steps": 500, "sigma_min": 0.004, "sigma_max": 10.0, "rho": 7.0, "guidance": 1.0},
+    "a_os": {"steps": 1, "sigma": 0.003},
+    "ald": {"steps": 1300, "steps_per_level": 3, "sigma_start": None, "step_scale": 0.5, "noise_std": 0.0,
+            "likelihood_weight": 1.0, "denoise_last": True},
+    "prior_heun": {"steps": 18, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
+    "l1_wavelet": {"steps": 100, "lam": 0.001, "wavelet": "db4"},
+    "unrolled": {"steps": 1},
+}
+
+DEFAULT_STEPS: dict[str, int] = {name: int(values["steps"]) for name, values in SAMPLER_DEFAULTS.items()}
+"""Network evaluations / iterations per sampler at its defaults (A-DPS, DPS 500; ALD 1,300; ...)."""
+
+# The sampler each training method reconstructs with (l1: the classical CS baseline, no model).
+METHOD_SAMPLERS: dict[str, str] = {
+    "ambient": "a_dps",
+    "edm": "dps",
+    "edm_l1": "dps",
+    "ncsnv2": "ald",
+    "modl": "unrolled",
+    "ssdu": "unrolled",
+    "l1": "l1_wavelet",
+}
+
+DEFAULT_SAMPLER = METHOD_SAMPLERS
+"""Alias of :data:`METHOD_SAMPLERS` (method -> sampler name)."""
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------------------ schedules, masks
+
+
+def default_sigmas(
+    sampler: str,
+    model: nn.Module | None = None,
+    *,
+    steps: int | None = None,
+    **schedule_options: Any,
+) -> Tensor | None:
+    """The default schedule of ``sampler`` (METHOD.md), optionally with another step count.
+
+    * ``a_dps``, ``dps``: :func:`~adps.nn.schedules.edm_sigmas` (500, 0.004, 10, 7);
+    * ``prior_heun``: ``edm_sigmas(18, 0.002, 80, 7)``;
+    * ``ald``: :func:`~adps.nn.schedules.ald_sigmas` over ``model.sigmas()`` (1,300 steps,
+      3 per level); needs the model;
+    * the one-pass methods: None (they take no schedule).
+
+    ``schedule_options`` override the other schedule settings (``sigma_min``, ``sigma_max``,
+    ``rho``; for ald ``steps_per_level``, ``sigma_start``).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    defaults = SAMPLER_DEFAULTS[sampler]
+    steps = int(defaults["steps"] if steps is None else steps)
+    if sampler in ("a_dps", "dps", "prior_heun"):
+        unknown = sorted(set(schedule_options) - {"sigma_min", "sigma_max", "rho"})
+        if unknown:
+            raise ValueError(f"default_sigmas({sampler!r}): unknown schedule option(s) {unknown}")
+        settings = {k: schedule_options.get(k, defaults[k]) for k in ("sigma_min", "sigma_max", "rho")}
+        return edm_sigmas(steps, **settings)
+    if sampler == "ald":
+        unknown = sorted(set(schedule_options) - {"steps_per_level", "sigma_start"})
+        if unknown:
+            raise ValueError(f"default_sigmas('ald'): unknown schedule option(s) {unknown}")
+        levels = _model_levels(model)
+        return ald_sigmas(
+            levels,
+            steps,
+            schedule_options.get("steps_per_level", defaults["steps_per_level"]),
+            schedule_options.get("sigma_start", defaults["sigma_start"]),
+        )
+    return None
+
+
+def train_masks(
+    width: int,
+    train_acceleration: float,
+    n: int,
+    seed: int,
+    slice_ids: list[int] | Tensor | None = None,
+    *,
+    acs: int = DEFAULT_ACS,
+) -> Tensor:
+    """The A-DPS training-corruption masks ``A_tr``: one R_train + 1 mask per slice, ``(n, W)`` bool.
+
+    Drawn exactly as the training data's further-corrupted masks are (an R_train column mask,
+    then random non-ACS columns deleted down to ``floor(W / (R_train + 1))``:
+    :func:`adps.mri.masks.slice_masks`), reproducible from ``(seed, slice id)``. Use a
+    ``seed`` different from the one of the acquisition masks: with the same seed and
+    ``R_inf = R_train`` the draw would reuse the acquisition's own columns, and A_tr is meant
+    to be a fresh draw (METHOD.md "Samplers").
+
+    Args:
+        width: phase-encode columns W.
+        train_acceleration: R_train of the ambient model (the masks are at R_train + 1).
+        n: number of slices.
+        seed: the draw's seed.
+        slice_ids: one id per slice (default ``0 .. n - 1``).
+        acs: central columns always kept (METHOD.md: 20).
+    """
+    ids = list(range(n)) if slice_ids is None else [int(i) for i in torch.as_tensor(slice_ids).reshape(-1).tolist()]
+    if len(ids) != n:
+        raise ValueError(f"train_masks: expected {n} slice ids, got {len(ids)}")
+    rows = [slice_masks(width, train_acceleration, seed=seed, slice_id=i, acs=acs)[1] for i in ids]
+    return torch.stack(rows) if rows else torch.zeros(0, width, dtype=torch.bool)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module | None) -> Iterator[None]:
+    """Eval mode (dropout off: a reconstruction must not be random beyond ``generator``) with
+    autograd left as it is (DPS differentiates through the network); every submodule's own
+    train/eval flag is restored afterwards."""
+    if model is None:
+        yield
+        return
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _autocast(device: torch.device, amp: str | None, sampler: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for the network calls on CUDA; nothing on other devices."""
+    if amp is None:
+        return contextlib.nullcontext()
+    if amp not in _AMP_DTYPES:
+        raise ValueError(f"{sampler}: amp must be None or one of {sorted(_AMP_DTYPES)}, got {amp!r}")
+    if device.type != "cuda":
+        warnings.warn(
+            f"{sampler}: amp={amp!r} is ignored on {device.type}: autocast is applied on CUDA only, "
+            "the network runs in float32 here",
+            stacklevel=3,
+        )
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=_AMP_DTYPES[amp])
+
+
+def _device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        buffer = next(model.buffers(), None)
+        return buffer.device if buffer is not None else torch.device("cpu")
+
+
+def _operator_mask(operator: SenseOperator) -> Tensor:
+    """The operator's column mask as ``(N, W)`` bool (all True when fully sampled)."""
+    n, _, _, w = operator.maps.shape
+    if operator.mask is None:
+        return torch.ones(n, w, dtype=torch.bool, device=operator.maps.device)
+    return (operator.mask.reshape(operator.mask.shape[0], -1) != 0).expand(n, w)
+
+
+def _measurement(y: Tensor, operator: SenseOperator, device: torch.device, sampler: str) -> tuple[Tensor, SenseOperator]:
+    """Validate ``(y, operator)``, move both to ``device`` and zero ``y`` outside the mask.
+
+    ``where`` rather than a product: a NaN / Inf in an unmeasured column cannot leak in.
+    """
+    if not isinstance(operator, SenseOperator):
+        raise ValueError(f"{sampler}: operator must be an adps.mri.SenseOperator, got {type(operator).__name__}")
+    if not isinstance(y, Tensor) or not y.is_complex() or tuple(y.shape) != tuple(operator.kspace_shape):
+        got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, Tensor) else type(y).__name__
+        raise ValueError(f"{sampler}: y must be complex k-space of shape {tuple(operator.kspace_shape)} "
+                         f"(N, C, H, W) like the operator's maps, got {got}")
+    mask = _operator_mask(operator).to(device)
+    operator = SenseOperator(operator.maps.to(device, torch.complex64), mask)
+    y = torch.where(mask[:, None, None, :], y.to(device, torch.complex64), y.new_zeros((), dtype=torch.complex64))
+    return y, operator
+
+
+def _grid(sigmas: Tensor, sampler: str) -> list[float]:
+    """An Euler/Heun grid as Python floats: descending, positive but for a final value >= 0."""
+    sigmas = torch.as_tensor(sigmas)
+    if sigmas.ndim != 1 or sigmas.numel() < 2 or sigmas.is_complex():
+        raise ValueError(f"{sampler}: sigmas must be a 1-D real schedule with >= 2 entries "
+                         f"(e.g. adps.nn.schedules.edm_sigmas(steps), which ends in 0), got shape {tuple(sigmas.shape)}")
+    values = sigmas.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(values).all()) or not bool((values[:-1] > 0).all()) or float(values[-1]) < 0:
+        raise ValueError(f"{sampler}: sigmas must be finite, > 0 except the last entry (>= 0)")
+    if not bool((values[1:] < values[:-1]).all()):
+        raise ValueError(f"{sampler}: sigmas must be strictly descending")
+    return values.tolist()
+
+
+def _model_levels(model: nn.Module | None) -> Tensor:
+    core = unwrap_model(model) if model is not None else None
+    if core is None or not callable(getattr(core, "sigmas", None)):
+        raise ValueError("ald: the default schedule needs a score network with its trained levels "
+                         "(an NCSNv2, model.sigmas()); pass sigmas explicitly otherwise")
+    return core.sigmas()
+
+
+def _edm_input_channels(core: nn.Module) -> int | None:
+    """Input channels of an EDMPrecond's U-Net (None when unknown, e.g. a test module)."""
+    config = getattr(getattr(core, "net", None), "config", None)
+    channels = getattr(config, "in_channels", None)
+    return int(channels) if channels is not None else None
+
+
+def _check_denoiser(model: nn.Module, sampler: str, *, ambient: bool) -> None:
+    """Reject the model types a sampler cannot use. Modules of other types are accepted as
+    long as they follow the denoiser call convention (``D(x, sigma, cond=None)``)."""
+    if model is None:
+        raise ValueError(f"{sampler}: a model is required")
+    core = unwrap_model(model)
+    expected = ("an ambient EDMPrecond (4 input channels: [Re, Im, mask, ones])" if ambient
+                else "an EDMPrecond prior on [Re, Im] (2 input channels)")
+    if isinstance(core, (NCSNv2, MoDL)):
+        raise ValueError(f"{sampler}: expected {expected}, got {type(core).__name__}")
+    if isinstance(core, EDMPrecond):
+        channels = _edm_input_channels(core)
+        want = core.image_channels + (2 if ambient else 0)
+        if channels is not None and channels != want:
+            raise ValueError(f"{sampler}: expected {expected}, got an EDMPrecond whose network takes {channels} channels")
+
+
+def _sigma_vector(sigma: float, n: int, device: torch.device) -> Tensor:
+    return torch.full((n,), float(sigma), dtype=torch.float32, device=device)
+
+
+def _slice_norm(residual: Tensor) -> Tensor:
+    """Per-slice 2-norm of a complex ``(N, ...)`` tensor (Re and Im parts together)."""
+    return torch.linalg.vector_norm(torch.view_as_real(residual).reshape(residual.shape[0], -1), dim=1)
+
+
+def _emit(callback: Callback | None, **info: Any) -> None:
+    if callback is not None:
+        callback(info)
+
+
+# ------------------------------------------------------------------------------ the guided loop
+
+
+def _guided_euler(
+    denoise: Denoise,
+    y: Tensor,
+    operator: SenseOperator,
+    sigmas: list[float],
+    *,
+    guidance: float,
+    generator: torch.Generator | None,
+    callback: Callback | None,
+    sampler: str,
+) -> Tensor:
+    """The DPS / A-DPS loop (paper eq. 2.12 / 2.3, METHOD.md "Samplers"): Euler, no churn.
+
+    Start ``x = sigma_0 n`` (complex, N(0, 1) real and imaginary parts). For each interval
+    ``(sigma, sigma_next)`` of the grid, with ``h = sigma_next - sigma``::
+
+        D = denoise(x, sigma);   r = y - A_inf D
+        x <- x + h (x - D) / sigma - (guidance / ||r||) grad_x ||r||^2
+
+    per slice (``||r||`` and the gradient are each slice's own; the slices share no term,
+    so one backward pass of ``sum_i ||r_i||^2`` gives every slice's gradient). The gradient
+    runs through the network (autograd). ``(guidance / ||r||) grad ||r||^2`` is the reference
+    code's form; it equals ``2 guidance grad ||r||``, a step of constant length in the
+    direction that reduces the residual. Returns the final iterate (on a grid ending in 0 the
+    last step lands on ``D`` minus its guidance correction), not the last ``D``.
+    """
+    n, height, width = operator.image_shape
+    device = y.device
+    x = sigmas[0] * sample_noise(torch.empty(n, height, width, dtype=torch.complex64, device=device), generator)
+    total = len(sigmas) - 1
+    for step in range(total):
+        sigma, sigma_next = sigmas[step], sigmas[step + 1]
+        x_in = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            denoised = denoise(x_in, sigma)
+            squared = torch.view_as_real(y - operator.forward(denoised)).square().reshape(n, -1).sum(dim=1)
+            (grad,) = torch.autograd.grad(squared.sum(), x_in)
+        denoised = denoised.detach()
+        norm = squared.detach().sqrt()
+        # A slice whose residual is exactly 0 needs (and gets) no correction: its gradient is 0 too.
+        scale = (guidance / norm.clamp_min(torch.finfo(norm.dtype).tiny)).to(x.dtype).view(-1, 1, 1)
+        x = x + (sigma_next - sigma) * (x - denoised) / sigma - scale * grad
+        _emit(callback, sampler=sampler, step=step, total=total, sigma=sigma, sigma_next=sigma_next,
+              x=x, denoised=denoised, residual_norm=norm)
+    return x
+
+
+def a_dps(
+    model: nn.Module,
+    y: Tensor,
+    operator: SenseOperator,
+    sigmas: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    train_mask: Tensor | None = None,
+    guidance: float = 1.0,
+    amp: str | None = None,
+) -> Tensor:
+    """Ambient Diffusion Posterior Sampling (paper eq. 2.12; METHOD.md "Samplers").
+
+    The guided Euler loop (:func:`_guided_euler`) with the ambient denoiser
+    ``D(x, sigma) = net([A_tr^H A_tr x, mask_tr, ones], sigma)``: the network input is built
+    as in training (:func:`~adps.nn.objectives.ambient_network_input`, exactly as
+    :func:`adps.nn.reconstruct.a_os` builds it), with ``A_tr`` the slice's maps and a fresh
+    R_train + 1 mask, so at noise level sigma the network sees what it was trained on,
+    ``A~^H A~ (x + sigma n)``. The likelihood uses the acquisition operator ``A_inf``.
+
+    Args:
+        model: the ambient denoiser ``D(x, sigma, cond=...)`` (EDMPrecond of the ``ambient``
+            UNet; DDP / compiled wrappers are fine).
+        y: measured k-space ``(N, C, H, W)``.
+        operator: ``A_inf`` (maps and acquisition masks).
+        sigmas: Euler grid ending in 0; None = ``edm_sigmas(500, 0.004, 10, 7)``.
+        generator: source of the start noise (the loop itself is deterministic).
+        callback: per-step progress (see the module docstring).
+        train_mask: ``A_tr``'s columns ``(N, W)`` bool (or ``(W,)`` for all slices), required:
+            draw it with :func:`train_masks` (R_train + 1, one per slice, seeded).
+        guidance: ``l_ss``, the likelihood step (1.0).
+        amp: None, ``"bf16"`` or ``"fp16"``: autocast of the network on CUDA.
+
+    Returns:
+        The final iterate, complex ``(N, H, W)``.
+    """
+    _check_denoiser(model, "a_dps", ambient=True)
+    device = _device(model)
+    y, operator = _measurement(y, operator, device, "a_dps")
+    grid = _grid(default_sigmas("a_dps") if sigmas is None else sigmas, "a_dps")
+    n, _, _, width = operator.kspace_shape
+    if train_mask is None:
+        raise ValueError("a_dps: train_mask is required: A_tr's R_train + 1 columns (N, W) bool, "
+                         "e.g. adps.nn.samplers.train_masks(W, R_train, N, seed)")
+    if train_mask.ndim == 1:
+        train_mask = train_mask.expand(n, -1)
+    if tuple(train_mask.shape) != (n, width) or train_mask.is_complex():
+        raise ValueError(f"a_dps: train_mask must be a column mask of shape ({n}, {width}) or ({width},), "
+                         f"got {tuple(train_mask.shape)} {train_mask.dtype}")
+    train_mask = train_mask.to(device, torch.bool)
+    operator_train = operator.with_mask(train_mask)
+    autocast = _autocast(device, amp, "a_dps")
+
+    def denoise(x: Tensor, sigma: float) -> Tensor:
+        net_x, net_cond = ambient_network_input(operator_train.normal(x), train_mask)
+        with autocast:
+            out = model(net_x, _sigma_vector(sigma, n, device), cond=net_cond)
+        return channels_to_complex(out)
+
+    with _eval_mode(model):
+        return _guided_euler(denoise, y, operator, grid, guidance=guidance, generator=generator,
+                             callback=callback, sampler="a_dps")
+
+
+def dps(
+    model: nn.Module,
+    y: Tensor,
+    operator: SenseOperator,
+    sigmas: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    guidance: float = 1.0,
+    amp: str | None = None,
+) -> Tensor:
+    """Diffusion Posterior Sampling with a prior denoiser (FS-DPS with ``edm``, L1-DPS with
+    ``edm_l1``): the A-DPS loop with ``D = net([Re, Im](x), sigma)``, called as
+    :func:`~adps.nn.objectives.edm_loss` calls it in training.
+
+    Args:
+        model: ``D(x, sigma)`` on ``[Re, Im]`` (EDMPrecond of a 2-channel UNet).
+        y, operator, sigmas, generator, callback, guidance, amp: as for :func:`a_dps`
+            (defaults: ``edm_sigmas(500, 0.004, 10, 7)``, ``guidance = 1.0``).
+
+    Returns:
+        The final iterate, complex ``(N, H, W)``.
+    """
+    _check_denoiser(model, "dps", ambient=False)
+    device = _device(model)
+    y, operator = _measurement(y, operator, device, "dps")
+    grid = _grid(default_sigmas("dps") if sigmas is None else sigmas, "dps")
+    n = operator.batch
+    autocast = _autocast(device, amp, "dps")
+
+    def denoise(x: Tensor, sigma: float) -> Tensor:
+        with autocast:
+            out = model(complex_to_channels(x), _sigma_vector(sigma, n, device))
+        return channels_to_complex(out)
+
+    with _eval_mode(model):
+        return _guided_euler(denoise, y, operator, grid, guidance=guidance, generator=generator,
+                             callback=callback, sampler="dps")
+
+
+# ------------------------------------------------------------------------------ one-pass methods
+
+
+def a_os(
+    model: nn.Module,
+    y: Tensor,
+    operator: SenseOperator,
+    sigmas: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    sigma: float = 0.003,
+    amp: str | None = None,
+) -> Tensor:
+    """Ambient One-Step: :func:`adps.nn.reconstruct.a_os`, one call ``D([A^H y, mask], sigma)``.
+
+    ``sigmas`` and ``generator`` are unused (deterministic, one pass); ``sigma`` is the level
+    the network is told (0.003). In-distribution only at R_inf = R_train (METHOD.md).
+    """
+    del sigmas, generator  # part of the shared signature only
+    _check_denoiser(model, "a_os", ambient=True)
+    device = _device(model)
+    y, operator = _measurement(y, operator, device, "a_os")
+    with _autocast(device, amp, "a_os"):
+        out = _a_os_one_pass(model, y, operator.maps, _operator_mask(operator), sigma=sigma)
+    out = out.to(torch.complex64)
+    _emit(callback, sampler="a_os", step=0, total=1, sigma=float(sigma), sigma_next=0.0, x=out, denoised=out,
+          residual_norm=_slice_norm(y - operator.forward(out)))
+    return out
+
+
+def unrolled(
+    model: nn.Module,
+    y: Tensor,
+    operator: SenseOperator,
+    sigmas: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    amp: str | None = None,
+) -> Tensor:
+    """MoDL / SSDU: :func:`adps.nn.reconstruct.unrolled` on the measured k-space (one pass).
+
+    ``sigmas`` and ``generator`` are unused.
+    """
+    del sigmas, generator
+    if model is None or not isinstance(unwrap_model(model), MoDL):
+        got = "None" if model is None else type(unwrap_model(model)).__name__
+        raise ValueError(f"unrolled: expected a MoDL network (methods modl, ssdu), got {got}")
+    device = _device(model)
+    y, operator = _measurement(y, operator, device, "unrolled")
+    with _autocast(device, amp, "unrolled"):
+        out = _unrolled_one_pass(model, y, operator.maps, _operator_mask(operator))
+    out = out.to(torch.complex64)
+    _emit(callback, sampler="unrolled", step=0, total=1, sigma=0.0, sigma_next=0.0, x=out, denoised=out,
+          residual_norm=_slice_norm(y - operator.forward(out)))
+    return out
+
+
+def l1_wavelet(
+    model: nn.Module | None,
+    y: Tensor,
+    operator: SenseOperator,
+    sigmas: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    lam: float = 0.001,
+    iterations: int = 100,
+    wavelet: str = "db4",
+    amp: str | None = None,
+) -> Tensor:
+    """L1-wavelet compressed sensing, :func:`adps.mri.recon.l1_wavelet_recon`
+    (``min 1/2 ||A x - y||^2 + lam ||W x||_1``; METHOD.md: lam 0.001, 100 iterations).
+
+    No network: ``model``, ``sigmas``, ``generator`` and ``amp`` are unused (pass None). Runs
+    on the CPU (sigpy); the result is returned on ``y``'s device.
+    """
+    del model, sigmas, generator, amp
+    device = y.device if isinstance(y, Tensor) else torch.device("cpu")
+    y, operator = _measurement(y, operator, device, "l1_wavelet")
+    out = l1_wavelet_recon(y, operator.maps, _operator_mask(operator), lam=lam, iterations=iterations,
+                           wavelet=wavelet).to(torch.complex64)
+    _emit(callback, sampler="l1_wavelet", step=0, total=1, sigma=0.0, sigma_next=0.0, x=out, denoised=out,
+          residual_norm=_slice_norm(y - operator.forward(out)))
+    return out
+
+
+# ------------------------------------------------------------------------------ ALD
+
+
+def ald(
+    model: nn.Module,
+    y: Tensor,
+    operator: SenseOperator,
+    sigmas: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    step_scale: float = 0.5,
+    noise_std: float = 0.0,
+    likelihood_weight: float = 1.0,
+    denoise_last: bool = True,
+    amp: str | None = None,
+) -> Tensor:
+    """Annealed Langevin dynamics with the NCSNv2 score network and data consistency.
+
+    The posterior Langevin sampler of Jalal et al. 2021 ("Robust compressed sensing MRI with
+    deep generative priors", Algorithm 1), here as implemented: for each step ``t`` at level
+    ``sigma_t`` (``sigmas``, one entry per step)::
+
+        eta_t = step_scale sigma_t^2
+        x <- x + eta_t [ s(x, sigma_t) + w A^H (y - A x) / (noise_std^2 + sigma_t^2) ]
+               + sqrt(2 eta_t) z,      z ~ complex N(0, I)
+
+    The likelihood's variance anneals with the prior's (Jalal et al.'s ``gamma_t = sigma_t``)
+    plus the measurement noise ``noise_std^2``. ``eta_t ~ sigma_t^2`` is NCSNv2's step size
+    (Song & Ermon: ``eta_t = step_lr (sigma_t / sigma_L)^2``, so ``step_lr = step_scale
+    sigma_L^2``); the dimensionless ``step_scale`` makes the default independent of the
+    network's levels. Stability: the score's Lipschitz constant is at most about
+    ``1 / sigma_t^2`` and the data term's ``w / sigma_t^2`` (``||A|| <= 1`` with normalised
+    maps), so a gradient step is stable for ``step_scale < 2 / (1 + w)``; 0.5 leaves a margin
+    (and keeps the Langevin discretisation bias small). Jalal et al.'s ``step_lr = 5e-5`` at
+    ``sigma_L = 0.0066`` is ``step_scale`` 1.15, beyond that bound with ``w = 1``: with an
+    exact Gaussian score the iterates grew by 10^12 before recovering. Their code also
+    rescales the data gradient to the score's norm times a weight (``mse = 5``); that
+    heuristic is not used here: ``likelihood_weight`` (``w``) is a plain factor.
+
+    Start ``x = sigmas[0] n``. With ``denoise_last`` a final Tweedie step ``x + sigma_L^2
+    s(x, sigma_L)`` (``sigma_L`` the smallest level of ``sigmas``) removes the last level's
+    noise (Song & Ermon 2020's ``denoise`` option); otherwise the last Langevin iterate is
+    returned.
+
+    Defaults: ``sigmas = ald_sigmas(model.sigmas(), 1300, 3)`` (the paper's 1,300 steps; 3
+    per level from the geometric middle of NCSNv2's 2,311 levels, sigma 1.24 -> 0.0066, as
+    Jalal et al.), ``step_scale = 0.5``, ``noise_std = 0`` (prewhitened, normalised data:
+    the measurement noise is far below the smallest level), ``likelihood_weight = 1``,
+    ``denoise_last = True``.
+
+    Args:
+        model: an :class:`~adps.nn.ncsnv2.NCSNv2` (``s(x, sigma)`` on ``[Re, Im]``; any module
+            with that call, and ``sigmas()`` for the default schedule).
+        y, operator, generator, callback, amp: as for :func:`a_dps`; the callback's
+            ``denoised`` is Tweedie's estimate ``x + sigma^2 s(x, sigma)`` before the step.
+        sigmas: the level of each step (non-increasing, > 0, no trailing 0); None = default.
+        step_scale: ``eta_t / sigma_t^2``.
+        noise_std: measurement noise standard deviation (per real channel).
+        likelihood_weight: ``w``, factor on the data term.
+        denoise_last: end with one Tweedie denoising step.
+
+    Returns:
+        complex ``(N, H, W)``.
+    """
+    if model is None or isinstance(unwrap_model(model), (EDMPrecond, MoDL)):
+        got = "None" if model is None else type(unwrap_model(model)).__name__
+        raise ValueError(f"ald: expected an NCSNv2 score network s(x, sigma), got {got}")
+    device = _device(model)
+    y, operator = _measurement(y, operator, device, "ald")
+    levels = default_sigmas("ald", model) if sigmas is None else sigmas
+    values = torch.as_tensor(levels).detach().to("cpu", torch.float64).reshape(-1)
+    if torch.as_tensor(levels).ndim != 1 or values.numel() < 1 or not bool((values > 0).all()) \
+            or not bool(torch.isfinite(values).all()) or not bool((values[1:] <= values[:-1]).all()):
+        raise ValueError("ald: sigmas must be a 1-D, non-increasing schedule of positive levels, one per step "
+                         "(e.g. adps.nn.schedules.ald_sigmas(model.sigmas()))")
+    if step_scale <= 0:
+        raise ValueError(f"ald: step_scale must be > 0, got {step_scale}")
+    grid = values.tolist()
+    sigma_last = min(grid)
+    n, height, width = operator.image_shape
+    autocast = _autocast(device, amp, "ald")
+
+    def score(x: Tensor, sigma: float) -> Tensor:
+        with autocast:
+            out = model(complex_to_channels(x), _sigma_vector(sigma, n, device))
+        return channels_to_complex(out)
+
+    x = grid[0] * sample_noise(torch.empty(n, height, width, dtype=torch.complex64, device=device), generator)
+    total = len(grid)
+    with _eval_mode(model), torch.no_grad():
+        for step, sigma in enumerate(grid):
+            eta = step_scale * sigma**2
+            s = score(x, sigma)
+            denoised = x + sigma**2 * s
+            data_grad = operator.adjoint(y - operator.forward(x)) / (noise_std**2 + sigma**2)
+            noise = sample_noise(x, generator)
+            x = x + eta * (s + likelihood_weight * data_grad) + math.sqrt(2 * eta) * noise
+            _emit(callback, sampler="ald", step=step, total=total, sigma=sigma,
+                  sigma_next=grid[step + 1] if step + 1 < total else 0.0, x=x, denoised=denoised,
+                  residual_norm=_slice_norm(y - operator.forward(denoised)))
+        if denoise_last:
+            x = x + sigma_last**2 * score(x, sigma_last)
+    return x
+
+
+# ------------------------------------------------------------------------------ prior sampling
+
+
+def prior_heun(
+    model: nn.Module,
+    y: Tensor | None = None,
+    operator: SenseOperator | None = None,
+    sigmas: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    shape: tuple[int, int] | None = None,
+    batch: int = 1,
+    amp: str | None = None,
+) -> Tensor:
+    """Unconditional samples of a prior: EDM's deterministic Heun sampler (Karras et al. 2022,
+    Algorithm 1 without churn; METHOD.md: 18 steps, sigma 80 -> 0.002, rho 7).
+
+    ``x = sigma_0 n``; per interval ``d = (x - D(x, sigma)) / sigma``, Euler to ``sigma_next``,
+    then (unless ``sigma_next = 0``) the trapezoidal correction with ``D`` at ``sigma_next``:
+    2 network calls per step but the last (35 with 18 steps).
+
+    ``y`` is unused (accepted for the shared signature; pass None). The image size comes from
+    ``operator`` when one is given (``(N, H, W)`` of its maps, ``batch`` ignored), otherwise
+    from ``shape = (H, W)`` and ``batch`` (N). Only 2-channel priors (``edm``, ``edm_l1``):
+    unconditional sampling of an ambient network is not implemented here.
+
+    Returns:
+        ``(N, H, W)`` complex samples; the callback's ``residual_norm`` is None.
+    """
+    del y
+    _check_denoiser(model, "prior_heun", ambient=False)
+    device = _device(model)
+    grid = _grid(default_sigmas("prior_heun") if sigmas is None else sigmas, "prior_heun")
+    if operator is not None:
+        if not isinstance(operator, SenseOperator):
+            raise ValueError(f"prior_heun: operator must be a SenseOperator or None, got {type(operator).__name__}")
+        n, height, width = operator.image_shape
+    elif shape is not None and len(shape) == 2 and batch >= 1:
+        (height, width), n = (int(s) for s in shape), int(batch)
+    else:
+        raise ValueError(f"prior_heun: give shape=(H, W) and batch >= 1 (or an operator), got shape={shape!r}, "
+                         f"batch={batch!r}")
+    autocast = _autocast(device, amp, "prior_heun")
+
+    def denoise(x: Tensor, sigma: float) -> Tensor:
+        with autocast:
+            out = model(complex_to_channels(x), _sigma_vector(sigma, n, device))
+        return channels_to_complex(out)
+
+    x = grid[0] * sample_noise(torch.empty(n, height, width, dtype=torch.complex64, device=device), generator)
+    total = len(grid) - 1
+    with _eval_mode(model), torch.no_grad():
+        for step in range(total):
+            sigma, sigma_next = grid[step], grid[step + 1]
+            denoised = denoise(x, sigma)
+            slope = (x - denoised) / sigma
+            x_next = x + (sigma_next - sigma) * slope
+            if sigma_next > 0:  # Heun's correction; at sigma = 0 the slope is undefined (EDM: Euler)
+                slope_next = (x_next - denoise(x_next, sigma_next)) / sigma_next
+                x_next = x + (sigma_next - sigma) * 0.5 * (slope + slope_next)
+            x = x_next
+            _emit(callback, sampler="prior_heun", step=step, total=total, sigma=sigma, sigma_next=sigma_next,
+                  x=x, denoised=denoised, residual_norm=None)
+    return x
+
+
+# ------------------------------------------------------------------------------ registry
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "a_dps": a_dps,
+    "dps": dps,
+    "a_os": a_os,
+    "ald": ald,
+    "prior_heun": prior_heun,
+    "l1_wavelet": l1_wavelet,
+    "unrolled": unrolled,
+}
+"""Every sampler by name; all share ``(model, y, operator, sigmas, *, generator, callback, **options)``."""
+
+
+def sampler_for(method: str) -> Callable[..., Tensor]:
+    """The default sampler of a training method (:data:`METHOD_SAMPLERS`): ``ambient`` ->
+    :func:`a_dps`, ``edm`` / ``edm_l1`` -> :func:`dps`, ``ncsnv2`` -> :func:`ald`, ``modl`` /
+    ``ssdu`` -> :func:`unrolled`, ``l1`` -> :func:`l1_wavelet`."""
+    if method not in METHOD_SAMPLERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHOD_SAMPLERS)}")
+    return SAMPLERS[METHOD_SAMPLERS[method]]
+
+
+def run_sampler(
+    name: str,
+    model: nn.Module | None,
+    y: Tensor,
+    operator: SenseOperator,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    train_acceleration: float | None = None,
+    slice_ids: list[int] | Tensor | None = None,
+    seed: int = 0,
+    acs: int | None = None,
+    amp: str | None = None,
+    **options: Any,
+) -> Tensor:
+    """Run sampler ``name`` from driver-level settings (what an evaluation grid varies).
+
+    * ``steps``: the default schedule of the sampler with this many steps
+      (:func:`default_sigmas`); for ``l1_wavelet`` the solver iterations; ignored by the
+      one-pass ``a_os`` / ``unrolled``. None = METHOD.md's default.
+    * ``guidance``: ``l_ss`` of ``a_dps`` / ``dps`` (None = 1.0); ignored by the others.
+    * ``a_dps`` only: its ``train_mask`` is drawn here with :func:`train_masks` from
+      ``train_acceleration`` (R_train, required), ``seed`` and ``slice_ids`` (default ``0 ..
+      N - 1``); ``acs`` = the masks' ACS width (None = METHOD.md's 20, or fewer where
+      ``floor(W / (R_train + 1))`` columns cannot hold 20). A ``train_mask`` in ``options``
+      is used as given instead.
+    * ``amp``: None / ``""`` (off), ``"bf16"``, ``"fp16"``.
+    * ``options``: passed on to the sampler (e.g. ``sigma`` of ``a_os``, ``step_scale`` of ``ald``).
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    amp = amp or None
+    sigmas = None
+    if name in ("a_dps", "dps", "prior_heun", "ald") and steps is not None:
+        sigmas = default_sigmas(name, model, steps=steps)
+    if name == "l1_wavelet" and steps is not None:
+        options.setdefault("iterations", int(steps))
+    if name in ("a_dps", "dps") and guidance is not None:
+        options["guidance"] = float(guidance)
+    if name == "a_dps" and "train_mask" not in options:
+        if train_acceleration is None:
+            raise ValueError("run_sampler('a_dps'): train_acceleration (R_train of the ambient model) is required "
+                             "to draw the R_train + 1 masks A_tr")
+        n, _, _, width = operator.kspace_shape
+        acs_width = min(DEFAULT_ACS, lines_at(width, train_acceleration + 1)) if acs is None else int(acs)
+        options["train_mask"] = train_masks(width, train_acceleration, n, seed, slice_ids, acs=acs_width)
+    return SAMPLERS[name](model, y, operator, sigmas, generator=generator, callback=callback, amp=amp, **options)

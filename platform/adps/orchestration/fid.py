@@ -1,0 +1,206 @@
+"""Unconditional samples and FID per diffusion model (paper table 1): ``adps fid``.
+
+One Ray task per model (one GPU each with ``use_gpu``) draws ``samples`` unconditional images
+(EDM Heun for ``edm`` / ``edm_l1``, annealed Langevin without a data term for ``ncsnv2``),
+computes the FID against the reference images of the dataset's ``split`` (VGG16 features by
+default, Inception-v3 as an option; local weights only, see :mod:`adps.perceptual`) and draws a
+sample grid. The driver logs one MLflow run: ``fid.csv`` (model, FID, the paper's value),
+metrics ``fid.<model>`` and ``samples_<model>.png``.
+
+Ambient models are not sampled unconditionally yet (their network expects a corrupted input
+and its mask); they are listed with the reason instead of a number.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adps.config import ConfigFile
+
+__all__ = ["PAPER_FID", "FidConfig", "format_fid_table", "run_fid", "unconditional_samples"]
+
+PAPER_FID = {
+    "edm_r1": 10.41, "edm_l1_r2": 18.55, "edm_l1_r4": 27.64, "edm_l1_r6": 51.43, "edm_l1_r8": 102.98,
+    "ncsnv2_r1": 13.20, "ambient_r2": 30.34, "ambient_r4": 32.31, "ambient_r6": 31.50, "ambient_r8": 48.15,
+}
+"""Table 1 of the paper (METHOD.md): FID of 100 unconditional samples, lower is better."""
+
+
+@dataclass(frozen=True)
+class FidConfig(ConfigFile):
+    """Settings of ``adps fid``; unknown keys are refused by name."""
+
+    dataset: str = ""
+    """Prepared dataset whose reference images are the real set."""
+    models: tuple[str, ...] = ()
+    """Models, as for ``adps evaluate`` (``models:/...``, ``adps-edm-r1``, ``runs:/...``, a folder)."""
+    split: str = "test"
+    """Split of the real images."""
+    samples: int = 100
+    """Unconditional samples per model (paper: 100)."""
+    steps: int = 0
+    """Sampler steps (0 = default: EDM Heun 18, ALD 1,300)."""
+    batch: int = 25
+    """Samples drawn at once."""
+    backbone: str = "vgg16"
+    """FID features: ``vgg16`` (512-d, the paper's text) or ``inception_v3`` (2048-d)."""
+    fid_weights: str = ""
+    """The backbone's weights file (empty: found on the driver, as adps.perceptual.find_weights)."""
+    seed: int = 0
+    use_gpu: bool = False
+    amp: str = ""
+    tracking_uri: str = ""
+    experiment: str = "adps-fid"
+    run_name: str = "fid"
+
+    def validate(self) -> None:
+        if not self.dataset:
+            raise ValueError("config key 'dataset' is empty: give the prepared dataset (folder or s3://)")
+        if not self.models:
+            raise ValueError("config key 'models' is empty: name at least one diffusion model")
+        if self.samples < 2:
+            raise ValueError(f"config key 'samples' must be >= 2 (FID needs a covariance), got {self.samples}")
+        if self.batch < 1 or self.steps < 0:
+            raise ValueError(f"config keys 'batch' (>= 1) and 'steps' (>= 0): got {self.batch}, {self.steps}")
+        if self.backbone not in ("vgg16", "inception_v3"):
+            raise ValueError(f"config key 'backbone' must be vgg16 or inception_v3, got {self.backbone!r}")
+
+
+def unconditional_samples(
+    method: str, model: torch.nn.Module, n: int, shape: tuple[int, int], *, steps: int = 0, batch: int = 25,
+    seed: int = 0, amp: str = "", device: str = "cpu",
+) -> torch.Tensor:
+    """``n`` unconditional complex images ``(n, H, W)`` from a diffusion prior."""
+    from adps.mri import SenseOperator
+    from adps.nn import samplers
+    from adps.nn.samplers import default_sigmas
+
+    out = []
+    for start in range(0, n, batch):
+        count = min(batch, n - start)
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
+        if method in ("edm", "edm_l1"):
+            sigmas = default_sigmas("prior_heun", model, steps=steps) if steps else None
+            out.append(samplers.prior_heun(model, None, None, sigmas, generator=generator, shape=shape, batch=count,
+                                           amp=amp or None))
+        elif method == "ncsnv2":
+            # ALD with the data term switched off: one all-ones coil, nothing measured.
+            maps = torch.ones(count, 1, *shape, dtype=torch.complex64, device=device)
+            operator = SenseOperator(maps, torch.zeros(count, shape[1], dtype=torch.bool, device=device))
+            y = torch.zeros(count, 1, *shape, dtype=torch.complex64, device=device)
+            sigmas = default_sigmas("ald", model, steps=steps) if steps else None
+            out.append(samplers.ald(model, y, operator, sigmas, generator=generator, likelihood_weight=0.0,
+                                    amp=amp or None))
+        else:
+            raise ValueError(f"{method}: no unconditional sampler (edm, edm_l1 and ncsnv2 have one)")
+    return torch.cat(out).cpu()
+
+
+def _sample_grid(images: torch.Tensor, title: str, columns: int = 5) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = images[: columns * 2].abs().numpy()
+    rows = math.ceil(len(shown) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.2 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image in zip(axes.flat, shown, strict=False):
+        axis.imshow(image, cmap="gray", vmin=0, vmax=float(np.quantile(image, 0.995)) or 1.0)
+    figure.suptitle(title, fontsize=9)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _fid_task(config: dict[str, Any], uri: str) -> dict[str, Any]:
+    from adps.data.dataset import PreparedSliceDataset
+    from adps.data.shards import read_manifest
+    from adps.orchestration.evaluate import load_for_evaluation, model_label
+    from adps.perceptual import fid
+
+    cfg = FidConfig.from_dict(config)
+    torch.set_num_threads(1)
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    model, model_config = load_for_evaluation(uri, device, cfg.tracking_uri)
+    label = model_label(model_config)
+    acceleration = read_manifest(cfg.dataset)["config"]["accelerations"][0]
+    dataset = PreparedSliceDataset(cfg.dataset, cfg.split, acceleration=acceleration)
+    try:
+        real = torch.stack([dataset[i]["reference"] for i in range(len(dataset))])
+    finally:
+        dataset.close()
+    row: dict[str, Any] = {"model": label, "fid": None, "paper_fid": PAPER_FID.get(label), "samples": cfg.samples,
+                           "note": ""}
+    try:
+        fake = unconditional_samples(model_config["method"], model, cfg.samples, tuple(real.shape[-2:]), steps=cfg.steps,
+                                     batch=cfg.batch, seed=cfg.seed, amp=cfg.amp, device=device)
+    except ValueError as err:
+        row["note"] = str(err)
+        return row
+    row["fid"] = fid(real, fake, cfg.backbone, weights=cfg.fid_weights or None, device=device, method="eigh")
+    row["grid"] = _sample_grid(fake, f"{label}: unconditional samples")
+    return row
+
+
+def format_fid_table(rows: list[dict[str, Any]]) -> str:
+    """Model, FID, the paper's FID (table 1), and why a model has no FID."""
+    lines = [f"{'model':12s} {'FID':>9s} {'paper':>7s}  note"]
+    for row in rows:
+        ours = f"{row['fid']:9.2f}" if row["fid"] is not None else f"{'-':>9s}"
+        paper = f"{row['paper_fid']:7.2f}" if row["paper_fid"] is not None else f"{'-':>7s}"
+        lines.append(f"{row['model']:12s} {ours} {paper}  {row['note']}".rstrip())
+    return "\n".join(lines)
+
+
+def run_fid(config: FidConfig, *, ray_address: str | None = None) -> dict[str, Any]:
+    """Sample, measure and log every model; returns ``{"rows", "run_id"}``."""
+    import tempfile
+
+    import ray
+
+    from adps.orchestration.evaluate import load_for_evaluation, model_uri
+    from adps.orchestration.tracking import RunLogger, end_run, open_run, resolve_tracking_uri
+    from adps.perceptual import find_weights
+
+    config.validate()
+    config = config.replace(tracking_uri=resolve_tracking_uri(config.tracking_uri))
+    # Fails before any task: a missing weights file or model names itself here.
+    config = config.replace(fid_weights=str(find_weights(config.backbone, config.fid_weights or None)))
+    uris = [model_uri(entry) for entry in config.models]
+    for uri in uris:
+        load_for_evaluation(uri, "cpu", config.tracking_uri)
+    if not ray.is_initialized():
+        ray.init(address=ray_address)
+    resources = {"num_gpus": 1, "num_cpus": 1} if config.use_gpu else {"num_cpus": 1}
+    task = ray.remote(**resources)(_fid_task)
+    rows = ray.get([task.remote(config.to_dict(), uri) for uri in uris])
+    tracking_uri = config.tracking_uri
+    run_id, _ = open_run(tracking_uri, config.experiment, f"fid#{config.run_name}", config.run_name, config.to_dict())
+    log = RunLogger(tracking_uri, run_id)
+    with tempfile.TemporaryDirectory(prefix="adps-fid-") as tmp:
+        folder = Path(tmp)
+        lines = ["model,fid,paper_fid,samples,note"]
+        for row in rows:
+            lines.append(",".join("" if row[k] is None else str(row[k]).replace(",", ";")
+                                  for k in ("model", "fid", "paper_fid", "samples", "note")))
+            if "grid" in row:
+                (folder / f"samples_{row['model']}.png").write_bytes(row.pop("grid"))
+        (folder / "fid.csv").write_text("\n".join(lines) + "\n")
+        for path in sorted(folder.iterdir()):
+            log.client.log_artifact(run_id, str(path))
+    measured = {f"fid.{row['model']}": row["fid"] for row in rows if row["fid"] is not None}
+    if measured:
+        log.log_metrics(measured, 0)
+    end_run(tracking_uri, run_id, "FINISHED")
+    return {"rows": rows, "run_id": run_id}

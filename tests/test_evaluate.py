@@ -1,0 +1,170 @@
+"""The evaluation job on local Ray: tiny trained models, the table, figures and cross-over in
+MLflow, and a resumed run that computes only the missing cells."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from adps.nn.train_config import TrainConfig
+from adps.orchestration.evaluate import EvaluateConfig, evaluate, model_uri
+from adps.orchestration.train import WorkerContext, worker_loop
+
+
+def train_tiny(dataset: str, method: str, acceleration: float, folder: Path) -> Path:
+    """Two real training steps (the platform's worker loop, in this process, no Ray); keeps the
+    final checkpoint's EMA network."""
+    kept = folder / f"{method}_r{acceleration:g}"
+
+    def report(metrics: dict, checkpoint: str | None) -> None:
+        if checkpoint is not None:
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(Path(checkpoint) / "ema", kept)
+
+    config = TrainConfig.from_dict({
+        "method": method, "acceleration": acceleration, "preset": "tiny", "dataset": dataset, "batch_size": 2,
+        "max_steps": 2, "lr_rampup_images": 0, "validation_slices": 0, "tracking": False,
+    })
+    worker_loop(config, WorkerContext(rank=0, world_size=1, report=report))
+    return kept
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_prepared: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("eval-models")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {name: train_tiny(tiny_prepared, method, r, folder)
+                for name, method, r in (("ambient_r2", "ambient", 2), ("edm_r1", "edm", 1))}
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def lpips_weights(tmp_path: Path, monkeypatch) -> None:
+    """Random AlexNet weights where adps.perceptual looks for them (no download in tests)."""
+    from torchvision.models import alexnet
+
+    from adps.perceptual import WEIGHT_FILES
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.save(alexnet(weights=None).state_dict(), weights / WEIGHT_FILES["alexnet"])
+    monkeypatch.setenv("ADPS_WEIGHTS_DIR", str(weights))
+
+
+def test_model_entries() -> None:
+    assert model_uri("adps-ambient-r4") == "models:/adps-ambient-r4@latest"
+    assert model_uri("models:/x/2") == "models:/x/2" and model_uri("l1") == "l1"
+    with pytest.raises(ValueError, match="'models'"):
+        model_uri("ambient")
+
+
+def test_bad_config_names_the_key(tiny_prepared: str) -> None:
+    with pytest.raises(ValueError, match="'models'"):
+        EvaluateConfig(dataset=tiny_prepared).validate()
+    with pytest.raises(ValueError, match="unknown"):
+        EvaluateConfig.from_dict({"dataset": tiny_prepared, "modles": "x"})
+    config = EvaluateConfig(dataset=tiny_prepared, models=("l1",), accelerations=(3.0,), lpips=False)
+    with pytest.raises(ValueError, match=r"R_inf 3 not prepared .* \(it has 2, 4\)"):
+        evaluate(config, progress=False)
+
+
+def test_evaluation_logs_table_figures_and_crossover_and_resumes(
+    ray_session, tiny_prepared: str, tiny_models: dict[str, Path], lpips_weights, tmp_path: Path, capsys
+) -> None:
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    config = EvaluateConfig(
+        dataset=tiny_prepared, models=(str(tiny_models["ambient_r2"]), str(tiny_models["edm_r1"]), "l1"),
+        accelerations=(2.0, 4.0), slices=2, slices_per_task=1, steps=4, n_boot=200,
+        output=str(tmp_path / "eval"), run_name="eval-test", experiment="eval-test",
+    )
+    first = evaluate(config)
+    # ambient: A-DPS at R 2, 4 and A-OS at R 2; edm: DPS at 2, 4; l1 at 2, 4: 7 x 2 slices.
+    rows = first["rows"]
+    assert len(rows) == 14
+    assert {(r["model"], r["sampler"]) for r in rows} == {
+        ("ambient_r2", "a_dps"), ("ambient_r2", "a_os"), ("edm_r1", "dps"), ("l1", "l1_wavelet")}
+    assert all(0 <= r["nrmse"] < 10 and 0 <= r["ssim"] <= 1 and r["lpips"] >= 0 and r["seconds"] > 0 for r in rows)
+    assert [(c.model, c.metric) for c in first["crossover"]] == [("ambient_r2", m) for m in ("nrmse", "psnr", "ssim")]
+
+    client = MlflowClient()
+    run = client.get_run(first["run_id"])
+    assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(first["run_id"])}
+    assert {"results.parquet", "results.csv", "crossover.csv", "nrmse_vs_r.png", "psnr_vs_r.png", "ssim_vs_r.png",
+            "reconstructions.png"} <= artifacts
+    table = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=first["run_id"], artifact_path="results.parquet",
+                                                                dst_path=str(tmp_path / "dl")))
+    assert list(table.columns) == ["model", "method", "sampler", "r_train", "r_inf", "slice", "nrmse", "psnr", "ssim",
+                                   "lpips", "seconds"]
+    assert len(table) == 14
+    # Every (model, metric) cross-over is either a metric or listed as none.
+    none = set(filter(None, run.data.tags["adps.crossover_none"].split(",")))
+    for c in first["crossover"]:
+        key = f"{c.model}.{c.metric}"
+        assert (f"crossover_r.{key}" in run.data.metrics) != (key in none)
+        if c.crossover_r is not None:
+            assert c.ci_low <= c.margin <= c.ci_high and c.margin > 0
+
+    # An interruption lost two cells: the second run computes exactly those, the rest is read back.
+    cells = sorted((tmp_path / "eval" / "cells").glob("*.json"))
+    assert len(cells) == 14
+    kept = {p: p.stat().st_mtime_ns for p in cells[2:]}
+    for path in cells[:2]:
+        path.unlink()
+    capsys.readouterr()
+    second = evaluate(config)
+    assert "(12 done before, 2 to run)" in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    def measured(table: list[dict]) -> list[str]:
+        return sorted(str({k: v for k, v in r.items() if k != "seconds"}) for r in table)
+
+    assert measured(second["rows"]) == measured(rows), "same seeds: the recomputed cells agree"
+    assert second["run_id"] == first["run_id"], "the same MLflow run continues"
+
+
+def test_fid_samples_each_prior_and_logs_the_table(
+    ray_session, tiny_prepared: str, tiny_models: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    """adps fid on local Ray: EDM (Heun) and NCSNv2 (Langevin) give an FID and a sample grid;
+    the ambient model is listed with the reason it has none."""
+    from mlflow import MlflowClient
+    from torchvision.models import vgg16
+
+    from adps.orchestration.fid import FidConfig, format_fid_table, run_fid
+    from adps.perceptual import WEIGHT_FILES
+
+    # Random VGG16 convolution weights (the FID reads only features.*; no 500 MB classifier).
+    weights = tmp_path / WEIGHT_FILES["vgg16"]
+    torch.save({k: v for k, v in vgg16(weights=None).state_dict().items() if k.startswith("features.")}, weights)
+    ncsnv2 = train_tiny(tiny_prepared, "ncsnv2", 1, tmp_path)
+    config = FidConfig(
+        dataset=tiny_prepared, models=(str(tiny_models["edm_r1"]), str(ncsnv2), str(tiny_models["ambient_r2"])),
+        split="train", samples=4, steps=3, batch=2, fid_weights=str(weights), run_name="fid-test", experiment="fid-test",
+    )
+    result = run_fid(config)
+    by_model = {row["model"]: row for row in result["rows"]}
+    assert set(by_model) == {"edm_r1", "ncsnv2_r1", "ambient_r2"}
+    for name in ("edm_r1", "ncsnv2_r1"):
+        assert by_model[name]["fid"] is not None and by_model[name]["fid"] >= 0
+        assert by_model[name]["paper_fid"] in (10.41, 13.20)
+    assert by_model["ambient_r2"]["fid"] is None and "no unconditional sampler" in by_model["ambient_r2"]["note"]
+    client = MlflowClient()
+    run = client.get_run(result["run_id"])
+    assert set(run.data.metrics) == {"fid.edm_r1", "fid.ncsnv2_r1"}
+    artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
+    assert {"fid.csv", "samples_edm_r1.png", "samples_ncsnv2_r1.png"} <= artifacts
+    table = format_fid_table(result["rows"])
+    assert "edm_r1" in table and "10.41" in table
+
+    missing = config.replace(fid_weights=str(tmp_path / "nowhere.pth"))
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+        run_fid(missing)
