@@ -134,8 +134,8 @@ def test_evaluation_logs_table_figures_and_crossover_and_resumes(
 def test_fid_samples_each_prior_and_logs_the_table(
     ray_session, tiny_prepared: str, tiny_models: dict[str, Path], tmp_path: Path, monkeypatch
 ) -> None:
-    """adps fid on local Ray: EDM (Heun) and NCSNv2 (Langevin) give an FID and a sample grid;
-    the ambient model is listed with the reason it has none."""
+    """adps fid on local Ray: EDM (Heun), NCSNv2 (Langevin) and ambient (A-DPS without data
+    term) give an FID and a sample grid; a method without a prior is listed with the reason."""
     from mlflow import MlflowClient
     from torchvision.models import vgg16
 
@@ -147,21 +147,22 @@ def test_fid_samples_each_prior_and_logs_the_table(
     torch.save({k: v for k, v in vgg16(weights=None).state_dict().items() if k.startswith("features.")}, weights)
     ncsnv2 = train_tiny(tiny_prepared, "ncsnv2", 1, tmp_path)
     config = FidConfig(
-        dataset=tiny_prepared, models=(str(tiny_models["edm_r1"]), str(ncsnv2), str(tiny_models["ambient_r2"])),
+        dataset=tiny_prepared,
+        models=(str(tiny_models["edm_r1"]), str(ncsnv2), str(tiny_models["ambient_r2"]), "l1"),
         split="train", samples=4, steps=3, batch=2, fid_weights=str(weights), run_name="fid-test", experiment="fid-test",
     )
     result = run_fid(config)
     by_model = {row["model"]: row for row in result["rows"]}
-    assert set(by_model) == {"edm_r1", "ncsnv2_r1", "ambient_r2"}
-    for name in ("edm_r1", "ncsnv2_r1"):
+    assert set(by_model) == {"edm_r1", "ncsnv2_r1", "ambient_r2", "l1"}
+    for name, paper in (("edm_r1", 10.41), ("ncsnv2_r1", 13.20), ("ambient_r2", 30.34)):
         assert by_model[name]["fid"] is not None and by_model[name]["fid"] >= 0
-        assert by_model[name]["paper_fid"] in (10.41, 13.20)
-    assert by_model["ambient_r2"]["fid"] is None and "no unconditional sampler" in by_model["ambient_r2"]["note"]
+        assert by_model[name]["paper_fid"] == paper
+    assert by_model["l1"]["fid"] is None and "no unconditional sampler" in by_model["l1"]["note"]
     client = MlflowClient()
     run = client.get_run(result["run_id"])
-    assert set(run.data.metrics) == {"fid.edm_r1", "fid.ncsnv2_r1"}
+    assert set(run.data.metrics) == {"fid.edm_r1", "fid.ncsnv2_r1", "fid.ambient_r2"}
     artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
-    assert {"fid.csv", "samples_edm_r1.png", "samples_ncsnv2_r1.png"} <= artifacts
+    assert {"fid.csv", "samples_edm_r1.png", "samples_ncsnv2_r1.png", "samples_ambient_r2.png"} <= artifacts
     table = format_fid_table(result["rows"])
     assert "edm_r1" in table and "10.41" in table
 

@@ -191,6 +191,10 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
     from adps.nn.samplers import run_sampler
 
     model, _ = load_for_evaluation(cell.model, device, config.tracking_uri)
+    from adps.data.shards import read_manifest
+
+    # A_tr masks like the training masks: the ACS width the dataset was prepared with.
+    acs = read_manifest(config.dataset)["config"].get("acs")
     dataset = PreparedSliceDataset(config.dataset, "test", acceleration=cell.r_inf)
     try:
         items = [dataset[i] for i in cell.indices]
@@ -205,7 +209,7 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
     started = time.perf_counter()
     image = run_sampler(
         cell.sampler, model, y, operator, generator=generator, steps=config.steps or None, guidance=config.guidance,
-        train_acceleration=cell.r_train, slice_ids=slice_ids, seed=config.seed, amp=config.amp,
+        train_acceleration=cell.r_train, slice_ids=slice_ids, seed=config.seed, acs=acs, amp=config.amp,
     )
     seconds = (time.perf_counter() - started) / len(items)
     reference = batch["reference"]

@@ -7,8 +7,9 @@ default, Inception-v3 as an option; local weights only, see :mod:`adps.perceptua
 sample grid. The driver logs one MLflow run: ``fid.csv`` (model, FID, the paper's value),
 metrics ``fid.<model>`` and ``samples_<model>.png``.
 
-Ambient models are not sampled unconditionally yet (their network expects a corrupted input
-and its mask); they are listed with the reason instead of a number.
+Ambient models sample with the A-DPS loop at guidance 0 (no data term): the network sees
+``[A_tr^H A_tr x, mask_tr]`` as in training, with a fresh R_train + 1 mask per sample and the
+coil maps of the split's slices (cycled), since its input is defined through them.
 """
 
 from __future__ import annotations
@@ -75,9 +76,15 @@ class FidConfig(ConfigFile):
 
 def unconditional_samples(
     method: str, model: torch.nn.Module, n: int, shape: tuple[int, int], *, steps: int = 0, batch: int = 25,
-    seed: int = 0, amp: str = "", device: str = "cpu",
+    seed: int = 0, amp: str = "", device: str = "cpu", maps: torch.Tensor | None = None,
+    train_acceleration: float | None = None, acs: int | None = None,
 ) -> torch.Tensor:
-    """``n`` unconditional complex images ``(n, H, W)`` from a diffusion prior."""
+    """``n`` unconditional complex images ``(n, H, W)`` from a diffusion prior.
+
+    ``maps`` ``(M, C, H, W)`` and ``train_acceleration`` (R_train) are needed for ``ambient``
+    models (see the module docstring); sample ``i`` uses ``maps[i % M]``; ``acs``: the ACS
+    width of its masks (the prepared dataset's; None = METHOD.md's 20 where it fits).
+    """
     from adps.mri import SenseOperator
     from adps.nn import samplers
     from adps.nn.samplers import default_sigmas
@@ -98,8 +105,19 @@ def unconditional_samples(
             sigmas = default_sigmas("ald", model, steps=steps) if steps else None
             out.append(samplers.ald(model, y, operator, sigmas, generator=generator, likelihood_weight=0.0,
                                     amp=amp or None))
+        elif method == "ambient":
+            if maps is None or train_acceleration is None:
+                raise ValueError("ambient: unconditional samples need coil maps and the training acceleration")
+            picked = maps[torch.arange(start, start + count) % maps.shape[0]].to(device)
+            operator = SenseOperator(picked, torch.ones(count, shape[1], dtype=torch.bool, device=device))
+            y = torch.zeros_like(picked)
+            out.append(samplers.run_sampler(
+                "a_dps", model, y, operator, generator=generator, steps=steps or None, guidance=0.0,
+                train_acceleration=train_acceleration, slice_ids=list(range(start, start + count)), seed=seed, acs=acs,
+                amp=amp or None,
+            ))
         else:
-            raise ValueError(f"{method}: no unconditional sampler (edm, edm_l1 and ncsnv2 have one)")
+            raise ValueError(f"{method}: no unconditional sampler (edm, edm_l1, ncsnv2 and ambient have one)")
     return torch.cat(out).cpu()
 
 
@@ -134,17 +152,21 @@ def _fid_task(config: dict[str, Any], uri: str) -> dict[str, Any]:
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     model, model_config = load_for_evaluation(uri, device, cfg.tracking_uri)
     label = model_label(model_config)
-    acceleration = read_manifest(cfg.dataset)["config"]["accelerations"][0]
+    prepared = read_manifest(cfg.dataset)["config"]
+    acceleration = prepared["accelerations"][0]
     dataset = PreparedSliceDataset(cfg.dataset, cfg.split, acceleration=acceleration)
     try:
-        real = torch.stack([dataset[i]["reference"] for i in range(len(dataset))])
+        items = [dataset[i] for i in range(len(dataset))]
+        real = torch.stack([item["reference"] for item in items])
+        maps = torch.stack([item["maps"] for item in items])
     finally:
         dataset.close()
     row: dict[str, Any] = {"model": label, "fid": None, "paper_fid": PAPER_FID.get(label), "samples": cfg.samples,
                            "note": ""}
     try:
         fake = unconditional_samples(model_config["method"], model, cfg.samples, tuple(real.shape[-2:]), steps=cfg.steps,
-                                     batch=cfg.batch, seed=cfg.seed, amp=cfg.amp, device=device)
+                                     batch=cfg.batch, seed=cfg.seed, amp=cfg.amp, device=device, maps=maps,
+                                     train_acceleration=float(model_config["R"]), acs=prepared.get("acs"))
     except ValueError as err:
         row["note"] = str(err)
         return row
