@@ -64,6 +64,34 @@ def test_model_entries() -> None:
         model_uri("ambient")
 
 
+def test_sampler_settings_come_from_the_best_tune_result(tiny_prepared: str) -> None:
+    """A model with a best Ray Tune result (an MLflow run tagged adps.best_for) gets its
+    settings; the others get METHOD.md's; explicit config values win over both."""
+    from mlflow import MlflowClient
+
+    from adps.orchestration.evaluate import plan_cells, tuned_settings
+    from adps.orchestration.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri()
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("tune-lookup")
+    for guidance, status in (("2.5", "FINISHED"), ("9", "FAILED")):  # a failed search is ignored
+        run = client.create_run(experiment, tags={"adps.best_for": "ambient_r2"})
+        client.log_param(run.info.run_id, "guidance", guidance)
+        client.log_param(run.info.run_id, "steps", "7")
+        client.set_terminated(run.info.run_id, status)
+    assert tuned_settings(uri, "tune-lookup", "ambient_r2") == {"guidance": 2.5, "steps": 7.0}
+    assert tuned_settings(uri, "tune-lookup", "edm_r1") == {} and tuned_settings(uri, "no-such", "x") == {}
+
+    models = [("a", {"method": "ambient", "R": 2}), ("b", {"method": "edm", "R": 1})]
+    config = EvaluateConfig(dataset=tiny_prepared, models=("a", "b"), accelerations=(2.0,), tune_experiment="tune-lookup",
+                            tracking_uri=uri)
+    settings = {(c.label, c.sampler): (c.steps, c.guidance) for c in plan_cells(config, models, 1)}
+    assert settings == {("ambient_r2", "a_dps"): (7, 2.5), ("ambient_r2", "a_os"): (7, 2.5), ("edm_r1", "dps"): (0, 1.0)}
+    explicit = config.replace(steps=20, guidance=0.5)
+    assert {(c.steps, c.guidance) for c in plan_cells(explicit, models, 1)} == {(20, 0.5)}
+
+
 def test_bad_config_names_the_key(tiny_prepared: str) -> None:
     with pytest.raises(ValueError, match="'models'"):
         EvaluateConfig(dataset=tiny_prepared).validate()
@@ -104,7 +132,8 @@ def test_evaluation_logs_table_figures_and_crossover_and_resumes(
     table = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=first["run_id"], artifact_path="results.parquet",
                                                                 dst_path=str(tmp_path / "dl")))
     assert list(table.columns) == ["model", "method", "sampler", "r_train", "r_inf", "slice", "nrmse", "psnr", "ssim",
-                                   "lpips", "seconds"]
+                                   "lpips", "seconds", "steps", "guidance"]
+    assert set(table["steps"]) == {4} and set(table["guidance"]) == {1.0}
     assert len(table) == 14
     # Every (model, metric) cross-over is either a metric or listed as none.
     none = set(filter(None, run.data.tags["adps.crossover_none"].split(",")))

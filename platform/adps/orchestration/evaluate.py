@@ -34,10 +34,13 @@ import torch
 from adps.config import ConfigFile
 from adps.data import storage
 
-__all__ = ["Cell", "EvaluateConfig", "evaluate", "evaluate_cell", "format_crossover", "format_results", "plan_cells"]
+__all__ = [
+    "Cell", "EvaluateConfig", "evaluate", "evaluate_cell", "format_crossover", "format_results", "plan_cells",
+    "tuned_settings",
+]
 
 METRICS = ("nrmse", "psnr", "ssim", "lpips")
-TABLE_COLUMNS = ("model", "method", "sampler", "r_train", "r_inf", "slice", *METRICS, "seconds")
+TABLE_COLUMNS = ("model", "method", "sampler", "r_train", "r_inf", "slice", *METRICS, "seconds", "steps", "guidance")
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,14 @@ class EvaluateConfig(ConfigFile):
     slices_per_task: int = 4
     """Slices per Ray task, reconstructed as one batch."""
     steps: int = 0
-    """Sampler steps (0 = each sampler's METHOD.md default: 500 for A-DPS / DPS)."""
-    guidance: float = 1.0
-    """A-DPS / DPS step size l_ss."""
+    """Sampler steps for every model; 0 = the model's best Ray Tune result when there is one,
+    else the sampler's METHOD.md default (500 for A-DPS / DPS)."""
+    guidance: float = 0.0
+    """A-DPS / DPS step size l_ss for every model; 0 = the model's best Ray Tune result when
+    there is one, else METHOD.md's 1.0."""
+    tune_experiment: str = "adps-tune"
+    """MLflow experiment holding Ray Tune results (see :func:`tuned_settings`); empty = never
+    look."""
     a_os: bool = True
     """Also evaluate A-OS for ambient models, at R_inf = R_train only (its valid case)."""
     lpips: bool = True
@@ -94,7 +102,7 @@ class EvaluateConfig(ConfigFile):
             raise ValueError("config key 'models' is empty: name at least one model (e.g. adps-ambient-r4)")
         if not self.accelerations or any(r < 1 for r in self.accelerations):
             raise ValueError(f"config key 'accelerations' must be values >= 1, got {list(self.accelerations)}")
-        for key in ("slices", "steps", "n_boot"):
+        for key in ("slices", "steps", "n_boot", "guidance"):
             if getattr(self, key) < 0:
                 raise ValueError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
         if self.slices_per_task < 1:
@@ -151,20 +159,57 @@ class Cell:
     r_inf: float
     indices: tuple[int, ...]
     """Test-split indices."""
+    steps: int = 0
+    """Sampler steps (0 = the sampler's default)."""
+    guidance: float = 1.0
+    """l_ss of A-DPS / DPS."""
 
     @property
     def key(self) -> str:
-        return f"{self.label}__{self.sampler}__R{self.r_inf:g}__{self.indices[0]:05d}-{self.indices[-1]:05d}"
+        # The settings are part of the key: a re-run with other settings computes new cells.
+        return (f"{self.label}__{self.sampler}__R{self.r_inf:g}__s{self.steps}_g{self.guidance:g}__"
+                f"{self.indices[0]:05d}-{self.indices[-1]:05d}")
+
+
+def tuned_settings(tracking_uri: str, experiment: str, label: str) -> dict[str, float]:
+    """The sampler settings of the best Ray Tune result for model ``label`` (``ambient_r4``),
+    or ``{}``: the newest FINISHED run of ``experiment`` tagged ``adps.best_for = <label>``,
+    its params ``guidance`` and ``steps`` (whichever it has)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment) if experiment else None
+    if found is None:
+        return {}
+    runs = client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`adps.best_for` = '{label}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if not runs:
+        return {}
+    params = runs[0].data.params
+    return {key: float(params[key]) for key in ("guidance", "steps") if key in params}
+
+
+def _settings(config: EvaluateConfig, label: str) -> tuple[int, float, str]:
+    """``(steps, guidance, source)``: explicit config values, else tuned, else METHOD.md's."""
+    tuned = tuned_settings(config.tracking_uri, config.tune_experiment, label) if config.tune_experiment else {}
+    steps = config.steps or int(tuned.get("steps", 0))
+    guidance = config.guidance or float(tuned.get("guidance", 1.0))
+    source = "tuned" if tuned and not (config.steps and config.guidance) else "config/defaults"
+    return steps, guidance, source
 
 
 def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any]]], n_test: int) -> list[Cell]:
-    """Every cell of the grid: models x samplers x R_inf x slice chunks."""
+    """Every cell of the grid: models x samplers x R_inf x slice chunks, each with its model's
+    sampler settings (:func:`_settings`)."""
     from adps.nn.samplers import DEFAULT_SAMPLER
 
     count = min(n_test, config.slices) if config.slices else n_test
     chunks = [tuple(range(i, min(i + config.slices_per_task, count))) for i in range(0, count, config.slices_per_task)]
     cells = []
     for uri, model_config in models:
+        steps, guidance, _ = _settings(config, model_label(model_config))
         method = model_config["method"]
         r_train = float(model_config["R"])
         samplers = [DEFAULT_SAMPLER[method]]
@@ -174,7 +219,8 @@ def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any
                 runs.append("a_os")
             for sampler in runs:
                 for chunk in chunks:
-                    cells.append(Cell(uri, model_label(model_config), method, sampler, r_train, float(r_inf), chunk))
+                    cells.append(Cell(uri, model_label(model_config), method, sampler, r_train, float(r_inf), chunk,
+                                      steps=steps, guidance=guidance))
     return cells
 
 
@@ -208,7 +254,7 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
     generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + slice_ids[0])
     started = time.perf_counter()
     image = run_sampler(
-        cell.sampler, model, y, operator, generator=generator, steps=config.steps or None, guidance=config.guidance,
+        cell.sampler, model, y, operator, generator=generator, steps=cell.steps or None, guidance=cell.guidance,
         train_acceleration=cell.r_train, slice_ids=slice_ids, seed=config.seed, acs=acs, amp=config.amp,
     )
     seconds = (time.perf_counter() - started) / len(items)
@@ -221,7 +267,8 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
     rows = []
     for i, slice_id in enumerate(slice_ids):
         row = {"model": cell.label, "method": cell.method, "sampler": cell.sampler, "r_train": cell.r_train,
-               "r_inf": cell.r_inf, "slice": slice_id, "seconds": seconds}
+               "r_inf": cell.r_inf, "slice": slice_id, "seconds": seconds, "steps": cell.steps,
+               "guidance": cell.guidance}
         row.update({metric: float(scores[metric][i]) if metric in scores else math.nan for metric in METRICS})
         rows.append(row)
     buffer = io.BytesIO()
@@ -278,6 +325,11 @@ def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress
     n_test = len(dataset)
     dataset.close()
     cells = plan_cells(config, models, n_test)
+    if progress:
+        for _, model_config in models:
+            steps, guidance, source = _settings(config, model_label(model_config))
+            print(f"adps evaluate: {model_label(model_config)}: steps {steps or 'default'}, guidance {guidance:g} "
+                  f"({source})", flush=True)
     rows: list[dict[str, Any]] = []
     todo = []
     for cell in cells:
