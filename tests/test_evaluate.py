@@ -64,32 +64,37 @@ def test_model_entries() -> None:
         model_uri("ambient")
 
 
-def test_sampler_settings_come_from_the_best_tune_result(tiny_prepared: str) -> None:
-    """A model with a best Ray Tune result (an MLflow run tagged adps.best_for) gets its
-    settings; the others get METHOD.md's; explicit config values win over both."""
+def test_sampler_settings_come_from_the_tuned_model_version(tiny_prepared: str, tiny_models: dict[str, Path]) -> None:
+    """A registered model version tagged by a Ray Tune search (adps.tuned.r<R>.guidance /
+    .steps) gets those settings at that R_inf; other R_inf and other models get METHOD.md's;
+    explicit config values win over both."""
     from mlflow import MlflowClient
 
-    from adps.orchestration.evaluate import plan_cells, tuned_settings
+    from adps.orchestration.evaluate import _resolve, plan_cells, tuned_settings
+    from adps.orchestration.registry import register_model
     from adps.orchestration.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri()
     client = MlflowClient(uri)
-    experiment = client.create_experiment("tune-lookup")
-    for guidance, status in (("2.5", "FINISHED"), ("9", "FAILED")):  # a failed search is ignored
-        run = client.create_run(experiment, tags={"adps.best_for": "ambient_r2"})
-        client.log_param(run.info.run_id, "guidance", guidance)
-        client.log_param(run.info.run_id, "steps", "7")
-        client.set_terminated(run.info.run_id, status)
-    assert tuned_settings(uri, "tune-lookup", "ambient_r2") == {"guidance": 2.5, "steps": 7.0}
-    assert tuned_settings(uri, "tune-lookup", "edm_r1") == {} and tuned_settings(uri, "no-such", "x") == {}
+    run = client.create_run(client.create_experiment("tuned-version"))
+    version = register_model(tiny_models["ambient_r2"], tracking_uri=uri, run_id=run.info.run_id, name="adps-tunetest-r2",
+                             tags={"adps.tuned.r4.guidance": "2.5", "adps.tuned.r4.steps": "7"})
+    assert tuned_settings(dict(version.tags), 4.0) == {"guidance": 2.5, "steps": 7.0}
+    assert tuned_settings(dict(version.tags), 2.0) == {}
 
-    models = [("a", {"method": "ambient", "R": 2}), ("b", {"method": "edm", "R": 1})]
-    config = EvaluateConfig(dataset=tiny_prepared, models=("a", "b"), accelerations=(2.0,), tune_experiment="tune-lookup",
-                            tracking_uri=uri)
-    settings = {(c.label, c.sampler): (c.steps, c.guidance) for c in plan_cells(config, models, 1)}
-    assert settings == {("ambient_r2", "a_dps"): (7, 2.5), ("ambient_r2", "a_os"): (7, 2.5), ("edm_r1", "dps"): (0, 1.0)}
+    config = EvaluateConfig(dataset=tiny_prepared, models=("adps-tunetest-r2", str(tiny_models["edm_r1"])),
+                            accelerations=(2.0, 4.0), tracking_uri=uri)
+    models = _resolve(config)
+    settings = {(c.label, c.sampler, c.r_inf): (c.steps, c.guidance) for c in plan_cells(config, models, 1)}
+    assert settings == {
+        ("ambient_r2", "a_dps", 2.0): (0, 1.0), ("ambient_r2", "a_os", 2.0): (0, 1.0),
+        ("ambient_r2", "a_dps", 4.0): (7, 2.5),
+        ("edm_r1", "dps", 2.0): (0, 1.0), ("edm_r1", "dps", 4.0): (0, 1.0),
+    }
     explicit = config.replace(steps=20, guidance=0.5)
     assert {(c.steps, c.guidance) for c in plan_cells(explicit, models, 1)} == {(20, 0.5)}
+    ignored = config.replace(use_tuned=False)
+    assert {(c.steps, c.guidance) for c in plan_cells(ignored, models, 1)} == {(0, 1.0)}
 
 
 def test_bad_config_names_the_key(tiny_prepared: str) -> None:

@@ -36,7 +36,7 @@ from adps.data import storage
 
 __all__ = [
     "Cell", "EvaluateConfig", "evaluate", "evaluate_cell", "format_crossover", "format_results", "plan_cells",
-    "tuned_settings",
+    "model_version_of", "tuned_settings",
 ]
 
 METRICS = ("nrmse", "psnr", "ssim", "lpips")
@@ -67,9 +67,9 @@ class EvaluateConfig(ConfigFile):
     guidance: float = 0.0
     """A-DPS / DPS step size l_ss for every model; 0 = the model's best Ray Tune result when
     there is one, else METHOD.md's 1.0."""
-    tune_experiment: str = "adps-tune"
-    """MLflow experiment holding Ray Tune results (see :func:`tuned_settings`); empty = never
-    look."""
+    use_tuned: bool = True
+    """Read the settings of ``adps tune`` searches from the registered model version's tags
+    (:func:`tuned_settings`) for settings left at 0."""
     a_os: bool = True
     """Also evaluate A-OS for ambient models, at R_inf = R_train only (its valid case)."""
     lpips: bool = True
@@ -171,29 +171,39 @@ class Cell:
                 f"{self.indices[0]:05d}-{self.indices[-1]:05d}")
 
 
-def tuned_settings(tracking_uri: str, experiment: str, label: str) -> dict[str, float]:
-    """The sampler settings of the best Ray Tune result for model ``label`` (``ambient_r4``),
-    or ``{}``: the newest FINISHED run of ``experiment`` tagged ``adps.best_for = <label>``,
-    its params ``guidance`` and ``steps`` (whichever it has)."""
+TUNED_TAG = "adps.tuned.r{r_inf:g}.{key}"
+"""Model-version tags an ``adps tune`` search leaves (``adps.tuned.r8.guidance``, ``.steps``)."""
+
+
+def model_version_of(uri: str, tracking_uri: str) -> Any:
+    """The registered model version a ``models:/name@alias`` / ``models:/name/N`` URI names, or
+    None for any other model entry."""
     from mlflow import MlflowClient
 
+    if not uri.startswith("models:/"):
+        return None
     client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment) if experiment else None
-    if found is None:
-        return {}
-    runs = client.search_runs(
-        [found.experiment_id], filter_string=f"tags.`adps.best_for` = '{label}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )
-    if not runs:
-        return {}
-    params = runs[0].data.params
-    return {key: float(params[key]) for key in ("guidance", "steps") if key in params}
+    name, _, rest = uri[len("models:/"):].partition("@")
+    if rest:
+        return client.get_model_version_by_alias(name, rest)
+    name, _, version = name.partition("/")
+    return client.get_model_version(name, version) if version else None
 
 
-def _settings(config: EvaluateConfig, label: str) -> tuple[int, float, str]:
-    """``(steps, guidance, source)``: explicit config values, else tuned, else METHOD.md's."""
-    tuned = tuned_settings(config.tracking_uri, config.tune_experiment, label) if config.tune_experiment else {}
+def tuned_settings(tags: dict[str, str], r_inf: float) -> dict[str, float]:
+    """The ``guidance`` / ``steps`` a Ray Tune search at ``r_inf`` stored on the model version
+    (:data:`TUNED_TAG`), or ``{}``."""
+    found = {}
+    for key in ("guidance", "steps"):
+        value = tags.get(TUNED_TAG.format(r_inf=r_inf, key=key))
+        if value is not None:
+            found[key] = float(value)
+    return found
+
+
+def _settings(config: EvaluateConfig, tags: dict[str, str], r_inf: float) -> tuple[int, float, str]:
+    """``(steps, guidance, source)``: explicit config values, else tuned at ``r_inf``, else METHOD.md's."""
+    tuned = tuned_settings(tags, r_inf) if config.use_tuned else {}
     steps = config.steps or int(tuned.get("steps", 0))
     guidance = config.guidance or float(tuned.get("guidance", 1.0))
     source = "tuned" if tuned and not (config.steps and config.guidance) else "config/defaults"
@@ -209,7 +219,7 @@ def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any
     chunks = [tuple(range(i, min(i + config.slices_per_task, count))) for i in range(0, count, config.slices_per_task)]
     cells = []
     for uri, model_config in models:
-        steps, guidance, _ = _settings(config, model_label(model_config))
+        tags = model_config.get("_version_tags", {})
         method = model_config["method"]
         r_train = float(model_config["R"])
         samplers = [DEFAULT_SAMPLER[method]]
@@ -217,6 +227,7 @@ def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any
             runs = list(samplers)
             if method == "ambient" and config.a_os and float(r_inf) == r_train:
                 runs.append("a_os")
+            steps, guidance, _ = _settings(config, tags, float(r_inf))
             for sampler in runs:
                 for chunk in chunks:
                     cells.append(Cell(uri, model_label(model_config), method, sampler, r_train, float(r_inf), chunk,
@@ -292,7 +303,8 @@ def _resolve(config: EvaluateConfig) -> list[tuple[str, dict[str, Any]]]:
     for entry in config.models:
         uri = model_uri(entry)
         _, model_config = load_for_evaluation(uri, "cpu", config.tracking_uri)
-        resolved.append((uri, model_config))
+        version = model_version_of(uri, config.tracking_uri)
+        resolved.append((uri, {**model_config, "_version_tags": dict(version.tags) if version is not None else {}}))
     return resolved
 
 
@@ -327,9 +339,10 @@ def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress
     cells = plan_cells(config, models, n_test)
     if progress:
         for _, model_config in models:
-            steps, guidance, source = _settings(config, model_label(model_config))
-            print(f"adps evaluate: {model_label(model_config)}: steps {steps or 'default'}, guidance {guidance:g} "
-                  f"({source})", flush=True)
+            for r_inf in config.accelerations:
+                steps, guidance, source = _settings(config, model_config["_version_tags"], float(r_inf))
+                print(f"adps evaluate: {model_label(model_config)} at R_inf {r_inf:g}: steps {steps or 'default'}, "
+                      f"guidance {guidance:g} ({source})", flush=True)
     rows: list[dict[str, Any]] = []
     todo = []
     for cell in cells:
