@@ -78,8 +78,9 @@ def test_sampler_settings_come_from_the_tuned_model_version(tiny_prepared: str, 
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("tuned-version"))
     version = register_model(tiny_models["ambient_r2"], tracking_uri=uri, run_id=run.info.run_id, name="adps-tunetest-r2",
-                             tags={"adps.tuned.r4.guidance": "2.5", "adps.tuned.r4.steps": "7"})
-    assert tuned_settings(dict(version.tags), 4.0) == {"guidance": 2.5, "steps": 7.0}
+                             tags={"adps.tuned.r4.guidance": "2.5", "adps.tuned.r4.steps": "7",
+                                   "adps.tuned.r4.churn": "3", "adps.tuned.r4.run_id": "abc"})
+    assert tuned_settings(dict(version.tags), 4.0) == {"guidance": 2.5, "steps": 7.0, "churn": 3.0}
     assert tuned_settings(dict(version.tags), 2.0) == {}
 
     config = EvaluateConfig(dataset=tiny_prepared, models=("adps-tunetest-r2", str(tiny_models["edm_r1"])),
@@ -91,8 +92,10 @@ def test_sampler_settings_come_from_the_tuned_model_version(tiny_prepared: str, 
         ("ambient_r2", "a_dps", 4.0): (7, 2.5),
         ("edm_r1", "dps", 2.0): (0, 1.0), ("edm_r1", "dps", 4.0): (0, 1.0),
     }
+    options = {(c.label, c.sampler, c.r_inf): c.options for c in plan_cells(config, models, 1) if c.options}
+    assert options == {("ambient_r2", "a_dps", 4.0): (("churn", 3.0),)}  # searched together, used together
     explicit = config.replace(steps=20, guidance=0.5)
-    assert {(c.steps, c.guidance) for c in plan_cells(explicit, models, 1)} == {(20, 0.5)}
+    assert {(c.steps, c.guidance, c.options) for c in plan_cells(explicit, models, 1)} == {(20, 0.5, ())}
     ignored = config.replace(use_tuned=False)
     assert {(c.steps, c.guidance) for c in plan_cells(ignored, models, 1)} == {(0, 1.0)}
 

@@ -420,3 +420,39 @@ def test_run_sampler_builds_schedule_and_train_masks(problem: dict) -> None:
     assert torch.equal(out, direct) and len(trace) == 4
     with pytest.raises(ValueError, match="train_acceleration"):
         smp.run_sampler("a_dps", model, problem["y"], problem["operator"], steps=2)
+
+
+def test_churn_adds_seeded_noise_and_keeps_the_fit(problem: dict) -> None:
+    """churn 0 is METHOD.md's loop exactly; churn > 0 (EDM S_churn) raises each level by
+    gamma = min(churn / steps, sqrt 2 - 1), is reproducible per seed and still fits the data."""
+    model = GaussianDenoiser(problem["mean"], PRIOR_STD)
+    steps = 30
+
+    def run(churn: float, seed: int = 0, trace: list | None = None) -> Tensor:
+        return smp.dps(model, problem["y"], problem["operator"], edm_sigmas(steps), churn=churn,
+                       generator=torch.Generator().manual_seed(seed), callback=None if trace is None else _trace(trace))
+
+    assert torch.equal(run(0.0), smp.dps(model, problem["y"], problem["operator"], edm_sigmas(steps),
+                                         generator=torch.Generator().manual_seed(0)))
+    trace: list[dict] = []
+    churned = run(6.0, trace=trace)
+    assert torch.equal(churned, run(6.0)) and not torch.equal(churned, run(0.0))
+    gamma = 6.0 / steps
+    assert trace[0]["sigma"] == pytest.approx(10.0 * (1 + gamma))
+    capped: list[dict] = []
+    run(1000.0, trace=capped)
+    assert capped[0]["sigma"] == pytest.approx(10.0 * math.sqrt(2.0))
+    zero_filled = problem["operator"].adjoint(problem["y"])
+    assert bool((nrmse(problem["truth"], churned) < 0.5 * nrmse(problem["truth"], zero_filled)).all())
+
+
+def test_run_sampler_passes_schedule_and_sampler_options(problem: dict) -> None:
+    """A tuned setting reaches its place: sigma_max / rho to the schedule, churn to the loop."""
+    model = GaussianDenoiser(problem["mean"], PRIOR_STD)
+    out = smp.run_sampler("dps", model, problem["y"], problem["operator"], steps=5, sigma_max=4.0, rho=5.0,
+                          churn=2.0, generator=torch.Generator().manual_seed(1))
+    direct = smp.dps(model, problem["y"], problem["operator"], edm_sigmas(5, sigma_max=4.0, rho=5.0), churn=2.0,
+                     generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, direct)
+    with pytest.raises(TypeError, match="step_scale"):
+        smp.run_sampler("dps", model, problem["y"], problem["operator"], steps=5, step_scale=0.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -136,6 +137,29 @@ def _fid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from adps.nn.train_config import parse_overrides  # deferred: keeps `adps --help` fast
+    from adps.orchestration.tune import SearchConfig, tune_search
+
+    overrides = parse_overrides(args.set or [])
+    for key, value in (("model", args.model), ("r_inf", args.r_inf), ("space", args.space)):
+        if value is not None:
+            overrides[key] = str(value) if isinstance(value, Path) else value
+    config = SearchConfig.from_yaml(args.config, overrides) if args.config else SearchConfig.from_dict(overrides)
+    config.validate()
+    print("adps tune: config\n" + config.to_yaml(), flush=True)
+    result = tune_search(config, ray_address=args.address)
+    best = result["best"]
+    stopped = sum(t["stopped_early"] for t in result["trials"])
+    print(f"adps tune: {len(result['trials'])} trials ({stopped} stopped early) in {result['path']}; "
+          f"MLflow run {result['run_id']}")
+    if best is None:
+        print("adps tune: error: no trial finished", file=sys.stderr)
+        return 1
+    print(f"adps tune: best {best['metric']} {best['value']:.4g} with {json.dumps(best['settings'])}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adps",
@@ -228,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fid.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
     fid.set_defaults(handler=_fid)
+
+    tune = commands.add_parser(
+        "tune", help="Ray Tune search (Optuna TPE + ASHA) of a model's sampler settings at one R_inf (resumes by name)"
+    )
+    tune.add_argument("--model", help="models:/<name>@<alias>, a registered adps-* name or a model folder")
+    tune.add_argument("--r-inf", type=float, help="the acceleration R_inf searched at")
+    tune.add_argument("--space", type=Path, help="search-space file (tune_spaces/adps.yaml, dps.yaml, ald.yaml)")
+    tune.add_argument("--config", type=Path, help="YAML file of SearchConfig keys")
+    tune.add_argument(
+        "--set", action="append", metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set dataset=s3://bucket/prepared --set num_samples=64",
+    )
+    tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
+    tune.set_defaults(handler=_tune)
     return parser
 
 

@@ -69,6 +69,7 @@ __all__ = [
     "METHOD_SAMPLERS",
     "SAMPLERS",
     "SAMPLER_DEFAULTS",
+    "SCHEDULE_OPTIONS",
     "Callback",
     "a_dps",
     "a_os",
@@ -102,6 +103,13 @@ SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
     "unrolled": {"steps": 1},
 }
 
+SCHEDULE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "a_dps": ("sigma_min", "sigma_max", "rho"),
+    "dps": ("sigma_min", "sigma_max", "rho"),
+    "prior_heun": ("sigma_min", "sigma_max", "rho"),
+    "ald": ("steps_per_level", "sigma_start"),
+}
+"""The schedule settings :func:`default_sigmas` takes per sampler (besides ``steps``)."""
 DEFAULT_STEPS: dict[str, int] = {name: int(values["steps"]) for name, values in SAMPLER_DEFAULTS.items()}
 """Network evaluations / iterations per sampler at its defaults (A-DPS, DPS 500; ALD 1,300; ...)."""
 
@@ -342,8 +350,9 @@ def _guided_euler(
     generator: torch.Generator | None,
     callback: Callback | None,
     sampler: str,
+    churn: float = 0.0,
 ) -> Tensor:
-    """The DPS / A-DPS loop (paper eq. 2.12 / 2.3, METHOD.md "Samplers"): Euler, no churn.
+    """The DPS / A-DPS loop (paper eq. 2.12 / 2.3, METHOD.md "Samplers"): Euler, no churn by default.
 
     Start ``x = sigma_0 n`` (complex, N(0, 1) real and imaginary parts). For each interval
     ``(sigma, sigma_next)`` of the grid, with ``h = sigma_next - sigma``::
@@ -357,13 +366,23 @@ def _guided_euler(
     code's form; it equals ``2 guidance grad ||r||``, a step of constant length in the
     direction that reduces the residual. Returns the final iterate (on a grid ending in 0 the
     last step lands on ``D`` minus its guidance correction), not the last ``D``.
+
+    ``churn`` > 0 (EDM's ``S_churn``, Karras et al. 2022, Algorithm 2; a Ray Tune option, not
+    part of METHOD.md's setting) first raises each level to ``sigma_hat = sigma (1 + gamma)``,
+    ``gamma = min(churn / steps, sqrt(2) - 1)``, by adding fresh noise of std
+    ``sqrt(sigma_hat^2 - sigma^2)`` from ``generator``, and then steps from ``sigma_hat``.
     """
     n, height, width = operator.image_shape
     device = y.device
     x = sigmas[0] * sample_noise(torch.empty(n, height, width, dtype=torch.complex64, device=device), generator)
     total = len(sigmas) - 1
+    gamma = min(churn / total, math.sqrt(2.0) - 1.0) if churn > 0 and total else 0.0
     for step in range(total):
         sigma, sigma_next = sigmas[step], sigmas[step + 1]
+        if gamma > 0 and sigma > 0:
+            sigma_hat = sigma * (1.0 + gamma)
+            x = x + math.sqrt(sigma_hat**2 - sigma**2) * sample_noise(torch.empty_like(x), generator)
+            sigma = sigma_hat
         x_in = x.detach().requires_grad_(True)
         with torch.enable_grad():
             denoised = denoise(x_in, sigma)
@@ -389,6 +408,7 @@ def a_dps(
     callback: Callback | None = None,
     train_mask: Tensor | None = None,
     guidance: float = 1.0,
+    churn: float = 0.0,
     amp: str | None = None,
 ) -> Tensor:
     """Ambient Diffusion Posterior Sampling (paper eq. 2.12; METHOD.md "Samplers").
@@ -411,6 +431,7 @@ def a_dps(
         train_mask: ``A_tr``'s columns ``(N, W)`` bool (or ``(W,)`` for all slices), required:
             draw it with :func:`train_masks` (R_train + 1, one per slice, seeded).
         guidance: ``l_ss``, the likelihood step (1.0).
+        churn: EDM ``S_churn`` (0 = METHOD.md's deterministic Euler loop; see :func:`_guided_euler`).
         amp: None, ``"bf16"`` or ``"fp16"``: autocast of the network on CUDA.
 
     Returns:
@@ -441,7 +462,7 @@ def a_dps(
 
     with _eval_mode(model):
         return _guided_euler(denoise, y, operator, grid, guidance=guidance, generator=generator,
-                             callback=callback, sampler="a_dps")
+                             callback=callback, sampler="a_dps", churn=churn)
 
 
 def dps(
@@ -453,6 +474,7 @@ def dps(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     guidance: float = 1.0,
+    churn: float = 0.0,
     amp: str | None = None,
 ) -> Tensor:
     """Diffusion Posterior Sampling with a prior denoiser (FS-DPS with ``edm``, L1-DPS with
@@ -461,7 +483,7 @@ def dps(
 
     Args:
         model: ``D(x, sigma)`` on ``[Re, Im]`` (EDMPrecond of a 2-channel UNet).
-        y, operator, sigmas, generator, callback, guidance, amp: as for :func:`a_dps`
+        y, operator, sigmas, generator, callback, guidance, churn, amp: as for :func:`a_dps`
             (defaults: ``edm_sigmas(500, 0.004, 10, 7)``, ``guidance = 1.0``).
 
     Returns:
@@ -481,7 +503,7 @@ def dps(
 
     with _eval_mode(model):
         return _guided_euler(denoise, y, operator, grid, guidance=guidance, generator=generator,
-                             callback=callback, sampler="dps")
+                             callback=callback, sampler="dps", churn=churn)
 
 
 # ------------------------------------------------------------------------------ one-pass methods
@@ -798,14 +820,19 @@ def run_sampler(
       ``floor(W / (R_train + 1))`` columns cannot hold 20). A ``train_mask`` in ``options``
       is used as given instead.
     * ``amp``: None / ``""`` (off), ``"bf16"``, ``"fp16"``.
-    * ``options``: passed on to the sampler (e.g. ``sigma`` of ``a_os``, ``step_scale`` of ``ald``).
+    * ``options``: the schedule settings of :data:`SCHEDULE_OPTIONS` (``sigma_max``,
+      ``sigma_min``, ``rho``; ``steps_per_level``, ``sigma_start`` for ald) go to
+      :func:`default_sigmas`; the rest to the sampler (e.g. ``churn`` of ``a_dps``, ``sigma``
+      of ``a_os``, ``step_scale`` of ``ald``). This is how a Ray Tune trial's settings and
+      the tuned settings of an evaluation reach a sampler.
     """
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     amp = amp or None
     sigmas = None
-    if name in ("a_dps", "dps", "prior_heun", "ald") and steps is not None:
-        sigmas = default_sigmas(name, model, steps=steps)
+    schedule = {key: options.pop(key) for key in SCHEDULE_OPTIONS.get(name, ()) if key in options}
+    if name in SCHEDULE_OPTIONS and (steps is not None or schedule):
+        sigmas = default_sigmas(name, model, steps=steps, **schedule)
     if name == "l1_wavelet" and steps is not None:
         options.setdefault("iterations", int(steps))
     if name in ("a_dps", "dps") and guidance is not None:

@@ -163,11 +163,14 @@ class Cell:
     """Sampler steps (0 = the sampler's default)."""
     guidance: float = 1.0
     """l_ss of A-DPS / DPS."""
+    options: tuple[tuple[str, float], ...] = ()
+    """Other tuned sampler settings (``sigma_max``, ``churn``, ``step_scale``, ...), sorted."""
 
     @property
     def key(self) -> str:
         # The settings are part of the key: a re-run with other settings computes new cells.
-        return (f"{self.label}__{self.sampler}__R{self.r_inf:g}__s{self.steps}_g{self.guidance:g}__"
+        extra = "".join(f"_{name}{value:g}" for name, value in self.options)
+        return (f"{self.label}__{self.sampler}__R{self.r_inf:g}__s{self.steps}_g{self.guidance:g}{extra}__"
                 f"{self.indices[0]:05d}-{self.indices[-1]:05d}")
 
 
@@ -191,23 +194,26 @@ def model_version_of(uri: str, tracking_uri: str) -> Any:
 
 
 def tuned_settings(tags: dict[str, str], r_inf: float) -> dict[str, float]:
-    """The ``guidance`` / ``steps`` a Ray Tune search at ``r_inf`` stored on the model version
-    (:data:`TUNED_TAG`), or ``{}``."""
+    """The sampler settings a Ray Tune search at ``r_inf`` stored on the model version
+    (:data:`TUNED_TAG`: ``guidance``, ``steps`` and any other searched setting), or ``{}``."""
+    prefix = TUNED_TAG.format(r_inf=r_inf, key="")
     found = {}
-    for key in ("guidance", "steps"):
-        value = tags.get(TUNED_TAG.format(r_inf=r_inf, key=key))
-        if value is not None:
+    for tag, value in tags.items():
+        key = tag[len(prefix):]
+        if tag.startswith(prefix) and key != "run_id":
             found[key] = float(value)
     return found
 
 
-def _settings(config: EvaluateConfig, tags: dict[str, str], r_inf: float) -> tuple[int, float, str]:
-    """``(steps, guidance, source)``: explicit config values, else tuned at ``r_inf``, else METHOD.md's."""
+def _settings(config: EvaluateConfig, tags: dict[str, str], r_inf: float) -> tuple[int, float, dict[str, float]]:
+    """``(steps, guidance, options)``: explicit config values, else tuned at ``r_inf``, else
+    METHOD.md's; ``options`` = the other tuned settings (used only with the tuned guidance)."""
     tuned = tuned_settings(tags, r_inf) if config.use_tuned else {}
-    steps = config.steps or int(tuned.get("steps", 0))
-    guidance = config.guidance or float(tuned.get("guidance", 1.0))
-    source = "tuned" if tuned and not (config.steps and config.guidance) else "config/defaults"
-    return steps, guidance, source
+    steps = config.steps or int(tuned.pop("steps", 0))
+    guidance = config.guidance or float(tuned.pop("guidance", 1.0))
+    tuned = {key: value for key, value in tuned.items() if key not in ("steps", "guidance")}
+    # Settings searched together belong together: an explicit guidance drops the rest of the tuned set.
+    return steps, guidance, {} if config.guidance else tuned
 
 
 def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any]]], n_test: int) -> list[Cell]:
@@ -227,11 +233,13 @@ def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any
             runs = list(samplers)
             if method == "ambient" and config.a_os and float(r_inf) == r_train:
                 runs.append("a_os")
-            steps, guidance, _ = _settings(config, tags, float(r_inf))
+            steps, guidance, options = _settings(config, tags, float(r_inf))
             for sampler in runs:
                 for chunk in chunks:
+                    # The tuned settings belong to the model's own sampler, not to the extra A-OS.
+                    extra = tuple(sorted(options.items())) if sampler == DEFAULT_SAMPLER[method] else ()
                     cells.append(Cell(uri, model_label(model_config), method, sampler, r_train, float(r_inf), chunk,
-                                      steps=steps, guidance=guidance))
+                                      steps=steps, guidance=guidance, options=extra))
     return cells
 
 
@@ -267,6 +275,7 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
     image = run_sampler(
         cell.sampler, model, y, operator, generator=generator, steps=cell.steps or None, guidance=cell.guidance,
         train_acceleration=cell.r_train, slice_ids=slice_ids, seed=config.seed, acs=acs, amp=config.amp,
+        **dict(cell.options),
     )
     seconds = (time.perf_counter() - started) / len(items)
     reference = batch["reference"]
@@ -340,9 +349,12 @@ def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress
     if progress:
         for _, model_config in models:
             for r_inf in config.accelerations:
-                steps, guidance, source = _settings(config, model_config["_version_tags"], float(r_inf))
+                tags = model_config["_version_tags"]
+                steps, guidance, options = _settings(config, tags, float(r_inf))
+                tuned = config.use_tuned and bool(tuned_settings(tags, float(r_inf)))
+                extra = "".join(f", {name} {value:g}" for name, value in sorted(options.items()))
                 print(f"adps evaluate: {model_label(model_config)} at R_inf {r_inf:g}: steps {steps or 'default'}, "
-                      f"guidance {guidance:g} ({source})", flush=True)
+                      f"guidance {guidance:g}{extra} ({'tuned' if tuned else 'config/defaults'})", flush=True)
     rows: list[dict[str, Any]] = []
     todo = []
     for cell in cells:
@@ -379,7 +391,8 @@ def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress
 
 def _cell_task(config: dict[str, Any], cell: dict[str, Any]) -> list[dict[str, Any]]:
     config_obj = EvaluateConfig.from_dict(config)
-    cell_obj = Cell(**{**cell, "indices": tuple(cell["indices"])})
+    cell_obj = Cell(**{**cell, "indices": tuple(cell["indices"]),
+                       "options": tuple((name, float(value)) for name, value in cell["options"])})
     torch.set_num_threads(1)
     device = "cuda" if config_obj.use_gpu and torch.cuda.is_available() else "cpu"
     return evaluate_cell(config_obj, cell_obj, device=device)

@@ -1,0 +1,196 @@
+"""The Ray Tune search of sampler settings: space files, Optuna + ASHA on local Ray with a tiny
+model, MLflow parent / child runs, best.json and model-version tags, and a killed search that
+resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from adps.orchestration.tune import SearchConfig, load_space, parse_space, tune_search
+from conftest import stop_process_group
+from test_evaluate import train_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_SPACE = """# test space: tiny step counts
+sampler: adps
+objective: {metric: nrmse, mode: min}
+params:
+  guidance: {type: loguniform, low: 0.1, high: 10.0}
+  steps: {type: choice, values: [2, 3, 4]}
+"""
+
+
+@pytest.fixture(scope="module")
+def ambient_model(tiny_prepared: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_tiny(tiny_prepared, "ambient", 2, tmp_path_factory.mktemp("tune-models"))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def space_file(tmp_path: Path) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(TEST_SPACE)
+    return path
+
+
+def test_space_files_of_the_repository_load() -> None:
+    spaces = {name: load_space(REPO / "tune_spaces" / f"{name}.yaml") for name in ("adps", "dps", "ald")}
+    assert {name: s.sampler for name, s in spaces.items()} == {"adps": "a_dps", "dps": "dps", "ald": "ald"}
+    assert spaces["adps"].params["guidance"] == {"type": "loguniform", "low": 0.1, "high": 10.0}
+    assert all(s.metric == "nrmse" and s.mode == "min" for s in spaces.values())
+
+
+@pytest.mark.parametrize("text, message", [
+    ("sampler: adps\nparams: {guidance: {type: loguniform, low: 0.1, high: 10}}\nsteps: 4",
+     r"unknown key 'steps'"),
+    ("sampler: adps\nparams: {guidance: {type: loguniform, low: 0.1, hihg: 10}}",
+     r"unknown key 'params.guidance.hihg'"),
+    ("sampler: ald\nparams: {churn: {type: uniform, low: 0, high: 1}}", r"unknown key 'params.churn'"),
+    ("sampler: adps\nparams: {guidance: {type: loguniform, low: 10, high: 0.1}}", r"'params.guidance'.*low .* < high"),
+    ("sampler: adps\nparams: {guidance: {type: loguniform, low: x, high: 1}}", r"'params.guidance.low' must be a number"),
+    ("sampler: adps\nparams: {steps: {type: choice, values: []}}", r"'params.steps.values' must be a non-empty list"),
+    ("sampler: adps\nparams: {steps: {type: choice, values: [2.5]}}", r"'params.steps.values' must be an integer"),
+    ("sampler: edm\nparams: {steps: {type: choice, values: [2]}}", r"key 'sampler': unknown sampler 'edm'"),
+    ("sampler: dps\nobjective: {metric: lpips}\nparams: {steps: {type: choice, values: [2]}}",
+     r"'objective.metric': 'lpips'"),
+    ("sampler: dps\nobjective: {metric: psnr, mode: maximum}\nparams: {steps: {type: choice, values: [2]}}",
+     r"'objective.mode': 'maximum'"),
+])
+def test_malformed_space_names_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        load_space(path)
+    assert str(path) in str(info.value)
+
+
+def test_config_and_sampler_mismatch_are_refused(tiny_prepared: str, ambient_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown config key 'trials'"):
+        SearchConfig.from_dict({"trials": 4})
+    with pytest.raises(ValueError, match="'slices_per_report'"):
+        SearchConfig(model="m", r_inf=4, space="s", dataset="d", slices_per_report=0).validate()
+    dps_space = tmp_path / "dps.yaml"
+    dps_space.write_text(TEST_SPACE.replace("sampler: adps", "sampler: dps"))
+    config = SearchConfig(model=str(ambient_model), r_inf=4, space=str(dps_space), dataset=tiny_prepared)
+    with pytest.raises(ValueError, match=r"dps.yaml: key 'sampler'.*method ambient, sampler a_dps"):
+        tune_search(config, progress=False)
+    assert parse_space({"sampler": "adps", "params": {"steps": {"type": "randint", "low": 2, "high": 4}}}).params
+
+
+def test_search_with_asha_logs_runs_best_json_and_version_tags(
+    ray_session, tiny_prepared: str, ambient_model: Path, space_file: Path, tmp_path: Path
+) -> None:
+    """6 trials, one at a time (deterministic: seeded TPE, seeded noise, ASHA sees the trials in
+    order), 2 reports each (one slice per report); ASHA stops the trials whose first report is
+    worse than the median of those before."""
+    from mlflow import MlflowClient
+
+    from adps.orchestration.registry import register_model
+    from adps.orchestration.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri()
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("tune-register"))
+    version = register_model(ambient_model, tracking_uri=uri, run_id=run.info.run_id, name="adps-tunesearch-r2")
+    config = SearchConfig(
+        model="models:/adps-tunesearch-r2@latest", r_inf=4, space=str(space_file), dataset=tiny_prepared,
+        slices=2, slices_per_report=1, num_samples=6, max_concurrent=1, grace_period=1, seed=1,
+        storage_path=str(tmp_path / "tune"), name="search", experiment="tune-test",
+    )
+    started = time.perf_counter()
+    result = tune_search(config, progress=False)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 150, elapsed
+    trials = result["trials"]
+    assert len(trials) == 6 and not any(t["error"] for t in trials)
+    assert all(t["settings"]["steps"] in (2, 3, 4) and 0.1 <= t["settings"]["guidance"] <= 10 for t in trials)
+    assert any(t["stopped_early"] for t in trials), trials
+    assert all(t["reports"] == (1 if t["stopped_early"] else 2) for t in trials)
+
+    best = result["best"]
+    assert best["metric"] == "nrmse" and best["trials"] == 6
+    assert best["value"] == min(t["nrmse"] for t in trials if not t["stopped_early"])
+    assert json.loads((Path(result["path"]) / "best.json").read_text()) == best
+    parent = result["run_id"]
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"best.json", "trials.json", "objective_vs_steps.png"} <= artifacts
+    logged = Path(client.download_artifacts(parent, "best.json", str(tmp_path / "download")))
+    assert json.loads(logged.read_text())["settings"] == best["settings"]
+
+    experiment = client.get_experiment_by_name("tune-test")
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(children) == 6
+    stopped = [c for c in children if c.data.tags["adps.stopped_early"] == "true"]
+    assert len(stopped) == sum(t["stopped_early"] for t in trials) >= 1
+    assert all(set(c.data.params) == {"guidance", "steps"} and "nrmse" in c.data.metrics for c in children)
+
+    tags = client.get_model_version("adps-tunesearch-r2", version.version).tags
+    assert tags["adps.tuned.r4.run_id"] == parent
+    assert int(tags["adps.tuned.r4.steps"]) == best["settings"]["steps"]
+    assert float(tags["adps.tuned.r4.guidance"]) == pytest.approx(best["settings"]["guidance"])
+    # TensorBoard logs (tensorboardX) in the trial folders.
+    assert list(Path(result["path"]).glob("*/events.out.tfevents*"))
+
+    # adps evaluate picks the tuned settings up from the model version, at that R_inf only.
+    from adps.orchestration.evaluate import EvaluateConfig, evaluate
+
+    evaluation = evaluate(EvaluateConfig(
+        dataset=tiny_prepared, models=("adps-tunesearch-r2",), accelerations=(2.0, 4.0), slices=1, a_os=False,
+        lpips=False, tracking_uri=uri, output=str(tmp_path / "evaluation"), experiment="tune-then-evaluate",
+    ), progress=False)
+    used = {row["r_inf"]: (row["steps"], row["guidance"]) for row in evaluation["rows"]}
+    assert used == {2.0: (0, 1.0), 4.0: (best["settings"]["steps"], pytest.approx(best["settings"]["guidance"]))}
+
+
+def test_killed_search_resumes_and_accounts_for_every_trial(
+    ray_session, tiny_prepared: str, ambient_model: Path, space_file: Path, tmp_path: Path
+) -> None:
+    """`adps tune` in a subprocess (a second driver on the session's Ray), killed with SIGKILL
+    once a trial has finished and been recorded; the same search run again restores it."""
+    storage_path = tmp_path / "tune"
+    sets = {"dataset": tiny_prepared, "slices": 2, "slices_per_report": 1, "num_samples": 4, "max_concurrent": 1,
+            "seed": 2, "storage_path": str(storage_path), "name": "resume", "experiment": "tune-resume"}
+    command = [sys.executable, "-m", "adps", "tune", "--model", str(ambient_model), "--r-inf", "4",
+               "--space", str(space_file), "--address", ray_session.get_runtime_context().gcs_address]
+    for key, value in sets.items():
+        command += ["--set", f"{key}={value}"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TUNE_GLOBAL_CHECKPOINT_S": "0", "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "first.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            states = list((storage_path / "resume").glob("experiment_state*.json"))
+            finished = "trial" in log_path.read_text() and "finished" in log_path.read_text()
+            if finished and any("TERMINATED" in s.read_text() for s in states):
+                break
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+    finally:
+        process.kill()
+        stop_process_group(process)
+    assert "adps tune: best" not in log_path.read_text()  # it did not finish on its own
+
+    config = SearchConfig.from_dict({**sets, "model": str(ambient_model), "r_inf": 4, "space": str(space_file)})
+    result = tune_search(config, progress=False)
+    assert result["resumed"]
+    trials = result["trials"]
+    assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
+    assert not any(t["error"] for t in trials)
+    assert all(t["reports"] >= 1 for t in trials)
+    assert json.loads((storage_path / "resume" / "best.json").read_text())["trials"] == 4
+    assert result["version"] is None  # a folder model: no registry tags
