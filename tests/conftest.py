@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stray_mlruns():
+    """Nothing may write MLflow's default ``./mlruns`` into the folder pytest runs in: every
+    experiment the platform or a test creates needs an artifact location of its own."""
+    stray = Path.cwd() / "mlruns"
+    existed = stray.exists()
+    yield
+    assert existed or not stray.exists(), f"{stray} was created during the tests (an experiment without artifact_location)"
 
 
 @pytest.fixture

@@ -26,34 +26,64 @@ def test_console_entry_point_is_installed(tmp_path: Path) -> None:
     assert result.returncode == 0 and result.stdout.startswith("adps ")
 
 
-def test_quick_demo_end_to_end(tmp_path: Path) -> None:
+def test_quick_demo_end_to_end_then_reused(tmp_path: Path) -> None:
+    """``adps demo --quick`` as a user runs it (its own local Ray): every stage runs, the MLflow
+    store in the work folder holds the registered models (the searched one tagged with its
+    tuned guidance), the evaluation run with the cross-over and the figures; a second run
+    reuses everything instead of redoing it."""
+    from mlflow import MlflowClient
+
     workdir = tmp_path / "demo"
-    result = adps("demo", "--quick", "--workdir", str(workdir), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
-    assert "NRMSE" in out and "PSNR" in out and "SSIM" in out
-    with (workdir / "results.csv").open() as handle:
+    first = adps("demo", "--quick", "--workdir", str(workdir), cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out = first.stdout
+    assert all(f"[{n}/6]" in out for n in range(1, 7)), out
+    assert "mean nrmse over slices" in out and "cross-over" in out and "where everything is" in out
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    models = {m.name: m for m in client.search_registered_models()}
+    assert set(models) == {"adps-ambient-r4", "adps-edm-r1"}
+    tuned = client.get_model_version("adps-ambient-r4", "1").tags
+    assert 0.1 <= float(tuned["adps.tuned.r8.guidance"]) <= 10 and tuned["adps.tuned.r8.steps"] == "10"
+
+    experiment = client.get_experiment_by_name("adps-demo-eval")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"results.parquet", "results.csv", "crossover.csv", "nrmse_vs_r.png", "reconstructions.png"} <= artifacts
+    # The cross-over of the ambient model against edm_r1, per metric: an R_inf or "none".
+    found = {key.split(".", 1)[1] for key in run.data.metrics if key.startswith("crossover_r.")}
+    none = {key for key in run.data.tags.get("adps.crossover_none", "").split(",") if key}
+    assert found | none == {f"ambient_r4.{metric}" for metric in ("nrmse", "psnr", "ssim")}
+    report = workdir / "evaluation" / "report"
+    with (report / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert {float(r["R"]) for r in rows} == {2.0, 4.0, 8.0}
-    assert {r["method"] for r in rows} == {"zero-filled", "CG-SENSE"}
-    assert len(rows) == 3 * 2 * 2  # R x methods x slices
-
-    def mean(method: str, acceleration: float, metric: str) -> float:
-        values = [float(r[metric]) for r in rows if r["method"] == method and float(r["R"]) == acceleration]
-        return sum(values) / len(values)
-
-    for acceleration in (2.0, 4.0, 8.0):
-        assert mean("CG-SENSE", acceleration, "nrmse") < mean("zero-filled", acceleration, "nrmse")
-        assert mean("CG-SENSE", acceleration, "psnr") > mean("zero-filled", acceleration, "psnr")
-    # Errors grow with acceleration.
-    assert mean("CG-SENSE", 2.0, "nrmse") < mean("CG-SENSE", 4.0, "nrmse") < mean("CG-SENSE", 8.0, "nrmse")
-    figure = workdir / "figures" / "reconstructions.png"
-    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # ambient_r4 by A-DPS at R_inf 4 and 8 and A-OS at 4, edm_r1 by DPS at both: 5 cells x 2 test slices.
+    assert len(rows) == 10 and {float(r["r_inf"]) for r in rows} == {4.0, 8.0}
+    assert {r["steps"] for r in rows} == {"10"}
+    assert (report / "reconstructions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(workdir.rglob("*.tmp*")), "temporary files left behind"
 
+    again = adps("demo", "--quick", "--workdir", str(workdir), cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("done (skipped)") == 2  # both training runs
+    assert "reusing the finished search" in again.stdout and "5 cells (5 done before, 0 to run)" in again.stdout
+    assert [int(v.version) for v in client.search_model_versions("name = 'adps-ambient-r4'")] == [1]
 
-def test_demo_rejects_an_impossible_acceleration(tmp_path: Path) -> None:
+
+def test_demo_refuses_bad_settings_before_starting(tmp_path: Path) -> None:
     result = adps("demo", "--quick", "--accelerations", "12", "--workdir", str(tmp_path / "d"), cwd=tmp_path)
     assert result.returncode == 2
-    assert "fewer than the 20 ACS columns" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "fewer than the 4 ACS columns" in result.stderr and "Traceback" not in result.stderr
+    result = adps("demo", "--quick", "--methods", "ambient", "gan", "--workdir", str(tmp_path / "d"), cwd=tmp_path)
+    assert result.returncode == 2 and "methods: unknown gan" in result.stderr
+    assert not (tmp_path / "d").exists()  # nothing started, nothing written
+
+
+def test_fresh_deletes_only_a_demo_folder(tmp_path: Path) -> None:
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("...")
+    result = adps("demo", "--quick", "--fresh", "--workdir", str(precious), cwd=tmp_path)
+    assert result.returncode == 2 and "was not made by adps demo" in result.stderr
+    assert (precious / "chapter1.tex").exists()

@@ -64,7 +64,9 @@ def test_model_entries() -> None:
         model_uri("ambient")
 
 
-def test_sampler_settings_come_from_the_tuned_model_version(tiny_prepared: str, tiny_models: dict[str, Path]) -> None:
+def test_sampler_settings_come_from_the_tuned_model_version(
+    tiny_prepared: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     """A registered model version tagged by a Ray Tune search (adps.tuned.r<R>.guidance /
     .steps) gets those settings at that R_inf; other R_inf and other models get METHOD.md's;
     explicit config values win over both."""
@@ -76,7 +78,8 @@ def test_sampler_settings_come_from_the_tuned_model_version(tiny_prepared: str, 
 
     uri = resolve_tracking_uri()
     client = MlflowClient(uri)
-    run = client.create_run(client.create_experiment("tuned-version"))
+    # An artifact location of its own: MLflow's default is ./mlruns of the folder pytest runs in.
+    run = client.create_run(client.create_experiment("tuned-version", (tmp_path / "artifacts").as_uri()))
     version = register_model(tiny_models["ambient_r2"], tracking_uri=uri, run_id=run.info.run_id, name="adps-tunetest-r2",
                              tags={"adps.tuned.r4.guidance": "2.5", "adps.tuned.r4.steps": "7",
                                    "adps.tuned.r4.churn": "3", "adps.tuned.r4.run_id": "abc"})

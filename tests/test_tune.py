@@ -102,7 +102,8 @@ def test_search_with_asha_logs_runs_best_json_and_version_tags(
 
     uri = resolve_tracking_uri()
     client = MlflowClient(uri)
-    run = client.create_run(client.create_experiment("tune-register"))
+    # An artifact location of its own: MLflow's default is ./mlruns of the folder pytest runs in.
+    run = client.create_run(client.create_experiment("tune-register", (tmp_path / "artifacts").as_uri()))
     version = register_model(ambient_model, tracking_uri=uri, run_id=run.info.run_id, name="adps-tunesearch-r2")
     config = SearchConfig(
         model="models:/adps-tunesearch-r2@latest", r_inf=4, space=str(space_file), dataset=tiny_prepared,

@@ -13,18 +13,17 @@ import adps
 def _demo(args: argparse.Namespace) -> int:
     from adps.demo import DemoConfig, run_demo  # deferred: keeps `adps --help` fast
 
-    config = DemoConfig.quick() if args.quick else DemoConfig()
     overrides = {
-        "slices": args.slices,
-        "coils": args.coils,
+        "volumes": args.volumes, "slices_per_volume": args.slices, "coils": args.coils,
         "accelerations": tuple(args.accelerations) if args.accelerations else None,
-        "seed": args.seed,
-        "workdir": args.workdir,
-        "l1": args.l1 or None,
+        "methods": tuple(args.methods) if args.methods else None, "train_steps": args.steps,
+        "sampler_steps": args.sampler_steps, "tune_trials": args.trials, "seed": args.seed,
+        "workdir": args.workdir, "fresh": args.fresh or None, "address": args.address,
+        "tracking_uri": args.tracking_uri,
+        "l1": {"on": True, "off": False}.get(args.l1),
     }
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(config, key, value)
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    config = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     run_demo(config)
     return 0
 
@@ -169,14 +168,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"adps {adps.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="run the embedded demo on synthetic data")
-    demo.add_argument("--quick", action="store_true", help="a smaller, faster run")
-    demo.add_argument("--slices", type=int, help="number of synthetic slices (default 4; 2 with --quick)")
-    demo.add_argument("--coils", type=int, help="number of receive coils (default 8)")
-    demo.add_argument("--accelerations", type=float, nargs="+", metavar="R", help="accelerations (default 2 4 8)")
-    demo.add_argument("--l1", action="store_true", help="also run L1-wavelet compressed sensing")
-    demo.add_argument("--seed", type=int, help="seed of phantoms, noise and masks (default 0)")
-    demo.add_argument("--workdir", type=Path, help="output folder (default .adps/demo)")
+    demo = commands.add_parser(
+        "demo", help="the study in miniature: synthetic data, training, Ray Tune, evaluation, cross-over (~10 min)",
+        description="Synthesise and prepare a small dataset, train tiny models on Ray Train (registered in MLflow), "
+        "search one ambient model's guidance with Ray Tune, evaluate the grid and print the cross-over. Re-running "
+        "reuses what is done.",
+    )
+    demo.add_argument("--quick", action="store_true",
+                      help="ambient R 4 against edm R 1 at R_inf 4 and 8, short training (~2-3 min)")
+    demo.add_argument("--volumes", type=int, help="synthetic volumes: 1 test, 1 validation, the rest training (6; 4)")
+    demo.add_argument("--slices", type=int, help="slices per volume (4; 2 with --quick)")
+    demo.add_argument("--coils", type=int, help="receive coils (4)")
+    demo.add_argument("--accelerations", type=float, nargs="+", metavar="R",
+                      help="R of the ambient models and R_inf of the evaluation (2 4 8; 4 8)")
+    demo.add_argument("--methods", nargs="+", metavar="METHOD",
+                      help="methods trained (ambient edm edm_l1 modl ssdu; ambient edm)")
+    demo.add_argument("--steps", type=int, help="training steps per model (250; 30)")
+    demo.add_argument("--sampler-steps", type=int, help="A-DPS / DPS steps (40; 10)")
+    demo.add_argument("--trials", type=int, help="Ray Tune trials of the guidance search, 0 = none (6; 3)")
+    demo.add_argument("--l1", choices=("on", "off"), help="evaluate L1-wavelet CS too (on; off)")
+    demo.add_argument("--seed", type=int, help="seed of data, training, search and sampling (0)")
+    demo.add_argument("--workdir", type=Path, help="everything the demo writes (default .adps/demo)")
+    demo.add_argument("--fresh", action="store_true", help="delete the work folder first instead of reusing it")
+    demo.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray instance)")
+    demo.add_argument("--tracking-uri", help="MLflow tracking URI (default: a SQLite store in the work folder)")
     demo.set_defaults(handler=_demo)
 
     synth = commands.add_parser(

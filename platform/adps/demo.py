@@ -1,236 +1,391 @@
-"""The embedded demo: the study in miniature on synthetic data, on this machine.
+"""The embedded demo: the study of the paper in miniature, end to end, on this machine.
 
-What it does now (the physics core; later stages add preparation on Ray, training, tuning and
-evaluation):
+``adps demo`` runs every stage of the platform on the embedded defaults (a local Ray instance,
+a SQLite MLflow store with local artifacts, synthetic data), all inside one work folder:
 
-1. synthesises noisy multi-coil brain-like phantoms (birdcage coils, correlated coil noise);
-2. prepares each slice as METHOD.md does: noise covariance from a background patch and
-   pre-whitening, normalisation by the ACS RSS percentile, ESPIRiT maps, and the CG-SENSE
-   reference image from the fully sampled k-space;
-3. undersamples each slice at every R with its own column mask (reproducible from
-   ``(seed, slice id)``) and reconstructs by zero-filling and CG-SENSE (and optionally
-   L1-wavelet compressed sensing);
-4. prints NRMSE / PSNR / SSIM per R and method against the reference, and writes them as CSV
-   with a figure of the reconstructions.
+1. synthesises a small multi-coil dataset in the FastMRI schema (``<workdir>/data/<key>/raw``);
+2. prepares it on Ray exactly as real data (whitening, normalisation, ESPIRiT maps, CG-SENSE
+   and L1-wavelet references, masks at every R; ``.../prepared``);
+3. trains tiny models through the real Ray Train path (:func:`adps.orchestration.sweep.run_sweep`:
+   checkpoints, MLflow runs, registered models ``adps-<method>-r<R>``): Ambient Diffusion at
+   every R of the grid, EDM on fully sampled data, and L1-EDM, MoDL and SSDU at ``baseline_r``;
+4. searches the A-DPS guidance of one ambient model with Ray Tune (Optuna TPE + ASHA), which
+   leaves the best setting as tags on the registered model version;
+5. evaluates every model (and L1-wavelet CS) at every R_inf of the grid on the test slices with
+   ``adps evaluate`` (the tuned guidance is picked up from the registry), writes the figures and
+   computes the cross-over against the fully sampled EDM model;
+6. prints the results and cross-over tables and where everything is.
+
+Re-running reuses what is done (the dataset, finished training runs, a finished search,
+evaluated cells) unless ``fresh`` is set; a changed dataset or training setting gets its own
+folder / run names, so nothing stale is reused.
+
+The models are tiny and trained for minutes on a CPU: the numbers show that every path runs
+and how the study is read, not the paper's results (which need the GPU-scale runs of
+``adps sweep``).
 """
 
 from __future__ import annotations
 
-import csv
+import hashlib
+import json
+import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-import torch
-from tqdm.auto import tqdm
+__all__ = ["DemoConfig", "run_demo"]
 
-from adps.data.phantom import synthetic_slices
-from adps.metrics import image_metrics
-from adps.mri import (
-    SenseOperator,
-    background_patch,
-    cg_sense,
-    column_mask,
-    espirit_maps,
-    ifft2c,
-    l1_wavelet_recon,
-    noise_covariance,
-    normalization_constant,
-    whiten,
-    zero_filled,
-)
+MARKER = ".adps-demo"
+"""A file in every demo work folder: ``--fresh`` deletes only folders that hold it."""
+STAGES = 6
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoConfig:
-    """Settings of ``adps demo``; every default is visible here."""
+    """Settings of ``adps demo``; every default is visible here (``quick()`` for ``--quick``)."""
 
-    slices: int = 4
-    """Number of synthetic slices."""
-    height: int = 192
-    """Rows (readout) of the synthetic matrix."""
-    width: int = 160
-    """Columns (phase encodes); floor(width / max R) must be >= the 20 ACS columns."""
-    coils: int = 8
-    """Number of receive coils."""
-    noise_std: float = 0.01
-    """Per-coil k-space noise level of the synthetic data (before inter-coil coupling)."""
-    accelerations: tuple[float, ...] = (2, 4, 8)
-    """Accelerations R to reconstruct at."""
-    reference_iterations: int = 30
-    """CG-SENSE iterations of the fully sampled reference (METHOD.md: 30)."""
-    cg_iterations: int = 10
-    """CG-SENSE iterations on undersampled data (early stopping regularises noise)."""
-    l1: bool = False
-    """Also run L1-wavelet compressed sensing (sigpy; slower)."""
-    seed: int = 0
-    """Seed of the phantoms, noise and masks."""
     workdir: Path = field(default_factory=lambda: Path(".adps/demo"))
-    """Where results.csv and figures/ are written."""
-
-    def validate(self) -> None:
-        """Refuse settings that cannot work, before any expensive stage starts."""
-        if self.slices < 1:
-            raise ValueError(f"slices must be >= 1, got {self.slices}")
-        for acceleration in self.accelerations:
-            column_mask(self.width, acceleration, seed=self.seed, slice_id=0)  # raises on impossible R
+    """Everything the demo writes: data, runs, MLflow store and artifacts, evaluation, figures."""
+    volumes: int = 6
+    """Synthetic volumes: 1 test, 1 validation, the rest training."""
+    slices_per_volume: int = 4
+    """Slices kept per volume (test slices = this)."""
+    height: int = 64
+    """Rows (readout) of the prepared images."""
+    width: int = 48
+    """Columns (phase encodes); floor(width / (max R + 1)) must hold the ``acs`` columns."""
+    coils: int = 4
+    """Receive coils of the synthetic scanner."""
+    acs: int = 4
+    """Fully sampled centre columns of every mask (METHOD.md: 20 at full size)."""
+    accelerations: tuple[float, ...] = (2.0, 4.0, 8.0)
+    """R_inf of the evaluation grid (and R of the ambient models unless ``ambient_r`` is set)."""
+    ambient_r: tuple[float, ...] = ()
+    """R of the ambient models trained (empty = every R of ``accelerations``)."""
+    methods: tuple[str, ...] = ("ambient", "edm", "edm_l1", "modl", "ssdu")
+    """Methods trained: ambient at every R, edm at R 1, the others at ``baseline_r``."""
+    baseline_r: float = 4.0
+    """R of the edm_l1, modl and ssdu models."""
+    train_steps: int = 250
+    """Training steps per model."""
+    batch_size: int = 4
+    """Slices per training step."""
+    concurrent_runs: int = 2
+    """Training runs at a time (one CPU each)."""
+    sampler_steps: int = 40
+    """A-DPS / DPS steps in the search and the evaluation (METHOD.md: 500 at full size)."""
+    tune_trials: int = 6
+    """Ray Tune trials of the guidance search (0 = no search)."""
+    tune_r_inf: float = 0.0
+    """R_inf of the search (0 = the largest of ``accelerations``)."""
+    l1: bool = True
+    """Evaluate L1-wavelet compressed sensing too."""
+    seed: int = 0
+    """Seed of data, training, search and sampling."""
+    fresh: bool = False
+    """Delete the work folder first (only a folder a demo made)."""
+    address: str = ""
+    """Ray cluster address (empty: ``$RAY_ADDRESS`` as under ``ray job submit``, else a new
+    local Ray instance with its dashboard). The work folder must be visible to every node."""
+    tracking_uri: str = ""
+    """MLflow tracking URI (empty: a SQLite store in the work folder, ``<workdir>/mlflow.db``)."""
 
     @classmethod
-    def quick(cls, **overrides: object) -> DemoConfig:
-        """A smaller run for a first look and the test suite."""
-        return cls(**{"slices": 2, **overrides})  # type: ignore[arg-type]
+    def quick(cls, **overrides: Any) -> DemoConfig:
+        """``--quick``: one ambient model against the fully sampled EDM, at R_inf 4 and 8, in
+        about 2-3 minutes on 2 cores."""
+        values: dict[str, Any] = {
+            "volumes": 4, "slices_per_volume": 2, "accelerations": (4.0, 8.0), "ambient_r": (4.0,),
+            "methods": ("ambient", "edm"),
+            "train_steps": 30, "sampler_steps": 10, "tune_trials": 3, "l1": False,
+        }
+        return cls(**{**values, **overrides})
+
+    # The training runs of the demo, (method, R), in the order they start.
+    def runs(self) -> list[tuple[str, float]]:
+        runs: list[tuple[str, float]] = []
+        for method in self.methods:
+            if method == "ambient":
+                runs += [("ambient", float(r)) for r in (self.ambient_r or self.accelerations)]
+            elif method in ("edm", "ncsnv2"):
+                runs.append((method, 1.0))
+            else:
+                runs.append((method, float(self.baseline_r)))
+        return runs
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work, before anything starts; names the setting."""
+        from adps.mri.masks import lines_at
+        from adps.nn.train_config import PAPER_PRESETS
+
+        if self.volumes < 3:
+            raise ValueError(f"volumes must be >= 3 (1 test, 1 validation, >= 1 training), got {self.volumes}")
+        for key in ("slices_per_volume", "train_steps", "batch_size", "concurrent_runs", "sampler_steps", "coils"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.tune_trials < 0:
+            raise ValueError(f"tune_trials must be >= 0, got {self.tune_trials}")
+        unknown = sorted(set(self.methods) - set(PAPER_PRESETS))
+        if unknown or not self.methods:
+            raise ValueError(f"methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                             f"{', '.join(sorted(PAPER_PRESETS))}")
+        for key in ("accelerations", "ambient_r"):
+            values = getattr(self, key)
+            if (key == "accelerations" and not values) or any(r <= 1 for r in values):
+                raise ValueError(f"{key} must be values > 1, got {list(values)}")
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"height and width must be multiples of 16 (the U-Net halves them 4 times), "
+                             f"got {self.height} x {self.width}")
+        # Ambient models train on R + 1 masks; each mask keeps the ACS block.
+        hardest = max([*self.accelerations, *self.ambient_r, self.baseline_r]) + ("ambient" in self.methods)
+        if lines_at(self.width, hardest) < self.acs:
+            raise ValueError(f"accelerations: R {hardest:g} keeps {lines_at(self.width, hardest)} of {self.width} "
+                             f"columns, fewer than the {self.acs} ACS columns; lower R or raise width")
+        if self.tune_trials and "ambient" not in self.methods:
+            raise ValueError("tune_trials > 0 needs an ambient model (methods must include ambient)")
+
+    # Folders and names. The data and training settings are part of the names, so a changed
+    # setting never reuses (or collides with) what an earlier demo made.
+    def _key(self, *names: str) -> str:
+        values = {name: getattr(self, name) for name in names}
+        return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+    @property
+    def data_key(self) -> str:
+        return self._key("volumes", "slices_per_volume", "height", "width", "coils", "acs", "accelerations",
+                         "ambient_r", "baseline_r", "seed")
+
+    @property
+    def train_key(self) -> str:
+        return self._key("train_steps", "batch_size", "seed")
+
+    @property
+    def tune_model(self) -> tuple[str, float]:
+        """The ambient model searched: the one at ``baseline_r`` when trained, else the first."""
+        ambient = [r for method, r in self.runs() if method == "ambient"]
+        return "ambient", (float(self.baseline_r) if float(self.baseline_r) in ambient else ambient[0])
+
+    @property
+    def search_r_inf(self) -> float:
+        return float(self.tune_r_inf or max(self.accelerations))
 
 
-@dataclass
-class PreparedSlices:
-    kspace: torch.Tensor  # (N, C, H, W), whitened and normalised
-    maps: torch.Tensor  # (N, C, H, W), ESPIRiT
-    reference: torch.Tensor  # (N, H, W), CG-SENSE of the fully sampled k-space
+def _stage(number: int, text: str) -> float:
+    print(f"\n[{number}/{STAGES}] {text}", flush=True)
+    return time.monotonic()
 
 
-def prepare(kspace: torch.Tensor, config: DemoConfig, progress: tqdm | None = None) -> PreparedSlices:
-    """Whiten, normalise, estimate maps and reconstruct the reference, slice by slice."""
-    prepared_k, maps = [], []
-    for slice_kspace in kspace:
-        covariance = noise_covariance(background_patch(ifft2c(slice_kspace), size=30))
-        white = whiten(slice_kspace, covariance, coil_dim=0)
-        white = white / normalization_constant(white)
-        prepared_k.append(white)
-        maps.append(espirit_maps(white))
-        if progress is not None:
-            progress.update(1)
-    kspace_t, maps_t = torch.stack(prepared_k), torch.stack(maps)
-    reference = cg_sense(SenseOperator(maps_t), kspace_t, iterations=config.reference_iterations)
-    return PreparedSlices(kspace=kspace_t, maps=maps_t, reference=reference)
+def _done(started: float, what: str = "") -> None:
+    print(f"      done in {time.monotonic() - started:.0f} s{': ' + what if what else ''}", flush=True)
 
 
-def reconstruct_at(
-    data: PreparedSlices, acceleration: float, config: DemoConfig
-) -> dict[str, torch.Tensor]:
-    """Undersample every slice at ``R`` with its own mask and reconstruct with each method."""
-    width = data.kspace.shape[-1]
-    masks = torch.stack(
-        [column_mask(width, acceleration, seed=config.seed, slice_id=i) for i in range(data.kspace.shape[0])]
-    )
-    op = SenseOperator(data.maps, masks)
-    measured = data.kspace * masks[:, None, None, :]
-    recons = {
-        "zero-filled": zero_filled(op, measured),
-        "CG-SENSE": cg_sense(op, measured, iterations=config.cg_iterations),
-    }
-    if config.l1:
-        recons["L1-wavelet"] = l1_wavelet_recon(measured, data.maps, masks)
-    return recons
+def _start_ray(config: DemoConfig) -> str:
+    """Join ``config.address`` or start a local Ray instance; returns the dashboard URL ('' if none)."""
+    import ray
+
+    address = config.address or os.environ.get("RAY_ADDRESS", "")
+    if ray.is_initialized():
+        context = ray.get_runtime_context()
+    elif address:
+        context = ray.init(address=address, log_to_driver=False)
+    else:
+        # Worker logs stay in Ray's session folder: the demo shows its own progress instead.
+        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+                           configure_logging=True, logging_level="ERROR")
+    url = getattr(context, "dashboard_url", "") or ""
+    return url if not url or url.startswith("http") else f"http://{url}"
 
 
-def run_demo(config: DemoConfig) -> list[dict[str, object]]:
-    """Run the demo; return one row per (R, method, slice) and write results and figures."""
-    config.validate()
-    started = time.monotonic()
-    print("adps demo:", ", ".join(f"{k}={v}" for k, v in asdict(config).items()), flush=True)
-    stages = 3
-    print(f"[1/{stages}] synthesising {config.slices} slices ({config.coils} coils, {config.height} x {config.width})")
-    synthetic = synthetic_slices(
-        config.slices,
-        height=config.height,
-        width=config.width,
-        n_coils=config.coils,
-        noise_std=config.noise_std,
-        seed=config.seed,
-    )
-    print(f"[2/{stages}] preparing: whitening, normalisation, ESPIRiT maps, CG-SENSE reference")
-    with tqdm(total=config.slices, unit="slice", desc="prepare") as bar:
-        data = prepare(synthetic.kspace, config, bar)
+def _ui_command(tracking_uri: str) -> str:
+    if tracking_uri.startswith("sqlite:///"):
+        return f".venv/bin/mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)"
+    return f"open {tracking_uri}" if tracking_uri.startswith("http") else tracking_uri
 
-    print(f"[3/{stages}] undersampling and reconstructing at R = {', '.join(f'{r:g}' for r in config.accelerations)}")
-    rows: list[dict[str, object]] = []
-    figure_recons: dict[float, dict[str, torch.Tensor]] = {}
-    for acceleration in tqdm(config.accelerations, unit="R", desc="reconstruct"):
-        recons = reconstruct_at(data, acceleration, config)
-        figure_recons[acceleration] = {name: image[0] for name, image in recons.items()}
-        for method, image in recons.items():
-            metrics = image_metrics(data.reference, image)
-            for i in range(config.slices):
-                rows.append(
-                    {
-                        "R": acceleration,
-                        "method": method,
-                        "slice": i,
-                        **{name: float(values[i]) for name, values in metrics.items()},
-                    }
-                )
 
-    print()
-    print(format_table(rows))
-    config.workdir.mkdir(parents=True, exist_ok=True)
-    results = config.workdir / "results.csv"
-    write_csv(rows, results)
-    figure = config.workdir / "figures" / "reconstructions.png"
-    save_figure(data.reference[0], figure_recons, figure)
-    print(f"\nresults: {results}\nfigure:  {figure}\ndone in {time.monotonic() - started:.1f} s")
+def _fresh(workdir: Path) -> None:
+    if not workdir.exists():
+        return
+    if not (workdir / MARKER).exists():
+        raise ValueError(f"--fresh: {workdir} was not made by adps demo (no {MARKER} file); not deleting it")
+    shutil.rmtree(workdir)
+
+
+def _synthesize(config: DemoConfig, raw: Path) -> None:
+    from adps.data.synth import synthesize_dataset
+
+    done = raw / "complete.json"
+    if done.exists():
+        print(f"      reusing {raw}", flush=True)
+        return
+    # Acquired with 2x readout oversampling, as scanners do; prepare crops it.
+    synthesize_dataset(raw, n_volumes=config.volumes, n_slices=config.slices_per_volume, n_coils=config.coils,
+                       height=config.height, width=config.width, seed=config.seed, noise_std=0.005)
+    done.write_text(json.dumps({"volumes": config.volumes}))
+
+
+def _prepare(config: DemoConfig, raw: Path, prepared: Path) -> dict[str, Any]:
+    from adps.data.preprocess import PrepareConfig
+    from adps.orchestration.prepare import prepare_dataset
+
+    # Masks at every R the models train at (ambient: R; MoDL / SSDU: R) and are tested at.
+    accelerations = sorted({*map(float, config.accelerations), *map(float, config.ambient_r), float(config.baseline_r)})
+    prepare = PrepareConfig.from_dict({
+        "source": str(raw), "output": str(prepared), "n_volumes": config.volumes,
+        "slices_per_volume": config.slices_per_volume, "test_volumes": 1, "val_volumes": 1,
+        "crop": (config.height, config.width), "noise_patch": 8, "calib_width": 12, "accelerations": accelerations,
+        "acs": config.acs, "shard_size": 4, "reference_iterations": 10, "seed": config.seed,
+        "l1": "edm_l1" in config.methods, "l1_iterations": 20,
+    })
+    return prepare_dataset(prepare, progress=True)
+
+
+def _train(config: DemoConfig, dataset: Path, tracking_uri: str) -> list[Any]:
+    from tqdm.auto import tqdm
+
+    from adps.nn.train_config import TrainConfig
+    from adps.orchestration.sweep import format_summary, run_sweep
+
+    configs = [
+        TrainConfig.from_dict({
+            "method": method, "acceleration": r, "preset": "tiny", "dataset": str(dataset),
+            # max_steps governs every method (MoDL / SSDU would otherwise stop at METHOD.md's 10 epochs).
+            "batch_size": config.batch_size, "max_steps": config.train_steps, "epochs": config.train_steps, "lr": 1e-3,
+            "lr_rampup_images": 0, "ema_half_life_images": config.train_steps * config.batch_size / 10,
+            "num_workers": 1, "cpus_per_worker": 1, "seed": config.seed,
+            "checkpoint_every_steps": max(1, config.train_steps // 2), "keep_checkpoints": 1,
+            "log_every_steps": max(1, config.train_steps // 20), "validate_every_steps": config.train_steps,
+            "validation_slices": 2, "storage_path": str(config.workdir / "runs"),
+            "run_name": f"{method}_r{r:g}-{config.train_key}", "tracking_uri": tracking_uri,
+            "experiment": "adps-demo",
+        })
+        for method, r in config.runs()
+    ]
+    with tqdm(total=len(configs), desc="      train", unit="model") as bar:
+        rows = run_sweep(configs, max_concurrent=config.concurrent_runs, progress=False,
+                         on_run_end=lambda row: (bar.set_postfix_str(f"{row.run_name} {row.status}"), bar.update(1)))
+    print(format_summary(rows), flush=True)
+    failed = [row for row in rows if row.status == "failed"]
+    if failed:
+        raise RuntimeError(f"training failed for {', '.join(r.run_name for r in failed)} (see the table above; "
+                           "worker logs under /tmp/ray/session_latest/logs)")
     return rows
 
 
-def summarise(rows: list[dict[str, object]]) -> list[dict[str, object]]:
-    """Mean and standard deviation over slices per (R, method), in first-seen order."""
-    groups: dict[tuple[object, object], list[dict[str, object]]] = {}
-    for row in rows:
-        groups.setdefault((row["R"], row["method"]), []).append(row)
-    summary = []
-    for (acceleration, method), members in groups.items():
-        entry: dict[str, object] = {"R": acceleration, "method": method, "slices": len(members)}
-        for metric in ("nrmse", "psnr", "ssim"):
-            values = torch.tensor([float(m[metric]) for m in members], dtype=torch.float64)  # type: ignore[arg-type]
-            entry[metric] = float(values.mean())
-            entry[f"{metric}_std"] = float(values.std()) if len(members) > 1 else 0.0
-        summary.append(entry)
-    return summary
+def _tune(config: DemoConfig, dataset: Path, tracking_uri: str) -> dict[str, Any] | None:
+    from adps.orchestration.tune import SearchConfig, tune_search
+
+    method, r_train = config.tune_model
+    space = config.workdir / "tune_space.yaml"
+    # The guidance is searched at the demo's step count, so that the evaluation can use both.
+    space.write_text("sampler: adps\nobjective: {metric: nrmse, mode: min}\nparams:\n"
+                     "  guidance: {type: loguniform, low: 0.1, high: 10.0}\n"
+                     f"  steps: {{type: choice, values: [{config.sampler_steps}]}}\n")
+    search = SearchConfig(
+        model=f"models:/adps-{method}-r{r_train:g}@latest", r_inf=config.search_r_inf, space=str(space),
+        dataset=str(dataset), slices=0, slices_per_report=1, num_samples=config.tune_trials, seed=config.seed,
+        storage_path=str(config.workdir / "tune"), tracking_uri=tracking_uri, experiment="adps-demo-tune",
+        name=f"guidance-{method}_r{r_train:g}-r{config.search_r_inf:g}-{config.train_key}-s{config.sampler_steps}"
+             f"-n{config.tune_trials}",
+    )
+    best_file = Path(search.storage_path) / search.name / "best.json"
+    if best_file.exists():
+        best = json.loads(best_file.read_text())
+        print(f"      reusing the finished search {best_file.parent}", flush=True)
+        return {"best": best, "trials": None}
+    return tune_search(search, progress=True)
 
 
-def format_table(rows: list[dict[str, object]]) -> str:
-    """A plain-text table of the per-(R, method) means ± standard deviations."""
-    header = f"{'R':>3}  {'method':<12} {'NRMSE':>16} {'PSNR (dB)':>16} {'SSIM':>16}"
-    lines = [header, "-" * len(header)]
-    for s in summarise(rows):
-        cells = [f"{s[m]:.4f} ± {s[m + '_std']:.4f}" if m != "psnr" else f"{s[m]:.2f} ± {s[m + '_std']:.2f}"
-                 for m in ("nrmse", "psnr", "ssim")]
-        lines.append(f"{s['R']:>3g}  {s['method']:<12} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16}")
-    return "\n".join(lines)
+def _evaluate(config: DemoConfig, dataset: Path, tracking_uri: str) -> dict[str, Any]:
+    from adps.orchestration.evaluate import EvaluateConfig, evaluate
+
+    models = [f"adps-{method}-r{r:g}" for method, r in config.runs()] + (["l1"] if config.l1 else [])
+    evaluation = EvaluateConfig(
+        dataset=str(dataset), models=tuple(models), accelerations=tuple(map(float, config.accelerations)),
+        # The step count everywhere; the guidance of the searched model from its registry tags.
+        steps=config.sampler_steps, slices_per_task=config.slices_per_volume, lpips=False, seed=config.seed,
+        output=str(config.workdir / "evaluation"), run_name="demo-evaluation", tracking_uri=tracking_uri,
+        experiment="adps-demo-eval", n_boot=1000,
+    )
+    return evaluate(evaluation, progress=True)
 
 
-def write_csv(rows: list[dict[str, object]], path: Path) -> None:
-    """Write rows as CSV under a temporary name, then rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    """Run (or resume) the demo; returns the evaluation's rows and cross-over, with paths."""
+    from adps.orchestration.evaluate import format_crossover, format_results
+    from adps.orchestration.tracking import resolve_tracking_uri
 
+    config.validate()
+    if config.fresh:
+        _fresh(config.workdir)
+    config = replace(config, workdir=config.workdir.resolve())
+    config.workdir.mkdir(parents=True, exist_ok=True)
+    (config.workdir / MARKER).write_text("made by adps demo; --fresh deletes this folder\n")
+    tracking_uri = resolve_tracking_uri(config.tracking_uri or f"sqlite:///{config.workdir / 'mlflow.db'}")
+    # Every stage (and every Ray worker, which inherits the environment) uses the demo's store;
+    # the demo shows its own progress, not MLflow's per-download bars and database notices.
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    began = time.monotonic()
+    print("adps demo: " + ", ".join(f"{k}={v}" for k, v in asdict(config).items()), flush=True)
+    dashboard = _start_ray(config)
+    if dashboard:
+        print(f"adps demo: Ray dashboard at {dashboard} (while the demo runs)", flush=True)
 
-def save_figure(reference: torch.Tensor, recons: dict[float, dict[str, torch.Tensor]], path: Path) -> None:
-    """Magnitude images of slice 0: the reference, then one row per R with each method."""
-    import matplotlib
+    data = config.workdir / "data" / config.data_key
+    started = _stage(1, f"synthesising {config.volumes} volumes x {config.slices_per_volume} slices "
+                        f"({config.coils} coils, {config.height} x {config.width})")
+    _synthesize(config, data / "raw")
+    _done(started)
 
-    matplotlib.use("Agg")  # files only; no display on servers
-    import matplotlib.pyplot as plt
+    started = _stage(2, "preparing on Ray: whitening, normalisation, ESPIRiT maps, CG-SENSE / L1 references, masks")
+    manifest = _prepare(config, data / "raw", data / "prepared")
+    splits = ", ".join(f"{name} {split['n_slices']}" for name, split in manifest["splits"].items())
+    _done(started, f"slices {splits} in {data / 'prepared'}")
 
-    methods = list(next(iter(recons.values())))
-    fig, axes = plt.subplots(len(recons), len(methods) + 1, figsize=(2.4 * (len(methods) + 1), 2.6 * len(recons)),
-                             squeeze=False)
-    vmax = float(reference.abs().max())
-    for row, (acceleration, images) in enumerate(recons.items()):
-        axes[row, 0].imshow(reference.abs().numpy(), cmap="gray", vmin=0, vmax=vmax)
-        axes[row, 0].set_title("reference" if row == 0 else "")
-        for col, method in enumerate(methods, start=1):
-            axes[row, col].imshow(images[method].abs().numpy(), cmap="gray", vmin=0, vmax=vmax)
-            axes[row, col].set_title(f"{method}, R={acceleration:g}", fontsize=9)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    runs = config.runs()
+    started = _stage(3, f"training {len(runs)} tiny models on Ray Train ({config.train_steps} steps each, "
+                        f"{config.concurrent_runs} at a time): " + ", ".join(f"{m}_r{r:g}" for m, r in runs))
+    rows = _train(config, data / "prepared", tracking_uri)
+    _done(started)
+
+    search = None
+    if config.tune_trials:
+        method, r_train = config.tune_model
+        started = _stage(4, f"Ray Tune: {config.tune_trials} trials of the A-DPS guidance of {method}_r{r_train:g} "
+                            f"at R_inf {config.search_r_inf:g} (Optuna TPE + ASHA)")
+        search = _tune(config, data / "prepared", tracking_uri)
+        best = search["best"] if search else None
+        _done(started, "no trial finished" if best is None else
+              f"best NRMSE {best['value']:.4f} at guidance {best['settings']['guidance']:.3g}, "
+              f"tagged on adps-{method}-r{r_train:g}")
+    else:
+        print(f"\n[4/{STAGES}] Ray Tune search skipped (tune_trials 0)", flush=True)
+
+    started = _stage(5, f"evaluating at R_inf {', '.join(f'{r:g}' for r in config.accelerations)} on the test "
+                        f"slices ({config.sampler_steps} sampler steps)")
+    evaluation = _evaluate(config, data / "prepared", tracking_uri)
+    _done(started)
+
+    _stage(6, "results")
+    print("\n" + format_results(evaluation["rows"], "nrmse"))
+    print("\n" + format_results(evaluation["rows"], "psnr"))
+    print("\n" + format_results(evaluation["rows"], "ssim"))
+    print("\ncross-over: the smallest R_inf at which each ambient model beats edm_r1 (FS-DPS), with the margin "
+          "and its bootstrap 95% CI over slices\n" + format_crossover(evaluation["crossover"]))
+    report = Path(evaluation["output"]) / "report"
+    print(f"""
+where everything is
+  MLflow UI:          {_ui_command(tracking_uri)}
+                      (experiments adps-demo, adps-demo-tune, adps-demo-eval)
+  registered models:  {', '.join(sorted({row.model for row in rows if row.model}))}
+  load one:           adps.load_model("models:/adps-ambient-r{config.tune_model[1]:g}@latest")
+  figures:            {report}/nrmse_vs_r.png, psnr_vs_r.png, ssim_vs_r.png, reconstructions.png
+  tables:             {report}/results.csv, crossover.csv
+  training runs:      {config.workdir / 'runs'}
+  everything:         {config.workdir} (run again to reuse it; --fresh to start over)
+done in {time.monotonic() - began:.0f} s""", flush=True)
+    return {**evaluation, "search": search, "train": rows, "tracking_uri": tracking_uri, "report": str(report)}

@@ -14,11 +14,16 @@ gathers every cell into one tidy table and logs to one MLflow run:
 * the cross-over of each ambient model against the fully sampled reference (FS-DPS, by
   default ``edm_r1``) per metric, as ``crossover.csv`` and as metrics
   ``crossover_r.<model>.<metric>`` (plus ``crossover_margin.`` / ``_ci_low.`` / ``_ci_high.``).
+
+The same files also go to ``<output>/report/``. A cell's key holds its model (the registry
+version it was pinned to, or its folder) and its sampler settings, so a retrained model or
+other settings get new cells rather than old results.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -169,8 +174,11 @@ class Cell:
     @property
     def key(self) -> str:
         # The settings are part of the key: a re-run with other settings computes new cells.
+        # So is the model itself (its pinned registry version or folder): a retrained model
+        # registered under the same name gets new cells, not the old model's results.
         extra = "".join(f"_{name}{value:g}" for name, value in self.options)
-        return (f"{self.label}__{self.sampler}__R{self.r_inf:g}__s{self.steps}_g{self.guidance:g}{extra}__"
+        model = hashlib.sha1(self.model.encode()).hexdigest()[:8]
+        return (f"{self.label}-{model}__{self.sampler}__R{self.r_inf:g}__s{self.steps}_g{self.guidance:g}{extra}__"
                 f"{self.indices[0]:05d}-{self.indices[-1]:05d}")
 
 
@@ -313,6 +321,9 @@ def _resolve(config: EvaluateConfig) -> list[tuple[str, dict[str, Any]]]:
         uri = model_uri(entry)
         _, model_config = load_for_evaluation(uri, "cpu", config.tracking_uri)
         version = model_version_of(uri, config.tracking_uri)
+        if version is not None:
+            # Pinned: every task loads this version, even if another is registered meanwhile.
+            uri = f"models:/{version.name}/{version.version}"
         resolved.append((uri, {**model_config, "_version_tags": dict(version.tags) if version is not None else {}}))
     return resolved
 
@@ -347,14 +358,22 @@ def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress
     dataset.close()
     cells = plan_cells(config, models, n_test)
     if progress:
+        # One line per setting that came from a Ray Tune search, one for all the others.
+        plain = 0
         for _, model_config in models:
             for r_inf in config.accelerations:
                 tags = model_config["_version_tags"]
+                if not (config.use_tuned and tuned_settings(tags, float(r_inf))):
+                    plain += 1
+                    continue
                 steps, guidance, options = _settings(config, tags, float(r_inf))
-                tuned = config.use_tuned and bool(tuned_settings(tags, float(r_inf)))
                 extra = "".join(f", {name} {value:g}" for name, value in sorted(options.items()))
                 print(f"adps evaluate: {model_label(model_config)} at R_inf {r_inf:g}: steps {steps or 'default'}, "
-                      f"guidance {guidance:g}{extra} ({'tuned' if tuned else 'config/defaults'})", flush=True)
+                      f"guidance {guidance:g}{extra} (tuned)", flush=True)
+        if plain:
+            steps = f"steps {config.steps} (config)" if config.steps else "the sampler's default steps"
+            guidance = f"guidance {config.guidance:g} (config)" if config.guidance else "guidance 1 (default)"
+            print(f"adps evaluate: {plain} other model x R_inf pair(s): {steps}, {guidance}", flush=True)
     rows: list[dict[str, Any]] = []
     todo = []
     for cell in cells:
@@ -371,15 +390,16 @@ def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress
             ray.init(address=ray_address)
         resources = {"num_gpus": 1, "num_cpus": 1} if config.use_gpu else {"num_cpus": 1}
         task = ray.remote(**resources)(_cell_task)
+        from tqdm.auto import tqdm
+
         pending = {task.remote(config.to_dict(), dataclasses.asdict(cell)): cell for cell in todo}
-        finished = 0
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            cell = pending.pop(ready[0])
-            rows.extend(ray.get(ready[0]))  # a failed cell raises here, naming its task
-            finished += 1
-            if progress:
-                print(f"adps evaluate: [{finished}/{len(todo)}] {cell.key}", flush=True)
+        with tqdm(total=len(todo), desc="adps evaluate", unit="cell", disable=not progress) as bar:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                cell = pending.pop(ready[0])
+                rows.extend(ray.get(ready[0]))  # a failed cell raises here, naming its task
+                bar.set_postfix_str(f"{cell.label} {cell.sampler} R_inf {cell.r_inf:g}")
+                bar.update(1)
     rows.sort(key=lambda r: (r["model"], r["sampler"], r["r_inf"], r["slice"]))
     ambient = sorted({r["model"] for r in rows if r["method"] == "ambient"})
     compared = [r for r in rows if r["sampler"] in ("a_dps", "dps", "ald", "l1_wavelet", "unrolled")]
@@ -427,6 +447,8 @@ def _log_to_mlflow(config: EvaluateConfig, rows: list[dict[str, Any]], crossover
             reconstruction_grid(images).savefig(folder / "reconstructions.png", dpi=120, bbox_inches="tight")
         for path in sorted(folder.iterdir()):
             log.client.log_artifact(run_id, str(path))
+            # Also beside the cells, for a reader without MLflow at hand.
+            storage.upload_file_atomic(path, storage.join(config.resolved_output, "report", path.name))
     metrics = {}
     for c in crossovers:
         key = f"{c.model}.{c.metric}"

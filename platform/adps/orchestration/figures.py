@@ -27,16 +27,23 @@ def metric_figure(table: Any, metric: str) -> Any:
     """``metric`` against R_inf, one line per (model, sampler): the mean over slices with a band
     of +-1 standard deviation. ``table``: the results DataFrame."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for (model, sampler), group in table.groupby(["model", "sampler"], sort=True):
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    groups = list(table.groupby(["model", "sampler"], sort=True))
+    # 20 distinct colours, and a second marker set past them: a line never shares both.
+    colours = plt.get_cmap("tab20" if len(groups) > 10 else "tab10")
+    markers = "osD^v<>ph*"
+    for index, ((model, sampler), group) in enumerate(groups):
         stats = group.groupby("r_inf")[metric].agg(["mean", "std"]).sort_index()
         r, mean, std = stats.index.to_numpy(float), stats["mean"].to_numpy(), np.nan_to_num(stats["std"].to_numpy())
-        line, = axis.plot(r, mean, marker="o", label=f"{model} ({sampler})")
-        axis.fill_between(r, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        colour = colours(index % colours.N)
+        axis.plot(r, mean, marker=markers[(index // colours.N + index) % len(markers)], color=colour,
+                  label=f"{model} ({sampler})")
+        axis.fill_between(r, mean - std, mean + std, color=colour, alpha=0.12)
     axis.set_xlabel("R_inf (test acceleration)")
     axis.set_ylabel(LABELS.get(metric, metric))
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
+    # Outside the axes: with a dozen lines a legend inside hides them.
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout()
     return figure
 

@@ -23,6 +23,7 @@ Users pull a ready network with :func:`load_model` (also ``adps.load_model``)::
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import warnings
@@ -253,6 +254,9 @@ def load_model(
         # models:/ URIs are resolved through the *registry* URI, which follows the process-wide
         # tracking URI, not download_artifacts' tracking_uri argument.
         mlflow.set_tracking_uri(tracking_uri)
+        # A model is ~50 small files: MLflow's per-download progress bar would print one line
+        # per load in every Ray task and trial (set the variable to "true" to see it).
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         with tempfile.TemporaryDirectory(prefix="adps-model-") as tmp:
             try:
                 local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=tmp, tracking_uri=tracking_uri)

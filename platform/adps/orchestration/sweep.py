@@ -14,7 +14,7 @@ stop the others; the sweep ends with a table of runs, status and registered vers
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,9 +113,13 @@ def _train_remote(config_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_sweep(
-    configs: Sequence[TrainConfig], *, max_concurrent: int = 0, ray_address: str | None = None, progress: bool = True
+    configs: Sequence[TrainConfig], *, max_concurrent: int = 0, ray_address: str | None = None, progress: bool = True,
+    on_run_end: Callable[[SweepRun], Any] | None = None,
 ) -> list[SweepRun]:
-    """Train ``configs`` concurrently (see the module docstring); returns one row per run."""
+    """Train ``configs`` concurrently (see the module docstring); returns one row per run.
+
+    ``on_run_end(row)`` is called once per run as it ends (finished, failed, or skipped as
+    finished before), e.g. to advance a progress bar."""
     import ray
 
     from adps.orchestration.train import with_absolute_paths
@@ -131,6 +135,8 @@ def run_sweep(
         done = _finished_before(config, storage)
         if done:
             rows[config.resolved_run_name].status, rows[config.resolved_run_name].model = "done (skipped)", done
+            if on_run_end is not None:
+                on_run_end(rows[config.resolved_run_name])
         else:
             queue.append(config)
     say = print if progress else (lambda *_, **__: None)
@@ -157,6 +163,8 @@ def run_sweep(
             for key, value in outcome.items():
                 setattr(row, key, value)
         say(f"adps sweep: {name} {row.status}" + (f": {row.error}" if row.error else ""), flush=True)
+        if on_run_end is not None:
+            on_run_end(row)
     return list(rows.values())
 
 

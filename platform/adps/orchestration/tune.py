@@ -342,18 +342,51 @@ def _trial(params: dict[str, Any], *, config: dict[str, Any], sampler: str) -> N
 
 
 # The search ----------------------------------------------------------------------------------
-def _progress_callback(progress: bool) -> Any:
+def _progress_callback(progress: bool, total: int, metric: str, n_batches: int) -> Any:
     from ray.tune import Callback
 
     class TrialLog(Callback):
-        """One line per finished trial (``adps tune: trial <id> finished``), flushed."""
+        """A progress bar over the trials and one line per ended trial (its settings, its
+        objective and how many batches it reported before ASHA stopped it or it finished)."""
+
+        def __init__(self) -> None:
+            self._bar: Any = None
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {**self.__dict__, "_bar": None}  # the experiment state is pickled; a bar is not
+
+        def setup(self, **info: Any) -> None:
+            from tqdm.auto import tqdm
+
+            if progress and self._bar is None:
+                self._bar = tqdm(total=total, desc="adps tune", unit="trial")
+
+        def _line(self, trial: Any, word: str) -> None:
+            from tqdm.auto import tqdm
+
+            result = trial.last_result or {}
+            settings = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in trial.config.items())
+            batches = result.get("training_iteration", 0)
+            if word == "finished" and batches < n_batches:
+                word = "stopped early by ASHA"
+            score = f"{metric} {result[metric]:.4g} after {batches}/{n_batches} batches" if metric in result else "no result"
+            line = f"adps tune: trial {trial.trial_id} {word}: {score} ({settings})"
+            if not progress:
+                if word == "failed":  # a failure is always said
+                    print(line, flush=True)
+                return
+            if self._bar is None:
+                self._bar = tqdm(total=total, desc="adps tune", unit="trial")
+            self._bar.write(line)
+            self._bar.update(1)
+            if self._bar.n >= total:
+                self._bar.close()
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            if progress:
-                print(f"adps tune: trial {trial.trial_id} finished", flush=True)
+            self._line(trial, "finished")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            print(f"adps tune: trial {trial.trial_id} failed", flush=True)
+            self._line(trial, "failed")
 
     return TrialLog()
 
@@ -443,7 +476,7 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
             print(f"adps tune: resuming {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        callbacks = [_progress_callback(progress)]
+        callbacks = [_progress_callback(progress, config.num_samples, space.metric, n_batches)]
         try:
             import tensorboardX  # noqa: F401 - TensorBoard logs only where it is installed
             from ray.tune.logger import TBXLoggerCallback
@@ -462,7 +495,7 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
                                         reduction_factor=config.reduction_factor),
             ),
             run_config=tune.RunConfig(name=name, storage_path=config.storage_path, callbacks=callbacks,
-                                      verbose=1 if progress else 0),
+                                      verbose=0),  # our TrialLog shows the progress
         )
     grid = tuner.fit()
     trials = _trial_rows(grid, space, n_batches)
