@@ -81,8 +81,10 @@ def random_complex(*shape: int, generator: torch.Generator, dtype: torch.dtype =
 # A real S3 server (moto) ---------------------------------------------------------------------
 
 S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "test",
-    "AWS_SECRET_ACCESS_KEY": "test",
+    # Dummy keys (moto accepts any) that are unmistakable, so a test can scan logs, MLflow
+    # params / tags and artifacts for them: a credential must never be written anywhere.
+    "AWS_ACCESS_KEY_ID": "AKIAADPSDUMMYKEY7Q2X",
+    "AWS_SECRET_ACCESS_KEY": "adps-dummy-secret-3f9c2e71b5d04a8e",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -274,3 +275,34 @@ def test_run_storage_on_s3(tiny_prepared: str, s3_server: str) -> None:
     assert again.run_id == run.run_id, "the resubmission continues the same MLflow run"
     assert again.metrics["step"] == 3 and again.metrics["resumed_from"] == 2
     assert int(again.model_version) == int(run.model_version) + 1
+    _assert_no_credentials(run.run_id, ["adps-modl-r2"], bucket="adps-runs")
+
+
+def _assert_no_credentials(run_id: str, models: list[str], *, bucket: str) -> None:
+    """The S3 credentials of the environment appear nowhere the run wrote: MLflow params, tags
+    and metric names, registered model versions and their artifacts, the checkpoints' text
+    files on S3."""
+    import boto3
+    from mlflow.artifacts import download_artifacts
+
+    from conftest import S3_ENV
+
+    secrets = [S3_ENV["AWS_ACCESS_KEY_ID"], S3_ENV["AWS_SECRET_ACCESS_KEY"]]
+    client = MlflowClient()
+    data = client.get_run(run_id).data
+    texts = {"params": json.dumps(data.params), "tags": json.dumps(data.tags), "metrics": json.dumps(list(data.metrics))}
+    for name in models:
+        for version in client.search_model_versions(f"name = '{name}'"):
+            texts[f"{name}/{version.version} tags"] = json.dumps(version.tags)
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = Path(download_artifacts(f"models:/{name}/{version.version}", dst_path=tmp))
+                for path in folder.rglob("*"):
+                    if path.is_file() and path.suffix in (".json", ".yaml", ".txt", ".py", "") and path.stat().st_size < 2**20:
+                        texts[str(path.relative_to(folder))] = path.read_text(errors="replace")
+    s3 = boto3.client("s3")
+    for item in s3.list_objects_v2(Bucket=bucket)["Contents"]:
+        if item["Key"].endswith(".json"):
+            texts[item["Key"]] = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read().decode()
+    assert len(texts) > 10, texts.keys()  # it looked at something
+    leaks = [where for where, text in texts.items() if any(secret in text for secret in secrets)]
+    assert not leaks, f"credentials written to {leaks}"

@@ -152,6 +152,34 @@ def test_worker_loop_without_ray(tiny_dataset, one_intra_op_thread) -> None:
 
 
 # Ray ----------------------------------------------------------------------------------------
+def test_a_diverged_run_stops_with_a_checkpoint_and_a_message(tiny_dataset, tmp_path: Path) -> None:
+    """Fault: lr 1e30 makes every loss from step 2 on NaN / Inf. Each such step is skipped and
+    counted; at max_skipped_in_a_row in a row both workers stop together (no Ray retry), the
+    last checkpoint holds the last good weights, the MLflow run is FAILED with the reason and
+    nothing is registered."""
+    from mlflow import MlflowClient
+
+    config = tiny_config(
+        tiny_dataset, method="modl", num_workers=2, max_steps=40, lr=1e30, max_skipped_in_a_row=3,
+        checkpoint_every_steps=100, storage_path=str(tmp_path / "runs"), run_name="diverged",
+        experiment="diverged-test", validation_slices=0,
+    )
+    with pytest.raises(RuntimeError, match=r"diverged: stopped: 3 steps in a row \(to step 4\) had a NaN / Inf "
+                                           r"loss.*Nothing was registered.*checkpoint") as info:
+        train(config)
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("diverged-test").experiment_id])
+    assert run.info.status == "FAILED" and "diverged" in run.data.tags["adps.stopped"]
+    assert "adps.registered_model" not in run.data.tags
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "skipped_steps")][-1] == 3
+    checkpoint = Path(run.data.tags["adps.checkpoint"])
+    assert checkpoint.name in str(info.value)
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["step"] == 4 and state["skipped_steps"] == 3
+    weights = load_file(str(checkpoint / "model" / "weights.safetensors"))
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())  # the last good weights
+
+
 def test_two_worker_run_survives_a_failure_and_resumes_exactly(tiny_dataset, tmp_path: Path) -> None:
     """2 workers, checkpoint every 2 steps, rank 1 dies once after step 3: the run restarts from
     the step-2 checkpoint and finishes with exactly max_steps steps."""

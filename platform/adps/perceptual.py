@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -125,7 +126,14 @@ def find_weights(arch: str, weights: str | os.PathLike[str] | None = None) -> Pa
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     # weights_only: a weights file is data, never code to unpickle. No mmap: torchvision's
     # older files use the legacy (non-zip) format that mmap cannot read.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # What weights_only refuses (objects other than tensors and containers) could run
+        # code when unpickled: the file is not loaded at all.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: refused: not a plain weights file (it holds objects that could run code "
+                         f"when loaded; {first})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
     return state

@@ -117,6 +117,10 @@ class TrainConfig(ConfigFile):
     """MLflow experiment of the run."""
     register: bool = True
     """At the end, register the EMA model as ``adps-<method>-r<R>`` (a new version, which ``models:/<name>@latest`` resolves to)."""
+    max_skipped_in_a_row: int = 50
+    """A step whose loss is NaN / Inf is skipped (nothing of it lands) and counted
+    (``skipped_steps``); this many skipped *in a row* means the model diverged: the run stops
+    with a checkpoint, its MLflow run FAILED with the reason, nothing registered (0 = never stop)."""
     fail_at_steps: tuple[int, ...] = ()
     """Fault injection (tests): worker rank 1 (rank 0 when alone) dies once just after each of
     these steps; a marker file in the run folder makes each fire only once."""
@@ -168,7 +172,7 @@ class TrainConfig(ConfigFile):
             if getattr(self, key) < 1:
                 raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
         for key in ("epochs", "max_steps", "max_failures", "lr_rampup_images", "grad_clip", "validate_every_steps",
-                    "validation_slices"):
+                    "validation_slices", "max_skipped_in_a_row"):
             if getattr(self, key) < 0:
                 raise ValueError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
         for key in ("lr", "eps", "ema_half_life_images", "cpus_per_worker", "controller_poll_s"):

@@ -291,8 +291,11 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
 
     trainee = build_trainee(config, rank=ctx.rank, world_size=ctx.world_size, wrap=ctx.wrap)
     resumed_from = None
+    skipped_steps = 0  # steps skipped for a non-finite loss, over the whole run
     if ctx.checkpoint is not None:
-        resumed_from = int(load_training_checkpoint(ctx.checkpoint, trainee)["step"])
+        resumed = load_training_checkpoint(ctx.checkpoint, trainee)
+        resumed_from, skipped_steps = int(resumed["step"]), int(resumed.get("skipped_steps", 0))
+    skipped_in_a_row = 0
     # Rank 0 validates the EMA model; the other ranks wait for it in the next all-reduce.
     val_batch = validation_batch(config, acceleration) if ctx.rank == 0 else None
 
@@ -314,6 +317,7 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
             "world_size": ctx.world_size,
             "seed": config.seed,
             "resumed_from": resumed_from,
+            "skipped_steps": skipped_steps,
             "mlflow_run_id": ctx_run_id,
             "config": config.to_dict(),
         }
@@ -334,6 +338,10 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
         started = time.perf_counter()
         for batch in _batches(dataset, share, config.batch_size, position):
             out = train_one_step(trainee, batch)
+            # Every rank agrees on a skip (train_step decides it together), so every rank counts
+            # the same and stops at the same step.
+            skipped_steps += out["skipped"]
+            skipped_in_a_row = skipped_in_a_row + 1 if out["skipped"] else 0
             now = time.perf_counter()
             # Global throughput of this step (loading included): every rank steps in lockstep.
             slices_per_s = config.batch_size * ctx.world_size / max(now - started, 1e-9)
@@ -346,6 +354,7 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
                 "grad_norm": out["grad_norm"] if math.isfinite(out["grad_norm"]) else -1.0,
                 "lr": out["lr"],
                 "skipped": out["skipped"],
+                "skipped_steps": skipped_steps,
                 "images_seen": trainee.step * config.batch_size * ctx.world_size,
                 "slices_per_s": slices_per_s,
                 "slice_ids": [int(s) for s in batch["slice_id"]],
@@ -353,6 +362,16 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
                 **_gpu_memory_gb(),
                 **validate(trainee.step),
             }
+            if config.max_skipped_in_a_row and skipped_in_a_row >= config.max_skipped_in_a_row:
+                # Diverged: skipped steps changed nothing, so this checkpoint holds the last good
+                # weights. The run ends here (no Ray retry: a restart would diverge again).
+                metrics["stopped"] = (f"{skipped_in_a_row} steps in a row (to step {trainee.step}) had a NaN / Inf "
+                                      f"loss: the model diverged (lower lr, check grad_clip and the data)")
+                if ctx.log is not None:
+                    ctx.log(metrics, trainee.step)
+                checkpoint_and_report(metrics, epoch, position)
+                dataset.close()
+                return metrics
             if ctx.log is not None and (trainee.step % config.log_every_steps == 0 or "val_nrmse" in metrics
                                         or trainee.step == total):
                 ctx.log(metrics, trainee.step)
@@ -582,6 +601,16 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
             run.result = trainer.fit()
         if run.result.error is not None:
             raise run.result.error
+        stopped = (run.result.metrics or {}).get("stopped")
+        if stopped:
+            checkpoint = run.result.checkpoint
+            where = checkpoint_uri(storage, checkpoint.path) if checkpoint is not None else "(none)"
+            if run.run_id is not None:
+                from adps.orchestration.tracking import RunLogger
+
+                RunLogger(run.tracking_uri, run.run_id).set_tags({"adps.stopped": stopped, "adps.checkpoint": where})
+            raise RuntimeError(f"{run_name}: stopped: {stopped}. Nothing was registered; the last good weights are "
+                               f"in the checkpoint {where}, and submitting the same run again resumes from it.")
     except BaseException:
         if run.run_id is not None:
             from adps.orchestration.tracking import end_run
