@@ -175,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         "reuses what is done.",
     )
     demo.add_argument("--quick", action="store_true",
-                      help="ambient R 4 against edm R 1 at R_inf 4 and 8, short training (~2-3 min)")
+                      help="ambient R 4 against edm R 1 at R_inf 4 and 8, short training (~2.5 min); the values after ; in the help below")
     demo.add_argument("--volumes", type=int, help="synthetic volumes: 1 test, 1 validation, the rest training (6; 4)")
-    demo.add_argument("--slices", type=int, help="slices per volume (4; 2 with --quick)")
+    demo.add_argument("--slices", type=int, help="slices per volume (4; 2)")
     demo.add_argument("--coils", type=int, help="receive coils (4)")
     demo.add_argument("--accelerations", type=float, nargs="+", metavar="R",
                       help="R of the ambient models and R_inf of the evaluation (2 4 8; 4 8)")
