@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -198,6 +199,17 @@ def test_sweep_trains_logs_and_registers_every_method(sweep, tiny_prepared: str)
         else:
             with pytest.raises(Exception, match="is a prior"):
                 pyfunc.predict(inputs)
+
+
+def test_a_model_that_is_not_registered_is_named_in_the_error(sweep) -> None:
+    """A registry name, alias or version that does not exist: FileNotFoundError naming the URI
+    and what is missing (the sweep registered adps-modl-r2 version 1 and nothing else of it)."""
+    assert adps.load_model("models:/adps-modl-r2@latest") is not None
+    for uri, missing in (("models:/adps-nope-r4@latest", "adps-nope-r4 not found"),
+                         ("models:/adps-modl-r2@champion", "alias champion not found"),
+                         ("models:/adps-modl-r2/99", "version=99) not found")):
+        with pytest.raises(FileNotFoundError, match=re.escape(uri) + ": cannot download the model: .*" + re.escape(missing)):
+            adps.load_model(uri)
 
 
 def test_sweep_again_skips_finished_runs(sweep) -> None:
