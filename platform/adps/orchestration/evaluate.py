@@ -41,7 +41,7 @@ from adps.data import storage
 
 __all__ = [
     "Cell", "EvaluateConfig", "evaluate", "evaluate_cell", "format_crossover", "format_results", "plan_cells",
-    "model_version_of", "tuned_settings",
+    "model_version_of", "reconstruct_batch", "stack_batch", "tuned_settings", "TUNED_TAG",
 ]
 
 METRICS = ("nrmse", "psnr", "ssim", "lpips")
@@ -217,9 +217,9 @@ def _settings(config: EvaluateConfig, tags: dict[str, str], r_inf: float) -> tup
     """``(steps, guidance, options)``: explicit config values, else tuned at ``r_inf``, else
     METHOD.md's; ``options`` = the other tuned settings (used only with the tuned guidance)."""
     tuned = tuned_settings(tags, r_inf) if config.use_tuned else {}
-    steps = config.steps or int(tuned.pop("steps", 0))
-    guidance = config.guidance or float(tuned.pop("guidance", 1.0))
-    tuned = {key: value for key, value in tuned.items() if key not in ("steps", "guidance")}
+    tuned_steps, tuned_guidance = tuned.pop("steps", 0), tuned.pop("guidance", 1.0)
+    steps = config.steps or int(tuned_steps)
+    guidance = config.guidance or float(tuned_guidance)
     # Settings searched together belong together: an explicit guidance drops the rest of the tuned set.
     return steps, guidance, {} if config.guidance else tuned
 
@@ -255,13 +255,39 @@ def _cell_path(config: EvaluateConfig, cell: Cell, suffix: str) -> str:
     return storage.join(config.resolved_output, "cells", cell.key + suffix)
 
 
+def stack_batch(items: Sequence[dict[str, Any]], device: str | torch.device) -> dict[str, Any]:
+    """Dataset items as one batch on ``device`` (k-space, maps, mask, reference) with their
+    ``slice_ids``."""
+    batch: dict[str, Any] = {key: torch.stack([item[key] for item in items]).to(device)
+                             for key in ("kspace", "maps", "mask", "reference")}
+    batch["slice_ids"] = [int(item["slice_id"]) for item in items]
+    return batch
+
+
+def reconstruct_batch(
+    sampler: str, model: Any, batch: dict[str, Any], *, r_train: float, seed: int, acs: int | None,
+    amp: str = "", steps: int | None = None, guidance: float | None = None, **options: float,
+) -> torch.Tensor:
+    """Reconstruct a :func:`stack_batch` batch from its masked k-space with ``sampler``
+    (:func:`~adps.nn.samplers.run_sampler`). The noise is seeded by ``seed`` and the first
+    slice id, so an evaluation cell and a Ray Tune trial on the same slices draw the same noise."""
+    from adps.mri import SenseOperator
+    from adps.nn.samplers import run_sampler
+
+    mask = batch["mask"]
+    y = batch["kspace"] * mask[:, None, None, :]
+    operator = SenseOperator(batch["maps"], mask)
+    slice_ids = batch["slice_ids"]
+    generator = torch.Generator(device=y.device).manual_seed(seed * 1_000_003 + slice_ids[0])
+    return run_sampler(sampler, model, y, operator, generator=generator, steps=steps, guidance=guidance,
+                       train_acceleration=r_train, slice_ids=slice_ids, seed=seed, acs=acs, amp=amp, **options)
+
+
 def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") -> list[dict[str, Any]]:
     """Reconstruct and measure one cell; writes ``<key>.json`` (rows) and ``<key>.npz`` (the
     first slice's reconstruction and reference) and returns the rows."""
     from adps.data.dataset import PreparedSliceDataset
     from adps.metrics import image_metrics
-    from adps.mri import SenseOperator
-    from adps.nn.samplers import run_sampler
 
     model, _ = load_for_evaluation(cell.model, device, config.tracking_uri)
     from adps.data.shards import read_manifest
@@ -273,17 +299,12 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
         items = [dataset[i] for i in cell.indices]
     finally:
         dataset.close()
-    batch = {key: torch.stack([item[key] for item in items]).to(device) for key in ("kspace", "maps", "mask", "reference")}
-    slice_ids = [int(item["slice_id"]) for item in items]
-    mask = batch["mask"]
-    y = batch["kspace"] * mask[:, None, None, :]
-    operator = SenseOperator(batch["maps"], mask)
-    generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + slice_ids[0])
+    batch = stack_batch(items, device)
+    slice_ids = batch["slice_ids"]
     started = time.perf_counter()
-    image = run_sampler(
-        cell.sampler, model, y, operator, generator=generator, steps=cell.steps or None, guidance=cell.guidance,
-        train_acceleration=cell.r_train, slice_ids=slice_ids, seed=config.seed, acs=acs, amp=config.amp,
-        **dict(cell.options),
+    image = reconstruct_batch(
+        cell.sampler, model, batch, r_train=cell.r_train, seed=config.seed, acs=acs, amp=config.amp,
+        steps=cell.steps or None, guidance=cell.guidance, **dict(cell.options),
     )
     seconds = (time.perf_counter() - started) / len(items)
     reference = batch["reference"]

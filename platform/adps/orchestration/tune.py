@@ -59,7 +59,6 @@ __all__ = [
     "SAMPLER_PARAMS",
     "SearchConfig",
     "SearchSpace",
-    "TUNED_PREFIX",
     "load_space",
     "tune_search",
 ]
@@ -75,8 +74,6 @@ SAMPLER_PARAMS = {
 OBJECTIVE_METRICS = ("nrmse", "psnr", "ssim")
 PARAM_TYPES = {"loguniform": ("low", "high"), "uniform": ("low", "high"), "randint": ("low", "high"),
                "choice": ("values",)}
-TUNED_PREFIX = "adps.tuned.r{r_inf:g}."
-"""Prefix of the model-version tags a search leaves (``adps.tuned.r8.guidance``)."""
 
 
 # Search spaces -------------------------------------------------------------------------------
@@ -274,10 +271,9 @@ class SearchConfig(ConfigFile):
 
 # A trial -------------------------------------------------------------------------------------
 def _load_batches(config: SearchConfig, device: str) -> tuple[list[dict[str, Any]], int | None]:
-    import torch
-
     from adps.data.dataset import PreparedSliceDataset
     from adps.data.shards import read_manifest
+    from adps.orchestration.evaluate import stack_batch
 
     acs = read_manifest(config.dataset)["config"].get("acs")
     dataset = PreparedSliceDataset(config.dataset, config.split, acceleration=config.r_inf)
@@ -286,33 +282,10 @@ def _load_batches(config: SearchConfig, device: str) -> tuple[list[dict[str, Any
         batches = []
         for start in range(0, count, config.slices_per_report):
             items = [dataset[i] for i in range(start, min(start + config.slices_per_report, count))]
-            batch = {k: torch.stack([item[k] for item in items]).to(device) for k in ("kspace", "maps", "mask", "reference")}
-            batch["slice_ids"] = [int(item["slice_id"]) for item in items]
-            batches.append(batch)
+            batches.append(stack_batch(items, device))
     finally:
         dataset.close()
     return batches, acs
-
-
-def reconstruct(sampler: str, model: Any, batch: dict[str, Any], settings: dict[str, Any], *, r_train: float,
-                seed: int, acs: int | None, amp: str = "") -> Any:
-    """One batch with ``settings`` (the trial's params, through
-    :func:`~adps.nn.samplers.run_sampler`); the noise is seeded by the first slice id."""
-    import torch
-
-    from adps.mri import SenseOperator
-    from adps.nn.samplers import run_sampler
-
-    mask = batch["mask"]
-    y = batch["kspace"] * mask[:, None, None, :]
-    operator = SenseOperator(batch["maps"], mask)
-    slice_ids = batch["slice_ids"]
-    generator = torch.Generator(device=y.device).manual_seed(seed * 1_000_003 + slice_ids[0])
-    options = {k: float(v) for k, v in settings.items() if k not in ("steps", "guidance")}
-    return run_sampler(sampler, model, y, operator, generator=generator,
-                       steps=int(settings["steps"]) if "steps" in settings else None,
-                       guidance=float(settings["guidance"]) if "guidance" in settings else None,
-                       train_acceleration=r_train, slice_ids=slice_ids, seed=seed, acs=acs, amp=amp, **options)
 
 
 def _trial(params: dict[str, Any], *, config: dict[str, Any], sampler: str) -> None:
@@ -321,9 +294,11 @@ def _trial(params: dict[str, Any], *, config: dict[str, Any], sampler: str) -> N
     from ray import tune
 
     from adps.metrics import image_metrics
-    from adps.orchestration.evaluate import load_for_evaluation
+    from adps.orchestration.evaluate import load_for_evaluation, reconstruct_batch
 
     search = SearchConfig.from_dict(config)
+    # The trial's params as the sampler takes them (Tune hands numpy / float values).
+    settings = {key: int(value) if key == "steps" else float(value) for key, value in params.items()}
     torch.set_num_threads(max(1, int(search.cpus_per_trial)))
     device = "cuda" if search.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
     model, model_config = load_for_evaluation(search.model, device, search.tracking_uri)
@@ -331,8 +306,8 @@ def _trial(params: dict[str, Any], *, config: dict[str, Any], sampler: str) -> N
     totals = dict.fromkeys(OBJECTIVE_METRICS, 0.0)
     seen = 0
     for index, batch in enumerate(batches):
-        image = reconstruct(sampler, model, batch, params, r_train=float(model_config["R"]), seed=search.seed,
-                            acs=acs, amp=search.amp)
+        image = reconstruct_batch(sampler, model, batch, r_train=float(model_config["R"]), seed=search.seed, acs=acs,
+                                  amp=search.amp, **settings)
         scores = image_metrics(batch["reference"], image.detach())
         for metric in OBJECTIVE_METRICS:
             values = torch.nan_to_num(scores[metric].double().cpu(), nan=1e6 if metric == "nrmse" else -1e6)
@@ -586,7 +561,7 @@ def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any
 def _tag_version(config: SearchConfig, best: dict[str, Any], run_id: str) -> Any:
     from mlflow import MlflowClient
 
-    from adps.orchestration.evaluate import model_version_of
+    from adps.orchestration.evaluate import TUNED_TAG, model_version_of
 
     version = model_version_of(config.model, config.tracking_uri)
     if version is None:  # ``models:/name`` without version or alias: the newest version
@@ -594,9 +569,9 @@ def _tag_version(config: SearchConfig, best: dict[str, Any], run_id: str) -> Any
         name = config.model[len("models:/"):]
         version = max(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     client = MlflowClient(config.tracking_uri)
-    prefix = TUNED_PREFIX.format(r_inf=float(config.r_inf))
     for key, value in {**best["settings"], "run_id": run_id}.items():
-        client.set_model_version_tag(version.name, version.version, prefix + key, str(value))
+        tag = TUNED_TAG.format(r_inf=float(config.r_inf), key=key)
+        client.set_model_version_tag(version.name, version.version, tag, str(value))
     return client.get_model_version(version.name, version.version)
 
 
