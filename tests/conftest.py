@@ -10,9 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from flaky_network import FlakyProxy
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped elsewhere)")
+    config.addinivalue_line("markers", "faults: the fault-injection suite (select with -m faults; runs in CI)")
+    config.addinivalue_line("markers", "slow: takes over 30 s here (deselect with -m 'not slow'; runs in CI)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -91,12 +95,14 @@ S3_ENV = {
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory):
-    """A moto S3 server on a free local port; yields its endpoint URL.
+    """A moto S3 server on a free local port, reached through a :class:`FlakyProxy`; yields the
+    endpoint URL (the proxy's).
 
     For the session, AWS_ENDPOINT_URL points at it and dummy credentials are set, so boto3 (and
     pyarrow, and subprocesses such as ``adps synth s3://...``) use it without any argument; the
     previous environment is restored afterwards. Tests should use their own bucket names, since
-    the server is shared by the session.
+    the server is shared by the session. The proxy (fixture ``s3_network``) lets a fault test
+    take S3 down and bring it back; everything else just goes through it.
     """
     import socket
     import subprocess
@@ -132,8 +138,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"moto_server did not start on {endpoint}:\n{log_path.read_text()}") from None
                 time.sleep(0.1)
+        proxy = FlakyProxy(("127.0.0.1", port))
+        _S3_PROXY.append(proxy)
         with pytest.MonkeyPatch.context() as patch:
-            for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
+            for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": proxy.url}.items():
                 patch.setenv(key, value)
             # No user config or credential files: they could name another endpoint or profile.
             patch.setenv("AWS_CONFIG_FILE", str(log_path.parent / "no-aws-config"))
@@ -141,9 +149,22 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
             # Credentials or an endpoint just for S3 would override the ones above.
             for key in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
                 patch.delenv(key, raising=False)
-            yield endpoint
+            yield proxy.url
     finally:
+        for proxy in _S3_PROXY:
+            proxy.close()
+        _S3_PROXY.clear()
         stop_process_group(process)
+
+
+_S3_PROXY: list = []
+
+
+@pytest.fixture(scope="session")
+def s3_network(s3_server: str) -> FlakyProxy:
+    """The proxy between the session and its S3 server: ``.down()`` / ``.up()`` / ``.outage(s)``;
+    ``.upstream`` is the server itself, for a test that must look past the outage."""
+    return _S3_PROXY[0]
 
 
 # A shared Ray instance ------------------------------------------------------------------------
@@ -215,3 +236,36 @@ def tiny_prepared(ray_session, tmp_path_factory: pytest.TempPathFactory) -> str:
     })
     prepare_dataset(config, progress=False)
     return str(output)
+
+
+# Credentials ------------------------------------------------------------------------------------
+def assert_no_credentials(run_id: str, models: list[str], *, bucket: str) -> None:
+    """The S3 credentials of the environment appear nowhere the run wrote: MLflow params, tags
+    and metric names, registered model versions and their artifacts, the checkpoints' text
+    files on S3."""
+    import json
+    import tempfile
+
+    import boto3
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+
+    secrets = [S3_ENV["AWS_ACCESS_KEY_ID"], S3_ENV["AWS_SECRET_ACCESS_KEY"]]
+    client = MlflowClient()
+    data = client.get_run(run_id).data
+    texts = {"params": json.dumps(data.params), "tags": json.dumps(data.tags), "metrics": json.dumps(list(data.metrics))}
+    for name in models:
+        for version in client.search_model_versions(f"name = '{name}'"):
+            texts[f"{name}/{version.version} tags"] = json.dumps(version.tags)
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = Path(download_artifacts(f"models:/{name}/{version.version}", dst_path=tmp))
+                for path in folder.rglob("*"):
+                    if path.is_file() and path.suffix in (".json", ".yaml", ".txt", ".py", "") and path.stat().st_size < 2**20:
+                        texts[str(path.relative_to(folder))] = path.read_text(errors="replace")
+    s3 = boto3.client("s3")
+    for item in s3.list_objects_v2(Bucket=bucket)["Contents"]:
+        if item["Key"].endswith(".json"):
+            texts[item["Key"]] = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read().decode()
+    assert len(texts) > 10, texts.keys()  # it looked at something
+    leaks = [where for where, text in texts.items() if any(secret in text for secret in secrets)]
+    assert not leaks, f"credentials written to {leaks}"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +50,7 @@ def _load_bench(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_train_scaling_bench_measures_every_configuration(ray_session, tmp_path: Path) -> None:
     """CPU mode, tiny: the bare step, worker_loop without Ray, and Ray Train with 2 workers on the
     session's Ray instance (which the bench reuses and leaves running). One Ray Train run costs

@@ -17,9 +17,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from adps.data import storage
 from adps.data.dataset import PreparedSliceDataset
 from adps.data.preprocess import PrepareConfig
-from adps.data.shards import MANIFEST_NAME, ShardError
+from adps.data.shards import MANIFEST_NAME, ShardError, file_sha256, read_manifest
 from adps.data.synth import synthesize_dataset
 from adps.orchestration.prepare import prepare_dataset
 
@@ -142,3 +143,86 @@ def test_bad_arguments_are_named(root: Path, tmp_path: Path) -> None:
         PreparedSliceDataset(copy, "train", acceleration=2, load_l1=True)
     with pytest.raises(IndexError):
         PreparedSliceDataset(root, "train", acceleration=2)[99]
+
+
+# Shard names outside the folder, all-zero maps (docs/errors.md) ------------------------------
+
+OUTSIDE_NAMES = ["../other/train-00000.h5", "/etc/passwd", "s3://other-bucket/prepared/train-00000.h5"]
+
+
+def _rename_first_train_shard(manifest: dict, name: str) -> dict:
+    """The manifest with train's first shard (and its slices' references) renamed to ``name``."""
+    manifest = json.loads(json.dumps(manifest))
+    train = manifest["splits"]["train"]
+    old = train["shards"][0]["name"]
+    train["shards"][0]["name"] = name
+    for entry in train["slices"]:
+        if entry["shard"] == old:
+            entry["shard"] = name
+    return manifest
+
+
+@pytest.mark.parametrize("name", OUTSIDE_NAMES)
+def test_a_manifest_naming_shards_outside_its_folder_is_refused(root: Path, tmp_path: Path, name: str) -> None:
+    # A real dataset next to a valid shard "outside" it, which the manifest's sha256 matches:
+    # without the check, "../other/train-00000.h5" would be read (and "/etc/passwd" hashed).
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    (tmp_path / "other").mkdir()
+    shutil.copyfile(root / "train-00000.h5", tmp_path / "other" / "train-00000.h5")
+    (copy / MANIFEST_NAME).write_text(json.dumps(_rename_first_train_shard(manifest_of(root), name)))
+    message = (
+        rf"{copy / MANIFEST_NAME}: split 'train' names the shard '{name}'; shard names must be plain file names "
+        r"inside the dataset folder \(like 'train-00000\.h5'\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        read_manifest(str(copy))
+    with pytest.raises(ValueError, match=message):
+        PreparedSliceDataset(copy, "train", acceleration=2)
+    # Another split of the same manifest is refused too: the whole manifest is untrusted.
+    with pytest.raises(ValueError, match="shard names must be plain file names"):
+        PreparedSliceDataset(copy, "val", acceleration=2)
+
+
+def test_an_s3_manifest_naming_shards_outside_its_prefix_is_refused(root: Path, tmp_path: Path, s3_server) -> None:
+    storage.s3_client().create_bucket(Bucket="dataset-names")
+    cache = tmp_path / "cache"
+    for index, name in enumerate(OUTSIDE_NAMES):
+        prefix = f"s3://dataset-names/prepared-{index}"
+        storage.upload_file_atomic(root / "train-00000.h5", f"{prefix}/train-00000.h5")
+        storage.write_bytes_atomic(
+            f"{prefix}/{MANIFEST_NAME}", json.dumps(_rename_first_train_shard(manifest_of(root), name)).encode()
+        )
+        with pytest.raises(ValueError, match=rf"{prefix}/manifest\.json: split 'train' names the shard '{name}'; "
+                                             "shard names must be plain file names inside the dataset folder"):
+            PreparedSliceDataset(prefix, "train", acceleration=2, cache_dir=cache)
+    assert not cache.exists()  # refused before any download
+
+
+def test_a_slice_with_all_zero_maps_is_refused_naming_it(root: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    shard = copy / "train-00000.h5"
+    with h5py.File(shard, "r+") as f:
+        f["maps"][1] = 0
+    sid = manifest_of(copy)["splits"]["train"]["slices"][1]["slice_id"]
+
+    # The edit changes the file: with the manifest as it is, the checksum catches it first.
+    with pytest.raises(ShardError, match=r"train-00000\.h5: checksum mismatch"):
+        PreparedSliceDataset(copy, "train", acceleration=2)[1]
+
+    # Re-hashed in the manifest (or read with verify=False), the maps themselves are refused.
+    message = rf"train-00000\.h5: slice id {sid} \(row 1\): coil maps are all zero"
+    with pytest.raises(ShardError, match=message):
+        PreparedSliceDataset(copy, "train", acceleration=2, verify=False)[1]
+    manifest = manifest_of(copy)
+    manifest["splits"]["train"]["shards"][0].update(sha256=file_sha256(shard), size=shard.stat().st_size)
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    dataset = PreparedSliceDataset(copy, "train", acceleration=2)
+    with pytest.raises(ValueError, match=message):
+        dataset[1]
+    assert int(dataset[0]["slice_id"]) == manifest["splits"]["train"]["slices"][0]["slice_id"]  # the others read
+
+    # Zero-padded coils of a test slice are zero maps too, but not all of them: those read.
+    test = PreparedSliceDataset(root, "test", acceleration=2)
+    assert all(bool(test[i]["maps"].abs().sum() > 0) for i in range(len(test)))

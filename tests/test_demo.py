@@ -26,6 +26,7 @@ def test_console_entry_point_is_installed(tmp_path: Path) -> None:
     assert result.returncode == 0 and result.stdout.startswith("adps ")
 
 
+@pytest.mark.slow
 def test_quick_demo_end_to_end_then_reused(tmp_path: Path) -> None:
     """``adps demo --quick`` as a user runs it (its own local Ray): every stage runs, the MLflow
     store in the work folder holds the registered models (the searched one tagged with its

@@ -141,13 +141,16 @@ def test_ray_cluster_yaml_node_types(cluster_config):
         assert t["node_config"]["IamInstanceProfile"] == {"Name": "adps-ray"}
 
 
-def test_ray_cluster_yaml_installs_repo_and_exposes_dashboard(cluster_config):
+def test_ray_cluster_yaml_installs_repo_and_keeps_the_dashboard_private(cluster_config):
     assert cluster_config["file_mounts"]["/home/ray/adps"] == "."
     setup = " ".join(cluster_config["setup_commands"])
     assert "pip install" in setup and "-e /home/ray/adps" in setup
     assert "-c /home/ray/adps/constraints.txt" in setup and (ROOT / "constraints.txt").is_file()
     head_start = " ".join(cluster_config["head_start_ray_commands"])
-    assert "ray start --head" in head_start and "--dashboard-host=0.0.0.0" in head_start
+    assert "ray start --head" in head_start and "--dashboard-host=127.0.0.1" in head_start
+    # Inbound from outside: SSH only (the dashboard is reached through `ray dashboard`'s tunnel).
+    rules = cluster_config["provider"]["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"]) for r in rules] == [(22, 22)]
     run_options = " ".join(cluster_config["docker"]["run_options"])
     assert "MLFLOW_TRACKING_URI=" in run_options
 
@@ -217,7 +220,8 @@ def test_kuberay_manifest(name, kind):
     assert spec["enableInTreeAutoscaling"] is True
 
     head = spec["headGroupSpec"]
-    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert head["serviceType"] == "ClusterIP", "the head's Service must stay inside the cluster"
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"  # the pod address, behind that Service
     assert head["rayStartParams"]["num-cpus"] == "0", "the head must not take tasks"
     (head_container,) = head["template"]["spec"]["containers"]
     assert 8265 in [p["containerPort"] for p in head_container["ports"]]
@@ -275,6 +279,35 @@ def test_mlflow_compose():
     assert any(c.startswith("--artifacts-destination=${MLFLOW_ARTIFACTS_DESTINATION") for c in command)
     assert "--serve-artifacts" in command
     assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in mlflow["environment"]
+    # Published on loopback unless told otherwise; the database not at all.
+    assert mlflow["ports"] == ["${MLFLOW_BIND:-127.0.0.1}:${MLFLOW_PORT:-5000}:5000"]
+    assert "ports" not in doc["services"]["postgres"]
+
+
+def test_no_manifest_opens_a_service_to_the_internet():
+    """No LoadBalancer or NodePort Service, Ingress or host network in any manifest under infra/
+    or in ray_cluster.yaml, and no server bound to every interface by default outside a pod."""
+    import yaml
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("type", "serviceType"):
+                    assert value not in ("LoadBalancer", "NodePort"), f"{where}: {key}: {value}"
+                assert not (key == "hostNetwork" and value is True), f"{where}: hostNetwork"
+                walk(value, where)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item, where)
+
+    files = [*INFRA.rglob("*.yaml"), ROOT / "ray_cluster.yaml"]
+    assert len(files) >= 4
+    for path in files:
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert not (isinstance(doc, dict) and doc.get("kind") == "Ingress"), f"{path}: an Ingress"
+            walk(doc, path.name)
+    assert "0.0.0.0" not in (INFRA / "mlflow" / "run_server.sh").read_text()
+    assert "--dashboard-host=0.0.0.0" not in (ROOT / "ray_cluster.yaml").read_text()
 
 
 def test_mlflow_run_server_script(tmp_path):
@@ -302,6 +335,7 @@ def test_mlflow_run_server_script(tmp_path):
     assert args[:3] == ["server", "--backend-store-uri", "postgresql://mlflow:pw@db:5432/mlflow"]
     assert args[args.index("--artifacts-destination") + 1] == "s3://bucket/mlflow"
     assert "--serve-artifacts" in args and args[args.index("--port") + 1] == "5000"
+    assert args[args.index("--host") + 1] == "127.0.0.1"
     allowed = args[args.index("--allowed-hosts") + 1].split(",")
     assert {"localhost:*", "10.*", "172.16.*", "mlflow.example:*"} <= set(allowed)
     assert args[-3:] == ["--static-prefix", "/m", "JOBS=false"]

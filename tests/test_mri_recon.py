@@ -106,3 +106,19 @@ def test_l1_wavelet_beats_zero_filling(phantoms) -> None:
     torch.testing.assert_close(inferred, l1, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="mask: expected shape"):
         l1_wavelet_recon(measured, phantoms.maps[:1], torch.ones(79, dtype=torch.bool))
+
+
+def test_all_zero_maps_are_refused_by_every_reconstruction(phantoms) -> None:
+    maps = phantoms.maps.clone()
+    maps[1] = 0
+    message = "maps: the coil maps of batch item 1 are all zero"
+    with pytest.raises(ValueError, match=message):
+        mvue(phantoms.kspace, maps)
+    with pytest.raises(ValueError, match=message):
+        l1_wavelet_recon(phantoms.kspace, maps, iterations=1)
+    # Sampling checks them once per call (SenseOperator itself does not: training builds one
+    # every step, and on a GPU the check would synchronise each time).
+    from adps.nn.samplers import l1_wavelet
+
+    with pytest.raises(ValueError, match=message):
+        l1_wavelet(None, phantoms.kspace, SenseOperator(maps), torch.tensor([1.0, 0.0]))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from adps.mri import SenseOperator, column_mask
+from adps.mri import SenseOperator, check_maps, column_mask
 from conftest import devices, random_complex
 
 
@@ -111,3 +111,18 @@ def test_bad_operands(generator: torch.Generator) -> None:
         op.adjoint(random_complex(2, 4, 8, 6, generator=generator))
     with pytest.raises(ValueError, match="image"):
         op.normal(random_complex(1, 8, 6, generator=generator))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_all_zero_maps_are_refused_naming_the_batch_item(device: str, generator: torch.Generator) -> None:
+    maps = random_complex(3, 4, 8, 6, generator=generator).to(device)
+    maps[1] = 0
+    with pytest.raises(ValueError, match=r"maps: the coil maps of batch item 1 are all zero"):
+        check_maps(maps)
+    maps[2] = 0
+    with pytest.raises(ValueError, match=r"maps: the coil maps of batch items 1, 2 are all zero"):
+        check_maps(maps)
+    # Zero coils are fine while some coil is not (test slices are zero-padded to a coil count).
+    padded = random_complex(2, 4, 8, 6, generator=generator).to(device)
+    padded[:, 2:] = 0
+    check_maps(padded)

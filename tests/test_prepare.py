@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from adps.cli import main as adps_main
+from adps.data import preprocess as preprocess_module
 from adps.data import storage
 from adps.data.dataset import PreparedSliceDataset
 from adps.data.fastmri import open_volume
@@ -171,6 +172,31 @@ def test_bad_kspace_is_refused_naming_the_slice() -> None:
         preprocess_slice(np.zeros_like(good), split="train", slice_id=9, config=config)
     with pytest.raises(ValueError, match="smaller than the crop"):
         preprocess_slice(good[:, :40], split="test", slice_id=1, config=config)
+
+
+def test_unusable_espirit_maps_reject_the_volume_naming_the_slice(raw, monkeypatch) -> None:
+    """ESPIRiT gives NaN maps where its calibration is degenerate; all-zero maps are caught too.
+
+    Real k-space that leads there is refused earlier (all-zero k-space, an empty k-space
+    centre), so ESPIRiT's output is replaced here.
+    """
+    config = small_config("a", "b")
+    good = synthetic_volume(1, n_slices=1, n_coils=COILS, height=HEIGHT, width=WIDTH, noise_std=NOISE_STD).kspace[0]
+    monkeypatch.setattr(preprocess_module, "espirit_maps", lambda kspace, **_: torch.zeros_like(kspace))
+    with pytest.raises(ValueError, match="slice 9: ESPIRiT coil maps are all zero"):
+        preprocess_slice(good, split="train", slice_id=9, config=config)
+
+    # In a prepare run the volume is rejected with that reason, like bad k-space.
+    source = str(raw["folder"] / volume_name(0, "AXT2"))
+    plan = VolumePlan(source=source, volume_id=volume_id(source), patient_id="p", split="train",
+                      slice_indices=(2,), num_coils=COILS)
+    summary, payload = prepare_volume(plan, config.virtual_coils, config)
+    assert payload is None and not summary["ok"]
+    assert summary["reason"] == f"{source} slice 2: ESPIRiT coil maps are all zero (degenerate calibration region)"
+
+    monkeypatch.setattr(preprocess_module, "espirit_maps", lambda kspace, **_: torch.full_like(kspace, torch.nan))
+    with pytest.raises(ValueError, match=rf"slice 9: ESPIRiT coil maps hold {4 * HEIGHT * WIDTH} NaN or Inf values"):
+        preprocess_slice(good, split="train", slice_id=9, config=config)
 
 
 def test_whitening_recovers_the_known_noise_covariance() -> None:
@@ -398,6 +424,21 @@ def test_a_changed_config_is_refused(prepared) -> None:
         prepare_dataset(config, progress=False)
     # Execution settings may change: more CPUs per task does not change the bytes.
     assert prepare_dataset(prepared["config"].replace(cpus_per_task=2), progress=False) == prepared["manifest"]
+
+
+def test_a_resume_refuses_a_manifest_naming_shards_outside_the_output(prepared, tmp_path) -> None:
+    """Resuming hashes every recorded shard: a hostile manifest must not make it read elsewhere."""
+    output = tmp_path / "axt2"
+    output.mkdir()
+    manifest = json.loads((prepared["output"] / MANIFEST_NAME).read_text())
+    manifest["splits"]["val"]["shards"][0]["name"] = "/etc/passwd"
+    (output / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=(
+        rf"{output / MANIFEST_NAME}: split 'val' names the shard '/etc/passwd'; shard names must be plain file "
+        r"names inside the dataset folder \(like 'val-00000\.h5'\)"
+    )):
+        prepare_dataset(prepared["config"].replace(output=str(output)), progress=False)
+    assert sorted(p.name for p in output.iterdir()) == [MANIFEST_NAME]  # nothing written
 
 
 def test_cli_prints_the_config_and_finds_nothing_to_do(prepared, tmp_path, capsys) -> None:

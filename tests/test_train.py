@@ -1,8 +1,8 @@
 """Training on Ray Train V2 (``adps train``): config checks, data shares, checkpoints, resume.
 
-Few Ray runs, by design (a 2-worker Gloo run costs ~40 s here): one 2-worker ambient run with
-an injected worker failure checks completion, checkpoint contents, the resume from the latest
-checkpoint and the exact step count all at once; everything else runs without Ray.
+Few Ray runs, by design (a 2-worker Gloo run costs ~40 s here): the run whose worker is killed
+twice, which checks completion, checkpoint contents, the resume from the latest checkpoint and
+the exact step count all at once, is in tests/test_faults.py; everything else runs without Ray.
 """
 
 from __future__ import annotations
@@ -152,6 +152,7 @@ def test_worker_loop_without_ray(tiny_dataset, one_intra_op_thread) -> None:
 
 
 # Ray ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_diverged_run_stops_with_a_checkpoint_and_a_message(tiny_dataset, tmp_path: Path) -> None:
     """Fault: lr 1e30 makes every loss from step 2 on NaN / Inf. Each such step is skipped and
     counted; at max_skipped_in_a_row in a row both workers stop together (no Ray retry), the
@@ -178,50 +179,3 @@ def test_a_diverged_run_stops_with_a_checkpoint_and_a_message(tiny_dataset, tmp_
     assert state["step"] == 4 and state["skipped_steps"] == 3
     weights = load_file(str(checkpoint / "model" / "weights.safetensors"))
     assert all(bool(torch.isfinite(w).all()) for w in weights.values())  # the last good weights
-
-
-def test_two_worker_run_survives_a_failure_and_resumes_exactly(tiny_dataset, tmp_path: Path) -> None:
-    """2 workers, checkpoint every 2 steps, rank 1 dies once after step 3: the run restarts from
-    the step-2 checkpoint and finishes with exactly max_steps steps."""
-    config = tiny_config(
-        tiny_dataset, num_workers=2, max_steps=5, checkpoint_every_steps=2, fail_at_steps=(3,), max_failures=2,
-        storage_path=str(tmp_path / "runs"), run_name="ambient_fault", register=False, validate_every_steps=2,
-        experiment="fault-test",
-    )
-    result = train(config)
-    assert result.error is None
-    assert result.metrics["step"] == 5
-    assert result.metrics["resumed_from"] == 2, "the restart must resume from the step-2 checkpoint"
-    assert (tmp_path / "runs" / "ambient_fault" / ".adps-fault-step-3").exists()
-    with result.checkpoint.as_directory() as folder:
-        folder = Path(folder)
-        state = json.loads((folder / "state.json").read_text())
-        assert state["step"] == 5 and state["world_size"] == 2
-        assert state["ema_images_seen"] == 5 * 2  # 5 steps x (1 slice x 2 workers)
-        assert load_file(str(folder / "optimizer.safetensors"))
-        assert (folder / "model" / "weights.safetensors").is_file()
-        assert (folder / "ema" / "weights.safetensors").is_file()
-    # Rank 0's last batch came from its own share of that epoch (4 slices, 2 per worker).
-    # 4 train slices / 2 workers / batch 1 = 2 steps per epoch: step 5 is epoch 2, batch 0.
-    from adps.data.dataset import PreparedSliceDataset
-
-    dataset = PreparedSliceDataset(tiny_dataset, "train", acceleration=2)
-    share = worker_share(len(dataset), 2, 0, 2, config.seed)
-    assert result.metrics["slice_ids"] == [dataset.slices[share[0]]["slice_id"]]
-
-    # One MLflow run across the restart: the driver opened it before the workers started.
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name("fault-test")
-    runs = client.search_runs([experiment.experiment_id])
-    assert [r.info.run_id for r in runs] == [result.run_id]
-    assert runs[0].info.status == "FINISHED"
-    assert runs[0].data.params["method"] == "ambient" and runs[0].data.params["fail_at_steps"] == "3"
-    losses = client.get_metric_history(result.run_id, "loss")
-    assert {m.step for m in losses} == {1, 2, 3, 4, 5}  # step 3 logged twice: before the failure and after
-    assert {m.step for m in client.get_metric_history(result.run_id, "val_nrmse")} == {2, 4, 5}
-    assert state["mlflow_run_id"] == result.run_id
-    # Every checkpoint was logged as it was written; the run's tag names the final one.
-    assert {m.step for m in client.get_metric_history(result.run_id, "checkpoint_step")} == {2, 4, 5}
-    assert runs[0].data.tags["adps.checkpoint"] == result.checkpoint.path

@@ -89,6 +89,7 @@ def test_config_and_sampler_mismatch_are_refused(tiny_prepared: str, ambient_mod
     assert parse_space({"sampler": "adps", "params": {"steps": {"type": "randint", "low": 2, "high": 4}}}).params
 
 
+@pytest.mark.slow
 def test_search_with_asha_logs_runs_best_json_and_version_tags(
     ray_session, tiny_prepared: str, ambient_model: Path, space_file: Path, tmp_path: Path
 ) -> None:
@@ -155,6 +156,7 @@ def test_search_with_asha_logs_runs_best_json_and_version_tags(
     assert used == {2.0: (0, 1.0), 4.0: (best["settings"]["steps"], pytest.approx(best["settings"]["guidance"]))}
 
 
+@pytest.mark.slow
 def test_killed_search_resumes_and_accounts_for_every_trial(
     ray_session, tiny_prepared: str, ambient_model: Path, space_file: Path, tmp_path: Path
 ) -> None:

@@ -9,7 +9,8 @@
 #   MLFLOW_ARTIFACTS_DESTINATION  s3://bucket/prefix                        (required)
 #   MLFLOW_ALLOWED_HOSTS          extra Host headers clients send, e.g. 'mlflow.adps.internal:*'
 #                                 (localhost and private IPs are always allowed)
-#   PORT (5000), HOST (0.0.0.0), WORKERS (4)
+#   PORT (5000), WORKERS (4), HOST (127.0.0.1: this machine only; set the machine's private
+#                                 address for the Ray cluster, never a public one)
 #   S3 credentials: the instance role, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY;
 #   MLFLOW_S3_ENDPOINT_URL for an S3-compatible store.
 # Needs mlflow (the version pinned in pyproject.toml), psycopg2-binary and boto3 on PATH's Python.
@@ -54,7 +55,7 @@ exec mlflow server \
     --backend-store-uri "$backend" \
     --artifacts-destination "$artifacts" \
     --serve-artifacts \
-    --host "${HOST:-0.0.0.0}" \
+    --host "${HOST:-127.0.0.1}" \
     --port "${PORT:-5000}" \
     --workers "${WORKERS:-4}" \
     ${extra[@]+"${extra[@]}"} \

@@ -66,8 +66,10 @@ class PreparedSliceDataset(Dataset):
 
     Raises:
         FileNotFoundError: no manifest under ``root``.
-        ValueError: unknown split, acceleration or shard name, or L1 asked but not prepared.
-        ShardError: a shard that is missing or fails its checksum (naming it), on first use.
+        ValueError: unknown split, acceleration or shard name, L1 asked but not prepared, or a
+            manifest that names a shard outside the dataset folder (nothing is read from there).
+        ShardError: a shard that is missing or fails its checksum (naming it), on first use; a
+            slice whose coil maps are all zero (naming its slice id), when read.
     """
 
     def __init__(
@@ -219,6 +221,14 @@ class PreparedSliceDataset(Dataset):
                 array = handle[dataset][row]
             except KeyError:
                 raise ShardError(f"{storage.join(self.root, name)}: no dataset {dataset!r}") from None
+            if key == "maps" and not array.any():
+                # Zero maps make A = 0: every loss and reconstruction of the slice would be zero
+                # or NaN, silently. One pass over an array just read (a zero-padded test coil is
+                # fine; only a slice with no nonzero map at all is refused).
+                raise ShardError(
+                    f"{storage.join(self.root, name)}: slice id {sid} (row {row}): coil maps are all zero; "
+                    "the shard is corrupt or was edited (re-run adps prepare to restore it)"
+                )
             item[key] = torch.from_numpy(np.ascontiguousarray(array))
         item["slice_id"] = torch.tensor(sid, dtype=torch.int64)
         return item

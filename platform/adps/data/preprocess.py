@@ -231,6 +231,21 @@ def check_kspace(kspace: torch.Tensor, *, label: str) -> None:
         raise ValueError(f"{label}: k-space is all zero")
 
 
+def check_espirit_maps(maps: torch.Tensor, *, label: str) -> None:
+    """Refuse ESPIRiT maps that cannot be used: NaN/Inf, or all zero.
+
+    sigpy's ESPIRiT gives NaN maps where its calibration is degenerate (it normalises the phase
+    by the first coil's map, and a zero eigenvector by its zero norm), and thresholded maps can
+    come out all zero; either would make the reference and every later loss NaN or zero. The
+    volume is rejected with this reason instead of being written to a shard.
+    """
+    if not bool(torch.isfinite(maps).all()):
+        bad = int((~torch.isfinite(maps)).sum())
+        raise ValueError(f"{label}: ESPIRiT coil maps hold {bad} NaN or Inf values (degenerate calibration region)")
+    if not bool((maps != 0).any()):
+        raise ValueError(f"{label}: ESPIRiT coil maps are all zero (degenerate calibration region)")
+
+
 def preprocess_slice(
     kspace: np.ndarray | torch.Tensor,
     *,
@@ -264,7 +279,8 @@ def preprocess_slice(
 
     Raises:
         ValueError: naming the slice, for NaN/Inf or all-zero k-space, an image smaller than the
-            crop, a noise covariance that is not positive definite, or too few coils.
+            crop, a noise covariance that is not positive definite, too few coils, or ESPIRiT
+            maps that are NaN/Inf or all zero.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -312,6 +328,7 @@ def preprocess_slice(
         kernel_width=config.espirit_kernel_width,
         crop=0.0,
     )
+    check_espirit_maps(maps, label=label)
     clock.lap("espirit")
     full_op = SenseOperator(maps[None])
     reference = cg_sense(full_op, white[None], iterations=config.reference_iterations)[0]

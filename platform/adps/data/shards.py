@@ -207,12 +207,55 @@ def read_json(uri: str) -> dict[str, Any]:
     return document
 
 
+def is_plain_file_name(name: object) -> bool:
+    """Whether ``name`` is a bare file name: no folder part, not ``.`` / ``..``, not absolute, no URI.
+
+    Any ``/`` (or ``\\``) is refused, which covers ``../x.h5``, ``/etc/passwd`` and
+    ``s3://bucket/x.h5`` alike: joined onto the dataset's folder or S3 prefix, such a name could
+    reach outside it (``Path(root) / "/etc/passwd"`` is ``/etc/passwd``).
+    """
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(char in name for char in ("/", "\\", "\0"))
+    )
+
+
+def check_shard_names(document: Mapping[str, Any], uri: str) -> None:
+    """Refuse a manifest (or progress document) at ``uri`` that names a shard outside its folder.
+
+    Readers join shard names onto the dataset's root and open, hash or download what they
+    find, so a hand-edited or hostile manifest must not be able to point them anywhere else.
+    Checks every split's ``shards[].name`` and ``slices[].shard``: string tests only, once per
+    manifest read, before any shard is touched.
+
+    Raises:
+        ValueError: naming ``uri``, the split and the offending shard name.
+    """
+    splits = document.get("splits")
+    if not isinstance(splits, Mapping):
+        return  # not a manifest's layout at all: the reader's own key lookups say so
+    for split, entry in splits.items():
+        if not isinstance(entry, Mapping):
+            continue
+        names = [s.get("name") for s in entry.get("shards") or () if isinstance(s, Mapping)]
+        names += [s.get("shard") for s in entry.get("slices") or () if isinstance(s, Mapping)]
+        for name in names:
+            if not is_plain_file_name(name):
+                raise ValueError(
+                    f"{uri}: split {split!r} names the shard {name!r}; shard names must be plain file names "
+                    f"inside the dataset folder (like {shard_name(str(split), 0)!r}), not paths or URIs"
+                )
+
+
 def read_manifest(root: str) -> dict[str, Any]:
-    """The manifest of the prepared dataset at ``root``, checked for format and schema version.
+    """The manifest of the prepared dataset at ``root``, checked for format, schema version and
+    shard names (:func:`check_shard_names`).
 
     Raises:
         FileNotFoundError: no ``manifest.json`` under ``root`` (not prepared, or not finished).
-        ValueError: not a manifest of this format, or of another schema version.
+        ValueError: not a manifest of this format, or of another schema version, or one that
+            names a shard outside the dataset's folder.
     """
     uri = storage.join(root, MANIFEST_NAME)
     if not storage.exists(uri):
@@ -223,4 +266,5 @@ def read_manifest(root: str) -> dict[str, Any]:
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ValueError(f"{uri}: schema_version {version}, this adps reads version {SCHEMA_VERSION}")
+    check_shard_names(manifest, uri)
     return manifest

@@ -15,6 +15,10 @@ temporary name in the destination folder, flushed to disk and renamed over the d
 (``os.replace`` is atomic within a file system). On S3 an object becomes visible only once its
 upload has completed, so a single put (or a multipart upload) is already atomic.
 
+An S3 endpoint that is unreachable or answers 5xx is retried with backoff for up to
+:data:`S3_OUTAGE_SECONDS` by every helper here, with one warning line naming the URI; every
+operation is idempotent, so a retry cannot leave a duplicate or a partial object.
+
 Errors a user can cause name the URI: a missing local file or folder, bucket or key raises
 ``FileNotFoundError("<uri>: ...")``.
 """
@@ -96,8 +100,9 @@ def s3_client() -> Any:
     Clients are cached per process and per AWS environment: building one costs about 0.3 s,
     and a created client is thread-safe, but creating clients concurrently from boto3's shared
     default session is not, hence a fresh session under a lock. Retries use botocore's
-    ``standard`` mode with 8 attempts, which backs off on throttling and transient 5xx errors
-    that a cluster of workers reading shards at once can provoke.
+    ``standard`` mode with 8 attempts, which backs off on throttling and rides out blips of a
+    few seconds; every helper of this module also retries longer outages itself
+    (:data:`S3_OUTAGE_SECONDS`).
     """
     key = (os.getpid(), tuple(os.environ.get(name) for name in _CLIENT_ENV))
     with _clients_lock:
@@ -139,10 +144,60 @@ def _check_bucket(uri: str) -> None:
 
     bucket, _ = split_s3(uri)
     try:
-        s3_client().head_bucket(Bucket=bucket)
+        _retrying(uri, lambda: s3_client().head_bucket(Bucket=bucket))
     except ClientError as err:
         if _is_not_found(err):
             raise FileNotFoundError(f"{uri}: no such bucket {bucket!r}") from None
+
+
+# Outages -----------------------------------------------------------------------------------------
+
+S3_OUTAGE_SECONDS = float(os.environ.get("ADPS_S3_OUTAGE_SECONDS", "300"))
+"""How long an S3 operation keeps retrying while the endpoint is unreachable or answers 5xx
+(``$ADPS_S3_OUTAGE_SECONDS``, default 300 s), backing off from 0.5 s to 15 s between tries."""
+
+# botocore's own retries (standard mode) back off from 50 ms, so all 8 attempts are spent within
+# about 3 s, and a client-wide retry quota stops retrying altogether once many requests fail at
+# once: neither rides out an endpoint that is down for a while.
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
+                    "RequestTimeout", "RequestTimeTooSkewed"}
+
+
+def _is_transient(err: BaseException) -> bool:
+    """Whether ``err`` means "try again later": no connection, a dropped one, a timeout, a 5xx."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, ResponseStreamingError
+
+    if isinstance(err, ConnectionError | HTTPClientError | ResponseStreamingError):
+        return True
+    if isinstance(err, ClientError):
+        return _error_code(err) in _TRANSIENT_CODES
+    import boto3.exceptions
+
+    if isinstance(err, boto3.exceptions.S3UploadFailedError | boto3.exceptions.RetriesExceededError):
+        return not any(code in str(err) for code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId"))
+    return False
+
+
+def _retrying(uri: str, operation: Any) -> Any:
+    """``operation()``, tried again with backoff for up to :data:`S3_OUTAGE_SECONDS` while S3 is
+    unreachable; one warning line names the URI. Every S3 call here is idempotent (a put writes
+    the whole object again), so a retry after a dropped connection cannot duplicate anything."""
+    import time
+
+    deadline = time.monotonic() + S3_OUTAGE_SECONDS
+    delay, warned = 0.5, False
+    while True:
+        try:
+            return operation()
+        except Exception as err:
+            if not _is_transient(err) or time.monotonic() + delay > deadline:
+                raise
+            if not warned:
+                print(f"adps: warning: S3 unreachable for {uri} ({type(err).__name__}); retrying with backoff for "
+                      f"up to {S3_OUTAGE_SECONDS:g} s", flush=True)
+                warned = True
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
 
 
 # Reading ---------------------------------------------------------------------------------------
@@ -166,14 +221,18 @@ def list_files(root: PathLike, suffix: str = ".h5") -> list[str]:
 
     bucket, key = split_s3(str(root))
     prefix = key.rstrip("/") + "/" if key.strip("/") else ""
-    found = []
-    paginator = s3_client().get_paginator("list_objects_v2")
-    try:
+    def listing() -> list[str]:
+        found = []
+        paginator = s3_client().get_paginator("list_objects_v2")
         # Delimiter "/" keeps the listing one level deep, like a local folder.
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
             for obj in page.get("Contents", []):
                 if obj["Key"].endswith(suffix):
                     found.append(f"{S3_SCHEME}{bucket}/{obj['Key']}")
+        return found
+
+    try:
+        found = _retrying(str(root), listing)
     except ClientError as err:
         if _is_not_found(err):
             raise FileNotFoundError(f"{root}: no such bucket {bucket!r}") from None
@@ -190,9 +249,9 @@ def exists(uri: PathLike) -> bool:
     bucket, key = split_s3(str(uri))
     try:
         if key:
-            s3_client().head_object(Bucket=bucket, Key=key)
+            _retrying(str(uri), lambda: s3_client().head_object(Bucket=bucket, Key=key))
         else:
-            s3_client().head_bucket(Bucket=bucket)
+            _retrying(str(uri), lambda: s3_client().head_bucket(Bucket=bucket))
     except ClientError as err:
         if _is_not_found(err):
             return False
@@ -211,7 +270,7 @@ def read_bytes(uri: PathLike) -> bytes:
 
     bucket, key = split_s3(str(uri))
     try:
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return _retrying(str(uri), lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
     except ClientError as err:
         if _is_not_found(err):
             raise _not_found(str(uri), err) from None
@@ -241,7 +300,7 @@ def local_copy(uri: PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         try:
-            s3_client().download_file(bucket, key, str(tmp))
+            _retrying(str(uri), lambda: s3_client().download_file(bucket, key, str(tmp)))
         except ClientError as err:
             if _is_not_found(err):
                 raise _not_found(str(uri), err) from None
@@ -324,7 +383,7 @@ def write_bytes_atomic(uri: PathLike, data: bytes) -> None:
 
         bucket, key = split_s3(str(uri))
         try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+            _retrying(str(uri), lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
         except ClientError as err:
             if _is_not_found(err):
                 raise _not_found(str(uri), err) from None
@@ -356,7 +415,7 @@ def upload_file_atomic(local_path: PathLike, uri: PathLike) -> None:
     try:
         # upload_file switches to a multipart upload for large files; the object still appears
         # only when the upload completes.
-        s3_client().upload_file(str(source), bucket, key)
+        _retrying(str(uri), lambda: s3_client().upload_file(str(source), bucket, key))
     except boto3.exceptions.S3UploadFailedError:
         _check_bucket(str(uri))  # the usual cause: name the missing bucket
         raise
@@ -374,4 +433,4 @@ def remove(uri: PathLike, *, missing_ok: bool = True) -> None:
     if not missing_ok and not exists(uri):
         raise FileNotFoundError(f"{uri}: no such S3 object")
     bucket, key = split_s3(str(uri))
-    s3_client().delete_object(Bucket=bucket, Key=key)
+    _retrying(str(uri), lambda: s3_client().delete_object(Bucket=bucket, Key=key))

@@ -18,7 +18,7 @@ from adps.mri.coils import (
 from adps.mri.fft import fft2c, ifft2c
 from adps.mri.masks import acs_columns, column_mask, further_corrupted_mask, lines_at, slice_masks
 from adps.mri.recon import cg_sense, conjugate_gradient, l1_wavelet_recon, mvue, zero_filled
-from adps.mri.sense import SenseOperator
+from adps.mri.sense import SenseOperator, check_maps
 
 __all__ = [
     "CoilCompression",
@@ -27,6 +27,7 @@ __all__ = [
     "apply_coil_matrix",
     "background_patch",
     "cg_sense",
+    "check_maps",
     "coil_compress",
     "column_mask",
     "conjugate_gradient",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from adps.mri.fft import ifft2c
-from adps.mri.sense import SenseOperator
+from adps.mri.sense import SenseOperator, check_maps
 
 LinearMap = Callable[[torch.Tensor], torch.Tensor]
 
@@ -171,6 +171,7 @@ def _check_pair(kspace: torch.Tensor, maps: torch.Tensor) -> None:
             raise ValueError(f"{name}: expected a complex tensor (N, C, H, W), got {desc}")
     if kspace.shape != maps.shape:
         raise ValueError(f"kspace shape {tuple(kspace.shape)} does not match maps shape {tuple(maps.shape)}")
+    check_maps(maps)  # zero maps: an all-zero MVUE / L1 image, silently
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:

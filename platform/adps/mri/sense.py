@@ -24,7 +24,10 @@ class SenseOperator:
     """``A = P F S`` for a batch of slices.
 
     Args:
-        maps: coil sensitivity maps ``(N, C, H, W)``, complex.
+        maps: coil sensitivity maps ``(N, C, H, W)``, complex. Not checked for all-zero slices
+            here (:func:`check_maps` runs where maps enter: the dataset, reconstruction and
+            sampling), since training builds an operator every step, where the check would
+            cost a GPU synchronisation each time.
         mask: column mask ``(W,)`` or ``(N, W)``; ``None`` means fully sampled (``P = I``).
     """
 
@@ -103,6 +106,29 @@ class SenseOperator:
             raise ValueError(
                 f"{name}: expected shape {tuple(expected)} to match the coil maps, got {tuple(tensor.shape)}"
             )
+
+
+def check_maps(maps: torch.Tensor) -> None:
+    """Refuse coil maps ``(N, C, H, W)`` in which some slice's maps are all zero.
+
+    With every sensitivity zero, ``A x = 0`` for every image: the adjoint and CG-SENSE return
+    zeros, the MVUE divides zero by zero and a sampler's data term vanishes, all silently. A
+    single zero coil is fine (test slices are zero-padded to the split's coil count); only a
+    slice with no nonzero map at all is refused. One pass over the maps and, on a GPU, one
+    synchronisation: called once per reconstruction or sampling call, not per operator.
+
+    Raises:
+        ValueError: naming the batch index (or indices) of the all-zero slices.
+    """
+    nonzero = (maps != 0).flatten(1).any(dim=1)
+    if bool(nonzero.all()):
+        return
+    zero = [str(i) for i in torch.nonzero(~nonzero).flatten().tolist()]
+    which = f"batch item {zero[0]}" if len(zero) == 1 else f"batch items {', '.join(zero)}"
+    raise ValueError(
+        f"maps: the coil maps of {which} are all zero (every coil sensitivity is 0, so A x = 0 for "
+        "any image and the slice cannot be reconstructed)"
+    )
 
 
 def _broadcast_mask(mask: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from adps.metrics import nrmse
-from adps.mri import SenseOperator
+from adps.mri import SenseOperator, check_maps
 
 from .ema import unwrap_model
 from .modl import MoDL
@@ -84,6 +84,7 @@ def _check_acquisition(kspace: Tensor, maps: Tensor, mask: Tensor) -> None:
         raise ValueError(f"kspace shape {tuple(kspace.shape)} differs from maps shape {tuple(maps.shape)}")
     if mask.ndim not in (1, 2) or mask.shape[-1] != kspace.shape[-1]:
         raise ValueError(f"mask: expected (N, W) or (W,) with W = {kspace.shape[-1]}, got {tuple(mask.shape)}")
+    check_maps(maps)
 
 
 def _core_of_type(model: nn.Module, kind: type[nn.Module] | tuple[type[nn.Module], ...], what: str) -> nn.Module:

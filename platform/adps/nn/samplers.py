@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adps.mri import SenseOperator, l1_wavelet_recon
+from adps.mri import SenseOperator, check_maps, l1_wavelet_recon
 from adps.mri.masks import DEFAULT_ACS, lines_at, slice_masks
 
 from .ema import unwrap_model
@@ -271,6 +271,7 @@ def _measurement(y: Tensor, operator: SenseOperator, device: torch.device, sampl
         got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, Tensor) else type(y).__name__
         raise ValueError(f"{sampler}: y must be complex k-space of shape {tuple(operator.kspace_shape)} "
                          f"(N, C, H, W) like the operator's maps, got {got}")
+    check_maps(operator.maps)
     mask = _operator_mask(operator).to(device)
     operator = SenseOperator(operator.maps.to(device, torch.complex64), mask)
     y = torch.where(mask[:, None, None, :], y.to(device, torch.complex64), y.new_zeros((), dtype=torch.complex64))

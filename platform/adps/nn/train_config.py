@@ -115,6 +115,9 @@ class TrainConfig(ConfigFile):
     in the folder the job starts in."""
     experiment: str = "adps"
     """MLflow experiment of the run."""
+    tracking_flush_s: float = 300.0
+    """At the end of training, how long rank 0 waits for metrics still queued for an
+    unreachable MLflow server (they are retried with backoff throughout the run)."""
     register: bool = True
     """At the end, register the EMA model as ``adps-<method>-r<R>`` (a new version, which ``models:/<name>@latest`` resolves to)."""
     max_skipped_in_a_row: int = 50
@@ -122,8 +125,9 @@ class TrainConfig(ConfigFile):
     (``skipped_steps``); this many skipped *in a row* means the model diverged: the run stops
     with a checkpoint, its MLflow run FAILED with the reason, nothing registered (0 = never stop)."""
     fail_at_steps: tuple[int, ...] = ()
-    """Fault injection (tests): worker rank 1 (rank 0 when alone) dies once just after each of
-    these steps; a marker file in the run folder makes each fire only once."""
+    """Fault injection (tests): the process of worker rank 1 (rank 0 when alone) is killed
+    (SIGKILL) once just after each of these steps; a marker file in the run folder makes each
+    fire only once."""
 
     # Resolved values -----------------------------------------------------------------------
     @property
@@ -172,7 +176,7 @@ class TrainConfig(ConfigFile):
             if getattr(self, key) < 1:
                 raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
         for key in ("epochs", "max_steps", "max_failures", "lr_rampup_images", "grad_clip", "validate_every_steps",
-                    "validation_slices", "max_skipped_in_a_row"):
+                    "validation_slices", "max_skipped_in_a_row", "tracking_flush_s"):
             if getattr(self, key) < 0:
                 raise ValueError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
         for key in ("lr", "eps", "ema_half_life_images", "cpus_per_worker", "controller_poll_s"):

@@ -57,6 +57,7 @@ from adps.data.shards import (
     SCHEMA_VERSION,
     SHARD_SUFFIX,
     ShardInfo,
+    check_shard_names,
     read_json,
     shard_name,
     slice_checksum,
@@ -445,7 +446,8 @@ def _config_differences(recorded: Mapping[str, Any], config: PrepareConfig) -> l
 def _load_recorded(config: PrepareConfig) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The existing manifest and progress documents at the output (None where absent).
 
-    Raises ValueError if either was made with a different config.
+    Raises ValueError if either was made with a different config, or names a shard outside
+    the output folder.
     """
     found = {}
     for name in (MANIFEST_NAME, PROGRESS_NAME):
@@ -459,6 +461,8 @@ def _load_recorded(config: PrepareConfig) -> tuple[dict[str, Any] | None, dict[s
                 f"{uri}: not an adps prepared dataset of schema version {SCHEMA_VERSION}; "
                 "choose another output folder or delete this one"
             )
+        # A resume hashes every recorded shard: never one outside the output folder.
+        check_shard_names(document, uri)
         differences = _config_differences(document.get("config", {}), config)
         if differences:
             raise ValueError(

@@ -179,9 +179,10 @@ def register_model(
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
+    from adps.orchestration.tracking import process_tracking_uri
+
     client = MlflowClient(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="adps-register-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="adps-register-") as tmp, process_tracking_uri(tracking_uri):
         # Only the package's sources travel (no caches or editable-install leftovers).
         code = Path(tmp) / "adps"
         shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -248,16 +249,15 @@ def load_model(
 
         if "://" not in text and not text.startswith(("models:/", "runs:/")):
             raise FileNotFoundError(f"{text}: no such folder, and not a models:/ or runs:/ URI")
-        from adps.orchestration.tracking import resolve_tracking_uri
+        from adps.orchestration.tracking import process_tracking_uri, resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(tracking_uri or "")
-        # models:/ URIs are resolved through the *registry* URI, which follows the process-wide
-        # tracking URI, not download_artifacts' tracking_uri argument.
-        mlflow.set_tracking_uri(tracking_uri)
         # A model is ~50 small files: MLflow's per-download progress bar would print one line
         # per load in every Ray task and trial (set the variable to "true" to see it).
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        with tempfile.TemporaryDirectory(prefix="adps-model-") as tmp:
+        # models:/ URIs are resolved through the *registry* URI, which follows the process-wide
+        # tracking URI, not download_artifacts' tracking_uri argument.
+        with tempfile.TemporaryDirectory(prefix="adps-model-") as tmp, process_tracking_uri(tracking_uri):
             try:
                 local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=tmp, tracking_uri=tracking_uri)
             except mlflow.exceptions.MlflowException as err:

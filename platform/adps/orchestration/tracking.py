@@ -14,18 +14,20 @@ the URI is made absolute on the driver.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "DEFAULT_EXPERIMENT",
     "RUN_KEY_TAG",
+    "QueuedRunLogger",
     "RunLogger",
     "artifact_location",
     "config_hash",
@@ -35,6 +37,7 @@ __all__ = [
     "git_commit",
     "manifest_checksum",
     "open_run",
+    "process_tracking_uri",
     "resolve_tracking_uri",
 ]
 
@@ -63,6 +66,32 @@ def resolve_tracking_uri(configured: str = "") -> str:
             "sqlite:///path/mlflow.db (MLflow 3 refuses plain folders)"
         )
     return uri
+
+
+@contextlib.contextmanager
+def process_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at ``uri`` for the block, then put back what was
+    there before, ``$MLFLOW_TRACKING_URI`` included.
+
+    MLflow's fluent API (``start_run``, ``log_model``, and the resolution of ``models:/`` URIs)
+    follows only the process-wide URI, and ``mlflow.set_tracking_uri`` also rewrites the
+    environment variable; without the restore, a library call would leave its caller's process
+    (a notebook, a test session, the next job in a driver) pointed at another server.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    explicit = getattr(tracking_utils, "_tracking_uri", None)  # None: MLflow follows the environment
+    environment = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(explicit)
+        if environment is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = environment
 
 
 def artifact_location(tracking_uri: str) -> str | None:
@@ -187,8 +216,24 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(tracking_uri).set_terminated(run_id, status=status)
 
 
+def metric_entries(metrics: Mapping[str, Any], step: int) -> list[Any]:
+    """The finite numeric entries of ``metrics`` as MLflow ``Metric`` s at ``step``, stamped now
+    (others, such as lists and NaN, are left out)."""
+    import math
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [
+        Metric(key, float(value), now, step)
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ]
+
+
 class RunLogger:
-    """Logs metrics and tags to one MLflow run (rank 0 of a training run)."""
+    """Logs metrics and tags to one MLflow run, synchronously (the driver)."""
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.client = _client(tracking_uri)
@@ -196,26 +241,9 @@ class RunLogger:
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Log the finite numeric entries of ``metrics`` at ``step`` (others are skipped)."""
-        import math
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        entries = [
-            Metric(key, float(value), now, step)
-            for key, value in metrics.items()
-            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        ]
+        entries = metric_entries(metrics, step)
         if entries:
             self.client.log_batch(self.run_id, metrics=entries)
-
-    def __call__(self, metrics: Mapping[str, Any], step: int) -> None:
-        """:meth:`log_metrics`, but a tracking outage only warns: training goes on."""
-        try:
-            self.log_metrics(metrics, step)
-        except Exception as err:  # noqa: BLE001 - any client or server error
-            print(f"adps: warning: MLflow logging failed at step {step} (training continues): {err}", flush=True)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -224,3 +252,128 @@ class RunLogger:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
+
+
+class QueuedRunLogger:
+    """Logs metrics and tags to one MLflow run without ever holding up training (rank 0).
+
+    A call only queues what it logs (metrics keep the time they were logged at); a background
+    thread sends the queue in order, merging queued metrics into batches. When the tracking
+    server cannot be reached, the thread keeps the queue and tries again after 1 s, doubling up
+    to ``max_backoff_s``: metrics logged during an outage arrive once the server is back, and
+    training never waits for it. One line says when MLflow became unreachable, one when it is
+    back. :meth:`close` waits (up to a limit) for the queue to drain.
+
+    Each request of the background thread fails fast (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` 0 and
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` 30 s in this process, unless set): the thread retries itself,
+    whereas MLflow's own retries would hold the queue for minutes after the server is back.
+    """
+
+    _BATCH = 1000  # MLflow's limit of metrics per log_batch
+
+    def __init__(self, tracking_uri: str, run_id: str, *, max_backoff_s: float = 30.0) -> None:
+        import collections
+        import threading
+
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        self.run_id = run_id
+        self.max_backoff_s = max_backoff_s
+        self.failed_attempts = 0
+        """Sends that failed (a test can show that an outage was met)."""
+        self._sender = RunLogger(tracking_uri, run_id)
+        self._queue: collections.deque[tuple[str, list[Any]]] = collections.deque()
+        self._changed = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._send_forever, name="adps-mlflow-logger", daemon=True)
+        self._thread.start()
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Queue the finite numeric entries of ``metrics`` at ``step``."""
+        self._put("metrics", metric_entries(metrics, step))
+
+    __call__ = log_metrics
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self._put("tags", [RunTag(key, str(value)) for key, value in tags.items()])
+
+    @property
+    def pending(self) -> int:
+        """Queued items not yet sent."""
+        with self._changed:
+            return len(self._queue)
+
+    def close(self, timeout_s: float = 300.0) -> int:
+        """Send what is queued, waiting up to ``timeout_s``; returns how many items stayed unsent
+        (and says so: they are lost when this process ends)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+            while self._queue and time.monotonic() < deadline:
+                self._changed.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            left = len(self._queue)
+        if left:
+            print(f"adps: warning: MLflow still unreachable after {timeout_s:g} s: {left} queued metric / tag "
+                  f"batches of run {self.run_id} were not sent", flush=True)
+        return left
+
+    def _put(self, kind: str, items: list[Any]) -> None:
+        if not items:
+            return
+        with self._changed:
+            self._queue.append((kind, items))
+            self._changed.notify_all()
+
+    def _next_batch(self) -> tuple[str, list[Any], int]:
+        """The head of the queue, with the metric items behind it merged in: (kind, items, count)."""
+        kind, items = self._queue[0]
+        count = 1
+        if kind == "metrics":
+            items = list(items)
+            while count < len(self._queue) and self._queue[count][0] == "metrics" \
+                    and len(items) + len(self._queue[count][1]) <= self._BATCH:
+                items.extend(self._queue[count][1])
+                count += 1
+        return kind, items, count
+
+    def _send_forever(self) -> None:
+        backoff = 1.0
+        outage_since: float | None = None
+        import time
+
+        while True:
+            with self._changed:
+                while not self._queue:
+                    self._changed.wait()
+                kind, items, count = self._next_batch()
+            try:
+                if kind == "metrics":
+                    self._sender.client.log_batch(self.run_id, metrics=items)
+                else:
+                    self._sender.client.log_batch(self.run_id, tags=items)
+            except Exception as err:  # noqa: BLE001 - any client or server error: keep it and retry
+                self.failed_attempts += 1
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    print(f"adps: warning: MLflow unreachable ({type(err).__name__}: {str(err)[:200]}); "
+                          "training goes on, and metrics are queued and retried until it is back", flush=True)
+                with self._changed:
+                    # Hurry while closing, but still back off: the server may be restarting.
+                    self._changed.wait(timeout=min(backoff, 2.0) if self._closing else backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+                continue
+            with self._changed:
+                for _ in range(count):
+                    self._queue.popleft()
+                self._changed.notify_all()
+                left = len(self._queue)
+            if outage_since is not None:
+                print(f"adps: MLflow reachable again after {time.monotonic() - outage_since:.0f} s; sending the "
+                      f"queued metrics ({left} batches still queued)", flush=True)
+                outage_since = None
+            backoff = 1.0

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -387,7 +388,9 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
 
 
 def _maybe_fail(config: TrainConfig, ctx: WorkerContext, fail_rank: int, step: int) -> None:
-    """Fault injection: die once at each of ``fail_at_steps`` (a marker file makes it once)."""
+    """Fault injection: the worker process is killed (SIGKILL, as by a preempted node or the
+    OOM killer: no exception, no clean-up) once at each of ``fail_at_steps``; a marker file
+    written first makes it once."""
     if step not in config.fail_at_steps or ctx.rank != fail_rank or ctx.fault_dir is None:
         return
     marker = Path(ctx.fault_dir) / f".adps-fault-step-{step}"
@@ -395,7 +398,8 @@ def _maybe_fail(config: TrainConfig, ctx: WorkerContext, fail_rank: int, step: i
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("fired\n")
-    raise RuntimeError(f"adps fault injection: rank {ctx.rank} fails at step {step}")
+    print(f"adps fault injection: killing rank {ctx.rank} (pid {os.getpid()}) at step {step}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # Ray Train -----------------------------------------------------------------------------------
@@ -413,20 +417,19 @@ def _ray_worker(payload: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     log = None
     if rank == 0 and payload.get("mlflow_run_id"):
-        from adps.orchestration.tracking import RunLogger
+        from adps.orchestration.tracking import QueuedRunLogger
 
-        log = RunLogger(config.tracking_uri, payload["mlflow_run_id"])
+        # Queued: a tracking outage never holds up training, and what is logged meanwhile
+        # arrives once the server is back.
+        log = QueuedRunLogger(config.tracking_uri, payload["mlflow_run_id"])
 
     def report(metrics: dict[str, Any], folder: str | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if folder else None)
         persisted = ray.train.get_checkpoint() if folder and log is not None else None
         if persisted is not None:
             # The MLflow run records where each checkpoint went (the weights stay in the run storage).
-            try:
-                log.set_tags({"adps.checkpoint": checkpoint_uri(config.storage_path, persisted.path)})
-                log.log_metrics({"checkpoint_step": metrics["step"]}, metrics["step"])
-            except Exception as err:  # noqa: BLE001 - a tracking outage must not stop training
-                print(f"adps: warning: MLflow logging failed at step {metrics['step']}: {err}", flush=True)
+            log.set_tags({"adps.checkpoint": checkpoint_uri(config.storage_path, persisted.path)})
+            log.log_metrics({"checkpoint_step": metrics["step"]}, metrics["step"])
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -450,6 +453,8 @@ def _ray_worker(payload: dict[str, Any]) -> None:
     finally:
         if checkpoint_dir is not None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if log is not None:
+            log.close(timeout_s=config.tracking_flush_s)
 
 
 def with_absolute_paths(config: TrainConfig) -> TrainConfig:
@@ -580,6 +585,9 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
         ray.init(address=ray_address)
     local_storage = "://" not in storage
     fault_dir = str(Path(storage) / run_name) if local_storage and config.fail_at_steps else None
+    from adps.orchestration.run_storage import run_storage
+
+    storage_path, storage_filesystem = run_storage(storage)
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config": config.to_dict(), "fault_dir": fault_dir, "mlflow_run_id": run.run_id},
@@ -591,7 +599,8 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
             failure_config=FailureConfig(max_failures=config.max_failures),
         ),
