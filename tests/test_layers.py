@@ -19,6 +19,7 @@ LAYERS = {
     "config": 0,  # config-file loading; imports nothing of adps
     "mri": 1,
     "data": 1,
+    "images": 1,  # natural-image operators (section 3.1 of the paper)
     "metrics": 2,
     "perceptual": 2,  # LPIPS and FID; local weights only, no download
     "crossover": 2,  # the cross-over analysis of a results table (numpy only)

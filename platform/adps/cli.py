@@ -54,6 +54,26 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth_images(args: argparse.Namespace) -> int:
+    from adps.images.synth import write_image_folder, write_image_zip  # deferred: keeps `adps --help` fast
+
+    try:
+        if args.zip:
+            write_image_zip(args.out, args.count, resolution=args.resolution, seed=args.seed, fmt=args.format)
+            where = f"one zip, {args.out}"
+        else:
+            write_image_folder(args.out, args.count, resolution=args.resolution, seed=args.seed, fmt=args.format)
+            where = args.out
+    except (ValueError, FileNotFoundError) as err:  # a bad count, a missing bucket: named in the message
+        print(f"adps synth-images: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"adps synth-images: wrote {args.count} images ({args.resolution} x {args.resolution} {args.format}, "
+        f"seed {args.seed}) to {where}"
+    )
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     import logging
 
@@ -211,6 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--noise-std", type=float, default=0.02, help="k-space noise level (default 0.02)")
     synth.set_defaults(handler=_synth)
+
+    synth_images = commands.add_parser(
+        "synth-images",
+        help="write synthetic natural images (a stand-in for CelebA / FFHQ / AFHQ) to a folder, a .zip or s3://",
+    )
+    synth_images.add_argument(
+        "out", metavar="OUT", help="output folder or s3://bucket/prefix; with --zip, a file ending in .zip"
+    )
+    synth_images.add_argument("--count", type=int, default=256, help="number of images (default 256)")
+    synth_images.add_argument("--resolution", type=int, default=64, help="side of the square images (default 64)")
+    synth_images.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
+    synth_images.add_argument("--zip", action="store_true", help="write one .zip of images (the CelebA / FFHQ style)")
+    synth_images.add_argument(
+        "--format", choices=("png", "jpg", "webp"), default="png", help="image file format (default png, lossless)"
+    )
+    synth_images.set_defaults(handler=_synth_images)
 
     prepare = commands.add_parser(
         "prepare", help="prepare FastMRI volumes into training shards on Ray (local folder or s3://)"
