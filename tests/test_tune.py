@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adps.orchestration.tune import SearchConfig, load_space, parse_space, tune_search
+from adps.orchestration.tune import SearchConfig, load_space, parse_space, truncated_search_state, tune_search
 from conftest import stop_process_group
 from test_evaluate import train_tiny
 
@@ -178,7 +178,12 @@ def test_killed_search_resumes_and_accounts_for_every_trial(
         while True:
             states = list((storage_path / "resume").glob("experiment_state*.json"))
             finished = "trial" in log_path.read_text() and "finished" in log_path.read_text()
-            if finished and any("TERMINATED" in s.read_text() for s in states):
+            # Killed once the finished trial *and* Tune's search state are recorded: a kill while
+            # Tune copies that state leaves it cut short, and Tune then starts the search over
+            # (tune_search warns; test_truncated_search_state_is_detected).
+            recorded = finished and any("TERMINATED" in s.read_text() for s in states)
+            if recorded and list((storage_path / "resume").glob("search_gen_state-*.json")) \
+                    and not truncated_search_state(str(storage_path / "resume")):
                 break
             assert process.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, log_path.read_text()
@@ -197,3 +202,19 @@ def test_killed_search_resumes_and_accounts_for_every_trial(
     assert all(t["reports"] >= 1 for t in trials)
     assert json.loads((storage_path / "resume" / "best.json").read_text())["trials"] == 4
     assert result["version"] is None  # a folder model: no registry tags
+
+
+def test_truncated_search_state_is_detected(tmp_path: Path) -> None:
+    """An empty or cut-short search-state pickle (a kill during Tune's copy) is found without
+    unpickling it; a complete one is not."""
+    import pickle
+
+    complete = pickle.dumps({"counter": 3})
+    (tmp_path / "search_gen_state-2026-01-01_00-00-00.json").write_bytes(complete)
+    (tmp_path / "searcher-state-2026-01-01_00-00-00.pkl").write_bytes(complete)
+    assert truncated_search_state(str(tmp_path)) == []
+    (tmp_path / "search_gen_state-2026-01-01_00-00-09.json").write_bytes(b"")
+    (tmp_path / "searcher-state-2026-01-01_00-00-09.pkl").write_bytes(complete[:-5])
+    assert [Path(p).name for p in truncated_search_state(str(tmp_path))] == [
+        "search_gen_state-2026-01-01_00-00-09.json", "searcher-state-2026-01-01_00-00-09.pkl"]
+    assert truncated_search_state("s3://bucket/tune") == []

@@ -60,6 +60,7 @@ __all__ = [
     "SearchConfig",
     "SearchSpace",
     "load_space",
+    "truncated_search_state",
     "tune_search",
 ]
 
@@ -449,6 +450,10 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
     if resumed:
         if progress:
             print(f"adps tune: resuming {path}", flush=True)
+        for cut in truncated_search_state(path):
+            print(f"adps tune: warning: {cut} was cut short when the search was killed; Ray Tune cannot restore "
+                  "its search algorithm from it and starts the search over (the finished trials stay in "
+                  f"{path}, but are not reused)", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         callbacks = [_progress_callback(progress, config.num_samples, space.metric, n_batches)]
@@ -475,6 +480,30 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
     grid = tuner.fit()
     trials = _trial_rows(grid, space, n_batches)
     return _finish(config, space, trials, run_id=run_id, path=path, resumed=resumed, label=label, n_batches=n_batches)
+
+
+def truncated_search_state(path: str) -> list[str]:
+    """Ray Tune's search-algorithm state files in a local experiment folder that a kill cut short.
+
+    Tune copies these pickles into the experiment folder without an atomic rename, so a driver
+    killed during the copy leaves an empty or partial file; on restore Tune fails to load it and
+    silently starts the experiment over. A complete pickle ends with the STOP opcode (``.``), so
+    the check reads one byte and unpickles nothing. Remote (``s3://``) folders are not checked.
+    """
+    if "://" in path:
+        return []
+    cut = []
+    for pattern in ("search_gen_state-*.json", "searcher-state-*.pkl"):
+        newest = max(Path(path).glob(pattern), default=None)  # the file Tune restores from
+        if newest is None:
+            continue
+        with open(newest, "rb") as handle:
+            size = handle.seek(0, 2)
+            if size:
+                handle.seek(-1, 2)
+            if not size or handle.read(1) != b".":
+                cut.append(str(newest))
+    return cut
 
 
 def _trial_rows(grid: Any, space: SearchSpace, n_batches: int) -> list[dict[str, Any]]:
