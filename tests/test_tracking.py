@@ -143,12 +143,13 @@ def same_outputs(method: str, a: torch.nn.Module, b: torch.nn.Module, batch: dic
 
 @pytest.fixture(scope="module")
 def sweep(tiny_prepared: str, tmp_path_factory: pytest.TempPathFactory):
-    """All six methods trained by one sweep: 2 workers each (half a CPU per worker, so two runs
-    share the 2-CPU cluster at a time), 2 steps, validation every step."""
+    """All seven methods trained by one sweep: 1 worker each (1 CPU, so two runs share the 2-CPU
+    cluster at a time; 2-worker DDP runs are in tests/test_faults.py and test_train.py), 2 steps,
+    validation every step."""
     folder = tmp_path_factory.mktemp("sweep")
     write_method_configs(folder / "configs")
     overrides = {
-        "dataset": tiny_prepared, "preset": "tiny", "num_workers": 2, "cpus_per_worker": 0.5, "batch_size": 1,
+        "dataset": tiny_prepared, "preset": "tiny", "num_workers": 1, "cpus_per_worker": 1, "batch_size": 1,
         "max_steps": 2, "checkpoint_every_steps": 2, "validate_every_steps": 1, "validation_slices": 2,
         "lr_rampup_images": 0, "log_every_steps": 1, "storage_path": str(folder / "runs"), "experiment": "sweep",
     }
@@ -201,6 +202,7 @@ def test_sweep_trains_logs_and_registers_every_method(sweep, tiny_prepared: str)
                 pyfunc.predict(inputs)
 
 
+@pytest.mark.slow  # shares the sweep fixture (~3 min)
 def test_a_model_that_is_not_registered_is_named_in_the_error(sweep) -> None:
     """A registry name, alias or version that does not exist: FileNotFoundError naming the URI
     and what is missing (the sweep registered adps-modl-r2 version 1 and nothing else of it)."""
@@ -212,6 +214,7 @@ def test_a_model_that_is_not_registered_is_named_in_the_error(sweep) -> None:
             adps.load_model(uri)
 
 
+@pytest.mark.slow  # shares the sweep fixture (~3 min)
 def test_sweep_again_skips_finished_runs(sweep) -> None:
     _, configs, _ = sweep
     rows = run_sweep(configs, progress=False)
@@ -225,6 +228,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # shares the sweep fixture (~3 min)
 def test_mlflow_models_serve_reconstructs(sweep, tmp_path: Path) -> None:
     """``mlflow models serve`` of a registered ambient model answers /invocations with A-OS."""
     port = free_port()
