@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
@@ -30,6 +33,21 @@ def tiny_config(dataset: str, **changes: object) -> TrainConfig:
               "lr_rampup_images": 0, "log_every_steps": 1}
     values.update(changes)
     return TrainConfig.from_dict(values)
+
+def _in_background(function: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``function`` in a daemon thread while the test injects a fault; returns the thread and
+    a dict that gets ``"result"`` or ``"error"``."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = function(*args, **kwargs)
+        except BaseException as err:  # noqa: BLE001 - reported by the test's assertions
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
 
 
 @pytest.mark.slow
@@ -180,7 +198,6 @@ def test_mlflow_down_during_training_loses_nothing(tiny_prepared: str, tmp_path:
     stays so until training has written the step-20 checkpoint. Must hold: training goes on
     meanwhile; the metrics logged during the outage are retried and arrive once the server is
     back, each step once; the run finishes, FINISHED, and registers its model."""
-    import threading
     import time
 
     proxy, server_url = mlflow_server
@@ -189,16 +206,7 @@ def test_mlflow_down_during_training_loses_nothing(tiny_prepared: str, tmp_path:
         storage_path=str(tmp_path / "runs"), run_name="modl_mlflow_down", experiment="mlflow-down",
         tracking_uri=proxy.url,
     )
-    outcome: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            outcome["run"] = train(config)
-        except BaseException as err:  # noqa: BLE001 - reported by the assertions below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, outcome = _in_background(train, config)
     server = MlflowClient(server_url)
 
     def logged_steps() -> set[int]:
@@ -228,7 +236,7 @@ def test_mlflow_down_during_training_loses_nothing(tiny_prepared: str, tmp_path:
     assert during >= 20 > at_down, f"training went on during the {outage_s:.0f} s outage (step {at_down} -> {during})"
     assert proxy.refused > 0, "the platform never met the outage"
 
-    result = outcome["run"]
+    result = outcome["result"]
     assert result.metrics["step"] == 30
     run = server.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["adps.registered_model"] == "adps-modl-r2/" + result.model_version
@@ -273,7 +281,6 @@ def test_s3_down_during_checkpointing_loses_nothing(tiny_prepared: str, s3_serve
     whole, and Ray records a checkpoint only once all of its files are up); the model registers
     from the S3 checkpoint, and a resubmission resumes from it in the same MLflow run. No
     credential of the environment is written anywhere the runs wrote."""
-    import threading
     import time
 
     import boto3
@@ -290,16 +297,7 @@ def test_s3_down_during_checkpointing_loses_nothing(tiny_prepared: str, s3_serve
         validation_slices=1, validate_every_steps=5, storage_path="s3://adps-faults/runs", run_name="modl_s3_down",
         experiment="s3-down",
     )
-    outcome: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            outcome["run"] = train(config)
-        except BaseException as err:  # noqa: BLE001 - reported by the assertions below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, outcome = _in_background(train, config)
     deadline = time.monotonic() + 240
     while thread.is_alive() and time.monotonic() < deadline:
         if len(_checkpoint_folders("adps-faults", "runs/modl_s3_down", upstream)) >= 2:
@@ -313,7 +311,7 @@ def test_s3_down_during_checkpointing_loses_nothing(tiny_prepared: str, s3_serve
     assert not thread.is_alive() and "error" not in outcome, outcome
     assert s3_network.refused > refused, "the run never met the outage"
 
-    result = outcome["run"]
+    result = outcome["result"]
     assert result.metrics["step"] == 10 and result.metrics["resumed_from"] is None, "no restart was needed"
     folders = _checkpoint_folders("adps-faults", "runs/modl_s3_down", upstream)
     incomplete = {name: CHECKPOINT_FILES - files for name, files in folders.items() if not CHECKPOINT_FILES <= files}
@@ -399,7 +397,6 @@ def test_s3_down_during_prepare_loses_nothing(raw_with_corrupt_files, prepared_d
     job finishes; the shards are those of the local run, byte for byte (checksums in the
     manifest); every object on S3 is whole and no temporary object is left."""
     import hashlib
-    import threading
     import time
 
     import boto3
@@ -413,20 +410,12 @@ def test_s3_down_during_prepare_loses_nothing(raw_with_corrupt_files, prepared_d
     for path in sorted(raw_with_corrupt_files["folder"].iterdir()):
         upstream.upload_file(str(path), "adps-prepare-faults", f"raw/{path.name}")
     config = _prepare_config("s3://adps-prepare-faults/raw", "s3://adps-prepare-faults/axt2")
-    outcome: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            outcome["manifest"] = prepare_dataset(config, progress=False)
-        except BaseException as err:  # noqa: BLE001 - reported by the assertions below
-            outcome["error"] = err
 
     def shards() -> list[dict]:
         listed = upstream.list_objects_v2(Bucket="adps-prepare-faults", Prefix="axt2/")
         return [o for o in listed.get("Contents", []) if o["Key"].endswith(".h5")]
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, outcome = _in_background(prepare_dataset, config, progress=False)
     deadline = time.monotonic() + 240
     while thread.is_alive() and not shards() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -438,7 +427,7 @@ def test_s3_down_during_prepare_loses_nothing(raw_with_corrupt_files, prepared_d
     assert not thread.is_alive() and "error" not in outcome, outcome
     assert s3_network.refused > refused, "prepare never met the outage"
 
-    manifest, local = outcome["manifest"], prepared_despite_corrupt_files
+    manifest, local = outcome["result"], prepared_despite_corrupt_files
     total = sum(len(local["splits"][split]["shards"]) for split in ("train", "val", "test"))
     assert 0 < written_before < total, "the outage fell in the middle of the job"
     for split in ("train", "val", "test"):
