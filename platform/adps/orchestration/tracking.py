@@ -342,10 +342,10 @@ class QueuedRunLogger:
         return kind, items, count
 
     def _send_forever(self) -> None:
-        backoff = 1.0
-        outage_since: float | None = None
         import time
 
+        backoff = 1.0
+        outage_since: float | None = None
         while True:
             with self._changed:
                 while not self._queue:
