@@ -15,7 +15,8 @@
 #      is put on the tests' path (in a temporary folder, never in the repository);
 #   3. bench/train_scaling.py --gpu: bare train_step vs worker_loop, paper-size ambient, bf16/fp32;
 #   4. bench/train_step.py --device cuda: every method's tiny preset, and the paper-size ambient row;
-#   5. bench/operators.py --device cuda: the SENSE operators at the paper's test size.
+#   5. bench/operators.py --device cuda: the SENSE operators at the paper's test size;
+#   6. bench/sample_speed.py --device cuda: A-DPS s/slice at batches 1, 8, 16 (paper test size).
 #
 # Every log and JSON goes under "$OUT" (./gpu_out if unset); a summary of the numbers is
 # printed at the end. The exit status is the number of failed steps (0 = all passed).
@@ -33,7 +34,7 @@ OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-350}))
+DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-420}))
 FAILED=()
 SUMMARY=()
 
@@ -94,6 +95,7 @@ PYEOF
                   --steps 2 --warmup 1)
     TRAIN_STEP_ARGS=(--device cpu --methods ambient modl --height 32 --width 40 --coils 2 --warmup 1 --repeats 2)
     OPERATORS_ARGS=(--device cpu --slices 2 --coils 3 --height 32 --width 40 --acceleration 1 --warmup 1 --repeats 2)
+    SAMPLE_ARGS=(--device cpu --batches 1 2 --steps 500)
     PYTEST_K="cuda or gpu or bf16_autocast"  # the last one uses the phantoms (the sigpy shim) on the CPU
     echo "GPU_CHECK_DRY_RUN=1: CPU, tiny sizes, Ray/MLflow/sigpy/boto3 blocked"
 else
@@ -101,6 +103,7 @@ else
     SCALING_ARGS=(--gpu --warmup 5 --steps 20)
     TRAIN_STEP_ARGS=(--device cuda --warmup 2 --repeats 5)
     OPERATORS_ARGS=(--device cuda)
+    SAMPLE_ARGS=(--device cuda --batches 1 8 16 --amp bf16)
     PYTEST_K="cuda or gpu"
 fi
 
@@ -177,6 +180,7 @@ run train_step 120 "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}"
 grep '^{' "$OUT/train_step.log" >"$OUT/train_step.jsonl" 2>/dev/null
 run operators 60 "$PY" bench/operators.py "${OPERATORS_ARGS[@]}"
 grep '^{' "$OUT/operators.log" >"$OUT/operators.jsonl" 2>/dev/null
+run sample_speed 90 "$PY" bench/sample_speed.py "${SAMPLE_ARGS[@]}" --json "$OUT/sample_speed.json"
 
 # Summary ----------------------------------------------------------------------------------------
 echo
@@ -209,6 +213,8 @@ for r in rows("train_scaling.json"):
 for r in rows("train_step.jsonl"):
     print(f"train_step     {r['method']:8s} {r['preset']:8s} {r['batch']}x{r['height']}x{r['width']} amp {r['amp']}: "
           f"{r['median_ms']:9.1f} ms {r['slices_per_s']:8.2f} slices/s peak {r['peak_memory_gb']:.1f} GB")
+for r in rows("sample_speed.json"):
+    print("sample_speed  ", json.dumps(r))
 for r in rows("operators.jsonl"):
     print(f"operators      {r['operation']:42s} {r['median_ms']:9.3f} ms  {r['shape']}")
 PYEOF

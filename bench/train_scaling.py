@@ -94,7 +94,7 @@ from adps.data.shards import (
 from adps.mri import lines_at
 from adps.nn.ema import EMA
 from adps.nn.train_config import FULLY_SAMPLED, TrainConfig
-from adps.nn.train_step import METHODS, PAPER_PRESETS, build_model, make_synthetic_batch, train_step
+from adps.nn.train_step import MRI_METHODS, PAPER_PRESETS, build_model, make_synthetic_batch, train_step
 from adps.orchestration.train import WorkerContext, dataset_acceleration, worker_loop
 
 HERE = Path(__file__).resolve().parent
@@ -542,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--configs", nargs="+", choices=["bare", "loop", "ray"], default=None,
                       help="rows to measure (default: bare loop ray; --gpu: bare loop)")
     model = parser.add_argument_group("model and data")
-    model.add_argument("--method", choices=METHODS, default="ambient")
+    model.add_argument("--method", choices=MRI_METHODS, default="ambient")
     model.add_argument("--preset", choices=["tiny", "paper"], default=None,
                        help="network preset: tiny (CPU default) or the method's paper preset (--gpu default)")
     model.add_argument("--amp", nargs="+", choices=list(AMPS), default=None,

@@ -35,7 +35,7 @@ import torch
 
 from adps.data.phantom import brain_phantom
 from adps.mri import column_mask, fft2c, further_corrupted_mask, lines_at
-from adps.nn import EMA, METHODS, PAPER_PRESETS, build_model, make_synthetic_batch, train_step
+from adps.nn import EMA, MRI_METHODS, PAPER_PRESETS, build_model, make_synthetic_batch, train_step
 
 PAPER_REFERENCE = {
     "source": "Aali, Daras et al. 2025 reference code (issue 4)",
@@ -151,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CPU, and CUDA too when present")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=MRI_METHODS, default=list(MRI_METHODS))
     parser.add_argument("--batch", type=int, default=1, help="slices per step for the tiny presets")
     parser.add_argument("--height", type=int, default=384)
     parser.add_argument("--width", type=int, default=320)

@@ -4,6 +4,11 @@
         --set dataset=s3://bucket/prepared/axt2 --set models=adps-ambient-r4,adps-edm-r1 \\
         --set output=s3://bucket/eval/study --set use_gpu=true
 
+The natural-image study (paper section 3.1: compressed sensing, super-resolution, NFE sweep):
+
+    ray job submit --working-dir . -- python jobs/evaluate.py --study images \\
+        --config configs/evaluate/images.yaml --set output=s3://bucket/eval/images --set use_gpu=true
+
 Thin by design: arguments are those of ``adps evaluate`` (see ``adps evaluate --help``).
 Submitting it again with the same output resumes: finished cells are not recomputed.
 """

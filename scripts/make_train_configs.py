@@ -1,16 +1,20 @@
-"""Write configs/<method>_r<R>.yaml for every training run of the paper grid.
+"""Write configs/<method>_r<R>.yaml for every MRI training run of the paper grid, and
+configs/images/image_p<p>.yaml for every natural-image model (paper section 3.1).
 
     python scripts/make_train_configs.py
 
 Each file holds only what differs from :class:`adps.nn.train_config.TrainConfig`'s defaults
 (METHOD.md's values); ``dataset`` and ``storage_path`` are given at run time with ``--set``.
+The image configs live in a folder of their own, so that ``adps sweep --configs configs`` and
+``adps sweep --configs configs/images`` each train one grid.
 """
 
 from pathlib import Path
 
-from adps.nn.train_config import PAPER_GRID
+from adps.nn.train_config import IMAGE_GRID, PAPER_GRID, image_run_name
 
 OUT = Path(__file__).resolve().parents[1] / "configs"
+IMAGES_OUT = OUT / "images"
 
 
 def main() -> None:
@@ -31,6 +35,23 @@ def main() -> None:
                 # Supervised / self-supervised unrolled baselines: no EDM warm-up schedule.
                 lines.append("lr_rampup_images: 0")
             (OUT / f"{method}_r{r:g}.yaml").write_text("\n".join(lines) + "\n")
+    IMAGES_OUT.mkdir(parents=True, exist_ok=True)
+    for p in IMAGE_GRID:
+        corruption = "clean images (plain EDM)" if p == 0 else f"{p:.0%} of the pixels erased (Ambient Diffusion)"
+        lines = [
+            f"# Paper grid (section 3.1): the natural-image model trained on {corruption}.",
+            "# Defaults come from TrainConfig; give the images (a folder, .zip or s3:// prefix) at run time:",
+            "# adps train --config THIS --set dataset=s3://.../celeba64",
+            "method: image",
+            f"erasure_p: {p:g}",
+            f"run_name: {image_run_name(p)}",
+            "preset: image  # EDM's DDPM++ for 64 x 64 images",
+            "resolution: 64",
+            "amp: bf16  # mixed precision (GPU)",
+            "use_gpu: true",
+            "num_workers: 2  # one per GPU: infra/kuberay/rayjob.yaml has 2 x 1 GPU",
+        ]
+        (IMAGES_OUT / f"{image_run_name(p)}.yaml").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

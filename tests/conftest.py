@@ -269,3 +269,41 @@ def assert_no_credentials(run_id: str, models: list[str], *, bucket: str) -> Non
     assert len(texts) > 10, texts.keys()  # it looked at something
     leaks = [where for where, text in texts.items() if any(secret in text for secret in secrets)]
     assert not leaks, f"credentials written to {leaks}"
+
+
+# Natural-image models ------------------------------------------------------------------------
+IMAGE_RESOLUTION = 16
+
+
+@pytest.fixture(scope="session")
+def image_models(ray_session, mlflow_store: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The paper's natural-image grid (``configs/images/*.yaml``: erasure p = 0, 0.2, ..., 0.9)
+    trained by one sweep (:func:`adps.orchestration.sweep.run_sweep`, what ``adps sweep`` runs)
+    on 32 synthetic 16 x 16 images: tiny preset, 20 steps of 8 images, 1 CPU worker each
+    (half a CPU each: the 2-CPU cluster runs four at once), registered in the session's MLflow.
+
+    Returns ``{"tracking_uri", "images" (the folder), "models" ({p: "models:/adps-image-p<p>/<v>"}),
+    "rows" (the sweep's rows), "configs", "seconds"}``.
+    """
+    import time
+
+    from adps.images import write_image_folder
+    from adps.orchestration.sweep import load_sweep_configs, run_sweep
+
+    folder = tmp_path_factory.mktemp("image-grid")
+    images = folder / "images"
+    write_image_folder(images, 32, IMAGE_RESOLUTION, seed=11)
+    overrides = {
+        "dataset": str(images), "preset": "tiny", "resolution": IMAGE_RESOLUTION, "max_steps": 20, "batch_size": 8,
+        "num_workers": 1, "cpus_per_worker": 0.5, "use_gpu": False, "amp": "", "lr_rampup_images": 0,
+        "checkpoint_every_steps": 20, "validate_every_steps": 0, "validation_slices": 4, "log_every_steps": 10,
+        "storage_path": str(folder / "runs"), "experiment": "image-grid", "tracking_uri": mlflow_store,
+    }
+    configs = load_sweep_configs(Path(__file__).resolve().parents[1] / "configs" / "images", overrides)
+    started = time.perf_counter()
+    rows = run_sweep(configs, progress=False)
+    seconds = time.perf_counter() - started
+    print(f"image grid sweep of {len(rows)} runs: {seconds:.0f} s")
+    models = {config.erasure_p: f"models:/{row.model}" for config, row in zip(configs, rows, strict=True) if row.model}
+    return {"tracking_uri": mlflow_store, "images": str(images), "models": models, "rows": rows, "configs": configs,
+            "seconds": seconds}

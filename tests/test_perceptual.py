@@ -31,6 +31,7 @@ from adps.perceptual import (
     find_weights,
     frechet_distance,
     lpips_distance,
+    lpips_rgb,
 )
 
 
@@ -306,3 +307,60 @@ def test_cuda_matches_cpu(weights_dir: Path, phantoms: torch.Tensor) -> None:
         rtol=1e-3,
         atol=1e-3,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# LPIPS of RGB images (the natural-image study)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rgb_images() -> torch.Tensor:
+    """Six synthetic 64 x 64 RGB images in [-1, 1]."""
+    from adps.images import synthetic_image
+
+    arrays = [synthetic_image(i, resolution=64, seed=3) for i in range(6)]
+    return torch.stack([torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1 for a in arrays])
+
+
+def test_lpips_rgb_zero_for_identical_and_grows_with_noise(weights_dir: Path, rgb_images: torch.Tensor) -> None:
+    gt = rgb_images[:3]
+    assert torch.equal(lpips_rgb(gt, gt, weights=weights_dir), torch.zeros(3))
+    noise = torch.randn(gt.shape, generator=torch.Generator().manual_seed(2))
+    values = [lpips_rgb(gt, gt + level * noise, weights=weights_dir) for level in (0.02, 0.1, 0.3)]
+    assert torch.all(values[0] > 0) and torch.all(values[1] > values[0]) and torch.all(values[2] > values[1])
+
+
+def test_lpips_rgb_takes_images_as_they_are(weights_dir: Path, rgb_images: torch.Tensor) -> None:
+    """No scaling by the ground truth (unlike lpips_distance), the same network and heads: a
+    grey image repeated to RGB scores as lpips_distance scores it once that scaling is undone."""
+    gt, estimate = rgb_images[:3], rgb_images[3:]
+    whole = lpips_rgb(gt, estimate, weights=weights_dir)
+    assert whole.shape == (3,) and whole.dtype == torch.float32
+    torch.testing.assert_close(lpips_rgb(gt, estimate, weights=weights_dir, batch_size=2), whole)
+    # A common factor changes the value: the images are not rescaled.
+    assert not torch.allclose(lpips_rgb(0.5 * gt, 0.5 * estimate, weights=weights_dir), whole)
+    # Grey images in [0, 1] -> lpips_distance maps 2 x / max - 1; lpips_rgb gets that directly.
+    grey_gt, grey_x = (rgb_images[i, 0].clamp(0, 1) for i in (0, 1))
+    grey_gt = grey_gt / grey_gt.max()
+    by_magnitude = lpips_distance(grey_gt[None], grey_x[None], weights=weights_dir)
+    as_rgb = lpips_rgb((2 * grey_gt - 1).expand(1, 3, -1, -1), (2 * grey_x - 1).expand(1, 3, -1, -1), weights=weights_dir)
+    torch.testing.assert_close(as_rgb, by_magnitude)
+    # The estimate is clamped to [-1, 1] only when asked.
+    clipped = lpips_rgb(gt, 1.8 * gt, weights=weights_dir, clip=True)
+    torch.testing.assert_close(clipped, lpips_rgb(gt, (1.8 * gt).clamp(-1, 1), weights=weights_dir))
+    assert not torch.allclose(clipped, lpips_rgb(gt, 1.8 * gt, weights=weights_dir))
+
+
+def test_lpips_rgb_small_images_need_resize(weights_dir: Path, rgb_images: torch.Tensor) -> None:
+    small = torch.nn.functional.avg_pool2d(rgb_images[:2], 4)  # 16 x 16
+    with pytest.raises(ValueError, match=r"16 x 16: .*at least 32 pixels.*resize=64"):
+        lpips_rgb(small, small, weights=weights_dir)
+    values = lpips_rgb(small, small.flip(0), weights=weights_dir, resize=64)
+    assert values.shape == (2,) and torch.all(values > 0)
+    with pytest.raises(ValueError, match="resize=16"):
+        lpips_rgb(small, small, weights=weights_dir, resize=16)
+    with pytest.raises(ValueError, match=r"RGB images of shape \(N, 3, H, W\)"):
+        lpips_rgb(rgb_images[:, 0], rgb_images[:, 0], weights=weights_dir)
+    with pytest.raises(ValueError, match="does not match"):
+        lpips_rgb(rgb_images[:2], rgb_images[:3], weights=weights_dir)

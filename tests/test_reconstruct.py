@@ -15,6 +15,7 @@ from adps.metrics import nrmse
 from adps.mri import SenseOperator
 from adps.nn import (
     METHODS,
+    MRI_METHODS,
     NCSNv2,
     a_os,
     ambient_loss,
@@ -220,7 +221,7 @@ def test_denoise_once_rejects_bad_input(batch: dict[str, Tensor]) -> None:
 # ------------------------------------------------------------------------------ validation
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", MRI_METHODS)
 def test_validation_nrmse_every_method(method: str, batch: dict[str, Tensor]) -> None:
     model = _model(method).train()
     value = validation_nrmse(method, model, batch, generator=torch.Generator().manual_seed(0))

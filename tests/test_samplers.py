@@ -22,7 +22,7 @@ from adps.mri import SenseOperator, column_mask
 from adps.nn import (
     DEFAULT_STEPS,
     METHOD_SAMPLERS,
-    METHODS,
+    MRI_METHODS,
     SAMPLERS,
     ambient_network_input,
     build_model,
@@ -396,7 +396,7 @@ def test_unrolled_and_l1_wavelet_run_through_the_shared_signature(net_problem: d
 
 def test_registry_and_method_mapping() -> None:
     assert set(SAMPLERS) == {"a_dps", "dps", "a_os", "ald", "prior_heun", "l1_wavelet", "unrolled"}
-    assert set(METHODS) <= set(METHOD_SAMPLERS)
+    assert set(MRI_METHODS) <= set(METHOD_SAMPLERS)
     assert sampler_for("ambient") is smp.a_dps and sampler_for("edm_l1") is smp.dps
     assert sampler_for("ncsnv2") is smp.ald and sampler_for("ssdu") is smp.unrolled
     assert sampler_for("l1") is smp.l1_wavelet

@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 import adps
 from adps.nn.checkpoint import load_model as load_folder
 from adps.nn.train_config import PAPER_GRID, TrainConfig
-from adps.nn.train_step import METHODS
+from adps.nn.train_step import MRI_METHODS
 from adps.orchestration.registry import image_from_output, model_name, predict_arrays, to_model_input
 from adps.orchestration.sweep import SweepRun, format_summary, grid_gaps, load_sweep_configs, run_sweep, runs_at_once
 from adps.orchestration.tracking import config_hash, flat_params, open_run, resolve_tracking_uri
@@ -124,7 +124,7 @@ def test_summary_table() -> None:
 # With Ray: every method, through the sweep -----------------------------------------------------
 def write_method_configs(folder: Path) -> None:
     folder.mkdir()
-    for method in METHODS:
+    for method in MRI_METHODS:
         r = 1 if method in ("edm", "ncsnv2") else 2
         (folder / f"{method}.yaml").write_text(f"method: {method}\nacceleration: {r}\nrun_name: {method}_sweep\n")
 
@@ -163,7 +163,7 @@ def sweep(tiny_prepared: str, tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.slow
 def test_sweep_trains_logs_and_registers_every_method(sweep, tiny_prepared: str) -> None:
     folder, configs, rows = sweep
-    assert [(r.run_name, r.status) for r in rows] == [(f"{m}_sweep", "finished") for m in sorted(METHODS)], [
+    assert [(r.run_name, r.status) for r in rows] == [(f"{m}_sweep", "finished") for m in sorted(MRI_METHODS)], [
         r.error for r in rows
     ]
     client = MlflowClient()

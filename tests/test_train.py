@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from adps.cli import main as adps_main
 from adps.data.preprocess import parse_overrides
 from adps.nn.train_config import TrainConfig
-from adps.nn.train_step import METHODS, make_synthetic_batch
+from adps.nn.train_step import MRI_METHODS, make_synthetic_batch
 from adps.orchestration.train import (
     WorkerContext,
     build_trainee,
@@ -117,7 +117,7 @@ def test_worker_shares_are_disjoint_and_cover_each_epoch() -> None:
 
 def test_one_step_of_every_method_and_checkpoint_round_trip(tmp_path: Path, one_intra_op_thread) -> None:
     batch = make_synthetic_batch(2, 2, 32, 32, 4, seed=0, acs=4, l1_iterations=2)
-    for method in METHODS:
+    for method in MRI_METHODS:
         config = TrainConfig(method=method, acceleration=1 if method in ("edm", "ncsnv2") else 4, preset="tiny",
                              dataset="x", lr_rampup_images=0)
         trainee = build_trainee(config)

@@ -18,6 +18,7 @@ from adps.nn import (
     BATCH_KEYS,
     EMA,
     METHODS,
+    MRI_METHODS,
     MoDL,
     NCSNv2,
     build_model,
@@ -82,7 +83,7 @@ def test_synthetic_batch_has_the_dataset_layout() -> None:
 # ------------------------------------------------------------------------------ every method
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", MRI_METHODS)
 def test_step_changes_the_weights_and_lowers_the_loss_on_a_fixed_batch(method: str, small_batch: dict) -> None:
     torch.manual_seed(0)
     model = build_model(method, "tiny")
@@ -126,7 +127,7 @@ _POISON_KEY = {"ambient": "kspace", "edm": "reference", "edm_l1": "l1", "ncsnv2"
                "modl": "kspace", "ssdu": "kspace"}
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", MRI_METHODS)
 def test_a_nan_in_the_batch_skips_the_step(method: str, small_batch: dict) -> None:
     torch.manual_seed(2)
     model = build_model(method, "tiny")
@@ -303,7 +304,7 @@ def test_train_step_bench_prints_json_lines() -> None:
     )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [row["method"] for row in rows] == list(METHODS)
+    assert [row["method"] for row in rows] == list(MRI_METHODS)
     for row in rows:
         assert row["device"].startswith("cpu") and row["device"].endswith(", 1 threads)")
         assert row["preset"] == "tiny"

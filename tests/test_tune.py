@@ -218,3 +218,123 @@ def test_truncated_search_state_is_detected(tmp_path: Path) -> None:
     assert [Path(p).name for p in truncated_search_state(str(tmp_path))] == [
         "search_gen_state-2026-01-01_00-00-09.json", "searcher-state-2026-01-01_00-00-09.pkl"]
     assert truncated_search_state("s3://bucket/tune") == []
+
+
+# Natural-image models (paper section 3.1) ---------------------------------------------------
+IMAGE_TEST_SPACE = """# test space: tiny step counts
+sampler: image_dps
+objective: {metric: mse, mode: min}
+params:
+  guidance: {type: loguniform, low: 0.1, high: 10.0}
+  steps: {type: choice, values: [2, 4]}
+"""
+
+
+def test_image_space_file_and_image_config_checks(tmp_path: Path) -> None:
+    space = load_space(REPO / "tune_spaces" / "image_dps.yaml")
+    assert (space.family, space.sampler, space.metric, space.mode) == ("image_dps", "image", "mse", "min")
+    assert space.params["steps"]["values"] == [50, 100, 150, 200, 250, 300]
+    assert space.params["guidance"] == {"type": "loguniform", "low": 0.1, "high": 10.0}
+    assert space.metrics == ("mse", "psnr")
+    assert parse_space({"sampler": "image_dps", "objective": {"metric": "psnr"},
+                        "params": {"steps": {"type": "choice", "values": [2]}}}).mode == "max"
+    with pytest.raises(ValueError, match=r"'objective.metric': 'nrmse' is not one of mse, psnr"):
+        parse_space({"sampler": "image_dps", "objective": {"metric": "nrmse"},
+                     "params": {"steps": {"type": "choice", "values": [2]}}})
+    with pytest.raises(ValueError, match=r"unknown key 'params.churn'"):
+        parse_space({"sampler": "image_dps", "params": {"churn": {"type": "uniform", "low": 0, "high": 1}}})
+    base = {"model": "m", "space": "s", "dataset": "d"}
+    assert SearchConfig(**base, task="cs", measurements=100).image_setting == "cs_m100"
+    assert SearchConfig(**base, task="sr", factor=4).image_setting == "sr_x4"
+    for values, message in [
+        ({"task": "inpaint"}, r"'task' must be one of cs, sr"),
+        ({"task": "cs"}, r"'measurements' must be >= 1 for task 'cs'"),
+        ({"task": "sr", "factor": 2, "measurements": 10}, r"'measurements' does not apply to task 'sr'"),
+        ({"task": "cs", "measurements": 10, "r_inf": 4}, r"'r_inf' is for an MRI search"),
+        ({"task": "cs", "measurements": 10, "noise": -1.0}, r"'noise' must be a finite number >= 0"),
+        ({"task": "sr", "factor": 3, "resolution": 16}, r"'resolution': 16 is not a multiple of factor 3"),
+        ({"r_inf": 4, "measurements": 10}, r"'measurements' is for a natural-image search"),
+        ({}, r"'r_inf' must be >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SearchConfig(**base, **values).validate()
+
+
+@pytest.fixture(scope="module")
+def image_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny ambient image model folder (untrained, p = 0.6, 16 x 16) and 2 synthetic images."""
+    from adps.images import write_image_folder
+    from adps.nn.checkpoint import save_model
+    from adps.nn.image_diffusion import build_image_model
+
+    folder = tmp_path_factory.mktemp("image-tune")
+    torch.manual_seed(0)
+    model = save_model(folder / "model", build_image_model("tiny", ambient=True),
+                       {"method": "image", "erasure_p": 0.6, "delta": 0.1, "resolution": 16, "preset": "tiny"})
+    write_image_folder(folder / "images", 2, resolution=16, seed=5)
+    return {"model": model, "images": folder / "images"}
+
+
+@pytest.mark.slow
+def test_image_search_reports_mse_picks_the_best_and_tags_the_version(
+    ray_session, image_setup: dict[str, Path], tmp_path: Path
+) -> None:
+    """An A-DPS search on compressed sensing through real Ray Tune with a local model folder:
+    3 trials, one image per report; every trial reports the running MSE; the best becomes
+    best.json and, for a registered version, its tags (the task's, read by the image
+    evaluation, and the setting's)."""
+    from mlflow import MlflowClient
+
+    from adps.orchestration.registry import register_model
+    from adps.orchestration.tracking import resolve_tracking_uri
+    from adps.orchestration.tune import _tag_version
+
+    space = tmp_path / "image_space.yaml"
+    space.write_text(IMAGE_TEST_SPACE)
+    # A mismatched space or a missing task is refused before Ray runs anything.
+    mri_space = tmp_path / "adps.yaml"
+    mri_space.write_text(TEST_SPACE)
+    common = {"model": str(image_setup["model"]), "dataset": str(image_setup["images"]), "slices": 2,
+              "slices_per_report": 1, "seed": 1, "storage_path": str(tmp_path / "tune"),
+              "experiment": "tune-image-test"}
+    with pytest.raises(ValueError, match=r"adps.yaml: key 'sampler': 'adps' \(a_dps\) is an MRI sampler; .*image_dps"):
+        tune_search(SearchConfig(space=str(mri_space), task="cs", measurements=192, **common), progress=False)
+    with pytest.raises(ValueError, match=r"config key 'task' is empty: .* is a natural-image model"):
+        tune_search(SearchConfig(space=str(space), r_inf=4, **common), progress=False)
+
+    config = SearchConfig(space=str(space), task="cs", measurements=192, noise=0.01, num_samples=3,
+                          max_concurrent=1, grace_period=2, name="image-search", **common)
+    started = time.perf_counter()
+    result = tune_search(config, progress=False)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 120, elapsed  # measured: 21 s on 2 idle cores
+    trials = result["trials"]
+    assert len(trials) == 3 and not any(t["error"] for t in trials), trials
+    assert all(t["settings"]["steps"] in (2, 4) and 0.1 <= t["settings"]["guidance"] <= 10 for t in trials)
+    assert all(t["reports"] == 2 and len(t["history"]) == 2 and t["mse"] > 0 and "psnr" in t for t in trials)
+    best = result["best"]
+    assert best["metric"] == "mse" and best["value"] == min(t["mse"] for t in trials)
+    assert (best["task"], best["setting"], best["measurements"], best["r_inf"]) == ("cs", "cs_m192", 192, None)
+    assert json.loads((Path(result["path"]) / "best.json").read_text()) == best
+    assert Path(result["path"]).name == "image-search" and result["version"] is None  # a folder: no tags
+
+    uri = resolve_tracking_uri()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tune-image-test")
+    parent = client.get_run(result["run_id"])
+    assert parent.data.tags["adps.task"] == "cs_m192" and parent.data.tags["adps.model_label"] == "image_p0.6"
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{result['run_id']}'")
+    assert len(children) == 3 and all({"mse", "psnr"} <= set(c.data.metrics) for c in children)
+
+    # The tags a search of a registered version leaves (what tune_search does for models:/ URIs).
+    run = client.create_run(client.create_experiment("tune-image-register", (tmp_path / "artifacts").as_uri()))
+    version = register_model(image_setup["model"], tracking_uri=uri, run_id=run.info.run_id,
+                             name="adps-tuneimage-p0.6")
+    _tag_version(config.replace(model="models:/adps-tuneimage-p0.6@latest", tracking_uri=uri), best,
+                 result["run_id"])
+    tags = client.get_model_version("adps-tuneimage-p0.6", version.version).tags
+    for task in ("cs", "cs_m192"):
+        assert int(tags[f"adps.tuned.{task}.steps"]) == best["settings"]["steps"]
+        assert float(tags[f"adps.tuned.{task}.guidance"]) == pytest.approx(best["settings"]["guidance"])
+        assert tags[f"adps.tuned.{task}.run_id"] == result["run_id"]
+    assert not any(tag.startswith("adps.tuned.r") for tag in tags)  # no MRI R_inf tags

@@ -127,9 +127,14 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from adps.nn.train_config import parse_overrides  # deferred: keeps `adps --help` fast
+
+    if args.study == "images":
+        return _evaluate_images(args)
     from adps.orchestration.evaluate import EvaluateConfig, evaluate
 
     overrides = parse_overrides(args.set or [])
+    if args.config:
+        _refuse_other_study(args.config, "images", "mri")
     config = EvaluateConfig.from_yaml(args.config, overrides) if args.config else EvaluateConfig.from_dict(overrides)
     config.validate()
     print("adps evaluate: config\n" + config.to_yaml(), flush=True)
@@ -139,6 +144,45 @@ def _evaluate(args: argparse.Namespace) -> int:
     print("adps evaluate: " + format_results(result["rows"]))
     print("adps evaluate: cross-over against " + config.reference + "\n" + format_crossover(result["crossover"]))
     print(f"adps evaluate: {len(result['rows'])} rows in {result['output']}; MLflow run {result['run_id']}")
+    return 0
+
+
+def _refuse_other_study(path: Path, key: str, study: str) -> None:
+    """A config file of the other study (it has ``key``) named with the wrong ``--study``: say so."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return  # from_yaml reports these, naming the file
+    if isinstance(values, dict) and key in values:
+        other = "images" if study == "mri" else "mri"
+        raise ValueError(f"{path}: has the key {key!r} of a {other} evaluation; run "
+                         f"`adps evaluate --study {other} --config {path}`")
+
+
+def _evaluate_images(args: argparse.Namespace) -> int:
+    from adps.nn.train_config import parse_overrides
+    from adps.orchestration.image_evaluate import (
+        ImageEvaluateConfig,
+        evaluate_images,
+        format_image_crossover,
+        format_image_results,
+    )
+
+    overrides = parse_overrides(args.set or [])
+    if args.config:
+        _refuse_other_study(args.config, "dataset", "images")
+    config = (ImageEvaluateConfig.from_yaml(args.config, overrides) if args.config
+              else ImageEvaluateConfig.from_dict(overrides))
+    config.validate()  # before Ray starts: a bad key costs a second, not a cluster start-up
+    print("adps evaluate: config\n" + config.to_yaml(), flush=True)
+    result = evaluate_images(config, ray_address=args.address)
+    for metric in ("mse", "lpips") if config.lpips else ("mse",):
+        print("adps evaluate: " + format_image_results(result["rows"], metric))
+    print("adps evaluate: cross-over against the p = 0 model\n" + format_image_crossover(result["crossover"]))
+    print(f"adps evaluate: {len(result['rows'])} rows, figures {', '.join(result['figures'])} in "
+          f"{result['output']}/report; MLflow run {result['run_id']}")
     return 0
 
 
@@ -161,7 +205,8 @@ def _tune(args: argparse.Namespace) -> int:
     from adps.orchestration.tune import SearchConfig, tune_search
 
     overrides = parse_overrides(args.set or [])
-    for key, value in (("model", args.model), ("r_inf", args.r_inf), ("space", args.space)):
+    for key, value in (("model", args.model), ("r_inf", args.r_inf), ("space", args.space), ("task", args.task),
+                       ("measurements", args.measurements), ("factor", args.factor)):
         if value is not None:
             overrides[key] = str(value) if isinstance(value, Path) else value
     config = SearchConfig.from_yaml(args.config, overrides) if args.config else SearchConfig.from_dict(overrides)
@@ -285,9 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(handler=_sweep)
 
     evaluate = commands.add_parser(
-        "evaluate", help="reconstruct the test slices with every model at every R_inf; metrics, figures, cross-over"
+        "evaluate", help="reconstruct the test slices with every model at every R_inf; metrics, figures, cross-over",
+        description="The study's evaluation on Ray, logged to MLflow. --study mri (default): every MRI model at "
+        "every R_inf (EvaluateConfig; NRMSE, PSNR, SSIM, LPIPS; figures 6-9). --study images: the natural-image "
+        "models (ImageEvaluateConfig, e.g. configs/evaluate/images.yaml): compressed sensing, super-resolution "
+        "and the NFE sweep (MSE, LPIPS; figures 2-4). Both resume: finished cells are not recomputed.",
     )
-    evaluate.add_argument("--config", type=Path, help="YAML file of EvaluateConfig keys")
+    evaluate.add_argument("--study", choices=("mri", "images"), default="mri",
+                          help="mri (default): the MRI study; images: the natural-image study (paper section 3.1)")
+    evaluate.add_argument("--config", type=Path,
+                          help="YAML file of EvaluateConfig keys (--study images: ImageEvaluateConfig keys)")
     evaluate.add_argument(
         "--set", action="append", metavar="KEY=VALUE",
         help="override a config key (repeatable), e.g. --set models=adps-ambient-r4,adps-edm-r1 --set slices=8",
@@ -305,11 +357,21 @@ def build_parser() -> argparse.ArgumentParser:
     fid.set_defaults(handler=_fid)
 
     tune = commands.add_parser(
-        "tune", help="Ray Tune search (Optuna TPE + ASHA) of a model's sampler settings at one R_inf (resumes by name)"
+        "tune", help="Ray Tune search (Optuna TPE + ASHA) of a model's sampler settings at one R_inf, or for a "
+        "natural-image model on one task (resumes by name)",
+        description="Searches a model's sampler settings with Ray Tune (Optuna TPE + ASHA), logged to MLflow; the "
+        "best become tags of the registered model version. An MRI model is searched at --r-inf on a prepared "
+        "dataset; a natural-image model (method image) on --task cs --measurements M or --task sr --factor F over "
+        "an image folder (--set dataset=...), with --space tune_spaces/image_dps.yaml.",
     )
     tune.add_argument("--model", help="models:/<name>@<alias>, a registered adps-* name or a model folder")
-    tune.add_argument("--r-inf", type=float, help="the acceleration R_inf searched at")
-    tune.add_argument("--space", type=Path, help="search-space file (tune_spaces/adps.yaml, dps.yaml, ald.yaml)")
+    tune.add_argument("--r-inf", type=float, help="the acceleration R_inf searched at (MRI models)")
+    tune.add_argument("--space", type=Path,
+                      help="search-space file (tune_spaces/adps.yaml, dps.yaml, ald.yaml; image_dps.yaml for images)")
+    tune.add_argument("--task", choices=("cs", "sr"),
+                      help="natural-image models: cs (Gaussian compressed sensing) or sr (super-resolution)")
+    tune.add_argument("--measurements", type=int, help="--task cs: the number of Gaussian measurements m")
+    tune.add_argument("--factor", type=int, help="--task sr: the downscaling factor")
     tune.add_argument("--config", type=Path, help="YAML file of SearchConfig keys")
     tune.add_argument(
         "--set", action="append", metavar="KEY=VALUE",

@@ -8,6 +8,12 @@ metric_reference(s))`` with ``sign`` chosen so that ``d_s > 0`` means the ambien
 better on slice ``s`` (lower NRMSE / LPIPS, higher PSNR / SSIM). The cross-over is the smallest
 R_inf whose mean ``d`` is positive; its margin is that mean, with a percentile bootstrap
 confidence interval over slices (resampling slices, keeping the pairs).
+
+The natural-image evaluation (:mod:`adps.orchestration.image_evaluate`) uses the same
+functions on its own axes: it passes each task's difficulty as ``r_inf`` (``1 /
+measurements`` for compressed sensing, the downscaling factor for super-resolution, ``1 /
+NFE`` for the step sweep) and each image as ``slice``, with ``model`` an ambient model and
+``reference`` the model trained at ``p = 0``.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ import numpy as np
 
 __all__ = ["HIGHER_IS_BETTER", "CrossOver", "bootstrap_mean_ci", "crossover", "crossover_table", "paired_differences"]
 
-HIGHER_IS_BETTER = {"nrmse": False, "psnr": True, "ssim": True, "lpips": False}
-"""Direction of each metric of the results table."""
+HIGHER_IS_BETTER = {"nrmse": False, "psnr": True, "ssim": True, "lpips": False, "mse": False}
+"""Direction of each metric of the results tables (``mse``: the natural-image evaluation's)."""
 
 
 @dataclass(frozen=True)

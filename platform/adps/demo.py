@@ -119,7 +119,7 @@ class DemoConfig:
     def validate(self) -> None:
         """Refuse settings that cannot work, before anything starts; names the setting."""
         from adps.mri.masks import lines_at
-        from adps.nn.train_config import PAPER_PRESETS
+        from adps.nn.train_step import MRI_METHODS
 
         if self.volumes < 3:
             raise ValueError(f"volumes must be >= 3 (1 test, 1 validation, >= 1 training), got {self.volumes}")
@@ -128,10 +128,10 @@ class DemoConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.tune_trials < 0:
             raise ValueError(f"tune_trials must be >= 0, got {self.tune_trials}")
-        unknown = sorted(set(self.methods) - set(PAPER_PRESETS))
+        unknown = sorted(set(self.methods) - set(MRI_METHODS))
         if unknown or not self.methods:
             raise ValueError(f"methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
-                             f"{', '.join(sorted(PAPER_PRESETS))}")
+                             f"{', '.join(sorted(MRI_METHODS))}")
         for key in ("accelerations", "ambient_r"):
             values = getattr(self, key)
             if (key == "accelerations" and not values) or any(r <= 1 for r in values):

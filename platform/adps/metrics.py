@@ -9,6 +9,9 @@ They are batched torch code, so they run on the GPU next to the sampler.
 * SSIM: 7 x 7 uniform window, K1 0.01, K2 0.03, data range ``max|gt| - min|gt|``, sample
   covariances and the mean over the valid (uncropped-window) region: the defaults of
   ``skimage.metrics.structural_similarity``, which the tests check against.
+
+For the natural-image study (RGB ``(N, 3, H, W)`` in ``[-1, 1]``, not magnitudes):
+:func:`rgb_mse`.
 """
 
 from __future__ import annotations
@@ -79,3 +82,14 @@ def ssim(
 def image_metrics(gt: torch.Tensor, estimate: torch.Tensor) -> dict[str, torch.Tensor]:
     """NRMSE, PSNR and SSIM per slice, in one dict."""
     return {"nrmse": nrmse(gt, estimate), "psnr": psnr(gt, estimate), "ssim": ssim(gt, estimate)}
+
+
+def rgb_mse(gt: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per image of real RGB images ``(N, 3, H, W)`` in ``[-1, 1]``, on the
+    ``[0, 1]`` scale (``mean(((x - gt) / 2)^2)`` over channels and pixels): the natural-image
+    study's MSE (paper section 3.1), computed in float64. Returns ``(N,)`` float64."""
+    if gt.shape != estimate.shape:
+        raise ValueError(f"ground truth shape {tuple(gt.shape)} does not match estimate shape {tuple(estimate.shape)}")
+    if gt.ndim != 4 or gt.shape[1] != 3 or gt.is_complex() or estimate.is_complex():
+        raise ValueError(f"expected real RGB images of shape (N, 3, H, W), got {tuple(gt.shape)} {gt.dtype}")
+    return ((estimate.double() - gt.double()) / 2).square().mean(dim=(1, 2, 3))

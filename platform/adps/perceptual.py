@@ -1,4 +1,5 @@
-"""Perceptual metrics (LPIPS and FID) on magnitude images, with no download at run time.
+"""Perceptual metrics (LPIPS and FID) on magnitude images, and LPIPS of RGB images (the
+natural-image study, :func:`lpips_rgb`), with no download at run time.
 
 METHOD.md asks for LPIPS (AlexNet) on magnitude images scaled to ``[-1, 1]`` and repeated to
 three channels, and for the FID of unconditional samples with either VGG16 (``features`` +
@@ -27,6 +28,10 @@ Decisions, documented here because they change the numbers:
   judged on the same scale (scaling each image by its own maximum would hide
   intensity errors). The estimate is not clipped by default, so overshoot above ``max|gt|``
   still counts; ``clip=True`` clamps it to ``[-1, 1]``.
+* LPIPS of RGB images (:func:`lpips_rgb`): the images are taken as they are, already in
+  ``[-1, 1]`` (the ``lpips`` package's convention and :mod:`adps.images`'), with no scaling by
+  the ground truth. AlexNet needs a side of at least 32 pixels; smaller images (the 16 x 16
+  test images) are upsampled only when asked (``resize=``), so no number silently changes.
 * FID scaling: real and generated images are not paired, so each image is scaled to
   ``[0, 1]`` by its own maximum magnitude (``scale="max"``), repeated to three channels,
   resized (bilinear, anti-aliased) to the backbone's square input (224 for VGG16, 299 for
@@ -189,6 +194,40 @@ def _lpips_model(weights_path: str, device: str) -> nn.Module:
     return model.to(device)
 
 
+def _lpips_batched(
+    gt: torch.Tensor,
+    estimate: torch.Tensor,
+    to_network: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    weights: str | os.PathLike[str] | None,
+    batch_size: int,
+    device: str | torch.device | None,
+) -> torch.Tensor:
+    """LPIPS of ``gt[i]`` against ``estimate[i]``, ``batch_size`` pairs per forward pass: the one
+    loop behind :func:`lpips_distance` and :func:`lpips_rgb`.
+
+    ``to_network(g, x)`` turns a chunk of pairs (on the run device) into the network's input,
+    two ``(n, 3, H, W)`` float tensors in ``[-1, 1]``. Returns ``(N,)`` float32 on ``gt``'s device.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    run_device = _resolve_device(device, gt)
+    model = _lpips_model(str(find_weights("alexnet", weights).resolve()), str(run_device))
+    values = []
+    with torch.no_grad():
+        for start in range(0, gt.shape[0], batch_size):
+            g, x = to_network(gt[start : start + batch_size].to(run_device), estimate[start : start + batch_size].to(run_device))
+            values.append(model(g, x).flatten())
+    if not values:
+        return torch.empty(0, dtype=torch.float32, device=gt.device)
+    return torch.cat(values).to(gt.device)
+
+
+def _check_pair(gt: torch.Tensor, estimate: torch.Tensor) -> None:
+    if gt.shape != estimate.shape:
+        raise ValueError(f"ground truth shape {tuple(gt.shape)} does not match estimate shape {tuple(estimate.shape)}")
+
+
 def lpips_distance(
     gt: torch.Tensor,
     estimate: torch.Tensor,
@@ -210,29 +249,73 @@ def lpips_distance(
         device: where the network runs (default: ``gt``'s device).
         clip: clamp the scaled estimate to ``[-1, 1]`` (False: overshoot counts as error).
     """
-    if gt.shape != estimate.shape:
-        raise ValueError(f"ground truth shape {tuple(gt.shape)} does not match estimate shape {tuple(estimate.shape)}")
+    _check_pair(gt, estimate)
     if gt.ndim != 3:
         raise ValueError(f"expected images of shape (N, H, W), got {tuple(gt.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    run_device = _resolve_device(device, gt)
-    model = _lpips_model(str(find_weights("alexnet", weights).resolve()), str(run_device))
-    values = []
-    with torch.no_grad():
-        for start in range(0, gt.shape[0], batch_size):
-            g = magnitude(gt[start : start + batch_size]).float().to(run_device)
-            x = magnitude(estimate[start : start + batch_size]).float().to(run_device)
-            # Guard an all-zero slice (it would divide by zero); it then maps to -1 everywhere.
-            peak = g.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-            g = 2 * g / peak - 1
-            x = 2 * x / peak - 1
-            if clip:
-                x = x.clamp(-1, 1)
-            g = g.unsqueeze(1).expand(-1, 3, -1, -1)
-            x = x.unsqueeze(1).expand(-1, 3, -1, -1)
-            values.append(model(g, x).flatten())
-    return torch.cat(values).to(gt.device)
+
+    def to_network(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g, x = magnitude(g).float(), magnitude(x).float()
+        # Guard an all-zero slice (it would divide by zero); it then maps to -1 everywhere.
+        peak = g.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        g = 2 * g / peak - 1
+        x = 2 * x / peak - 1
+        if clip:
+            x = x.clamp(-1, 1)
+        return g.unsqueeze(1).expand(-1, 3, -1, -1), x.unsqueeze(1).expand(-1, 3, -1, -1)
+
+    return _lpips_batched(gt, estimate, to_network, weights=weights, batch_size=batch_size, device=device)
+
+
+LPIPS_MIN_SIDE = 32
+"""Smallest image side LPIPS's AlexNet takes: its two 3 x 3 / 2 max-pools after the 11 x 11 / 4
+first convolution leave nothing of a side below 31 (:func:`lpips_rgb`'s ``resize`` upsamples)."""
+
+
+def lpips_rgb(
+    gt: torch.Tensor,
+    estimate: torch.Tensor,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    clip: bool = False,
+    resize: int | None = None,
+) -> torch.Tensor:
+    """LPIPS (AlexNet, v0.1 linear heads) of RGB images, shape ``(N,)``, float32 on ``gt``'s device.
+
+    ``gt`` and ``estimate`` are real ``(N, 3, H, W)`` already in ``[-1, 1]`` (the convention of
+    :mod:`adps.images` and of the ``lpips`` package): no scaling is applied, unlike
+    :func:`lpips_distance`'s magnitude images.
+
+    Keywords:
+        weights: AlexNet state dict (file or folder); default lookup as :func:`find_weights`.
+        batch_size: images per forward pass (32).
+        device: where the network runs (default: ``gt``'s device).
+        clip: clamp the estimate to ``[-1, 1]`` first (False: values outside count as error).
+        resize: resize both images (bilinear, anti-aliased) to ``resize x resize`` before the
+            network. Images with a side below :data:`LPIPS_MIN_SIDE` need it (AlexNet has
+            nothing left of them); None (default) uses them as they are.
+    """
+    _check_pair(gt, estimate)
+    if gt.ndim != 4 or gt.shape[1] != 3 or gt.is_complex():
+        raise ValueError(f"expected real RGB images of shape (N, 3, H, W), got {tuple(gt.shape)} {gt.dtype}")
+    side = min(gt.shape[-2:]) if resize is None else int(resize)
+    if side < LPIPS_MIN_SIDE:
+        what = f"resize={resize}" if resize is not None else f"images of {gt.shape[-2]} x {gt.shape[-1]}"
+        raise ValueError(f"{what}: LPIPS's AlexNet needs a side of at least {LPIPS_MIN_SIDE} pixels; "
+                         f"pass resize={max(64, LPIPS_MIN_SIDE)} (or larger) to upsample smaller images")
+
+    def to_network(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g, x = g.float(), x.float()
+        if clip:
+            x = x.clamp(-1, 1)
+        if resize is not None:
+            size = (int(resize), int(resize))
+            g = F.interpolate(g, size=size, mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return g, x
+
+    return _lpips_batched(gt, estimate, to_network, weights=weights, batch_size=batch_size, device=device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from .objectives import (
     ssdu_split,
 )
 from .precond import EDMCoefficients, EDMPrecond, edm_coefficients
-from .reconstruct import a_os, denoise_once, reconstruct, unrolled, validation_nrmse
+from .reconstruct import a_os, denoise_once, image_validation_mse, reconstruct, unrolled, validation_nrmse
 from .samplers import (
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
@@ -43,7 +43,17 @@ from .samplers import (
     train_masks,
 )
 from .schedules import ald_sigmas, edm_sigmas, geometric_sigmas
-from .train_step import BATCH_KEYS, METHODS, PAPER_PRESETS, build_model, make_synthetic_batch, method_loss, train_step
+from .train_step import (
+    BATCH_KEYS,
+    IMAGE_METHODS,
+    METHODS,
+    MRI_METHODS,
+    PAPER_PRESETS,
+    build_model,
+    make_synthetic_batch,
+    method_loss,
+    train_step,
+)
 from .unet import PRESETS, GatedConv2d, SongUNet, UNetConfig, build_unet, count_parameters
 
 __all__ = [
@@ -51,9 +61,11 @@ __all__ = [
     "DEFAULT_SAMPLER",
     "DEFAULT_STEPS",
     "EMA",
+    "IMAGE_METHODS",
     "METHODS",
     "METHOD_SAMPLERS",
     "MODL_PRESETS",
+    "MRI_METHODS",
     "NCSNV2_PRESETS",
     "PAPER_PRESETS",
     "PRESETS",
@@ -91,6 +103,7 @@ __all__ = [
     "edm_weight",
     "ema_beta",
     "geometric_sigmas",
+    "image_validation_mse",
     "l1_wavelet",
     "load_model",
     "make_synthetic_batch",

@@ -12,6 +12,8 @@ model is used in-distribution:
   reconstructs from every acquired column: the Theta/Lambda split exists only in training);
 * ``edm``, ``edm_l1``, ``ncsnv2``: priors. They reconstruct only through posterior sampling
   (DPS, ALD), which is not one pass; :func:`denoise_once` is their cheap validation proxy.
+* ``image``: natural-image priors (no k-space at all); :func:`image_validation_mse` is their
+  validation metric, a denoising MSE on the pixels the training images keep.
 
 Every function runs under ``torch.no_grad`` with the model in eval mode (dropout off: a
 reconstruction must not be random), restoring each submodule's train/eval flag afterwards.
@@ -27,20 +29,45 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adps.images.operators import further_corrupt
 from adps.metrics import nrmse
 from adps.mri import SenseOperator, check_maps
 
 from .ema import unwrap_model
+from .image_diffusion import DEFAULT_DELTA, ambient_image_input, is_ambient_image_model
 from .modl import MoDL
 from .ncsnv2 import NCSNv2
 from .objectives import ambient_network_input, channels_to_complex, complex_to_channels, sample_noise
 from .precond import EDMPrecond
-from .train_step import METHODS
+from .train_step import IMAGE_METHODS, METHODS
 
-__all__ = ["a_os", "denoise_once", "reconstruct", "unrolled", "validation_nrmse"]
+__all__ = [
+    "IMAGE_VALIDATION_SIGMA",
+    "a_os",
+    "denoise_once",
+    "image_validation_mse",
+    "reconstruct",
+    "unrolled",
+    "validation_nrmse",
+]
 
 # Methods whose model is a prior D(x, sigma): no one-pass reconstruction exists for them.
 PRIOR_METHODS = ("edm", "edm_l1", "ncsnv2")
+
+IMAGE_VALIDATION_SIGMA = 0.2
+"""Noise level of :func:`image_validation_mse`, on the images' ``[-1, 1]`` scale
+(``sigma_data = 0.5``): inside EDM's training range (``ln sigma ~ N(-1.2, 1.2^2)``, median
+0.30), noisy enough that the noisy input itself scores clearly worse than a trained denoiser
+(its MSE is ``sigma^2 = 0.04``), not so noisy that the score only measures blur."""
+
+
+def _refuse_image_method(method: str, what: str) -> None:
+    if method in IMAGE_METHODS:
+        raise ValueError(
+            f"{method!r} is a natural-image prior (a denoiser of RGB images, it never sees k-space): {what}; its "
+            "validation metric is image_validation_mse, and it reconstructs through posterior sampling "
+            "(adps evaluate, the image samplers)"
+        )
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -209,6 +236,7 @@ def reconstruct(method: str, model: nn.Module, kspace: Tensor, maps: Tensor, mas
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    _refuse_image_method(method, "there is no one-pass MRI reconstruction with it")
     if method in PRIOR_METHODS:
         raise ValueError(
             f"{method!r} is a prior (a denoiser of images, it never sees k-space): reconstructing with it "
@@ -266,6 +294,7 @@ def validation_nrmse(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    _refuse_image_method(method, "it has no MRI validation NRMSE")
     core = unwrap_model(model)
     reference = batch["reference"].to(_device(core))
     if method == "ambient":
@@ -275,3 +304,65 @@ def validation_nrmse(
     else:
         estimate = denoise_once(core, reference, sigma_denoise, generator=generator)
     return float(nrmse(reference, estimate).mean())
+
+
+def image_validation_mse(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    *,
+    sigma: float = IMAGE_VALIDATION_SIGMA,
+    delta: float = DEFAULT_DELTA,
+    generator: torch.Generator | None = None,
+) -> float:
+    """The periodic validation metric of a natural-image model: denoising MSE on observed pixels.
+
+    ``batch`` is a batch of :class:`adps.images.ImageDataset` items as the model trains on
+    them: ``image`` ``(N, 3, H, W)``, with ``mask`` ``(N, 1, H, W)`` for a corrupted training
+    set. The model denoises ``A x0 + sigma n`` once, fed as in training:
+
+    * an ambient model (``mask`` present) sees ``(A~ x_t, A~)`` with ``A~`` the mask further
+      corrupted by ``delta`` (:func:`~adps.images.further_corrupt`: the input distribution it
+      was trained on), and is scored on the pixels ``A`` keeps, as its loss is: an ambient
+      model never sees a clean pixel, so no clean one scores it either;
+    * a clean model (no ``mask``) sees ``x0 + sigma n`` and is scored on every pixel.
+
+    The MSE is per image (squared error summed over the kept pixels and the 3 channels,
+    divided by their number), then averaged over the batch. The noise and ``A~`` come from
+    ``generator``, so a fixed seed scores every validation of a run on the same draws.
+
+    Raises:
+        ValueError: the model and the batch disagree (an ambient model without masks, or masks
+            for a clean model), or ``sigma <= 0``.
+
+    Returns:
+        The mean MSE. The model's train/eval flags are unchanged.
+    """
+    if not sigma > 0:
+        raise ValueError(f"image_validation_mse: sigma must be > 0, got {sigma}")
+    core = unwrap_model(model)
+    ambient = is_ambient_image_model(core)
+    device = _device(core)
+    images = batch["image"].to(device, torch.float32)
+    mask = batch.get("mask")
+    if ambient != (mask is not None):
+        raise ValueError(
+            "image_validation_mse: " + ("an ambient image model needs the batch's 'mask'" if ambient
+                                        else "the batch has masks, but the model takes no mask channel")
+        )
+    gen_device = generator.device if generator is not None else device
+    noise = torch.randn(tuple(images.shape), generator=generator, device=gen_device).to(device)
+    if mask is None:
+        observed = torch.ones((images.shape[0], 1, *images.shape[2:]), dtype=torch.bool, device=device)
+    else:
+        observed = mask.to(device, torch.bool)
+        images = torch.where(observed, images, images.new_zeros(()))
+    with _inference(core):
+        if mask is None:
+            denoised = core(images + sigma * noise, sigma)
+        else:
+            fallback = torch.Generator(device=gen_device).manual_seed(0) if generator is None else generator
+            x, cond = ambient_image_input(images + sigma * noise, further_corrupt(observed, delta, generator=fallback))
+            denoised = core(x, sigma, cond=cond)
+    squared = torch.where(observed, denoised.float() - images, images.new_zeros(())).square().sum(dim=(1, 2, 3))
+    counts = observed.sum(dim=(1, 2, 3)).clamp_min(1) * images.shape[1]
+    return float((squared / counts).mean())

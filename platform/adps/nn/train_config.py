@@ -14,9 +14,18 @@ from dataclasses import dataclass
 from adps.config import ConfigFile, parse_overrides
 from adps.data.preprocess import SPLITS, mask_key
 
-from .train_step import METHODS, PAPER_PRESETS
+from .image_diffusion import DEFAULT_DELTA, IMAGE_PRESETS, PAPER_ERASURE_P
+from .train_step import IMAGE_METHODS, METHODS, PAPER_PRESETS
 
-__all__ = ["DEFAULT_EPOCHS", "PAPER_ACCELERATIONS", "PAPER_GRID", "TrainConfig", "parse_overrides"]
+__all__ = [
+    "DEFAULT_EPOCHS",
+    "IMAGE_GRID",
+    "PAPER_ACCELERATIONS",
+    "PAPER_GRID",
+    "TrainConfig",
+    "image_run_name",
+    "parse_overrides",
+]
 
 # The paper grid's accelerations for the methods that train on undersampled data.
 PAPER_ACCELERATIONS = (2, 4, 6, 8)
@@ -31,8 +40,13 @@ PAPER_GRID: dict[str, tuple[float, ...]] = {
 }
 # Methods trained on fully sampled data (R = 1 only).
 FULLY_SAMPLED = ("edm", "ncsnv2")
+# The paper's natural-image models (section 3.1): method "image" at these erasure probabilities.
+IMAGE_GRID: tuple[float, ...] = PAPER_ERASURE_P
+# The keys that only the natural-image method reads, with their defaults (MRI runs must leave them).
+_IMAGE_KEYS = {"erasure_p": 0.0, "delta": DEFAULT_DELTA, "resolution": 64}
 # METHOD.md "Optimisation": 250 epochs (paper appendix E); MoDL and SSDU: 10 epochs each.
-DEFAULT_EPOCHS = {"ambient": 250, "edm": 250, "edm_l1": 250, "ncsnv2": 250, "modl": 10, "ssdu": 10}
+# The image models: the same 250 (a placeholder at the paper's scale, see TrainConfig.epochs).
+DEFAULT_EPOCHS = {"ambient": 250, "edm": 250, "edm_l1": 250, "ncsnv2": 250, "modl": 10, "ssdu": 10, "image": 250}
 
 
 @dataclass
@@ -43,13 +57,31 @@ class TrainConfig(ConfigFile):
     """One of :data:`adps.nn.train_step.METHODS`."""
     acceleration: float = 4
     """Training acceleration R: 1 for ``edm`` / ``ncsnv2``; > 1 (paper: 2, 4, 6, 8) otherwise,
-    and one the prepared dataset stores masks for."""
+    and one the prepared dataset stores masks for. Does not apply to ``image`` (not checked,
+    not used: its corruption is ``erasure_p``)."""
     preset: str = ""
-    """Network preset: the method's paper preset (empty = that) or ``tiny`` (tests, demo)."""
+    """Network preset: the method's paper preset (empty = that; ``image`` for the image method,
+    EDM's 64 x 64 DDPM++) or ``tiny`` (tests, demo)."""
     dataset: str = ""
-    """Root (folder or ``s3://`` prefix) of a prepared dataset (holding ``manifest.json``)."""
+    """Root (folder or ``s3://`` prefix) of a prepared dataset (holding ``manifest.json``); for
+    ``image``: a folder, ``.zip`` or ``s3://`` prefix of image files
+    (:class:`adps.images.ImageDataset`; no manifest), holding at least ``batch_size x
+    num_workers`` images."""
     split: str = "train"
-    """Split trained on."""
+    """Split trained on (MRI; an image dataset has no splits: all of it is trained on)."""
+    erasure_p: float = 0.0
+    """``image`` only: probability in [0, 1) that a training pixel is erased, one fixed mask per
+    image drawn from ``(seed, index)`` (:func:`adps.images.fixed_erasure_mask`); the model then
+    learns from the erased images only, with Ambient Diffusion's loss, and is an ambient model
+    (a mask input channel). 0 = plain EDM on the clean images (paper grid: 0, 0.2, 0.4, 0.6,
+    0.8, 0.9)."""
+    delta: float = DEFAULT_DELTA
+    """``image`` with ``erasure_p > 0``: probability in (0, 1) of erasing each kept pixel once
+    more for the model's input (the further corruption ``A~`` of Ambient Diffusion, drawn
+    afresh every step; the paper's 0.1). Unused at ``erasure_p = 0``."""
+    resolution: int = 64
+    """``image`` only: side in pixels of the square training images (images are centre-cropped
+    and resized to it); a multiple of 8 (the U-Net halves it three times). The paper: 64."""
     batch_size: int = 8
     """Slices per worker per step (METHOD.md: 8 per GPU); the global batch is this x workers."""
     lr: float = 2e-4
@@ -69,7 +101,8 @@ class TrainConfig(ConfigFile):
     EDM's reference training loop uses a 10 M image warm-up (``lr_rampup_kimg = 10000``), kept
     here so that the ambient/EDM runs match the reference; 0 turns it off (MoDL/SSDU configs)."""
     epochs: int = 0
-    """Passes over the split; 0 = the method's default (250; MoDL and SSDU 10)."""
+    """Passes over the split; 0 = the method's default (250; MoDL and SSDU 10; ``image`` 250,
+    far below Ambient Diffusion's 200 M images, so set it for a paper-scale image run)."""
     max_steps: int = 0
     """Stop after this many optimiser steps in all (0 = no cap; tests and the demo)."""
     amp: str = ""
@@ -93,7 +126,7 @@ class TrainConfig(ConfigFile):
     """Folder or ``s3://`` URI for Ray Train's run folders (empty = ``~/ray_results``)."""
     run_name: str = ""
     """Run folder name under ``storage_path``; re-running with the same name resumes. Empty =
-    ``<method>_r<R>``."""
+    ``<method>_r<R>`` (``image_p<erasure_p>`` for ``image``)."""
     log_every_steps: int = 10
     """Metrics are reported to Ray and MLflow every this many steps (checkpoints always carry
     metrics)."""
@@ -104,10 +137,14 @@ class TrainConfig(ConfigFile):
     The environment variable, where set, wins."""
     validate_every_steps: int = 1000
     """Validation metric (A-OS NRMSE for ambient models, the unrolled network's NRMSE for MoDL /
-    SSDU, one-pass denoising NRMSE for the priors; :func:`adps.nn.reconstruct.validation_nrmse`)
-    of the EMA model every this many steps and at the end (0 = only at the end)."""
+    SSDU, one-pass denoising NRMSE for the priors; :func:`adps.nn.reconstruct.validation_nrmse`;
+    for ``image`` the denoising MSE ``val_mse`` on the observed pixels,
+    :func:`adps.orchestration.train.image_validation_mse`) of the EMA model every this many
+    steps and at the end (0 = only at the end)."""
     validation_slices: int = 4
-    """Slices of the ``val`` split the validation metric averages over (0 = no validation)."""
+    """Slices of the ``val`` split the validation metric averages over (0 = no validation); for
+    ``image``: the first this many training images, as the model sees them (an image dataset
+    has no validation split, and an ambient model has no clean images to be scored on)."""
     tracking: bool = True
     """Log the run to MLflow (params, metrics, validation) and register the final EMA model."""
     tracking_uri: str = ""
@@ -119,7 +156,8 @@ class TrainConfig(ConfigFile):
     """At the end of training, how long rank 0 waits for metrics still queued for an
     unreachable MLflow server (they are retried with backoff throughout the run)."""
     register: bool = True
-    """At the end, register the EMA model as ``adps-<method>-r<R>`` (a new version, which ``models:/<name>@latest`` resolves to)."""
+    """At the end, register the EMA model as ``adps-<method>-r<R>`` (``adps-image-p<erasure_p>``
+    for ``image``; a new version, which ``models:/<name>@latest`` resolves to)."""
     max_skipped_in_a_row: int = 50
     """A step whose loss is NaN / Inf is skipped (nothing of it lands) and counted
     (``skipped_steps``); this many skipped *in a row* means the model diverged: the run stops
@@ -142,8 +180,15 @@ class TrainConfig(ConfigFile):
 
     @property
     def resolved_run_name(self) -> str:
-        """``run_name``, or ``<method>_r<R>``."""
-        return self.run_name or f"{self.method}_r{self.acceleration:g}"
+        """``run_name``, or ``<method>_r<R>`` (``image_p<erasure_p>`` for the image method)."""
+        if self.run_name:
+            return self.run_name
+        return image_run_name(self.erasure_p) if self.is_image else f"{self.method}_r{self.acceleration:g}"
+
+    @property
+    def is_image(self) -> bool:
+        """Whether this run trains a natural-image model (method ``image``)."""
+        return self.method in IMAGE_METHODS
 
     # Checking ------------------------------------------------------------------------------
     def validate(self, *, check_dataset: bool = True) -> None:
@@ -159,7 +204,12 @@ class TrainConfig(ConfigFile):
             raise ValueError(
                 f"config key 'preset': {self.method} takes {PAPER_PRESETS[self.method]!r} or 'tiny', got {self.preset!r}"
             )
-        if self.method in FULLY_SAMPLED:
+        if self.is_image:
+            self._check_image_keys()
+        elif changed := [key for key, default in _IMAGE_KEYS.items() if getattr(self, key) != default]:
+            raise ValueError(f"config key {changed[0]!r} applies to method 'image' only (natural images), "
+                             f"not to {self.method}")
+        elif self.method in FULLY_SAMPLED:
             if self.acceleration != 1:
                 raise ValueError(
                     f"config key 'acceleration': {self.method} trains on fully sampled data (R = 1), "
@@ -193,9 +243,45 @@ class TrainConfig(ConfigFile):
         if self.tracking and not self.experiment:
             raise ValueError("config key 'experiment' must name an MLflow experiment (tracking is on)")
         if not self.dataset:
+            if self.is_image:
+                raise ValueError("config key 'dataset' is required: a folder, .zip or s3:// prefix of images")
             raise ValueError("config key 'dataset' is required: the root of a prepared dataset (adps prepare)")
         if check_dataset:
-            self._check_dataset()
+            if self.is_image:
+                self._check_image_dataset()
+            else:
+                self._check_dataset()
+
+    def _check_image_keys(self) -> None:
+        """``erasure_p``, ``delta`` and ``resolution`` of an image run."""
+        if not 0 <= self.erasure_p < 1:
+            raise ValueError(f"config key 'erasure_p' must be in [0, 1), got {self.erasure_p}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"config key 'delta' must be in (0, 1) (Ambient Diffusion needs a further "
+                             f"corruption; the paper's 0.1), got {self.delta}")
+        levels = len(IMAGE_PRESETS[self.resolved_preset]["channel_mult"])
+        multiple = 2 ** (levels - 1)
+        if self.resolution < multiple or self.resolution % multiple:
+            raise ValueError(f"config key 'resolution' must be a multiple of {multiple} (the {self.resolved_preset} "
+                             f"U-Net halves it {levels - 1} times), got {self.resolution}")
+
+    def _check_image_dataset(self) -> None:
+        from adps.images import ImageDataset
+
+        try:
+            dataset = ImageDataset(self.dataset, self.resolution)
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(f"config key 'dataset': not an image folder, zip or s3:// prefix: {err}") from None
+        try:
+            n_images = len(dataset)
+        finally:
+            dataset.close()
+        needed = self.batch_size * self.num_workers
+        if n_images < needed:
+            raise ValueError(
+                f"config key 'dataset': {self.dataset!r} holds {n_images} image(s), fewer than one step needs "
+                f"(batch_size {self.batch_size} x num_workers {self.num_workers} = {needed})"
+            )
 
     def _check_dataset(self) -> None:
         from adps.data.shards import read_manifest
@@ -220,3 +306,8 @@ class TrainConfig(ConfigFile):
             )
         if not manifest["splits"][self.split]["shards"]:
             raise ValueError(f"config key 'split': the dataset {self.dataset!r} has no {self.split!r} slices")
+
+
+def image_run_name(erasure_p: float) -> str:
+    """The run name of the image model trained at ``erasure_p``: ``image_p<p>`` (``image_p0.6``)."""
+    return f"image_p{erasure_p:g}"

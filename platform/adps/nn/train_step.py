@@ -17,6 +17,11 @@ key                shape / dtype       meaning
 ``slice_id``       (N,) int64          optional
 =================  ==================  ===============================================
 
+The natural-image method ``image`` (paper section 3.1) reads an
+:class:`adps.images.ImageDataset` batch instead: ``image`` real ``(N, 3, H, W)`` in
+``[-1, 1]`` (erased pixels already 0 when corrupted) and, for a corrupted training set
+(``erasure_p > 0``), ``mask`` bool ``(N, 1, H, W)``, True where a pixel is kept.
+
 What each method trains on (:data:`METHODS`):
 
 * ``ambient``: ``kspace * mask`` only (the ambient loss, k-space form); never the full
@@ -29,6 +34,12 @@ What each method trains on (:data:`METHODS`):
   reference. A fresh split is drawn every step from the step's generator, so over training
   every acquired column serves as loss column (SSDU's multi-mask spirit); SSDU's original
   code draws one split per slice before training.
+* ``image``: natural images. With ``mask`` in the batch, Ambient Diffusion's inpainting loss
+  (:func:`adps.nn.image_diffusion.ambient_image_loss`: only the kept pixels ``mask * image``
+  enter, the further-corrupted mask is drawn each step from the step's generator with
+  probability ``delta``); without it, EDM's loss on the clean images
+  (:func:`~adps.nn.image_diffusion.image_edm_loss`). The model must match: an ambient image
+  model (mask channel) exactly when the batch has masks.
 
 The step: loss (optionally under autocast) -> backward -> non-finite gradient entries set
 to zero -> gradient-norm clipping -> optimizer step -> EMA update. A non-finite loss skips
@@ -52,9 +63,17 @@ from adps.data.phantom import synthetic_slices
 from adps.mri import SenseOperator, cg_sense, column_mask, further_corrupted_mask, lines_at
 
 from .ema import EMA, unwrap_model
+from .image_diffusion import (
+    DEFAULT_DELTA,
+    ambient_image_loss,
+    build_image_model,
+    image_edm_loss,
+    is_ambient_image_model,
+)
 from .modl import MoDL, build_modl
 from .ncsnv2 import NCSNv2, build_ncsnv2
 from .objectives import (
+    _randn,
     ambient_loss,
     dsm_loss,
     edm_loss,
@@ -69,7 +88,9 @@ from .unet import build_unet
 
 __all__ = [
     "BATCH_KEYS",
+    "IMAGE_METHODS",
     "METHODS",
+    "MRI_METHODS",
     "PAPER_PRESETS",
     "build_model",
     "make_synthetic_batch",
@@ -77,7 +98,12 @@ __all__ = [
     "train_step",
 ]
 
-METHODS = ("ambient", "edm", "edm_l1", "ncsnv2", "modl", "ssdu")
+MRI_METHODS = ("ambient", "edm", "edm_l1", "ncsnv2", "modl", "ssdu")
+"""The methods of the MRI study (trained on prepared k-space shards)."""
+IMAGE_METHODS = ("image",)
+"""The natural-image methods (paper section 3.1; trained on an image folder or zip)."""
+METHODS = MRI_METHODS + IMAGE_METHODS
+"""Every method :func:`train_step` trains."""
 
 # The batch keys each method reads (the step never touches the others).
 BATCH_KEYS: dict[str, tuple[str, ...]] = {
@@ -87,6 +113,7 @@ BATCH_KEYS: dict[str, tuple[str, ...]] = {
     "ncsnv2": ("reference",),
     "modl": ("kspace", "maps", "mask", "reference"),
     "ssdu": ("kspace", "maps", "mask"),
+    "image": ("image",),  # and "mask" when the training set is corrupted (optional)
 }
 
 # The paper-scale network preset of each method ("tiny" exists for all of them).
@@ -97,24 +124,37 @@ PAPER_PRESETS = {
     "ncsnv2": "ncsnv2",
     "modl": "modl",
     "ssdu": "modl",
+    "image": "image",
 }
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_model(method: str, preset: str = "tiny", *, sigma_data: float = 0.5, **overrides: Any) -> nn.Module:
+def build_model(
+    method: str, preset: str = "tiny", *, sigma_data: float = 0.5, ambient: bool | None = None, **overrides: Any
+) -> nn.Module:
     """The network a method trains, in the form :func:`train_step` expects.
 
     * ``ambient``: :class:`EDMPrecond` around a SongUNet with 4 inputs (``ambient`` / ``tiny``);
     * ``edm``, ``edm_l1``: EDMPrecond around a 2-input SongUNet (``edm`` / ``tiny``);
     * ``ncsnv2``: :class:`NCSNv2` (``ncsnv2`` / ``tiny``);
-    * ``modl``, ``ssdu``: :class:`MoDL` (``modl`` / ``tiny``).
+    * ``modl``, ``ssdu``: :class:`MoDL` (``modl`` / ``tiny``);
+    * ``image``: :func:`adps.nn.image_diffusion.build_image_model` (``image`` / ``tiny``), an
+      RGB denoiser; ``ambient`` (required for this method, refused for the others) says
+      whether it takes the mask channel (trained on erased pixels, ``erasure_p > 0``).
 
     ``overrides`` are passed to the preset builder (fields of the network's config).
     """
     _check_method(method)
     if preset not in (PAPER_PRESETS[method], "tiny"):
         raise ValueError(f"{method}: preset must be {PAPER_PRESETS[method]!r} or 'tiny', got {preset!r}")
+    if method == "image":
+        if ambient is None:
+            raise ValueError("image: build_model needs ambient=True (a model trained on erased pixels, erasure_p > 0) "
+                             "or ambient=False (plain EDM, erasure_p = 0)")
+        return build_image_model(preset, ambient=bool(ambient), sigma_data=sigma_data, **overrides)
+    if ambient is not None:
+        raise ValueError(f"{method}: 'ambient' applies to method 'image' only (the MRI ambient model is method 'ambient')")
     if method == "ambient":
         return EDMPrecond(build_unet(preset, **overrides), sigma_data=sigma_data)
     if method in ("edm", "edm_l1"):
@@ -137,6 +177,8 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _prepare_batch(method: str, batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     """The keys ``method`` needs, checked and moved to ``device``."""
+    if method == "image":
+        return _prepare_image_batch(batch, device)
     missing = [k for k in BATCH_KEYS[method] if batch.get(k) is None]
     if missing:
         raise KeyError(f"{method}: batch lacks key(s) {missing} (has {sorted(k for k, v in batch.items() if v is not None)})")
@@ -146,6 +188,19 @@ def _prepare_batch(method: str, batch: Mapping[str, Tensor], device: torch.devic
             if out[key].ndim != 2:
                 raise ValueError(f"{method}: batch[{key!r}] must be (N, W), got shape {tuple(out[key].shape)}")
             out[key] = out[key].to(torch.bool)
+    return out
+
+
+def _prepare_image_batch(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """``image`` (and ``mask`` where present) of an image batch, checked and moved to ``device``."""
+    if batch.get("image") is None:
+        raise KeyError(f"image: batch lacks key 'image' (has {sorted(k for k, v in batch.items() if v is not None)})")
+    out = {"image": batch["image"].to(device, torch.float32, non_blocking=True)}
+    if batch.get("mask") is not None:
+        mask = batch["mask"]
+        if mask.ndim != 4 or mask.shape[1] != 1:
+            raise ValueError(f"image: batch['mask'] must be (N, 1, H, W), got shape {tuple(mask.shape)}")
+        out["mask"] = mask.to(device, non_blocking=True).to(torch.bool)
     return out
 
 
@@ -159,6 +214,7 @@ def method_loss(
     p_std: float = 1.2,
     ssdu_rho: float = 0.2,
     ssdu_keep_center: int = 4,
+    delta: float = DEFAULT_DELTA,
 ) -> Tensor:
     """The scalar training loss of ``method`` on ``batch`` (no backward, no step).
 
@@ -166,16 +222,22 @@ def method_loss(
         method: one of :data:`METHODS`.
         model: the network from :func:`build_model` (DDP / compile wrappers are fine).
         batch: the dataset's dict (see the module docstring); moved to the model's device.
-        generator: source of every random draw (sigma, noise, SSDU split, NCSN levels); on the
-            model's device for speed (a CPU generator works anywhere).
+        generator: source of every random draw (sigma, noise, SSDU split, NCSN levels, the image
+            method's further-corrupted mask); on the model's device for speed (a CPU generator
+            works anywhere).
         p_mean, p_std: EDM's log-normal sigma distribution (METHOD.md: -1.2, 1.2).
         ssdu_rho: SSDU's ``|Lambda| / |Omega|`` (0.2).
         ssdu_keep_center: central columns SSDU never puts in Lambda (see :func:`ssdu_split`).
+        delta: ``image`` with masks: probability of erasing each kept pixel for the
+            further-corrupted mask (Ambient Diffusion; the paper's 0.1).
     """
     _check_method(method)
     device = _model_device(model)
     data = _prepare_batch(method, batch, device)
     core = unwrap_model(model)
+
+    if method == "image":
+        return _image_loss(model, data, generator, p_mean=p_mean, p_std=p_std, delta=delta)
 
     if method in ("ambient", "edm", "edm_l1"):
         sigma_data = getattr(core, "sigma_data", 0.5)
@@ -204,6 +266,31 @@ def method_loss(
     theta, lam = ssdu_split(mask, rho=ssdu_rho, generator=generator, keep_center=ssdu_keep_center)
     recon = model(_keep_columns(measured, theta), data["maps"], theta)
     return ssdu_loss(recon, measured, data["maps"], lam)
+
+
+def _image_loss(
+    model: nn.Module, data: Mapping[str, Tensor], generator: torch.Generator | None, *, p_mean: float, p_std: float,
+    delta: float,
+) -> Tensor:
+    """The ``image`` method's loss: ambient inpainting loss with masks, EDM's loss without."""
+    core = unwrap_model(model)
+    ambient = is_ambient_image_model(core)
+    images = data["image"]
+    has_mask = "mask" in data
+    if has_mask and not ambient:
+        raise ValueError("image: the batch has erasure masks (a corrupted training set, erasure_p > 0) but the model "
+                         "takes no mask channel; build it with ambient=True")
+    if ambient and not has_mask:
+        raise ValueError("image: the model is an ambient image model (it takes a mask channel) but the batch has no "
+                         "'mask' (a clean training set, erasure_p = 0); build it with ambient=False")
+    sigma_data = core.sigma_data
+    device = images.device
+    sigma = sample_sigma(images.shape[0], generator, p_mean=p_mean, p_std=p_std, device=device)
+    noise = _randn(tuple(images.shape), generator, device)  # real standard normal
+    if has_mask:
+        return ambient_image_loss(model, images, data["mask"], sigma, noise, delta=delta, generator=generator,
+                                  sigma_data=sigma_data)
+    return image_edm_loss(model, images, sigma, noise, sigma_data=sigma_data)
 
 
 def _keep_columns(kspace: Tensor, mask: Tensor) -> Tensor:

@@ -18,6 +18,10 @@ gathers every cell into one tidy table and logs to one MLflow run:
 The same files also go to ``<output>/report/``. A cell's key holds its model (the registry
 version it was pinned to, or its folder) and its sampler settings, so a retrained model or
 other settings get new cells rather than old results.
+
+The natural-image evaluation (:mod:`adps.orchestration.image_evaluate`) shares the cell
+machinery: :func:`run_cells` (resume + Ray fan-out), :func:`cell_path` / :func:`done_rows` and
+:func:`publish_report`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ from adps.data import storage
 __all__ = [
     "Cell", "EvaluateConfig", "evaluate", "evaluate_cell", "format_crossover", "format_results", "plan_cells",
     "model_version_of", "reconstruct_batch", "stack_batch", "tuned_settings", "TUNED_TAG",
+    "cell_path", "done_rows", "publish_report", "run_cells",
 ]
 
 METRICS = ("nrmse", "psnr", "ssim", "lpips")
@@ -251,8 +256,19 @@ def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any
     return cells
 
 
+def cell_path(output: str, key: str, suffix: str) -> str:
+    """Where a cell's file lives: ``<output>/cells/<key><suffix>`` (folder or ``s3://``)."""
+    return storage.join(output, "cells", key + suffix)
+
+
+def done_rows(output: str, key: str) -> list[dict[str, Any]] | None:
+    """The rows of a finished cell (its ``<key>.json``), or None when it has not finished."""
+    path = cell_path(output, key, ".json")
+    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
+
+
 def _cell_path(config: EvaluateConfig, cell: Cell, suffix: str) -> str:
-    return storage.join(config.resolved_output, "cells", cell.key + suffix)
+    return cell_path(config.resolved_output, cell.key, suffix)
 
 
 def stack_batch(items: Sequence[dict[str, Any]], device: str | torch.device) -> dict[str, Any]:
@@ -329,11 +345,6 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
     return rows
 
 
-def _done_rows(config: EvaluateConfig, cell: Cell) -> list[dict[str, Any]] | None:
-    path = _cell_path(config, cell, ".json")
-    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
-
-
 # The whole evaluation ------------------------------------------------------------------------
 def _resolve(config: EvaluateConfig) -> list[tuple[str, dict[str, Any]]]:
     """Every model's URI and config, loaded once on the driver (fails before any task starts)."""
@@ -351,8 +362,6 @@ def _resolve(config: EvaluateConfig) -> list[tuple[str, dict[str, Any]]]:
 
 def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the evaluation; returns ``{"rows", "crossover", "run_id", "output"}``."""
-    import ray
-
     from adps.crossover import crossover_table
     from adps.data.dataset import PreparedSliceDataset
     from adps.data.shards import read_manifest
@@ -395,32 +404,9 @@ def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress
             steps = f"steps {config.steps} (config)" if config.steps else "the sampler's default steps"
             guidance = f"guidance {config.guidance:g} (config)" if config.guidance else "guidance 1 (default)"
             print(f"adps evaluate: {plain} other model x R_inf pair(s): {steps}, {guidance}", flush=True)
-    rows: list[dict[str, Any]] = []
-    todo = []
-    for cell in cells:
-        done = _done_rows(config, cell)
-        if done is None:
-            todo.append(cell)
-        else:
-            rows.extend(done)
-    if progress:
-        print(f"adps evaluate: {len(cells)} cells ({len(cells) - len(todo)} done before, {len(todo)} to run) "
-              f"-> {config.resolved_output}", flush=True)
-    if todo:
-        if not ray.is_initialized():
-            ray.init(address=ray_address)
-        resources = {"num_gpus": 1, "num_cpus": 1} if config.use_gpu else {"num_cpus": 1}
-        task = ray.remote(**resources)(_cell_task)
-        from tqdm.auto import tqdm
-
-        pending = {task.remote(config.to_dict(), dataclasses.asdict(cell)): cell for cell in todo}
-        with tqdm(total=len(todo), desc="adps evaluate", unit="cell", disable=not progress) as bar:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                cell = pending.pop(ready[0])
-                rows.extend(ray.get(ready[0]))  # a failed cell raises here, naming its task
-                bar.set_postfix_str(f"{cell.label} {cell.sampler} R_inf {cell.r_inf:g}")
-                bar.update(1)
+    rows = run_cells(_cell_task, config.to_dict(), cells, output=config.resolved_output, use_gpu=config.use_gpu,
+                     ray_address=ray_address, progress=progress,
+                     describe=lambda cell: f"{cell.label} {cell.sampler} R_inf {cell.r_inf:g}")
     rows.sort(key=lambda r: (r["model"], r["sampler"], r["r_inf"], r["slice"]))
     ambient = sorted({r["model"] for r in rows if r["method"] == "ambient"})
     compared = [r for r in rows if r["sampler"] in ("a_dps", "dps", "ald", "l1_wavelet", "unrolled")]
@@ -430,6 +416,59 @@ def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress
     return {"rows": rows, "crossover": crossovers, "run_id": run_id, "output": config.resolved_output}
 
 
+def run_cells(
+    task: Callable[[dict[str, Any], dict[str, Any]], list[dict[str, Any]]],
+    config: dict[str, Any],
+    cells: Sequence[Any],
+    *,
+    output: str,
+    use_gpu: bool,
+    ray_address: str | None = None,
+    progress: bool = True,
+    describe: Callable[[Any], str] = str,
+    name: str = "adps evaluate",
+) -> list[dict[str, Any]]:
+    """The rows of every cell: those already done read back from ``<output>/cells/`` (resume),
+    the others computed as Ray tasks ``task(config, dataclasses.asdict(cell))`` (one CPU each,
+    or one GPU with ``use_gpu``), gathered as they finish.
+
+    ``cells`` are dataclasses with a ``key`` (their file name); ``task`` must write
+    ``<key>.json`` last (:func:`done_rows`). A failed task raises here, naming it. Prints one
+    line of counts and a progress bar (``describe(cell)`` names the last finished cell) unless
+    ``progress`` is False.
+    """
+    import ray
+
+    rows: list[dict[str, Any]] = []
+    todo = []
+    for cell in cells:
+        done = done_rows(output, cell.key)
+        if done is None:
+            todo.append(cell)
+        else:
+            rows.extend(done)
+    if progress:
+        print(f"{name}: {len(cells)} cells ({len(cells) - len(todo)} done before, {len(todo)} to run) "
+              f"-> {output}", flush=True)
+    if not todo:
+        return rows
+    if not ray.is_initialized():
+        ray.init(address=ray_address)
+    resources = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 1}
+    remote = ray.remote(**resources)(task)
+    from tqdm.auto import tqdm
+
+    pending = {remote.remote(config, dataclasses.asdict(cell)): cell for cell in todo}
+    with tqdm(total=len(todo), desc=name, unit="cell", disable=not progress) as bar:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            cell = pending.pop(ready[0])
+            rows.extend(ray.get(ready[0]))  # a failed cell raises here, naming its task
+            bar.set_postfix_str(describe(cell))
+            bar.update(1)
+    return rows
+
+
 def _cell_task(config: dict[str, Any], cell: dict[str, Any]) -> list[dict[str, Any]]:
     config_obj = EvaluateConfig.from_dict(config)
     cell_obj = Cell(**{**cell, "indices": tuple(cell["indices"]),
@@ -437,6 +476,15 @@ def _cell_task(config: dict[str, Any], cell: dict[str, Any]) -> list[dict[str, A
     torch.set_num_threads(1)
     device = "cuda" if config_obj.use_gpu and torch.cuda.is_available() else "cpu"
     return evaluate_cell(config_obj, cell_obj, device=device)
+
+
+def publish_report(log: Any, folder: Path, output: str) -> None:
+    """Every file of ``folder`` as an artifact of ``log``'s MLflow run (a
+    :class:`~adps.orchestration.tracking.RunLogger`) and, for a reader without MLflow at hand,
+    under ``<output>/report/`` (each written atomically)."""
+    for path in sorted(folder.iterdir()):
+        log.client.log_artifact(log.run_id, str(path))
+        storage.upload_file_atomic(path, storage.join(output, "report", path.name))
 
 
 def _log_to_mlflow(config: EvaluateConfig, rows: list[dict[str, Any]], crossovers: list, cells: list[Cell]) -> str:
@@ -466,10 +514,7 @@ def _log_to_mlflow(config: EvaluateConfig, rows: list[dict[str, Any]], crossover
                     images[(f"{cell.label} {cell.sampler}", cell.r_inf)] = (data["image"], data["reference"])
         if images:
             reconstruction_grid(images).savefig(folder / "reconstructions.png", dpi=120, bbox_inches="tight")
-        for path in sorted(folder.iterdir()):
-            log.client.log_artifact(run_id, str(path))
-            # Also beside the cells, for a reader without MLflow at hand.
-            storage.upload_file_atomic(path, storage.join(config.resolved_output, "report", path.name))
+        publish_report(log, folder, config.resolved_output)
     metrics = {}
     for c in crossovers:
         key = f"{c.model}.{c.metric}"

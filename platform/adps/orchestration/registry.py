@@ -9,6 +9,9 @@ anything, and its ``predict`` reconstructs slices:
 * ``modl`` / ``ssdu``: the unrolled network;
 * ``edm`` / ``edm_l1`` / ``ncsnv2`` are priors: they reconstruct only through posterior
   sampling, which ``predict`` refuses with a clear message until the samplers land.
+* ``image`` (natural-image models, registered as ``adps-image-p<erasure_p>``) are priors of
+  RGB images, not MRI reconstructors: they are registered without the MRI signature, and
+  ``predict`` refuses them, pointing to ``adps evaluate`` and the samplers.
 
 ``predict`` takes a dict of arrays (what ``mlflow models serve`` parses from
 ``{"inputs": {...}}``): ``kspace`` ``(N, C, H, W, 2)`` and ``maps`` ``(N, C, H, W, 2)`` float32
@@ -40,11 +43,13 @@ __all__ = [
     "PYFUNC_FILE",
     "WEIGHTS_ARTIFACT",
     "image_from_output",
+    "image_model_name",
     "load_model",
     "model_name",
     "pip_requirements",
     "predict_arrays",
     "register_model",
+    "registered_name",
     "to_model_input",
 ]
 
@@ -61,8 +66,22 @@ A_OS_SIGMA = 0.003
 
 
 def model_name(method: str, acceleration: float) -> str:
-    """The registry name of a training run's model: ``adps-<method>-r<R>``."""
+    """The registry name of an MRI training run's model: ``adps-<method>-r<R>``."""
     return f"adps-{method}-r{acceleration:g}"
+
+
+def image_model_name(erasure_p: float) -> str:
+    """The registry name of the natural-image model trained at ``erasure_p``: ``adps-image-p<p>``
+    (``adps-image-p0.6``; ``adps-image-p0`` for the model trained on clean images)."""
+    return f"adps-image-p{erasure_p:g}"
+
+
+def registered_name(config: Any) -> str:
+    """The registry name of the model a training run (a :class:`~adps.nn.train_config.TrainConfig`)
+    registers: :func:`image_model_name` for method ``image``, else :func:`model_name`."""
+    if config.method == "image":
+        return image_model_name(config.erasure_p)
+    return model_name(config.method, config.acceleration)
 
 
 def pip_requirements() -> list[str]:
@@ -118,8 +137,19 @@ def predict_arrays(method: str, model: nn.Module, inputs: Mapping[str, Any], *, 
     """Reconstruct the slices of ``inputs`` (see the module docstring) with ``model``.
 
     Returns the image ``(N, H, W, 2)`` float32 ``[real, imag]``.
+
+    Raises:
+        ValueError: for a natural-image model (method ``image``), which reconstructs nothing
+            in one pass and takes no k-space; and for inputs of the wrong shape or type.
     """
     from adps.nn.reconstruct import a_os, reconstruct
+
+    if method == "image":
+        raise ValueError(
+            "predict: 'image' models are priors of natural images (a denoiser D(x, sigma[, mask])), not MRI "
+            "reconstructors: they reconstruct through posterior sampling, with `adps evaluate` or the samplers of "
+            "adps.nn (load the network with adps.load_model)"
+        )
 
     kspace = _complex_input(inputs, "kspace", 4)
     maps = _complex_input(inputs, "maps", 4)
@@ -174,7 +204,9 @@ def register_model(
     ``latest``) at it; returns the :class:`mlflow.entities.model_registry.ModelVersion`.
 
     The adps package travels with the model (``code_paths``), so a serving machine needs only
-    the pinned :func:`pip_requirements`.
+    the pinned :func:`pip_requirements`. A natural-image model (``"method": "image"`` in the
+    folder's config.json) is logged without the MRI tensor signature (its ``predict`` refuses
+    every input, see :func:`predict_arrays`).
     """
     import mlflow
     from mlflow import MlflowClient
@@ -182,6 +214,7 @@ def register_model(
     from adps.orchestration.tracking import process_tracking_uri
 
     client = MlflowClient(tracking_uri)
+    signature = None if _is_image_model(weights_dir) else _signature()
     with tempfile.TemporaryDirectory(prefix="adps-register-") as tmp, process_tracking_uri(tracking_uri):
         # Only the package's sources travel (no caches or editable-install leftovers).
         code = Path(tmp) / "adps"
@@ -193,14 +226,15 @@ def register_model(
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
             # MLflow suggests type hints and an input example; the explicit tensor signature
             # below replaces both (an example would be run through predict, which the priors refuse).
-            warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
+            # Image models have no signature (their predict refuses every input): no warning either.
+            warnings.filterwarnings("ignore", message=".*(type hints|input example|signature).*", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(PYFUNC_FILE),
                 artifacts={WEIGHTS_ARTIFACT: str(weights)},
                 code_paths=[str(code)],
                 pip_requirements=pip_requirements(),
-                signature=_signature(),
+                signature=signature,
                 registered_model_name=name,
                 await_registration_for=60,
             )
@@ -210,6 +244,21 @@ def register_model(
     for key, value in (tags or {}).items():
         client.set_model_version_tag(name, version, key, value)
     return client.get_model_version(name, version)
+
+
+def _is_image_model(weights_dir: str | Path) -> bool:
+    """Whether the save_model folder ``weights_dir`` holds a natural-image model (its config's
+    ``method`` is ``image``)."""
+    import json
+
+    from adps.nn.checkpoint import CONFIG_FILE
+
+    path = Path(weights_dir) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read the model's config: {err}") from err
+    return isinstance(config, dict) and config.get("method") == "image"
 
 
 # Loading -------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The paper's whole training grid as concurrent Ray Train runs (``adps sweep``).
 
 One config file per run (``configs/<method>_r<R>.yaml``, the grid of
-:data:`adps.nn.train_config.PAPER_GRID`), the same ``--set`` overrides applied to each. Every
+:data:`adps.nn.train_config.PAPER_GRID`; ``configs/images/image_p<p>.yaml``, the natural-image
+models of :data:`~adps.nn.train_config.IMAGE_GRID`), the same ``--set`` overrides applied to each. Every
 run is one :func:`adps.orchestration.train.train` call inside a Ray task (a zero-CPU driver:
 its workers hold the resources), at most ``max_concurrent`` at a time: by default as many as
 the cluster's GPUs (or CPUs, for CPU runs) hold runs of ``num_workers`` workers.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adps.nn.train_config import PAPER_GRID, TrainConfig
+from adps.nn.train_config import IMAGE_GRID, PAPER_GRID, TrainConfig, image_run_name
 
 __all__ = ["SweepRun", "format_summary", "grid_gaps", "load_sweep_configs", "run_sweep", "runs_at_once"]
 
@@ -40,6 +41,8 @@ class SweepRun:
     """The registered ``name/version``."""
     seconds: float = 0.0
     error: str = ""
+    val_mse: float | None = None
+    """Image runs' validation metric (their ``val_nrmse`` stays None)."""
 
 
 def load_sweep_configs(
@@ -69,9 +72,19 @@ def load_sweep_configs(
 
 
 def grid_gaps(configs: Sequence[TrainConfig]) -> list[str]:
-    """Runs of the paper grid that ``configs`` do not cover (``<method>_r<R>``)."""
-    present = {(config.method, float(config.acceleration)) for config in configs}
-    return [f"{m}_r{r:g}" for m, rs in PAPER_GRID.items() for r in rs if (m, float(r)) not in present]
+    """Runs of the paper grid that ``configs`` do not cover: ``<method>_r<R>`` of the MRI grid
+    (:data:`~adps.nn.train_config.PAPER_GRID`) if any config is an MRI run, ``image_p<p>`` of
+    the image grid (:data:`~adps.nn.train_config.IMAGE_GRID`) if any is an image run."""
+    mri = [config for config in configs if not config.is_image]
+    images = [config for config in configs if config.is_image]
+    gaps = []
+    if mri or not images:
+        present = {(config.method, float(config.acceleration)) for config in mri}
+        gaps += [f"{m}_r{r:g}" for m, rs in PAPER_GRID.items() for r in rs if (m, float(r)) not in present]
+    if images:
+        erased = {float(config.erasure_p) for config in images}
+        gaps += [image_run_name(p) for p in IMAGE_GRID if float(p) not in erased]
+    return gaps
 
 
 def runs_at_once(configs: Sequence[TrainConfig], resources: Mapping[str, float]) -> int:
@@ -107,6 +120,7 @@ def _train_remote(config_dict: dict[str, Any]) -> dict[str, Any]:
         "step": metrics.get("step"),
         "loss": metrics.get("loss"),
         "val_nrmse": metrics.get("val_nrmse"),
+        "val_mse": metrics.get("val_mse"),
         "model": f"{run.model_name}/{run.model_version}" if run.model_version else "",
         "seconds": time.perf_counter() - started,
     }
@@ -169,14 +183,19 @@ def run_sweep(
 
 
 def format_summary(rows: Sequence[SweepRun]) -> str:
-    """The sweep's table: run, status, steps, last loss, validation NRMSE, registered model."""
+    """The sweep's table: run, status, steps, last loss, validation NRMSE (MRI runs) and / or
+    validation MSE (image runs: the column appears when the sweep has one), registered model."""
 
     def number(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    header = ("run", "status", "step", "loss", "val_nrmse", "model", "minutes")
+    with_images = any(r.method == "image" for r in rows)
+    with_mri = any(r.method != "image" for r in rows) or not with_images
+    header = ("run", "status", "step", "loss", *(("val_nrmse",) if with_mri else ()),
+              *(("val_mse",) if with_images else ()), "model", "minutes")
     lines = [
-        (r.run_name, r.status, number(r.step, "d"), number(r.loss, ".4g"), number(r.val_nrmse, ".4f"),
+        (r.run_name, r.status, number(r.step, "d"), number(r.loss, ".4g"),
+         *((number(r.val_nrmse, ".4f"),) if with_mri else ()), *((number(r.val_mse, ".4g"),) if with_images else ()),
          r.model or "-", number(r.seconds / 60 if r.seconds else None, ".1f"))
         for r in rows
     ]

@@ -35,6 +35,7 @@ __all__ = [
     "find_run",
     "flat_params",
     "git_commit",
+    "image_listing_checksum",
     "manifest_checksum",
     "open_run",
     "process_tracking_uri",
@@ -144,6 +145,23 @@ def manifest_checksum(dataset: str) -> str:
     return hashlib.sha256(storage.read_bytes(storage.join(dataset, "manifest.json"))).hexdigest()
 
 
+def image_listing_checksum(dataset: str) -> str:
+    """sha256 of an image dataset's sorted listing (:class:`adps.images.ImageDataset`): the
+    image names relative to the folder, prefix or zip, one per line.
+
+    An image folder has no manifest, and hashing every image would read the whole dataset on
+    the driver before training starts; the listing identifies the set of images, and the
+    per-image erasure masks are keyed on its order (:func:`adps.images.fixed_erasure_mask`).
+    It does not see an image whose content changed under the same name.
+    """
+    from adps.data import storage
+    from adps.images import ImageDataset
+
+    with ImageDataset(dataset, 1) as images:
+        names = images.files if images.is_zip else [storage.basename(path) for path in images.files]
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
 def _client(tracking_uri: str):
     from mlflow import MlflowClient
 
@@ -198,10 +216,7 @@ def open_run(
         return run.info.run_id, True
     from mlflow.entities import Param, RunTag
 
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found is not None else client.create_experiment(
-        experiment, artifact_location=_experiment_artifacts(tracking_uri, experiment)
-    )
+    experiment_id = _experiment_id(client, tracking_uri, experiment)
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **(tags or {})})
     items = [Param(key, value) for key, value in flat.items()]
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
@@ -209,6 +224,27 @@ def open_run(
     client.set_tag(run.info.run_id, "mlflow.runName", run_name)
     client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in (tags or {}).items()])
     return run.info.run_id, False
+
+
+def _experiment_id(client: Any, tracking_uri: str, experiment: str) -> str:
+    """The id of ``experiment``, created (with its own artifact location) if it does not exist.
+
+    Runs of a sweep start concurrently: two may both find the experiment missing and both
+    create it; the loser's creation fails on the store's unique name, and it takes the
+    winner's experiment.
+    """
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(experiment, artifact_location=_experiment_artifacts(tracking_uri, experiment))
+    except MlflowException:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -19,6 +19,12 @@
 Re-running with the same ``run_name`` and ``storage_path`` resumes the run (Ray Train V2 has
 no ``Trainer.restore``).
 
+Natural images (method ``image``, paper section 3.1) take the same path: the workers read an
+:class:`adps.images.ImageDataset` (a folder, zip or ``s3://`` prefix; corrupted with the
+run's ``erasure_p``) and deal its images out with :func:`worker_share` like slices; the
+validation metric is :func:`adps.nn.reconstruct.image_validation_mse` (``val_mse``) on the
+first training images, and the model is registered as ``adps-image-p<erasure_p>``.
+
 MLflow (``tracking: true``): the driver opens the run's MLflow run before any worker starts
 (:func:`adps.orchestration.tracking.open_run`, found again by storage path + run name, so a
 restart or a resubmission continues it) and logs the config as params; rank 0 logs the
@@ -50,15 +56,19 @@ from torch import nn
 
 from adps.nn.checkpoint import load_model, save_model
 from adps.nn.ema import EMA, unwrap_model
-from adps.nn.reconstruct import validation_nrmse
+from adps.nn.reconstruct import image_validation_mse, validation_nrmse
 from adps.nn.train_config import TrainConfig
 from adps.nn.train_step import build_model, train_step
 
 __all__ = [
+    "ImageTrainingSet",
     "TrainedRun",
     "Trainee",
     "build_trainee",
+    "image_training_set",
+    "image_validation_batch",
     "load_training_checkpoint",
+    "model_record",
     "save_training_checkpoint",
     "steps_per_epoch",
     "train",
@@ -124,7 +134,9 @@ def build_trainee(
     worker: DDP and the device); without it the model is moved to ``device``.
     """
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    model = build_model(config.method, config.resolved_preset)
+    # An image model takes the mask channel exactly when its training set is corrupted.
+    kind = {"ambient": config.erasure_p > 0} if config.is_image else {}
+    model = build_model(config.method, config.resolved_preset, **kind)
     model = wrap(model) if wrap is not None else model.to(device)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps)
@@ -161,6 +173,7 @@ def train_one_step(trainee: Trainee, batch: dict[str, torch.Tensor]) -> dict[str
         grad_clip=config.grad_clip or None,
         ema=trainee.ema,
         ema_batch_size=global_batch,  # the EMA half-life counts images over all workers
+        **({"delta": config.delta} if config.is_image else {}),
     )
     trainee.step += 1
     out["lr"] = trainee.optimizer.param_groups[0]["lr"]
@@ -174,7 +187,7 @@ def save_training_checkpoint(folder: str | os.PathLike[str], trainee: Trainee, s
     position, ...) as ``state.json``. Nothing is pickled, so loading cannot execute code."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"method": trainee.config.method, "R": trainee.config.acceleration, "preset": trainee.config.resolved_preset}
+    record = model_record(trainee.config)
     save_model(folder / MODEL_DIR, trainee.model, record)
     save_model(folder / EMA_DIR, trainee.ema.model, {**record, "ema_images_seen": trainee.ema.images_seen})
     opt = trainee.optimizer.state_dict()
@@ -191,6 +204,16 @@ def save_training_checkpoint(folder: str | os.PathLike[str], trainee: Trainee, s
     full_state = {**state, "step": trainee.step, "ema_images_seen": trainee.ema.images_seen}
     (folder / STATE_FILE).write_text(json.dumps(full_state, indent=2, sort_keys=True))
     return folder
+
+
+def model_record(config: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint's (and so a registered model's) ``config.json`` records of the run, on
+    top of the network: ``method``, ``preset`` and ``R``; for an image model ``erasure_p``,
+    ``delta`` and ``resolution`` instead of ``R``, so that evaluation knows how it was trained."""
+    if config.is_image:
+        return {"method": config.method, "erasure_p": config.erasure_p, "delta": config.delta,
+                "resolution": config.resolution, "preset": config.resolved_preset}
+    return {"method": config.method, "R": config.acceleration, "preset": config.resolved_preset}
 
 
 def load_training_checkpoint(folder: str | os.PathLike[str], trainee: Trainee) -> dict[str, Any]:
@@ -265,6 +288,43 @@ def validation_batch(config: TrainConfig, acceleration: float) -> dict[str, torc
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
+class ImageTrainingSet:
+    """An image dataset as the training loop reads it: each item also carries ``slice_id``
+    (its ``index``), the key the loop's metrics name the trained items by."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = self.dataset[index]
+        item["slice_id"] = item["index"]
+        return item
+
+    def close(self) -> None:
+        self.dataset.close()
+
+
+def image_training_set(config: TrainConfig) -> ImageTrainingSet:
+    """The run's training images: ``dataset`` at ``resolution``, erased with ``erasure_p``
+    (one fixed mask per image from ``(seed, index)``; clean when 0)."""
+    from adps.images import ImageDataset
+
+    return ImageTrainingSet(ImageDataset(config.dataset, config.resolution, erasure_p=config.erasure_p, seed=config.seed))
+
+
+def image_validation_batch(config: TrainConfig, dataset: ImageTrainingSet) -> dict[str, torch.Tensor] | None:
+    """The first ``validation_slices`` training images as one batch, as the model trains on them
+    (erased where the run erases: an ambient model is scored on observed pixels only); None
+    when validation is off."""
+    if config.validation_slices < 1:
+        return None
+    items = [dataset[i] for i in range(min(config.validation_slices, len(dataset)))]
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
 def _gpu_memory_gb() -> dict[str, float]:
     if not torch.cuda.is_available():
         return {}
@@ -276,15 +336,20 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
     from adps.data.dataset import PreparedSliceDataset
     from adps.data.shards import read_manifest
 
-    accelerations = read_manifest(config.dataset)["config"]["accelerations"]
-    acceleration = dataset_acceleration(config, accelerations)
-    dataset = PreparedSliceDataset(config.dataset, config.split, acceleration=acceleration, load_l1=config.method == "edm_l1")
+    if config.is_image:
+        dataset: Any = image_training_set(config)
+        acceleration = None
+    else:
+        accelerations = read_manifest(config.dataset)["config"]["accelerations"]
+        acceleration = dataset_acceleration(config, accelerations)
+        dataset = PreparedSliceDataset(config.dataset, config.split, acceleration=acceleration,
+                                       load_l1=config.method == "edm_l1")
     n = len(dataset)
     per_epoch = steps_per_epoch(n, ctx.world_size, config.batch_size)
     if per_epoch < 1:
+        what = f"{n} images of {config.dataset}" if config.is_image else f"{n} slices of split {config.split!r}"
         raise ValueError(
-            f"config key 'batch_size': {config.batch_size} per worker x {ctx.world_size} workers exceeds the "
-            f"{n} slices of split {config.split!r}"
+            f"config key 'batch_size': {config.batch_size} per worker x {ctx.world_size} workers exceeds the {what}"
         )
     total = config.resolved_epochs * per_epoch
     if config.max_steps:
@@ -298,13 +363,21 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
         resumed_from, skipped_steps = int(resumed["step"]), int(resumed.get("skipped_steps", 0))
     skipped_in_a_row = 0
     # Rank 0 validates the EMA model; the other ranks wait for it in the next all-reduce.
-    val_batch = validation_batch(config, acceleration) if ctx.rank == 0 else None
+    if ctx.rank != 0:
+        val_batch = None
+    elif config.is_image:
+        val_batch = image_validation_batch(config, dataset)
+    else:
+        val_batch = validation_batch(config, acceleration)
 
     def validate(step: int) -> dict[str, float]:
         every = config.validate_every_steps
         if val_batch is None or not (step == total or (every and step % every == 0)):
             return {}
         generator = torch.Generator().manual_seed(config.seed)  # the same noise at every validation
+        if config.is_image:
+            return {"val_mse": image_validation_mse(trainee.ema.model, val_batch, delta=config.delta,
+                                                    generator=generator)}
         return {"val_nrmse": validation_nrmse(config.method, trainee.ema.model, val_batch, generator=generator)}
 
     ctx_run_id = getattr(ctx.log, "run_id", None)
@@ -374,7 +447,7 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
                 dataset.close()
                 return metrics
             if ctx.log is not None and (trainee.step % config.log_every_steps == 0 or "val_nrmse" in metrics
-                                        or trainee.step == total):
+                                        or "val_mse" in metrics or trainee.step == total):
                 ctx.log(metrics, trainee.step)
             if trainee.step % config.checkpoint_every_steps == 0 or trainee.step == total:
                 checkpoint_and_report(metrics, epoch, position)
@@ -473,7 +546,7 @@ class TrainedRun:
     run_id: str | None = None
     """The MLflow run (None when ``tracking`` is off)."""
     model_version: str | None = None
-    """The registered version of ``adps-<method>-r<R>`` (None when not registered)."""
+    """The registered version of ``adps-<method>-r<R>`` / ``adps-image-p<p>`` (None when not registered)."""
     model_name: str | None = None
     tracking_uri: str | None = None
 
@@ -491,13 +564,23 @@ class TrainedRun:
 
     @property
     def model_uri(self) -> str | None:
-        """``models:/adps-<method>-r<R>/<version>`` of the model this run registered."""
+        """``models:/<name>/<version>`` of the model this run registered."""
         return f"models:/{self.model_name}/{self.model_version}" if self.model_version else None
 
 
 def _run_tags(config: TrainConfig) -> dict[str, str]:
-    from adps.orchestration.tracking import config_hash, git_commit, manifest_checksum
+    from adps.orchestration.tracking import config_hash, git_commit, image_listing_checksum, manifest_checksum
 
+    if config.is_image:
+        return {
+            "adps.method": config.method,
+            "adps.erasure_p": f"{config.erasure_p:g}",
+            "adps.dataset": config.dataset,
+            # No manifest: the sha256 of the image listing (tracking.image_listing_checksum).
+            "adps.dataset_sha256": image_listing_checksum(config.dataset),
+            "adps.git_commit": git_commit(),
+            "adps.config_hash": config_hash(config.to_dict()),
+        }
     return {
         "adps.method": config.method,
         "adps.acceleration": f"{config.acceleration:g}",
@@ -516,7 +599,7 @@ def checkpoint_uri(storage_path: str, path: str) -> str:
 
 def _finish_tracking(config: TrainConfig, run: TrainedRun, tags: dict[str, str]) -> None:
     """Record the final checkpoint, register the EMA model and close the MLflow run."""
-    from adps.orchestration.registry import model_name, register_model
+    from adps.orchestration.registry import register_model, registered_name
     from adps.orchestration.tracking import RunLogger, end_run
 
     logger = RunLogger(run.tracking_uri, run.run_id)
@@ -525,7 +608,7 @@ def _finish_tracking(config: TrainConfig, run: TrainedRun, tags: dict[str, str])
     if checkpoint is not None:
         logger.set_tags({"adps.checkpoint": where, "adps.final_step": run.metrics.get("step", "")})
     if config.register and checkpoint is not None:
-        name = model_name(config.method, config.acceleration)
+        name = registered_name(config)
         with checkpoint.as_directory() as folder:
             version = register_model(
                 Path(folder) / EMA_DIR, tracking_uri=run.tracking_uri, run_id=run.run_id, name=name,

@@ -24,10 +24,26 @@ figure 4) on the parent run; ``best.json`` also in the experiment folder. When t
 (:func:`adps.orchestration.evaluate.tuned_settings` reads them.) Ray Tune writes TensorBoard
 logs into each trial folder (tensorboardX is installed with Ray Tune here).
 
+Natural-image models (method ``image``, paper section 3.1) are searched the same way, with the
+keys ``task`` (``cs``: Gaussian compressed sensing with ``measurements`` = m; ``sr``:
+super-resolution by ``factor``), ``noise`` and ``resolution``; ``dataset`` is then a folder or
+``.zip`` of images (:class:`adps.images.ImageDataset`, the first ``slices`` images, clean) and
+``r_inf`` is not used. Each trial measures the images with the task's operator (the Gaussian
+matrix seeded by ``seed``, the noise seeded per image), reconstructs them with the model's
+sampler (:func:`adps.nn.image_samplers.image_sampler_for`: A-DPS for an ambient model, its
+``erasure_p`` / ``delta`` from the model's config; DPS for the ``p = 0`` model) and reports the
+running mean MSE (per image on the ``[0, 1]`` scale, estimates clipped to ``[-1, 1]``, as
+``adps evaluate --study images`` measures it) and PSNR. Its space file's ``sampler`` is
+``image_dps`` (``tune_spaces/image_dps.yaml``); objective ``mse`` (min) or ``psnr`` (max). The
+best settings become the model version's tags ``adps.tuned.<task>.<param>`` (what the image
+evaluation reads: the latest search of that task) and ``adps.tuned.<task>_<setting>.<param>``
+(the search's own setting, kept: ``adps.tuned.cs_m1000.guidance``, ``adps.tuned.sr_x4.steps``),
+each with a ``run_id``.
+
 Search-space files (``tune_spaces/*.yaml``, one per sampler family)::
 
-    sampler: adps            # adps (= a_dps), dps or ald
-    objective: {metric: nrmse, mode: min}   # metric: nrmse | psnr | ssim; mode: min | max
+    sampler: adps            # adps (= a_dps), dps, ald; image_dps for natural-image models
+    objective: {metric: nrmse, mode: min}   # metric: nrmse | psnr | ssim (image_dps: mse | psnr); mode: min | max
     params:                  # name: spec; names the sampler takes (see SAMPLER_PARAMS)
       guidance: {type: loguniform, low: 0.1, high: 10.0}   # low > 0, low < high
       steps: {type: choice, values: [50, 100, 500]}        # a non-empty list
@@ -54,6 +70,8 @@ from adps.config import ConfigFile
 from adps.data import storage
 
 __all__ = [
+    "IMAGE_OBJECTIVE_METRICS",
+    "IMAGE_TASKS",
     "OBJECTIVE_METRICS",
     "SAMPLER_FAMILIES",
     "SAMPLER_PARAMS",
@@ -64,15 +82,27 @@ __all__ = [
     "tune_search",
 ]
 
-SAMPLER_FAMILIES = {"adps": "a_dps", "a_dps": "a_dps", "dps": "dps", "ald": "ald"}
-"""A space file's ``sampler`` -> the :func:`adps.nn.samplers.run_sampler` name."""
+SAMPLER_FAMILIES = {"adps": "a_dps", "a_dps": "a_dps", "dps": "dps", "ald": "ald", "image_dps": "image"}
+"""A space file's ``sampler`` -> the :func:`adps.nn.samplers.run_sampler` name (``image``: the
+natural-image samplers, :func:`adps.nn.image_samplers.image_sampler_for` picks A-DPS or DPS
+from the model)."""
 SAMPLER_PARAMS = {
     "a_dps": ("guidance", "steps", "sigma_max", "sigma_min", "rho", "churn"),
     "dps": ("guidance", "steps", "sigma_max", "sigma_min", "rho", "churn"),
     "ald": ("steps", "step_scale", "likelihood_weight", "noise_std"),
+    "image": ("guidance", "steps", "sigma_max", "sigma_min", "rho"),
 }
 """The settings each sampler can search (``churn``: EDM's S_churn in the DPS / A-DPS loop)."""
 OBJECTIVE_METRICS = ("nrmse", "psnr", "ssim")
+"""The objectives of an MRI search (reported by every MRI trial)."""
+IMAGE_OBJECTIVE_METRICS = ("mse", "psnr")
+"""The objectives of a natural-image search (reported by every image trial): MSE per image on
+the ``[0, 1]`` scale (:func:`adps.metrics.rgb_mse`) and its PSNR ``-10 log10 mse``."""
+IMAGE_TASKS = ("cs", "sr")
+"""Natural-image tasks: Gaussian compressed sensing (``measurements``), super-resolution (``factor``)."""
+IMAGE_TUNED_TAG = "adps.tuned.{task}.{key}"
+"""Model-version tags of an image search; ``task`` is ``cs`` / ``sr`` (read by the image
+evaluation) or ``cs_m<m>`` / ``sr_x<factor>`` (the searched setting)."""
 PARAM_TYPES = {"loguniform": ("low", "high"), "uniform": ("low", "high"), "randint": ("low", "high"),
                "choice": ("values",)}
 
@@ -90,6 +120,11 @@ class SearchSpace:
     metric: str = "nrmse"
     mode: str = "min"
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Every metric a trial of this space reports (the objective is one of them)."""
+        return IMAGE_OBJECTIVE_METRICS if self.sampler == "image" else OBJECTIVE_METRICS
 
     def ray_space(self) -> dict[str, Any]:
         """The params as Ray Tune domains (OptunaSearch converts them to Optuna distributions)."""
@@ -140,10 +175,12 @@ def parse_space(values: Any, path: str = "<space>") -> SearchSpace:
     if not isinstance(objective, dict):
         raise ValueError(f"{path}: key 'objective' must be a mapping {{metric, mode}}, got {objective!r}")
     _unknown(path, "objective", objective, ("metric", "mode"))
-    metric = objective.get("metric", "nrmse")
-    if metric not in OBJECTIVE_METRICS:
-        raise ValueError(f"{path}: key 'objective.metric': {metric!r} is not one of {', '.join(OBJECTIVE_METRICS)}")
-    mode = objective.get("mode", "min" if metric == "nrmse" else "max")
+    metrics = IMAGE_OBJECTIVE_METRICS if sampler == "image" else OBJECTIVE_METRICS
+    metric = objective.get("metric", metrics[0])
+    if metric not in metrics:
+        raise ValueError(f"{path}: key 'objective.metric': {metric!r} is not one of {', '.join(metrics)} "
+                         f"(sampler {family!r})")
+    mode = objective.get("mode", "min" if metric in ("nrmse", "mse") else "max")
     if mode not in ("min", "max"):
         raise ValueError(f"{path}: key 'objective.mode': {mode!r} is not min or max")
     params = values.get("params")
@@ -199,23 +236,35 @@ def load_space(path: str | Path) -> SearchSpace:
 # The config ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SearchConfig(ConfigFile):
-    """One Ray Tune search: one model at one R_inf over one space file; unknown keys refused."""
+    """One Ray Tune search: one model at one R_inf (an MRI model) or on one task (a natural-image
+    model: ``task`` set) over one space file; unknown keys refused."""
 
     model: str = ""
     """``models:/<name>@<alias>`` / ``models:/<name>/<version>``, a registered ``adps-*`` name,
     ``runs:/...`` or a model folder."""
     r_inf: float = 0.0
-    """The acceleration searched at (prepared in the dataset)."""
+    """The acceleration searched at (prepared in the dataset); MRI only (0 for an image search)."""
     space: str = ""
-    """The space file (``tune_spaces/adps.yaml``)."""
+    """The space file (``tune_spaces/adps.yaml``; ``tune_spaces/image_dps.yaml`` for image models)."""
     dataset: str = ""
-    """Prepared dataset (folder or ``s3://``)."""
+    """Prepared dataset (folder or ``s3://``); for an image search a folder or ``.zip`` of images."""
     split: str = "val"
-    """The split reconstructed (never ``test``: that is for the evaluation)."""
+    """The split reconstructed (never ``test``: that is for the evaluation); MRI only."""
     slices: int = 8
-    """Slices each trial reconstructs (the first ones; 0 = all of the split)."""
+    """Slices (images) each trial reconstructs (the first ones; 0 = all of the split / folder)."""
     slices_per_report: int = 2
-    """Slices per batch: the trial reports its running mean after each batch."""
+    """Slices (images) per batch: the trial reports its running mean after each batch."""
+    task: str = ""
+    """Natural-image models only (method ``image``): ``cs`` (Gaussian compressed sensing with
+    ``measurements``) or ``sr`` (super-resolution by ``factor``); empty for an MRI search."""
+    measurements: int = 0
+    """``task: cs``: the number of Gaussian measurements m (the matrix is seeded by ``seed``)."""
+    factor: int = 0
+    """``task: sr``: the downscaling factor (the resolution must be a multiple of it)."""
+    noise: float = 0.0
+    """Image search: the standard deviation of Gaussian noise added to the measurements."""
+    resolution: int = 0
+    """Image search: side of the square images; 0 = the model config's ``resolution``."""
     num_samples: int = 32
     """Trials."""
     max_concurrent: int = 0
@@ -246,8 +295,16 @@ class SearchConfig(ConfigFile):
         for key in ("model", "space", "dataset"):
             if not getattr(self, key):
                 raise ValueError(f"config key {key!r} is empty")
-        if self.r_inf < 1:
-            raise ValueError(f"config key 'r_inf' must be >= 1, got {self.r_inf}")
+        if self.task:
+            self._validate_image_task()
+        elif self.r_inf < 1:
+            raise ValueError(f"config key 'r_inf' must be >= 1, got {self.r_inf} (or set 'task' for a natural-image "
+                             "model)")
+        else:
+            for key in ("measurements", "factor", "noise", "resolution"):
+                if getattr(self, key):
+                    raise ValueError(f"config key {key!r} is for a natural-image search (with 'task'); "
+                                     "an MRI search takes 'r_inf'")
         if self.split not in ("train", "val", "test"):
             raise ValueError(f"config key 'split' must be train, val or test, got {self.split!r}")
         for key in ("slices", "max_concurrent", "seed"):
@@ -263,6 +320,32 @@ class SearchConfig(ConfigFile):
                              f"{self.gpus_per_trial}, {self.cpus_per_trial}")
         if self.amp not in ("", "bf16"):
             raise ValueError(f"config key 'amp' must be '' or 'bf16', got {self.amp!r}")
+
+    def _validate_image_task(self) -> None:
+        if self.task not in IMAGE_TASKS:
+            raise ValueError(f"config key 'task' must be one of {', '.join(IMAGE_TASKS)} (or empty for an MRI "
+                             f"search), got {self.task!r}")
+        if self.r_inf:
+            raise ValueError(f"config key 'r_inf' is for an MRI search; an image search (task {self.task!r}) "
+                             f"takes {'measurements' if self.task == 'cs' else 'factor'}")
+        needed, other = ("measurements", "factor") if self.task == "cs" else ("factor", "measurements")
+        if getattr(self, needed) < 1:
+            raise ValueError(f"config key {needed!r} must be >= 1 for task {self.task!r}, got {getattr(self, needed)}")
+        if getattr(self, other):
+            raise ValueError(f"config key {other!r} does not apply to task {self.task!r}")
+        if not (0 <= self.noise < math.inf):
+            raise ValueError(f"config key 'noise' must be a finite number >= 0, got {self.noise}")
+        if self.resolution < 0:
+            raise ValueError(f"config key 'resolution' must be >= 0, got {self.resolution}")
+        if self.resolution and self.task == "sr" and self.resolution % self.factor:
+            raise ValueError(f"config key 'resolution': {self.resolution} is not a multiple of factor {self.factor}")
+
+    @property
+    def image_setting(self) -> str:
+        """An image search's task with its setting: ``cs_m1000``, ``sr_x4`` (empty for MRI)."""
+        if not self.task:
+            return ""
+        return f"cs_m{self.measurements}" if self.task == "cs" else f"sr_x{self.factor}"
 
     @property
     def resolved_storage(self) -> str:
@@ -315,6 +398,80 @@ def _trial(params: dict[str, Any], *, config: dict[str, Any], sampler: str) -> N
             totals[metric] += float(values.sum())
         seen += len(batch["slice_ids"])
         tune.report({**{m: totals[m] / seen for m in OBJECTIVE_METRICS}, "slices": seen, "batch": index + 1})
+
+
+def _seeded(*keys: int) -> Any:
+    """A CPU ``torch.Generator`` seeded from ``keys`` through numpy's SeedSequence (independent
+    streams): the same keys as ``adps evaluate --study images`` uses, so a search and the
+    evaluation see the same measurement noise and start noise for an image."""
+    import numpy as np
+    import torch
+
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+def _image_operator(search: SearchConfig, resolution: int) -> Any:
+    """The image task's operator: one Gaussian matrix per (m, seed), or the downscaling."""
+    from adps.images import GaussianCompressedSensing, SuperResolution
+
+    if search.task == "sr":
+        return SuperResolution(search.factor)
+    return GaussianCompressedSensing(search.measurements, (3, resolution, resolution), search.seed)
+
+
+def _load_image_batches(search: SearchConfig, resolution: int, device: str) -> list[tuple[list[int], Any]]:
+    """The first ``slices`` clean images of the folder in batches of ``slices_per_report``:
+    ``(indices, images (n, 3, R, R) in [-1, 1])``."""
+    import torch
+
+    from adps.images import ImageDataset
+
+    with ImageDataset(search.dataset, resolution) as dataset:
+        count = min(len(dataset), search.slices) if search.slices else len(dataset)
+        batches = []
+        for start in range(0, count, search.slices_per_report):
+            indices = list(range(start, min(start + search.slices_per_report, count)))
+            batches.append((indices, torch.stack([dataset.decode(i) for i in indices]).to(device)))
+    return batches
+
+
+def _image_trial(params: dict[str, Any], *, config: dict[str, Any], resolution: int) -> None:
+    """A Ray Tune function trainable for a natural-image model: measure, sample and score the
+    images batch after batch, report the running mean MSE / PSNR."""
+    import torch
+    from ray import tune
+
+    from adps.images import add_noise
+    from adps.metrics import rgb_mse
+    from adps.nn.image_samplers import IMAGE_SAMPLER_DEFAULTS, a_dps_image, image_sampler_for, image_sigmas
+    from adps.orchestration.evaluate import load_for_evaluation
+
+    search = SearchConfig.from_dict(config)
+    settings = {key: int(value) if key == "steps" else float(value) for key, value in params.items()}
+    torch.set_num_threads(max(1, int(search.cpus_per_trial)))
+    device = "cuda" if search.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
+    model, model_config = load_for_evaluation(search.model, device, search.tracking_uri)
+    sampler = image_sampler_for(model)
+    schedule = {key: settings.pop(key) for key in ("sigma_min", "sigma_max", "rho") if key in settings}
+    sigmas = image_sigmas(settings.pop("steps", IMAGE_SAMPLER_DEFAULTS["steps"]), **schedule)
+    options = {"erasure_p": float(model_config["erasure_p"]),
+               "delta": float(model_config.get("delta", IMAGE_SAMPLER_DEFAULTS["delta"]))} \
+        if sampler is a_dps_image else {}
+    operator = _image_operator(search, resolution)
+    totals = dict.fromkeys(IMAGE_OBJECTIVE_METRICS, 0.0)
+    seen = 0
+    for index, (indices, images) in enumerate(_load_image_batches(search, resolution, device)):
+        y = operator(images)
+        if search.noise > 0:  # each image's noise from its own seed: any batching gives the same y
+            y = torch.cat([add_noise(y[i : i + 1], search.noise, generator=_seeded(search.seed, 1, image_index))
+                           for i, image_index in enumerate(indices)])
+        estimate = sampler(model, y, operator, sigmas, guidance=settings.get("guidance", IMAGE_SAMPLER_DEFAULTS["guidance"]),
+                           generator=_seeded(search.seed, 2, indices[0]), amp=search.amp or None, **options)
+        mse = torch.nan_to_num(rgb_mse(images, estimate.detach().float().clamp(-1, 1)).cpu(), nan=1e6)
+        totals["mse"] += float(mse.sum())
+        totals["psnr"] += float((-10 * torch.log10(mse.clamp_min(1e-12))).sum())
+        seen += len(indices)
+        tune.report({**{m: totals[m] / seen for m in IMAGE_OBJECTIVE_METRICS}, "images": seen, "batch": index + 1})
 
 
 # The search ----------------------------------------------------------------------------------
@@ -386,6 +543,13 @@ def _model_info(config: SearchConfig, space: SearchSpace) -> tuple[str, dict[str
     if uri == "l1":
         raise ValueError("config key 'model': l1 has no sampler settings to search")
     _, model_config = load_for_evaluation(uri, "cpu", config.tracking_uri)
+    method = model_config.get("method")
+    if method == "image" or space.sampler == "image":
+        _check_image_model(config, space, model_config)
+        return uri, model_config
+    if config.task:
+        raise ValueError(f"config key 'task': {config.task!r} is for natural-image models; model {config.model} "
+                         f"has method {method!r} (an MRI search takes 'r_inf')")
     expected = METHOD_SAMPLERS.get(model_config["method"])
     if expected != space.sampler:
         raise ValueError(f"{space.path}: key 'sampler': {space.family!r} ({space.sampler}) does not reconstruct with "
@@ -393,8 +557,78 @@ def _model_info(config: SearchConfig, space: SearchSpace) -> tuple[str, dict[str
     return uri, model_config
 
 
+def _check_image_model(config: SearchConfig, space: SearchSpace, model_config: dict[str, Any]) -> None:
+    """An image search needs an image model, the ``image_dps`` space and a task."""
+    method = model_config.get("method")
+    if method != "image":
+        raise ValueError(f"{space.path}: key 'sampler': {space.family!r} searches natural-image models; model "
+                         f"{config.model} has method {method!r}")
+    if space.sampler != "image":
+        raise ValueError(f"{space.path}: key 'sampler': {space.family!r} ({space.sampler}) is an MRI sampler; model "
+                         f"{config.model} is a natural-image model (method image): use sampler image_dps "
+                         "(tune_spaces/image_dps.yaml)")
+    if not config.task:
+        raise ValueError(f"config key 'task' is empty: model {config.model} is a natural-image model; set task cs "
+                         "(with measurements) or sr (with factor)")
+    if "erasure_p" not in model_config:
+        raise ValueError(f"config key 'model': the config of {config.model} has no 'erasure_p' (the training erasure "
+                         "probability of an image model)")
+
+
+def _image_resolution(config: SearchConfig, model_config: dict[str, Any]) -> int:
+    """The search's image size: the config's, else the model's; they must agree when both are set."""
+    trained = model_config.get("resolution")
+    if config.resolution and trained is not None and int(trained) != config.resolution:
+        raise ValueError(f"config key 'resolution': {config.resolution}, but {config.model} was trained on "
+                         f"{int(trained)} x {int(trained)} images")
+    resolution = config.resolution or (int(trained) if trained is not None else 0)
+    if resolution < 1:
+        raise ValueError(f"config key 'resolution' is 0 and the config of {config.model} has no 'resolution': "
+                         "set it to the model's image size")
+    if config.task == "sr" and resolution % config.factor:
+        raise ValueError(f"config key 'factor': {config.factor} does not divide the resolution {resolution}")
+    return resolution
+
+
+def _search_plan(config: SearchConfig, space: SearchSpace, model_config: dict[str, Any]) -> dict[str, Any]:
+    """What differs between an MRI and an image search: the label, default name, item count
+    (slices or images), the trainable and the parent run's tags."""
+    from adps.orchestration.evaluate import model_label
+
+    if space.sampler == "image":
+        from adps.images import ImageDataset
+
+        resolution = _image_resolution(config, model_config)
+        label = f"image_p{float(model_config['erasure_p']):g}"
+        with ImageDataset(config.dataset, resolution) as dataset:
+            n_items = min(len(dataset), config.slices) if config.slices else len(dataset)
+        return {"label": label, "name": f"tune-{label}-{config.image_setting}-image", "n_items": n_items,
+                "trainable": (_image_trial, {"resolution": resolution}), "title": f"{label} on {config.image_setting}",
+                "tags": {"adps.task": config.image_setting, "adps.resolution": str(resolution)}}
+
+    from adps.data.dataset import PreparedSliceDataset
+    from adps.data.shards import read_manifest
+
+    prepared = [float(r) for r in read_manifest(config.dataset)["config"]["accelerations"]]
+    if float(config.r_inf) not in prepared:
+        raise ValueError(f"config key 'r_inf': {config.r_inf:g} not prepared in {config.dataset} "
+                         f"(it has {', '.join(f'{r:g}' for r in prepared)})")
+    label = model_label(model_config)
+    dataset = PreparedSliceDataset(config.dataset, config.split, acceleration=config.r_inf)
+    n_items = min(len(dataset), config.slices) if config.slices else len(dataset)
+    dataset.close()
+    if n_items == 0:
+        raise ValueError(f"config key 'split': {config.split!r} of {config.dataset} has no slices")
+    return {"label": label, "name": f"tune-{label}-r{config.r_inf:g}-{space.sampler}", "n_items": n_items,
+            "trainable": (_trial, {"sampler": space.sampler}), "title": f"{label} at R_inf {config.r_inf:g}",
+            "tags": {"adps.r_inf": f"{config.r_inf:g}"}}
+
+
 def tune_search(config: SearchConfig, *, ray_address: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the search; returns ``{"best", "trials", "run_id", "path", "resumed", "version"}``.
+
+    An MRI model is searched at ``r_inf`` on the prepared ``dataset``; a natural-image model
+    (method ``image``) on ``task`` over the image folder ``dataset`` (see the module docstring).
 
     ``best``: the best trial's settings, objective and id (also ``best.json``); ``trials``: one
     dict per trial (``trial_id``, ``settings``, the metrics, ``reports``, ``stopped_early``).
@@ -404,8 +638,6 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from adps.data.shards import read_manifest
-    from adps.orchestration.evaluate import model_label
     from adps.orchestration.tracking import open_run, resolve_tracking_uri
 
     config.validate()
@@ -417,33 +649,23 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
         config = config.replace(model=str(Path(config.model).resolve()))
     uri, model_config = _model_info(config, space)
     config = config.replace(model=uri)
-    prepared = [float(r) for r in read_manifest(config.dataset)["config"]["accelerations"]]
-    if float(config.r_inf) not in prepared:
-        raise ValueError(f"config key 'r_inf': {config.r_inf:g} not prepared in {config.dataset} "
-                         f"(it has {', '.join(f'{r:g}' for r in prepared)})")
-    label = model_label(model_config)
-    name = config.name or f"tune-{label}-r{config.r_inf:g}-{space.sampler}"
+    plan = _search_plan(config, space, model_config)
+    label = plan["label"]
+    name = config.name or plan["name"]
     config = config.replace(name=name, storage_path=config.resolved_storage)
     path = storage.join(config.storage_path, name)
-
-    from adps.data.dataset import PreparedSliceDataset
-
-    dataset = PreparedSliceDataset(config.dataset, config.split, acceleration=config.r_inf)
-    n_slices = min(len(dataset), config.slices) if config.slices else len(dataset)
-    dataset.close()
-    if n_slices == 0:
-        raise ValueError(f"config key 'split': {config.split!r} of {config.dataset} has no slices")
-    n_batches = math.ceil(n_slices / config.slices_per_report)
+    n_batches = math.ceil(plan["n_items"] / config.slices_per_report)
 
     if not ray.is_initialized():
         ray.init(address=ray_address)
     params = {**config.to_dict(), "space_sampler": space.sampler, "space_metric": space.metric,
               "space_mode": space.mode, "space_params": json.dumps(space.params, sort_keys=True)}
     run_id, _ = open_run(config.tracking_uri, config.experiment, path, name, params,
-                         tags={"adps.model": uri, "adps.model_label": label, "adps.r_inf": f"{config.r_inf:g}"})
+                         tags={"adps.model": uri, "adps.model_label": label, **plan["tags"]})
 
+    function, extra = plan["trainable"]
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, config=config.to_dict(), sampler=space.sampler),
+        tune.with_parameters(function, config=config.to_dict(), **extra),
         {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
     )
     resumed = bool(tune.Tuner.can_restore(path))
@@ -479,7 +701,8 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
         )
     grid = tuner.fit()
     trials = _trial_rows(grid, space, n_batches)
-    return _finish(config, space, trials, run_id=run_id, path=path, resumed=resumed, label=label, n_batches=n_batches)
+    return _finish(config, space, trials, run_id=run_id, path=path, resumed=resumed, label=label, n_batches=n_batches,
+                   title=f"{plan['title']} ({space.sampler})")
 
 
 def truncated_search_state(path: str) -> list[str]:
@@ -523,7 +746,7 @@ def _trial_rows(grid: Any, space: SearchSpace, n_batches: int) -> list[dict[str,
             "stopped_early": result.error is None and reports < n_batches,
             "history": [] if history is None or space.metric not in history else
             [float(v) for v in history[space.metric].tolist()],
-            **{m: float(metrics[m]) for m in OBJECTIVE_METRICS if m in metrics},
+            **{m: float(metrics[m]) for m in space.metrics if m in metrics},
         })
     rows.sort(key=lambda r: r["trial_id"])
     return rows
@@ -541,7 +764,7 @@ def _best(trials: list[dict[str, Any]], space: SearchSpace) -> dict[str, Any] | 
 
 
 def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any]], *, run_id: str, path: str,
-            resumed: bool, label: str, n_batches: int) -> dict[str, Any]:
+            resumed: bool, label: str, n_batches: int, title: str) -> dict[str, Any]:
     from adps.orchestration.tracking import RunLogger, end_run, open_run
 
     uri = config.tracking_uri
@@ -553,7 +776,7 @@ def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any
         if not existed:
             for step, value in enumerate(trial["history"], start=1):
                 child.log_metrics({f"running_{space.metric}": value}, step)
-            child.log_metrics({m: trial[m] for m in OBJECTIVE_METRICS if m in trial}, trial["reports"])
+            child.log_metrics({m: trial[m] for m in space.metrics if m in trial}, trial["reports"])
         child.set_tags({"adps.stopped_early": str(trial["stopped_early"]).lower(), "adps.reports": trial["reports"],
                         "adps.trial_id": trial["trial_id"]})
         end_run(uri, child_id, "FAILED" if trial["error"] else "FINISHED")
@@ -565,6 +788,9 @@ def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any
         "trials": len(trials), "stopped_early": sum(t["stopped_early"] for t in trials),
         "errored": sum(t["error"] is not None for t in trials), "slices_per_trial": n_batches * config.slices_per_report,
     }
+    if best is not None and config.task:  # an image search: its task instead of an R_inf
+        best.update(r_inf=None, task=config.task, setting=config.image_setting, measurements=config.measurements,
+                    factor=config.factor, noise=config.noise)
     version = None
     with tempfile.TemporaryDirectory(prefix="adps-tune-") as tmp:
         folder = Path(tmp)
@@ -572,7 +798,7 @@ def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any
         if best is not None:
             (folder / "best.json").write_text(json.dumps(best, indent=1))
             storage.write_bytes_atomic(storage.join(path, "best.json"), json.dumps(best, indent=1).encode())
-        figure = objective_figure(trials, space, f"{label} at R_inf {config.r_inf:g} ({space.sampler})")
+        figure = objective_figure(trials, space, title)
         if figure is not None:
             figure.savefig(folder / "objective_vs_steps.png", dpi=120, bbox_inches="tight")
         for item in sorted(folder.iterdir()):
@@ -599,8 +825,12 @@ def _tag_version(config: SearchConfig, best: dict[str, Any], run_id: str) -> Any
         version = max(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     client = MlflowClient(config.tracking_uri)
     for key, value in {**best["settings"], "run_id": run_id}.items():
-        tag = TUNED_TAG.format(r_inf=float(config.r_inf), key=key)
-        client.set_model_version_tag(version.name, version.version, tag, str(value))
+        if config.task:  # the task's tag (what the image evaluation reads) and the setting's own
+            tags = [IMAGE_TUNED_TAG.format(task=task, key=key) for task in (config.task, config.image_setting)]
+        else:
+            tags = [TUNED_TAG.format(r_inf=float(config.r_inf), key=key)]
+        for tag in tags:
+            client.set_model_version_tag(version.name, version.version, tag, str(value))
     return client.get_model_version(version.name, version.version)
 
 

@@ -1,0 +1,609 @@
+"""The natural-image evaluation (paper section 3.1, figures 2-4): MSE and LPIPS of posterior
+sampling with models trained on randomly inpainted images, against the model trained on clean
+images (``p = 0``) and the pseudo-inverse.
+
+``adps evaluate --study images`` / ``jobs/evaluate.py --study images`` call
+:func:`evaluate_images`. Three tasks, each *different* from the models' training corruption:
+
+* ``cs``: Gaussian compressed sensing at each count of ``measurements`` (figure 2);
+* ``sr``: super-resolution at each downscaling factor of ``factors`` (figure 3);
+* ``nfe``: compressed sensing at ``nfe_measurements`` with each step count of ``steps_list``
+  (figure 4, the error against the number of network evaluations, ``NFE = 2 steps - 1``).
+
+Each model is sampled with the sampler its weights call for
+(:func:`~adps.nn.image_samplers.image_sampler_for`: A-DPS for ambient models, DPS for the
+``p = 0`` model); the pseudo-inverse ``A^+ y`` (no network, sampler ``pinv``) is the baseline
+of ``cs`` and ``sr``. Every model sees the same images, the same Gaussian matrix (seeded by
+``seed``) and the same measurement noise (seeded by ``seed`` and the image), so results are
+paired by image. Estimates are clipped to the image range ``[-1, 1]`` before they are measured.
+
+* MSE: per image, the mean over pixels and channels on the ``[0, 1]`` scale
+  (:func:`adps.metrics.rgb_mse`);
+* LPIPS: AlexNet, images in ``[-1, 1]`` as they are (:func:`adps.perceptual.lpips_rgb`; images
+  under 32 pixels need ``lpips_resize``).
+
+The grid is cut into *cells* (one model, one task, one setting, a chunk of
+``images_per_task`` test images), each a Ray task (one GPU each with ``use_gpu``), written to
+``<output>/cells/<key>.json`` atomically: an interrupted evaluation, run again, computes only
+the missing cells (:func:`adps.orchestration.evaluate.run_cells`). A cell's key holds its
+model (the registry version it was pinned to, or its folder), sampler settings and a hash of
+everything else its numbers depend on (images, resolution, noise, seed, LPIPS settings), so
+other settings get new cells rather than old results.
+
+At the end the driver gathers the rows and logs to one MLflow run (experiment
+``adps-image-eval``), and writes the same files under ``<output>/report/``:
+
+* ``results.csv`` / ``results.parquet``: one row per (model, task, setting, image):
+  :data:`TABLE_COLUMNS`;
+* ``crossover.csv``: for each ambient model against the ``p = 0`` model, per task and metric,
+  the setting at which the ambient model starts beating it (:func:`image_crossovers`);
+* ``fig2_cs_vs_measurements.png``, ``fig3_sr_vs_factor.png``, ``fig4_cs_vs_nfe.png``: the
+  mean over images with a band of +-1 standard deviation, per model;
+* metrics ``<metric>.<model>.<task>.<setting>`` (means over images: ``mse.p0.6.cs.m1000``,
+  ``lpips.pinv.sr.x4``, ``mse.p0.nfe.nfe99``) and ``crossover.<model>.<task>.<metric>`` (the
+  cross-over setting, with ``crossover_margin.`` / ``_ci_low.`` / ``_ci_high.``); the tag
+  ``adps.crossover_none`` lists the pairs that never cross.
+
+Sampler settings: ``steps`` and ``guidance`` of the config when set (non-zero); else, for a
+registered model version, the tags a search left on it (:data:`IMAGE_TUNED_TAG`:
+``adps.tuned.cs.steps``, ``adps.tuned.sr.guidance``; the ``nfe`` sweep takes the ``cs``
+guidance); else the samplers' defaults (100 steps, guidance 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adps.config import ConfigFile
+from adps.data import storage
+
+__all__ = [
+    "IMAGE_TUNED_TAG",
+    "METRICS",
+    "PINV",
+    "TABLE_COLUMNS",
+    "TASKS",
+    "ImageCell",
+    "ImageEvaluateConfig",
+    "evaluate_image_cell",
+    "evaluate_images",
+    "format_image_crossover",
+    "format_image_results",
+    "image_crossovers",
+    "image_tuned_settings",
+    "plan_image_cells",
+]
+
+TASKS = ("cs", "sr", "nfe")
+"""Compressed sensing over ``measurements``, super-resolution over ``factors``, compressed
+sensing at ``nfe_measurements`` over ``steps_list``."""
+METRICS = ("mse", "lpips")
+PINV = "pinv"
+"""Model label and sampler name of the pseudo-inverse baseline (no network)."""
+TABLE_COLUMNS = ("model", "erasure_p", "sampler", "task", "measurements", "factor", "steps", "nfe", "guidance",
+                 "image", *METRICS, "seconds")
+IMAGE_TUNED_TAG = "adps.tuned.{task}.{key}"
+"""Model-version tags of a sampler search for an image task (``adps.tuned.cs.guidance``,
+``adps.tuned.sr.steps``), read when ``use_tuned`` is on."""
+FIGURES = {
+    "cs": ("fig2_cs_vs_measurements.png", "measurements", "measurements m (Gaussian compressed sensing)"),
+    "sr": ("fig3_sr_vs_factor.png", "factor", "downscaling factor (super-resolution)"),
+    "nfe": ("fig4_cs_vs_nfe.png", "nfe", "NFE (network evaluations)"),
+}
+"""Per task: the figure's file name, its x column and x label (paper figures 2, 3 and 4)."""
+
+
+@dataclass(frozen=True)
+class ImageEvaluateConfig(ConfigFile):
+    """Everything the natural-image evaluation needs; unknown keys are refused by name."""
+
+    models: tuple[str, ...] = ()
+    """Image models: ``models:/adps-image-p0.6/1`` / ``models:/<name>@<alias>``, a bare registered
+    name (``adps-image-p0.6`` = its newest version), ``runs:/<id>/model``, or a local model
+    folder. One of them should be the ``p = 0`` model: the cross-over is measured against it."""
+    images: str = ""
+    """Test images: a folder or ``.zip`` of images, local or ``s3://`` (adps.images.ImageDataset)."""
+    resolution: int = 64
+    """Side of the square test images (they are resized to it); the models' resolution."""
+    n_images: int = 16
+    """Test images (the first ones in name order; 0 = all)."""
+    images_per_task: int = 8
+    """Images per Ray task, sampled as one batch."""
+    measurements: tuple[int, ...] = (250, 500, 1000, 2000, 4000)
+    """Compressed sensing: the measurement counts m (figure 2's axis); empty = no ``cs`` task."""
+    factors: tuple[int, ...] = (2, 4, 8)
+    """Super-resolution: the downscaling factors (figure 3's axis); empty = no ``sr`` task."""
+    steps_list: tuple[int, ...] = (10, 25, 50, 100, 150)
+    """The NFE sweep: Heun step counts at ``nfe_measurements`` (figure 4); empty = no sweep."""
+    nfe_measurements: int = 4000
+    """The compressed-sensing measurement count of the NFE sweep (the paper's 4000)."""
+    steps: int = 0
+    """Heun steps of the ``cs`` and ``sr`` tasks; 0 = tuned (model-version tag), else 100."""
+    guidance: float = 0.0
+    """DPS / A-DPS guidance zeta for every task; 0 = tuned (model-version tag), else 1."""
+    use_tuned: bool = True
+    """Read ``adps.tuned.<task>.steps`` / ``.guidance`` tags of registered model versions for
+    settings left at 0."""
+    noise: float = 0.0
+    """Standard deviation of the Gaussian noise added to the measurements (image units)."""
+    pinv: bool = True
+    """Also evaluate the pseudo-inverse baseline (``cs`` and ``sr``)."""
+    lpips: bool = True
+    """Compute LPIPS (needs the AlexNet weights locally; see adps.perceptual)."""
+    lpips_weights: str = ""
+    """AlexNet weights file for LPIPS; empty = found on the driver as adps.perceptual.find_weights
+    does (``$ADPS_WEIGHTS_DIR``, then the torch hub cache) and passed to every task."""
+    lpips_resize: int = 0
+    """Resize images to this side for LPIPS (0 = as they are); needed below 32 pixels."""
+    seed: int = 0
+    """Seeds the Gaussian matrix, the measurement noise and the samplers' draws."""
+    use_gpu: bool = False
+    """One GPU per task."""
+    amp: str = ""
+    """``bf16`` / ``fp16``: the network in autocast (GPU only)."""
+    output: str = ""
+    """Folder or ``s3://`` prefix for the cells and the report (default ``.adps/eval/<run_name>``)."""
+    run_name: str = "image-evaluation"
+    """MLflow run name; re-running with the same name and output resumes."""
+    tracking_uri: str = ""
+    """MLflow tracking URI (default ``$MLFLOW_TRACKING_URI``, else ``.adps/mlflow.db``)."""
+    experiment: str = "adps-image-eval"
+    n_boot: int = 2000
+    """Bootstrap resamples of the cross-over's confidence interval."""
+
+    def validate(self) -> None:
+        """Check values that need no I/O; names the key at fault."""
+        if not self.models:
+            raise ValueError("config key 'models' is empty: name at least one image model (e.g. adps-image-p0)")
+        if not self.images:
+            raise ValueError("config key 'images' is empty: give the test images (a folder or .zip, local or s3://)")
+        for key in ("resolution", "images_per_task", "n_boot"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
+        for key in ("n_images", "steps", "guidance", "noise"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
+        if not (self.measurements or self.factors or self.steps_list):
+            raise ValueError("config keys 'measurements', 'factors' and 'steps_list' are all empty: nothing to evaluate")
+        pixels = 3 * self.resolution * self.resolution
+        for key in ("measurements", "factors", "steps_list"):
+            values = getattr(self, key)
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise ValueError(f"config key {key!r} lists {repeated[0]} more than once: {list(values)}")
+            if any(v < 1 for v in values):
+                raise ValueError(f"config key {key!r} must hold integers >= 1, got {list(values)}")
+        for m in (*self.measurements, *([self.nfe_measurements] if self.steps_list else [])):
+            if not 1 <= m <= pixels:
+                key = "measurements" if m in self.measurements else "nfe_measurements"
+                raise ValueError(f"config key {key!r}: {m} measurements, but a {self.resolution} x {self.resolution} RGB "
+                                 f"image has {pixels} pixels (1 <= m <= {pixels})")
+        for factor in self.factors:
+            if self.resolution % factor:
+                raise ValueError(f"config key 'factors': {factor} does not divide the resolution {self.resolution}")
+        if self.lpips_resize and self.lpips_resize < 32:
+            raise ValueError(f"config key 'lpips_resize' must be 0 or >= 32 (AlexNet's smallest input), "
+                             f"got {self.lpips_resize}")
+        if self.lpips and not self.lpips_resize and self.resolution < 32:
+            raise ValueError(f"config key 'lpips_resize': {self.resolution}-pixel images are too small for LPIPS's "
+                             "AlexNet (at least 32); set lpips_resize (e.g. 64) or lpips: false")
+        if self.amp not in ("", "bf16", "fp16"):
+            raise ValueError(f"config key 'amp' must be '', 'bf16' or 'fp16', got {self.amp!r}")
+
+    @property
+    def resolved_output(self) -> str:
+        return self.output or str(Path(".adps") / "eval" / self.run_name)
+
+    def context(self) -> str:
+        """A short hash of every setting, besides the cell's own, that its numbers depend on."""
+        values = {key: getattr(self, key) for key in ("images", "resolution", "noise", "seed", "lpips",
+                                                      "lpips_resize", "amp")}
+        return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+# Cells ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageCell:
+    """One Ray task: one model (or the pseudo-inverse) on one task setting, a chunk of images."""
+
+    model: str
+    """The model's URI (``pinv``: none)."""
+    label: str
+    """``p<erasure_p>`` (``p0.6``) or ``pinv``."""
+    erasure_p: float | None
+    sampler: str
+    """``a_dps_image``, ``dps_image`` or ``pinv``."""
+    task: str
+    indices: tuple[int, ...]
+    """Test-image indices."""
+    measurements: int | None = None
+    """m of ``cs`` / ``nfe``."""
+    factor: int | None = None
+    """Downscaling factor of ``sr``."""
+    steps: int = 0
+    guidance: float = 0.0
+    delta: float = 0.1
+    """The ambient model's further corruption (its training's)."""
+    context: str = ""
+    """:meth:`ImageEvaluateConfig.context` of the evaluation."""
+
+    @property
+    def setting(self) -> str:
+        """``m<measurements>`` or ``x<factor>``."""
+        return f"x{self.factor}" if self.task == "sr" else f"m{self.measurements}"
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per image (0 for the pseudo-inverse)."""
+        from adps.nn.image_samplers import image_nfe
+
+        return 0 if self.sampler == PINV else image_nfe(self.steps)
+
+    @property
+    def key(self) -> str:
+        model = hashlib.sha1(self.model.encode()).hexdigest()[:8]
+        return (f"{self.label}-{model}__{self.sampler}__{self.task}_{self.setting}__s{self.steps}_g{self.guidance:g}__"
+                f"{self.context}__{self.indices[0]:05d}-{self.indices[-1]:05d}")
+
+
+def image_tuned_settings(tags: dict[str, str], task: str) -> dict[str, float]:
+    """The settings a search for ``task`` stored on a model version (:data:`IMAGE_TUNED_TAG`),
+    or ``{}``."""
+    prefix = IMAGE_TUNED_TAG.format(task=task, key="")
+    return {tag[len(prefix):]: float(value) for tag, value in tags.items()
+            if tag.startswith(prefix) and tag[len(prefix):] != "run_id"}
+
+
+def _settings(config: ImageEvaluateConfig, tags: dict[str, str], task: str) -> tuple[int, float, str]:
+    """``(steps, guidance, where each came from)`` of ``task`` (``nfe`` takes ``cs``'s guidance): the
+    config's, else tuned, else the samplers' defaults."""
+    from adps.nn.image_samplers import IMAGE_SAMPLER_DEFAULTS
+
+    tuned = image_tuned_settings(tags, "cs" if task == "nfe" else task) if config.use_tuned else {}
+    steps = config.steps or int(tuned.get("steps", 0)) or int(IMAGE_SAMPLER_DEFAULTS["steps"])
+    guidance = config.guidance or float(tuned.get("guidance", 0.0)) or float(IMAGE_SAMPLER_DEFAULTS["guidance"])
+    sources = [f"{key} from {'config' if getattr(config, key) else 'tuned tag' if key in tuned else 'default'}"
+               for key in ("steps", "guidance")]
+    return steps, guidance, ", ".join(sources)
+
+
+def plan_image_cells(
+    config: ImageEvaluateConfig, models: Sequence[tuple[str, dict[str, Any]]], n_test: int
+) -> list[ImageCell]:
+    """Every cell: (models + the pseudo-inverse) x tasks x settings x image chunks.
+
+    ``models``: ``(uri, config)`` pairs, each config with ``erasure_p``, ``delta``, ``_sampler``
+    (the sampler's name) and ``_version_tags``.
+    """
+    count = min(n_test, config.n_images) if config.n_images else n_test
+    chunks = [tuple(range(i, min(i + config.images_per_task, count))) for i in range(0, count, config.images_per_task)]
+    context = config.context()
+    runs = [(uri, model_config) for uri, model_config in models]
+    if config.pinv:
+        runs.append((PINV, {"erasure_p": None, "_sampler": PINV, "_version_tags": {}}))
+    cells = []
+    for uri, model_config in runs:
+        sampler = model_config["_sampler"]
+        p = model_config["erasure_p"]
+        common = {"model": uri, "label": PINV if sampler == PINV else f"p{float(p):g}", "erasure_p": p,
+                  "sampler": sampler, "delta": float(model_config.get("delta", 0.1)), "context": context}
+        settings: list[tuple[str, dict[str, Any]]] = [("cs", {"measurements": m}) for m in config.measurements]
+        settings += [("sr", {"factor": f}) for f in config.factors]
+        if sampler != PINV:  # the pseudo-inverse has no steps to sweep
+            settings += [("nfe", {"measurements": config.nfe_measurements, "steps": s}) for s in config.steps_list]
+        for task, setting in settings:
+            if sampler == PINV:
+                steps, guidance = 0, 0.0
+            else:
+                steps, guidance, _ = _settings(config, model_config["_version_tags"], task)
+            steps = setting.pop("steps", steps)
+            for chunk in chunks:
+                cells.append(ImageCell(**common, task=task, indices=chunk, steps=steps, guidance=guidance, **setting))
+    return cells
+
+
+def _operator(cell: ImageCell, resolution: int, seed: int) -> Any:
+    """The cell's forward operator: one Gaussian matrix per (m, seed), shared by every model."""
+    from adps.images import GaussianCompressedSensing, SuperResolution
+
+    if cell.task == "sr":
+        return SuperResolution(int(cell.factor))
+    return GaussianCompressedSensing(int(cell.measurements), (3, resolution, resolution), seed)
+
+
+def _seeded(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from ``keys`` through numpy's SeedSequence (independent streams)."""
+    import numpy as np
+
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+def measure(operator: Any, images: torch.Tensor, indices: Sequence[int], *, noise: float, seed: int) -> torch.Tensor:
+    """``y = A x (+ noise)``, the noise of each image drawn from its own seed ``(seed, 1, index)``,
+    so every model and every chunking sees the same measurements."""
+    from adps.images import add_noise
+
+    y = operator(images)
+    if noise <= 0:
+        return y
+    return torch.cat([add_noise(y[i : i + 1], noise, generator=_seeded(seed, 1, index))
+                      for i, index in enumerate(indices)])
+
+
+def evaluate_image_cell(config: ImageEvaluateConfig, cell: ImageCell, *, device: str = "cpu") -> list[dict[str, Any]]:
+    """Sample and measure one cell; writes ``<output>/cells/<key>.json`` (its rows) and returns them."""
+    from adps.images import ImageDataset, pseudo_inverse
+    from adps.metrics import rgb_mse
+    from adps.orchestration.evaluate import cell_path, load_for_evaluation
+
+    with ImageDataset(config.images, config.resolution) as dataset:
+        images = torch.stack([dataset[i]["image"] for i in cell.indices]).to(device)
+    operator = _operator(cell, config.resolution, config.seed)
+    y = measure(operator, images, cell.indices, noise=config.noise, seed=config.seed)
+    started = time.perf_counter()
+    if cell.sampler == PINV:
+        estimate = pseudo_inverse(operator, y)
+    else:
+        from adps.nn.image_samplers import image_sampler_for
+
+        model, _ = load_for_evaluation(cell.model, device, config.tracking_uri)
+        sampler = image_sampler_for(model)
+        options = {"erasure_p": cell.erasure_p, "delta": cell.delta} if sampler.__name__ == "a_dps_image" else {}
+        estimate = sampler(model, y, operator, steps=cell.steps, guidance=cell.guidance,
+                           generator=_seeded(config.seed, 2, cell.indices[0]), amp=config.amp or None, **options)
+    if images.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / len(cell.indices)
+    estimate = estimate.float().clamp(-1, 1)
+    scores = {"mse": rgb_mse(images, estimate).tolist()}
+    if config.lpips:
+        from adps.perceptual import lpips_rgb
+
+        scores["lpips"] = lpips_rgb(images, estimate, weights=config.lpips_weights or None, device=device,
+                                    resize=config.lpips_resize or None).tolist()
+    rows = []
+    for i, index in enumerate(cell.indices):
+        row = {"model": cell.label, "erasure_p": cell.erasure_p, "sampler": cell.sampler, "task": cell.task,
+               "measurements": cell.measurements, "factor": cell.factor, "steps": cell.steps, "nfe": cell.nfe,
+               "guidance": cell.guidance, "image": index, "seconds": seconds}
+        row.update({metric: float(scores[metric][i]) if metric in scores else math.nan for metric in METRICS})
+        rows.append(row)
+    storage.write_bytes_atomic(cell_path(config.resolved_output, cell.key, ".json"), json.dumps(rows).encode())
+    return rows
+
+
+def _image_cell_task(config: dict[str, Any], cell: dict[str, Any]) -> list[dict[str, Any]]:
+    config_obj = ImageEvaluateConfig.from_dict(config)
+    cell_obj = ImageCell(**{**cell, "indices": tuple(cell["indices"])})
+    torch.set_num_threads(1)
+    device = "cuda" if config_obj.use_gpu and torch.cuda.is_available() else "cpu"
+    return evaluate_image_cell(config_obj, cell_obj, device=device)
+
+
+# Models --------------------------------------------------------------------------------------
+def _resolve_models(config: ImageEvaluateConfig) -> list[tuple[str, dict[str, Any]]]:
+    """Every model's URI (registry versions pinned) and config, loaded once on the driver:
+    a wrong entry fails here, before any task starts."""
+    from adps.nn.image_samplers import image_sampler_for
+    from adps.orchestration.evaluate import load_for_evaluation, model_uri, model_version_of
+
+    resolved = []
+    labels: dict[str, str] = {}
+    for entry in config.models:
+        if entry in ("l1", PINV):
+            raise ValueError(f"config key 'models': {entry!r} is not an image model (the pseudo-inverse baseline is "
+                             "added by 'pinv: true')")
+        uri = model_uri(entry)
+        model, model_config = load_for_evaluation(uri, "cpu", config.tracking_uri)
+        if model_config.get("method") != "image" or "erasure_p" not in model_config:
+            raise ValueError(f"config key 'models': {entry} is not a natural-image model (its config has method "
+                             f"{model_config.get('method')!r}; expected 'image' with an 'erasure_p')")
+        p = float(model_config["erasure_p"])
+        sampler = image_sampler_for(model).__name__
+        if (sampler == "a_dps_image") != (p > 0):
+            raise ValueError(f"config key 'models': {entry} says erasure_p {p:g}, but its network "
+                             f"{'takes' if p == 0 else 'does not take'} a mask channel")
+        trained_at = model_config.get("resolution")
+        if trained_at is not None and int(trained_at) != config.resolution:
+            raise ValueError(f"config key 'resolution': {config.resolution}, but {entry} was trained on "
+                             f"{trained_at} x {trained_at} images")
+        label = f"p{p:g}"
+        if label in labels:
+            raise ValueError(f"config key 'models': {labels[label]} and {entry} are both {label} models; "
+                             "evaluate one model per erasure probability")
+        labels[label] = entry
+        version = model_version_of(uri, config.tracking_uri)
+        if version is not None:
+            # Pinned: every task loads this version, even if another is registered meanwhile.
+            uri = f"models:/{version.name}/{version.version}"
+        tags = dict(version.tags) if version is not None else {}
+        resolved.append((uri, {**model_config, "_sampler": sampler, "_version_tags": tags}))
+    return resolved
+
+
+# The cross-over --------------------------------------------------------------------------------
+def _difficulty(row: dict[str, Any]) -> float:
+    """A task's axis as crossover.py's R_inf, growing with difficulty: ``1 / m`` for ``cs``, the
+    factor for ``sr``, ``1 / NFE`` for the ``nfe`` sweep."""
+    if row["task"] == "sr":
+        return float(row["factor"])
+    return 1.0 / float(row["nfe"] if row["task"] == "nfe" else row["measurements"])
+
+
+def image_crossovers(rows: Sequence[dict[str, Any]], *, n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """For each ambient model (``p > 0``) against the ``p = 0`` model, per task and metric: the
+    easiest setting at which the ambient model beats it on average over the images (paired by
+    image), scanning from the easiest setting to the hardest (most measurements, smallest
+    factor, most NFEs first): where it "starts beating p = 0" (paper figures 2-4).
+
+    The functions of :mod:`adps.crossover`, with the task's difficulty (:func:`_difficulty`) as
+    their ``r_inf``. Rows: one per model, ``task``, ``axis`` (``measurements`` / ``factor`` /
+    ``nfe``), ``metric``: ``crossover`` (the setting, None if the ambient model never wins),
+    ``margin`` (mean improvement there, positive = better), ``ci_low`` / ``ci_high``
+    (bootstrap interval) and ``n_images``. Empty without a ``p = 0`` model.
+    """
+    from adps.crossover import crossover_table
+
+    models = {r["model"]: r["erasure_p"] for r in rows if r["sampler"] != PINV}
+    reference = next((label for label, p in models.items() if p == 0), None)
+    ambient = sorted((label for label, p in models.items() if p and p > 0), key=lambda label: models[label])
+    if reference is None or not ambient:
+        return []
+    metrics = [m for m in METRICS if any(math.isfinite(r[m]) for r in rows)]
+    found = []
+    for task in TASKS:
+        axis = FIGURES[task][1]
+        task_rows = [r for r in rows if r["task"] == task and r["sampler"] != PINV]
+        if not task_rows:
+            continue
+        setting_of = {_difficulty(r): r[axis] for r in task_rows}
+        mapped = [{"model": r["model"], "r_inf": _difficulty(r), "slice": r["image"], **{m: r[m] for m in metrics}}
+                  for r in task_rows]
+        for c in crossover_table(mapped, ambient, reference, metrics, n_boot=n_boot, seed=seed):
+            found.append({"model": c.model, "reference": c.reference, "task": task, "axis": axis, "metric": c.metric,
+                          "crossover": None if c.crossover_r is None else setting_of[c.crossover_r],
+                          "margin": c.margin, "ci_low": c.ci_low, "ci_high": c.ci_high, "n_images": c.n_slices})
+    return found
+
+
+# The whole evaluation ------------------------------------------------------------------------
+def evaluate_images(
+    config: ImageEvaluateConfig, *, ray_address: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Run (or resume) the natural-image evaluation; returns ``{"rows", "crossover", "run_id",
+    "output", "figures"}`` (``figures``: the file names written)."""
+    from adps.images import ImageDataset
+    from adps.orchestration.evaluate import run_cells
+    from adps.orchestration.tracking import resolve_tracking_uri
+
+    config.validate()
+    # Resolved once on the driver: the tasks run in other folders (and models:/ URIs need it).
+    config = config.replace(tracking_uri=resolve_tracking_uri(config.tracking_uri))
+    if "://" not in config.resolved_output:
+        config = config.replace(output=str(Path(config.resolved_output).resolve()))
+    if "://" not in config.images:
+        config = config.replace(images=str(Path(config.images).resolve()))
+    if config.lpips:
+        from adps.perceptual import find_weights
+
+        # A missing weights file fails here, naming it, not in every task.
+        config = config.replace(lpips_weights=str(find_weights("alexnet", config.lpips_weights or None)))
+    with ImageDataset(config.images, config.resolution) as dataset:
+        n_test = len(dataset)
+    models = _resolve_models(config)
+    if progress:
+        tasks = [task for task, values in (("cs", config.measurements), ("sr", config.factors)) if values]
+        for _, model_config in models:
+            for task in tasks:
+                steps, guidance, source = _settings(config, model_config["_version_tags"], task)
+                print(f"adps evaluate: p{float(model_config['erasure_p']):g} ({model_config['_sampler']}) {task}: "
+                      f"steps {steps}, guidance {guidance:g} ({source})", flush=True)
+    cells = plan_image_cells(config, models, n_test)
+    rows = run_cells(_image_cell_task, config.to_dict(), cells, output=config.resolved_output,
+                     use_gpu=config.use_gpu, ray_address=ray_address, progress=progress,
+                     describe=lambda cell: f"{cell.label} {cell.task} {cell.setting} steps {cell.steps}")
+    rows.sort(key=lambda r: (r["model"], TASKS.index(r["task"]), r["measurements"] or 0, r["factor"] or 0,
+                             r["steps"], r["image"]))
+    crossovers = image_crossovers(rows, n_boot=config.n_boot, seed=config.seed)
+    run_id, figures = _log_to_mlflow(config, rows, crossovers)
+    return {"rows": rows, "crossover": crossovers, "run_id": run_id, "output": config.resolved_output,
+            "figures": figures}
+
+
+def _summary_metrics(rows: Sequence[dict[str, Any]], crossovers: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Means over images per (model, task, setting) and the cross-overs, as MLflow metrics."""
+    import pandas as pd
+
+    table = pd.DataFrame(list(rows))
+    metrics: dict[str, float] = {}
+    for (model, task, measurements, factor, nfe), group in table.groupby(
+            ["model", "task", "measurements", "factor", "nfe"], dropna=False, sort=True):
+        setting = f"x{factor:g}" if task == "sr" else f"nfe{nfe:g}" if task == "nfe" else f"m{measurements:g}"
+        for metric in METRICS:
+            metrics[f"{metric}.{model}.{task}.{setting}"] = float(group[metric].mean())
+    for c in crossovers:
+        if c["crossover"] is not None:
+            key = f"{c['model']}.{c['task']}.{c['metric']}"
+            metrics.update({f"crossover.{key}": c["crossover"], f"crossover_margin.{key}": c["margin"],
+                            f"crossover_ci_low.{key}": c["ci_low"], f"crossover_ci_high.{key}": c["ci_high"]})
+    return metrics
+
+
+def _log_to_mlflow(
+    config: ImageEvaluateConfig, rows: list[dict[str, Any]], crossovers: list[dict[str, Any]]
+) -> tuple[str, list[str]]:
+    import tempfile
+
+    import pandas as pd
+
+    from adps.orchestration.evaluate import publish_report
+    from adps.orchestration.figures import sweep_figure
+    from adps.orchestration.tracking import RunLogger, end_run, open_run
+
+    tracking_uri = config.tracking_uri
+    run_id, _ = open_run(tracking_uri, config.experiment, f"{config.resolved_output}#{config.run_name}",
+                         config.run_name, config.to_dict())
+    log = RunLogger(tracking_uri, run_id)
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    metrics = [m for m in METRICS if table[m].notna().any()]
+    figures = []
+    with tempfile.TemporaryDirectory(prefix="adps-image-eval-") as tmp:
+        folder = Path(tmp)
+        table.to_parquet(folder / "results.parquet", index=False)
+        table.to_csv(folder / "results.csv", index=False)
+        columns = ["model", "reference", "task", "axis", "metric", "crossover", "margin", "ci_low", "ci_high", "n_images"]
+        pd.DataFrame(crossovers, columns=columns).to_csv(folder / "crossover.csv", index=False)
+        for task, (name, x, xlabel) in FIGURES.items():
+            part = table[table["task"] == task]
+            if part.empty:
+                continue
+            title = f"compressed sensing, m = {config.nfe_measurements}" if task == "nfe" else ""
+            figure = sweep_figure(part, metrics, x, xlabel, title=title, log_x=True)
+            figure.savefig(folder / name, dpi=120, bbox_inches="tight")
+            figures.append(name)
+        publish_report(log, folder, config.resolved_output)
+    log.log_metrics(_summary_metrics(rows, crossovers), 0)
+    log.set_tags({"adps.crossover_none": ",".join(f"{c['model']}.{c['task']}.{c['metric']}" for c in crossovers
+                                                  if c["crossover"] is None)})
+    end_run(tracking_uri, run_id, "FINISHED")
+    return run_id, figures
+
+
+# Printing ------------------------------------------------------------------------------------
+def format_image_results(rows: Sequence[dict[str, Any]], metric: str = "mse") -> str:
+    """Mean ``metric`` over images: one line per (model, sampler), one column per task setting."""
+    import pandas as pd
+
+    table = pd.DataFrame(list(rows))
+    if table.empty:
+        return "(no rows)"
+    table["run"] = table["model"] + " " + table["sampler"]
+    table["setting"] = [f"{t} x{f:g}" if t == "sr" else f"nfe {n:g}" if t == "nfe" else f"{t} m {m:g}"
+                        for t, m, f, n in zip(table["task"], table["measurements"], table["factor"], table["nfe"],
+                                              strict=True)]
+    order = list(dict.fromkeys(table["setting"]))
+    pivot = table.pivot_table(index="run", columns="setting", values=metric, aggfunc="mean")
+    pivot = pivot[[s for s in order if s in pivot.columns]]
+    return f"mean {metric} over images\n" + pivot.to_string(float_format=lambda v: f"{v:.4g}", na_rep="-")
+
+
+def format_image_crossover(crossovers: Sequence[dict[str, Any]]) -> str:
+    """The cross-over table: model, task, metric, the setting and the margin with its interval."""
+    lines = [f"{'model':8s} {'task':4s} {'metric':6s} {'axis':>12s} {'at':>6s} {'margin':>9s}  95% CI"]
+    for c in crossovers:
+        if c["crossover"] is None:
+            lines.append(f"{c['model']:8s} {c['task']:4s} {c['metric']:6s} {c['axis']:>12s} {'none':>6s} {'-':>9s}  -")
+        else:
+            lines.append(f"{c['model']:8s} {c['task']:4s} {c['metric']:6s} {c['axis']:>12s} {c['crossover']:>6g} "
+                         f"{c['margin']:9.4g}  [{c['ci_low']:.4g}, {c['ci_high']:.4g}]")
+    return "\n".join(lines)
+
