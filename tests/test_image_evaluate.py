@@ -1,5 +1,6 @@
-"""The natural-image evaluation (adps evaluate --study images) on local Ray: tiny image models
-trained in this process at p = 0 and p = 0.6, compressed sensing, super-resolution and the NFE
+"""The natural-image evaluation (adps evaluate --study images) on local Ray: the tiny p = 0 and
+p = 0.6 models that the session's image grid fixture trained through Ray Train and registered
+(tests/conftest.py ``image_models``), compressed sensing, super-resolution and the NFE
 sweep on 16 x 16 synthetic images; the table, the three figures and the cross-over table in
 MLflow and in the output folder; a re-run that computes nothing."""
 
@@ -25,36 +26,6 @@ from adps.orchestration.image_evaluate import (
 RESOLUTION = 16
 
 
-def train_tiny_image_model(folder: Path, images: Path, p: float, *, steps: int = 30) -> Path:
-    """``steps`` Adam steps of a tiny image model on ``images`` seen through erasure masks at
-    ``p`` (the ambient loss; EDM's loss at p = 0), saved as a model folder."""
-    from adps.images import ImageDataset
-    from adps.nn.checkpoint import save_model
-    from adps.nn.image_diffusion import ambient_image_loss, build_image_model, image_edm_loss
-
-    torch.manual_seed(0)
-    model = build_image_model("tiny", ambient=p > 0)
-    with ImageDataset(images, RESOLUTION, erasure_p=p, seed=0) as dataset:
-        items = [dataset[i] for i in range(len(dataset))]
-    batch = torch.stack([item["image"] for item in items])
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(1)
-    model.train()
-    for _ in range(steps):
-        sigma = (torch.randn(len(batch), generator=generator) * 1.2 - 1.2).exp()  # EDM's log-normal levels
-        noise = torch.randn(batch.shape, generator=generator)
-        if p > 0:
-            masks = torch.stack([item["mask"] for item in items])
-            loss = ambient_image_loss(model, batch, masks, sigma, noise, generator=generator)
-        else:
-            loss = image_edm_loss(model, batch, sigma, noise)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    config = {"method": "image", "erasure_p": p, "delta": 0.1, "resolution": RESOLUTION, "preset": "tiny"}
-    return save_model(folder / f"p{p:g}", model.eval(), config)
-
-
 @pytest.fixture(scope="module")
 def test_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from adps.images import write_image_folder
@@ -62,20 +33,6 @@ def test_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("image-eval") / "test"
     write_image_folder(folder, 3, resolution=RESOLUTION, seed=7)
     return folder
-
-
-@pytest.fixture(scope="module")
-def image_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from adps.images import write_image_folder
-
-    root = tmp_path_factory.mktemp("image-models")
-    write_image_folder(root / "train", 8, resolution=RESOLUTION, seed=1)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return {f"p{p:g}": train_tiny_image_model(root, root / "train", p) for p in (0.0, 0.6)}
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -191,14 +148,16 @@ def test_crossover_is_where_the_ambient_model_starts_winning() -> None:
 
 
 def test_evaluation_writes_table_figures_and_crossover_and_resumes(
-    ray_session, image_models: dict[str, Path], test_images: Path, alexnet_weights: Path, tmp_path: Path, capsys
+    ray_session, image_models: dict, test_images: Path, alexnet_weights: Path, tmp_path: Path, capsys
 ) -> None:
+    """The models are the p = 0 and p = 0.6 models the image grid fixture trained through Ray
+    Train and registered (``models:/adps-image-p0/<v>``): train, registry and evaluation chain."""
     import mlflow
     import pandas as pd
     from mlflow import MlflowClient
 
     config = ImageEvaluateConfig(
-        models=(str(image_models["p0"]), str(image_models["p0.6"])), images=str(test_images), resolution=RESOLUTION,
+        models=(image_models["models"][0.0], image_models["models"][0.6]), images=str(test_images), resolution=RESOLUTION,
         n_images=3, images_per_task=4, measurements=(64, 256), factors=(2, 4), steps_list=(2, 4),
         nfe_measurements=256, steps=3, noise=0.01, lpips_weights=str(alexnet_weights), lpips_resize=32, n_boot=200,
         output=str(tmp_path / "eval"), run_name="image-eval-test", experiment="image-eval-test",
