@@ -14,7 +14,8 @@
 #      phantoms need sigpy's birdcage_maps: where sigpy is missing, a stand-in for that one function
 #      is put on the tests' path (in a temporary folder, never in the repository);
 #   3. bench/train_scaling.py --gpu: bare train_step vs worker_loop, paper-size ambient, bf16/fp32;
-#   4. bench/train_step.py --device cuda: every method's tiny preset, and the paper-size ambient row;
+#   4. bench/train_step.py --device cuda: every method's tiny preset, and the paper-size ambient row
+#      with and without activation checkpointing;
 #   5. bench/operators.py --device cuda: the SENSE operators at the paper's test size;
 #   6. bench/sample_speed.py --device cuda: A-DPS s/slice at batches 1, 8, 16 (paper test size).
 #
@@ -101,7 +102,7 @@ PYEOF
 else
     DEVICE=cuda
     SCALING_ARGS=(--gpu --warmup 5 --steps 20)
-    TRAIN_STEP_ARGS=(--device cuda --warmup 2 --repeats 5)
+    TRAIN_STEP_ARGS=(--device cuda --warmup 2 --repeats 5 --checkpointing off on)
     OPERATORS_ARGS=(--device cuda)
     SAMPLE_ARGS=(--device cuda --batches 1 8 16 --amp bf16)
     PYTEST_K="cuda or gpu"
@@ -211,10 +212,15 @@ for r in rows("train_scaling.json"):
         print(f"train_scaling  {r['name']:22s} {r['amp']:5s} {r['median_ms']:9.1f} ms/step {r['slices_per_s']:8.2f} "
               f"slices/s  vs bare {ratio}  peak {memory}")
 for r in rows("train_step.jsonl"):
-    print(f"train_step     {r['method']:8s} {r['preset']:8s} {r['batch']}x{r['height']}x{r['width']} amp {r['amp']}: "
+    print(f"train_step     {r['method']:8s} {r['preset']:8s} {r['batch']}x{r['height']}x{r['width']} amp {r['amp']}"
+          f"{' ckpt' if r.get('activation_checkpointing') else ''}: "
           f"{r['median_ms']:9.1f} ms {r['slices_per_s']:8.2f} slices/s peak {r['peak_memory_gb']:.1f} GB")
 for r in rows("sample_speed.json"):
-    print("sample_speed  ", json.dumps(r))
+    if r.get("error"):
+        print(f"sample_speed   a_dps batch {r['batch']:3d} amp {r['amp']}: {r['error']}")
+    else:
+        print(f"sample_speed   a_dps batch {r['batch']:3d} amp {r['amp']}: {r['median_step_ms']:9.1f} ms/step "
+              f"{r['s_per_slice']:8.2f} s/slice ({r['steps']} steps) peak {r['peak_memory_gb'] or 0:.1f} GB")
 for r in rows("operators.jsonl"):
     print(f"operators      {r['operation']:42s} {r['median_ms']:9.3f} ms  {r['shape']}")
 PYEOF

@@ -36,6 +36,7 @@ import torch
 from adps.data.phantom import brain_phantom
 from adps.mri import column_mask, fft2c, further_corrupted_mask, lines_at
 from adps.nn import EMA, MRI_METHODS, PAPER_PRESETS, build_model, make_synthetic_batch, train_step
+from adps.nn.unet import set_activation_checkpointing
 
 PAPER_REFERENCE = {
     "source": "Aali, Daras et al. 2025 reference code (issue 4)",
@@ -100,10 +101,12 @@ def peak_memory_gb(device: torch.device) -> tuple[float, str]:
 
 def bench_one(
     method: str, preset: str, device: torch.device, batch_size: int, height: int, width: int, coils: int,
-    acceleration: float, amp: str | None, warmup: int, repeats: int,
+    acceleration: float, amp: str | None, warmup: int, repeats: int, checkpointing: bool = False,
 ) -> dict[str, object]:
     torch.manual_seed(0)
     model = build_model(method, preset).to(device).train()
+    if checkpointing and not set_activation_checkpointing(model):
+        raise ValueError(f"--checkpointing: {method} has no U-Net")
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8)
     ema = EMA(model)
     batch = {k: v.to(device) for k, v in make_batch(batch_size, coils, height, width, acceleration).items()}
@@ -138,6 +141,7 @@ def bench_one(
         "coils": coils,
         "acceleration": acceleration,
         "amp": amp,
+        "activation_checkpointing": checkpointing,
         "median_ms": round(median * 1e3, 2),
         "slices_per_s": round(batch_size / median, 3),
         "peak_memory_gb": round(memory, 3),
@@ -162,6 +166,8 @@ def main() -> None:
                         help="autocast of the paper-size ambient row on CUDA")
     parser.add_argument("--no-paper", action="store_true", help="skip the paper-size ambient row on CUDA")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
+    parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off"],
+                        help="activation checkpointing of the paper-size ambient row (both: --checkpointing off on)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -181,9 +187,12 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         if device.type == "cuda" and not args.no_paper and "ambient" in args.methods:
             amp = None if args.paper_amp == "none" else args.paper_amp
-            row = bench_one("ambient", PAPER_PRESETS["ambient"], device, 8, 384, 320, 4,
-                            args.acceleration, amp, args.warmup, args.repeats)
-            print(json.dumps(row), flush=True)
+            for checkpointing in args.checkpointing:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                row = bench_one("ambient", PAPER_PRESETS["ambient"], device, 8, 384, 320, 4,
+                                args.acceleration, amp, args.warmup, args.repeats, checkpointing == "on")
+                print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

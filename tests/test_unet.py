@@ -385,3 +385,36 @@ def test_save_model_rejects_reserved_keys_and_leaves_no_temporaries(tmp_path: Pa
     folder = save_model(tmp_path / "c", net, {"preset": "tiny"})
     save_model(folder, net, {"preset": "tiny"})  # overwrite in place
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "weights.safetensors"]
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients() -> None:
+    """The memory-lean mode recomputes each block in the backward pass: with dropout on, the
+    RNG state is replayed, so the loss and every gradient equal those of the plain network."""
+    from adps.nn.precond import EDMPrecond
+    from adps.nn.unet import set_activation_checkpointing
+
+    def loss_and_grads(checkpointing: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = EDMPrecond(build_unet("tiny", dropout=0.2)).train()
+        assert set_activation_checkpointing(model, checkpointing) == 1
+        x = torch.randn(2, 2, 32, 32, generator=torch.Generator().manual_seed(1))
+        cond = torch.ones(2, 2, 32, 32)
+        torch.manual_seed(2)  # the dropout masks
+        loss = model(x, torch.tensor([0.5, 2.0]), cond=cond).square().sum()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    plain_loss, plain_grads = loss_and_grads(False)
+    lean_loss, lean_grads = loss_and_grads(True)
+    assert torch.equal(plain_loss, lean_loss)
+    assert len(plain_grads) == len(lean_grads)
+    for a, b in zip(plain_grads, lean_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_is_refused_for_methods_without_a_unet() -> None:
+    from adps.nn.train_config import TrainConfig
+
+    with pytest.raises(ValueError, match="'activation_checkpointing': only the U-Net methods"):
+        TrainConfig(method="modl", acceleration=4, dataset="x", activation_checkpointing=True).validate(
+            check_dataset=False)

@@ -38,6 +38,8 @@ PAPER_GRID: dict[str, tuple[float, ...]] = {
     "modl": PAPER_ACCELERATIONS,
     "ssdu": PAPER_ACCELERATIONS,
 }
+# Methods whose network is the SongUNet (activation_checkpointing applies to them).
+UNET_METHODS = ("ambient", "edm", "edm_l1", "image")
 # Methods trained on fully sampled data (R = 1 only).
 FULLY_SAMPLED = ("edm", "ncsnv2")
 # The paper's natural-image models (section 3.1): method "image" at these erasure probabilities.
@@ -108,6 +110,11 @@ class TrainConfig(ConfigFile):
     amp: str = ""
     """Mixed precision of the forward pass: ``""`` (float32, right on CPU), ``bf16`` or ``fp16``.
     METHOD.md trains in mixed precision: the GPU configs set ``bf16``."""
+    activation_checkpointing: bool = False
+    """Memory-lean mode for the U-Net methods (ambient, edm, edm_l1, image): every residual
+    block's activations are recomputed in the backward pass instead of kept
+    (:attr:`adps.nn.unet.SongUNet.activation_checkpointing`): the same gradients, about one more
+    forward pass per step, for 24 GB cards."""
     num_workers: int = 1
     """Ray Train workers (one per GPU); each reads a disjoint share of the train shards."""
     use_gpu: bool = False
@@ -200,6 +207,9 @@ class TrainConfig(ConfigFile):
         """
         if self.method not in METHODS:
             raise ValueError(f"config key 'method': unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.activation_checkpointing and self.method not in UNET_METHODS:
+            raise ValueError(f"config key 'activation_checkpointing': only the U-Net methods ({', '.join(UNET_METHODS)}) "
+                             f"have it, not {self.method}")
         if self.preset and self.preset not in (PAPER_PRESETS[self.method], "tiny"):
             raise ValueError(
                 f"config key 'preset': {self.method} takes {PAPER_PRESETS[self.method]!r} or 'tiny', got {self.preset!r}"

@@ -59,6 +59,7 @@ from adps.nn.ema import EMA, unwrap_model
 from adps.nn.reconstruct import image_validation_mse, validation_nrmse
 from adps.nn.train_config import TrainConfig
 from adps.nn.train_step import build_model, train_step
+from adps.nn.unet import set_activation_checkpointing
 
 __all__ = [
     "ImageTrainingSet",
@@ -137,6 +138,8 @@ def build_trainee(
     # An image model takes the mask channel exactly when its training set is corrupted.
     kind = {"ambient": config.erasure_p > 0} if config.is_image else {}
     model = build_model(config.method, config.resolved_preset, **kind)
+    if config.activation_checkpointing:
+        set_activation_checkpointing(model)
     model = wrap(model) if wrap is not None else model.to(device)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps)
