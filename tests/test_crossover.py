@@ -43,8 +43,8 @@ def test_pairing_is_by_slice_and_ignores_unpaired_and_missing_values() -> None:
     rows.append({"model": "edm_r1", "r_inf": 4, "slice": "s2", "nrmse": float("nan")})
     d = paired_differences(rows, "ambient_r4", "edm_r1", "nrmse", 4)
     np.testing.assert_allclose(d, [0.1, 0.1])
-    with pytest.raises(ValueError, match="metric 'mse'"):
-        paired_differences(rows, "ambient_r4", "edm_r1", "mse", 4)
+    with pytest.raises(ValueError, match="metric 'dice'"):
+        paired_differences(rows, "ambient_r4", "edm_r1", "dice", 4)
 
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_slices() -> None:
