@@ -102,11 +102,17 @@ def peak_memory_gb(device: torch.device) -> tuple[float, str]:
 def bench_one(
     method: str, preset: str, device: torch.device, batch_size: int, height: int, width: int, coils: int,
     acceleration: float, amp: str | None, warmup: int, repeats: int, checkpointing: bool = False,
+    compile_mode: str | None = None, channels_last: bool = False,
 ) -> dict[str, object]:
     torch.manual_seed(0)
     model = build_model(method, preset).to(device).train()
     if checkpointing and not set_activation_checkpointing(model):
         raise ValueError(f"--checkpointing: {method} has no U-Net")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile_mode:
+        # The whole denoiser (preconditioning included); train_step and the EMA look through the wrapper.
+        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8)
     ema = EMA(model)
     batch = {k: v.to(device) for k, v in make_batch(batch_size, coils, height, width, acceleration).items()}
@@ -142,6 +148,8 @@ def bench_one(
         "acceleration": acceleration,
         "amp": amp,
         "activation_checkpointing": checkpointing,
+        "compile": compile_mode,
+        "channels_last": channels_last,
         "median_ms": round(median * 1e3, 2),
         "slices_per_s": round(batch_size / median, 3),
         "peak_memory_gb": round(memory, 3),
@@ -168,6 +176,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off"],
                         help="activation checkpointing of the paper-size ambient row (both: --checkpointing off on)")
+    parser.add_argument("--compile", nargs="+", choices=["off", "default", "max-autotune-no-cudagraphs"],
+                        default=["off"], help="torch.compile the paper-size ambient row (one row per mode)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last weights for the paper-size row")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -187,12 +198,18 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         if device.type == "cuda" and not args.no_paper and "ambient" in args.methods:
             amp = None if args.paper_amp == "none" else args.paper_amp
-            for checkpointing in args.checkpointing:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                row = bench_one("ambient", PAPER_PRESETS["ambient"], device, 8, 384, 320, 4,
-                                args.acceleration, amp, args.warmup, args.repeats, checkpointing == "on")
-                print(json.dumps(row), flush=True)
+            for compile_mode in args.compile:
+                for checkpointing in args.checkpointing:
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    try:
+                        row = bench_one("ambient", PAPER_PRESETS["ambient"], device, 8, 384, 320, 4,
+                                        args.acceleration, amp, args.warmup, args.repeats, checkpointing == "on",
+                                        None if compile_mode == "off" else compile_mode, args.channels_last)
+                    except Exception as err:  # one failed configuration must not hide the others
+                        row = {"device": device_name(device), "method": "ambient", "compile": compile_mode,
+                               "activation_checkpointing": checkpointing == "on", "error": repr(err)[:500]}
+                    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
