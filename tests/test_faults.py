@@ -54,8 +54,10 @@ def _in_background(function: Callable[..., Any], *args: Any, **kwargs: Any) -> t
 def test_a_worker_killed_twice_resumes_exactly_in_one_mlflow_run(tiny_prepared: str, tmp_path: Path) -> None:
     """Fault: the process of worker rank 1 is SIGKILLed after step 3 and again after step 5 (2
     workers, checkpoint every 2 steps). Must hold: Ray restarts the worker group twice, each time
-    from the latest checkpoint (step 2, then step 4); the run ends with exactly max_steps steps,
-    the right data position and one MLflow run, FINISHED."""
+    from the latest checkpoint Ray's controller had recorded (step 2, then step 4; or step 2
+    again when the kill after step 5 came before the controller's next poll collected step 4's
+    report: a fresh-clone CI saw that once); the run ends with exactly max_steps steps, the right
+    data position and one MLflow run, FINISHED."""
     config = tiny_config(
         tiny_prepared, num_workers=2, max_steps=6, checkpoint_every_steps=2, fail_at_steps=(3, 5), max_failures=2,
         storage_path=str(tmp_path / "runs"), run_name="ambient_fault", register=False, validate_every_steps=2,
@@ -64,7 +66,8 @@ def test_a_worker_killed_twice_resumes_exactly_in_one_mlflow_run(tiny_prepared: 
     result = train(config)
     assert result.error is None
     assert result.metrics["step"] == 6
-    assert result.metrics["resumed_from"] == 4, "the second restart must resume from the step-4 checkpoint"
+    # The second restart resumes from the newest checkpoint the controller recorded by then.
+    assert result.metrics["resumed_from"] in (2, 4), result.metrics["resumed_from"]
     assert all((tmp_path / "runs" / "ambient_fault" / f".adps-fault-step-{s}").exists() for s in (3, 5))
     with result.checkpoint.as_directory() as folder:
         folder = Path(folder)
