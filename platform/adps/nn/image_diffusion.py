@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from adps.images.operators import erasure_mask, further_corrupt
 
 from .ema import unwrap_model
-from .objectives import Denoiser, _per_sample, edm_weight
+from .objectives import Denoiser, _per_sample, edm_channel_loss, edm_weight
 from .precond import EDMPrecond
 from .unet import build_unet
 
@@ -194,10 +194,7 @@ def image_edm_loss(
     _check_images(images)
     if noise.shape != images.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from images shape {tuple(images.shape)}")
-    sigma = _per_sample(torch.as_tensor(sigma, dtype=torch.float32, device=images.device), images.shape[0])
-    denoised = denoiser(images + sigma.view(-1, 1, 1, 1) * noise, sigma).float()
-    per_image = edm_weight(sigma, sigma_data) * (denoised - images).square().sum(dim=(1, 2, 3))
-    return per_image.mean() if reduce else per_image
+    return edm_channel_loss(denoiser, images, sigma, noise, sigma_data=sigma_data, reduce=reduce)
 
 
 def sampling_mask(

@@ -83,8 +83,9 @@ from adps.images.operators import ImageOperator
 
 from .ema import unwrap_model
 from .image_diffusion import DEFAULT_DELTA, IMAGE_CHANNELS, ambient_image_input, is_ambient_image_model, sampling_mask
+from .objectives import _randn
 from .precond import EDMPrecond
-from .samplers import Callback, _autocast, _device, _emit, _eval_mode, _grid
+from .samplers import Callback, _autocast, _device, _emit, _eval_mode, _grid, _sigma_vector
 from .schedules import edm_sigmas
 
 __all__ = [
@@ -216,13 +217,6 @@ def _schedule(sigmas: Tensor | None, steps: int | None, sampler: str) -> list[fl
     return _grid(sigmas, sampler)
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Standard normal float32 draws from ``generator`` on its own device, moved to ``device``
-    (the same seed gives the same draw whichever device the model is on)."""
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
-
-
 # ------------------------------------------------------------------------------ the guided Heun loop
 
 
@@ -290,10 +284,6 @@ def _prepare(
         y = y.detach().to(device, torch.float32)
     shape = _image_shape(y, operator, sampler)
     return device, y, shape, grid, guidance
-
-
-def _sigma_vector(sigma: float, n: int, device: torch.device) -> Tensor:
-    return torch.full((n,), float(sigma), dtype=torch.float32, device=device)
 
 
 # ------------------------------------------------------------------------------ samplers

@@ -35,6 +35,7 @@ __all__ = [
     "channels_to_complex",
     "complex_to_channels",
     "dsm_loss",
+    "edm_channel_loss",
     "edm_loss",
     "edm_weight",
     "mask_channels",
@@ -152,12 +153,25 @@ def edm_loss(
     """
     if noise.shape != images.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from images shape {tuple(images.shape)}")
-    sigma = _per_sample(torch.as_tensor(sigma, dtype=torch.float32, device=images.device), images.shape[0])
-    x = complex_to_channels(images)
-    noisy = x + sigma.view(-1, 1, 1, 1) * complex_to_channels(noise)
-    denoised = denoiser(noisy, sigma)
-    per_slice = edm_weight(sigma, sigma_data) * (denoised.float() - x).square().sum(dim=(1, 2, 3))
-    return per_slice.mean() if reduce else per_slice
+    return edm_channel_loss(denoiser, complex_to_channels(images), sigma, complex_to_channels(noise),
+                            sigma_data=sigma_data, reduce=reduce)
+
+
+def edm_channel_loss(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigma: Tensor,
+    noise: Tensor,
+    *,
+    sigma_data: float = 0.5,
+    reduce: bool = True,
+) -> Tensor:
+    """EDM's loss on real channels ``x`` ``(N, C, H, W)`` with noise of the same shape: the core
+    of :func:`edm_loss` (``[Re, Im]`` of MRI images) and of the natural-image EDM loss (RGB)."""
+    sigma = _per_sample(torch.as_tensor(sigma, dtype=torch.float32, device=x.device), x.shape[0])
+    denoised = denoiser(x + sigma.view(-1, 1, 1, 1) * noise, sigma)
+    per_item = edm_weight(sigma, sigma_data) * (denoised.float() - x).square().sum(dim=(1, 2, 3))
+    return per_item.mean() if reduce else per_item
 
 
 # ------------------------------------------------------------------------------ ambient
