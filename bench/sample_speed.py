@@ -3,6 +3,7 @@
     python bench/sample_speed.py                     # CUDA when present (else the CPU case)
     python bench/sample_speed.py --device cpu        # small CPU case: tiny network, 32 x 32, 4 coils
     python bench/sample_speed.py --device cuda --batches 1 8 --amp none --json out.json
+    python bench/sample_speed.py --device cuda --batches 8 --compile default
 
 What is timed is :func:`adps.nn.samplers.a_dps` itself (the A-DPS loop of METHOD.md: per step
 one ambient-network forward on ``[A_tr^H A_tr x, mask_tr]``, the data residual through
@@ -41,11 +42,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._dynamo
 
 from adps.data.phantom import brain_phantom
 from adps.mri import SenseOperator, column_mask, lines_at
 from adps.nn import build_model, count_parameters, edm_sigmas, train_masks
 from adps.nn.samplers import a_dps
+from adps.nn.unet import set_activation_checkpointing
 
 # Paper (Aali, Daras et al. 2025, section 3.3 / appendix): A-DPS, 500 steps, one H100.
 PAPER_S_PER_SLICE = {1: 45.6, 8: 20.4}
@@ -146,6 +149,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timed-steps", type=int, default=None, help="steps measured after the warm-up")
     parser.add_argument("--full", action="store_true", help="run all --steps steps instead of extrapolating")
     parser.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="network autocast (CUDA)")
+    parser.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        default="off", help="torch.compile the network, afresh for each batch size (static shapes; "
+                                            "the compilation falls in the warm-up steps, see first_step_ms)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="activation checkpointing in the network's gradient to x (less memory: larger batches)")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None, help="write settings, environment and rows here")
     args = parser.parse_args(argv)
@@ -169,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_model("ambient", args.preset).to(device)
+    if args.checkpointing:
+        set_activation_checkpointing(model)
     name = device_name(device)
     rows, failed = [], False
     for batch in args.batches:
@@ -186,12 +196,18 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "extrapolated": not args.full,
             "amp": args.amp,
+            "compile": args.compile,
+            "activation_checkpointing": args.checkpointing,
             "paper_s_per_slice": PAPER_S_PER_SLICE.get(batch) if args.device == "cuda" else None,
             "paper_device": PAPER_DEVICE,
             "error": None,
         }
         try:
-            row.update(bench_batch(model, device, batch, args))
+            net = model
+            if args.compile != "off":
+                torch._dynamo.reset()  # a fresh static-shape graph per batch size
+                net = torch.compile(model, mode=None if args.compile == "default" else args.compile, dynamic=False)
+            row.update(bench_batch(net, device, batch, args))
         except torch.cuda.OutOfMemoryError:
             row["error"] = "out of memory"
         except Exception as exc:  # noqa: BLE001 (a benchmark reports every failure and goes on)

@@ -137,6 +137,44 @@ def test_one_step_of_every_method_and_checkpoint_round_trip(tmp_path: Path, one_
     torch.testing.assert_close(before[0]["exp_avg"], after[0]["exp_avg"], rtol=0, atol=0)
 
 
+def test_compiled_training_takes_the_same_steps_and_saves_plain_weights(tmp_path: Path, monkeypatch,
+                                                                        one_intra_op_thread) -> None:
+    """``compile_mode``: build_trainee hands the network to ``torch.compile`` (with the mode
+    asked for); the compiled ambient step gives the eager step's loss and weights, and the
+    checkpoint, EMA and restore see the plain module. Dynamo traces the network in one graph
+    (no graph break) here, with the ``eager`` backend (the captured graph run as is) because
+    Inductor's C++ build of the kernels costs minutes on this CPU; Inductor itself, on CUDA, is
+    what bench/gpu_check.sh checks (``bench/train_step.py --compile default --precision-check
+    bf16``: speed, and loss and gradients against float32)."""
+    import torch._dynamo
+
+    asked: list[str | None] = []
+    real_compile = torch.compile
+
+    def compile_cheaply(model, *, mode=None, **kwargs):
+        asked.append(mode)
+        return real_compile(model, backend="eager", fullgraph=True, **kwargs)  # fullgraph: a break fails
+
+    monkeypatch.setattr(torch, "compile", compile_cheaply)
+    torch._dynamo.reset()
+    batch = make_synthetic_batch(2, 2, 32, 32, 4, seed=0, acs=4)
+    config = TrainConfig(method="ambient", acceleration=4, preset="tiny", dataset="x", lr_rampup_images=0)
+    eager, compiled = build_trainee(config), build_trainee(config.replace(compile_mode="max-autotune"))
+    assert asked == ["max-autotune"] and hasattr(compiled.model, "_orig_mod")
+    for _ in range(2):  # the second step's loss is that of the weights the first step left
+        a, b = train_one_step(eager, batch), train_one_step(compiled, batch)
+        assert not b["skipped"]
+        torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-5, atol=0)
+    plain = compiled.model._orig_mod.state_dict()
+    save_training_checkpoint(tmp_path / "ckpt", compiled, {"epoch": 0, "position": 2})
+    assert not any("_orig_mod" in key for key in load_file(tmp_path / "ckpt" / "model" / "weights.safetensors"))
+    restored = build_trainee(config.replace(compile_mode="default"))
+    assert load_training_checkpoint(tmp_path / "ckpt", restored)["step"] == 2 and asked[-1] is None
+    torch.testing.assert_close(restored.model._orig_mod.state_dict(), plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="config key 'compile_mode'"):
+        config.replace(compile_mode="fast").validate(check_dataset=False)
+
+
 def test_worker_loop_without_ray(tiny_dataset, one_intra_op_thread) -> None:
     """The loop Ray runs, driven in-process: reports, checkpoints and the step cap."""
     reports: list[tuple[dict, list[str] | None]] = []

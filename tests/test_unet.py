@@ -412,6 +412,40 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_activation_checkpointing_in_a_samplers_gradient_to_x() -> None:
+    """In eval mode with gradients on (DPS / A-DPS take the gradient of the data term to x),
+    the blocks are recomputed in the backward pass (each block runs twice) and the gradient to
+    x is the plain network's; without gradients (a plain denoiser call) nothing is recomputed."""
+    from adps.nn.precond import EDMPrecond
+    from adps.nn.unet import SongUNet, UNetBlock, set_activation_checkpointing
+
+    torch.manual_seed(0)
+    model = EDMPrecond(build_unet("tiny")).eval().requires_grad_(False)
+    block = next(m for m in model.modules() if isinstance(m, UNetBlock))
+    calls = []
+    # A pre-hook: the recomputation stops as soon as it has what the backward pass needs
+    # (torch.utils.checkpoint's early stop), before a forward hook would run.
+    block.register_forward_pre_hook(lambda *_: calls.append(1))
+    cond = torch.ones(2, 2, 32, 32)
+
+    def grad_to_x(checkpointing: bool) -> torch.Tensor:
+        set_activation_checkpointing(model, checkpointing)
+        x = torch.randn(2, 2, 32, 32, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        calls.clear()
+        model(x, torch.tensor([0.5, 2.0]), cond=cond).square().sum().backward()
+        return x.grad
+
+    plain = grad_to_x(False)
+    assert len(calls) == 1
+    lean = grad_to_x(True)
+    assert len(calls) == 2, "the checkpointed block runs again in the backward pass"
+    torch.testing.assert_close(lean, plain, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    with torch.no_grad():
+        model(torch.zeros(2, 2, 32, 32), torch.tensor([0.5, 2.0]), cond=cond)
+    assert len(calls) == 1 and all(m.activation_checkpointing for m in model.modules() if isinstance(m, SongUNet))
+
+
 def test_activation_checkpointing_is_refused_for_methods_without_a_unet() -> None:
     from adps.nn.train_config import TrainConfig
 

@@ -48,7 +48,8 @@ def edm_coefficients(sigma: Tensor | float, sigma_data: float = 0.5) -> EDMCoeff
     sigma = torch.as_tensor(sigma)
     if not sigma.is_floating_point():
         sigma = sigma.to(torch.float32)
-    if bool((sigma <= 0).any()):
+    # Not checked inside torch.compile: reading the flag back would split the compiled graph.
+    if not torch.compiler.is_compiling() and bool((sigma <= 0).any()):
         raise ValueError("edm_coefficients: sigma must be > 0 (c_noise = ln(sigma) / 4)")
     var = sigma**2 + sigma_data**2  # variance of the noisy input x + sigma n
     c_skip = sigma_data**2 / var  # Table 1: sigma_data^2 / (sigma^2 + sigma_data^2)

@@ -498,10 +498,12 @@ class SongUNet(nn.Module):
     pass but recomputed there (``torch.utils.checkpoint``, non-reentrant, RNG state preserved,
     so dropout draws the same masks and the gradients equal those without it). Costs about one
     more forward pass per step. A runtime switch, not part of :class:`UNetConfig`: it changes
-    no weight, so it is not saved with them. Only in training mode with gradients enabled."""
+    no weight, so it is not saved with them. Active whenever gradients are enabled: in
+    training, and in a posterior sampler's gradient with respect to ``x`` (DPS / A-DPS), where it
+    lets more slices share one network call."""
 
     def _block(self, layer: nn.Module, x: Tensor, emb: Tensor) -> Tensor:
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+        if self.activation_checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(layer, x, emb, use_reentrant=False)
         return layer(x, emb)
 

@@ -142,6 +142,10 @@ def build_trainee(
         set_activation_checkpointing(model)
     model = wrap(model) if wrap is not None else model.to(device)
     model.train()
+    if config.compile_mode:
+        # After DDP's wrap, so that DDP's optimiser splits the graph at its gradient buckets.
+        # The EMA, checkpoints and validation look through the wrapper to the plain module.
+        model = torch.compile(model, mode=None if config.compile_mode == "default" else config.compile_mode)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps)
     ema = EMA(model, half_life_images=config.ema_half_life_images, rampup_ratio=config.ema_rampup)
     return Trainee(config, model, optimizer, ema, rank=rank, world_size=world_size)
