@@ -122,8 +122,8 @@ class TrainConfig(ConfigFile):
     """``torch.compile`` the network for training: ``""`` (off, eager), ``default``,
     ``reduce-overhead`` (adds CUDA graphs), ``max-autotune`` or ``max-autotune-no-cudagraphs``
     (see :data:`COMPILE_MODES`). On one H200 the ambient step ran 1.5x faster and in half the
-    memory with ``default`` (bench/train_step.py). The first steps pay the compilation (about a
-    minute for the paper preset); validation, checkpoints and the EMA use the plain network."""
+    memory with ``default`` (bench/train_step.py). The first step pays the compilation;
+    validation, checkpoints and the EMA use the plain network."""
     num_workers: int = 1
     """Ray Train workers (one per GPU); each reads a disjoint share of the train shards."""
     use_gpu: bool = False

@@ -692,7 +692,7 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
                 metric=space.metric, mode=space.mode, num_samples=config.num_samples,
                 max_concurrent_trials=_max_concurrent(config),
                 # A trial's process is kept for the next trial: Ray would otherwise start a new
-                # one each time, and importing torch and adps and loading the model cost seconds.
+                # one each time, and importing torch and adps there costs seconds.
                 reuse_actors=True,
                 search_alg=OptunaSearch(space=space.ray_space(), metric=space.metric, mode=space.mode, seed=config.seed),
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=n_batches,
