@@ -277,10 +277,12 @@ def main() -> int:
             for compile_mode in args.compile:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                size = (PAPER_PRESETS["ambient"], 8, 384, 320, 4) if device.type == "cuda" else (
-                    "tiny", args.batch, args.height, args.width, args.coils)
+                # Paper size on CUDA; on the CPU the tiny rows' size.
+                preset, batch, height, width, coils = (
+                    (PAPER_PRESETS["ambient"], 8, 384, 320, 4) if device.type == "cuda"
+                    else ("tiny", args.batch, args.height, args.width, args.coils))
                 try:
-                    row = precision_check("ambient", *size[:1], device, *size[1:], args.acceleration, amp,
+                    row = precision_check("ambient", preset, device, batch, height, width, coils, args.acceleration, amp,
                                           None if compile_mode == "off" else compile_mode)
                 except Exception as err:  # noqa: BLE001 - reported as a failed check
                     row = {"device": device_name(device), "check": "amp_vs_fp32", "amp": amp, "compile": compile_mode,
