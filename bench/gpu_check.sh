@@ -5,7 +5,8 @@
 #
 # The machine has torch (CUDA), numpy, h5py, scipy, scikit-image, safetensors and pytest, but
 # no Ray, MLflow or sigpy, and nothing can be installed there; everything runs with
-# PYTHONPATH=platform. In order, each with its own time limit, inside a budget of 470 s
+# PYTHONPATH=platform. In order of importance (a step that would run past the budget is cut, the
+# ones after it skipped), each with its own time limit, inside a budget of 470 s
 # (GPU_CHECK_BUDGET_S) that keeps the whole script under 8 minutes (the issue's limit):
 #
 #   1. nvidia-smi, and the Python environment (versions; what is missing);
@@ -13,13 +14,17 @@
 #      parametrised over devices (test_train_step, test_mri_sense, test_mri_recon). Their
 #      phantoms need sigpy's birdcage_maps: where sigpy is missing, a stand-in for that one function
 #      is put on the tests' path (in a temporary folder, never in the repository);
-#   3. bench/train_scaling.py --gpu: bare train_step vs worker_loop, paper-size ambient, bf16/fp32;
-#   4. bench/train_step.py --device cuda: every method's tiny preset, and the paper-size ambient row
-#      with and without activation checkpointing, eager and torch.compile'd; the bf16 step's loss and
-#      gradients against float32 (eager and compiled);
-#   5. bench/operators.py --device cuda: the SENSE operators at the paper's test size;
-#   6. bench/sample_speed.py --device cuda: A-DPS s/slice at batches 1, 8, 16 (paper test size); with
-#      activation checkpointing at batches 16, 32; torch.compile'd at batch 8.
+#   3. bench/train_step.py --device cuda: every method's tiny preset, and the paper-size ambient
+#      step eager (cuDNN's heuristics, then cudnn.benchmark), torch.compile'd, and compiled with
+#      activation checkpointing, each profiled once (device time by kernel family); the bf16
+#      step's loss and gradients against float32 (eager and compiled);
+#   4. bench/operators.py --device cuda: the SENSE operators at the paper's test size;
+#   5. bench/sample_speed.py --device cuda: A-DPS s/slice compiled at batch 16 (weights frozen in
+#      the sampler, so the compiled backward computes the gradient to x alone), then eager at
+#      batches 1 and 8 (the first measurement's rows);
+#   6. bench/train_scaling.py --gpu: the bare step against the platform's worker loop (data reading
+#      included), bf16;
+#   7. A-DPS eager with activation checkpointing at batch 32, if time is left.
 #
 # Every log and JSON goes under "$OUT" (./gpu_out if unset); a summary of the numbers is
 # printed at the end. The exit status is the number of failed steps (0 = all passed).
@@ -97,7 +102,7 @@ PYEOF
     SCALING_ARGS=(--gpu --device cpu --preset tiny --height 48 --width 40 --coils 2 --slices 4 --batch-size 2
                   --steps 2 --warmup 1)
     TRAIN_STEP_ARGS=(--device cpu --methods ambient modl --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
-                     --precision-check bf16)
+                     --profile 3 --precision-check bf16)
     OPERATORS_ARGS=(--device cpu --slices 2 --coils 3 --height 32 --width 40 --acceleration 1 --warmup 1 --repeats 2)
     SAMPLE_ARGS=(--device cpu --batches 1 2 --steps 500)
     SAMPLE_LEAN_ARGS=(--device cpu --batches 2 --steps 500 --checkpointing)
@@ -106,13 +111,13 @@ PYEOF
     echo "GPU_CHECK_DRY_RUN=1: CPU, tiny sizes, Ray/MLflow/sigpy/boto3 blocked"
 else
     DEVICE=cuda
-    SCALING_ARGS=(--gpu --warmup 5 --steps 20)
-    TRAIN_STEP_ARGS=(--device cuda --warmup 3 --repeats 5 --checkpointing off on --compile off default
-                     --precision-check bf16)
+    SCALING_ARGS=(--gpu --amp bf16 --warmup 3 --steps 10)
+    TRAIN_STEP_ARGS=(--device cuda --warmup 3 --repeats 5 --rows eager eager,cudnn compile,cudnn compile,ckpt,cudnn
+                     --profile 8 --precision-check bf16)
     OPERATORS_ARGS=(--device cuda)
-    SAMPLE_ARGS=(--device cuda --batches 1 8 16 --amp bf16)
-    SAMPLE_LEAN_ARGS=(--device cuda --batches 16 32 --amp bf16 --checkpointing)
-    SAMPLE_COMPILED_ARGS=(--device cuda --batches 8 --amp bf16 --compile default --warmup 3)
+    SAMPLE_ARGS=(--device cuda --batches 1 8 --amp bf16)
+    SAMPLE_LEAN_ARGS=(--device cuda --batches 32 --amp bf16 --checkpointing --cudnn-benchmark)
+    SAMPLE_COMPILED_ARGS=(--device cuda --batches 16 --amp bf16 --compile default --cudnn-benchmark --warmup 3)
     PYTEST_K="cuda or gpu"
 fi
 
@@ -183,18 +188,18 @@ fi
 run tests 150 env PYTHONPATH="$TEST_PATH" "$PY" -m pytest -p no:cacheprovider -q -k "$PYTEST_K" \
     --junitxml="$OUT/tests.xml" tests/test_train_step.py tests/test_mri_sense.py tests/test_mri_recon.py
 
-# 3-5. Benchmarks ------------------------------------------------------------------------------------
-run train_scaling 240 "$PY" bench/train_scaling.py "${SCALING_ARGS[@]}" --json "$OUT/train_scaling.json"
-run train_step 240 "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}"
+# 3-7. Benchmarks, the issue's targets first ------------------------------------------------------------
+run train_step 270 "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}"
 grep '^{' "$OUT/train_step.log" >"$OUT/train_step.jsonl" 2>/dev/null
-run operators 60 "$PY" bench/operators.py "${OPERATORS_ARGS[@]}"
+run operators 40 "$PY" bench/operators.py "${OPERATORS_ARGS[@]}"
 grep '^{' "$OUT/operators.log" >"$OUT/operators.jsonl" 2>/dev/null
-run sample_speed 90 "$PY" bench/sample_speed.py "${SAMPLE_ARGS[@]}" --json "$OUT/sample_speed.json"
-run sample_speed_lean 90 "$PY" bench/sample_speed.py "${SAMPLE_LEAN_ARGS[@]}" --json "$OUT/sample_speed_lean.json"
 if ((${#SAMPLE_COMPILED_ARGS[@]})); then
     run sample_speed_compiled 150 "$PY" bench/sample_speed.py "${SAMPLE_COMPILED_ARGS[@]}" \
         --json "$OUT/sample_speed_compiled.json"
 fi
+run sample_speed 60 "$PY" bench/sample_speed.py "${SAMPLE_ARGS[@]}" --json "$OUT/sample_speed.json"
+run train_scaling 90 "$PY" bench/train_scaling.py "${SCALING_ARGS[@]}" --json "$OUT/train_scaling.json"
+run sample_speed_lean 60 "$PY" bench/sample_speed.py "${SAMPLE_LEAN_ARGS[@]}" --json "$OUT/sample_speed_lean.json"
 
 # Summary ----------------------------------------------------------------------------------------
 echo
@@ -235,10 +240,19 @@ for r in rows("train_step.jsonl"):
         continue
     print(f"train_step     {r['method']:8s} {r['preset']:8s} {r['batch']}x{r['height']}x{r['width']} amp {r['amp']}"
           f"{' ckpt' if r.get('activation_checkpointing') else ''}"
+          f"{' cudnn-bench' if r.get('cudnn_benchmark') else ''}"
           f"{' compile ' + r['compile'] if r.get('compile') not in (None, 'off') else ''}: "
           f"{r['median_ms']:9.1f} ms {r['slices_per_s']:8.2f} slices/s peak {r['peak_memory_gb']:.1f} GB")
+    profiled = r.get("profile")
+    if profiled and (r["preset"] != "tiny" or r["device"].startswith("cpu")):
+        if profiled.get("error"):
+            print(f"               profile failed: {profiled['error']}")
+        else:
+            families = ", ".join(f"{k} {v:.1f}" for k, v in profiled["families_ms"].items())
+            print(f"               profiled step: {profiled['device_ms']:.1f} ms in kernels: {families}")
 for r in rows("sample_speed.json") + rows("sample_speed_lean.json") + rows("sample_speed_compiled.json"):
-    how = f"amp {r['amp']}{' ckpt' if r.get('activation_checkpointing') else ''}" + (
+    how = (f"amp {r['amp']}{' ckpt' if r.get('activation_checkpointing') else ''}"
+           f"{' cudnn-bench' if r.get('cudnn_benchmark') else ''}") + (
         f" compile {r['compile']}" if r.get("compile") not in (None, "off") else "")
     if r.get("error"):
         print(f"sample_speed   a_dps batch {r['batch']:3d} {how}: {r['error']}")

@@ -154,6 +154,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                             "the compilation falls in the warm-up steps, see first_step_ms)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="activation checkpointing in the network's gradient to x (less memory: larger batches)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark: time cuDNN's algorithms once per shape, keep the fastest")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None, help="write settings, environment and rows here")
     args = parser.parse_args(argv)
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     model = build_model("ambient", args.preset).to(device)
     if args.checkpointing:
@@ -198,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             "amp": args.amp,
             "compile": args.compile,
             "activation_checkpointing": args.checkpointing,
+            "cudnn_benchmark": args.cudnn_benchmark,
             "paper_s_per_slice": PAPER_S_PER_SLICE.get(batch) if args.device == "cuda" else None,
             "paper_device": PAPER_DEVICE,
             "error": None,

@@ -111,9 +111,11 @@ def peak_memory_gb(device: torch.device) -> tuple[float, str]:
 def bench_one(
     method: str, preset: str, device: torch.device, batch_size: int, height: int, width: int, coils: int,
     acceleration: float, amp: str | None, warmup: int, repeats: int, checkpointing: bool = False,
-    compile_mode: str | None = None, channels_last: bool = False,
+    compile_mode: str | None = None, channels_last: bool = False, cudnn_benchmark: bool = False,
+    profile: int = 0,
 ) -> dict[str, object]:
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = cudnn_benchmark  # per row: the rows compare it
     model = build_model(method, preset).to(device).train()
     if checkpointing and not set_activation_checkpointing(model):
         raise ValueError(f"--checkpointing: {method} has no U-Net")
@@ -145,6 +147,12 @@ def bench_one(
         losses.append(result["loss"])
     median = statistics.median(times)
     memory, memory_kind = peak_memory_gb(device)
+    kernels = None
+    if profile:
+        try:
+            kernels = profile_step(step, device, profile)
+        except Exception as err:  # noqa: BLE001 - a profiler that cannot run here must not lose the timing
+            kernels = {"error": repr(err)[:300]}
     return {
         "device": device_name(device),
         "method": method,
@@ -159,12 +167,57 @@ def bench_one(
         "activation_checkpointing": checkpointing,
         "compile": compile_mode,
         "channels_last": channels_last,
+        "cudnn_benchmark": cudnn_benchmark,
         "median_ms": round(median * 1e3, 2),
         "slices_per_s": round(batch_size / median, 3),
         "peak_memory_gb": round(memory, 3),
         "peak_memory_kind": memory_kind,
         "loss_finite": all(math.isfinite(v) for v in losses),
         "paper_reference": PAPER_REFERENCE if method == "ambient" else None,
+        "profile": kernels,
+    }
+
+
+# Kernel families of a profiled step, matched in this order on the lower-cased kernel name.
+KERNEL_FAMILIES = (
+    ("layout transposes", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("convolution / matmul", ("conv", "xmma", "cutlass", "gemm", "cudnn", "wgrad", "dgrad", "fprop", "sm90", "sm80")),
+    ("Inductor (Triton) fused", ("triton",)),
+    ("attention", ("flash", "fmha", "attention")),
+    ("elementwise / reductions (eager)", ("elementwise", "reduce", "vectorized", "norm", "pointwise")),
+)
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    for family, keys in KERNEL_FAMILIES:
+        if any(key in lowered for key in keys):
+            return family
+    return "other"
+
+
+def profile_step(step, device: torch.device, top: int) -> dict[str, object]:
+    """One more step under ``torch.profiler``: the device time by kernel family (where a
+    step's time goes: convolutions, layout changes, fused element-wise kernels, ...) and the
+    ``top`` kernels by self device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0
+              and (device.type != "cuda" or e.device_type == torch.autograd.DeviceType.CUDA)]
+    total_us = sum(getattr(e, attr) for e in events) or 1.0
+    families: dict[str, float] = {}
+    for e in events:
+        families[kernel_family(e.key)] = families.get(kernel_family(e.key), 0.0) + getattr(e, attr)
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return {
+        "device_ms": round(total_us / 1e3, 2),
+        "families_ms": {k: round(v / 1e3, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"name": e.key[:120], "ms": round(getattr(e, attr) / 1e3, 2), "calls": e.count}
+                        for e in events[:top]],
     }
 
 
@@ -217,6 +270,24 @@ def precision_check(method: str, preset: str, device: torch.device, batch_size: 
     }
 
 
+def parse_row(text: str) -> dict[str, object]:
+    """``--rows`` item: ``eager`` or a comma-separated set of ``compile[=MODE]``, ``ckpt``,
+    ``cudnn``, ``cl``."""
+    row: dict[str, object] = {"compile": None, "ckpt": False, "cudnn": False, "cl": False}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key == "compile":
+            row["compile"] = value or "default"
+            if row["compile"] not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+                raise argparse.ArgumentTypeError(f"unknown compile mode {value!r} in {text!r}")
+        elif key in ("ckpt", "cudnn", "cl") and not value:
+            row[key] = True
+        elif key != "eager":
+            raise argparse.ArgumentTypeError(f"unknown row option {part!r} in {text!r} (compile[=MODE], ckpt, cudnn, "
+                                             "cl or eager)")
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -237,6 +308,15 @@ def main() -> int:
     parser.add_argument("--compile", nargs="+", choices=["off", "default", "max-autotune-no-cudagraphs"],
                         default=["off"], help="torch.compile the paper-size ambient row (one row per mode)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last weights for the paper-size row")
+    parser.add_argument("--cudnn-benchmark", nargs="+", choices=["off", "on"], default=["off"],
+                        help="torch.backends.cudnn.benchmark for the paper-size row (both: --cudnn-benchmark off on)")
+    parser.add_argument("--rows", nargs="+", type=parse_row, default=None, metavar="SPEC",
+                        help="paper-size rows to run instead of the product of --compile x --checkpointing x "
+                             "--cudnn-benchmark: each a comma-separated set of compile[=MODE], ckpt, cudnn, cl "
+                             "(channels-last), or 'eager' for none; e.g. --rows eager compile,cudnn compile,ckpt")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile one more step of each paper-size row: device time by kernel family and the "
+                             "N slowest kernels, in the row's 'profile'")
     parser.add_argument("--precision-check", nargs="+", choices=["bf16", "fp16"], default=[],
                         help="also compare one ambient step's loss and gradients under this autocast (and each "
                              "--compile mode) with full float32: paper size on CUDA, the tiny rows' size on CPU; "
@@ -257,24 +337,28 @@ def main() -> int:
     for device in devices:
         for method in args.methods:
             row = bench_one(method, "tiny", device, args.batch, args.height, args.width, args.coils,
-                            args.acceleration, args.amp, args.warmup, args.repeats)
+                            args.acceleration, args.amp, args.warmup, args.repeats, profile=args.profile)
             print(json.dumps(row), flush=True)
+        rows = args.rows or [
+            {"compile": None if c == "off" else c, "ckpt": k == "on", "cudnn": b == "on", "cl": args.channels_last}
+            for c in args.compile for k in args.checkpointing for b in args.cudnn_benchmark]
         if device.type == "cuda" and not args.no_paper and "ambient" in args.methods:
             amp = None if args.paper_amp == "none" else args.paper_amp
-            for compile_mode in args.compile:
-                for checkpointing in args.checkpointing:
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    try:
-                        row = bench_one("ambient", PAPER_PRESETS["ambient"], device, 8, 384, 320, 4,
-                                        args.acceleration, amp, args.warmup, args.repeats, checkpointing == "on",
-                                        None if compile_mode == "off" else compile_mode, args.channels_last)
-                    except Exception as err:  # one failed configuration must not hide the others
-                        row = {"device": device_name(device), "method": "ambient", "compile": compile_mode,
-                               "activation_checkpointing": checkpointing == "on", "error": repr(err)[:500]}
-                    print(json.dumps(row), flush=True)
+            for spec in rows:
+                torch.cuda.empty_cache()
+                try:
+                    row = bench_one("ambient", PAPER_PRESETS["ambient"], device, 8, 384, 320, 4,
+                                    args.acceleration, amp, args.warmup, args.repeats, spec["ckpt"], spec["compile"],
+                                    spec["cl"], spec["cudnn"], args.profile)
+                except Exception as err:  # one failed configuration must not hide the others
+                    row = {"device": device_name(device), "method": "ambient", "compile": spec["compile"],
+                           "activation_checkpointing": spec["ckpt"], "cudnn_benchmark": spec["cudnn"],
+                           "channels_last": spec["cl"], "error": repr(err)[:500]}
+                print(json.dumps(row), flush=True)
+        torch.backends.cudnn.benchmark = False
+        check_modes = sorted({spec["compile"] or "off" for spec in rows}, key=lambda m: m != "off")
         for amp in args.precision_check:
-            for compile_mode in args.compile:
+            for compile_mode in check_modes:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 # Paper size on CUDA; on the CPU the tiny rows' size.

@@ -369,6 +369,24 @@ def test_a_dps_and_dps_run_tiny_networks(net_problem: dict) -> None:
     assert all(p.grad is None for p in ambient.parameters())  # only x is differentiated
 
 
+def test_guided_samplers_freeze_the_weights_while_sampling_and_restore_them(net_problem: dict) -> None:
+    """Inside the loop no weight requires a gradient (a compiled network's backward would
+    otherwise compute every weight's gradient as well as x's); after it, each parameter's flag
+    is what it was, a frozen one included."""
+    torch.manual_seed(0)
+    model = build_model("ambient", "tiny")
+    frozen = model.net.enc["l0_conv"].weight
+    frozen.requires_grad_(False)
+    op, y = net_problem["operator"], net_problem["y"]
+    seen: list[bool] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(any(p.requires_grad for p in module.parameters())))
+    smp.a_dps(model, y, op, edm_sigmas(2), train_mask=train_masks(16, 2, N, seed=1, acs=ACS),
+              generator=torch.Generator().manual_seed(0))
+    assert seen == [False, False]
+    assert not frozen.requires_grad
+    assert all(p.requires_grad for name, p in model.named_parameters() if name != "net.enc.l0_conv.weight")
+
+
 def test_ald_runs_through_the_shared_signature(net_problem: dict) -> None:
     torch.manual_seed(0)
     model = build_model("ncsnv2", "tiny")
