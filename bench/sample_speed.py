@@ -32,6 +32,7 @@ Ray, MLflow or sigpy): runs on a bare GPU machine with ``PYTHONPATH=platform``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform as std_platform  # the standard library module (our package is adps)
@@ -154,6 +155,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                             "the compilation falls in the warm-up steps, see first_step_ms)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="activation checkpointing in the network's gradient to x (less memory: larger batches)")
+    parser.add_argument("--nhwc", action="store_true",
+                        help="with --compile: force Inductor's layout optimisation (channels-last convolutions, no "
+                             "cuDNN transposes; see bench/train_step.py's inductor_layout)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark: time cuDNN's algorithms once per shape, keep the fastest")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
@@ -202,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             "compile": args.compile,
             "activation_checkpointing": args.checkpointing,
             "cudnn_benchmark": args.cudnn_benchmark,
+            "inductor_nhwc": args.nhwc,
             "paper_s_per_slice": PAPER_S_PER_SLICE.get(batch) if args.device == "cuda" else None,
             "paper_device": PAPER_DEVICE,
             "error": None,
@@ -211,7 +216,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.compile != "off":
                 torch._dynamo.reset()  # a fresh static-shape graph per batch size
                 net = torch.compile(model, mode=None if args.compile == "default" else args.compile, dynamic=False)
-            row.update(bench_batch(net, device, batch, args))
+            layout = contextlib.nullcontext()
+            if args.nhwc:
+                import torch._inductor.config as inductor_config
+
+                layout = inductor_config.patch(force_layout_optimization=True)
+            with layout:  # read when the first step compiles
+                row.update(bench_batch(net, device, batch, args))
         except torch.cuda.OutOfMemoryError:
             row["error"] = "out of memory"
         except Exception as exc:  # noqa: BLE001 (a benchmark reports every failure and goes on)

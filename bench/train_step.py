@@ -112,7 +112,30 @@ def bench_one(
     method: str, preset: str, device: torch.device, batch_size: int, height: int, width: int, coils: int,
     acceleration: float, amp: str | None, warmup: int, repeats: int, checkpointing: bool = False,
     compile_mode: str | None = None, channels_last: bool = False, cudnn_benchmark: bool = False,
-    profile: int = 0,
+    profile: int = 0, nhwc: bool = False,
+) -> dict[str, object]:
+    with inductor_layout(nhwc):  # read when the first step compiles
+        return _bench_one(method, preset, device, batch_size, height, width, coils, acceleration, amp, warmup, repeats,
+                          checkpointing, compile_mode, channels_last, cudnn_benchmark, profile, nhwc)
+
+
+def inductor_layout(nhwc: bool) -> contextlib.AbstractContextManager:
+    """With ``nhwc``, Inductor's layout optimisation is forced on: every convolution in a compiled
+    graph gets channels-last inputs and weights, so cuDNN's Hopper kernels (NHWC only) need no
+    transposes. Inductor's own heuristic turns it off for this U-Net, because the output
+    convolution has fewer output than input channels; the profile on one H200 showed
+    cuDNN's nchwToNhwc / nhwcToNchw kernels taking 61 of the compiled step's 264 ms."""
+    if not nhwc:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(force_layout_optimization=True)
+
+
+def _bench_one(
+    method: str, preset: str, device: torch.device, batch_size: int, height: int, width: int, coils: int,
+    acceleration: float, amp: str | None, warmup: int, repeats: int, checkpointing: bool,
+    compile_mode: str | None, channels_last: bool, cudnn_benchmark: bool, profile: int, nhwc: bool,
 ) -> dict[str, object]:
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = cudnn_benchmark  # per row: the rows compare it
@@ -168,6 +191,7 @@ def bench_one(
         "compile": compile_mode,
         "channels_last": channels_last,
         "cudnn_benchmark": cudnn_benchmark,
+        "inductor_nhwc": nhwc,
         "median_ms": round(median * 1e3, 2),
         "slices_per_s": round(batch_size / median, 3),
         "peak_memory_gb": round(memory, 3),
@@ -222,7 +246,8 @@ def profile_step(step, device: torch.device, top: int) -> dict[str, object]:
 
 
 def precision_check(method: str, preset: str, device: torch.device, batch_size: int, height: int, width: int,
-                    coils: int, acceleration: float, amp: str, compile_mode: str | None = None) -> dict[str, object]:
+                    coils: int, acceleration: float, amp: str, compile_mode: str | None = None,
+                    nhwc: bool = False) -> dict[str, object]:
     """The loss and gradients of one step under ``amp`` autocast (and ``compile_mode``) against
     the same step in full float32 (TF32 off): same weights, batch and random draws.
 
@@ -257,34 +282,62 @@ def precision_check(method: str, preset: str, device: torch.device, batch_size: 
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     net = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile_mode else model
-    loss, grad = loss_and_grad(net, {"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+    with inductor_layout(nhwc):
+        loss, grad = loss_and_grad(net, {"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
     loss_rel = abs(loss - reference_loss) / abs(reference_loss)
     grad_rel = float((grad - reference_grad).norm() / reference_grad.norm())
     cosine = float(torch.nn.functional.cosine_similarity(grad, reference_grad, dim=0))
     return {
         "device": device_name(device), "check": "amp_vs_fp32", "method": method, "preset": preset, "batch": batch_size,
-        "height": height, "width": width, "coils": coils, "amp": amp, "compile": compile_mode,
+        "height": height, "width": width, "coils": coils, "amp": amp, "compile": compile_mode, "inductor_nhwc": nhwc,
         "loss_fp32": reference_loss, "loss": loss, "loss_rel_diff": loss_rel, "grad_rel_diff": grad_rel,
         "grad_cosine": cosine, "loss_rtol": LOSS_RTOL, "grad_min_cosine": GRAD_MIN_COSINE,
         "passed": loss_rel < LOSS_RTOL and cosine >= GRAD_MIN_COSINE,
     }
 
 
+def run_precision_checks(args: argparse.Namespace, device: torch.device, compile_mode: str | None,
+                         nhwc: bool, checked: set[tuple]) -> int:
+    """The precision checks of one (compile, nhwc) setting, once: paper size on CUDA, right
+    after the first row that compiled the same graph (Inductor's cache then serves it);
+    on the CPU the tiny rows' size. Returns the number that failed."""
+    if (compile_mode, nhwc) in checked:
+        return 0
+    checked.add((compile_mode, nhwc))
+    failed = 0
+    for amp in args.precision_check:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        preset, batch, height, width, coils = (
+            (PAPER_PRESETS["ambient"], 8, 384, 320, 4) if device.type == "cuda"
+            else ("tiny", args.batch, args.height, args.width, args.coils))
+        try:
+            row = precision_check("ambient", preset, device, batch, height, width, coils, args.acceleration,
+                                  amp, compile_mode, nhwc)
+        except Exception as err:  # noqa: BLE001 - reported as a failed check
+            row = {"device": device_name(device), "check": "amp_vs_fp32", "amp": amp, "compile": compile_mode,
+                   "inductor_nhwc": nhwc, "passed": False, "error": repr(err)[:500]}
+        failed += not row["passed"]
+        print(json.dumps(row), flush=True)
+    return failed
+
+
 def parse_row(text: str) -> dict[str, object]:
     """``--rows`` item: ``eager`` or a comma-separated set of ``compile[=MODE]``, ``ckpt``,
-    ``cudnn``, ``cl``."""
-    row: dict[str, object] = {"compile": None, "ckpt": False, "cudnn": False, "cl": False}
+    ``cudnn``, ``cl`` (channels-last weights), ``nhwc`` (Inductor's layout optimisation forced
+    on: :func:`inductor_layout`)."""
+    row: dict[str, object] = {"compile": None, "ckpt": False, "cudnn": False, "cl": False, "nhwc": False}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
         if key == "compile":
             row["compile"] = value or "default"
             if row["compile"] not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
                 raise argparse.ArgumentTypeError(f"unknown compile mode {value!r} in {text!r}")
-        elif key in ("ckpt", "cudnn", "cl") and not value:
+        elif key in ("ckpt", "cudnn", "cl", "nhwc") and not value:
             row[key] = True
         elif key != "eager":
             raise argparse.ArgumentTypeError(f"unknown row option {part!r} in {text!r} (compile[=MODE], ckpt, cudnn, "
-                                             "cl or eager)")
+                                             "cl, nhwc or eager)")
     return row
 
 
@@ -313,7 +366,8 @@ def main() -> int:
     parser.add_argument("--rows", nargs="+", type=parse_row, default=None, metavar="SPEC",
                         help="paper-size rows to run instead of the product of --compile x --checkpointing x "
                              "--cudnn-benchmark: each a comma-separated set of compile[=MODE], ckpt, cudnn, cl "
-                             "(channels-last), or 'eager' for none; e.g. --rows eager compile,cudnn compile,ckpt")
+                             "(channels-last weights), nhwc (Inductor's layout optimisation forced on), or 'eager' "
+                             "for none; e.g. --rows eager compile,cudnn,nhwc compile,ckpt")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile one more step of each paper-size row: device time by kernel family and the "
                              "N slowest kernels, in the row's 'profile'")
@@ -340,8 +394,11 @@ def main() -> int:
                             args.acceleration, args.amp, args.warmup, args.repeats, profile=args.profile)
             print(json.dumps(row), flush=True)
         rows = args.rows or [
-            {"compile": None if c == "off" else c, "ckpt": k == "on", "cudnn": b == "on", "cl": args.channels_last}
+            {"compile": None if c == "off" else c, "ckpt": k == "on", "cudnn": b == "on", "cl": args.channels_last,
+             "nhwc": False}
             for c in args.compile for k in args.checkpointing for b in args.cudnn_benchmark]
+        checked: set[tuple] = set()
+
         if device.type == "cuda" and not args.no_paper and "ambient" in args.methods:
             amp = None if args.paper_amp == "none" else args.paper_amp
             for spec in rows:
@@ -349,30 +406,17 @@ def main() -> int:
                 try:
                     row = bench_one("ambient", PAPER_PRESETS["ambient"], device, 8, 384, 320, 4,
                                     args.acceleration, amp, args.warmup, args.repeats, spec["ckpt"], spec["compile"],
-                                    spec["cl"], spec["cudnn"], args.profile)
+                                    spec["cl"], spec["cudnn"], args.profile, spec["nhwc"])
                 except Exception as err:  # one failed configuration must not hide the others
                     row = {"device": device_name(device), "method": "ambient", "compile": spec["compile"],
                            "activation_checkpointing": spec["ckpt"], "cudnn_benchmark": spec["cudnn"],
-                           "channels_last": spec["cl"], "error": repr(err)[:500]}
+                           "channels_last": spec["cl"], "inductor_nhwc": spec["nhwc"], "error": repr(err)[:500]}
                 print(json.dumps(row), flush=True)
-        torch.backends.cudnn.benchmark = False
-        check_modes = sorted({spec["compile"] or "off" for spec in rows}, key=lambda m: m != "off")
-        for amp in args.precision_check:
-            for compile_mode in check_modes:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                # Paper size on CUDA; on the CPU the tiny rows' size.
-                preset, batch, height, width, coils = (
-                    (PAPER_PRESETS["ambient"], 8, 384, 320, 4) if device.type == "cuda"
-                    else ("tiny", args.batch, args.height, args.width, args.coils))
-                try:
-                    row = precision_check("ambient", preset, device, batch, height, width, coils, args.acceleration, amp,
-                                          None if compile_mode == "off" else compile_mode)
-                except Exception as err:  # noqa: BLE001 - reported as a failed check
-                    row = {"device": device_name(device), "check": "amp_vs_fp32", "amp": amp, "compile": compile_mode,
-                           "passed": False, "error": repr(err)[:500]}
-                failed_checks += not row["passed"]
-                print(json.dumps(row), flush=True)
+                torch.backends.cudnn.benchmark = False
+                if not spec["ckpt"] and not spec["cl"]:
+                    failed_checks += run_precision_checks(args, device, spec["compile"], spec["nhwc"], checked)
+        else:
+            failed_checks += run_precision_checks(args, device, None, False, checked)
     return 1 if failed_checks else 0
 
 

@@ -171,6 +171,41 @@ def test_evaluation_logs_table_figures_and_crossover_and_resumes(
     assert second["run_id"] == first["run_id"], "the same MLflow run continues"
 
 
+def test_compile_mode_compiles_the_iterative_samplers_network_in_one_graph(
+    tiny_prepared: str, tiny_models: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    """``compile_mode``: an A-DPS cell hands its network to ``torch.compile`` (static shapes)
+    and gets the eager cell's reconstruction; the one-call A-OS cell is not compiled. Dynamo
+    traces the real sampler loop with ``fullgraph=True`` (a graph break fails) and the ``eager``
+    backend: Inductor's kernels are measured on a GPU (bench/sample_speed.py --compile)."""
+    from adps.orchestration.evaluate import evaluate_cell, load_for_evaluation, plan_cells
+
+    real_compile, asked = torch.compile, []
+
+    def compile_cheaply(model, *, mode=None, dynamic=None, **kwargs):
+        asked.append((mode, dynamic))
+        return real_compile(model, backend="eager", fullgraph=True, dynamic=dynamic, **kwargs)
+
+    uri = str(tiny_models["ambient_r2"])
+    models = [(uri, load_for_evaluation(uri, "cpu")[1])]
+    config = EvaluateConfig(dataset=tiny_prepared, models=(uri,), accelerations=(2.0,), slices=2, slices_per_task=2,
+                            steps=3, lpips=False, output=str(tmp_path / "eager"))
+    cells = {cell.sampler: cell for cell in plan_cells(config, models, 2)}
+    assert set(cells) == {"a_dps", "a_os"}
+    eager = {name: evaluate_cell(config, cell) for name, cell in cells.items()}
+    monkeypatch.setattr(torch, "compile", compile_cheaply)
+    compiled_config = config.replace(compile_mode="max-autotune", output=str(tmp_path / "compiled"))
+    compiled = {name: evaluate_cell(compiled_config, cell) for name, cell in cells.items()}
+    assert asked == [("max-autotune", False)]  # A-DPS only
+
+    for name in cells:
+        assert [r["slice"] for r in compiled[name]] == [r["slice"] for r in eager[name]]
+        for metric in ("nrmse", "psnr", "ssim"):
+            assert [r[metric] for r in compiled[name]] == pytest.approx([r[metric] for r in eager[name]], rel=1e-5)
+    with pytest.raises(ValueError, match="config key 'compile_mode'"):
+        config.replace(compile_mode="fast").validate()
+
+
 def test_fid_samples_each_prior_and_logs_the_table(
     ray_session, tiny_prepared: str, tiny_models: dict[str, Path], tmp_path: Path, monkeypatch
 ) -> None:

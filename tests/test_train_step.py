@@ -225,6 +225,22 @@ def test_mixed_precision_steps_on_cuda(amp: str, small_batch: dict) -> None:
         assert math.isfinite(train_step(method, model, small_batch, opt, generator=generator, amp=amp)["loss"])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_build_trainee_sets_cudnn_benchmark_on_gpu_only(device: str) -> None:
+    """TrainConfig.cudnn_benchmark reaches torch on a GPU worker; a CPU worker leaves the flag alone."""
+    from adps.nn.train_config import TrainConfig
+    from adps.orchestration.train import build_trainee
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        for wanted in (True, False):
+            torch.backends.cudnn.benchmark = not wanted
+            build_trainee(TrainConfig(method="ambient", preset="tiny", cudnn_benchmark=wanted), device=device)
+            assert torch.backends.cudnn.benchmark == (wanted if device == "cuda" else not wanted)
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     """One rank of the DDP test: rank 0 gets a NaN batch; both must skip, then both step."""
     torch.set_num_threads(1)  # two ranks on two cores

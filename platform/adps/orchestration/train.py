@@ -142,6 +142,8 @@ def build_trainee(
         set_activation_checkpointing(model)
     model = wrap(model) if wrap is not None else model.to(device)
     model.train()
+    if next(model.parameters()).device.type == "cuda":  # where the wrap put it (Ray: this worker's GPU)
+        torch.backends.cudnn.benchmark = config.cudnn_benchmark
     if config.compile_mode:
         # After DDP's wrap, so that DDP's optimiser splits the graph at its gradient buckets.
         # The EMA, checkpoints and validation look through the wrapper to the plain module.
