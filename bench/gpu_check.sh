@@ -11,7 +11,7 @@
 #
 #   1. nvidia-smi, and the Python environment (versions; what is missing);
 #   2. the tests that use CUDA: those marked `gpu` and the CUDA cases of the tests
-#      parametrised over devices (test_train_step, test_mri_sense, test_mri_recon). Their
+#      parametrised over devices (test_train_step, test_mri_sense, test_mri_recon, test_prefetch). Their
 #      phantoms need sigpy's birdcage_maps: where sigpy is missing, a stand-in for that one function
 #      is put on the tests' path (in a temporary folder, never in the repository);
 #   3. bench/train_step.py --device cuda: the tiny ambient row, and the paper-size ambient step
@@ -24,7 +24,8 @@
 #   6. bench/train_step.py again: the compiled "nhwc" step with activation checkpointing (the
 #      memory target), which the first run's budget did not reach;
 #   7. if time is left: bench/train_scaling.py --gpu (the bare step against the platform's worker
-#      loop, data reading included, bf16) and A-DPS eager at batches 1 and 8 (the baseline rows).
+#      loop, whose batches now load in a background thread; bf16) and A-DPS eager at batches 1
+#      and 8 (the baseline rows).
 #
 # Each torch.compile of the paper-size network took about 2 minutes on the first run's machine
 # (16 CPU cores), which is what bounds the number of compiled rows per run.
@@ -196,7 +197,8 @@ PYEOF
     echo "(sigpy missing: the tests' phantoms use a stand-in birdcage_maps from $WORK/shim)"
 fi
 run tests 150 env PYTHONPATH="$TEST_PATH" "$PY" -m pytest -p no:cacheprovider -q -k "$PYTEST_K" \
-    --junitxml="$LOGS/tests.xml" tests/test_train_step.py tests/test_mri_sense.py tests/test_mri_recon.py
+    --junitxml="$LOGS/tests.xml" tests/test_train_step.py tests/test_mri_sense.py tests/test_mri_recon.py \
+    tests/test_prefetch.py
 
 # 3-7. Benchmarks, the issue's targets first ------------------------------------------------------------
 run train_step 240 "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}"

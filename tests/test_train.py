@@ -189,6 +189,44 @@ def test_worker_loop_without_ray(tiny_dataset, one_intra_op_thread) -> None:
     assert reports[1][1] == ["ema", "model", "optimizer.json", "optimizer.safetensors", "state.json"]
 
 
+def test_prefetching_trains_the_same_steps_and_passes_shard_errors_on(
+    tiny_dataset, one_intra_op_thread, tmp_path: Path
+) -> None:
+    """``prefetch_batches``: loading ahead in a thread gives the run of loading in the loop
+    (same slices, same losses, step by step), and a broken slice read by the thread stops the
+    loop with the dataset's own error, naming the file and the slice."""
+    import shutil
+    import threading
+
+    import h5py
+
+    from adps.data.shards import MANIFEST_NAME, ShardError, file_sha256
+
+    def run(dataset: str, depth: int) -> list[tuple]:
+        reports: list[dict] = []
+        config = tiny_config(dataset, max_steps=4, checkpoint_every_steps=100, prefetch_batches=depth,
+                             validation_slices=0)
+        worker_loop(config, WorkerContext(rank=0, world_size=1, report=lambda m, folder: reports.append(m)))
+        return [(m["step"], m["slice_ids"], m["loss"]) for m in reports]
+
+    loaded_in_the_loop = run(tiny_dataset, 0)
+    assert len(loaded_in_the_loop) == 4
+    assert run(tiny_dataset, 2) == loaded_in_the_loop
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dataset, broken)
+    shard = broken / "train-00000.h5"
+    with h5py.File(shard, "r+") as f:
+        f["maps"][1] = 0
+    manifest = json.loads((broken / MANIFEST_NAME).read_text())
+    (entry,) = [e for e in manifest["splits"]["train"]["shards"] if e["name"] == shard.name]
+    entry.update(sha256=file_sha256(shard), size=shard.stat().st_size)
+    (broken / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"train-00000\.h5: slice id \d+ \(row 1\): coil maps are all zero"):
+        run(str(broken), 2)
+    assert not [t for t in threading.enumerate() if t.name == "adps-prefetch"]
+
+
 # Ray ----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_diverged_run_stops_with_a_checkpoint_and_a_message(tiny_dataset, tmp_path: Path) -> None:

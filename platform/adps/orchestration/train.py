@@ -343,6 +343,7 @@ def _gpu_memory_gb() -> dict[str, float]:
 def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
     """Train this worker's share until ``max_steps`` or the configured epochs; returns the final state."""
     from adps.data.dataset import PreparedSliceDataset
+    from adps.data.prefetch import Prefetcher
     from adps.data.shards import read_manifest
 
     if config.is_image:
@@ -414,57 +415,63 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
             ctx.report(metrics, None)
 
     fail_rank = 1 if ctx.world_size > 1 else 0
+    # Page-locked batches make the copy to the GPU asynchronous (train_step moves them non-blocking).
+    pin_memory = next(trainee.model.parameters()).device.type == "cuda"
     metrics: dict[str, Any] = {"step": trainee.step}
     while trainee.step < total:
         epoch, position = divmod(trainee.step, per_epoch)
         share = worker_share(n, ctx.world_size, ctx.rank, epoch, config.seed)
         started = time.perf_counter()
-        for batch in _batches(dataset, share, config.batch_size, position):
-            out = train_one_step(trainee, batch)
-            # Every rank agrees on a skip (train_step decides it together), so every rank counts
-            # the same and stops at the same step.
-            skipped_steps += out["skipped"]
-            skipped_in_a_row = skipped_in_a_row + 1 if out["skipped"] else 0
-            now = time.perf_counter()
-            # Global throughput of this step (loading included): every rank steps in lockstep.
-            slices_per_s = config.batch_size * ctx.world_size / max(now - started, 1e-9)
-            started = now
-            epoch, position = divmod(trainee.step, per_epoch)
-            metrics = {
-                "step": trainee.step,
-                "epoch": trainee.step / per_epoch,
-                "loss": out["loss"],
-                "grad_norm": out["grad_norm"] if math.isfinite(out["grad_norm"]) else -1.0,
-                "lr": out["lr"],
-                "skipped": out["skipped"],
-                "skipped_steps": skipped_steps,
-                "images_seen": trainee.step * config.batch_size * ctx.world_size,
-                "slices_per_s": slices_per_s,
-                "slice_ids": [int(s) for s in batch["slice_id"]],
-                "resumed_from": resumed_from,
-                **_gpu_memory_gb(),
-                **validate(trainee.step),
-            }
-            if config.max_skipped_in_a_row and skipped_in_a_row >= config.max_skipped_in_a_row:
-                # Diverged: skipped steps changed nothing, so this checkpoint holds the last good
-                # weights. The run ends here (no Ray retry: a restart would diverge again).
-                metrics["stopped"] = (f"{skipped_in_a_row} steps in a row (to step {trainee.step}) had a NaN / Inf "
-                                      f"loss: the model diverged (lower lr, check grad_clip and the data)")
-                if ctx.log is not None:
+        # The next batches load in a background thread while this one trains (Prefetcher).
+        source = _batches(dataset, share, config.batch_size, position)
+        with Prefetcher(source, config.prefetch_batches, pin_memory=pin_memory) as batches:
+            for batch in batches:
+                out = train_one_step(trainee, batch)
+                # Every rank agrees on a skip (train_step decides it together), so every rank counts
+                # the same and stops at the same step.
+                skipped_steps += out["skipped"]
+                skipped_in_a_row = skipped_in_a_row + 1 if out["skipped"] else 0
+                now = time.perf_counter()
+                # Global throughput of this step (loading included): every rank steps in lockstep.
+                slices_per_s = config.batch_size * ctx.world_size / max(now - started, 1e-9)
+                started = now
+                epoch, position = divmod(trainee.step, per_epoch)
+                metrics = {
+                    "step": trainee.step,
+                    "epoch": trainee.step / per_epoch,
+                    "loss": out["loss"],
+                    "grad_norm": out["grad_norm"] if math.isfinite(out["grad_norm"]) else -1.0,
+                    "lr": out["lr"],
+                    "skipped": out["skipped"],
+                    "skipped_steps": skipped_steps,
+                    "images_seen": trainee.step * config.batch_size * ctx.world_size,
+                    "slices_per_s": slices_per_s,
+                    "slice_ids": [int(s) for s in batch["slice_id"]],
+                    "resumed_from": resumed_from,
+                    **_gpu_memory_gb(),
+                    **validate(trainee.step),
+                }
+                if config.max_skipped_in_a_row and skipped_in_a_row >= config.max_skipped_in_a_row:
+                    # Diverged: skipped steps changed nothing, so this checkpoint holds the last good
+                    # weights. The run ends here (no Ray retry: a restart would diverge again).
+                    metrics["stopped"] = (f"{skipped_in_a_row} steps in a row (to step {trainee.step}) had a NaN / Inf "
+                                          f"loss: the model diverged (lower lr, check grad_clip and the data)")
+                    if ctx.log is not None:
+                        ctx.log(metrics, trainee.step)
+                    checkpoint_and_report(metrics, epoch, position)
+                    batches.close()  # the loading thread reads the dataset: stop it first
+                    dataset.close()
+                    return metrics
+                if ctx.log is not None and (trainee.step % config.log_every_steps == 0 or "val_nrmse" in metrics
+                                            or "val_mse" in metrics or trainee.step == total):
                     ctx.log(metrics, trainee.step)
-                checkpoint_and_report(metrics, epoch, position)
-                dataset.close()
-                return metrics
-            if ctx.log is not None and (trainee.step % config.log_every_steps == 0 or "val_nrmse" in metrics
-                                        or "val_mse" in metrics or trainee.step == total):
-                ctx.log(metrics, trainee.step)
-            if trainee.step % config.checkpoint_every_steps == 0 or trainee.step == total:
-                checkpoint_and_report(metrics, epoch, position)
-            elif trainee.step % config.log_every_steps == 0:
-                ctx.report(metrics, None)
-            _maybe_fail(config, ctx, fail_rank, trainee.step)
-            if trainee.step >= total:
-                break
+                if trainee.step % config.checkpoint_every_steps == 0 or trainee.step == total:
+                    checkpoint_and_report(metrics, epoch, position)
+                elif trainee.step % config.log_every_steps == 0:
+                    ctx.report(metrics, None)
+                _maybe_fail(config, ctx, fail_rank, trainee.step)
+                if trainee.step >= total:
+                    break
     dataset.close()
     return metrics
 
