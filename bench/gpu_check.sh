@@ -24,8 +24,9 @@
 #   6. bench/train_step.py again: the compiled "nhwc" step with activation checkpointing (the
 #      memory target), which the first run's budget did not reach;
 #   7. if time is left: bench/train_scaling.py --gpu (the bare step against the platform's worker
-#      loop, whose batches now load in a background thread; bf16) and A-DPS eager at batches 1
-#      and 8 (the baseline rows).
+#      loop, whose batches now load in a background thread; bf16), the step with each U-Net block
+#      compiled on its own ("regional": shorter compilation), and A-DPS eager at batches 1 and 8
+#      (the baseline rows).
 #
 # Each torch.compile of the paper-size network took about 2 minutes on the first run's machine
 # (16 CPU cores), which is what bounds the number of compiled rows per run.
@@ -116,6 +117,8 @@ PYEOF
     SAMPLE_ARGS=(--device cpu --batches 1 2 --steps 500)
     TRAIN_STEP_LEAN_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
                           --rows ckpt)
+    TRAIN_STEP_REGIONAL_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
+                              --rows compile,regional)
     SAMPLE_COMPILED_ARGS=()  # Inductor's C++ build takes minutes on a small CPU: checked on CUDA only
     PYTEST_K="cuda or gpu or bf16_autocast"  # the last one uses the phantoms (the sigpy shim) on the CPU
     echo "GPU_CHECK_DRY_RUN=1: CPU, tiny sizes, Ray/MLflow/sigpy/boto3 blocked"
@@ -126,6 +129,8 @@ else
                      --profile 8 --precision-check bf16)
     TRAIN_STEP_LEAN_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,nhwc,ckpt
                           --profile 8)
+    TRAIN_STEP_REGIONAL_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,regional
+                              --profile 8)
     OPERATORS_ARGS=(--device cuda)
     SAMPLE_ARGS=(--device cuda --batches 1 8 --amp bf16)
     SAMPLE_COMPILED_ARGS=(--device cuda --batches 16 --amp bf16 --compile default --nhwc --cudnn-benchmark --warmup 3)
@@ -212,6 +217,8 @@ fi
 run train_step_lean 170 "$PY" bench/train_step.py "${TRAIN_STEP_LEAN_ARGS[@]}"
 grep '^{' "$LOGS/train_step_lean.log" >"$LOGS/train_step_lean.jsonl" 2>/dev/null
 run train_scaling 60 "$PY" bench/train_scaling.py "${SCALING_ARGS[@]}" --json "$LOGS/train_scaling.json"
+run train_step_regional 150 "$PY" bench/train_step.py "${TRAIN_STEP_REGIONAL_ARGS[@]}"
+grep '^{' "$LOGS/train_step_regional.log" >"$LOGS/train_step_regional.jsonl" 2>/dev/null
 run sample_speed 30 "$PY" bench/sample_speed.py "${SAMPLE_ARGS[@]}" --json "$LOGS/sample_speed.json"
 
 # Summary ----------------------------------------------------------------------------------------
@@ -242,7 +249,7 @@ for r in rows("train_scaling.json"):
         ratio = f"{r['vs_bare']:.2f}" if r.get("vs_bare") is not None else "-"
         print(f"train_scaling  {r['name']:22s} {r['amp']:5s} {r['median_ms']:9.1f} ms/step {r['slices_per_s']:8.2f} "
               f"slices/s  vs bare {ratio}  peak {memory}")
-for r in rows("train_step.jsonl") + rows("train_step_lean.jsonl"):
+for r in rows("train_step.jsonl") + rows("train_step_lean.jsonl") + rows("train_step_regional.jsonl"):
     if r.get("check"):
         print(f"precision      {r['amp']} compile {r['compile']}{' nhwc' if r.get('inductor_nhwc') else ''} vs fp32: " + (r["error"] if r.get("error") else
               f"loss {r['loss']:.6g} vs {r['loss_fp32']:.6g} (rel {r['loss_rel_diff']:.2e}), gradient rel "
@@ -254,8 +261,10 @@ for r in rows("train_step.jsonl") + rows("train_step_lean.jsonl"):
     print(f"train_step     {r['method']:8s} {r['preset']:8s} {r['batch']}x{r['height']}x{r['width']} amp {r['amp']}"
           f"{' ckpt' if r.get('activation_checkpointing') else ''}"
           f"{' cudnn-bench' if r.get('cudnn_benchmark') else ''}{' nhwc' if r.get('inductor_nhwc') else ''}"
+          f"{' regional' if r.get('regional_compile') else ''}"
           f"{' compile ' + r['compile'] if r.get('compile') not in (None, 'off') else ''}: "
-          f"{r['median_ms']:9.1f} ms {r['slices_per_s']:8.2f} slices/s peak {r['peak_memory_gb']:.1f} GB")
+          f"{r['median_ms']:9.1f} ms {r['slices_per_s']:8.2f} slices/s peak {r['peak_memory_gb']:.1f} GB"
+          f" (first step {r.get('first_step_s')} s)")
     profiled = r.get("profile")
     if profiled and (r["preset"] != "tiny" or r["device"].startswith("cpu")):
         if profiled.get("error"):
