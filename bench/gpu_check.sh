@@ -35,6 +35,11 @@
 # gpu_check_logs.tar.gz, every JSON row in results.jsonl; a summary of the numbers is
 # printed at the end. The exit status is the number of failed steps (0 = all passed).
 #
+# GPU_CHECK_ONLY="step ..." runs only the named steps (the names the summary prints), e.g. the
+# ones a first call's budget cut, in a second call on the still-warm machine:
+#
+#     GPU_CHECK_ONLY="train_step_lean train_step_regional" GPU_CHECK_BUDGET_S=300 bash bench/gpu_check.sh
+#
 # GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at tiny sizes, with Ray, MLflow, sigpy
 # and boto3 made unimportable, to check this script where there is no GPU (PYTHON=.venv/bin/python).
 
@@ -44,6 +49,7 @@ cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD/platform${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 DRY_RUN="${GPU_CHECK_DRY_RUN:-0}"
+ONLY="${GPU_CHECK_ONLY:-}"
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 # Each step's log and JSON go to $LOGS; at the end they are packed into $OUT/gpu_check_logs.tar.gz
@@ -60,6 +66,9 @@ SUMMARY=()
 run() {
     local name=$1 limit=$2
     shift 2
+    if [[ -n "$ONLY" && " $ONLY " != *" $name "* ]]; then
+        return  # not selected (GPU_CHECK_ONLY)
+    fi
     local left=$((DEADLINE - SECONDS))
     if ((left < 10)); then
         echo "=== $name: SKIPPED (time budget spent)"
