@@ -20,11 +20,13 @@
 #      step's 264 ms), each profiled once (device time by kernel family); the bf16 step's loss and
 #      gradients against float32, eager and compiled;
 #   4. bench/operators.py --device cuda: the SENSE operators at the paper's test size;
-#   5. bench/sample_speed.py --device cuda: A-DPS s/slice compiled ("nhwc") at batch 16;
+#   5. bench/sample_speed.py --device cuda: A-DPS s/slice compiled ("nhwc") at batch 16 (8 on a
+#      card under 100 GB: batch 16 peaked at 80.9 GB);
 #   6. bench/train_step.py again: the compiled "nhwc" step with activation checkpointing (the
 #      memory target), which the first run's budget did not reach;
 #   7. if time is left: bench/train_scaling.py --gpu (the bare step against the platform's worker
-#      loop, whose batches now load in a background thread; bf16), the step with each U-Net block
+#      loop, whose batches now load in a background thread, and against the data path alone; bf16;
+#      the eager step does not fit an 80 GB card), the step with each U-Net block
 #      compiled on its own ("regional": shorter compilation), and A-DPS eager at batches 1 and 8
 #      (the baseline rows).
 #
@@ -133,16 +135,22 @@ PYEOF
     echo "GPU_CHECK_DRY_RUN=1: CPU, tiny sizes, Ray/MLflow/sigpy/boto3 blocked"
 else
     DEVICE=cuda
+    # The card's memory sets two sizes: compiled A-DPS at batch 16 peaked at 80.9 GB and the
+    # float32 step of the precision check at batch 8 at 123 GB on the H200, so an 80 GB H100 takes
+    # half of each (the eager paper-size step, 82.7 GB, runs out of memory there and says so).
+    GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+    SAMPLE_BATCH=$(( ${GPU_MIB:-0} > 100000 ? 16 : 8 ))
     SCALING_ARGS=(--gpu --amp bf16 --warmup 3 --steps 10)
     TRAIN_STEP_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows eager,cudnn compile,cudnn,nhwc
-                     --profile 8 --precision-check bf16)
+                     --profile 8 --precision-check bf16 --precision-batch $((SAMPLE_BATCH / 2)))
     TRAIN_STEP_LEAN_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,nhwc,ckpt
                           --profile 8)
     TRAIN_STEP_REGIONAL_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,regional
                               --profile 8)
     OPERATORS_ARGS=(--device cuda)
     SAMPLE_ARGS=(--device cuda --batches 1 8 --amp bf16)
-    SAMPLE_COMPILED_ARGS=(--device cuda --batches 16 --amp bf16 --compile default --nhwc --cudnn-benchmark --warmup 3)
+    SAMPLE_COMPILED_ARGS=(--device cuda --batches "$SAMPLE_BATCH" --amp bf16 --compile default --nhwc --cudnn-benchmark
+                          --warmup 3)
     PYTEST_K="cuda or gpu"
 fi
 
@@ -258,6 +266,9 @@ for r in rows("train_scaling.json"):
         ratio = f"{r['vs_bare']:.2f}" if r.get("vs_bare") is not None else "-"
         print(f"train_scaling  {r['name']:22s} {r['amp']:5s} {r['median_ms']:9.1f} ms/step {r['slices_per_s']:8.2f} "
               f"slices/s  vs bare {ratio}  peak {memory}")
+if (out / "train_scaling.json").is_file():
+    for amp, derived in json.loads((out / "train_scaling.json").read_text()).get("derived", {}).items():
+        print(f"train_scaling  {amp}: " + ", ".join(f"{k} {v}" for k, v in derived.items()))
 for r in rows("train_step.jsonl") + rows("train_step_lean.jsonl") + rows("train_step_regional.jsonl"):
     if r.get("check"):
         print(f"precision      {r['amp']} compile {r['compile']}{' nhwc' if r.get('inductor_nhwc') else ''} vs fp32: " + (r["error"] if r.get("error") else

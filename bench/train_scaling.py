@@ -96,6 +96,7 @@ from adps.nn.ema import EMA
 from adps.nn.train_config import FULLY_SAMPLED, TrainConfig
 from adps.nn.train_step import MRI_METHODS, PAPER_PRESETS, build_model, make_synthetic_batch, train_step
 from adps.orchestration.train import WorkerContext, dataset_acceleration, worker_loop
+from adps.orchestration.train import _batches as worker_batches  # the worker loop's own batching
 
 HERE = Path(__file__).resolve().parent
 AMPS = {"fp32": None, "bf16": "bf16", "fp16": "fp16"}
@@ -108,7 +109,7 @@ SHARD_SIZE = 8
 CPU_DEFAULTS = {"preset": "tiny", "batch_size": 2, "height": 64, "width": 64, "coils": 4, "amp": ["fp32"],
                 "configs": ["bare", "loop", "ray"], "slices": 16, "data": "prepare", "device": "cpu"}
 GPU_DEFAULTS = {"preset": "paper", "batch_size": 8, "height": 384, "width": 320, "coils": 4, "amp": ["bf16", "fp32"],
-                "configs": ["bare", "loop"], "slices": 16, "data": "direct", "device": "cuda"}
+                "configs": ["bare", "loop", "load"], "slices": 16, "data": "direct", "device": "cuda"}
 
 _STARTED = time.perf_counter()
 # Settings that keep a benchmark run to training alone, where this version of TrainConfig has
@@ -345,6 +346,39 @@ def bench_bare(config: TrainConfig, batch: dict[str, torch.Tensor], device: torc
     return row
 
 
+def bench_load(config: TrainConfig, device: torch.device, *, warmup: int, steps: int,
+               threads: int | None) -> dict[str, Any]:
+    """The data path alone, as a worker runs it with ``prefetch_batches: 0``: read and stack a
+    batch from the shards (the worker loop's batching), pin it and copy it to the device. Its
+    slices/s is the rate one loading thread sustains; issue 10 asks for 5x the step's."""
+    from adps.data.shards import read_manifest
+
+    accelerations = read_manifest(config.dataset)["config"]["accelerations"]
+    dataset = PreparedSliceDataset(config.dataset, config.split, acceleration=dataset_acceleration(config, accelerations),
+                                   load_l1=config.method == "edm_l1")
+    indices = list(range(len(dataset)))
+    times: list[float] = []
+    started = time.perf_counter()
+    try:
+        source = worker_batches(dataset, indices, config.batch_size, 0)
+        while len(times) < warmup + steps:
+            start = time.perf_counter()
+            batch = next(source, None)
+            if batch is None:  # one pass done: the next pass (the page cache is warm by now)
+                source = worker_batches(dataset, indices, config.batch_size, 0)
+                continue
+            if device.type == "cuda":
+                batch = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    finally:
+        dataset.close()
+    wall = time.perf_counter() - started
+    return row_from_times("data path alone", "load", config, times[warmup:], workers=1, threads=threads,
+                          device=device_name(device), amp="-", wall_s=wall,
+                          note="read + stack" + (" + pin + copy to the GPU" if device.type == "cuda" else ""))
+
+
 def bench_loop(config: TrainConfig, device: torch.device, *, amp: str, warmup: int, steps: int,
                threads: int | None) -> dict[str, Any]:
     """worker_loop in this process, with a WorkerContext whose report only collects."""
@@ -485,6 +519,10 @@ def derive(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if bare and loop:
             entry["loop_overhead_ms_per_step"] = round(loop["median_ms"] - bare["median_ms"], 3)
             entry["loop_vs_bare"] = round(loop["slices_per_s"] / bare["slices_per_s"], 3)
+        load = next((r for r in ok if r["kind"] == "load"), None)
+        if bare and load:
+            # Issue 10: the data path must run at least 5x faster than the step consumes.
+            entry["data_path_vs_step"] = round(load["slices_per_s"] / bare["slices_per_s"], 2)
         ray1 = by.get(("ray", 1))
         if ray1 and loop:
             entry["ray_1_worker_overhead_ms_per_step"] = round(ray1["median_ms"] - loop["median_ms"], 3)
@@ -539,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--device", choices=["cpu", "cuda"], default=None,
                       help="device of the bare and loop rows (default: cpu; cuda with --gpu). "
                            "--gpu --device cpu checks the GPU-mode code on the CPU")
-    mode.add_argument("--configs", nargs="+", choices=["bare", "loop", "ray"], default=None,
+    mode.add_argument("--configs", nargs="+", choices=["bare", "loop", "load", "ray"], default=None,
                       help="rows to measure (default: bare loop ray; --gpu: bare loop)")
     model = parser.add_argument_group("model and data")
     model.add_argument("--method", choices=MRI_METHODS, default="ambient")
@@ -707,6 +745,14 @@ def main(argv: list[str] | None = None) -> int:
                     new = [failed_row("worker_loop, no Ray", "loop", config, workers=1, device=device_name(device),
                                       amp=amp, error=err)]
                 _free_device_memory(device)
+                measured(new)
+            if "load" in args.configs and amp == args.amp[0]:  # no model: once, not per precision
+                log(f"the data path alone: {args.warmup} + {args.steps} batches")
+                try:
+                    new = [bench_load(config, device, warmup=args.warmup, steps=args.steps, threads=threads)]
+                except Exception as err:  # noqa: BLE001
+                    new = [failed_row("data path alone", "load", config, workers=1, device=device_name(device),
+                                      amp="-", error=err)]
                 measured(new)
             if "ray" in args.configs:
                 for workers in args.workers:

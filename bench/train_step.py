@@ -336,7 +336,7 @@ def run_precision_checks(args: argparse.Namespace, device: torch.device, compile
         if device.type == "cuda":
             torch.cuda.empty_cache()
         preset, batch, height, width, coils = (
-            (PAPER_PRESETS["ambient"], 8, 384, 320, 4) if device.type == "cuda"
+            (PAPER_PRESETS["ambient"], args.precision_batch, 384, 320, 4) if device.type == "cuda"
             else ("tiny", args.batch, args.height, args.width, args.coils))
         try:
             row = precision_check("ambient", preset, device, batch, height, width, coils, args.acceleration,
@@ -404,6 +404,8 @@ def main() -> int:
                         help="also compare one ambient step's loss and gradients under this autocast (and each "
                              "--compile mode) with full float32: paper size on CUDA, the tiny rows' size on CPU; "
                              "exits 1 if one is outside tolerance")
+    parser.add_argument("--precision-batch", type=int, default=8,
+                        help="slices of the paper-size precision check (its float32 step took 123 GB at 8)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

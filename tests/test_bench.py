@@ -92,8 +92,10 @@ def test_train_scaling_gpu_mode_needs_no_ray_mlflow_or_sigpy(tmp_path: Path) -> 
     data = json.loads(out.read_text())
     assert data["mode"] == "gpu" and "ray" not in data["environment"]
     assert [(row["kind"], row["amp"]) for row in data["rows"]] == [
-        ("bare", "bf16"), ("loop", "bf16"), ("bare", "fp32"), ("loop", "fp32")]
+        ("bare", "bf16"), ("loop", "bf16"), ("load", "-"), ("bare", "fp32"), ("loop", "fp32")]
     assert all(row["error"] is None and row["slices_per_s"] > 0 for row in data["rows"])
+    # The data path alone against the step (issue 10: at least 5x), per precision.
+    assert all(data["derived"][amp]["data_path_vs_step"] > 0 for amp in ("bf16", "fp32"))
     assert "worker_loop, no Ray" in result.stdout
 
 
