@@ -38,9 +38,13 @@
 # printed at the end. The exit status is the number of failed steps (0 = all passed).
 #
 # GPU_CHECK_ONLY="step ..." runs only the named steps (the names the summary prints), e.g. the
-# ones a first call's budget cut, in a second call on the still-warm machine:
+# ones a first call's budget cut, in a second call on the still-warm machine. With a compilation
+# of about 2 minutes per compiled row, the first call reaches step 5 on an H200; a lent machine's
+# 15 minutes hold both calls, back to back (the device tool's timeout_s 540, then 330):
 #
-#     GPU_CHECK_ONLY="train_step_lean train_step_regional" GPU_CHECK_BUDGET_S=300 bash bench/gpu_check.sh
+#     bash bench/gpu_check.sh
+#     GPU_CHECK_ONLY="train_step_lean train_scaling train_step_regional sample_speed" \
+#         GPU_CHECK_BUDGET_S=300 bash bench/gpu_check.sh
 #
 # GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at tiny sizes, with Ray, MLflow, sigpy
 # and boto3 made unimportable, to check this script where there is no GPU (PYTHON=.venv/bin/python).
@@ -223,7 +227,7 @@ run tests 150 env PYTHONPATH="$TEST_PATH" "$PY" -m pytest -p no:cacheprovider -q
     tests/test_prefetch.py
 
 # 3-7. Benchmarks, the targets first ------------------------------------------------------------
-run train_step 240 "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}"
+run train_step 270 "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}"
 grep '^{' "$LOGS/train_step.log" >"$LOGS/train_step.jsonl" 2>/dev/null
 run operators 30 "$PY" bench/operators.py "${OPERATORS_ARGS[@]}"
 grep '^{' "$LOGS/operators.log" >"$LOGS/operators.jsonl" 2>/dev/null
