@@ -22,13 +22,13 @@
 #   4. bench/operators.py --device cuda: the SENSE operators at the paper's test size;
 #   5. bench/sample_speed.py --device cuda: A-DPS s/slice compiled ("nhwc") at batch 16 (8 on a
 #      card under 100 GB: batch 16 peaked at 80.9 GB);
-#   6. bench/train_step.py again: the compiled "nhwc" step with activation checkpointing (the
-#      memory target), which the first run's budget did not reach;
+#   6. bench/train_step.py again, the memory target: the compiled "nhwc" step with an activation
+#      memory budget of 0.5 (the partitioner recomputes the cheapest intermediates);
 #   7. if time is left: bench/train_scaling.py --gpu (the bare step against the platform's worker
 #      loop, whose batches now load in a background thread, and against the data path alone; bf16;
-#      the eager step does not fit an 80 GB card), the step with each U-Net block
-#      compiled on its own ("regional": shorter compilation), and A-DPS eager at batches 1 and 8
-#      (the baseline rows).
+#      the eager step does not fit an 80 GB card); the compiled step with activation checkpointing
+#      (which the first run's budget did not reach); the step with each U-Net block compiled on
+#      its own ("regional": shorter compilation); A-DPS eager at batches 1 and 8 (the baselines).
 #
 # Each torch.compile of the paper-size network took about 2 minutes on the first run's machine
 # (16 CPU cores), which is what bounds the number of compiled rows per run.
@@ -40,11 +40,11 @@
 # GPU_CHECK_ONLY="step ..." runs only the named steps (the names the summary prints), e.g. the
 # ones a first call's budget cut, in a second call on the still-warm machine. With a compilation
 # of about 2 minutes per compiled row, the first call reaches step 5 on an H200; a lent machine's
-# 15 minutes hold both calls, back to back (the device tool's timeout_s 540, then 330):
+# 15 minutes hold both calls, back to back (the device tool's timeout_s 520, then 360):
 #
 #     bash bench/gpu_check.sh
-#     GPU_CHECK_ONLY="train_step_lean train_scaling train_step_regional sample_speed" \
-#         GPU_CHECK_BUDGET_S=300 bash bench/gpu_check.sh
+#     GPU_CHECK_ONLY="train_step_lean train_scaling train_step_ckpt train_step_regional sample_speed" \
+#         GPU_CHECK_BUDGET_S=330 bash bench/gpu_check.sh
 #
 # GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at tiny sizes, with Ray, MLflow, sigpy
 # and boto3 made unimportable, to check this script where there is no GPU (PYTHON=.venv/bin/python).
@@ -131,6 +131,8 @@ PYEOF
     OPERATORS_ARGS=(--device cpu --slices 2 --coils 3 --height 32 --width 40 --acceleration 1 --warmup 1 --repeats 2)
     SAMPLE_ARGS=(--device cpu --batches 1 2 --steps 500)
     TRAIN_STEP_LEAN_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
+                          --rows budget=0.5)
+    TRAIN_STEP_CKPT_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
                           --rows ckpt)
     TRAIN_STEP_REGIONAL_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
                               --rows compile,regional)
@@ -147,7 +149,9 @@ else
     SCALING_ARGS=(--gpu --amp bf16 --warmup 3 --steps 10)
     TRAIN_STEP_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows eager,cudnn compile,cudnn,nhwc
                      --profile 8 --precision-check bf16 --precision-batch $((SAMPLE_BATCH / 2)))
-    TRAIN_STEP_LEAN_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,nhwc,ckpt
+    TRAIN_STEP_LEAN_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,nhwc,budget=0.5
+                          --profile 8)
+    TRAIN_STEP_CKPT_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,nhwc,ckpt
                           --profile 8)
     TRAIN_STEP_REGIONAL_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,regional
                               --profile 8)
@@ -238,6 +242,8 @@ fi
 run train_step_lean 170 "$PY" bench/train_step.py "${TRAIN_STEP_LEAN_ARGS[@]}"
 grep '^{' "$LOGS/train_step_lean.log" >"$LOGS/train_step_lean.jsonl" 2>/dev/null
 run train_scaling 60 "$PY" bench/train_scaling.py "${SCALING_ARGS[@]}" --json "$LOGS/train_scaling.json"
+run train_step_ckpt 170 "$PY" bench/train_step.py "${TRAIN_STEP_CKPT_ARGS[@]}"
+grep '^{' "$LOGS/train_step_ckpt.log" >"$LOGS/train_step_ckpt.jsonl" 2>/dev/null
 run train_step_regional 150 "$PY" bench/train_step.py "${TRAIN_STEP_REGIONAL_ARGS[@]}"
 grep '^{' "$LOGS/train_step_regional.log" >"$LOGS/train_step_regional.jsonl" 2>/dev/null
 run sample_speed 30 "$PY" bench/sample_speed.py "${SAMPLE_ARGS[@]}" --json "$LOGS/sample_speed.json"
@@ -273,7 +279,8 @@ for r in rows("train_scaling.json"):
 if (out / "train_scaling.json").is_file():
     for amp, derived in json.loads((out / "train_scaling.json").read_text()).get("derived", {}).items():
         print(f"train_scaling  {amp}: " + ", ".join(f"{k} {v}" for k, v in derived.items()))
-for r in rows("train_step.jsonl") + rows("train_step_lean.jsonl") + rows("train_step_regional.jsonl"):
+for r in (rows("train_step.jsonl") + rows("train_step_lean.jsonl") + rows("train_step_ckpt.jsonl")
+          + rows("train_step_regional.jsonl")):
     if r.get("check"):
         print(f"precision      {r['amp']} compile {r['compile']}{' nhwc' if r.get('inductor_nhwc') else ''} vs fp32: " + (r["error"] if r.get("error") else
               f"loss {r['loss']:.6g} vs {r['loss_fp32']:.6g} (rel {r['loss_rel_diff']:.2e}), gradient rel "
@@ -284,6 +291,7 @@ for r in rows("train_step.jsonl") + rows("train_step_lean.jsonl") + rows("train_
         continue
     print(f"train_step     {r['method']:8s} {r['preset']:8s} {r['batch']}x{r['height']}x{r['width']} amp {r['amp']}"
           f"{' ckpt' if r.get('activation_checkpointing') else ''}"
+          f"{' budget ' + str(r['activation_memory_budget']) if r.get('activation_memory_budget', 1.0) != 1.0 else ''}"
           f"{' cudnn-bench' if r.get('cudnn_benchmark') else ''}{' nhwc' if r.get('inductor_nhwc') else ''}"
           f"{' regional' if r.get('regional_compile') else ''}"
           f"{' compile ' + r['compile'] if r.get('compile') not in (None, 'off') else ''}: "

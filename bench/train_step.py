@@ -112,11 +112,12 @@ def bench_one(
     method: str, preset: str, device: torch.device, batch_size: int, height: int, width: int, coils: int,
     acceleration: float, amp: str | None, warmup: int, repeats: int, checkpointing: bool = False,
     compile_mode: str | None = None, channels_last: bool = False, cudnn_benchmark: bool = False,
-    profile: int = 0, nhwc: bool = False, regional: bool = False,
+    profile: int = 0, nhwc: bool = False, regional: bool = False, memory_budget: float = 1.0,
 ) -> dict[str, object]:
-    with inductor_layout(nhwc):  # read when the first step compiles
+    with inductor_layout(nhwc), activation_budget(memory_budget):  # read when the first step compiles
         return _bench_one(method, preset, device, batch_size, height, width, coils, acceleration, amp, warmup, repeats,
-                          checkpointing, compile_mode, channels_last, cudnn_benchmark, profile, nhwc, regional)
+                          checkpointing, compile_mode, channels_last, cudnn_benchmark, profile, nhwc, regional,
+                          memory_budget)
 
 
 def compile_regions(model: torch.nn.Module, compile_mode: str) -> int:
@@ -138,6 +139,14 @@ def compile_regions(model: torch.nn.Module, compile_mode: str) -> int:
     return len(blocks)
 
 
+def activation_budget(budget: float) -> contextlib.AbstractContextManager:
+    """The compiled backward's activation memory budget (TrainConfig.activation_memory_budget):
+    below 1 the partitioner recomputes the cheapest intermediates instead of keeping them."""
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(activation_memory_budget=budget)
+
+
 def inductor_layout(nhwc: bool) -> contextlib.AbstractContextManager:
     """With ``nhwc``, Inductor's layout optimisation is forced on: every convolution in a compiled
     graph gets channels-last inputs and weights, so cuDNN's Hopper kernels (NHWC only) need no
@@ -155,7 +164,7 @@ def _bench_one(
     method: str, preset: str, device: torch.device, batch_size: int, height: int, width: int, coils: int,
     acceleration: float, amp: str | None, warmup: int, repeats: int, checkpointing: bool,
     compile_mode: str | None, channels_last: bool, cudnn_benchmark: bool, profile: int, nhwc: bool,
-    regional: bool,
+    regional: bool, memory_budget: float,
 ) -> dict[str, object]:
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = cudnn_benchmark  # per row: the rows compare it
@@ -218,6 +227,7 @@ def _bench_one(
         "cudnn_benchmark": cudnn_benchmark,
         "inductor_nhwc": nhwc,
         "regional_compile": regional,
+        "activation_memory_budget": memory_budget,
         "first_step_s": round(first_step_s, 2) if warmup else None,
         "median_ms": round(median * 1e3, 2),
         "slices_per_s": round(batch_size / median, 3),
@@ -352,20 +362,28 @@ def run_precision_checks(args: argparse.Namespace, device: torch.device, compile
 def parse_row(text: str) -> dict[str, object]:
     """``--rows`` item: ``eager`` or a comma-separated set of ``compile[=MODE]``, ``ckpt``,
     ``cudnn``, ``cl`` (channels-last weights), ``nhwc`` (Inductor's layout optimisation forced
-    on: :func:`inductor_layout`), ``regional`` (compile each block alone: :func:`compile_regions`)."""
+    on: :func:`inductor_layout`), ``regional`` (compile each block alone: :func:`compile_regions`),
+    ``budget=X`` (the compiled backward's activation memory budget: :func:`activation_budget`)."""
     row: dict[str, object] = {"compile": None, "ckpt": False, "cudnn": False, "cl": False, "nhwc": False,
-                              "regional": False}
+                              "regional": False, "budget": 1.0}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
         if key == "compile":
             row["compile"] = value or "default"
             if row["compile"] not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
                 raise argparse.ArgumentTypeError(f"unknown compile mode {value!r} in {text!r}")
+        elif key == "budget":
+            try:
+                row["budget"] = float(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"budget needs a number in (0, 1], got {value!r} in {text!r}") from None
+            if not 0 < row["budget"] <= 1:
+                raise argparse.ArgumentTypeError(f"budget must be in (0, 1], got {value!r} in {text!r}")
         elif key in ("ckpt", "cudnn", "cl", "nhwc", "regional") and not value:
             row[key] = True
         elif key != "eager":
             raise argparse.ArgumentTypeError(f"unknown row option {part!r} in {text!r} (compile[=MODE], ckpt, cudnn, "
-                                             "cl, nhwc, regional or eager)")
+                                             "cl, nhwc, regional, budget=X or eager)")
     return row
 
 
@@ -395,8 +413,9 @@ def main() -> int:
                         help="paper-size rows to run instead of the product of --compile x --checkpointing x "
                              "--cudnn-benchmark: each a comma-separated set of compile[=MODE], ckpt, cudnn, cl "
                              "(channels-last weights), nhwc (Inductor's layout optimisation forced on), regional "
-                             "(each U-Net block compiled alone), or 'eager' for none; e.g. --rows eager "
-                             "compile,cudnn,nhwc compile,ckpt")
+                             "(each U-Net block compiled alone), budget=X (activation memory budget of the "
+                             "compiled backward, 0-1), or 'eager' for none; e.g. --rows eager compile,cudnn,nhwc "
+                             "compile,nhwc,budget=0.5")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile one more step of each paper-size row: device time by kernel family and the "
                              "N slowest kernels, in the row's 'profile'")
@@ -426,7 +445,7 @@ def main() -> int:
             print(json.dumps(row), flush=True)
         rows = args.rows or [
             {"compile": None if c == "off" else c, "ckpt": k == "on", "cudnn": b == "on", "cl": args.channels_last,
-             "nhwc": False, "regional": False}
+             "nhwc": False, "regional": False, "budget": 1.0}
             for c in args.compile for k in args.checkpointing for b in args.cudnn_benchmark]
         checked: set[tuple] = set()
 
@@ -437,14 +456,15 @@ def main() -> int:
                 try:
                     row = bench_one("ambient", PAPER_PRESETS["ambient"], device, 8, 384, 320, 4,
                                     args.acceleration, amp, args.warmup, args.repeats, spec["ckpt"], spec["compile"],
-                                    spec["cl"], spec["cudnn"], args.profile, spec["nhwc"], spec["regional"])
+                                    spec["cl"], spec["cudnn"], args.profile, spec["nhwc"], spec["regional"],
+                                    spec["budget"])
                 except Exception as err:  # one failed configuration must not hide the others
                     row = {"device": device_name(device), "method": "ambient", "compile": spec["compile"],
                            "activation_checkpointing": spec["ckpt"], "cudnn_benchmark": spec["cudnn"],
                            "channels_last": spec["cl"], "inductor_nhwc": spec["nhwc"], "error": repr(err)[:500]}
                 print(json.dumps(row), flush=True)
                 torch.backends.cudnn.benchmark = False
-                if not spec["ckpt"] and not spec["cl"] and not spec["regional"]:
+                if not spec["ckpt"] and not spec["cl"] and not spec["regional"] and spec["budget"] == 1.0:
                     failed_checks += run_precision_checks(args, device, spec["compile"], spec["nhwc"], checked)
         else:
             failed_checks += run_precision_checks(args, device, None, False, checked)

@@ -145,6 +145,10 @@ def build_trainee(
     if next(model.parameters()).device.type == "cuda":  # where the wrap put it (Ray: this worker's GPU)
         torch.backends.cudnn.benchmark = config.cudnn_benchmark
     if config.compile_mode:
+        import torch._functorch.config as functorch_config
+
+        # Read when the first step compiles; set on every compiled build (one model per worker).
+        functorch_config.activation_memory_budget = config.activation_memory_budget
         # After DDP's wrap, so that DDP's optimiser splits the graph at its gradient buckets.
         # The EMA, checkpoints and validation look through the wrapper to the plain module.
         model = torch.compile(model, mode=None if config.compile_mode == "default" else config.compile_mode)
