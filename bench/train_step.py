@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -108,16 +109,44 @@ def peak_memory_gb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30, "process_max_rss"
 
 
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+    """How one row runs the step (``--rows``; the defaults are the plain eager step)."""
+
+    compile: str | None = None
+    """torch.compile mode of the whole denoiser (None = eager)."""
+    ckpt: bool = False
+    """Activation checkpointing of the U-Net blocks."""
+    cudnn: bool = False
+    """torch.backends.cudnn.benchmark."""
+    cl: bool = False
+    """Channels-last weights."""
+    nhwc: bool = False
+    """Inductor's layout optimisation forced on (:func:`inductor_layout`)."""
+    regional: bool = False
+    """Compile each U-Net block alone instead of the whole denoiser (:func:`compile_regions`)."""
+    budget: float = 1.0
+    """The compiled backward's activation memory budget (:func:`activation_budget`)."""
+
+    def row_fields(self) -> dict[str, object]:
+        """The settings as the JSON rows name them."""
+        return {"compile": self.compile, "activation_checkpointing": self.ckpt, "cudnn_benchmark": self.cudnn,
+                "channels_last": self.cl, "inductor_nhwc": self.nhwc, "regional_compile": self.regional,
+                "activation_memory_budget": self.budget}
+
+    @property
+    def has_plain_graph(self) -> bool:
+        """Whether the precision check (whole denoiser, compiled or not) runs this row's graph."""
+        return not (self.ckpt or self.cl or self.regional) and self.budget == 1.0
+
+
 def bench_one(
     method: str, preset: str, device: torch.device, batch_size: int, height: int, width: int, coils: int,
-    acceleration: float, amp: str | None, warmup: int, repeats: int, checkpointing: bool = False,
-    compile_mode: str | None = None, channels_last: bool = False, cudnn_benchmark: bool = False,
-    profile: int = 0, nhwc: bool = False, regional: bool = False, memory_budget: float = 1.0,
+    acceleration: float, amp: str | None, warmup: int, repeats: int, spec: RowSpec = RowSpec(), profile: int = 0,
 ) -> dict[str, object]:
-    with inductor_layout(nhwc), activation_budget(memory_budget):  # read when the first step compiles
+    with inductor_layout(spec.nhwc), activation_budget(spec.budget):  # read when the first step compiles
         return _bench_one(method, preset, device, batch_size, height, width, coils, acceleration, amp, warmup, repeats,
-                          checkpointing, compile_mode, channels_last, cudnn_benchmark, profile, nhwc, regional,
-                          memory_budget)
+                          spec, profile)
 
 
 def compile_regions(model: torch.nn.Module, compile_mode: str) -> int:
@@ -162,22 +191,20 @@ def inductor_layout(nhwc: bool) -> contextlib.AbstractContextManager:
 
 def _bench_one(
     method: str, preset: str, device: torch.device, batch_size: int, height: int, width: int, coils: int,
-    acceleration: float, amp: str | None, warmup: int, repeats: int, checkpointing: bool,
-    compile_mode: str | None, channels_last: bool, cudnn_benchmark: bool, profile: int, nhwc: bool,
-    regional: bool, memory_budget: float,
+    acceleration: float, amp: str | None, warmup: int, repeats: int, spec: RowSpec, profile: int,
 ) -> dict[str, object]:
     torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = cudnn_benchmark  # per row: the rows compare it
+    torch.backends.cudnn.benchmark = spec.cudnn  # per row: the rows compare it
     model = build_model(method, preset).to(device).train()
-    if checkpointing and not set_activation_checkpointing(model):
+    if spec.ckpt and not set_activation_checkpointing(model):
         raise ValueError(f"--checkpointing: {method} has no U-Net")
-    if channels_last:
+    if spec.cl:
         model = model.to(memory_format=torch.channels_last)
-    if compile_mode and regional:
-        compile_regions(model, compile_mode)
-    elif compile_mode:
+    if spec.compile and spec.regional:
+        compile_regions(model, spec.compile)
+    elif spec.compile:
         # The whole denoiser (preconditioning included); train_step and the EMA look through the wrapper.
-        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+        model = torch.compile(model, mode=None if spec.compile == "default" else spec.compile)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8)
     ema = EMA(model)
     batch = {k: v.to(device) for k, v in make_batch(batch_size, coils, height, width, acceleration).items()}
@@ -221,13 +248,7 @@ def _bench_one(
         "coils": coils,
         "acceleration": acceleration,
         "amp": amp,
-        "activation_checkpointing": checkpointing,
-        "compile": compile_mode,
-        "channels_last": channels_last,
-        "cudnn_benchmark": cudnn_benchmark,
-        "inductor_nhwc": nhwc,
-        "regional_compile": regional,
-        "activation_memory_budget": memory_budget,
+        **spec.row_fields(),
         "first_step_s": round(first_step_s, 2) if warmup else None,
         "median_ms": round(median * 1e3, 2),
         "slices_per_s": round(batch_size / median, 3),
@@ -359,32 +380,29 @@ def run_precision_checks(args: argparse.Namespace, device: torch.device, compile
     return failed
 
 
-def parse_row(text: str) -> dict[str, object]:
+def parse_row(text: str) -> RowSpec:
     """``--rows`` item: ``eager`` or a comma-separated set of ``compile[=MODE]``, ``ckpt``,
-    ``cudnn``, ``cl`` (channels-last weights), ``nhwc`` (Inductor's layout optimisation forced
-    on: :func:`inductor_layout`), ``regional`` (compile each block alone: :func:`compile_regions`),
-    ``budget=X`` (the compiled backward's activation memory budget: :func:`activation_budget`)."""
-    row: dict[str, object] = {"compile": None, "ckpt": False, "cudnn": False, "cl": False, "nhwc": False,
-                              "regional": False, "budget": 1.0}
+    ``cudnn``, ``cl``, ``nhwc``, ``regional`` and ``budget=X`` (the fields of :class:`RowSpec`)."""
+    settings: dict[str, object] = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
         if key == "compile":
-            row["compile"] = value or "default"
-            if row["compile"] not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            settings["compile"] = value or "default"
+            if settings["compile"] not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
                 raise argparse.ArgumentTypeError(f"unknown compile mode {value!r} in {text!r}")
         elif key == "budget":
             try:
-                row["budget"] = float(value)
+                settings["budget"] = float(value)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"budget needs a number in (0, 1], got {value!r} in {text!r}") from None
-            if not 0 < row["budget"] <= 1:
+            if not 0 < settings["budget"] <= 1:
                 raise argparse.ArgumentTypeError(f"budget must be in (0, 1], got {value!r} in {text!r}")
         elif key in ("ckpt", "cudnn", "cl", "nhwc", "regional") and not value:
-            row[key] = True
+            settings[key] = True
         elif key != "eager":
             raise argparse.ArgumentTypeError(f"unknown row option {part!r} in {text!r} (compile[=MODE], ckpt, cudnn, "
                                              "cl, nhwc, regional, budget=X or eager)")
-    return row
+    return RowSpec(**settings)
 
 
 def main() -> int:
@@ -444,8 +462,7 @@ def main() -> int:
                             args.acceleration, args.amp, args.warmup, args.repeats, profile=args.profile)
             print(json.dumps(row), flush=True)
         rows = args.rows or [
-            {"compile": None if c == "off" else c, "ckpt": k == "on", "cudnn": b == "on", "cl": args.channels_last,
-             "nhwc": False, "regional": False, "budget": 1.0}
+            RowSpec(compile=None if c == "off" else c, ckpt=k == "on", cudnn=b == "on", cl=args.channels_last)
             for c in args.compile for k in args.checkpointing for b in args.cudnn_benchmark]
         checked: set[tuple] = set()
 
@@ -455,17 +472,14 @@ def main() -> int:
                 torch.cuda.empty_cache()
                 try:
                     row = bench_one("ambient", PAPER_PRESETS["ambient"], device, 8, 384, 320, 4,
-                                    args.acceleration, amp, args.warmup, args.repeats, spec["ckpt"], spec["compile"],
-                                    spec["cl"], spec["cudnn"], args.profile, spec["nhwc"], spec["regional"],
-                                    spec["budget"])
+                                    args.acceleration, amp, args.warmup, args.repeats, spec, args.profile)
                 except Exception as err:  # one failed configuration must not hide the others
-                    row = {"device": device_name(device), "method": "ambient", "compile": spec["compile"],
-                           "activation_checkpointing": spec["ckpt"], "cudnn_benchmark": spec["cudnn"],
-                           "channels_last": spec["cl"], "inductor_nhwc": spec["nhwc"], "error": repr(err)[:500]}
+                    row = {"device": device_name(device), "method": "ambient", **spec.row_fields(),
+                           "error": repr(err)[:500]}
                 print(json.dumps(row), flush=True)
                 torch.backends.cudnn.benchmark = False
-                if not spec["ckpt"] and not spec["cl"] and not spec["regional"] and spec["budget"] == 1.0:
-                    failed_checks += run_precision_checks(args, device, spec["compile"], spec["nhwc"], checked)
+                if spec.has_plain_graph:
+                    failed_checks += run_precision_checks(args, device, spec.compile, spec.nhwc, checked)
         else:
             failed_checks += run_precision_checks(args, device, None, False, checked)
     return 1 if failed_checks else 0
