@@ -32,7 +32,6 @@ Ray, MLflow or sigpy): runs on a bare GPU machine with ``PYTHONPATH=platform``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import platform as std_platform  # the standard library module (our package is adps)
@@ -50,6 +49,7 @@ from adps.mri import SenseOperator, column_mask, lines_at
 from adps.nn import build_model, count_parameters, edm_sigmas, train_masks
 from adps.nn.samplers import a_dps
 from adps.nn.unet import set_activation_checkpointing
+from train_step import inductor_layout  # bench/train_step.py: this folder is sys.path[0] for a script
 
 # Paper (Aali, Daras et al. 2025, section 3.3 / appendix): A-DPS, 500 steps, one H100.
 PAPER_S_PER_SLICE = {1: 45.6, 8: 20.4}
@@ -216,12 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.compile != "off":
                 torch._dynamo.reset()  # a fresh static-shape graph per batch size
                 net = torch.compile(model, mode=None if args.compile == "default" else args.compile, dynamic=False)
-            layout = contextlib.nullcontext()
-            if args.nhwc:
-                import torch._inductor.config as inductor_config
-
-                layout = inductor_config.patch(force_layout_optimization=True)
-            with layout:  # read when the first step compiles
+            with inductor_layout(args.nhwc):  # read when the first step compiles
                 row.update(bench_batch(net, device, batch, args))
         except torch.cuda.OutOfMemoryError:
             row["error"] = "out of memory"

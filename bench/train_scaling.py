@@ -81,6 +81,7 @@ import numpy as np
 import torch
 
 from adps.data.dataset import PreparedSliceDataset
+from adps.data.prefetch import Prefetcher
 from adps.data.preprocess import PrepareConfig, mask_key
 from adps.data.shards import (
     FORMAT_NAME,
@@ -359,16 +360,21 @@ def bench_load(config: TrainConfig, device: torch.device, *, warmup: int, steps:
     indices = list(range(len(dataset)))
     times: list[float] = []
     started = time.perf_counter()
+    pin_memory = device.type == "cuda"
+
+    def one_pass() -> Prefetcher:  # depth 0: in this thread, so each batch's time is its own
+        return Prefetcher(worker_batches(dataset, indices, config.batch_size, 0), 0, pin_memory=pin_memory)
+
     try:
-        source = worker_batches(dataset, indices, config.batch_size, 0)
+        source = one_pass()
         while len(times) < warmup + steps:
             start = time.perf_counter()
             batch = next(source, None)
             if batch is None:  # one pass done: the next pass (the page cache is warm by now)
-                source = worker_batches(dataset, indices, config.batch_size, 0)
+                source = one_pass()
                 continue
-            if device.type == "cuda":
-                batch = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+            if pin_memory:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
     finally:
