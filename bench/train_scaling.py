@@ -95,7 +95,7 @@ from adps.data.shards import (
 from adps.mri import lines_at
 from adps.nn.ema import EMA
 from adps.nn.train_config import FULLY_SAMPLED, TrainConfig
-from adps.nn.train_step import MRI_METHODS, PAPER_PRESETS, build_model, make_synthetic_batch, train_step
+from adps.nn.train_step import MRI_METHODS, PAPER_PRESETS, build_model, make_optimizer, make_synthetic_batch, train_step
 from adps.orchestration.train import WorkerContext, dataset_acceleration, worker_loop
 from adps.orchestration.train import _batches as worker_batches  # the worker loop's own batching
 
@@ -320,7 +320,7 @@ def bench_bare(config: TrainConfig, batch: dict[str, torch.Tensor], device: torc
     """adps.nn.train_step on one resident batch, with train_one_step's settings (Adam, clip, EMA)."""
     torch.manual_seed(config.seed)
     model = build_model(config.method, config.resolved_preset).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps)
+    optimizer = make_optimizer(model, lr=config.lr, betas=config.betas, eps=config.eps)
     ema = EMA(model, half_life_images=config.ema_half_life_images, rampup_ratio=config.ema_rampup)
     on_device = {k: v.to(device) for k, v in batch.items()}
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -349,8 +349,9 @@ def bench_bare(config: TrainConfig, batch: dict[str, torch.Tensor], device: torc
 
 def bench_load(config: TrainConfig, device: torch.device, *, warmup: int, steps: int,
                threads: int | None) -> dict[str, Any]:
-    """The data path alone, as a worker runs it with ``prefetch_batches: 0``: read and stack a
-    batch from the shards (the worker loop's batching), pin it and copy it to the device. Its
+    """The data path alone, as a worker runs it with ``prefetch_batches: 0``: read a batch from
+    the shards (the worker loop's batching: straight into page-locked memory on CUDA) and copy it
+    to the device. Its
     slices/s is the rate one loading thread sustains; issue 10 asks for 5x the step's."""
     from adps.data.shards import read_manifest
 
@@ -363,7 +364,8 @@ def bench_load(config: TrainConfig, device: torch.device, *, warmup: int, steps:
     pin_memory = device.type == "cuda"
 
     def one_pass() -> Prefetcher:  # depth 0: in this thread, so each batch's time is its own
-        return Prefetcher(worker_batches(dataset, indices, config.batch_size, 0), 0, pin_memory=pin_memory)
+        return Prefetcher(worker_batches(dataset, indices, config.batch_size, 0, pin_memory=pin_memory), 0,
+                          pin_memory=pin_memory)
 
     try:
         source = one_pass()
@@ -382,7 +384,7 @@ def bench_load(config: TrainConfig, device: torch.device, *, warmup: int, steps:
     wall = time.perf_counter() - started
     return row_from_times("data path alone", "load", config, times[warmup:], workers=1, threads=threads,
                           device=device_name(device), amp="-", wall_s=wall,
-                          note="read + stack" + (" + pin + copy to the GPU" if device.type == "cuda" else ""))
+                          note="read" + (" into page-locked memory + copy to the GPU" if device.type == "cuda" else ""))
 
 
 def bench_loop(config: TrainConfig, device: torch.device, *, amp: str, warmup: int, steps: int,

@@ -37,7 +37,16 @@ import torch
 
 from adps.data.phantom import brain_phantom
 from adps.mri import column_mask, fft2c, further_corrupted_mask, lines_at
-from adps.nn import EMA, MRI_METHODS, PAPER_PRESETS, build_model, make_synthetic_batch, method_loss, train_step
+from adps.nn import (
+    EMA,
+    MRI_METHODS,
+    PAPER_PRESETS,
+    build_model,
+    make_optimizer,
+    make_synthetic_batch,
+    method_loss,
+    train_step,
+)
 from adps.nn.unet import set_activation_checkpointing
 
 # Tolerances of the mixed-precision check (--precision-check). bf16 keeps 8 mantissa bits
@@ -205,7 +214,7 @@ def _bench_one(
     elif spec.compile:
         # The whole denoiser (preconditioning included); train_step and the EMA look through the wrapper.
         model = torch.compile(model, mode=None if spec.compile == "default" else spec.compile)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = make_optimizer(model)  # METHOD.md's Adam; fused on CUDA, as in adps train
     ema = EMA(model)
     batch = {k: v.to(device) for k, v in make_batch(batch_size, coils, height, width, acceleration).items()}
     generator = torch.Generator(device=device).manual_seed(0)  # every draw of the step, on its device

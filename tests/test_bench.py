@@ -118,3 +118,33 @@ def test_sample_speed_bench_prints_json_lines(tmp_path: Path) -> None:
         assert row["s_per_slice"] > 0 and row["median_step_ms"] > 0
     assert "s/slice" in result.stderr  # the table
     assert json.loads(out.read_text())["rows"] == rows
+
+
+@pytest.mark.slow
+def test_memory_plan_sums_what_the_compiled_step_saves() -> None:
+    """bench/memory_plan.py partitions the compiled tiny step as Inductor would, without running it
+    (about 12 s of tracing per row): a lower activation memory budget saves less, by recomputing
+    element-wise work only; checkpointing recomputes about one forward pass of convolutions
+    (a third of the step's convolution FLOPs); the plan is the saved tensors plus the optimiser
+    states. Also the command line: one JSON line per row, and a budget outside (0, 1] refused."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        plan = _load_bench("memory_plan")
+    finally:
+        sys.path.pop(0)
+    shape = dict(preset="tiny", batch_size=2, height=64, width=64, coils=2, acceleration=4, amp="bf16")
+    full = plan.plan_row(budget=1.0, checkpointing=False, **shape)
+    lean = plan.plan_row(budget=0.5, checkpointing=False, **shape)
+    ckpt = plan.plan_row(budget=1.0, checkpointing=True, **shape)
+    assert full["parameters"] == 208674 and full["states_gib"] == pytest.approx(208674 * 20 / 2**30, abs=1e-3)
+    assert full["planned_gib"] == pytest.approx(full["saved_gib"] + full["states_gib"], abs=2e-3)
+    assert full["saved_gib_by_dtype"]["bfloat16"] > 0  # autocast reached the traced graph
+    assert full["recomputed_convolutions"] == 0 and lean["recomputed_convolutions"] == 0
+    assert lean["saved_gib"] < 0.7 * full["saved_gib"]
+    assert ckpt["saved_gib"] < 0.5 * full["saved_gib"]
+    assert ckpt["recomputed_convolutions"] > 0 and 0.25 < ckpt["recompute_share"] < 0.4
+    assert full["measured_reference"] is None  # only the paper-size step has one
+
+    refused = subprocess.run([sys.executable, "bench/memory_plan.py", "--budgets", "1.5"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--budgets must be in (0, 1], got [1.5]" in refused.stderr

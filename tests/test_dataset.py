@@ -92,6 +92,52 @@ def test_dataloader_with_two_workers_batches_every_slice_once(root: Path) -> Non
     assert ids == [s["slice_id"] for s in manifest_of(root)["splits"]["train"]["slices"]]
 
 
+def test_read_batch_equals_the_stacked_items(root: Path) -> None:
+    """read_batch (the worker loop's batching) gives what the default collate makes of the items,
+    across a shard boundary and in any order; with load_l1 too."""
+    for load_l1 in (False, True):
+        dataset = PreparedSliceDataset(root, "train", acceleration=4, load_l1=load_l1)
+        indices = [3, 0, 2, 1]  # rows of both shards (3 + 1 slices), out of order
+        batch = dataset.read_batch(indices)
+        items = [dataset[i] for i in indices]
+        assert set(batch) == set(items[0]) == KEYS | ({"l1"} if load_l1 else set())
+        for key, value in batch.items():
+            expected = torch.stack([item[key] for item in items])
+            assert value.dtype == expected.dtype and value.shape == expected.shape, key
+            assert torch.equal(value, expected), key
+        assert not batch["kspace"].is_pinned()
+    with pytest.raises(IndexError, match="index 4 out of range for 4 slices"):
+        dataset.read_batch([0, 4])
+    with pytest.raises(ValueError, match="no indices"):
+        dataset.read_batch([])
+
+
+@pytest.mark.gpu
+def test_read_batch_reads_into_page_locked_memory(root: Path) -> None:
+    batch = PreparedSliceDataset(root, "train", acceleration=4).read_batch([0, 1], pin_memory=True)
+    assert all(value.is_pinned() for value in batch.values())
+
+
+def test_read_batch_names_the_slices_it_cannot_batch(root: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    entries = manifest_of(copy)["splits"]["train"]["slices"]
+    with h5py.File(copy / "train-00000.h5", "r+") as f:
+        f["maps"][1] = 0
+    with h5py.File(copy / "train-00001.h5", "r+") as f:  # 2 coils instead of 4
+        maps = f["maps"][:, :2]
+        del f["maps"]
+        f.create_dataset("maps", data=maps)
+    dataset = PreparedSliceDataset(copy, "train", acceleration=2, verify=False)
+    with pytest.raises(ShardError, match=rf"train-00000\.h5: slice id {entries[1]['slice_id']} \(row 1\): coil maps are all"):
+        dataset.read_batch([0, 1])
+    message = (rf"train-00001\.h5: slice id {entries[3]['slice_id']} \(row 0\): 'maps' has shape \(2, {HEIGHT}, "
+               rf"{WIDTH}\), slice id {entries[0]['slice_id']} of train-00000\.h5 \(4, {HEIGHT}, {WIDTH}\)")
+    with pytest.raises(ShardError, match=message):
+        dataset.read_batch([0, 3])
+    assert dataset.read_batch([3])["maps"].shape == (1, 2, HEIGHT, WIDTH)  # alone, it reads
+
+
 def test_a_subset_of_shards(root: Path) -> None:
     shards = manifest_of(root)["splits"]["train"]["shards"]
     assert [s["n_slices"] for s in shards] == [3, 1]

@@ -211,24 +211,73 @@ class PreparedSliceDataset(Dataset):
         return len(self._index)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} slices")
-        name, row, sid = self._index[index]
+        name, row, sid = self._locate(index)
         handle = self._file(name)
         item: dict[str, torch.Tensor] = {}
         for key, dataset in self._datasets.items():
-            try:
-                array = handle[dataset][row]
-            except KeyError:
-                raise ShardError(f"{storage.join(self.root, name)}: no dataset {dataset!r}") from None
-            if key == "maps" and not array.any():
-                # Zero maps make A = 0: every loss and reconstruction of the slice would be zero
-                # or NaN, silently. One pass over an array just read (a zero-padded test coil is
-                # fine; only a slice with no nonzero map at all is refused).
-                raise ShardError(
-                    f"{storage.join(self.root, name)}: slice id {sid} (row {row}): coil maps are all zero; "
-                    "the shard is corrupt or was edited (re-run adps prepare to restore it)"
-                )
+            array = self._array(handle, name, dataset)[row]
+            if key == "maps":
+                self._check_maps(array, name, row, sid)
             item[key] = torch.from_numpy(np.ascontiguousarray(array))
         item["slice_id"] = torch.tensor(sid, dtype=torch.int64)
         return item
+
+    def read_batch(self, indices: Sequence[int], *, pin_memory: bool = False) -> dict[str, torch.Tensor]:
+        """The items ``indices``, stacked key by key into one batch, as the default collate does.
+
+        HDF5 reads each slice straight into its row of the batch's tensors, in page-locked memory
+        with ``pin_memory`` (ready for an asynchronous copy to the GPU). Stacking the items of
+        :meth:`__getitem__` instead copies every array twice more (once to stack, once to pin):
+        at the paper's size that is about 60 MB per batch of 8.
+
+        Raises:
+            IndexError: an index out of range.
+            ShardError: as :meth:`__getitem__` (missing dataset, all-zero maps), naming the file
+                and slice; or slices whose arrays differ in shape, which cannot share a batch.
+        """
+        if not indices:
+            raise ValueError("read_batch: no indices")
+        locations = [self._locate(index) for index in indices]
+        first_name, first_row, first_sid = locations[0]
+        batch: dict[str, torch.Tensor] = {}
+        for key, dataset in self._datasets.items():
+            source = self._array(self._file(first_name), first_name, dataset)
+            shape = source.shape[1:]
+            dtype = torch.from_numpy(np.empty(0, dtype=source.dtype)).dtype
+            out = torch.empty((len(indices), *shape), dtype=dtype, pin_memory=pin_memory)
+            rows = out.numpy()  # a view: HDF5 writes into the tensor's memory
+            for position, (name, row, sid) in enumerate(locations):
+                source = self._array(self._file(name), name, dataset)
+                if source.shape[1:] != shape:
+                    raise ShardError(
+                        f"{storage.join(self.root, name)}: slice id {sid} (row {row}): {dataset!r} has shape "
+                        f"{source.shape[1:]}, slice id {first_sid} of {first_name} {shape}: they cannot share a batch"
+                    )
+                source.read_direct(rows, np.s_[row], np.s_[position])
+                if key == "maps":
+                    self._check_maps(rows[position], name, row, sid)
+            batch[key] = out
+        batch["slice_id"] = torch.tensor([sid for _, _, sid in locations], dtype=torch.int64)
+        return batch
+
+    def _locate(self, index: int) -> tuple[str, int, int]:
+        """(shard name, row in the shard, slice id) of item ``index``."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} slices")
+        return self._index[index]
+
+    def _array(self, handle: h5py.File, name: str, dataset: str) -> h5py.Dataset:
+        try:
+            return handle[dataset]
+        except KeyError:
+            raise ShardError(f"{storage.join(self.root, name)}: no dataset {dataset!r}") from None
+
+    def _check_maps(self, maps: np.ndarray, name: str, row: int, sid: int) -> None:
+        if not maps.any():
+            # Zero maps make A = 0: every loss and reconstruction of the slice would be zero or
+            # NaN, silently. One pass over an array just read (a zero-padded test coil is fine;
+            # only a slice with no nonzero map at all is refused).
+            raise ShardError(
+                f"{storage.join(self.root, name)}: slice id {sid} (row {row}): coil maps are all zero; "
+                "the shard is corrupt or was edited (re-run adps prepare to restore it)"
+            )

@@ -58,7 +58,7 @@ from adps.nn.checkpoint import load_model, save_model
 from adps.nn.ema import EMA, unwrap_model
 from adps.nn.reconstruct import image_validation_mse, validation_nrmse
 from adps.nn.train_config import TrainConfig
-from adps.nn.train_step import build_model, train_step
+from adps.nn.train_step import build_model, make_optimizer, train_step
 from adps.nn.unet import set_activation_checkpointing
 
 __all__ = [
@@ -152,7 +152,7 @@ def build_trainee(
         # After DDP's wrap, so that DDP's optimiser splits the graph at its gradient buckets.
         # The EMA, checkpoints and validation look through the wrapper to the plain module.
         model = torch.compile(model, mode=None if config.compile_mode == "default" else config.compile_mode)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps)
+    optimizer = make_optimizer(model, lr=config.lr, betas=config.betas, eps=config.eps)
     ema = EMA(model, half_life_images=config.ema_half_life_images, rampup_ratio=config.ema_rampup)
     return Trainee(config, model, optimizer, ema, rank=rank, world_size=world_size)
 
@@ -270,10 +270,19 @@ class WorkerContext:
     """Rank 0's metric logger (MLflow): ``log(metrics, step)``; None = no logging."""
 
 
-def _batches(dataset: Any, indices: list[int], batch_size: int, start: int):
-    """Batches of ``dataset[indices]`` from batch number ``start`` on (full batches only)."""
+def _batches(dataset: Any, indices: list[int], batch_size: int, start: int, *, pin_memory: bool = False):
+    """Batches of ``dataset[indices]`` from batch number ``start`` on (full batches only).
+
+    A dataset with ``read_batch`` (the prepared shards) reads each batch straight into its
+    tensors, page-locked with ``pin_memory``; others are stacked item by item (and pinned by the
+    Prefetcher)."""
+    read_batch = getattr(dataset, "read_batch", None)
     for b in range(start, len(indices) // batch_size):
-        items = [dataset[i] for i in indices[b * batch_size : (b + 1) * batch_size]]
+        chosen = indices[b * batch_size : (b + 1) * batch_size]
+        if read_batch is not None:
+            yield read_batch(chosen, pin_memory=pin_memory)
+            continue
+        items = [dataset[i] for i in chosen]
         yield {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
@@ -427,7 +436,7 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
         share = worker_share(n, ctx.world_size, ctx.rank, epoch, config.seed)
         started = time.perf_counter()
         # The next batches load in a background thread while this one trains (Prefetcher).
-        source = _batches(dataset, share, config.batch_size, position)
+        source = _batches(dataset, share, config.batch_size, position, pin_memory=pin_memory)
         with Prefetcher(source, config.prefetch_batches, pin_memory=pin_memory) as batches:
             for batch in batches:
                 out = train_one_step(trainee, batch)
