@@ -23,7 +23,9 @@
 #   5. bench/sample_speed.py --device cuda: A-DPS s/slice compiled ("nhwc") at batch 16 (8 on a
 #      card under 100 GB: batch 16 peaked at 80.9 GB);
 #   6. bench/train_step.py again, the memory target: the compiled "nhwc" step with an activation
-#      memory budget of 0.5 (the partitioner recomputes the cheapest intermediates);
+#      memory budget of 0.5 (the partitioner recomputes the cheapest intermediates; planned on
+#      the CPU at 18.0 GiB with no convolution recomputed), then bench/memory_plan.py (CPU only,
+#      about a minute) for the plan of budgets 1.0 and 0.5 under this machine's torch;
 #   7. if time is left: bench/train_scaling.py --gpu (the bare step against the platform's worker
 #      loop, whose batches now load in a background thread, and against the data path alone; bf16;
 #      the eager step does not fit an 80 GB card); the compiled step with activation checkpointing
@@ -43,7 +45,7 @@
 # 15 minutes hold both calls, back to back (the device tool's timeout_s 520, then 360):
 #
 #     bash bench/gpu_check.sh
-#     GPU_CHECK_ONLY="train_step_lean train_scaling train_step_ckpt train_step_regional sample_speed" \
+#     GPU_CHECK_ONLY="train_step_lean memory_plan train_scaling train_step_ckpt train_step_regional sample_speed" \
 #         GPU_CHECK_BUDGET_S=330 bash bench/gpu_check.sh
 #
 # GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at tiny sizes, with Ray, MLflow, sigpy
@@ -134,6 +136,7 @@ PYEOF
                           --rows budget=0.5)
     TRAIN_STEP_CKPT_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
                           --rows ckpt)
+    MEMORY_PLAN_ARGS=(--preset tiny --batch 2 --height 32 --width 32 --budgets 1.0 0.5)
     TRAIN_STEP_REGIONAL_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
                               --rows compile,regional)
     SAMPLE_COMPILED_ARGS=()  # Inductor's C++ build takes minutes on a small CPU: checked on CUDA only
@@ -153,6 +156,7 @@ else
                           --profile 8)
     TRAIN_STEP_CKPT_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,nhwc,ckpt
                           --profile 8)
+    MEMORY_PLAN_ARGS=(--budgets 1.0 0.5)  # CPU only: the plan under this machine's torch, beside its measured peaks
     TRAIN_STEP_REGIONAL_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,regional
                               --profile 8)
     OPERATORS_ARGS=(--device cuda)
@@ -241,6 +245,8 @@ if ((${#SAMPLE_COMPILED_ARGS[@]})); then
 fi
 run train_step_lean 170 "$PY" bench/train_step.py "${TRAIN_STEP_LEAN_ARGS[@]}"
 grep '^{' "$LOGS/train_step_lean.log" >"$LOGS/train_step_lean.jsonl" 2>/dev/null
+run memory_plan 90 "$PY" bench/memory_plan.py "${MEMORY_PLAN_ARGS[@]}"
+grep '^{' "$LOGS/memory_plan.log" >"$LOGS/memory_plan.jsonl" 2>/dev/null
 run train_scaling 60 "$PY" bench/train_scaling.py "${SCALING_ARGS[@]}" --json "$LOGS/train_scaling.json"
 run train_step_ckpt 170 "$PY" bench/train_step.py "${TRAIN_STEP_CKPT_ARGS[@]}"
 grep '^{' "$LOGS/train_step_ckpt.log" >"$LOGS/train_step_ckpt.jsonl" 2>/dev/null
@@ -313,6 +319,10 @@ for r in rows("sample_speed.json") + rows("sample_speed_compiled.json"):
     else:
         print(f"sample_speed   a_dps batch {r['batch']:3d} {how}: {r['median_step_ms']:9.1f} ms/step "
               f"{r['s_per_slice']:8.2f} s/slice ({r['steps']} steps) peak {r['peak_memory_gb'] or 0:.1f} GB")
+for r in rows("memory_plan.jsonl"):
+    print(f"memory_plan    {r['preset']} {r['batch']}x{r['height']}x{r['width']} budget {r['activation_memory_budget']}"
+          f"{' ckpt' if r['activation_checkpointing'] else ''}: saved {r['saved_gib']:.2f} GiB, planned "
+          f"{r['planned_gib']:.2f} GiB, {r['recomputed_convolutions']} convolutions recomputed (torch {r['torch']})")
 for r in rows("operators.jsonl"):
     print(f"operators      {r['operation']:42s} {r['median_ms']:9.3f} ms  {r['shape']}")
 PYEOF

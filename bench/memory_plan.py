@@ -71,14 +71,31 @@ class _Partitioned(Exception):
         self.forward, self.backward, self.num_fwd_outputs = forward, backward, num_fwd_outputs
 
 
+def _inductor_partition_fn():
+    """Inductor's partition function: a module-level ``partition_fn`` in recent torch; in older
+    releases (a nested function there) the same two steps, spelled out."""
+    try:
+        from torch._inductor.compile_fx import partition_fn
+
+        return partition_fn
+    except ImportError:
+        from torch._functorch.partitioners import min_cut_rematerialization_partition
+        from torch._inductor.fx_passes.joint_graph import joint_graph_passes
+
+        def partition_fn(joint, joint_inputs, **kwargs):
+            joint_graph_passes(joint)
+            return min_cut_rematerialization_partition(joint, joint_inputs, compiler="inductor", **kwargs)
+
+        return partition_fn
+
+
 def _stop_after_partition(joint: torch.fx.GraphModule, joint_inputs, **kwargs):
     from torch._guards import detect_fake_mode
-    from torch._inductor.compile_fx import partition_fn as inductor_partition_fn
     from torch._inductor.virtualized import V
 
     # Inductor's joint-graph passes read the tracing's fake mode from V, as under compile_fx.
     with V.set_fake_mode(detect_fake_mode(joint_inputs)):
-        forward, backward = inductor_partition_fn(joint, joint_inputs, **kwargs)
+        forward, backward = _inductor_partition_fn()(joint, joint_inputs, **kwargs)
     raise _Partitioned(forward, backward, kwargs["num_fwd_outputs"])
 
 
