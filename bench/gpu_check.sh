@@ -20,17 +20,21 @@
 #      step's 264 ms), each profiled once (device time by kernel family); the bf16 step's loss and
 #      gradients against float32, eager and compiled;
 #   4. bench/operators.py --device cuda: the SENSE operators at the paper's test size;
-#   5. bench/sample_speed.py --device cuda: A-DPS s/slice compiled ("nhwc") at batch 16 (8 on a
-#      card under 100 GB: batch 16 peaked at 80.9 GB);
-#   6. bench/train_step.py again, the memory target: the compiled "nhwc" step with an activation
-#      memory budget of 0.5 (the partitioner recomputes the cheapest intermediates; planned on
-#      the CPU at 18.0 GiB with no convolution recomputed), then bench/memory_plan.py (CPU only,
-#      about a minute) for the plan of budgets 1.0 and 0.5 under this machine's torch;
+#   5. bench/sample_speed.py --device cuda: A-DPS s/slice compiled with CUDA graphs
+#      ("reduce-overhead") and "nhwc" at batch 16 (8 on a card under 100 GB: batch 16 peaked at
+#      80.9 GB); if that configuration fails, the same without CUDA graphs;
+#   6. bench/train_step.py again, the candidate for both training targets: the compiled step with
+#      CUDA graphs, "nhwc" and an activation memory budget of 0.5 (planned on the CPU by
+#      bench/memory_plan.py at 18.0 GiB, with no convolution recomputed); if that fails, at once
+#      the same without CUDA graphs (step train_step_budget);
 #   7. if time is left: bench/train_scaling.py --gpu (the bare step against the platform's worker
-#      loop, whose batches now load in a background thread, and against the data path alone; bf16;
-#      the eager step does not fit an 80 GB card); the compiled step with activation checkpointing
-#      (which the first run's budget did not reach); the step with each U-Net block compiled on
-#      its own ("regional": shorter compilation); A-DPS eager at batches 1 and 8 (the baselines).
+#      loop, whose batches load in a background thread, and against the data path alone; bf16;
+#      the eager step does not fit an 80 GB card); train_step_budget (the budget without CUDA
+#      graphs: their memory pool out of the peak); A-DPS eager at batches 1 and 8 (the
+#      baselines); bench/memory_plan.py (CPU only, about a minute: the plan of budgets 1.0 and
+#      0.5 under this machine's torch, beside the measured peaks); the compiled step with
+#      activation checkpointing; the step with each U-Net block compiled on its own ("regional":
+#      shorter compilation).
 #
 # Each torch.compile of the paper-size network took about 2 minutes on the first run's machine
 # (16 CPU cores), which is what bounds the number of compiled rows per run.
@@ -45,7 +49,7 @@
 # 15 minutes hold both calls, back to back (the device tool's timeout_s 520, then 360):
 #
 #     bash bench/gpu_check.sh
-#     GPU_CHECK_ONLY="train_step_lean memory_plan train_scaling train_step_ckpt train_step_regional sample_speed" \
+#     GPU_CHECK_ONLY="train_step_lean train_step_budget train_scaling sample_speed memory_plan train_step_ckpt" \
 #         GPU_CHECK_BUDGET_S=330 bash bench/gpu_check.sh
 #
 # GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at tiny sizes, with Ray, MLflow, sigpy
@@ -132,8 +136,9 @@ PYEOF
                      --profile 3 --precision-check bf16)
     OPERATORS_ARGS=(--device cpu --slices 2 --coils 3 --height 32 --width 40 --acceleration 1 --warmup 1 --repeats 2)
     SAMPLE_ARGS=(--device cpu --batches 1 2 --steps 500)
-    TRAIN_STEP_LEAN_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
-                          --rows budget=0.5)
+    TRAIN_STEP_LEAN_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2)
+    LEAN_ROWS=(budget=0.5)  # eager: the CPU dry run compiles nothing it need not
+    BUDGET_ROWS=(budget=0.5)
     TRAIN_STEP_CKPT_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
                           --rows ckpt)
     MEMORY_PLAN_ARGS=(--preset tiny --batch 2 --height 32 --width 32 --budgets 1.0 0.5)
@@ -152,8 +157,13 @@ else
     SCALING_ARGS=(--gpu --amp bf16 --warmup 3 --steps 10)
     TRAIN_STEP_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows eager,cudnn compile,cudnn,nhwc
                      --profile 8 --precision-check bf16 --precision-batch $((SAMPLE_BATCH / 2)))
-    TRAIN_STEP_LEAN_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,nhwc,budget=0.5
-                          --profile 8)
+    TRAIN_STEP_LEAN_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --profile 8)
+    # The candidate for both training targets: CUDA graphs (against the gaps between kernels), no
+    # layout transposes, and the activation budget that memory_plan.py plans at 18.0 GiB with no
+    # convolution recomputed. The budget alone (no CUDA graphs) is its own step: its peak memory
+    # is free of CUDA graphs' memory pool.
+    LEAN_ROWS=(compile=reduce-overhead,cudnn,nhwc,budget=0.5)
+    BUDGET_ROWS=(compile,cudnn,nhwc,budget=0.5)
     TRAIN_STEP_CKPT_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,nhwc,ckpt
                           --profile 8)
     MEMORY_PLAN_ARGS=(--budgets 1.0 0.5)  # CPU only: the plan under this machine's torch, beside its measured peaks
@@ -161,8 +171,7 @@ else
                               --profile 8)
     OPERATORS_ARGS=(--device cuda)
     SAMPLE_ARGS=(--device cuda --batches 1 8 --amp bf16)
-    SAMPLE_COMPILED_ARGS=(--device cuda --batches "$SAMPLE_BATCH" --amp bf16 --compile default --nhwc --cudnn-benchmark
-                          --warmup 3)
+    SAMPLE_COMPILED_ARGS=(--device cuda --batches "$SAMPLE_BATCH" --amp bf16 --nhwc --cudnn-benchmark --warmup 3)
     PYTEST_K="cuda or gpu"
 fi
 
@@ -239,20 +248,39 @@ run train_step 270 "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}"
 grep '^{' "$LOGS/train_step.log" >"$LOGS/train_step.jsonl" 2>/dev/null
 run operators 30 "$PY" bench/operators.py "${OPERATORS_ARGS[@]}"
 grep '^{' "$LOGS/operators.log" >"$LOGS/operators.jsonl" 2>/dev/null
+# A compiled configuration that fails (a JSON row with an error) is retried in its plainer form.
+rows_failed() {
+    grep -h '^{' "$@" 2>/dev/null | "$PY" -c 'import json, sys; sys.exit(0 if any(json.loads(l).get("error") for l in sys.stdin) else 1)'
+}
 if ((${#SAMPLE_COMPILED_ARGS[@]})); then
-    run sample_speed_compiled 170 "$PY" bench/sample_speed.py "${SAMPLE_COMPILED_ARGS[@]}" \
+    # A-DPS with CUDA graphs and no layout transposes; without CUDA graphs if that fails.
+    run sample_speed_compiled 170 "$PY" bench/sample_speed.py "${SAMPLE_COMPILED_ARGS[@]}" --compile reduce-overhead \
         --json "$LOGS/sample_speed_compiled.json"
+    if rows_failed "$LOGS/sample_speed_compiled.log"; then
+        run sample_speed_compiled_default 170 "$PY" bench/sample_speed.py "${SAMPLE_COMPILED_ARGS[@]}" \
+            --compile default --json "$LOGS/sample_speed_compiled_default.json"
+    fi
 fi
-run train_step_lean 170 "$PY" bench/train_step.py "${TRAIN_STEP_LEAN_ARGS[@]}"
+run train_step_lean 170 "$PY" bench/train_step.py "${TRAIN_STEP_LEAN_ARGS[@]}" --rows "${LEAN_ROWS[@]}"
 grep '^{' "$LOGS/train_step_lean.log" >"$LOGS/train_step_lean.jsonl" 2>/dev/null
+budget_step() {
+    run train_step_budget 170 "$PY" bench/train_step.py "${TRAIN_STEP_LEAN_ARGS[@]}" --rows "${BUDGET_ROWS[@]}"
+    grep '^{' "$LOGS/train_step_budget.log" >"$LOGS/train_step_budget.jsonl" 2>/dev/null
+}
+BUDGET_DONE=0
+if rows_failed "$LOGS/train_step_lean.log"; then
+    budget_step  # the memory target's measurement, without the CUDA graphs that failed
+    BUDGET_DONE=1
+fi
+run train_scaling 60 "$PY" bench/train_scaling.py "${SCALING_ARGS[@]}" --json "$LOGS/train_scaling.json"
+((BUDGET_DONE)) || budget_step
+run sample_speed 30 "$PY" bench/sample_speed.py "${SAMPLE_ARGS[@]}" --json "$LOGS/sample_speed.json"
 run memory_plan 90 "$PY" bench/memory_plan.py "${MEMORY_PLAN_ARGS[@]}"
 grep '^{' "$LOGS/memory_plan.log" >"$LOGS/memory_plan.jsonl" 2>/dev/null
-run train_scaling 60 "$PY" bench/train_scaling.py "${SCALING_ARGS[@]}" --json "$LOGS/train_scaling.json"
 run train_step_ckpt 170 "$PY" bench/train_step.py "${TRAIN_STEP_CKPT_ARGS[@]}"
 grep '^{' "$LOGS/train_step_ckpt.log" >"$LOGS/train_step_ckpt.jsonl" 2>/dev/null
 run train_step_regional 150 "$PY" bench/train_step.py "${TRAIN_STEP_REGIONAL_ARGS[@]}"
 grep '^{' "$LOGS/train_step_regional.log" >"$LOGS/train_step_regional.jsonl" 2>/dev/null
-run sample_speed 30 "$PY" bench/sample_speed.py "${SAMPLE_ARGS[@]}" --json "$LOGS/sample_speed.json"
 
 # Summary ----------------------------------------------------------------------------------------
 echo
@@ -285,8 +313,8 @@ for r in rows("train_scaling.json"):
 if (out / "train_scaling.json").is_file():
     for amp, derived in json.loads((out / "train_scaling.json").read_text()).get("derived", {}).items():
         print(f"train_scaling  {amp}: " + ", ".join(f"{k} {v}" for k, v in derived.items()))
-for r in (rows("train_step.jsonl") + rows("train_step_lean.jsonl") + rows("train_step_ckpt.jsonl")
-          + rows("train_step_regional.jsonl")):
+for r in (rows("train_step.jsonl") + rows("train_step_lean.jsonl") + rows("train_step_budget.jsonl")
+          + rows("train_step_ckpt.jsonl") + rows("train_step_regional.jsonl")):
     if r.get("check"):
         print(f"precision      {r['amp']} compile {r['compile']}{' nhwc' if r.get('inductor_nhwc') else ''} vs fp32: " + (r["error"] if r.get("error") else
               f"loss {r['loss']:.6g} vs {r['loss_fp32']:.6g} (rel {r['loss_rel_diff']:.2e}), gradient rel "
@@ -310,7 +338,7 @@ for r in (rows("train_step.jsonl") + rows("train_step_lean.jsonl") + rows("train
         else:
             families = ", ".join(f"{k} {v:.1f}" for k, v in profiled["families_ms"].items())
             print(f"               profiled step: {profiled['device_ms']:.1f} ms in kernels: {families}")
-for r in rows("sample_speed.json") + rows("sample_speed_compiled.json"):
+for r in rows("sample_speed.json") + rows("sample_speed_compiled.json") + rows("sample_speed_compiled_default.json"):
     how = (f"amp {r['amp']}{' ckpt' if r.get('activation_checkpointing') else ''}"
            f"{' cudnn-bench' if r.get('cudnn_benchmark') else ''}{' nhwc' if r.get('inductor_nhwc') else ''}") + (
         f" compile {r['compile']}" if r.get("compile") not in (None, "off") else "")
