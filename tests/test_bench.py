@@ -148,3 +148,20 @@ def test_memory_plan_sums_what_the_compiled_step_saves() -> None:
     refused = subprocess.run([sys.executable, "bench/memory_plan.py", "--budgets", "1.5"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--budgets must be in (0, 1], got [1.5]" in refused.stderr
+
+
+def test_flop_count_gives_each_target_its_rate() -> None:
+    """bench/flop_count.py on the meta device: a training step is three forward passes of
+    convolutions (forward, input and weight gradients), an A-DPS step two (no weight gradient),
+    and each target's rate is its FLOPs times its speed."""
+    result = subprocess.run([sys.executable, "bench/flop_count.py", "--preset", "tiny", "--height", "64",
+                             "--width", "64"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    train, a_dps = (json.loads(line) for line in result.stdout.splitlines())
+    forward = train["forward_flop_per_slice"]
+    assert forward > 1e8 and forward == a_dps["forward_flop_per_slice"]
+    assert train["flop_per_slice"] == pytest.approx(3 * forward, rel=0.02)
+    assert a_dps["flop_per_slice_step"] == pytest.approx(2 * forward, rel=0.02)
+    assert train["target_tflops"] == pytest.approx(train["flop_per_slice"] * 40 / 1e12, abs=0.06)
+    assert a_dps["tflop_per_slice"] == pytest.approx(a_dps["flop_per_slice_step"] * 500 / 1e12, abs=0.06)
+    assert "of the H100's dense bf16 peak" in result.stderr
