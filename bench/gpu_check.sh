@@ -22,7 +22,9 @@
 #   4. bench/operators.py --device cuda: the SENSE operators at the paper's test size;
 #   5. bench/sample_speed.py --device cuda: A-DPS s/slice compiled with CUDA graphs
 #      ("reduce-overhead") and "nhwc" at batch 16 (8 on a card under 100 GB: batch 16 peaked at
-#      80.9 GB); if that configuration fails, the same without CUDA graphs;
+#      80.9 GB), and a complete 20-step A-DPS run in bf16 against float32 (eager, batch 2: the
+#      same reconstructions within tolerance); if the compiled configuration fails, the same
+#      without CUDA graphs;
 #   6. bench/train_step.py again, the candidate for both training targets: the compiled step with
 #      CUDA graphs, "nhwc" and an activation memory budget of 0.5 (planned on the CPU by
 #      bench/memory_plan.py at 18.0 GiB, with no convolution recomputed); if that fails, at once
@@ -135,7 +137,7 @@ PYEOF
     TRAIN_STEP_ARGS=(--device cpu --methods ambient modl --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
                      --profile 3 --precision-check bf16)
     OPERATORS_ARGS=(--device cpu --slices 2 --coils 3 --height 32 --width 40 --acceleration 1 --warmup 1 --repeats 2)
-    SAMPLE_ARGS=(--device cpu --batches 1 2 --steps 500)
+    SAMPLE_ARGS=(--device cpu --batches 1 2 --steps 500 --precision-check --precision-steps 3)  # the check's plumbing
     TRAIN_STEP_LEAN_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2)
     LEAN_ROWS=(budget=0.5)  # eager: the CPU dry run compiles nothing it need not
     BUDGET_ROWS=(budget=0.5)
@@ -254,8 +256,8 @@ rows_failed() {
 }
 if ((${#SAMPLE_COMPILED_ARGS[@]})); then
     # A-DPS with CUDA graphs and no layout transposes; without CUDA graphs if that fails.
-    run sample_speed_compiled 170 "$PY" bench/sample_speed.py "${SAMPLE_COMPILED_ARGS[@]}" --compile reduce-overhead \
-        --json "$LOGS/sample_speed_compiled.json"
+    run sample_speed_compiled 190 "$PY" bench/sample_speed.py "${SAMPLE_COMPILED_ARGS[@]}" --compile reduce-overhead \
+        --precision-check --json "$LOGS/sample_speed_compiled.json"
     if rows_failed "$LOGS/sample_speed_compiled.log"; then
         run sample_speed_compiled_default 170 "$PY" bench/sample_speed.py "${SAMPLE_COMPILED_ARGS[@]}" \
             --compile default --json "$LOGS/sample_speed_compiled_default.json"
@@ -351,6 +353,13 @@ for r in rows("memory_plan.jsonl"):
     print(f"memory_plan    {r['preset']} {r['batch']}x{r['height']}x{r['width']} budget {r['activation_memory_budget']}"
           f"{' ckpt' if r['activation_checkpointing'] else ''}: saved {r['saved_gib']:.2f} GiB, planned "
           f"{r['planned_gib']:.2f} GiB, {r['recomputed_convolutions']} convolutions recomputed (torch {r['torch']})")
+for name in ("sample_speed.json", "sample_speed_compiled.json"):
+    check = json.loads((out / name).read_text()).get("precision_check") if (out / name).is_file() else None
+    if check:
+        print(f"precision      a_dps {check['amp']} vs fp32: " + (check["error"] if check.get("error") else
+              f"{check['steps']} steps, batch {check['batch']}: reconstructions {check['recon_rel_diff']:.2e} apart "
+              f"(tolerance {check['recon_rtol']}), NRMSE to the phantom {check['nrmse_fp32']:.4f} fp32")
+              + (" ok" if check["passed"] else " FAILED"))
 for r in rows("operators.jsonl"):
     print(f"operators      {r['operation']:42s} {r['median_ms']:9.3f} ms  {r['shape']}")
 PYEOF
@@ -364,7 +373,8 @@ with target.open("w") as out:
     for path in sorted(logs.glob("*.jsonl")):
         out.writelines(f"{json.dumps({'step': path.stem, **json.loads(line)})}\n" for line in path.read_text().splitlines() if line)
     for path in sorted(logs.glob("*.json")):
-        for row in json.loads(path.read_text()).get("rows", []):
+        document = json.loads(path.read_text())
+        for row in document.get("rows", []) + ([document["precision_check"]] if document.get("precision_check") else []):
             out.write(json.dumps({"step": path.stem, **row}) + "\n")
 PYEOF
 tar -czf "$OUT/gpu_check_logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"

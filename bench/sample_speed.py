@@ -23,6 +23,11 @@ at batch 8) are printed beside those rows. A batch that runs out of memory is re
 and the others go on. CPU defaults are small: ``tiny`` preset, 32 x 32, 4 coils, batches 1 and
 2, 2 + 3 steps.
 
+``--precision-check`` also runs a complete A-DPS reconstruction (``--precision-steps`` steps,
+20 by default, eager) under ``--amp`` and in float32 with the same weights, problem and noise,
+and compares the two (issue 10: the same reconstructions as the float32 sampler within
+tolerance): one more JSON line, ``"check": "a_dps_amp_vs_fp32"``.
+
 Prints one JSON line per row on stdout (the device name in each), then a table on stderr;
 ``--json PATH`` also writes settings, environment and rows to a file. Exits non-zero if a row
 failed other than by running out of memory. Needs only torch, numpy and adps layers 1-2 (no
@@ -32,6 +37,7 @@ Ray, MLflow or sigpy): runs on a bare GPU machine with ``PYTHONPATH=platform``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform as std_platform  # the standard library module (our package is adps)
@@ -51,6 +57,12 @@ from adps.nn.samplers import a_dps
 from adps.nn.unet import set_activation_checkpointing
 from train_step import inductor_layout  # bench/train_step.py: this folder is sys.path[0] for a script
 
+# The mixed-precision check (--precision-check): the bf16 reconstructions may differ from the
+# float32 ones by this much in relative norm. bf16 rounds every activation to 2^-9 relative; the
+# training step's gradient, summed over many such roundings, moved by 3.7 % on one H200. A
+# sampler feeds each step's rounding into the next, so the bound is that order, not 2^-9.
+RECON_RTOL = 0.05
+
 # Paper (Aali, Daras et al. 2025, section 3.3 / appendix): A-DPS, 500 steps, one H100.
 PAPER_S_PER_SLICE = {1: 45.6, 8: 20.4}
 PAPER_DEVICE = "1x NVIDIA H100"
@@ -68,8 +80,8 @@ def device_name(device: torch.device) -> str:
 
 
 def make_problem(n: int, coils: int, height: int, width: int, acceleration: float, train_acceleration: float,
-                 seed: int = 0) -> tuple[torch.Tensor, SenseOperator, torch.Tensor]:
-    """``(y, A_inf, train_mask)`` for ``n`` phantom slices with smooth coil maps (no sigpy)."""
+                 seed: int = 0) -> tuple[torch.Tensor, SenseOperator, torch.Tensor, torch.Tensor]:
+    """``(y, A_inf, train_mask, phantoms)`` for ``n`` phantom slices with smooth coil maps (no sigpy)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
     angles = 2 * np.pi * np.arange(coils) / coils
@@ -81,12 +93,12 @@ def make_problem(n: int, coils: int, height: int, width: int, acceleration: floa
     masks = torch.stack([column_mask(width, acceleration, seed=seed, slice_id=i, acs=acs) for i in range(n)])
     operator = SenseOperator(maps_t, masks)
     train_mask = train_masks(width, train_acceleration, n, seed + 1, acs=acs)
-    return operator.forward(image), operator, train_mask
+    return operator.forward(image), operator, train_mask, image
 
 
 def bench_batch(model: torch.nn.Module, device: torch.device, batch: int, args: argparse.Namespace) -> dict:
-    y, operator, train_mask = make_problem(batch, args.coils, args.height, args.width, args.acceleration,
-                                           args.train_acceleration)
+    y, operator, train_mask, _ = make_problem(batch, args.coils, args.height, args.width, args.acceleration,
+                                              args.train_acceleration)
     operator = SenseOperator(operator.maps.to(device), operator.mask.reshape(batch, -1).to(device))
     y, train_mask = y.to(device), train_mask.to(device)
     run_steps = args.steps if args.full else min(args.steps, args.warmup + args.timed_steps)
@@ -117,6 +129,52 @@ def bench_batch(model: torch.nn.Module, device: torch.device, batch: int, args: 
         "slices_per_hour": round(3600 * batch / (median * args.steps), 2),
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
         "finite": bool(torch.isfinite(torch.view_as_real(out)).all()),
+    }
+
+
+def precision_check(model: torch.nn.Module, device: torch.device, args: argparse.Namespace) -> dict:
+    """A-DPS reconstructions under ``--amp`` autocast against the float32 sampler (TF32 off):
+    same weights, problem, grid and noise draws; a complete ``--precision-steps``-step run at batch
+    ``--precision-batch``, eager. The weights are moved away from their initialisation first:
+    the output layers start near zero, and D(x) would then be c_skip * x whatever the precision.
+    Passes when the reconstructions differ by less than ``RECON_RTOL`` in relative norm; each
+    one's NRMSE against the phantom is reported too."""
+    net = copy.deepcopy(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p), alpha=0.02)
+    batch = args.precision_batch
+    y, operator, train_mask, phantoms = make_problem(batch, args.coils, args.height, args.width, args.acceleration,
+                                                     args.train_acceleration)
+    operator = SenseOperator(operator.maps.to(device), operator.mask.reshape(batch, -1).to(device))
+    y, train_mask = y.to(device), train_mask.to(device)
+    sigmas = edm_sigmas(args.precision_steps)
+
+    def reconstruct(amp: str | None) -> torch.Tensor:
+        generator = torch.Generator(device=device).manual_seed(0)
+        return a_dps(net, y, operator, sigmas, train_mask=train_mask, amp=amp, generator=generator).cpu()
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        reference = reconstruct(None)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    amp = None if args.amp == "none" else args.amp
+    mixed = reconstruct(amp)
+
+    def nrmse(x: torch.Tensor, target: torch.Tensor) -> float:
+        return float((x - target).abs().norm() / target.abs().norm())
+
+    difference = nrmse(mixed, reference)
+    return {
+        "device": device_name(device), "check": "a_dps_amp_vs_fp32", "sampler": "a_dps", "preset": args.preset,
+        "batch": batch, "height": args.height, "width": args.width, "coils": args.coils, "amp": args.amp,
+        "compile": "off", "steps": args.precision_steps, "recon_rel_diff": difference, "recon_rtol": RECON_RTOL,
+        "nrmse_fp32": nrmse(reference, phantoms), f"nrmse_{args.amp}": nrmse(mixed, phantoms),
+        "finite": bool(torch.isfinite(torch.view_as_real(mixed)).all()),
+        "passed": difference < RECON_RTOL and bool(torch.isfinite(torch.view_as_real(mixed)).all()),
     }
 
 
@@ -160,6 +218,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "cuDNN transposes; see bench/train_step.py's inductor_layout)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark: time cuDNN's algorithms once per shape, keep the fastest")
+    parser.add_argument("--precision-check", action="store_true",
+                        help="also compare a complete A-DPS run under --amp with the float32 sampler (eager; exits 1 "
+                             "if the reconstructions differ by RECON_RTOL or more)")
+    parser.add_argument("--precision-steps", type=int, default=20, help="steps of the precision check's run")
+    parser.add_argument("--precision-batch", type=int, default=2, help="slices of the precision check")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None, help="write settings, environment and rows here")
     args = parser.parse_args(argv)
@@ -171,8 +234,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.steps < 1 or args.timed_steps < 1 or args.warmup < 0 or min(args.batches) < 1:
-        parser.error("--steps, --timed-steps and --batches must be >= 1, --warmup >= 0")
+    if (args.steps < 1 or args.timed_steps < 1 or args.warmup < 0 or min(args.batches) < 1
+            or args.precision_steps < 1 or args.precision_batch < 1):
+        parser.error("--steps, --timed-steps, --batches, --precision-steps and --precision-batch must be >= 1, "
+                     "--warmup >= 0")
     return args
 
 
@@ -228,7 +293,20 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
+    check = None
+    if args.precision_check:
+        try:
+            check = precision_check(model, device, args)
+        except Exception as exc:  # noqa: BLE001 - reported as a failed check
+            check = {"device": name, "check": "a_dps_amp_vs_fp32", "amp": args.amp, "passed": False,
+                     "error": f"{type(exc).__name__}: {exc}"[:500]}
+        print(json.dumps(check), flush=True)
     print(format_table(rows), file=sys.stderr)
+    if check is not None and "error" not in check:
+        print(f"precision: A-DPS {args.amp} against float32, {check['steps']} steps, batch {check['batch']}: "
+              f"reconstructions {check['recon_rel_diff']:.2e} apart (tolerance {RECON_RTOL}), NRMSE to the phantom "
+              f"{check['nrmse_fp32']:.4f} / {check[f'nrmse_{args.amp}']:.4f}: "
+              f"{'ok' if check['passed'] else 'FAILED'}", file=sys.stderr)
     print(f"device: {name}; paper: {PAPER_DEVICE}, A-DPS 500 steps, "
           f"45.6 s/slice at batch 1, 20.4 s/slice at batch 8"
           + ("" if args.full else f"; s/slice here = median step time x {args.steps} / batch"), file=sys.stderr)
@@ -236,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         environment = {"torch": torch.__version__, "python": std_platform.python_version(),
                        "cuda": torch.version.cuda, "device": name}
-        args.json.write_text(json.dumps({"settings": settings, "environment": environment, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"settings": settings, "environment": environment, "rows": rows,
+                                         "precision_check": check}, indent=2))
+    failed = failed or (check is not None and not check["passed"])
     return 1 if failed or not all(math.isfinite(r.get("s_per_slice", 0.0) or 0.0) for r in rows) else 0
 
 

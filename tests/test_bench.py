@@ -165,3 +165,25 @@ def test_flop_count_gives_each_target_its_rate() -> None:
     assert train["target_tflops"] == pytest.approx(train["flop_per_slice"] * 40 / 1e12, abs=0.06)
     assert a_dps["tflop_per_slice"] == pytest.approx(a_dps["flop_per_slice_step"] * 500 / 1e12, abs=0.06)
     assert "of the H100's dense bf16 peak" in result.stderr
+
+
+def test_sample_speed_precision_check_compares_with_float32(capsys) -> None:
+    """--precision-check adds one JSON line comparing a complete (short) A-DPS run under --amp with
+    the float32 run. On the CPU autocast is not applied, so the two agree exactly; with no
+    tolerance at all the same agreement fails the check and the exit status says so."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        bench = _load_bench("sample_speed")
+    finally:
+        sys.path.pop(0)
+    argv = ["--device", "cpu", "--batches", "1", "--height", "16", "--width", "16", "--coils", "2", "--steps", "4",
+            "--warmup", "1", "--timed-steps", "1", "--precision-check", "--precision-steps", "3",
+            "--precision-batch", "2"]
+    assert bench.main(argv) == 0
+    check = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert check["check"] == "a_dps_amp_vs_fp32" and check["steps"] == 3 and check["batch"] == 2
+    assert check["recon_rel_diff"] == 0.0 and check["passed"] and check["finite"]
+    assert 0 < check["nrmse_fp32"] == check["nrmse_none"]
+    bench.RECON_RTOL = 0.0
+    assert bench.main(argv) == 1
+    assert not json.loads(capsys.readouterr().out.splitlines()[-1])["passed"]

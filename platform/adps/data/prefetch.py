@@ -30,6 +30,7 @@ _DONE = object()  # the source is exhausted
 
 
 def _pinned(item: Any, pin_memory: bool) -> Any:
+    # Tensors already page-locked (PreparedSliceDataset.read_batch reads into such) are not copied.
     if pin_memory and isinstance(item, dict):
         return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
     return item

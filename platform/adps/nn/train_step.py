@@ -306,8 +306,8 @@ def make_optimizer(
     """Adam over ``model``'s parameters with METHOD.md's defaults.
 
     On CUDA the fused implementation: one kernel updates every parameter, where the default
-    multi-tensor one runs about ten passes over weights, gradients and moments (the same
-    update up to rounding; the state dict is the same, so checkpoints move between the two).
+    multi-tensor one makes several passes over weights, gradients and moments (the same update
+    up to rounding; the state dict is the same, so checkpoints move between the two).
     Elsewhere torch's default.
     """
     on_cuda = any(p.device.type == "cuda" for p in model.parameters())
