@@ -351,8 +351,8 @@ def bench_load(config: TrainConfig, device: torch.device, *, warmup: int, steps:
                threads: int | None) -> dict[str, Any]:
     """The data path alone, as a worker runs it with ``prefetch_batches: 0``: read a batch from
     the shards (the worker loop's batching: straight into page-locked memory on CUDA) and copy it
-    to the device. Its
-    slices/s is the rate one loading thread sustains; issue 10 asks for 5x the step's."""
+    to the device. Its slices/s is the rate one loading thread sustains; issue 10 asks for 5x the
+    step's."""
     from adps.data.shards import read_manifest
 
     accelerations = read_manifest(config.dataset)["config"]["accelerations"]
