@@ -112,6 +112,30 @@ def test_read_batch_equals_the_stacked_items(root: Path) -> None:
         dataset.read_batch([])
 
 
+def test_read_batch_reads_raw_chunks_where_it_can_and_hdf5_elsewhere(root: Path, tmp_path: Path) -> None:
+    """Prepared shards store each row as one unfiltered chunk: read_batch reads its bytes with one
+    positional read. A compressed or contiguous dataset goes through HDF5; both give the same batch."""
+    from adps.data.dataset import _rows_are_chunks
+
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    with h5py.File(copy / "train-00000.h5", "r+") as f:
+        kspace, maps = f["kspace"][()], f["maps"][()]
+        del f["kspace"], f["maps"]
+        f.create_dataset("kspace", data=kspace, chunks=(1, *kspace.shape[1:]), compression="gzip")
+        f.create_dataset("maps", data=maps)  # contiguous
+    with h5py.File(root / "train-00000.h5", "r") as f:
+        assert _rows_are_chunks(f["kspace"]) and _rows_are_chunks(f["mask/r4"])
+    with h5py.File(copy / "train-00000.h5", "r") as f:
+        assert not _rows_are_chunks(f["kspace"]) and not _rows_are_chunks(f["maps"])
+    indices = [2, 3, 0]
+    expected = PreparedSliceDataset(root, "train", acceleration=4, load_l1=True).read_batch(indices)
+    mixed = PreparedSliceDataset(copy, "train", acceleration=4, load_l1=True, verify=False).read_batch(indices)
+    assert set(mixed) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(mixed[key], value), key
+
+
 @pytest.mark.gpu
 def test_read_batch_reads_into_page_locked_memory(root: Path) -> None:
     batch = PreparedSliceDataset(root, "train", acceleration=4).read_batch([0, 1], pin_memory=True)

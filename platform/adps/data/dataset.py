@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,10 @@ from torch.utils.data import Dataset
 from adps.data import storage
 from adps.data.preprocess import SPLITS, mask_key
 from adps.data.shards import ShardError, file_sha256, read_manifest
+
+# Reading a row as the raw bytes of its chunk needs a positional read into a buffer (POSIX) and
+# the file's little-endian layout in memory.
+_PREAD = hasattr(os, "preadv") and sys.byteorder == "little"
 
 DEFAULT_CACHE_ENV = "ADPS_SHARD_CACHE"
 """Environment variable naming the default cache folder for shards of ``s3://`` datasets."""
@@ -142,6 +147,7 @@ class PreparedSliceDataset(Dataset):
                 self._local[name] = Path(self.root) / name
 
         self._files: dict[str, h5py.File] = {}
+        self._sources: dict[tuple[str, str], h5py.Dataset] = {}  # (shard, dataset name): its open dataset
         self._verified: set[str] = set(self._local) if storage.is_s3(self.root) and verify else set()
         self._pid = os.getpid()
 
@@ -166,7 +172,7 @@ class PreparedSliceDataset(Dataset):
     def _file(self, name: str) -> h5py.File:
         if os.getpid() != self._pid:
             # A forked DataLoader worker inherited the parent's handles: never use them.
-            self._files = {}
+            self._files, self._sources = {}, {}
             self._pid = os.getpid()
         handle = self._files.get(name)
         if handle is None:
@@ -191,12 +197,12 @@ class PreparedSliceDataset(Dataset):
         """Close the open shard files of this process."""
         for handle in self._files.values():
             handle.close()
-        self._files = {}
+        self._files, self._sources = {}, {}
 
     def __getstate__(self) -> dict[str, Any]:
         # h5py handles cannot be pickled (spawned DataLoader workers, Ray): drop them.
         state = dict(self.__dict__)
-        state["_files"] = {}
+        state["_files"], state["_sources"] = {}, {}
         return state
 
     def __del__(self) -> None:
@@ -212,10 +218,9 @@ class PreparedSliceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         name, row, sid = self._locate(index)
-        handle = self._file(name)
         item: dict[str, torch.Tensor] = {}
         for key, dataset in self._datasets.items():
-            array = self._array(handle, name, dataset)[row]
+            array = self._array(name, dataset)[row]
             if key == "maps":
                 self._check_maps(array, name, row, sid)
             item[key] = torch.from_numpy(np.ascontiguousarray(array))
@@ -225,10 +230,13 @@ class PreparedSliceDataset(Dataset):
     def read_batch(self, indices: Sequence[int], *, pin_memory: bool = False) -> dict[str, torch.Tensor]:
         """The items ``indices``, stacked key by key into one batch, as the default collate does.
 
-        HDF5 reads each slice straight into its row of the batch's tensors, in page-locked memory
+        Each slice is read straight into its row of the batch's tensors, in page-locked memory
         with ``pin_memory`` (ready for an asynchronous copy to the GPU). Stacking the items of
         :meth:`__getitem__` instead copies every array twice more (once to stack, once to pin),
-        about 70 MB per copy at the paper's size (batch 8, 4 coils, 384 x 320).
+        about 70 MB per copy at the paper's size (batch 8, 4 coils, 384 x 320). Where a shard
+        stores each row as one unfiltered chunk (as ``adps prepare`` writes them), the row is
+        that chunk's bytes and one positional read fetches it, about 3x faster than HDF5's own
+        read (:func:`_read_chunk_row`); other layouts are read through HDF5.
 
         Raises:
             ValueError: no indices.
@@ -241,20 +249,24 @@ class PreparedSliceDataset(Dataset):
         locations = [self._locate(index) for index in indices]
         first_name, _, first_sid = locations[0]
         batch: dict[str, torch.Tensor] = {}
+        chunked: dict[tuple[str, str], bool] = {}  # (shard, dataset): rows stored as raw chunks
         for key, dataset in self._datasets.items():
-            source = self._array(self._file(first_name), first_name, dataset)
+            source = self._array(first_name, dataset)
             shape = source.shape[1:]
             dtype = torch.from_numpy(np.empty(0, dtype=source.dtype)).dtype
             out = torch.empty((len(indices), *shape), dtype=dtype, pin_memory=pin_memory)
             rows = out.numpy()  # a view: HDF5 writes into the tensor's memory
             for position, (name, row, sid) in enumerate(locations):
-                source = self._array(self._file(name), name, dataset)
+                source = self._array(name, dataset)
                 if source.shape[1:] != shape:
                     raise ShardError(
                         f"{storage.join(self.root, name)}: slice id {sid} (row {row}): {dataset!r} has shape "
                         f"{source.shape[1:]}, slice id {first_sid} of {first_name} {shape}: they cannot share a batch"
                     )
-                source.read_direct(rows, np.s_[row], np.s_[position])
+                if (name, dataset) not in chunked:
+                    chunked[name, dataset] = _rows_are_chunks(source)
+                if not (chunked[name, dataset] and _read_chunk_row(source, row, rows[position])):
+                    source.read_direct(rows, np.s_[row], np.s_[position])
                 if key == "maps":
                     self._check_maps(rows[position], name, row, sid)
             batch[key] = out
@@ -267,11 +279,17 @@ class PreparedSliceDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} slices")
         return self._index[index]
 
-    def _array(self, handle: h5py.File, name: str, dataset: str) -> h5py.Dataset:
-        try:
-            return handle[dataset]
-        except KeyError:
-            raise ShardError(f"{storage.join(self.root, name)}: no dataset {dataset!r}") from None
+    def _array(self, name: str, dataset: str) -> h5py.Dataset:
+        """Dataset ``dataset`` of shard ``name``, looked up once per open file (a lookup by path
+        costs h5py about 80 us, and a batch makes dozens)."""
+        handle = self._file(name)  # first: after a fork it drops the inherited datasets too
+        source = self._sources.get((name, dataset))
+        if source is None:
+            try:
+                source = self._sources[name, dataset] = handle[dataset]
+            except KeyError:
+                raise ShardError(f"{storage.join(self.root, name)}: no dataset {dataset!r}") from None
+        return source
 
     def _check_maps(self, maps: np.ndarray, name: str, row: int, sid: int) -> None:
         if not maps.any():
@@ -282,3 +300,33 @@ class PreparedSliceDataset(Dataset):
                 f"{storage.join(self.root, name)}: slice id {sid} (row {row}): coil maps are all zero; "
                 "the shard is corrupt or was edited (re-run adps prepare to restore it)"
             )
+
+
+def _rows_are_chunks(source: h5py.Dataset) -> bool:
+    """Whether each row of ``source`` is stored as one chunk holding exactly that row's bytes as
+    numpy lays them out: one row per chunk, no filter (compression, checksum), the same item
+    size as the numpy dtype (complex64 as HDF5's {r, i} float32 pair, bool as an 8-bit enum)."""
+    return (
+        _PREAD
+        and source.chunks == (1, *source.shape[1:])
+        and source.id.get_create_plist().get_nfilters() == 0
+        and source.id.get_type().get_size() == source.dtype.itemsize
+        and source.dtype.byteorder in ("=", "<", "|")
+    )
+
+
+def _read_chunk_row(source: h5py.Dataset, row: int, out: np.ndarray) -> bool:
+    """Read row ``row`` of a :func:`_rows_are_chunks` dataset into the C-contiguous ``out`` with
+    one positional read of its chunk (the GIL released meanwhile). False where HDF5 must read it
+    instead: a chunk never written (fill value), an unexpected size, a file driver without a
+    plain file descriptor, or a short read."""
+    info = source.id.get_chunk_info_by_coord((row,) + (0,) * (source.ndim - 1))
+    if info.byte_offset is None or info.filter_mask or info.size != out.nbytes:
+        return False
+    try:
+        descriptor = source.file.id.get_vfd_handle()
+    except (OSError, ValueError, TypeError):
+        return False
+    if not isinstance(descriptor, int):
+        return False
+    return os.preadv(descriptor, [memoryview(out.reshape(-1).view(np.uint8))], info.byte_offset) == out.nbytes
