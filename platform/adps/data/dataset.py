@@ -249,7 +249,8 @@ class PreparedSliceDataset(Dataset):
         locations = [self._locate(index) for index in indices]
         first_name, _, first_sid = locations[0]
         batch: dict[str, torch.Tensor] = {}
-        chunked: dict[tuple[str, str], bool] = {}  # (shard, dataset): rows stored as raw chunks
+        # (shard, dataset): the descriptor to read its rows' raw chunks from; None: through HDF5.
+        raw: dict[tuple[str, str], int | None] = {}
         for key, dataset in self._datasets.items():
             source = self._array(first_name, dataset)
             shape = source.shape[1:]
@@ -263,9 +264,10 @@ class PreparedSliceDataset(Dataset):
                         f"{storage.join(self.root, name)}: slice id {sid} (row {row}): {dataset!r} has shape "
                         f"{source.shape[1:]}, slice id {first_sid} of {first_name} {shape}: they cannot share a batch"
                     )
-                if (name, dataset) not in chunked:
-                    chunked[name, dataset] = _rows_are_chunks(source)
-                if not (chunked[name, dataset] and _read_chunk_row(source, row, rows[position])):
+                if (name, dataset) not in raw:
+                    raw[name, dataset] = _file_descriptor(source) if _rows_are_chunks(source) else None
+                descriptor = raw[name, dataset]
+                if descriptor is None or not _read_chunk_row(source, row, rows[position], descriptor):
                     source.read_direct(rows, np.s_[row], np.s_[position])
                 if key == "maps":
                     self._check_maps(rows[position], name, row, sid)
@@ -315,18 +317,21 @@ def _rows_are_chunks(source: h5py.Dataset) -> bool:
     )
 
 
-def _read_chunk_row(source: h5py.Dataset, row: int, out: np.ndarray) -> bool:
-    """Read row ``row`` of a :func:`_rows_are_chunks` dataset into the C-contiguous ``out`` with
-    one positional read of its chunk (the GIL released meanwhile). False where HDF5 must read it
-    instead: a chunk never written (fill value), an unexpected size, a file driver without a
-    plain file descriptor, or a short read."""
-    info = source.id.get_chunk_info_by_coord((row,) + (0,) * (source.ndim - 1))
-    if info.byte_offset is None or info.filter_mask or info.size != out.nbytes:
-        return False
+def _file_descriptor(source: h5py.Dataset) -> int | None:
+    """The OS file descriptor of ``source``'s file; None for a file driver without one."""
     try:
         descriptor = source.file.id.get_vfd_handle()
     except (OSError, ValueError, TypeError):
-        return False
-    if not isinstance(descriptor, int):
+        return None
+    return descriptor if isinstance(descriptor, int) else None
+
+
+def _read_chunk_row(source: h5py.Dataset, row: int, out: np.ndarray, descriptor: int) -> bool:
+    """Read row ``row`` of a :func:`_rows_are_chunks` dataset into the C-contiguous ``out`` with
+    one positional read of its chunk from the file's ``descriptor`` (the GIL released meanwhile).
+    False where HDF5 must read it instead: a chunk never written (fill value), an unexpected
+    size, or a short read."""
+    info = source.id.get_chunk_info_by_coord((row,) + (0,) * (source.ndim - 1))
+    if info.byte_offset is None or info.filter_mask or info.size != out.nbytes:
         return False
     return os.preadv(descriptor, [memoryview(out.reshape(-1).view(np.uint8))], info.byte_offset) == out.nbytes
