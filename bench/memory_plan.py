@@ -31,7 +31,7 @@ Prints one JSON line per row (``--budgets`` x ``--checkpointing``):
 Autocast: the CPU's bf16 autocast runs ``group_norm`` in bf16 where CUDA's runs it in
 float32, but Inductor decomposes GroupNorm into float32 arithmetic either way, so the
 partitioned graph is the same (checked: forcing float32 GroupNorm inputs plans the same
-42.95 GB). Needs only torch and adps layers 1-2: ``PYTHONPATH=platform``.
+40.0 GiB). Needs only torch and adps layers 1-2: ``PYTHONPATH=platform``.
 """
 
 from __future__ import annotations
@@ -44,12 +44,11 @@ from collections import defaultdict
 
 import torch
 import torch._dynamo
-from torch._functorch import config as functorch_config
 from torch._functorch.aot_autograd import aot_module_simplified
 
 from adps.nn import PAPER_PRESETS, build_model, method_loss
 from adps.nn.unet import set_activation_checkpointing
-from train_step import make_batch  # bench/train_step.py: this folder is sys.path[0] for a script
+from train_step import activation_budget, make_batch  # bench/train_step.py: sys.path[0] for a script
 
 GIB = 2**30
 STATE_BYTES_PER_PARAMETER = 4 * 5  # float32 weight, gradient, Adam exp_avg and exp_avg_sq, EMA
@@ -184,14 +183,13 @@ def plan_row(preset: str, batch_size: int, height: int, width: int, coils: int, 
         set_activation_checkpointing(model)
     batch = make_batch(batch_size, coils, height, width, acceleration)
     start = time.perf_counter()
-    with functorch_config.patch(activation_memory_budget=budget):
+    with activation_budget(budget):
         part = partition(model, batch, amp)
     saved = saved_tensors(part)
     recomputed, share = recomputation(part)
     parameters = sum(p.numel() for p in model.parameters())
     states = parameters * STATE_BYTES_PER_PARAMETER / GIB
-    key = ("ambient" if preset == PAPER_PRESETS["ambient"] else preset, batch_size, height, width, amp, budget,
-           checkpointing)
+    key = (preset, batch_size, height, width, amp, budget, checkpointing)
     return {
         "bench": "memory_plan",
         "device": "cpu (trace only: sizes of the GPU step)",

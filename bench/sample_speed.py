@@ -55,7 +55,11 @@ from adps.mri import SenseOperator, column_mask, lines_at
 from adps.nn import build_model, count_parameters, edm_sigmas, train_masks
 from adps.nn.samplers import a_dps
 from adps.nn.unet import set_activation_checkpointing
-from train_step import inductor_layout  # bench/train_step.py: this folder is sys.path[0] for a script
+from train_step import (  # bench/train_step.py: this folder is sys.path[0] for a script
+    exact_float32,
+    inductor_layout,
+    move_off_initialisation,
+)
 
 # The mixed-precision check (--precision-check): the bf16 reconstructions may differ from the
 # float32 ones by this much in relative norm. bf16 rounds every activation to 2^-9 relative; the
@@ -141,9 +145,7 @@ def precision_check(model: torch.nn.Module, device: torch.device, args: argparse
     one's NRMSE against the phantom is reported too."""
     net = copy.deepcopy(model)
     torch.manual_seed(1)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p), alpha=0.02)
+    move_off_initialisation(net)
     batch = args.precision_batch
     y, operator, train_mask, phantoms = make_problem(batch, args.coils, args.height, args.width, args.acceleration,
                                                      args.train_acceleration)
@@ -155,12 +157,8 @@ def precision_check(model: torch.nn.Module, device: torch.device, args: argparse
         generator = torch.Generator(device=device).manual_seed(0)
         return a_dps(net, y, operator, sigmas, train_mask=train_mask, amp=amp, generator=generator).cpu()
 
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    with exact_float32():
         reference = reconstruct(None)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     amp = None if args.amp == "none" else args.amp
     mixed = reconstruct(amp)
 
@@ -168,13 +166,13 @@ def precision_check(model: torch.nn.Module, device: torch.device, args: argparse
         return float((x - target).abs().norm() / target.abs().norm())
 
     difference = nrmse(mixed, reference)
+    finite = bool(torch.isfinite(torch.view_as_real(mixed)).all())
     return {
         "device": device_name(device), "check": "a_dps_amp_vs_fp32", "sampler": "a_dps", "preset": args.preset,
         "batch": batch, "height": args.height, "width": args.width, "coils": args.coils, "amp": args.amp,
         "compile": "off", "steps": args.precision_steps, "recon_rel_diff": difference, "recon_rtol": RECON_RTOL,
         "nrmse_fp32": nrmse(reference, phantoms), f"nrmse_{args.amp}": nrmse(mixed, phantoms),
-        "finite": bool(torch.isfinite(torch.view_as_real(mixed)).all()),
-        "passed": difference < RECON_RTOL and bool(torch.isfinite(torch.view_as_real(mixed)).all()),
+        "finite": finite, "passed": difference < RECON_RTOL and finite,
     }
 
 

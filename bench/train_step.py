@@ -31,6 +31,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -312,6 +313,26 @@ def profile_step(step, device: torch.device, top: int) -> dict[str, object]:
     }
 
 
+def move_off_initialisation(model: torch.nn.Module, scale: float = 0.02) -> None:
+    """Add ``scale`` times standard normal noise to every weight, in place (from torch's global
+    generator). For precision checks: the zero-initialised output layers would make a fresh
+    network's output independent of everything before them, precision included."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=scale)
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """Float32 with TF32 off in matrix products and convolutions: a precision check's reference."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def precision_check(method: str, preset: str, device: torch.device, batch_size: int, height: int, width: int,
                     coils: int, acceleration: float, amp: str, compile_mode: str | None = None,
                     nhwc: bool = False) -> dict[str, object]:
@@ -325,11 +346,7 @@ def precision_check(method: str, preset: str, device: torch.device, batch_size: 
     """
     torch.manual_seed(0)
     model = build_model(method, preset).to(device).train()
-    with torch.no_grad():
-        # Weights away from their initialisation: the zero-initialised output layers would make
-        # the loss of a fresh network independent of everything before them, precision included.
-        for p in model.parameters():
-            p.add_(torch.randn_like(p), alpha=0.02)
+    move_off_initialisation(model)
     batch = {k: v.to(device) for k, v in make_batch(batch_size, coils, height, width, acceleration).items()}
 
     def loss_and_grad(net: torch.nn.Module, dtype: torch.dtype | None) -> tuple[float, torch.Tensor]:
@@ -342,18 +359,16 @@ def precision_check(method: str, preset: str, device: torch.device, batch_size: 
         grad = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
         return float(loss.detach()), grad
 
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     # The float32 reference recomputes each block in its backward: the same gradients
     # (tests/test_unet.py; dropout redraws the same masks) in a fraction of the memory (the plain
     # float32 step took 123 GB at batch 8), so the compared step runs at the timed rows' batch
     # on any card and reuses their compilation from Inductor's cache.
     set_activation_checkpointing(model, True)
     try:
-        reference_loss, reference_grad = loss_and_grad(model, None)
+        with exact_float32():
+            reference_loss, reference_grad = loss_and_grad(model, None)
     finally:
         set_activation_checkpointing(model, False)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     net = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile_mode else model
     with inductor_layout(nhwc):
         loss, grad = loss_and_grad(net, {"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
