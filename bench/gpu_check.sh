@@ -25,16 +25,15 @@
 #      80.9 GB), and a complete 20-step A-DPS run in bf16 against float32 (eager, batch 2: the
 #      same reconstructions within tolerance); if the compiled configuration fails, the same
 #      without CUDA graphs;
-#   6. bench/train_step.py again, the candidate for both training targets: the compiled step with
-#      CUDA graphs, "nhwc" and an activation memory budget of 0.5 (planned on the CPU by
-#      bench/memory_plan.py at 18.0 GiB, with no convolution recomputed); if that fails, at once
-#      the same without CUDA graphs (step train_step_budget);
+#   6. bench/train_step.py again, the candidate for the lean mode: the compiled step with CUDA
+#      graphs, "nhwc" and an activation memory budget of 0.5 (planned on the CPU by
+#      bench/memory_plan.py at 16.7 GiB); if that fails, at once train_step_budget;
 #   7. if time is left: bench/train_scaling.py --gpu (the bare step against the platform's worker
 #      loop, whose batches load in a background thread, and against the data path alone; bf16;
-#      the eager step does not fit an 80 GB card); train_step_budget (the budget without CUDA
-#      graphs: their memory pool out of the peak); A-DPS eager at batches 1 and 8 (the
-#      baselines); bench/memory_plan.py (CPU only, about a minute: the plan of budgets 1.0 and
-#      0.5 under this machine's torch, beside the measured peaks); the compiled step with
+#      the eager step does not fit an 80 GB card); train_step_budget (the candidate for the 27 GB
+#      target: budget 0.7, no CUDA graphs, 18.0 GiB planned); A-DPS eager at batches 1 and 8 (the
+#      baselines); bench/memory_plan.py (CPU only, about a minute: the plan of budgets 1.0, 0.7
+#      and 0.5 under this machine's torch, beside the measured peaks); the compiled step with
 #      activation checkpointing; the step with each U-Net block compiled on its own ("regional":
 #      shorter compilation).
 #
@@ -160,15 +159,17 @@ else
     TRAIN_STEP_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows eager,cudnn compile,cudnn,nhwc
                      --profile 8 --precision-check bf16)
     TRAIN_STEP_LEAN_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --profile 8)
-    # The candidate for both training targets: CUDA graphs (against the gaps between kernels), no
-    # layout transposes, and the activation budget that memory_plan.py plans at 18.0 GiB with no
-    # convolution recomputed. The budget alone (no CUDA graphs) is its own step: its peak memory
-    # is free of CUDA graphs' memory pool.
+    # The candidate for the 20 GB lean mode: CUDA graphs (against the gaps between kernels), no
+    # layout transposes, and the activation budget that memory_plan.py plans at 16.7 GiB (0.2 % of
+    # the convolution FLOPs recomputed). The candidate for the 27 GB target is budget 0.7, without
+    # CUDA graphs (its peak free of their memory pool): 18.0 GiB planned, no convolution
+    # recomputed, and kernel_plan.py plans its element-wise kernels to move 33.7 GB per slice,
+    # less than the default step measured on the H200 moved before the bias change (34.4).
     LEAN_ROWS=(compile=reduce-overhead,cudnn,nhwc,budget=0.5)
-    BUDGET_ROWS=(compile,cudnn,nhwc,budget=0.5)
+    BUDGET_ROWS=(compile,cudnn,nhwc,budget=0.7)
     TRAIN_STEP_CKPT_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,nhwc,ckpt
                           --profile 8)
-    MEMORY_PLAN_ARGS=(--budgets 1.0 0.5)  # CPU only: the plan under this machine's torch, beside its measured peaks
+    MEMORY_PLAN_ARGS=(--budgets 1.0 0.7 0.5)  # CPU only: the plan under this machine's torch, beside its measured peaks
     TRAIN_STEP_REGIONAL_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,regional
                               --profile 8)
     OPERATORS_ARGS=(--device cuda)

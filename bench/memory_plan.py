@@ -22,7 +22,8 @@ Prints one JSON line per row (``--budgets`` x ``--checkpointing``):
 - ``planned_gib`` = saved + states. The measured peak is higher by what the backward holds
   at its busiest moment (gradients of the largest activations, cuDNN workspace): on one H200
   the plain compiled step planned 40.7 GiB here and peaked at 41.9 GiB
-  (``measured_reference``).
+  (``measured_reference``; measured before the change to the gated convolutions' bias dtype,
+  after which the same step plans 32.9 GiB).
 - ``recomputed_convolutions`` and ``recompute_share``: forward convolutions that the backward
   graph runs again, and their FLOPs over the step's (forward + both backward convolutions).
   Recomputing element-wise ops costs memory bandwidth; recomputing convolutions costs FLOPs,
@@ -31,7 +32,7 @@ Prints one JSON line per row (``--budgets`` x ``--checkpointing``):
 Autocast: the CPU's bf16 autocast runs ``group_norm`` in bf16 where CUDA's runs it in
 float32, but Inductor decomposes GroupNorm into float32 arithmetic either way, so the
 partitioned graph is the same (checked: forcing float32 GroupNorm inputs plans the same
-40.0 GiB). Needs only torch and adps layers 1-2: ``PYTHONPATH=platform``.
+40.0 GiB, before the bias change). Needs only torch and adps layers 1-2: ``PYTHONPATH=platform``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 import torch._dynamo
@@ -57,6 +59,9 @@ MEASURED = {
     ("ambient", 8, 384, 320, "bf16", 1.0, False): {
         "device": "NVIDIA H200", "peak_memory_gib": 41.877, "date": "2026-11-27",
         "source": "bench/train_step.py --rows compile,cudnn (torch.cuda.max_memory_allocated)",
+        # Its plan then was 40.7 GiB: the gated convolutions' float32 bias made the residual
+        # stream float32 under autocast. With the bias in the output's dtype it plans 32.9 GiB.
+        "code": "783d6cb, before the gated convolutions' bias change",
     },
 }
 CONVOLUTION = torch.ops.aten.convolution.default
@@ -120,14 +125,15 @@ def _find_partition(err: BaseException | None) -> _Partitioned | None:
     return None
 
 
-def partition(model: torch.nn.Module, batch: dict, amp: str | None) -> _Partitioned:
-    """The forward and backward graphs Inductor would compile for ``model`` in one ambient loss."""
+def partition_call(model: torch.nn.Module, call: Callable[[torch.nn.Module], object], amp: str | None) -> _Partitioned:
+    """The forward and backward graphs Inductor would compile for ``model`` in ``call(compiled)``:
+    one use of the compiled model whose output needs a gradient (the weights', the input's or both)."""
     torch._dynamo.reset()  # every row traces afresh, under its own budget
     compiled = torch.compile(model, backend=_planning_backend)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16")
     try:
         with autocast:
-            method_loss("ambient", compiled, batch, generator=torch.Generator().manual_seed(0))
+            call(compiled)
     except Exception as err:  # noqa: BLE001 - the partition arrives as an exception, wrapped by dynamo
         found = _find_partition(err)
         if found is None:
@@ -136,13 +142,21 @@ def partition(model: torch.nn.Module, batch: dict, amp: str | None) -> _Partitio
     raise RuntimeError("the model ran without being partitioned: did dynamo fall back to eager?")
 
 
-def _tensor(node: torch.fx.Node) -> torch.Tensor | None:
+def partition(model: torch.nn.Module, batch: dict, amp: str | None) -> _Partitioned:
+    """The forward and backward graphs Inductor would compile for ``model`` in one ambient loss."""
+    return partition_call(
+        model, lambda compiled: method_loss("ambient", compiled, batch, generator=torch.Generator().manual_seed(0)), amp
+    )
+
+
+def fx_tensor(node: torch.fx.Node) -> torch.Tensor | None:
+    """The (fake) tensor a traced node computes, from its metadata; None for anything else."""
     value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     return value if isinstance(value, torch.Tensor) else None
 
 
 def _convolution_flops(node: torch.fx.Node) -> float:
-    out, weight = _tensor(node), _tensor(node.args[1])
+    out, weight = fx_tensor(node), fx_tensor(node.args[1])
     return 2.0 * out.numel() * weight[0].numel()  # each output: one multiply-add per weight of its filter
 
 
@@ -153,7 +167,7 @@ def saved_tensors(part: _Partitioned) -> dict[str, float]:
     by_dtype: dict[str, float] = defaultdict(float)
     storages: set[int] = set()
     for node in output.args[0][part.num_fwd_outputs:]:
-        value = _tensor(node)
+        value = fx_tensor(node)
         if value is None or node.op == "placeholder":
             continue
         storage = value.untyped_storage()
@@ -214,6 +228,18 @@ def plan_row(preset: str, batch_size: int, height: int, width: int, coils: int, 
     }
 
 
+def parse_with_budgets(parser: argparse.ArgumentParser, argv: list[str] | None,
+                       default: list[float]) -> argparse.Namespace:
+    """Parse ``argv`` with a ``--budgets`` list added to ``parser``; budgets outside (0, 1] are refused."""
+    parser.add_argument("--budgets", nargs="+", type=float, default=default,
+                        help="activation memory budgets of the partitioner (0-1; 1 = Inductor's default)")
+    args = parser.parse_args(argv)
+    bad = [b for b in args.budgets if not 0 < b <= 1]
+    if bad:
+        parser.error(f"--budgets must be in (0, 1], got {bad}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default=PAPER_PRESETS["ambient"], help="network preset of the ambient method")
@@ -223,14 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coils", type=int, default=4)
     parser.add_argument("--acceleration", type=float, default=4)
     parser.add_argument("--amp", choices=["bf16", "none"], default="bf16", help="autocast of the step (GPU: bf16)")
-    parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.7, 0.6, 0.5, 0.4, 0.3],
-                        help="activation memory budgets to plan (0-1; 1 = Inductor's default)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="also plan each budget with the U-Net's activation checkpointing on")
-    args = parser.parse_args(argv)
-    bad = [b for b in args.budgets if not 0 < b <= 1]
-    if bad:
-        parser.error(f"--budgets must be in (0, 1], got {bad}")
+    args = parse_with_budgets(parser, argv, default=[1.0, 0.7, 0.6, 0.5, 0.4, 0.3])
     amp = None if args.amp == "none" else args.amp
     for checkpointing in ([False, True] if args.checkpointing else [False]):
         for budget in args.budgets:

@@ -140,6 +140,31 @@ def test_gated_conv_equals_hand_computation() -> None:
     torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_autocast_keeps_the_residual_stream_in_bf16() -> None:
+    """Under bf16 autocast every convolution's output, gated or not, is bf16 even where its input
+    is float32 (CUDA's autocast runs GroupNorm in float32; EDMPrecond feeds the network float32).
+    A bias cast to the input's dtype once promoted each gated output to float32, and with it every
+    residual sum, skip connection and saved activation after it: a fifth more memory traffic per
+    A-DPS step and 8 GiB more activations per training step (bench/kernel_plan.py, memory_plan.py)."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 8, 8)
+    for gated in (True, False):
+        conv = GatedConv2d(3, 4, kernel_size=3, gated=gated)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert conv(x).dtype == torch.bfloat16
+        assert conv(x).dtype == torch.float32
+
+    net = build_unet("tiny").eval()
+    outputs: dict[str, torch.dtype] = {}
+    for name, module in net.named_modules():
+        if isinstance(module, GatedConv2d) or type(module).__name__ == "UNetBlock":
+            module.register_forward_hook(lambda m, args, out, name=name: outputs.__setitem__(name, out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(torch.randn(2, 4, 32, 32), torch.ones(2))
+    assert len(outputs) > 20 and set(outputs.values()) == {torch.bfloat16}, \
+        {name: dtype for name, dtype in outputs.items() if dtype != torch.bfloat16}
+
+
 def test_ungated_conv_is_a_plain_conv() -> None:
     torch.manual_seed(4)
     conv = GatedConv2d(3, 5, kernel_size=1, gated=False)

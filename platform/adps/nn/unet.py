@@ -321,15 +321,19 @@ class GatedConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.resample is not None:
             x = self.resample(x)
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
         if self.gate_weight is None:
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
             return F.conv2d(x, self.weight.to(x.dtype), bias, padding=self.padding)
         both = torch.cat([self.weight, self.gate_weight], dim=0).to(x.dtype)
         value, gate = F.conv2d(x, both, padding=self.padding).split(self.out_channels, dim=1)
         # Double sigmoid: kept from the reference implementation (see class docstring).
         out = value * torch.sigmoid(torch.sigmoid(gate))
-        if bias is not None:
-            out = out + bias.view(1, -1, 1, 1)
+        if self.bias is not None:
+            # In the convolution's output dtype, not the input's: under autocast a float32 input
+            # (the GroupNorm before it runs in float32) gives a bf16 output, and a float32 bias
+            # would promote the sum, and with it the whole residual stream, to float32: twice the
+            # memory traffic and saved activations of every element-wise op after it.
+            out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
         return out
 
 
