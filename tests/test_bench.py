@@ -124,9 +124,9 @@ def test_sample_speed_bench_prints_json_lines(tmp_path: Path) -> None:
 def test_memory_plan_sums_what_the_compiled_step_saves() -> None:
     """bench/memory_plan.py partitions the compiled tiny step as Inductor would, without running it
     (about 12 s of tracing per row): a lower activation memory budget saves less, by recomputing
-    element-wise work and under 1 % of the convolution FLOPs; the residual stream is saved in bf16; checkpointing recomputes about one forward pass of convolutions
-    (a third of the step's convolution FLOPs); the plan is the saved tensors plus the optimiser
-    states. Also the command line: one JSON line per row, and a budget outside (0, 1] refused."""
+    element-wise work and under 1 % of the convolution FLOPs; the residual stream is saved in
+    bf16; checkpointing recomputes about one forward pass of convolutions (a third of the step's
+    convolution FLOPs); the plan is the saved tensors plus the optimiser states. Also the command line: one JSON line per row, and a budget outside (0, 1] refused."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         plan = _load_bench("memory_plan")
@@ -140,7 +140,7 @@ def test_memory_plan_sums_what_the_compiled_step_saves() -> None:
     assert full["planned_gib"] == pytest.approx(full["saved_gib"] + full["states_gib"], abs=2e-3)
     by_dtype = full["saved_gib_by_dtype"]
     # Autocast reached the traced graph, and the residual stream stays in bf16: float32 only for
-    # GroupNorm statistics and the precondition's float32 input.
+    # GroupNorm statistics and the preconditioning's float32 input.
     assert by_dtype["bfloat16"] > 0 and by_dtype.get("float32", 0) < 0.1 * by_dtype["bfloat16"], by_dtype
     assert full["recomputed_convolutions"] == 0 and lean["recompute_share"] < 0.01, lean
     assert lean["saved_gib"] < 0.7 * full["saved_gib"]
@@ -158,8 +158,8 @@ def test_kernel_plan_schedules_the_gpu_kernels_on_the_cpu() -> None:
     """bench/kernel_plan.py lowers the compiled A-DPS step (tiny, 32 x 32) with Inductor's GPU
     scheduler on this machine, where no GPU exists: it finds generated kernels and library calls
     moving bytes, counts the convolutions of a forward pass and a gradient to x (two forward
-    passes, as flop_count.py), derives its floors from those figures, and leaves CUDA unavailable
-    once the stand-in device is gone."""
+    passes, as flop_count.py), derives its floors from those figures, and leaves torch.cuda as
+    it found it once the stand-in device is gone."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         plan = _load_bench("kernel_plan")
