@@ -3,6 +3,7 @@ on the CPU, no GPU needed.
 
     python bench/kernel_plan.py                                  # training and A-DPS, paper sizes
     python bench/kernel_plan.py --workloads a_dps --batch 1 --top 20
+    python bench/kernel_plan.py --workloads train --budgets 1.0 0.7 0.5 --nhwc off on
     python bench/kernel_plan.py --preset tiny --height 64 --width 64 --batch 2   # seconds
 
 Why: on a GPU the compiled steps spend as long in memory-bound element-wise kernels (GroupNorm,
@@ -40,6 +41,10 @@ Per workload, one JSON line; every figure is per slice (the batch divided out):
   ``--budgets`` (the partitioner's ``activation_memory_budget``): a lower budget saves less and
   recomputes more in the backward, whose generated kernels then move more bytes.
 - ``top_kernels``: the ``--top`` kernel groups moving the most bytes (the aten ops they fuse).
+- ``channels_last_layouts``: whether Inductor gave each graph's convolutions channels-last
+  layouts; its heuristic does not for this U-Net, ``--nhwc on`` forces it (as
+  ``bench/train_step.py``'s ``nhwc`` row does), and the copies into that layout then appear as
+  generated kernels named after the convolution they feed.
 
 Autocast: the trace uses the CPU's bf16 autocast. It differs from CUDA's in one op here:
 ``group_norm`` runs in float32 on CUDA, in its input's dtype on the CPU. Inductor decomposes
@@ -72,7 +77,7 @@ from memory_plan import (  # bench/memory_plan.py: sys.path[0] for a script
     partition_call,
     saved_tensors,
 )
-from train_step import activation_budget, make_batch  # bench/train_step.py
+from train_step import activation_budget, inductor_layout, make_batch  # bench/train_step.py
 
 CONVOLUTION = torch.ops.aten.convolution.default
 CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default
@@ -146,9 +151,10 @@ def _ops(node) -> str:
     return ",".join(names)
 
 
-def schedule(gm: torch.fx.GraphModule, is_backward: bool) -> list[tuple[str, str, int]]:
+def schedule(gm: torch.fx.GraphModule, is_backward: bool) -> tuple[list[tuple[str, str, int]], bool]:
     """Inductor's kernels for ``gm`` on the stand-in GPU: ``(kind, ops, bytes)`` each, kind
-    ``generated`` or ``library``; the same steps as ``compile_fx`` up to its scheduler."""
+    ``generated`` or ``library``, and whether Inductor chose channels-last layouts for the
+    graph's convolutions; the same steps as ``compile_fx`` up to its scheduler."""
     from torch._inductor.compile_fx import _recursive_post_grad_passes, fake_tensor_prop
     from torch._inductor.debug import DebugContext
     from torch._inductor.fx_passes.post_grad import view_to_reshape
@@ -178,7 +184,7 @@ def schedule(gm: torch.fx.GraphModule, is_backward: bool) -> list[tuple[str, str
                         kernels.append(("library", name, node.get_read_write_buffers_sizes()))
                     elif not isinstance(node, NopKernelSchedulerNode):  # views, concatenations written in place
                         kernels.append(("generated", _ops(node), node.get_read_write_buffers_sizes()))
-    return kernels
+    return kernels, bool(graph.layout_opt)
 
 
 def convolution_flops(part) -> float:
@@ -215,16 +221,19 @@ def partition_workload(workload: str, preset: str, batch_size: int, height: int,
 
 
 def plan_row(workload: str, preset: str, batch_size: int, height: int, width: int, coils: int, amp: str | None,
-             top: int, budget: float = 1.0) -> dict[str, object]:
+             top: int, budget: float = 1.0, nhwc: bool = False) -> dict[str, object]:
     """One JSON row: the planned kernels of ``workload``'s compiled step, per slice, with the
-    partitioner's ``activation_memory_budget`` at ``budget``."""
+    partitioner's ``activation_memory_budget`` at ``budget`` and, with ``nhwc``, Inductor's
+    channels-last layouts forced on (``bench/train_step.py``'s ``nhwc``)."""
     start = time.perf_counter()
     with activation_budget(budget):
         part = partition_workload(workload, preset, batch_size, height, width, coils, amp)
     saved = sum(saved_tensors(part).values())
     flops = convolution_flops(part)
-    forward_kernels = schedule(part.forward, is_backward=False)
-    kernels = forward_kernels + schedule(part.backward, is_backward=True)
+    with inductor_layout(nhwc):
+        forward_kernels, forward_nhwc = schedule(part.forward, is_backward=False)
+        backward_kernels, backward_nhwc = schedule(part.backward, is_backward=True)
+    kernels = forward_kernels + backward_kernels
     generated = [k for k in kernels if k[0] == "generated"]
     library = [k for k in kernels if k[0] == "library"]
     generated_bytes = sum(k[2] for k in generated) / batch_size
@@ -237,7 +246,8 @@ def plan_row(workload: str, preset: str, batch_size: int, height: int, width: in
         "bench": "kernel_plan", "workload": workload,
         "device": "cpu (plan of Inductor's CUDA kernels; an H100's properties stand in)",
         "torch": torch.__version__, "preset": preset, "batch": batch_size, "height": height, "width": width,
-        "coils": coils, "amp": amp, "activation_memory_budget": budget,
+        "coils": coils, "amp": amp, "activation_memory_budget": budget, "nhwc": nhwc,
+        "channels_last_layouts": {"forward": forward_nhwc, "backward": backward_nhwc},
         "generated_kernels": len(generated), "library_calls": len(library),
         "generated_bytes": int(generated_bytes), "generated_gb": round(generated_bytes / 1e9, 3),
         "generated_gb_forward": round(sum(k[2] for k in forward_kernels if k[0] == "generated") / batch_size / 1e9, 3),
@@ -270,12 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coils", type=int, default=4, help="coils of the training batch (A-DPS: not in the graph)")
     parser.add_argument("--amp", choices=["bf16", "none"], default="bf16")
     parser.add_argument("--top", type=int, default=8, help="kernel groups to list, by bytes")
+    parser.add_argument("--nhwc", nargs="+", choices=["off", "on"], default=["off"],
+                        help="plan without and/or with Inductor's channels-last layouts forced on")
     args = parse_with_budgets(parser, argv, default=[1.0])
     amp = None if args.amp == "none" else args.amp
-    for workload, budget in itertools.product(args.workloads, args.budgets):
-        row = plan_row(workload, args.preset, args.batch, args.height, args.width, args.coils, amp, args.top, budget)
+    for workload, budget, nhwc in itertools.product(args.workloads, args.budgets, args.nhwc):
+        row = plan_row(workload, args.preset, args.batch, args.height, args.width, args.coils, amp, args.top, budget,
+                       nhwc == "on")
         print(json.dumps(row), flush=True)
-        print(f"{workload}, budget {budget}: saves {row['saved_gib']} GiB; {row['generated_kernels']} generated "
+        print(f"{workload}, budget {budget}{', nhwc' if nhwc == 'on' else ''} "
+              f"(channels-last: {row['channels_last_layouts']}): saves {row['saved_gib']} GiB; {row['generated_kernels']} generated "
               f"kernels moving {row['generated_gb']} GB and {row['library_calls']} library calls, {row['convolution_tflop']} TFLOP of convolutions per slice; "
               f"floor {row['floor_ms_h100']} ms per slice on an H100 ({row['floor_ms_h100_at_measured_conv_rate']} at "
               f"cuDNN's measured rate), target {row['target_ms']} ms", file=sys.stderr, flush=True)
