@@ -16,7 +16,9 @@ would generate for the GPU. It stops there: no kernel is generated, compiled or 
 
 Inductor asks the device for its properties while it lowers and fuses (multiprocessor count,
 compute capability). The CPU has none, so an H100 SXM's stand in for the duration of the
-lowering (:func:`stand_in_gpu`); nothing else is patched.
+lowering (:func:`stand_in_gpu`), and torch's choice of convolution kernel is cuDNN's, as on the
+GPU (without one torch picks its reference kernel, whose outputs are always NCHW: the layouts,
+and with them the copies between layouts, would differ). Nothing else is patched.
 
 Per workload, one JSON line; every figure is per slice (the batch divided out):
 - ``train``: one training step of the ambient method (``method_loss``, forward and backward to
@@ -112,8 +114,19 @@ def stand_in_gpu(props: dict = H100) -> Iterator[None]:
                                 max_threads_per_multi_processor=props["max_threads_per_multi_processor"],
                                 max_threads_per_block=props["max_threads_per_block"], warp_size=props["warp_size"])
 
+    select_conv_backend = torch._C._select_conv_backend
+
+    def gpu_conv_backend(input: torch.Tensor, *args, **kwargs) -> object:
+        # Without a GPU, torch picks its slow reference convolution for a (fake) CUDA tensor,
+        # whose output is always NCHW; on the GPU it picks cuDNN, whose output follows the
+        # input's memory format. Fake tensor propagation and Inductor's convolution layouts ask.
+        if input.device.type == "cuda":
+            return torch._C._ConvBackend.Cudnn
+        return select_conv_backend(input, *args, **kwargs)
+
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(DeviceProperties, "create", device_properties))
+        stack.enter_context(mock.patch("torch._C._select_conv_backend", gpu_conv_backend))
         stack.enter_context(mock.patch("torch.cuda.get_device_properties", lambda *a, **k: namespace))
         stack.enter_context(mock.patch("torch.cuda.get_device_capability", lambda *a, **k: capability))
         stack.enter_context(mock.patch("torch.cuda.is_available", lambda: True))

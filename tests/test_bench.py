@@ -182,6 +182,13 @@ def test_kernel_plan_schedules_the_gpu_kernels_on_the_cpu() -> None:
     assert row["floor_ms_h100"] == pytest.approx(floor, abs=0.006)
     assert row["floor_ms_h200"] <= row["floor_ms_h100"] <= row["floor_ms_h100_at_measured_conv_rate"]
     assert row["floor_s_per_slice_h100"] == pytest.approx(row["floor_ms_h100"] * 0.5, abs=0.01)
+    # The stand-in picks cuDNN's convolutions, as a GPU would: channels-last in, channels-last out.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with plan.stand_in_gpu(), FakeTensorMode():
+        x = torch.empty(1, 8, 8, 8, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        w = torch.empty(4, 8, 3, 3, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        assert torch.nn.functional.conv2d(x, w).is_contiguous(memory_format=torch.channels_last)
     top = row["top_kernels"]
     assert len(top) == 4 and [k["gb"] for k in top] == sorted((k["gb"] for k in top), reverse=True)
     assert any(k["kernel"].startswith("library: convolution") for k in top)
