@@ -72,16 +72,18 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
-from adps.nn import PAPER_PRESETS, build_model, method_loss
+from adps.nn import PAPER_PRESETS, build_model
 from memory_plan import (  # bench/memory_plan.py: sys.path[0] for a script
+    CONVOLUTION,
+    convolution_node_flops,
     fx_tensor,
     parse_with_budgets,
+    partition,
     partition_call,
     saved_tensors,
 )
 from train_step import activation_budget, inductor_layout, make_batch  # bench/train_step.py
 
-CONVOLUTION = torch.ops.aten.convolution.default
 CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default
 
 # The stand-in device: an H100 SXM5 (NVIDIA's datasheet). Bandwidths are the HBM's peak.
@@ -208,7 +210,7 @@ def convolution_flops(part) -> float:
     for gm in (part.forward, part.backward):
         for node in gm.graph.nodes:
             if node.target is CONVOLUTION:
-                total += 2.0 * fx_tensor(node).numel() * fx_tensor(node.args[1])[0].numel()
+                total += convolution_node_flops(node)
             elif node.target is CONVOLUTION_BACKWARD:
                 grad_output, weight, output_mask = fx_tensor(node.args[0]), fx_tensor(node.args[2]), node.args[10]
                 total += 2.0 * grad_output.numel() * weight[0].numel() * sum(bool(m) for m in output_mask[:2])
@@ -220,10 +222,7 @@ def partition_workload(workload: str, preset: str, batch_size: int, height: int,
     """Trace and partition one step of ``workload`` on the CPU (see :mod:`memory_plan`)."""
     torch.manual_seed(0)
     if workload == "train":
-        model = build_model("ambient", preset).train()
-        batch = make_batch(batch_size, coils, height, width, 4.0)
-        return partition_call(
-            model, lambda net: method_loss("ambient", net, batch, generator=torch.Generator().manual_seed(0)), amp)
+        return partition(build_model("ambient", preset).train(), make_batch(batch_size, coils, height, width, 4.0), amp)
     # A-DPS: the sampler differentiates the denoiser's output with respect to its image input
     # (a_dps's ``denoise``); weights frozen, the conditioning [mask, ones] needs no gradient.
     model = build_model("ambient", preset).eval().requires_grad_(False)
@@ -269,14 +268,17 @@ def plan_row(workload: str, preset: str, batch_size: int, height: int, width: in
         "saved_gib": round(saved / batch_size, 3),
         "target_ms": TARGET_MS[workload],
     }
+    floors_ms = {}
     for name, spec in DEVICES.items():
         memory_ms = generated_bytes / (spec["memory_tbps"] * 1e12) * 1e3
-        row[f"floor_ms_{name}"] = round(flop / (spec["bf16_dense_tflops"] * 1e12) * 1e3 + memory_ms, 2)
+        floors_ms[name] = flop / (spec["bf16_dense_tflops"] * 1e12) * 1e3 + memory_ms
+        row[f"floor_ms_{name}"] = round(floors_ms[name], 2)
         row[f"floor_ms_{name}_at_measured_conv_rate"] = round(flop / (MEASURED_CONV_TFLOPS * 1e12) * 1e3 + memory_ms, 2)
+    # From the unrounded floor: a small plan's floor rounds to 0.00 ms.
     if workload == "a_dps":
-        row["floor_s_per_slice_h100"] = round(row["floor_ms_h100"] * A_DPS_STEPS / 1e3, 2)
+        row["floor_s_per_slice_h100"] = round(floors_ms["h100"] * A_DPS_STEPS / 1e3, 2)
     else:
-        row["ceiling_slices_per_s_h100"] = round(1e3 / row["floor_ms_h100"], 1)
+        row["ceiling_slices_per_s_h100"] = round(1e3 / floors_ms["h100"], 1)
     row["top_kernels"] = [{"kernel": k, "count": int(c), "gb": round(gb, 3)}
                           for k, (c, gb) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]]
     row["plan_s"] = round(time.perf_counter() - start, 1)

@@ -155,7 +155,8 @@ def fx_tensor(node: torch.fx.Node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _convolution_flops(node: torch.fx.Node) -> float:
+def convolution_node_flops(node: torch.fx.Node) -> float:
+    """FLOPs of one forward ``aten.convolution`` node of a traced graph."""
     out, weight = fx_tensor(node), fx_tensor(node.args[1])
     return 2.0 * out.numel() * weight[0].numel()  # each output: one multiply-add per weight of its filter
 
@@ -182,9 +183,9 @@ def recomputation(part: _Partitioned) -> tuple[int, float]:
     """Forward convolutions that the backward graph runs again, and their share of the step's
     convolution FLOPs (each forward convolution counts three times: forward, input and weight
     gradient)."""
-    forward_flops = sum(_convolution_flops(n) for n in part.forward.graph.nodes if n.target is CONVOLUTION)
+    forward_flops = sum(convolution_node_flops(n) for n in part.forward.graph.nodes if n.target is CONVOLUTION)
     again = [n for n in part.backward.graph.nodes if n.target is CONVOLUTION]
-    share = sum(_convolution_flops(n) for n in again) / (3 * forward_flops) if forward_flops else 0.0
+    share = sum(convolution_node_flops(n) for n in again) / (3 * forward_flops) if forward_flops else 0.0
     return len(again), share
 
 
