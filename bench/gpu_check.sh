@@ -21,10 +21,11 @@
 #      gradients against float32, eager and compiled;
 #   4. bench/operators.py --device cuda: the SENSE operators at the paper's test size;
 #   5. bench/sample_speed.py --device cuda: A-DPS s/slice compiled with CUDA graphs
-#      ("reduce-overhead") and "nhwc" at batch 16 (8 on a card under 100 GB: batch 16 peaked at
-#      80.9 GB), and a complete 20-step A-DPS run in bf16 against float32 (eager, batch 2: the
-#      same reconstructions within tolerance); if the compiled configuration fails, the same
-#      without CUDA graphs;
+#      ("reduce-overhead"), "nhwc" and "inline" (element-wise intermediates recomputed in their
+#      readers: bench/kernel_plan.py plans 11 % fewer bytes) at batch 16 (8 on a card under
+#      100 GB: batch 16 peaked at 80.9 GB), and a complete 20-step A-DPS run in bf16 against
+#      float32 (eager, batch 2: the same reconstructions within tolerance); if the compiled
+#      configuration fails, the same without CUDA graphs and "inline";
 #   6. bench/train_step.py again, the candidate for the lean mode: the compiled step with CUDA
 #      graphs, "nhwc" and an activation memory budget of 0.5 (planned on the CPU by
 #      bench/memory_plan.py at 16.7 GiB); if that fails, at once train_step_budget;
@@ -258,9 +259,10 @@ rows_failed() {
 sys.exit(0 if any(r.get("error") and "check" not in r for r in map(json.loads, sys.stdin)) else 1)'
 }
 if ((${#SAMPLE_COMPILED_ARGS[@]})); then
-    # A-DPS with CUDA graphs and no layout transposes; without CUDA graphs if that fails.
+    # A-DPS with CUDA graphs, no layout transposes and fewer intermediates written; without CUDA
+    # graphs and inlining if that fails.
     run sample_speed_compiled 190 "$PY" bench/sample_speed.py "${SAMPLE_COMPILED_ARGS[@]}" --compile reduce-overhead \
-        --precision-check --json "$LOGS/sample_speed_compiled.json"
+        --inline --precision-check --json "$LOGS/sample_speed_compiled.json"
     if rows_failed "$LOGS/sample_speed_compiled.log"; then
         run sample_speed_compiled_default 170 "$PY" bench/sample_speed.py "${SAMPLE_COMPILED_ARGS[@]}" \
             --compile default --json "$LOGS/sample_speed_compiled_default.json"
@@ -330,7 +332,7 @@ for r in (rows("train_step.jsonl") + rows("train_step_lean.jsonl") + rows("train
           f"{' ckpt' if r.get('activation_checkpointing') else ''}"
           f"{' budget ' + str(r['activation_memory_budget']) if r.get('activation_memory_budget', 1.0) != 1.0 else ''}"
           f"{' cudnn-bench' if r.get('cudnn_benchmark') else ''}{' nhwc' if r.get('inductor_nhwc') else ''}"
-          f"{' regional' if r.get('regional_compile') else ''}"
+          f"{' regional' if r.get('regional_compile') else ''}{' inline' if r.get('inductor_inline') else ''}"
           f"{' compile ' + r['compile'] if r.get('compile') not in (None, 'off') else ''}: "
           f"{r['median_ms']:9.1f} ms {r['slices_per_s']:8.2f} slices/s peak {r['peak_memory_gb']:.1f} GB"
           f" (first step {r.get('first_step_s')} s)")
@@ -343,7 +345,8 @@ for r in (rows("train_step.jsonl") + rows("train_step_lean.jsonl") + rows("train
             print(f"               profiled step: {profiled['device_ms']:.1f} ms in kernels: {families}")
 for r in rows("sample_speed.json") + rows("sample_speed_compiled.json") + rows("sample_speed_compiled_default.json"):
     how = (f"amp {r['amp']}{' ckpt' if r.get('activation_checkpointing') else ''}"
-           f"{' cudnn-bench' if r.get('cudnn_benchmark') else ''}{' nhwc' if r.get('inductor_nhwc') else ''}") + (
+           f"{' cudnn-bench' if r.get('cudnn_benchmark') else ''}{' nhwc' if r.get('inductor_nhwc') else ''}"
+           f"{' inline' if r.get('inductor_inline') else ''}") + (
         f" compile {r['compile']}" if r.get("compile") not in (None, "off") else "")
     if r.get("error"):
         print(f"sample_speed   a_dps batch {r['batch']:3d} {how}: {r['error']}")

@@ -4,6 +4,7 @@ on the CPU, no GPU needed.
     python bench/kernel_plan.py                                  # training and A-DPS, paper sizes
     python bench/kernel_plan.py --workloads a_dps --batch 1 --top 20
     python bench/kernel_plan.py --workloads train --budgets 1.0 0.7 0.5 --nhwc off on
+    python bench/kernel_plan.py --workloads a_dps --inline off on
     python bench/kernel_plan.py --preset tiny --height 64 --width 64 --batch 2   # seconds
 
 Why: on a GPU the compiled steps spend as long in memory-bound element-wise kernels (GroupNorm,
@@ -47,6 +48,9 @@ Per workload, one JSON line; every figure is per slice (the batch divided out):
   layouts; its heuristic does not for this U-Net, ``--nhwc on`` forces it (as
   ``bench/train_step.py``'s ``nhwc`` row does), and the copies into that layout then appear as
   generated kernels named after the convolution they feed.
+- ``inline``: with ``--inline on``, Inductor's thresholds for writing an element-wise
+  intermediate to memory are raised (``bench/train_step.py``'s ``inductor_inlining``), so more of
+  them are recomputed in the kernels that read them.
 
 Autocast: the trace uses the CPU's bf16 autocast. It differs from CUDA's in one op here:
 ``group_norm`` runs in float32 on CUDA, in its input's dtype on the CPU. Inductor decomposes
@@ -82,7 +86,12 @@ from memory_plan import (  # bench/memory_plan.py: sys.path[0] for a script
     partition_call,
     saved_tensors,
 )
-from train_step import activation_budget, inductor_layout, make_batch  # bench/train_step.py
+from train_step import (  # bench/train_step.py
+    activation_budget,
+    inductor_inlining,
+    inductor_layout,
+    make_batch,
+)
 
 CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default
 
@@ -233,16 +242,17 @@ def partition_workload(workload: str, preset: str, batch_size: int, height: int,
 
 
 def plan_row(workload: str, preset: str, batch_size: int, height: int, width: int, coils: int, amp: str | None,
-             top: int, budget: float = 1.0, nhwc: bool = False) -> dict[str, object]:
+             top: int, budget: float = 1.0, nhwc: bool = False, inline: bool = False) -> dict[str, object]:
     """One JSON row: the planned kernels of ``workload``'s compiled step, per slice, with the
-    partitioner's ``activation_memory_budget`` at ``budget`` and, with ``nhwc``, Inductor's
-    channels-last layouts forced on (``bench/train_step.py``'s ``nhwc``)."""
+    partitioner's ``activation_memory_budget`` at ``budget``, with ``nhwc`` Inductor's
+    channels-last layouts forced on (``bench/train_step.py``'s ``nhwc``) and with ``inline`` its
+    element-wise intermediates recomputed in their readers (``inline``)."""
     start = time.perf_counter()
     with activation_budget(budget):
         part = partition_workload(workload, preset, batch_size, height, width, coils, amp)
     saved = sum(saved_tensors(part).values())
     flops = convolution_flops(part)
-    with inductor_layout(nhwc):
+    with inductor_layout(nhwc), inductor_inlining(inline):
         forward_kernels, forward_nhwc = schedule(part.forward, is_backward=False)
         backward_kernels, backward_nhwc = schedule(part.backward, is_backward=True)
     kernels = forward_kernels + backward_kernels
@@ -259,6 +269,7 @@ def plan_row(workload: str, preset: str, batch_size: int, height: int, width: in
         "device": "cpu (plan of Inductor's CUDA kernels; an H100's properties stand in)",
         "torch": torch.__version__, "preset": preset, "batch": batch_size, "height": height, "width": width,
         "coils": coils, "amp": amp, "activation_memory_budget": budget, "nhwc": nhwc,
+        "inline": inline,
         "channels_last_layouts": {"forward": forward_nhwc, "backward": backward_nhwc},
         "generated_kernels": len(generated), "library_calls": len(library),
         "generated_bytes": int(generated_bytes), "generated_gb": round(generated_bytes / 1e9, 3),
@@ -297,13 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=8, help="kernel groups to list, by bytes")
     parser.add_argument("--nhwc", nargs="+", choices=["off", "on"], default=["off"],
                         help="plan without and/or with Inductor's channels-last layouts forced on")
+    parser.add_argument("--inline", nargs="+", choices=["off", "on"], default=["off"],
+                        help="plan without and/or with element-wise intermediates recomputed in their readers")
     args = parse_with_budgets(parser, argv, default=[1.0])
     amp = None if args.amp == "none" else args.amp
-    for workload, budget, nhwc in itertools.product(args.workloads, args.budgets, args.nhwc):
+    for workload, budget, nhwc, inline in itertools.product(args.workloads, args.budgets, args.nhwc, args.inline):
         row = plan_row(workload, args.preset, args.batch, args.height, args.width, args.coils, amp, args.top, budget,
-                       nhwc == "on")
+                       nhwc == "on", inline == "on")
         print(json.dumps(row), flush=True)
-        print(f"{workload}, budget {budget}{', nhwc' if nhwc == 'on' else ''} "
+        print(f"{workload}, budget {budget}{', nhwc' if nhwc == 'on' else ''}{', inline' if inline == 'on' else ''} "
               f"(channels-last: {row['channels_last_layouts']}): saves {row['saved_gib']} GiB; {row['generated_kernels']} generated "
               f"kernels moving {row['generated_gb']} GB and {row['library_calls']} library calls, {row['convolution_tflop']} TFLOP of convolutions per slice; "
               f"floor {row['floor_ms_h100']} ms per slice on an H100 ({row['floor_ms_h100_at_measured_conv_rate']} at "

@@ -57,6 +57,7 @@ from adps.nn.samplers import a_dps
 from adps.nn.unet import set_activation_checkpointing
 from train_step import (  # bench/train_step.py: this folder is sys.path[0] for a script
     exact_float32,
+    inductor_inlining,
     inductor_layout,
     move_off_initialisation,
 )
@@ -214,6 +215,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nhwc", action="store_true",
                         help="with --compile: force Inductor's layout optimisation (channels-last convolutions, no "
                              "cuDNN transposes; see bench/train_step.py's inductor_layout)")
+    parser.add_argument("--inline", action="store_true",
+                        help="with --compile: Inductor recomputes element-wise intermediates in the kernels that read "
+                             "them instead of writing them out (fewer bytes; see bench/train_step.py's "
+                             "inductor_inlining)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark: time cuDNN's algorithms once per shape, keep the fastest")
     parser.add_argument("--precision-check", action="store_true",
@@ -282,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             "activation_checkpointing": args.checkpointing,
             "cudnn_benchmark": args.cudnn_benchmark,
             "inductor_nhwc": args.nhwc,
+            "inductor_inline": args.inline,
             "paper_s_per_slice": PAPER_S_PER_SLICE.get(batch) if args.device == "cuda" else None,
             "paper_device": PAPER_DEVICE,
             "error": None,
@@ -291,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.compile != "off":
                 torch._dynamo.reset()  # a fresh static-shape graph per batch size
                 net = torch.compile(model, mode=None if args.compile == "default" else args.compile, dynamic=False)
-            with inductor_layout(args.nhwc):  # read when the first step compiles
+            with inductor_layout(args.nhwc), inductor_inlining(args.inline):  # read when the first step compiles
                 row.update(bench_batch(net, device, batch, args))
         except torch.cuda.OutOfMemoryError:
             row["error"] = "out of memory"

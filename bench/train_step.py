@@ -137,24 +137,27 @@ class RowSpec:
     """Compile each U-Net block alone instead of the whole denoiser (:func:`compile_regions`)."""
     budget: float = 1.0
     """The compiled backward's activation memory budget (:func:`activation_budget`)."""
+    inline: bool = False
+    """Inductor's element-wise intermediates recomputed in their readers (:func:`inductor_inlining`)."""
 
     def row_fields(self) -> dict[str, object]:
         """The settings as the JSON rows name them."""
         return {"compile": self.compile, "activation_checkpointing": self.ckpt, "cudnn_benchmark": self.cudnn,
                 "channels_last": self.cl, "inductor_nhwc": self.nhwc, "regional_compile": self.regional,
-                "activation_memory_budget": self.budget}
+                "activation_memory_budget": self.budget, "inductor_inline": self.inline}
 
     @property
     def has_plain_graph(self) -> bool:
         """Whether the precision check (whole denoiser, compiled or not) runs this row's graph."""
-        return not (self.ckpt or self.cl or self.regional) and self.budget == 1.0
+        return not (self.ckpt or self.cl or self.regional or self.inline) and self.budget == 1.0
 
 
 def bench_one(
     method: str, preset: str, device: torch.device, batch_size: int, height: int, width: int, coils: int,
     acceleration: float, amp: str | None, warmup: int, repeats: int, spec: RowSpec = RowSpec(), profile: int = 0,
 ) -> dict[str, object]:
-    with inductor_layout(spec.nhwc), activation_budget(spec.budget):  # read when the first step compiles
+    # All three are read when the first step compiles.
+    with inductor_layout(spec.nhwc), inductor_inlining(spec.inline), activation_budget(spec.budget):
         return _bench_one(method, preset, device, batch_size, height, width, coils, acceleration, amp, warmup, repeats,
                           spec, profile)
 
@@ -197,6 +200,27 @@ def inductor_layout(nhwc: bool) -> contextlib.AbstractContextManager:
     import torch._inductor.config as inductor_config
 
     return inductor_config.patch(force_layout_optimization=True)
+
+
+# Inductor's thresholds for materialising an element-wise intermediate instead of recomputing it in
+# each consumer's kernel (torch 2.14's defaults: 4 readers, 30 ops). At 8 and 60, kernel_plan.py
+# plans the compiled A-DPS step's generated kernels at 23.8 instead of 26.7 GB per slice (paper
+# size, batch 8); the training step moves 1 % more. 16 / 100 and 32 / 200 planned the same.
+INLINE_REALIZE_READS = 8
+INLINE_REALIZE_OPCOUNT = 60
+
+
+def inductor_inlining(inline: bool) -> contextlib.AbstractContextManager:
+    """With ``inline``, Inductor recomputes element-wise intermediates with up to
+    :data:`INLINE_REALIZE_READS` readers and :data:`INLINE_REALIZE_OPCOUNT` ops inside each
+    reader's kernel instead of writing them to memory once and reading them back: more arithmetic,
+    fewer bytes, for a memory-bound step. Read when a graph is lowered (its first call)."""
+    if not inline:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(realize_reads_threshold=INLINE_REALIZE_READS,
+                                 realize_opcount_threshold=INLINE_REALIZE_OPCOUNT)
 
 
 def _bench_one(
@@ -412,7 +436,8 @@ def run_precision_checks(args: argparse.Namespace, device: torch.device, compile
 
 def parse_row(text: str) -> RowSpec:
     """``--rows`` item: ``eager`` or a comma-separated set of ``compile[=MODE]``, ``ckpt``,
-    ``cudnn``, ``cl``, ``nhwc``, ``regional`` and ``budget=X`` (the fields of :class:`RowSpec`)."""
+    ``cudnn``, ``cl``, ``nhwc``, ``regional``, ``inline`` and ``budget=X`` (the fields of
+    :class:`RowSpec`)."""
     settings: dict[str, object] = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
@@ -427,11 +452,11 @@ def parse_row(text: str) -> RowSpec:
                 raise argparse.ArgumentTypeError(f"budget needs a number in (0, 1], got {value!r} in {text!r}") from None
             if not 0 < settings["budget"] <= 1:
                 raise argparse.ArgumentTypeError(f"budget must be in (0, 1], got {value!r} in {text!r}")
-        elif key in ("ckpt", "cudnn", "cl", "nhwc", "regional") and not value:
+        elif key in ("ckpt", "cudnn", "cl", "nhwc", "regional", "inline") and not value:
             settings[key] = True
         elif key != "eager":
             raise argparse.ArgumentTypeError(f"unknown row option {part!r} in {text!r} (compile[=MODE], ckpt, cudnn, "
-                                             "cl, nhwc, regional, budget=X or eager)")
+                                             "cl, nhwc, regional, inline, budget=X or eager)")
     return RowSpec(**settings)
 
 
@@ -461,7 +486,8 @@ def main() -> int:
                         help="paper-size rows to run instead of the product of --compile x --checkpointing x "
                              "--cudnn-benchmark: each a comma-separated set of compile[=MODE], ckpt, cudnn, cl "
                              "(channels-last weights), nhwc (Inductor's layout optimisation forced on), regional "
-                             "(each U-Net block compiled alone), budget=X (activation memory budget of the "
+                             "(each U-Net block compiled alone), inline (Inductor recomputes element-wise "
+                             "intermediates in their readers), budget=X (activation memory budget of the "
                              "compiled backward, 0-1), or 'eager' for none; e.g. --rows eager compile,cudnn,nhwc "
                              "compile,nhwc,budget=0.5")
     parser.add_argument("--profile", type=int, default=0, metavar="N",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -46,6 +47,7 @@ def _load_bench(name: str):
     """A bench script as a module (bench/ is not a package)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -159,7 +161,8 @@ def test_kernel_plan_schedules_the_gpu_kernels_on_the_cpu() -> None:
     scheduler on this machine, where no GPU exists: it finds generated kernels and library calls
     moving bytes, counts the convolutions of a forward pass and a gradient to x (two forward
     passes, as flop_count.py), derives its floors from those figures, and leaves torch.cuda as
-    it found it once the stand-in device is gone."""
+    it found it once the stand-in device is gone; with ``inline`` the generated kernels move fewer
+    bytes."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         plan = _load_bench("kernel_plan")
@@ -192,6 +195,18 @@ def test_kernel_plan_schedules_the_gpu_kernels_on_the_cpu() -> None:
     top = row["top_kernels"]
     assert len(top) == 4 and [k["gb"] for k in top] == sorted((k["gb"] for k in top), reverse=True)
     assert any(k["kernel"].startswith("library: convolution") for k in top)
+    # Inlining (bench/train_step.py's inductor_inlining) recomputes element-wise intermediates in
+    # their readers: the same convolutions and library calls, fewer kernels and bytes (-10 % here
+    # and at the paper's size).
+    inlined = plan.plan_row("a_dps", "tiny", batch_size=2, height=32, width=32, coils=2, amp="bf16", top=4,
+                            inline=True)
+    assert inlined["inline"] is True and row["inline"] is False
+    assert inlined["convolution_flop"] == row["convolution_flop"] and inlined["library_calls"] == row["library_calls"]
+    assert inlined["generated_kernels"] < row["generated_kernels"]
+    assert inlined["generated_bytes"] < 0.95 * row["generated_bytes"]
+    import torch._inductor.config as inductor_config
+
+    assert inductor_config.realize_reads_threshold == 4  # restored
 
 
 def test_flop_count_gives_each_target_its_rate() -> None:
@@ -209,6 +224,28 @@ def test_flop_count_gives_each_target_its_rate() -> None:
     assert train["target_tflops"] == pytest.approx(train["flop_per_slice"] * 40 / 1e12, abs=0.06)
     assert a_dps["tflop_per_slice"] == pytest.approx(a_dps["flop_per_slice_step"] * 500 / 1e12, abs=0.06)
     assert "of the H100's dense bf16 peak" in result.stderr
+
+
+def test_train_step_rows_parse_into_their_settings() -> None:
+    """bench/train_step.py --rows: each comma-separated option sets one field of the row, the JSON
+    row names them, and an unknown option or a budget outside (0, 1] is refused by name."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        bench = _load_bench("train_step")
+    finally:
+        sys.path.pop(0)
+    spec = bench.parse_row("compile=reduce-overhead,cudnn,nhwc,inline,budget=0.7")
+    assert spec == bench.RowSpec(compile="reduce-overhead", cudnn=True, nhwc=True, inline=True, budget=0.7)
+    fields = spec.row_fields()
+    assert fields["inductor_inline"] is True and fields["inductor_nhwc"] is True
+    assert fields["activation_memory_budget"] == 0.7
+    # The precision check compiles the plain denoiser: it stands for no row with other kernels.
+    assert not spec.has_plain_graph and bench.parse_row("compile,nhwc").has_plain_graph
+    assert bench.parse_row("eager") == bench.RowSpec()
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown row option 'inlined'"):
+        bench.parse_row("compile,inlined")
+    with pytest.raises(argparse.ArgumentTypeError, match="budget must be in"):
+        bench.parse_row("compile,budget=1.5")
 
 
 def test_sample_speed_precision_check_compares_with_float32(capsys) -> None:
