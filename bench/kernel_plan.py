@@ -246,7 +246,7 @@ def plan_row(workload: str, preset: str, batch_size: int, height: int, width: in
     """One JSON row: the planned kernels of ``workload``'s compiled step, per slice, with the
     partitioner's ``activation_memory_budget`` at ``budget``, with ``nhwc`` Inductor's
     channels-last layouts forced on (``bench/train_step.py``'s ``nhwc``) and with ``inline`` its
-    element-wise intermediates recomputed in their readers (``inline``)."""
+    element-wise intermediates recomputed in their readers (its ``inductor_inlining``)."""
     start = time.perf_counter()
     with activation_budget(budget):
         part = partition_workload(workload, preset, batch_size, height, width, coils, amp)
