@@ -80,7 +80,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from adps.data.dataset import PreparedSliceDataset
 from adps.data.prefetch import Prefetcher
 from adps.data.preprocess import PrepareConfig, mask_key
 from adps.data.shards import (
@@ -96,7 +95,7 @@ from adps.mri import lines_at
 from adps.nn.ema import EMA
 from adps.nn.train_config import FULLY_SAMPLED, TrainConfig
 from adps.nn.train_step import MRI_METHODS, PAPER_PRESETS, build_model, make_optimizer, make_synthetic_batch, train_step
-from adps.orchestration.train import WorkerContext, dataset_acceleration, worker_loop
+from adps.orchestration.train import WorkerContext, mri_training_set, worker_loop
 from adps.orchestration.train import _batches as worker_batches  # the worker loop's own batching
 
 HERE = Path(__file__).resolve().parent
@@ -236,9 +235,7 @@ def make_dataset_direct(root: Path, *, slices: int, coils: int, height: int, wid
 
 def load_batch(config: TrainConfig, n: int) -> dict[str, torch.Tensor]:
     """The first ``n`` train slices, batched exactly as worker_loop batches them."""
-    accelerations = read_manifest(config.dataset)["config"]["accelerations"]
-    dataset = PreparedSliceDataset(config.dataset, config.split, acceleration=dataset_acceleration(config, accelerations),
-                                   load_l1=config.method == "edm_l1")
+    dataset, _ = mri_training_set(config)
     try:
         items = [dataset[i] for i in range(n)]
     finally:
@@ -353,11 +350,7 @@ def bench_load(config: TrainConfig, device: torch.device, *, warmup: int, steps:
     the shards (the worker loop's batching: straight into page-locked memory on CUDA) and copy it
     to the device. Its slices/s is the rate one loading thread sustains; issue 10 asks for 5x the
     step's."""
-    from adps.data.shards import read_manifest
-
-    accelerations = read_manifest(config.dataset)["config"]["accelerations"]
-    dataset = PreparedSliceDataset(config.dataset, config.split, acceleration=dataset_acceleration(config, accelerations),
-                                   load_l1=config.method == "edm_l1")
+    dataset, _ = mri_training_set(config)
     indices = list(range(len(dataset)))
     times: list[float] = []
     started = time.perf_counter()

@@ -162,6 +162,42 @@ def test_read_batch_names_the_slices_it_cannot_batch(root: Path, tmp_path: Path)
     assert dataset.read_batch([3])["maps"].shape == (1, 2, HEIGHT, WIDTH)  # alone, it reads
 
 
+def test_keys_read_only_what_a_step_uses_and_never_touch_the_rest(root: Path, tmp_path: Path) -> None:
+    """``keys``: the items and batches hold those keys and ``slice_id``, equal to the full read;
+    the other datasets are never read (a shard whose ``reference`` is gone still serves an
+    ambient run's keys, and a full read of it names what is missing)."""
+    ambient = ("kspace", "maps", "mask", "mask_further")
+    full = PreparedSliceDataset(root, "train", acceleration=4)
+    picked = PreparedSliceDataset(root, "train", acceleration=4, keys=ambient)
+    assert picked.keys == (*ambient, "slice_id") and set(full.keys) == KEYS
+    for index in range(len(full)):
+        item, whole = picked[index], full[index]
+        assert set(item) == set(picked.keys)
+        for key in item:
+            torch.testing.assert_close(item[key], whole[key], rtol=0, atol=0)
+    batch = picked.read_batch([0, 2, 3])
+    assert set(batch) == set(picked.keys)
+    torch.testing.assert_close(batch["kspace"], full.read_batch([0, 2, 3])["kspace"], rtol=0, atol=0)
+    edm = PreparedSliceDataset(root, "train", acceleration=4, keys=("reference",))
+    assert set(edm.read_batch([1])) == {"reference", "slice_id"}
+
+    copy = tmp_path / "no-reference"
+    shutil.copytree(root, copy)
+    for shard in copy.glob("train-*.h5"):
+        with h5py.File(shard, "r+") as handle:
+            del handle["reference"]
+    picked = PreparedSliceDataset(copy, "train", acceleration=4, keys=ambient, verify=False)
+    assert len(picked.read_batch(list(range(len(picked))))["kspace"]) == len(picked)
+    with pytest.raises(ShardError, match=r"train-00000\.h5: no dataset 'reference'"):
+        PreparedSliceDataset(copy, "train", acceleration=4, verify=False)[0]
+
+    with pytest.raises(ValueError, match=r"unknown item key 'image'; the items have kspace, maps, reference"):
+        PreparedSliceDataset(root, "train", acceleration=4, keys=("kspace", "image"))
+    with pytest.raises(ValueError, match=r"unknown item key 'l1' \(it needs load_l1=True\)"):
+        PreparedSliceDataset(root, "train", acceleration=4, keys=("l1",))
+    assert PreparedSliceDataset(root, "train", acceleration=4, keys=("l1",), load_l1=True).keys == ("l1", "slice_id")
+
+
 def test_a_subset_of_shards(root: Path) -> None:
     shards = manifest_of(root)["splits"]["train"]["shards"]
     assert [s["n_slices"] for s in shards] == [3, 1]

@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 from adps.cli import main as adps_main
 from adps.data.preprocess import parse_overrides
 from adps.nn.train_config import TrainConfig
-from adps.nn.train_step import MRI_METHODS, make_synthetic_batch
+from adps.nn.train_step import BATCH_KEYS, MRI_METHODS, make_synthetic_batch
 from adps.orchestration.train import (
     WorkerContext,
     build_trainee,
     load_training_checkpoint,
+    mri_training_set,
     save_training_checkpoint,
     steps_per_epoch,
     train,
@@ -208,6 +209,22 @@ def test_activation_memory_budget_makes_the_compiled_step_keep_less(monkeypatch,
     torch.testing.assert_close(results[0.5][2], results[1.0][2], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="config key 'activation_memory_budget'"):
         TrainConfig(activation_memory_budget=0.0).validate(check_dataset=False)
+
+
+@pytest.mark.parametrize("method", MRI_METHODS)
+def test_a_worker_reads_only_the_keys_its_method_trains_on(tiny_dataset, method: str) -> None:
+    """The training set of a run holds the keys its step reads and nothing more: an ambient
+    (or SSDU) worker never reads the fully sampled reference, an EDM worker no k-space."""
+    config = tiny_config(tiny_dataset, method=method, acceleration=1 if method in ("edm", "ncsnv2") else 2)
+    dataset, acceleration = mri_training_set(config)
+    try:
+        assert acceleration == 2  # R = 1 methods take the first stored masks, which they ignore
+        assert dataset.keys == (*BATCH_KEYS[method], "slice_id")
+        assert set(dataset.read_batch([0, 1])) == set(dataset.keys)
+    finally:
+        dataset.close()
+    if method in ("ambient", "ssdu"):
+        assert "reference" not in dataset.keys
 
 
 def test_worker_loop_without_ray(tiny_dataset, one_intra_op_thread) -> None:

@@ -61,8 +61,13 @@ class PreparedSliceDataset(Dataset):
             :func:`default_cache_dir`; a sub-folder per dataset keeps datasets apart).
         verify: check each shard's sha256 against the manifest when first opened (once per
             process; for S3 roots, when downloaded).
+        keys: read only these item keys (``slice_id`` is always there); default all of them. A
+            training worker reads only what its method's step uses
+            (:data:`adps.nn.train_step.BATCH_KEYS`): an ambient run never reads the clean
+            ``reference`` from the shards, and an EDM run reads its one image per slice instead of
+            nine times that in k-space and coil maps.
 
-    Items are dicts of tensors with exactly these keys: ``kspace`` ``(C, H, W)`` complex64 (the
+    Items are dicts of tensors with these keys (all of them unless ``keys`` picks some): ``kspace`` ``(C, H, W)`` complex64 (the
     fully sampled prepared k-space; a training step applies the masks itself), ``maps``
     ``(C, H, W)`` complex64, ``reference`` ``(H, W)`` complex64, ``mask`` ``(W,)`` bool (the
     ``R`` mask), ``mask_further`` ``(W,)`` bool (its ``R + 1`` mask), ``l1`` ``(H, W)``
@@ -71,8 +76,9 @@ class PreparedSliceDataset(Dataset):
 
     Raises:
         FileNotFoundError: no manifest under ``root``.
-        ValueError: unknown split, acceleration or shard name, L1 asked but not prepared, or a
-            manifest that names a shard outside the dataset folder (nothing is read from there).
+        ValueError: unknown split, acceleration, key or shard name, L1 asked but not prepared
+            (or ``l1`` in ``keys`` without ``load_l1``), or a manifest that names a shard outside
+            the dataset folder (nothing is read from there).
         ShardError: a shard that is missing or fails its checksum (naming it), on first use; a
             slice whose coil maps are all zero (naming its slice id), when read.
     """
@@ -87,6 +93,7 @@ class PreparedSliceDataset(Dataset):
         load_l1: bool = False,
         cache_dir: str | os.PathLike | None = None,
         verify: bool = True,
+        keys: Sequence[str] | None = None,
     ) -> None:
         self.root = str(root)
         if split not in SPLITS:
@@ -114,6 +121,18 @@ class PreparedSliceDataset(Dataset):
             "mask_further": f"mask_further/{key}",
             **({"l1": f"l1/{key}"} if load_l1 else {}),
         }
+        if keys is not None:
+            wanted = [k for k in dict.fromkeys(keys) if k != "slice_id"]
+            unknown = [k for k in wanted if k not in self._datasets]
+            if unknown:
+                hint = " (it needs load_l1=True)" if unknown[0] == "l1" else ""
+                raise ValueError(
+                    f"{self.root}: unknown item key {unknown[0]!r}{hint}; the items have "
+                    f"{', '.join(self._datasets)} and slice_id"
+                )
+            self._datasets = {k: self._datasets[k] for k in wanted}
+        self.keys: tuple[str, ...] = (*self._datasets, "slice_id")
+        """The keys of every item, in order."""
 
         entry = self.manifest["splits"][split]
         recorded = {s["name"]: s for s in entry["shards"]}
