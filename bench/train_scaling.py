@@ -3,6 +3,7 @@
     python bench/train_scaling.py                          # CPU: bare, worker_loop, Ray 1 and 2 workers
     python bench/train_scaling.py --json out.json --steps 40 --batch-size 4
     python bench/train_scaling.py --gpu                    # CUDA: paper-size ambient, bf16 and fp32, no Ray
+    python bench/train_scaling.py --compile default        # every row torch.compile'd (Ray: DDP + compile)
 
 Every configuration trains ``--warmup`` + ``--steps`` optimiser steps of the same method,
 preset and per-worker batch on the same prepared dataset; warm-up steps are left out of the
@@ -55,6 +56,11 @@ bf16 autocast and fp32 (TF32 as torch's defaults allow), with the peak CUDA memo
 a row that runs out of memory is reported as such and the others go on. ``--gpu --device cpu``
 runs the same code on the CPU (with small sizes) to check it without a GPU.
 
+``--compile MODE`` sets ``compile_mode`` (TrainConfig) for every row: the bare step's network
+is compiled as :func:`adps.orchestration.train.build_trainee` compiles it, and the Ray rows
+train with DDP and ``torch.compile`` together, as a paper run with ``compile_mode`` would. The
+compilation falls in the first (warm-up) step of each row; ``--warmup`` must be at least 1.
+
 Prints progress on stderr, then the table on stdout; ``--json PATH`` writes every number.
 Exits non-zero if a configuration failed.
 """
@@ -92,10 +98,9 @@ from adps.data.shards import (
     write_shard,
 )
 from adps.mri import lines_at
-from adps.nn.ema import EMA
-from adps.nn.train_config import FULLY_SAMPLED, TrainConfig
-from adps.nn.train_step import MRI_METHODS, PAPER_PRESETS, build_model, make_optimizer, make_synthetic_batch, train_step
-from adps.orchestration.train import WorkerContext, mri_training_set, worker_loop
+from adps.nn.train_config import COMPILE_MODES, FULLY_SAMPLED, TrainConfig
+from adps.nn.train_step import MRI_METHODS, PAPER_PRESETS, make_synthetic_batch, train_step
+from adps.orchestration.train import WorkerContext, build_trainee, mri_training_set, worker_loop
 from adps.orchestration.train import _batches as worker_batches  # the worker loop's own batching
 
 HERE = Path(__file__).resolve().parent
@@ -262,6 +267,7 @@ def row_from_times(name: str, kind: str, config: TrainConfig, times: list[float]
         "method": config.method,
         "preset": config.resolved_preset,
         "amp": amp,
+        "compile": config.compile_mode or "off",
         "workers": workers,
         "threads_per_worker": threads,
         "batch_per_worker": config.batch_size,
@@ -314,11 +320,11 @@ def _peak_gb(device: torch.device) -> float | None:
 # The three kinds of row ----------------------------------------------------------------------------
 def bench_bare(config: TrainConfig, batch: dict[str, torch.Tensor], device: torch.device, *, amp: str,
                warmup: int, steps: int, threads: int | None) -> dict[str, Any]:
-    """adps.nn.train_step on one resident batch, with train_one_step's settings (Adam, clip, EMA)."""
-    torch.manual_seed(config.seed)
-    model = build_model(config.method, config.resolved_preset).to(device).train()
-    optimizer = make_optimizer(model, lr=config.lr, betas=config.betas, eps=config.eps)
-    ema = EMA(model, half_life_images=config.ema_half_life_images, rampup_ratio=config.ema_rampup)
+    """adps.nn.train_step on one resident batch, with train_one_step's settings (Adam, clip, EMA;
+    the network compiled with ``compile_mode``)."""
+    trainee = build_trainee(config, device=device)
+    model, optimizer, ema = trainee.model, trainee.optimizer, trainee.ema
+    del trainee
     on_device = {k: v.to(device) for k, v in batch.items()}
     generator = torch.Generator(device=device).manual_seed(config.seed)
     _reset_peak(device)
@@ -598,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--data", choices=["prepare", "direct"], default=None,
                        help="how the synthetic dataset is made: prepare (synth volumes + adps prepare: Ray, sigpy; "
                             "CPU default) or direct (shards written with adps.data.shards; --gpu: always)")
+    model.add_argument("--compile", choices=COMPILE_MODES, default=None,
+                       help="torch.compile every row's network with this mode (TrainConfig.compile_mode; "
+                            "the Ray rows: DDP + compile); default eager")
     timing = parser.add_argument_group("timing")
     timing.add_argument("--steps", type=int, default=20, help="timed steps per configuration (after the warm-up)")
     timing.add_argument("--warmup", type=int, default=5, help="warm-up steps per configuration (not timed)")
@@ -634,6 +643,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpar
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    if args.compile and args.warmup < 1:
+        parser.error("--compile needs --warmup >= 1 (the first step compiles)")
     if any(w < 1 for w in args.workers):
         parser.error("--workers must be >= 1")
     return args
@@ -698,7 +709,8 @@ def main(argv: list[str] | None = None) -> int:
         preset = PAPER_PRESETS[args.method] if args.preset == "paper" else "tiny"
         base = with_settings(
             TrainConfig(method=args.method, acceleration=args.acceleration, preset=preset, dataset=str(root),
-                        batch_size=args.batch_size, cpus_per_worker=args.cpus_per_worker, seed=0),
+                        batch_size=args.batch_size, cpus_per_worker=args.cpus_per_worker, seed=0,
+                        compile_mode=args.compile or ""),
             **QUIET,
         )
         base.validate()
@@ -711,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
                 "method": args.method, "preset": preset, "acceleration": args.acceleration,
                 "batch_per_worker": args.batch_size, "height": height, "width": width, "coils": coils,
                 "train_slices": n_slices, "steps": args.steps, "warmup": args.warmup, "amp": args.amp,
+                "compile": args.compile or "off",
                 "configs": args.configs, "workers": args.workers if "ray" in args.configs else [1],
                 "cpus_per_worker": args.cpus_per_worker, "threads": threads,
                 "dataset": args.dataset or f"synthetic ({args.data})",

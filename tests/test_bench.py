@@ -72,8 +72,14 @@ def test_train_scaling_bench_measures_every_configuration(ray_session, tmp_path:
     for row in result["rows"]:
         assert row["error"] is None and row["samples"] >= 1
         assert row["slices_per_s"] > 0 and row["median_ms"] > 0 and row["vs_bare"] > 0
+        assert row["compile"] == "off"
     assert rows[("ray", 2)]["global_batch"] == 2
     assert ray_session.is_initialized()
+    # --compile (DDP + torch.compile in the Ray rows) compiles in the first step: it needs one
+    # warm-up step, and says so before anything runs.
+    with pytest.raises(SystemExit) as exit_info:
+        _load_bench("train_scaling").main(["--compile", "default", "--warmup", "0"])
+    assert exit_info.value.code == 2
 
 
 def test_train_scaling_gpu_mode_needs_no_ray_mlflow_or_sigpy(tmp_path: Path) -> None:
