@@ -11,7 +11,7 @@ The image configs live in a folder of their own, so that ``adps sweep --configs 
 
 from pathlib import Path
 
-from adps.nn.train_config import IMAGE_GRID, PAPER_GRID, UNET_METHODS, image_run_name
+from adps.nn.train_config import CHECKPOINTING_METHODS, IMAGE_GRID, PAPER_GRID, UNET_METHODS, image_run_name
 
 OUT = Path(__file__).resolve().parents[1] / "configs"
 IMAGES_OUT = OUT / "images"
@@ -31,10 +31,12 @@ def main() -> None:
                 "use_gpu: true",
                 "num_workers: 2  # one per GPU: infra/kuberay/rayjob.yaml has 2 x 1 GPU",
             ]
-            if method in UNET_METHODS:
-                # The memory-lean mode: the paper-size step at batch 8 peaked at 18.3 GB with it and
-                # 82.7 GB without (eager, one H200), and ray_cluster.yaml's GPUs are 24 GB A10Gs.
-                lines.append("activation_checkpointing: true  # 24 GB cards; on 80 GB: false, compile_mode: default")
+            if method in CHECKPOINTING_METHODS:
+                # The memory-lean mode: ray_cluster.yaml's GPUs are 24 GB A10Gs. The paper-size
+                # ambient step at batch 8 peaked at 18.3 GB with it and 82.7 GB without (eager, one
+                # H200); NCSNv2 keeps about 29 GiB of activations without it (README, Benchmarks).
+                faster = "false with compile_mode: default" if method in UNET_METHODS else "false on 80 GB"
+                lines.append(f"activation_checkpointing: true  # for 24 GB cards; faster where it fits: {faster}")
             if method in ("modl", "ssdu"):
                 # Supervised / self-supervised unrolled baselines: no EDM warm-up schedule.
                 lines.append("lr_rampup_images: 0")

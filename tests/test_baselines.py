@@ -82,6 +82,38 @@ def test_ncsnv2_conditions_on_sigma_by_output_scaling_only() -> None:
     assert torch.equal(net.sigmas(), ncsn_sigmas(5.0, 0.01, 10))
 
 
+def test_ncsnv2_activation_checkpointing_keeps_less_for_the_same_gradients() -> None:
+    """NCSNv2's memory-lean mode (TrainConfig ``activation_checkpointing``): the forward pass
+    keeps fewer tensors for the backward (each residual and RefineNet block keeps its input
+    only), and the loss and every gradient equal the plain network's."""
+    from adps.nn.unet import set_activation_checkpointing
+
+    def run(checkpointing: bool) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        torch.manual_seed(0)
+        net = build_ncsnv2("tiny").train()
+        assert set_activation_checkpointing(net, checkpointing) == 1 and net.activation_checkpointing == checkpointing
+        x = torch.randn(2, 2, 32, 32, generator=torch.Generator().manual_seed(1))
+        kept: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = net(x, torch.tensor([0.5, 2.0])).square().sum()
+        loss.backward()
+        weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
+        return loss.detach(), [p.grad.clone() for p in net.parameters()], sum(
+            n for ptr, n in kept.items() if ptr not in weights)
+
+    plain_loss, plain_grads, plain_kept = run(False)
+    lean_loss, lean_grads, lean_kept = run(True)
+    assert torch.equal(plain_loss, lean_loss)
+    for a, b in zip(plain_grads, lean_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert lean_kept < 0.5 * plain_kept, (lean_kept, plain_kept)
+
+
 def test_ncsnv2_preset_layout_and_errors() -> None:
     cfg = NCSNV2_PRESETS["ncsnv2"]
     assert (cfg.ngf, cfg.channel_mult, cfg.dilation) == (128, (1, 2, 2, 2, 4, 4), (1, 1, 1, 1, 2, 4))

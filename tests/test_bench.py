@@ -216,6 +216,25 @@ def test_kernel_plan_schedules_the_gpu_kernels_on_the_cpu() -> None:
     assert inductor_config.realize_reads_threshold == reads_threshold  # restored
 
 
+def test_eager_memory_plans_what_the_eager_step_keeps() -> None:
+    """bench/eager_memory.py (tiny presets, 32 and 64 px): the kept bytes grow with the pixels;
+    the fixed part of the fit is autocast's bf16 copy of the weights (2 bytes per parameter);
+    with activation checkpointing, U-Net and NCSNv2 keep under a third of it."""
+    plan = _load_bench("eager_memory")
+    rows = {}
+    for method in ("ambient", "ncsnv2"):
+        for checkpointing in (False, True):
+            rows[method, checkpointing] = row = plan.plan_row(
+                method, checkpointing=checkpointing, sizes=((32, 32), (64, 64)), target=(8, 384, 320), preset="tiny")
+            small, large = row["kept_mib_at_fit_sizes"]
+            assert 0 < small < large and row["activations_gib"] > 0
+            assert row["planned_gib"] == pytest.approx(
+                row["activations_gib"] + row["fixed_mib"] / 1024 + row["optimizer_gib"], abs=0.02)
+        plain, lean = rows[method, False], rows[method, True]
+        assert plain["fixed_mib"] == pytest.approx(2 * plain["parameters"] / 2**20, abs=0.05)
+        assert lean["activations_gib"] < plain["activations_gib"] / 3
+
+
 def test_flop_count_gives_each_target_its_rate() -> None:
     """bench/flop_count.py on the meta device: a training step is three forward passes of
     convolutions (forward, input and weight gradients), an A-DPS step two (no weight gradient),

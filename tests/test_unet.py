@@ -471,9 +471,10 @@ def test_activation_checkpointing_in_a_samplers_gradient_to_x() -> None:
     assert len(calls) == 1 and all(m.activation_checkpointing for m in model.modules() if isinstance(m, SongUNet))
 
 
-def test_activation_checkpointing_is_refused_for_methods_without_a_unet() -> None:
+def test_activation_checkpointing_is_refused_for_methods_without_the_switch() -> None:
     from adps.nn.train_config import TrainConfig
 
-    with pytest.raises(ValueError, match="'activation_checkpointing': only the U-Net methods"):
+    with pytest.raises(ValueError, match="'activation_checkpointing': only the methods ambient, edm, edm_l1, image, "
+                                         "ncsnv2 have it, not modl"):
         TrainConfig(method="modl", acceleration=4, dataset="x", activation_checkpointing=True).validate(
             check_dataset=False)

@@ -41,6 +41,8 @@ PAPER_GRID: dict[str, tuple[float, ...]] = {
 }
 # Methods whose network is the SongUNet (activation_checkpointing applies to them).
 UNET_METHODS = ("ambient", "edm", "edm_l1", "image")
+# Methods whose network has the memory-lean switch (TrainConfig.activation_checkpointing).
+CHECKPOINTING_METHODS = (*UNET_METHODS, "ncsnv2")
 # torch.compile's modes (TrainConfig.compile_mode; "" = eager).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Methods trained on fully sampled data (R = 1 only).
@@ -114,10 +116,11 @@ class TrainConfig(ConfigFile):
     """Mixed precision of the forward pass: ``""`` (float32, right on CPU), ``bf16`` or ``fp16``.
     METHOD.md trains in mixed precision: the GPU configs set ``bf16``."""
     activation_checkpointing: bool = False
-    """Memory-lean mode for the U-Net methods (ambient, edm, edm_l1, image): every residual
-    block's activations are recomputed in the backward pass instead of kept
-    (:attr:`adps.nn.unet.SongUNet.activation_checkpointing`): the same gradients, about one more
-    forward pass per step, for 24 GB cards."""
+    """Memory-lean mode for the U-Net methods (ambient, edm, edm_l1, image) and NCSNv2 (see
+    :data:`CHECKPOINTING_METHODS`): every residual block's activations are recomputed in the
+    backward pass instead of kept (:attr:`adps.nn.unet.SongUNet.activation_checkpointing`,
+    :attr:`adps.nn.ncsnv2.NCSNv2.activation_checkpointing`): the same gradients, about one more
+    forward pass per step, for 24 GB cards. The paper grid's configs turn it on."""
     compile_mode: str = ""
     """``torch.compile`` the network for training: ``""`` (off, eager), ``default``,
     ``reduce-overhead`` (adds CUDA graphs), ``max-autotune`` or ``max-autotune-no-cudagraphs``
@@ -233,8 +236,8 @@ class TrainConfig(ConfigFile):
         """
         if self.method not in METHODS:
             raise ValueError(f"config key 'method': unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.activation_checkpointing and self.method not in UNET_METHODS:
-            raise ValueError(f"config key 'activation_checkpointing': only the U-Net methods ({', '.join(UNET_METHODS)}) "
+        if self.activation_checkpointing and self.method not in CHECKPOINTING_METHODS:
+            raise ValueError(f"config key 'activation_checkpointing': only the methods {', '.join(CHECKPOINTING_METHODS)} "
                              f"have it, not {self.method}")
         if self.preset and self.preset not in (PAPER_PRESETS[self.method], "tiny"):
             raise ValueError(

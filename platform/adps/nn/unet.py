@@ -174,9 +174,11 @@ def build_unet(preset: str, **overrides: Any) -> SongUNet:
 
 
 def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> int:
-    """Turn :attr:`SongUNet.activation_checkpointing` on or off in every SongUNet inside
-    ``model`` (EDMPrecond, DDP and compile wrappers included); returns how many it set."""
-    nets = [m for m in model.modules() if isinstance(m, SongUNet)]
+    """Turn ``activation_checkpointing`` on or off in every network inside ``model`` that has
+    the switch (:attr:`SongUNet.activation_checkpointing`,
+    :attr:`adps.nn.ncsnv2.NCSNv2.activation_checkpointing`; EDMPrecond, DDP and compile
+    wrappers included); returns how many it set."""
+    nets = [m for m in model.modules() if isinstance(getattr(type(m), "activation_checkpointing", None), bool)]
     for net in nets:
         net.activation_checkpointing = bool(enabled)
     return len(nets)
