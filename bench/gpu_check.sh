@@ -36,7 +36,9 @@
 #      baselines); bench/memory_plan.py (CPU only, about a minute: the plan of budgets 1.0, 0.7
 #      and 0.5 under this machine's torch, beside the measured peaks); the compiled step with
 #      activation checkpointing; the step with each U-Net block compiled on its own ("regional":
-#      shorter compilation).
+#      shorter compilation); the paper-size NCSNv2 step eager, with and without activation
+#      checkpointing (the paper grid's ncsnv2_r1 config turns it on for 24 GB cards:
+#      bench/eager_memory.py plans 30.9 GiB without, 4.2 with).
 #
 # Each torch.compile of the paper-size network took about 2 minutes on the first run's machine
 # (16 CPU cores), which is what bounds the number of compiled rows per run.
@@ -51,7 +53,7 @@
 # 15 minutes hold both calls, back to back (the device tool's timeout_s 520, then 360):
 #
 #     bash bench/gpu_check.sh
-#     GPU_CHECK_ONLY="train_step_lean train_step_budget train_scaling sample_speed memory_plan train_step_ckpt" \
+#     GPU_CHECK_ONLY="train_step_lean train_step_budget train_scaling sample_speed memory_plan train_step_ckpt train_step_ncsnv2" \
 #         GPU_CHECK_BUDGET_S=330 bash bench/gpu_check.sh
 #
 # GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at tiny sizes, with Ray, MLflow, sigpy
@@ -146,6 +148,8 @@ PYEOF
     MEMORY_PLAN_ARGS=(--preset tiny --batch 2 --height 32 --width 32 --budgets 1.0 0.5)
     TRAIN_STEP_REGIONAL_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
                               --rows compile,regional)
+    TRAIN_STEP_NCSNV2_ARGS=(--device cpu --methods ncsnv2 --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
+                            --rows eager ckpt)
     SAMPLE_COMPILED_ARGS=()  # Inductor's C++ build takes minutes on a small CPU: checked on CUDA only
     PYTEST_K="cuda or gpu or bf16_autocast"  # the last one uses the phantoms (the sigpy shim) on the CPU
     echo "GPU_CHECK_DRY_RUN=1: CPU, tiny sizes, Ray/MLflow/sigpy/boto3 blocked"
@@ -173,6 +177,8 @@ else
     MEMORY_PLAN_ARGS=(--budgets 1.0 0.7 0.5)  # CPU only: the plan under this machine's torch, beside its measured peaks
     TRAIN_STEP_REGIONAL_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,regional
                               --profile 8)
+    TRAIN_STEP_NCSNV2_ARGS=(--device cuda --methods ncsnv2 --paper-methods ncsnv2 --warmup 2 --repeats 3
+                            --rows eager,cudnn ckpt,cudnn)
     OPERATORS_ARGS=(--device cuda)
     SAMPLE_ARGS=(--device cuda --batches 1 8 --amp bf16)
     SAMPLE_COMPILED_ARGS=(--device cuda --batches "$SAMPLE_BATCH" --amp bf16 --nhwc --cudnn-benchmark --warmup 3)
@@ -286,6 +292,8 @@ run train_step_ckpt 170 "$PY" bench/train_step.py "${TRAIN_STEP_CKPT_ARGS[@]}"
 grep '^{' "$LOGS/train_step_ckpt.log" >"$LOGS/train_step_ckpt.jsonl" 2>/dev/null
 run train_step_regional 150 "$PY" bench/train_step.py "${TRAIN_STEP_REGIONAL_ARGS[@]}"
 grep '^{' "$LOGS/train_step_regional.log" >"$LOGS/train_step_regional.jsonl" 2>/dev/null
+run train_step_ncsnv2 90 "$PY" bench/train_step.py "${TRAIN_STEP_NCSNV2_ARGS[@]}"
+grep '^{' "$LOGS/train_step_ncsnv2.log" >"$LOGS/train_step_ncsnv2.jsonl" 2>/dev/null
 
 # Summary ----------------------------------------------------------------------------------------
 echo
@@ -319,14 +327,14 @@ if (out / "train_scaling.json").is_file():
     for amp, derived in json.loads((out / "train_scaling.json").read_text()).get("derived", {}).items():
         print(f"train_scaling  {amp}: " + ", ".join(f"{k} {v}" for k, v in derived.items()))
 for r in (rows("train_step.jsonl") + rows("train_step_lean.jsonl") + rows("train_step_budget.jsonl")
-          + rows("train_step_ckpt.jsonl") + rows("train_step_regional.jsonl")):
+          + rows("train_step_ckpt.jsonl") + rows("train_step_regional.jsonl") + rows("train_step_ncsnv2.jsonl")):
     if r.get("check"):
         print(f"precision      {r['amp']} compile {r['compile']}{' nhwc' if r.get('inductor_nhwc') else ''} vs fp32: " + (r["error"] if r.get("error") else
               f"loss {r['loss']:.6g} vs {r['loss_fp32']:.6g} (rel {r['loss_rel_diff']:.2e}), gradient rel "
               f"{r['grad_rel_diff']:.2e}, cosine {r['grad_cosine']:.5f}") + (" ok" if r["passed"] else " FAILED"))
         continue
     if r.get("error"):
-        print(f"train_step     ambient compile {r.get('compile')}: FAILED {r['error']}")
+        print(f"train_step     {r.get('method', 'ambient')} compile {r.get('compile')}{' ckpt' if r.get('activation_checkpointing') else ''}: FAILED {r['error']}")
         continue
     print(f"train_step     {r['method']:8s} {r['preset']:8s} {r['batch']}x{r['height']}x{r['width']} amp {r['amp']}"
           f"{' ckpt' if r.get('activation_checkpointing') else ''}"

@@ -7,8 +7,8 @@ Prints one JSON line per (device, method, preset): the median step time over ``-
 steps after ``--warmup`` steps (a step = loss, backward, gradient clean-up, Adam, EMA: exactly
 :func:`adps.nn.train_step`), slices/s and the peak memory. On every device each method runs
 with its ``tiny`` preset at ``--batch`` x ``--height`` x ``--width`` x ``--coils``; on CUDA
-the ``ambient`` preset also runs at the paper's size (batch 8, 384 x 320, 4 coils) with
-``--paper-amp`` autocast (bf16 by default). Rows of the ambient method carry the paper's own
+the ``ambient`` preset (``--paper-methods``: others too) also runs at the paper's size (batch 8,
+384 x 320, 4 coils) with ``--paper-amp`` autocast (bf16 by default). Rows of the ambient method carry the paper's own
 figure for that step (one H100, fp16: 19.7 slices/s, 54 GB) in ``paper_reference``.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` of that row; on CPU the process's
@@ -231,7 +231,7 @@ def _bench_one(
     torch.backends.cudnn.benchmark = spec.cudnn  # per row: the rows compare it
     model = build_model(method, preset).to(device).train()
     if spec.ckpt and not set_activation_checkpointing(model):
-        raise ValueError(f"--checkpointing: {method} has no U-Net")
+        raise ValueError(f"--checkpointing: {method}'s network has no activation checkpointing")
     if spec.cl:
         model = model.to(memory_format=torch.channels_last)
     if spec.compile and spec.regional:
@@ -473,7 +473,10 @@ def main() -> int:
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast of the tiny rows")
     parser.add_argument("--paper-amp", choices=["bf16", "fp16", "none"], default="bf16",
                         help="autocast of the paper-size ambient row on CUDA")
-    parser.add_argument("--no-paper", action="store_true", help="skip the paper-size ambient row on CUDA")
+    parser.add_argument("--no-paper", action="store_true", help="skip the paper-size rows on CUDA")
+    parser.add_argument("--paper-methods", nargs="+", choices=MRI_METHODS, default=["ambient"],
+                        help="methods whose paper preset runs at the paper's size on CUDA (with --rows; "
+                             "the precision check is the ambient step's)")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off"],
                         help="activation checkpointing of the paper-size ambient row (both: --checkpointing off on)")
@@ -522,20 +525,22 @@ def main() -> int:
             for c in args.compile for k in args.checkpointing for b in args.cudnn_benchmark]
         checked: set[tuple] = set()
 
-        if device.type == "cuda" and not args.no_paper and "ambient" in args.methods:
+        paper_methods = [m for m in args.paper_methods if m in args.methods]
+        if device.type == "cuda" and not args.no_paper and paper_methods:
             amp = None if args.paper_amp == "none" else args.paper_amp
-            for spec in rows:
-                torch.cuda.empty_cache()
-                try:
-                    row = bench_one("ambient", PAPER_PRESETS["ambient"], device, 8, 384, 320, 4,
-                                    args.acceleration, amp, args.warmup, args.repeats, spec, args.profile)
-                except Exception as err:  # one failed configuration must not hide the others
-                    row = {"device": device_name(device), "method": "ambient", **spec.row_fields(),
-                           "error": repr(err)[:500]}
-                print(json.dumps(row), flush=True)
-                torch.backends.cudnn.benchmark = False
-                if spec.has_plain_graph:
-                    failed_checks += run_precision_checks(args, device, spec.compile, spec.nhwc, checked)
+            for method in paper_methods:
+                for spec in rows:
+                    torch.cuda.empty_cache()
+                    try:
+                        row = bench_one(method, PAPER_PRESETS[method], device, 8, 384, 320, 4,
+                                        args.acceleration, amp, args.warmup, args.repeats, spec, args.profile)
+                    except Exception as err:  # one failed configuration must not hide the others
+                        row = {"device": device_name(device), "method": method, **spec.row_fields(),
+                               "error": repr(err)[:500]}
+                    print(json.dumps(row), flush=True)
+                    torch.backends.cudnn.benchmark = False
+                    if spec.has_plain_graph and method == "ambient":
+                        failed_checks += run_precision_checks(args, device, spec.compile, spec.nhwc, checked)
         else:
             failed_checks += run_precision_checks(args, device, None, False, checked)
     return 1 if failed_checks else 0

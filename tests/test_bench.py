@@ -272,6 +272,13 @@ def test_train_step_rows_parse_into_their_settings() -> None:
         bench.parse_row("compile,inlined")
     with pytest.raises(argparse.ArgumentTypeError, match="budget must be in"):
         bench.parse_row("compile,budget=1.5")
+    # A ckpt row of NCSNv2 (gpu_check's train_step_ncsnv2 measures its paper preset): it runs
+    # with the lean mode on; MoDL has no such mode and the row says so.
+    cpu = torch.device("cpu")
+    row = bench.bench_one("ncsnv2", "tiny", cpu, 1, 32, 40, 2, 4, None, 1, 1, bench.parse_row("ckpt"))
+    assert row["activation_checkpointing"] is True and row["loss_finite"] is True
+    with pytest.raises(ValueError, match="modl's network has no activation checkpointing"):
+        bench.bench_one("modl", "tiny", cpu, 1, 32, 40, 2, 4, None, 1, 1, bench.parse_row("ckpt"))
 
 
 def test_sample_speed_precision_check_compares_with_float32(capsys) -> None:
