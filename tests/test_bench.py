@@ -167,8 +167,8 @@ def test_kernel_plan_schedules_the_gpu_kernels_on_the_cpu() -> None:
     scheduler on this machine, where no GPU exists: it finds generated kernels and library calls
     moving bytes, counts the convolutions of a forward pass and a gradient to x (two forward
     passes, as flop_count.py), derives its floors from those figures, and leaves torch.cuda as
-    it found it once the stand-in device is gone; with ``inline`` the generated kernels move fewer
-    bytes."""
+    it found it once the stand-in device is gone; ``inline`` patches Inductor's thresholds only
+    while it plans."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         plan = _load_bench("kernel_plan")
@@ -179,6 +179,7 @@ def test_kernel_plan_schedules_the_gpu_kernels_on_the_cpu() -> None:
 
     available, properties = torch.cuda.is_available(), torch.cuda.get_device_properties
     reads_threshold = inductor_config.realize_reads_threshold
+    opcount_threshold = inductor_config.realize_opcount_threshold
     row = plan.plan_row("a_dps", "tiny", batch_size=2, height=32, width=32, coils=2, amp="bf16", top=4)
     assert torch.cuda.is_available() == available and torch.cuda.get_device_properties is properties
     forward, step = flops.count_flops("tiny", 32, 32, weights_grad=False)
@@ -204,16 +205,17 @@ def test_kernel_plan_schedules_the_gpu_kernels_on_the_cpu() -> None:
     top = row["top_kernels"]
     assert len(top) == 4 and [k["gb"] for k in top] == sorted((k["gb"] for k in top), reverse=True)
     assert any(k["kernel"].startswith("library: convolution") for k in top)
-    # Inlining (bench/train_step.py's inductor_inlining) recomputes element-wise intermediates in
-    # their readers: the same convolutions and library calls, fewer kernels and bytes (-10 % here
-    # and at the paper's size).
-    inlined = plan.plan_row("a_dps", "tiny", batch_size=2, height=32, width=32, coils=2, amp="bf16", top=4,
-                            inline=True)
-    assert inlined["inline"] is True and row["inline"] is False
-    assert inlined["convolution_flop"] == row["convolution_flop"] and inlined["library_calls"] == row["library_calls"]
-    assert inlined["generated_kernels"] < row["generated_kernels"]
-    assert inlined["generated_bytes"] < 0.95 * row["generated_bytes"]
-    assert inductor_config.realize_reads_threshold == reads_threshold  # restored
+    # Inlining (bench/train_step.py's inductor_inlining) raises Inductor's realize thresholds
+    # while a graph is lowered and restores them after. Its effect (the same convolutions, fewer
+    # kernels and 9.7 % fewer bytes here, 10.7 % at the paper's size) is planned by
+    # `kernel_plan.py --inline off on` (bench/results/2026-12-03_cpu_kernel_plan.jsonl); a second
+    # plan would add about a minute to this, CI's slowest test.
+    assert row["inline"] is False and inductor_config.realize_reads_threshold == reads_threshold
+    with plan.inductor_inlining(True):
+        assert inductor_config.realize_reads_threshold > reads_threshold
+        assert inductor_config.realize_opcount_threshold not in (None, opcount_threshold)
+    assert (inductor_config.realize_reads_threshold, inductor_config.realize_opcount_threshold) == (
+        reads_threshold, opcount_threshold)  # restored
 
 
 def test_eager_memory_plans_what_the_eager_step_keeps() -> None:
