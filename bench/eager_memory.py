@@ -28,15 +28,16 @@ from typing import Any
 import torch
 
 from adps.nn.train_step import PAPER_PRESETS, build_model, make_optimizer, make_synthetic_batch, train_step
-from adps.nn.unet import set_activation_checkpointing
+from adps.nn.unet import count_parameters, set_activation_checkpointing
+from memory_plan import STATE_BYTES_PER_PARAMETER  # bench/memory_plan.py: sys.path[0] for a script
 
 METHODS = ("ambient", "edm", "ncsnv2")  # the networks whose memory decides the card (MoDL and SSDU are small)
-OPTIMIZER_BYTES_PER_PARAMETER = 5 * 4  # float32 weights, gradients, Adam's two moments, EMA
 
 
-def kept_bytes(method: str, preset: str, height: int, width: int, *, checkpointing: bool, coils: int = 4) -> int:
+def kept_bytes(method: str, preset: str, height: int, width: int, *, checkpointing: bool,
+               coils: int = 4) -> tuple[int, int]:
     """Bytes of the tensors one eager bf16 training step of one slice keeps for its backward
-    pass (each storage once; the float32 weights left out)."""
+    pass (each storage once; the float32 weights left out), and the network's parameters."""
     torch.manual_seed(0)
     model = build_model(method, preset).train()
     if checkpointing and not set_activation_checkpointing(model, True):
@@ -54,7 +55,7 @@ def kept_bytes(method: str, preset: str, height: int, width: int, *, checkpointi
     optimizer = make_optimizer(model, lr=0.0)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         train_step(method, model, batch, optimizer, generator=torch.Generator().manual_seed(0), amp="bf16")
-    return sum(kept.values())
+    return sum(kept.values()), count_parameters(model)
 
 
 def plan_row(method: str, *, checkpointing: bool, sizes: tuple[tuple[int, int], tuple[int, int]],
@@ -64,20 +65,19 @@ def plan_row(method: str, *, checkpointing: bool, sizes: tuple[tuple[int, int], 
     preset = preset or PAPER_PRESETS[method]
     started = time.perf_counter()
     (h0, w0), (h1, w1) = sizes
-    small, large = (kept_bytes(method, preset, h, w, checkpointing=checkpointing) for h, w in sizes)
+    (small, parameters), (large, _) = (kept_bytes(method, preset, h, w, checkpointing=checkpointing) for h, w in sizes)
     per_pixel = (large - small) / (h1 * w1 - h0 * w0)
     fixed = small - per_pixel * h0 * w0
     batch, height, width = target
     activations = per_pixel * batch * height * width
-    parameters = sum(p.numel() for p in build_model(method, preset).parameters())
     return {
         "bench": "eager_memory", "device": "cpu (plan of the eager step's saved tensors)", "torch": torch.__version__,
         "method": method, "preset": preset, "amp": "bf16", "activation_checkpointing": checkpointing,
         "batch": batch, "height": height, "width": width, "fit_sizes": [list(s) for s in sizes],
         "kept_mib_at_fit_sizes": [round(small / 2**20, 2), round(large / 2**20, 2)],
         "fixed_mib": round(fixed / 2**20, 1), "activations_gib": round(activations / 2**30, 2),
-        "optimizer_gib": round(parameters * OPTIMIZER_BYTES_PER_PARAMETER / 2**30, 2), "parameters": parameters,
-        "planned_gib": round((activations + fixed + parameters * OPTIMIZER_BYTES_PER_PARAMETER) / 2**30, 2),
+        "optimizer_gib": round(parameters * STATE_BYTES_PER_PARAMETER / 2**30, 2), "parameters": parameters,
+        "planned_gib": round((activations + fixed + parameters * STATE_BYTES_PER_PARAMETER) / 2**30, 2),
         "plan_s": round(time.perf_counter() - started, 1),
     }
 

@@ -222,7 +222,11 @@ def test_eager_memory_plans_what_the_eager_step_keeps() -> None:
     """bench/eager_memory.py (tiny presets, 32 and 64 px): the kept bytes grow with the pixels;
     the fixed part of the fit is autocast's bf16 copy of the weights (2 bytes per parameter);
     with activation checkpointing, U-Net and NCSNv2 keep under a third of it."""
-    plan = _load_bench("eager_memory")
+    sys.path.insert(0, str(ROOT / "bench"))  # it imports bench/memory_plan.py
+    try:
+        plan = _load_bench("eager_memory")
+    finally:
+        sys.path.pop(0)
     rows = {}
     for method in ("ambient", "ncsnv2"):
         for checkpointing in (False, True):
