@@ -57,7 +57,12 @@
 #         GPU_CHECK_BUDGET_S=330 bash bench/gpu_check.sh
 #
 # GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at tiny sizes, with Ray, MLflow, sigpy
-# and boto3 made unimportable, to check this script where there is no GPU (PYTHON=.venv/bin/python).
+# and boto3 made unimportable, to check this script where there is no GPU (PYTHON=.venv/bin/python;
+# about 2 minutes). It leaves out what the CPU compiles slowly. GPU_CHECK_DRY_RUN=compiled also
+# runs every compiled row and the compiled sampler, with the GPU run's settings, at the tiny
+# sizes (bench/train_step.py --tiny-rows; Inductor's C++ kernels): 22 minutes on 2 cores on
+# 2026-12-03 (the sampler partly from Inductor's cache), step limits x8 and a budget of 3600 s. PYTHON may name another environment, such as one with
+# the GPU machine's torch (README, Benchmarks: "Checking gpu_check.sh without a GPU").
 
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -65,6 +70,12 @@ cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD/platform${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 DRY_RUN="${GPU_CHECK_DRY_RUN:-0}"
+case "$DRY_RUN" in
+    0 | 1 | compiled) ;;
+    *) echo "GPU_CHECK_DRY_RUN must be 0, 1 or compiled (got '$DRY_RUN')" >&2; exit 2 ;;
+esac
+# A compiled dry run builds Inductor's C++ kernels on the CPU: minutes per compiled row.
+LIMIT_SCALE=$([[ "$DRY_RUN" == compiled ]] && echo 8 || echo 1)
 ONLY="${GPU_CHECK_ONLY:-}"
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
@@ -74,13 +85,13 @@ LOGS="$OUT/logs"
 mkdir -p "$LOGS"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-470}))
+DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-$([[ "$DRY_RUN" == compiled ]] && echo 3600 || echo 470)}))
 FAILED=()
 SUMMARY=()
 
 # run NAME LIMIT_S COMMAND...: run with a time limit (cut to the budget left), log to $LOGS/NAME.log.
 run() {
-    local name=$1 limit=$2
+    local name=$1 limit=$(($2 * LIMIT_SCALE))
     shift 2
     if [[ -n "$ONLY" && " $ONLY " != *" $name "* ]]; then
         return  # not selected (GPU_CHECK_ONLY)
@@ -106,7 +117,23 @@ run() {
     fi
 }
 
-if [[ "$DRY_RUN" == 1 ]]; then
+# The GPU run's rows of bench/train_step.py (--rows) and settings of the compiled sampler, which
+# the compiled dry run runs too, at the tiny sizes.
+# The candidate for the 20 GB lean mode: CUDA graphs (against the gaps between kernels), no
+# layout transposes, and the activation budget that memory_plan.py plans at 16.7 GiB (0.2 % of
+# the convolution FLOPs recomputed). The candidate for the 27 GB target is budget 0.7, without
+# CUDA graphs (its peak free of their memory pool): 18.0 GiB planned, no convolution
+# recomputed, and kernel_plan.py plans its element-wise kernels to move 33.7 GB per slice,
+# less than the default step measured on the H200 moved before the bias change (34.4).
+MAIN_ROWS=(eager,cudnn compile,cudnn,nhwc)
+GPU_LEAN_ROWS=(compile=reduce-overhead,cudnn,nhwc,budget=0.5)
+GPU_BUDGET_ROWS=(compile,cudnn,nhwc,budget=0.7)
+CKPT_ROWS=(compile,cudnn,nhwc,ckpt)
+REGIONAL_ROWS=(compile,cudnn,regional)
+NCSNV2_ROWS=(eager,cudnn ckpt,cudnn)
+SAMPLE_COMPILED_SETTINGS=(--amp bf16 --nhwc --cudnn-benchmark)
+
+if [[ "$DRY_RUN" != 0 ]]; then
     # The GPU machine's environment, simulated: these packages cannot be imported (a sigpy
     # found in $SIGPY_SHIM, below, still can).
     mkdir -p "$WORK/block"
@@ -150,9 +177,22 @@ PYEOF
                               --rows compile,regional)
     TRAIN_STEP_NCSNV2_ARGS=(--device cpu --methods ncsnv2 --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
                             --rows eager ckpt)
-    SAMPLE_COMPILED_ARGS=()  # Inductor's C++ build takes minutes on a small CPU: checked on CUDA only
+    SAMPLE_COMPILED_ARGS=()  # Inductor's C++ build takes minutes on a small CPU: GPU_CHECK_DRY_RUN=compiled
     PYTEST_K="cuda or gpu or bf16_autocast"  # the last one uses the phantoms (the sigpy shim) on the CPU
-    echo "GPU_CHECK_DRY_RUN=1: CPU, tiny sizes, Ray/MLflow/sigpy/boto3 blocked"
+    if [[ "$DRY_RUN" == compiled ]]; then
+        # The GPU run's rows and compiled sampler, at the tiny sizes and under bf16 autocast as there.
+        TINY_ROWS=(--device cpu --height 32 --width 40 --coils 2 --warmup 1 --repeats 2 --tiny-rows --amp bf16)
+        TRAIN_STEP_ARGS=("${TINY_ROWS[@]}" --methods ambient --rows "${MAIN_ROWS[@]}" --precision-check bf16)
+        TRAIN_STEP_LEAN_ARGS=("${TINY_ROWS[@]}" --methods ambient)
+        LEAN_ROWS=("${GPU_LEAN_ROWS[@]}")
+        BUDGET_ROWS=("${GPU_BUDGET_ROWS[@]}")
+        TRAIN_STEP_CKPT_ARGS=("${TINY_ROWS[@]}" --methods ambient --rows "${CKPT_ROWS[@]}")
+        TRAIN_STEP_REGIONAL_ARGS=("${TINY_ROWS[@]}" --methods ambient --rows "${REGIONAL_ROWS[@]}")
+        TRAIN_STEP_NCSNV2_ARGS=("${TINY_ROWS[@]}" --methods ncsnv2 --paper-methods ncsnv2 --rows "${NCSNV2_ROWS[@]}")
+        SAMPLE_COMPILED_ARGS=(--device cpu --preset tiny --batches 2 "${SAMPLE_COMPILED_SETTINGS[@]}" --warmup 1
+                              --timed-steps 2)
+    fi
+    echo "GPU_CHECK_DRY_RUN=$DRY_RUN: CPU, tiny sizes, Ray/MLflow/sigpy/boto3 blocked"
 else
     DEVICE=cuda
     # The card's memory sets the sampler's batch: compiled A-DPS at batch 16 peaked at 80.9 GB on
@@ -161,27 +201,21 @@ else
     GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
     SAMPLE_BATCH=$(( ${GPU_MIB:-0} > 100000 ? 16 : 8 ))
     SCALING_ARGS=(--gpu --amp bf16 --warmup 3 --steps 10)
-    TRAIN_STEP_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows eager,cudnn compile,cudnn,nhwc
+    TRAIN_STEP_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows "${MAIN_ROWS[@]}"
                      --profile 8 --precision-check bf16)
     TRAIN_STEP_LEAN_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --profile 8)
-    # The candidate for the 20 GB lean mode: CUDA graphs (against the gaps between kernels), no
-    # layout transposes, and the activation budget that memory_plan.py plans at 16.7 GiB (0.2 % of
-    # the convolution FLOPs recomputed). The candidate for the 27 GB target is budget 0.7, without
-    # CUDA graphs (its peak free of their memory pool): 18.0 GiB planned, no convolution
-    # recomputed, and kernel_plan.py plans its element-wise kernels to move 33.7 GB per slice,
-    # less than the default step measured on the H200 moved before the bias change (34.4).
-    LEAN_ROWS=(compile=reduce-overhead,cudnn,nhwc,budget=0.5)
-    BUDGET_ROWS=(compile,cudnn,nhwc,budget=0.7)
-    TRAIN_STEP_CKPT_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,nhwc,ckpt
+    LEAN_ROWS=("${GPU_LEAN_ROWS[@]}")
+    BUDGET_ROWS=("${GPU_BUDGET_ROWS[@]}")
+    TRAIN_STEP_CKPT_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows "${CKPT_ROWS[@]}"
                           --profile 8)
     MEMORY_PLAN_ARGS=(--budgets 1.0 0.7 0.5)  # CPU only: the plan under this machine's torch, beside its measured peaks
-    TRAIN_STEP_REGIONAL_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows compile,cudnn,regional
+    TRAIN_STEP_REGIONAL_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows "${REGIONAL_ROWS[@]}"
                               --profile 8)
     TRAIN_STEP_NCSNV2_ARGS=(--device cuda --methods ncsnv2 --paper-methods ncsnv2 --warmup 2 --repeats 3
-                            --rows eager,cudnn ckpt,cudnn)
+                            --rows "${NCSNV2_ROWS[@]}")
     OPERATORS_ARGS=(--device cuda)
     SAMPLE_ARGS=(--device cuda --batches 1 8 --amp bf16)
-    SAMPLE_COMPILED_ARGS=(--device cuda --batches "$SAMPLE_BATCH" --amp bf16 --nhwc --cudnn-benchmark --warmup 3)
+    SAMPLE_COMPILED_ARGS=(--device cuda --batches "$SAMPLE_BATCH" "${SAMPLE_COMPILED_SETTINGS[@]}" --warmup 3)
     PYTEST_K="cuda or gpu"
 fi
 
@@ -190,7 +224,7 @@ echo "gpu_check: $(date -u +%FT%TZ), repository $PWD ($(git rev-parse --short HE
 # 1. The machine ---------------------------------------------------------------------------------
 if command -v nvidia-smi >/dev/null; then
     run nvidia-smi 30 nvidia-smi
-elif [[ "$DRY_RUN" == 1 ]]; then
+elif [[ "$DRY_RUN" != 0 ]]; then
     echo "(no nvidia-smi: dry run)"
 else
     echo "=== nvidia-smi: not found"

@@ -10,6 +10,9 @@ with its ``tiny`` preset at ``--batch`` x ``--height`` x ``--width`` x ``--coils
 the ``ambient`` preset (``--paper-methods``: others too) also runs at the paper's size (batch 8,
 384 x 320, 4 coils) with ``--paper-amp`` autocast (bf16 by default). Rows of the ambient method carry the paper's own
 figure for that step (one H100, fp16: 19.7 slices/s, 54 GB) in ``paper_reference``.
+``--tiny-rows`` runs the rows with the tiny presets at the tiny rows' size on any device
+instead: a check on a CPU that each row's configuration (compile mode, layout, memory budget)
+compiles and steps under the installed torch, before a GPU's time is spent on it.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` of that row; on CPU the process's
 peak resident set size so far (``ru_maxrss``), which only grows from row to row.
@@ -165,19 +168,22 @@ def bench_one(
 def compile_regions(model: torch.nn.Module, compile_mode: str) -> int:
     """Regional compilation: each U-Net residual block compiled on its own, the rest eager.
     Blocks of the same shape share one compiled graph, so the compilation traces about 20
-    distinct blocks instead of the whole network (on the CPU, tracing alone with ``aot_eager``:
-    5.4 s against 12.3 s for the paper preset), at the price of no fusion across blocks. Returns
-    the number of blocks."""
+    distinct blocks instead of the whole network (on the CPU, the first step of the paper preset
+    at 64 x 64 with ``aot_eager``: 13.5 s of tracing against 34.9 s whole), at the price of no
+    fusion across blocks. Returns the number of blocks."""
     import torch._dynamo
 
     from adps.nn.unet import UNetBlock
 
     blocks = [m for m in model.modules() if isinstance(m, UNetBlock)]
-    # Each distinct block shape is one more entry of UNetBlock.forward's compile cache.
+    # Each distinct block shape is one more entry of UNetBlock.forward's compile cache. Static
+    # shapes: by default dynamo would turn a block's sizes symbolic once it met a second shape,
+    # and Inductor then failed to lower it ("cannot determine truth value of Relational"; torch
+    # 2.11 and 2.14.1 alike, the tiny preset on the CPU), besides generating slower kernels.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
     for block in blocks:
-        block.compile(mode=None if compile_mode == "default" else compile_mode)
+        block.compile(mode=None if compile_mode == "default" else compile_mode, dynamic=False)
     return len(blocks)
 
 
@@ -412,7 +418,7 @@ def run_precision_checks(args: argparse.Namespace, device: torch.device, compile
                          nhwc: bool, checked: set[tuple]) -> int:
     """The precision checks of one (compile, nhwc) setting, once: paper size on CUDA, right
     after the first row that compiled the same graph (Inductor's cache then serves it);
-    on the CPU the tiny rows' size. Returns the number that failed."""
+    on the CPU, or with --tiny-rows, the tiny rows' size. Returns the number that failed."""
     if (compile_mode, nhwc) in checked:
         return 0
     checked.add((compile_mode, nhwc))
@@ -421,7 +427,7 @@ def run_precision_checks(args: argparse.Namespace, device: torch.device, compile
         if device.type == "cuda":
             torch.cuda.empty_cache()
         preset, batch, height, width, coils = (
-            (PAPER_PRESETS["ambient"], args.precision_batch, 384, 320, 4) if device.type == "cuda"
+            (PAPER_PRESETS["ambient"], args.precision_batch, 384, 320, 4) if device.type == "cuda" and not args.tiny_rows
             else ("tiny", args.batch, args.height, args.width, args.coils))
         try:
             row = precision_check("ambient", preset, device, batch, height, width, coils, args.acceleration,
@@ -474,6 +480,11 @@ def main() -> int:
     parser.add_argument("--paper-amp", choices=["bf16", "fp16", "none"], default="bf16",
                         help="autocast of the paper-size ambient row on CUDA")
     parser.add_argument("--no-paper", action="store_true", help="skip the paper-size rows on CUDA")
+    parser.add_argument("--tiny-rows", action="store_true",
+                        help="run the rows of --paper-methods (--rows, or --compile x --checkpointing x "
+                             "--cudnn-benchmark) with the tiny presets at --batch/--height/--width/--coils on every "
+                             "device, instead of with the paper presets at the paper's size on CUDA: the rows' "
+                             "configurations checked on a CPU (gpu_check.sh's GPU_CHECK_DRY_RUN=compiled)")
     parser.add_argument("--paper-methods", nargs="+", choices=MRI_METHODS, default=["ambient"],
                         help="methods whose paper preset runs at the paper's size on CUDA (with --rows; "
                              "the precision check is the ambient step's)")
@@ -526,14 +537,19 @@ def main() -> int:
         checked: set[tuple] = set()
 
         paper_methods = [m for m in args.paper_methods if m in args.methods]
-        if device.type == "cuda" and not args.no_paper and paper_methods:
+        if paper_methods and (args.tiny_rows or (device.type == "cuda" and not args.no_paper)):
             amp = None if args.paper_amp == "none" else args.paper_amp
             for method in paper_methods:
                 for spec in rows:
-                    torch.cuda.empty_cache()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                     try:
-                        row = bench_one(method, PAPER_PRESETS[method], device, 8, 384, 320, 4,
-                                        args.acceleration, amp, args.warmup, args.repeats, spec, args.profile)
+                        if args.tiny_rows:
+                            row = bench_one(method, "tiny", device, args.batch, args.height, args.width, args.coils,
+                                            args.acceleration, args.amp, args.warmup, args.repeats, spec, args.profile)
+                        else:
+                            row = bench_one(method, PAPER_PRESETS[method], device, 8, 384, 320, 4,
+                                            args.acceleration, amp, args.warmup, args.repeats, spec, args.profile)
                     except Exception as err:  # one failed configuration must not hide the others
                         row = {"device": device_name(device), "method": method, **spec.row_fields(),
                                "error": repr(err)[:500]}

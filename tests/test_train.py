@@ -44,7 +44,9 @@ def tiny_dataset(tiny_prepared: str) -> str:
 
 def tiny_config(dataset: str, **changes: object) -> TrainConfig:
     values = {"method": "ambient", "acceleration": 2, "preset": "tiny", "dataset": dataset, "batch_size": 1,
-              "lr_rampup_images": 0, "log_every_steps": 1}
+              "lr_rampup_images": 0, "log_every_steps": 1,
+              # Every step reports, and a report waits for the controller's next poll: 0.1 s, not 0.5.
+              "controller_poll_s": 0.1}
     values.update(changes)
     return TrainConfig.from_dict(values)
 
