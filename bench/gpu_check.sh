@@ -74,8 +74,10 @@ case "$DRY_RUN" in
     0 | 1 | compiled) ;;
     *) echo "GPU_CHECK_DRY_RUN must be 0, 1 or compiled (got '$DRY_RUN')" >&2; exit 2 ;;
 esac
-# A compiled dry run builds Inductor's C++ kernels on the CPU: minutes per compiled row.
-LIMIT_SCALE=$([[ "$DRY_RUN" == compiled ]] && echo 8 || echo 1)
+LIMIT_SCALE=1 DEFAULT_BUDGET_S=470
+if [[ "$DRY_RUN" == compiled ]]; then
+    LIMIT_SCALE=8 DEFAULT_BUDGET_S=3600  # Inductor's C++ kernels built on the CPU: minutes per compiled row
+fi
 ONLY="${GPU_CHECK_ONLY:-}"
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
@@ -85,7 +87,7 @@ LOGS="$OUT/logs"
 mkdir -p "$LOGS"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-$([[ "$DRY_RUN" == compiled ]] && echo 3600 || echo 470)}))
+DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-$DEFAULT_BUDGET_S}))
 FAILED=()
 SUMMARY=()
 

@@ -538,18 +538,17 @@ def main() -> int:
 
         paper_methods = [m for m in args.paper_methods if m in args.methods]
         if paper_methods and (args.tiny_rows or (device.type == "cuda" and not args.no_paper)):
-            amp = None if args.paper_amp == "none" else args.paper_amp
+            paper_amp = None if args.paper_amp == "none" else args.paper_amp
             for method in paper_methods:
+                preset, batch, height, width, coils, amp = (
+                    ("tiny", args.batch, args.height, args.width, args.coils, args.amp) if args.tiny_rows
+                    else (PAPER_PRESETS[method], 8, 384, 320, 4, paper_amp))
                 for spec in rows:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     try:
-                        if args.tiny_rows:
-                            row = bench_one(method, "tiny", device, args.batch, args.height, args.width, args.coils,
-                                            args.acceleration, args.amp, args.warmup, args.repeats, spec, args.profile)
-                        else:
-                            row = bench_one(method, PAPER_PRESETS[method], device, 8, 384, 320, 4,
-                                            args.acceleration, amp, args.warmup, args.repeats, spec, args.profile)
+                        row = bench_one(method, preset, device, batch, height, width, coils, args.acceleration, amp,
+                                        args.warmup, args.repeats, spec, args.profile)
                     except Exception as err:  # one failed configuration must not hide the others
                         row = {"device": device_name(device), "method": method, **spec.row_fields(),
                                "error": repr(err)[:500]}

@@ -244,6 +244,20 @@ def tiny_prepared(ray_session, tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(output)
 
 
+def tiny_config(dataset: str, **changes: object):
+    """A TrainConfig of the tiny preset on ``dataset`` (:func:`tiny_prepared`): ambient at R = 2,
+    batch 1, no lr warm-up, every step logged; ``changes`` override any key."""
+    from adps.nn.train_config import TrainConfig
+
+    values = {"method": "ambient", "acceleration": 2, "preset": "tiny", "dataset": dataset, "batch_size": 1,
+              "lr_rampup_images": 0, "log_every_steps": 1,
+              # Every step reports, and a report waits for the controller's next poll: 0.1 s, not 0.5
+              # (the four training faults of test_faults.py took 129 s instead of 153).
+              "controller_poll_s": 0.1}
+    values.update(changes)
+    return TrainConfig.from_dict(values)
+
+
 # Credentials ------------------------------------------------------------------------------------
 def assert_no_credentials(run_id: str, models: list[str], *, bucket: str) -> None:
     """The S3 credentials of the environment appear nowhere the run wrote: MLflow params, tags

@@ -22,20 +22,11 @@ import pytest
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from adps.nn.train_config import TrainConfig
 from adps.orchestration.train import train, worker_share
+from conftest import tiny_config
 
 pytestmark = pytest.mark.faults
 
-
-def tiny_config(dataset: str, **changes: object) -> TrainConfig:
-    values = {"method": "ambient", "acceleration": 2, "preset": "tiny", "dataset": dataset, "batch_size": 1,
-              "lr_rampup_images": 0, "log_every_steps": 1,
-              # Every step reports, and a report waits for the controller's next poll: 0.1 s, not 0.5
-              # (the four training faults took 129 s instead of 153).
-              "controller_poll_s": 0.1}
-    values.update(changes)
-    return TrainConfig.from_dict(values)
 
 def _in_background(function: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
     """Run ``function`` in a daemon thread while the test injects a fault; returns the thread and

@@ -31,6 +31,7 @@ from adps.orchestration.train import (
     worker_loop,
     worker_share,
 )
+from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 48, 32
@@ -40,15 +41,6 @@ HEIGHT, WIDTH = 48, 32
 def tiny_dataset(tiny_prepared: str) -> str:
     """The session's prepared dataset (tests/conftest.py): 4 train slices of 48 x 32."""
     return tiny_prepared
-
-
-def tiny_config(dataset: str, **changes: object) -> TrainConfig:
-    values = {"method": "ambient", "acceleration": 2, "preset": "tiny", "dataset": dataset, "batch_size": 1,
-              "lr_rampup_images": 0, "log_every_steps": 1,
-              # Every step reports, and a report waits for the controller's next poll: 0.1 s, not 0.5.
-              "controller_poll_s": 0.1}
-    values.update(changes)
-    return TrainConfig.from_dict(values)
 
 
 # Pure ---------------------------------------------------------------------------------------

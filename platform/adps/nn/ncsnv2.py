@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from .activation_checkpointing import ActivationCheckpointing
 from .objectives import ncsn_sigmas
 
 __all__ = ["NCSNV2_PRESETS", "NCSNv2", "NCSNv2Config", "build_ncsnv2"]
@@ -246,7 +246,7 @@ class RefineBlock(nn.Module):
         return self.output(self.pool(fused))
 
 
-class NCSNv2(nn.Module):
+class NCSNv2(ActivationCheckpointing, nn.Module):
     """NCSNv2 score network ``s(x, sigma) = F(x) / sigma``.
 
     ``forward(x, sigma)``: ``x`` ``(N, in_channels, H, W)`` (H, W multiples of
@@ -278,17 +278,6 @@ class NCSNv2(nn.Module):
         self.end_act = act()
         self.end_conv = _conv3x3(channels[0], cfg.in_channels)
 
-    activation_checkpointing: bool = False
-    """Memory-lean training, as :attr:`adps.nn.unet.SongUNet.activation_checkpointing`: each
-    residual block and each RefineNet block keeps only its input for the backward pass and is
-    recomputed there (``torch.utils.checkpoint``, non-reentrant), the same gradients for about
-    one more forward pass. A runtime switch, not saved with the weights."""
-
-    def _checkpointed(self, layer: nn.Module, *args: Any) -> Tensor:
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
-        return layer(*args)
-
     def sigmas(self) -> Tensor:
         """The geometric noise levels this network is trained on (from its config)."""
         cfg = self.config
@@ -309,12 +298,12 @@ class NCSNv2(nn.Module):
         h = self.begin_conv(x)
         for stage in self.stages:
             for block in stage:
-                h = self._checkpointed(block, h)
+                h = self.checkpointed(block, h)
             features.append(h)
         h = None
         for i in reversed(range(len(features))):
             inputs = [features[i]] if h is None else [features[i], h]
-            h = self._checkpointed(self.refine[i], inputs, features[i].shape[-2:])
+            h = self.checkpointed(self.refine[i], inputs, features[i].shape[-2:])
         out = self.end_conv(self.end_act(self.end_norm(h))).float()
         # Technique 3 of NCSNv2: the noise level enters only as the 1/sigma output scaling.
         return out / sigma.view(-1, 1, 1, 1)

@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
+
+from .activation_checkpointing import ActivationCheckpointing, set_activation_checkpointing
 
 __all__ = [
     "PRESETS",
@@ -171,17 +172,6 @@ def build_unet(preset: str, **overrides: Any) -> SongUNet:
     if unknown:
         raise ValueError(f"unknown UNetConfig field(s) {unknown} in overrides for preset {preset!r}")
     return SongUNet(replace(PRESETS[preset], **overrides))
-
-
-def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> int:
-    """Turn ``activation_checkpointing`` on or off in every network inside ``model`` that has
-    the switch (:attr:`SongUNet.activation_checkpointing`,
-    :attr:`adps.nn.ncsnv2.NCSNv2.activation_checkpointing`; EDMPrecond, DDP and compile
-    wrappers included); returns how many it set."""
-    nets = [m for m in model.modules() if isinstance(getattr(type(m), "activation_checkpointing", None), bool)]
-    for net in nets:
-        net.activation_checkpointing = bool(enabled)
-    return len(nets)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
@@ -438,7 +428,7 @@ class PositionalEmbedding(nn.Module):
         return torch.cat([x.cos(), x.sin()], dim=1)
 
 
-class SongUNet(nn.Module):
+class SongUNet(ActivationCheckpointing, nn.Module):
     """EDM's ``SongUNet`` (DDPM++ encoder/decoder, "standard" types) with gated convs.
 
     ``forward(x, noise_labels, class_labels=None)`` is the raw network ``F``: no
@@ -499,20 +489,6 @@ class SongUNet(nn.Module):
             cout, cfg.out_channels, 3, gated=cfg.gated, resample_filter=cfg.resample_filter, gain=_GAIN_ZERO
         )
 
-    activation_checkpointing: bool = False
-    """Memory-lean training: each residual block's activations are not kept for the backward
-    pass but recomputed there (``torch.utils.checkpoint``, non-reentrant, RNG state preserved,
-    so dropout draws the same masks and the gradients equal those without it). Costs about one
-    more forward pass per step. A runtime switch, not part of :class:`UNetConfig`: it changes
-    no weight, so it is not saved with them. Active whenever gradients are enabled: in
-    training, and in a posterior sampler's gradient with respect to ``x`` (DPS / A-DPS), where it
-    lets more slices share one network call."""
-
-    def _block(self, layer: nn.Module, x: Tensor, emb: Tensor) -> Tensor:
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(layer, x, emb, use_reentrant=False)
-        return layer(x, emb)
-
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """Apply the network.
 
@@ -550,12 +526,12 @@ class SongUNet(nn.Module):
 
         skips: list[Tensor] = []
         for layer in self.enc.values():
-            x = self._block(layer, x, emb) if isinstance(layer, UNetBlock) else layer(x)
+            x = self.checkpointed(layer, x, emb) if isinstance(layer, UNetBlock) else layer(x)
             skips.append(x)
 
         for name, layer in self.dec.items():
             if "_block" in name:  # "in0", "in1" and "up" blocks take no skip connection
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = self._block(layer, x, emb)
+            x = self.checkpointed(layer, x, emb)
 
         return self.out_conv(F.silu(self.out_norm(x)))
