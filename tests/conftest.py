@@ -258,6 +258,29 @@ def tiny_config(dataset: str, **changes: object):
     return TrainConfig.from_dict(values)
 
 
+def train_in_process(dataset: str, method: str, acceleration: float, folder: Path, **changes: object) -> Path:
+    """Train with the platform's worker loop in this process (no Ray, no MLflow) and keep the
+    final checkpoint's EMA network as a model folder (what ``adps evaluate`` and
+    ``adps.load_model`` open). ``changes`` override the TrainConfig (default: 2 steps of 2 slices)."""
+    import shutil
+
+    from adps.nn.train_config import TrainConfig
+    from adps.orchestration.train import WorkerContext, worker_loop
+
+    kept = folder / f"{method}_r{acceleration:g}"
+
+    def report(metrics: dict, checkpoint: str | None) -> None:
+        if checkpoint is not None:
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(Path(checkpoint) / "ema", kept)
+
+    values = {"method": method, "acceleration": acceleration, "preset": "tiny", "dataset": dataset, "batch_size": 2,
+              "max_steps": 2, "lr_rampup_images": 0, "validation_slices": 0, "tracking": False}
+    values.update(changes)
+    worker_loop(TrainConfig.from_dict(values), WorkerContext(rank=0, world_size=1, report=report))
+    return kept
+
+
 # Credentials ------------------------------------------------------------------------------------
 def assert_no_credentials(run_id: str, models: list[str], *, bucket: str) -> None:
     """The S3 credentials of the environment appear nowhere the run wrote: MLflow params, tags

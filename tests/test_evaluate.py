@@ -3,33 +3,19 @@ MLflow, and a resumed run that computes only the missing cells."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from adps.nn.train_config import TrainConfig
 from adps.orchestration.evaluate import EvaluateConfig, evaluate, model_uri
-from adps.orchestration.train import WorkerContext, worker_loop
+from conftest import train_in_process
 
 
 def train_tiny(dataset: str, method: str, acceleration: float, folder: Path) -> Path:
     """Two real training steps (the platform's worker loop, in this process, no Ray); keeps the
     final checkpoint's EMA network."""
-    kept = folder / f"{method}_r{acceleration:g}"
-
-    def report(metrics: dict, checkpoint: str | None) -> None:
-        if checkpoint is not None:
-            shutil.rmtree(kept, ignore_errors=True)
-            shutil.copytree(Path(checkpoint) / "ema", kept)
-
-    config = TrainConfig.from_dict({
-        "method": method, "acceleration": acceleration, "preset": "tiny", "dataset": dataset, "batch_size": 2,
-        "max_steps": 2, "lr_rampup_images": 0, "validation_slices": 0, "tracking": False,
-    })
-    worker_loop(config, WorkerContext(rank=0, world_size=1, report=report))
-    return kept
+    return train_in_process(dataset, method, acceleration, folder)
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +129,21 @@ def test_evaluation_logs_table_figures_and_crossover_and_resumes(
     table = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=first["run_id"], artifact_path="results.parquet",
                                                                 dst_path=str(tmp_path / "dl")))
     assert list(table.columns) == ["model", "method", "sampler", "r_train", "r_inf", "slice", "nrmse", "psnr", "ssim",
-                                   "lpips", "seconds", "steps", "guidance"]
-    assert set(table["steps"]) == {4} and set(table["guidance"]) == {1.0}
+                                   "lpips", "seconds", "steps", "guidance", "options", "samples", "calibration"]
+    assert set(table["guidance"]) == {1.0} and set(table["samples"]) == {1}
+    # The step count is the samplers'; L1-wavelet keeps its own iterations (METHOD.md's 100).
+    assert set(table.loc[table["model"] != "l1", "steps"]) == {4} and set(table.loc[table["model"] == "l1", "steps"]) == {0}
     assert len(table) == 14
+    # The denoising check ran before the samplers, on both diffusion models (2 training steps:
+    # they do not denoise yet, and the evaluation says so), and is logged with the run.
+    checked = first["denoising_check"]
+    assert {(c["model"], c["sigma"]) for c in checked} == {(m, s) for m in ("ambient_r2", "edm_r1")
+                                                           for s in (0.05, 0.1, 0.2)}
+    failed = sorted({c["model"] for c in checked if not c["passed"]})
+    assert run.data.tags["adps.denoising_check_failed"] == ",".join(failed)
+    assert "denoising_check.csv" in artifacts
+    assert run.data.metrics["denoising_check.edm_r1.test.s0.1.input_nrmse"] == pytest.approx(
+        next(c["input_nrmse"] for c in checked if (c["model"], c["sigma"]) == ("edm_r1", 0.1)))
     # Every (model, metric) cross-over is either a metric or listed as none.
     none = set(filter(None, run.data.tags["adps.crossover_none"].split(",")))
     for c in first["crossover"]:
@@ -169,6 +167,33 @@ def test_evaluation_logs_table_figures_and_crossover_and_resumes(
 
     assert measured(second["rows"]) == measured(rows), "same seeds: the recomputed cells agree"
     assert second["run_id"] == first["run_id"], "the same MLflow run continues"
+
+
+def test_posterior_samples_and_the_classical_rows(
+    ray_session, tiny_prepared: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """K = 3 samples per slice of DPS in one batch: the rows hold the posterior mean's metrics and
+    the calibration, MLflow the mean calibration and a figure of each slice's standard deviation;
+    the zero-filled and CG-SENSE rows need no model (and CG-SENSE fits the data better)."""
+    from mlflow import MlflowClient
+
+    config = EvaluateConfig(
+        dataset=tiny_prepared, models=(str(tiny_models["edm_r1"]), "zero_filled", "cg_sense"), accelerations=(4.0,),
+        slices=2, slices_per_task=2, steps=3, posterior_samples=3, lpips=False, denoising_check=False,
+        output=str(tmp_path / "eval"), run_name="posterior", experiment="eval-posterior",
+    )
+    result = evaluate(config, progress=False)
+    rows = {(r["model"], r["sampler"], r["slice"]): r for r in result["rows"]}
+    assert {(m, s) for m, s, _ in rows} == {("edm_r1", "dps"), ("zero_filled", "zero_filled"), ("cg_sense", "cg_sense")}
+    dps = [r for r in result["rows"] if r["sampler"] == "dps"]
+    assert len(dps) == 2 and all(r["samples"] == 3 and 0 <= r["calibration"] <= 1 for r in dps)
+    assert all(r["samples"] == 1 and r["calibration"] != r["calibration"] for r in result["rows"] if r not in dps)
+    for slice_id in {r["slice"] for r in dps}:
+        assert rows[("cg_sense", "cg_sense", slice_id)]["nrmse"] < rows[("zero_filled", "zero_filled", slice_id)]["nrmse"]
+    run = MlflowClient().get_run(result["run_id"])
+    assert run.data.metrics["calibration.edm_r1.dps.r4"] == pytest.approx(sum(r["calibration"] for r in dps) / 2)
+    artifacts = {a.path for a in MlflowClient().list_artifacts(result["run_id"])}
+    assert "posterior_edm_r1_dps_r4.png" in artifacts and "denoising_check.csv" not in artifacts
 
 
 def test_compile_mode_compiles_the_iterative_samplers_network_in_one_graph(

@@ -31,7 +31,7 @@ from adps.data.preprocess import (
     slice_id,
     volume_id,
 )
-from adps.data.shards import MANIFEST_NAME, PROGRESS_NAME, slice_checksum
+from adps.data.shards import MANIFEST_NAME, PROGRESS_NAME, SCHEMA_VERSION, slice_checksum
 from adps.data.synth import central_rows, synthetic_volume, volume_name, write_volume
 from adps.mri import background_patch, ifft2c, noise_covariance, slice_masks
 from adps.orchestration import prepare as prepare_module
@@ -222,7 +222,7 @@ def test_prepare_writes_manifest_and_shards(prepared, raw) -> None:
     manifest, output, config = prepared["manifest"], prepared["output"], prepared["config"]
     assert (output / MANIFEST_NAME).is_file()
     assert json.loads((output / MANIFEST_NAME).read_text()) == manifest
-    assert manifest["schema_version"] == 1 and manifest["config"] == config.to_dict()
+    assert manifest["schema_version"] == SCHEMA_VERSION == 2 and manifest["config"] == config.to_dict()
     assert manifest["source"]["listed"] == 9 and manifest["source"]["matching_acquisition"] == 6  # the NaN volume is rejected later
 
     # Every good slice is present exactly once; the T1 volume is skipped, not rejected.

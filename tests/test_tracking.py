@@ -184,6 +184,17 @@ def test_sweep_trains_logs_and_registers_every_method(sweep, tiny_prepared: str)
         assert run.info.status == "FINISHED" and run.data.params["method"] == config.method
         for key in ("loss", "lr", "slices_per_s", "val_nrmse"):
             assert {m.step for m in client.get_metric_history(run.info.run_id, key)} == {1, 2}, key
+        # The loss by noise level: one slice a step, so each step's one sample lands in one bin,
+        # whose mean is that step's loss; methods without a sigma log none.
+        by_sigma = {key: client.get_metric_history(run.info.run_id, key) for key in run.data.metrics
+                    if key.startswith("loss_by_sigma/")}
+        if config.method in ("ambient", "edm", "edm_l1"):
+            losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+            binned = sorted((m.step, m.value) for history in by_sigma.values() for m in history)
+            assert [step for step, _ in binned] == [1, 2], binned
+            assert all(value == pytest.approx(losses[step], rel=1e-5) for step, value in binned)
+        else:
+            assert not by_sigma, config.method
 
         # The registered model is the final checkpoint's EMA model, bit for bit.
         pulled, model_config = adps.load_model(f"models:/{name}@latest", with_config=True)

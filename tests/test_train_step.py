@@ -95,7 +95,8 @@ def test_step_changes_the_weights_and_lowers_the_loss_on_a_fixed_batch(method: s
     weights = _snapshot(model)
 
     result = train_step(method, model, small_batch, optimizer, generator=generator, ema=ema)
-    assert set(result) == {"loss", "grad_norm", "skipped", "nonfinite_grads"}
+    per_sample = {"sigma", "sample_loss"} if method in ("ambient", "edm", "edm_l1") else set()
+    assert set(result) == {"loss", "grad_norm", "skipped", "nonfinite_grads"} | per_sample
     assert not result["skipped"] and math.isfinite(result["loss"]) and result["grad_norm"] > 0
     assert result["nonfinite_grads"] == 0
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, weights[k])]
@@ -358,3 +359,28 @@ def test_train_step_bench_prints_json_lines() -> None:
     ambient = rows[0]["paper_reference"]
     assert ambient["slices_per_s"] == 19.7 and ambient["peak_memory_gb"] == 54.0 and ambient["precision"] == "fp16"
     assert all(row["paper_reference"] is None for row in rows[1:])
+
+
+def test_loss_by_sigma_bins_each_sample_by_its_noise_level() -> None:
+    """The training loss per sigma bin: each sample in the bin of its sigma, the mean per bin,
+    empty bins absent, non-finite losses skipped, and the bins emptied once read."""
+    from adps.nn.train_step import SIGMA_BIN_EDGES, LossBySigma
+
+    bins = LossBySigma()
+    assert bins.labels() == ["lt0.01", "0.01-0.05", "0.05-0.2", "0.2-1", "1-5", "gt5"] and len(SIGMA_BIN_EDGES) == 5
+    bins.add([0.003, 0.1, 0.15, 7.0, 0.3], [100.0, 2.0, 4.0, 0.5, float("nan")])
+    assert bins.means() == {"loss_by_sigma/lt0.01": 100.0, "loss_by_sigma/0.05-0.2": 3.0, "loss_by_sigma/gt5": 0.5}
+    assert bins.means() == {}
+
+
+def test_train_step_reports_each_samples_sigma_and_loss() -> None:
+    """A diffusion step returns its samples' sigma and loss (the mean of which is its loss);
+    a method without a noise level returns neither."""
+    torch.manual_seed(0)
+    batch = make_synthetic_batch(3, 2, 16, 16, 2, seed=0, with_l1=False)
+    model = build_model("edm", "tiny")
+    out = train_step("edm", model, batch, make_optimizer(model), generator=torch.Generator().manual_seed(0))
+    assert len(out["sigma"]) == len(out["sample_loss"]) == 3 and all(s > 0 for s in out["sigma"])
+    assert sum(out["sample_loss"]) / 3 == pytest.approx(out["loss"], rel=1e-5)
+    modl = build_model("modl", "tiny")
+    assert "sigma" not in train_step("modl", modl, batch, make_optimizer(modl))

@@ -46,9 +46,13 @@ def space_file(tmp_path: Path) -> Path:
 
 
 def test_space_files_of_the_repository_load() -> None:
-    spaces = {name: load_space(REPO / "tune_spaces" / f"{name}.yaml") for name in ("adps", "dps", "ald")}
-    assert {name: s.sampler for name, s in spaces.items()} == {"adps": "a_dps", "dps": "dps", "ald": "ald"}
+    spaces = {name: load_space(REPO / "tune_spaces" / f"{name}.yaml") for name in ("adps", "a_os", "dps", "ald")}
+    assert {name: s.sampler for name, s in spaces.items()} == {"adps": "a_dps", "a_os": "a_os", "dps": "dps",
+                                                                "ald": "ald"}
     assert spaces["adps"].params["guidance"] == {"type": "loguniform", "low": 0.1, "high": 10.0}
+    # The ambient models' defaults search where their schedule ends, and A-OS its sigma.
+    assert spaces["adps"].params["sigma_min"] == {"type": "loguniform", "low": 0.004, "high": 0.5}
+    assert spaces["a_os"].params == {"sigma": {"type": "loguniform", "low": 0.003, "high": 1.0}}
     assert all(s.metric == "nrmse" and s.mode == "min" for s in spaces.values())
 
 
@@ -87,6 +91,11 @@ def test_config_and_sampler_mismatch_are_refused(tiny_prepared: str, ambient_mod
     with pytest.raises(ValueError, match=r"dps.yaml: key 'sampler'.*method ambient, sampler a_dps"):
         tune_search(config, progress=False)
     assert parse_space({"sampler": "adps", "params": {"steps": {"type": "randint", "low": 2, "high": 4}}}).params
+    a_os_space = tmp_path / "a_os.yaml"
+    a_os_space.write_text("sampler: a_os\nparams: {sigma: {type: loguniform, low: 0.003, high: 1.0}}\n")
+    config = SearchConfig(model=str(ambient_model), r_inf=4, space=str(a_os_space), dataset=tiny_prepared)
+    with pytest.raises(ValueError, match=r"A-OS is searched at R_inf = R_train only.*trained at R 2, r_inf is 4"):
+        tune_search(config, progress=False)
 
 
 @pytest.mark.slow
@@ -154,6 +163,22 @@ def test_search_with_asha_logs_runs_best_json_and_version_tags(
     ), progress=False)
     used = {row["r_inf"]: (row["steps"], row["guidance"]) for row in evaluation["rows"]}
     assert used == {2.0: (0, 1.0), 4.0: (best["settings"]["steps"], pytest.approx(best["settings"]["guidance"]))}
+
+    # A-OS's sigma has its own search (at R_inf = R_train) and its own tags, which A-DPS never reads.
+    a_os_space = tmp_path / "a_os.yaml"
+    a_os_space.write_text("sampler: a_os\nobjective: {metric: nrmse, mode: min}\n"
+                          "params: {sigma: {type: loguniform, low: 0.003, high: 1.0}}\n")
+    a_os = tune_search(config.replace(r_inf=2, space=str(a_os_space), num_samples=3, name="search-a-os"),
+                       progress=False)
+    sigma = a_os["best"]["settings"]["sigma"]
+    assert len(a_os["trials"]) == 3 and 0.003 <= sigma <= 1.0
+    tags = client.get_model_version("adps-tunesearch-r2", version.version).tags
+    assert float(tags["adps.tuned.r2.a_os.sigma"]) == pytest.approx(sigma)
+    assert tags["adps.tuned.r2.a_os.run_id"] == a_os["run_id"] and "adps.tuned.r2.sigma" not in tags
+    from adps.orchestration.evaluate import tuned_settings
+
+    assert tuned_settings(tags, 2.0) == {} and tuned_settings(tags, 2.0, "a_os") == {"sigma": pytest.approx(sigma)}
+    assert "sigma" not in tuned_settings(tags, 4.0)
 
 
 @pytest.mark.slow

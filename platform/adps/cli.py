@@ -17,6 +17,7 @@ def _demo(args: argparse.Namespace) -> int:
         "volumes": args.volumes, "slices_per_volume": args.slices, "coils": args.coils,
         "accelerations": tuple(args.accelerations) if args.accelerations else None,
         "methods": tuple(args.methods) if args.methods else None, "train_steps": args.steps,
+        "ambient_r": tuple(args.ambient_r) if args.ambient_r else None, "baseline_steps": args.baseline_steps,
         "sampler_steps": args.sampler_steps, "tune_trials": args.trials, "seed": args.seed,
         "workdir": args.workdir, "fresh": args.fresh or None, "address": args.address,
         "tracking_uri": args.tracking_uri,
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
-        "demo", help="the study in miniature: synthetic data, training, Ray Tune, evaluation, cross-over (~10 min)",
+        "demo", help="the study in miniature: synthetic data, training, Ray Tune, evaluation, cross-over (~12 min)",
         description="Synthesise and prepare a small dataset, train tiny models on Ray Train (registered in MLflow), "
         "search one ambient model's guidance with Ray Tune, evaluate the grid and print the cross-over. Re-running "
         "reuses what is done.",
@@ -245,12 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--slices", type=int, help="slices per volume (4; 2)")
     demo.add_argument("--coils", type=int, help="receive coils (4)")
     demo.add_argument("--accelerations", type=float, nargs="+", metavar="R",
-                      help="R of the ambient models and R_inf of the evaluation (2 4 8; 4 8)")
+                      help="R_inf of the evaluation (2 4 8; 4 8)")
+    demo.add_argument("--ambient-r", type=float, nargs="+", metavar="R", help="R of the ambient models (2 4; 4)")
     demo.add_argument("--methods", nargs="+", metavar="METHOD",
                       help="methods trained (ambient edm edm_l1 modl ssdu; ambient edm)")
-    demo.add_argument("--steps", type=int, help="training steps per model (250; 30)")
-    demo.add_argument("--sampler-steps", type=int, help="A-DPS / DPS steps (40; 10)")
-    demo.add_argument("--trials", type=int, help="Ray Tune trials of the guidance search, 0 = none (6; 3)")
+    demo.add_argument("--steps", type=int, help="training steps of the diffusion models (800; 30)")
+    demo.add_argument("--baseline-steps", type=int, help="training steps of modl and ssdu (250; 30)")
+    demo.add_argument("--sampler-steps", type=int, help="A-DPS / DPS steps (100; 10)")
+    demo.add_argument("--trials", type=int, help="Ray Tune trials of each search, 0 = none (6; 3)")
     demo.add_argument("--l1", choices=("on", "off"), help="evaluate L1-wavelet CS too (on; off)")
     demo.add_argument("--seed", type=int, help="seed of data, training, search and sampling (0)")
     demo.add_argument("--workdir", type=Path, help="everything the demo writes (default .adps/demo)")

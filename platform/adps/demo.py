@@ -8,21 +8,25 @@ a SQLite MLflow store with local artifacts, synthetic data), all inside one work
    and L1-wavelet references, masks at every R; ``.../prepared``);
 3. trains tiny models through the real Ray Train path (:func:`adps.orchestration.sweep.run_sweep`:
    checkpoints, MLflow runs, registered models ``adps-<method>-r<R>``): Ambient Diffusion at
-   every R of the grid, EDM on fully sampled data, and L1-EDM, MoDL and SSDU at ``baseline_r``;
-4. searches the A-DPS guidance of one ambient model with Ray Tune (Optuna TPE + ASHA), which
-   leaves the best setting as tags on the registered model version;
-5. evaluates every model (and L1-wavelet CS) at every R_inf of the grid on the test slices with
-   ``adps evaluate`` (the tuned guidance is picked up from the registry), writes the figures and
-   computes the cross-over against the fully sampled EDM model;
-6. prints the results and cross-over tables and where everything is.
+   ``ambient_r`` (learned from undersampled k-space only), EDM on fully sampled data, and
+   L1-EDM, MoDL and SSDU at ``baseline_r``;
+4. searches one ambient model's sampler settings with Ray Tune (Optuna TPE + ASHA): A-DPS's
+   guidance and the end of its schedule, and A-OS's sigma; the best become tags on the
+   registered model version;
+5. evaluates every model, L1-wavelet CS, CG-SENSE and the zero-filled image at every R_inf of
+   the grid on the test slices with ``adps evaluate`` (which first checks that every diffusion
+   model denoises the test slices, and picks the tuned settings up from the registry), writes
+   the figures and computes the cross-over against the fully sampled EDM model;
+6. prints the results and cross-over tables, what they show, and where everything is.
 
 Re-running reuses what is done (the dataset, finished training runs, a finished search,
 evaluated cells) unless ``fresh`` is set; a changed dataset or training setting gets its own
 folder / run names, so nothing stale is reused.
 
-The models are tiny and trained for minutes on a CPU: the numbers show that every path runs
-and how the study is read, not the paper's results (which need the GPU-scale runs of
-``adps sweep``).
+The models are tiny and trained for minutes on a CPU, on 16 training slices: enough for the
+fully sampled prior with DPS and the best ambient model with A-DPS to beat L1-wavelet CS (at
+R_inf 4 and 8), not for the paper's numbers or its cross-over, which need the GPU-scale runs of
+``adps sweep`` (README, "What the demo shows").
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DemoConfig", "demo_verdict", "run_demo"]
 
 MARKER = ".adps-demo"
 """A file in every demo work folder: ``--fresh`` deletes only folders that hold it."""
@@ -62,27 +66,40 @@ class DemoConfig:
     acs: int = 4
     """Fully sampled centre columns of every mask (METHOD.md: 20 at full size)."""
     accelerations: tuple[float, ...] = (2.0, 4.0, 8.0)
-    """R_inf of the evaluation grid (and R of the ambient models unless ``ambient_r`` is set)."""
-    ambient_r: tuple[float, ...] = ()
-    """R of the ambient models trained (empty = every R of ``accelerations``)."""
+    """R_inf of the evaluation grid (and R of the ambient models when ``ambient_r`` is empty)."""
+    ambient_r: tuple[float, ...] = (2.0, 4.0)
+    """R of the ambient models trained (empty = every R of ``accelerations``). At the demo's
+    scale an ambient model trained at R 8 (5 of 48 columns, 4 of them the ACS, at its R + 1)
+    learns little in minutes; ``--ambient-r 2 4 8`` trains it too (about 1.5 minutes more)."""
     methods: tuple[str, ...] = ("ambient", "edm", "edm_l1", "modl", "ssdu")
     """Methods trained: ambient at every R, edm at R 1, the others at ``baseline_r``."""
     baseline_r: float = 4.0
     """R of the edm_l1, modl and ssdu models."""
-    train_steps: int = 250
-    """Training steps per model."""
-    batch_size: int = 4
+    train_steps: int = 800
+    """Training steps of the diffusion models (ambient, edm, edm_l1). Measured on the demo's
+    data (one CPU core, about 0.18 s a step at batch 8): edm_r1 after 600 steps gives DPS an
+    NRMSE of 0.13 at R_inf 4 (L1-wavelet: 0.20), ambient_r2 after 800 steps gives A-DPS 0.27
+    at R_inf 8 (L1-wavelet: 0.35); after 250 steps neither beats L1."""
+    baseline_steps: int = 250
+    """Training steps of the unrolled baselines (modl, ssdu), which converge sooner."""
+    batch_size: int = 8
     """Slices per training step."""
     concurrent_runs: int = 2
     """Training runs at a time (one CPU each)."""
-    sampler_steps: int = 40
-    """A-DPS / DPS steps in the search and the evaluation (METHOD.md: 500 at full size)."""
+    sampler_steps: int = 100
+    """A-DPS / DPS steps in the search and the evaluation (METHOD.md: 500 at full size; at the
+    demo's size 100 come within a few per cent of more)."""
+    ambient_sigma_min: float = 0.1
+    """End of the A-DPS schedule of the ambient models (and A-OS's sigma) where the search set
+    none (METHOD.md: 0.004 and 0.003). A model trained for minutes returns its aliased input at
+    low sigma, and A-DPS ending there ends on the aliased image (NRMSE 0.45 at R_inf 8, against
+    0.27 ending at 0.1); see docs/evaluation.md."""
     tune_trials: int = 6
-    """Ray Tune trials of the guidance search (0 = no search)."""
+    """Ray Tune trials of each search (A-DPS guidance and sigma_min; A-OS sigma); 0 = no search."""
     tune_r_inf: float = 0.0
-    """R_inf of the search (0 = the largest of ``accelerations``)."""
+    """R_inf of the A-DPS search (0 = the largest of ``accelerations``)."""
     l1: bool = True
-    """Evaluate L1-wavelet compressed sensing too."""
+    """Evaluate L1-wavelet compressed sensing too (zero-filled and CG-SENSE are always shown)."""
     seed: int = 0
     """Seed of data, training, search and sampling."""
     fresh: bool = False
@@ -96,11 +113,12 @@ class DemoConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
         """``--quick``: one ambient model against the fully sampled EDM, at R_inf 4 and 8, in
-        about 2-3 minutes on 2 cores."""
+        about 2-3 minutes on 2 cores: every stage runs, the models are not trained enough to
+        mean anything."""
         values: dict[str, Any] = {
             "volumes": 4, "slices_per_volume": 2, "accelerations": (4.0, 8.0), "ambient_r": (4.0,),
-            "methods": ("ambient", "edm"),
-            "train_steps": 30, "sampler_steps": 10, "tune_trials": 3, "l1": False,
+            "methods": ("ambient", "edm"), "batch_size": 4,
+            "train_steps": 30, "baseline_steps": 30, "sampler_steps": 10, "tune_trials": 3, "l1": False,
         }
         return cls(**{**values, **overrides})
 
@@ -123,11 +141,14 @@ class DemoConfig:
 
         if self.volumes < 3:
             raise ValueError(f"volumes must be >= 3 (1 test, 1 validation, >= 1 training), got {self.volumes}")
-        for key in ("slices_per_volume", "train_steps", "batch_size", "concurrent_runs", "sampler_steps", "coils"):
+        for key in ("slices_per_volume", "train_steps", "baseline_steps", "batch_size", "concurrent_runs",
+                    "sampler_steps", "coils"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.tune_trials < 0:
             raise ValueError(f"tune_trials must be >= 0, got {self.tune_trials}")
+        if not self.ambient_sigma_min > 0:
+            raise ValueError(f"ambient_sigma_min must be > 0, got {self.ambient_sigma_min}")
         unknown = sorted(set(self.methods) - set(MRI_METHODS))
         if unknown or not self.methods:
             raise ValueError(f"methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
@@ -155,12 +176,20 @@ class DemoConfig:
 
     @property
     def data_key(self) -> str:
+        # The prepared format's version too: data prepared by an older adps is never reused.
+        from adps.data.shards import SCHEMA_VERSION
+
         return self._key("volumes", "slices_per_volume", "height", "width", "coils", "acs", "accelerations",
-                         "ambient_r", "baseline_r", "seed")
+                         "ambient_r", "baseline_r", "seed") + (f"-v{SCHEMA_VERSION}" if SCHEMA_VERSION > 1 else "")
 
     @property
     def train_key(self) -> str:
-        return self._key("train_steps", "batch_size", "seed")
+        # The data's key too: a model trained on other data (or an older format) is not reused.
+        return self._key("train_steps", "baseline_steps", "batch_size", "seed", "data_key")
+
+    def steps_of(self, method: str) -> int:
+        """Training steps of ``method``: ``train_steps`` for diffusion models, else ``baseline_steps``."""
+        return self.baseline_steps if method in ("modl", "ssdu") else self.train_steps
 
     @property
     def tune_model(self) -> tuple[str, float]:
@@ -248,21 +277,23 @@ def _train(config: DemoConfig, dataset: Path, tracking_uri: str) -> list[Any]:
     from adps.nn.train_config import TrainConfig
     from adps.orchestration.sweep import format_summary, run_sweep
 
-    configs = [
-        TrainConfig.from_dict({
+    configs = []
+    for method, r in config.runs():
+        steps = config.steps_of(method)
+        configs.append(TrainConfig.from_dict({
             "method": method, "acceleration": r, "preset": "tiny", "dataset": str(dataset),
             # max_steps governs every method (MoDL / SSDU would otherwise stop at METHOD.md's 10 epochs).
-            "batch_size": config.batch_size, "max_steps": config.train_steps, "epochs": config.train_steps, "lr": 1e-3,
-            "lr_rampup_images": 0, "ema_half_life_images": config.train_steps * config.batch_size / 10,
+            "batch_size": config.batch_size, "max_steps": steps, "epochs": steps, "lr": 1e-3,
+            "lr_rampup_images": 0, "ema_half_life_images": steps * config.batch_size / 10,
             "num_workers": 1, "cpus_per_worker": 1, "seed": config.seed,
-            "checkpoint_every_steps": max(1, config.train_steps // 2), "keep_checkpoints": 1,
-            "log_every_steps": max(1, config.train_steps // 20), "validate_every_steps": config.train_steps,
+            "checkpoint_every_steps": max(1, steps // 2), "keep_checkpoints": 1,
+            "log_every_steps": max(1, steps // 20), "validate_every_steps": steps,
             "validation_slices": 2, "storage_path": str(config.workdir / "runs"),
             "run_name": f"{method}_r{r:g}-{config.train_key}", "tracking_uri": tracking_uri,
             "experiment": "adps-demo",
-        })
-        for method, r in config.runs()
-    ]
+        }))
+    # The longest runs first, so that the two slots finish together.
+    configs.sort(key=lambda c: -c.max_steps)
     with tqdm(total=len(configs), desc="      train", unit="model") as bar:
         rows = run_sweep(configs, max_concurrent=config.concurrent_runs, progress=False,
                          on_run_end=lambda row: (bar.set_postfix_str(f"{row.run_name} {row.status}"), bar.update(1)))
@@ -274,42 +305,86 @@ def _train(config: DemoConfig, dataset: Path, tracking_uri: str) -> list[Any]:
     return rows
 
 
-def _tune(config: DemoConfig, dataset: Path, tracking_uri: str) -> dict[str, Any] | None:
+def _search(config: DemoConfig, dataset: Path, tracking_uri: str, *, kind: str, r_inf: float,
+            space_text: str) -> dict[str, Any]:
+    """One Ray Tune search of the searched ambient model (or the finished one, read back)."""
     from adps.orchestration.tune import SearchConfig, tune_search
 
     method, r_train = config.tune_model
-    space = config.workdir / "tune_space.yaml"
-    # The guidance is searched at the demo's step count, so that the evaluation can use both.
-    space.write_text("sampler: adps\nobjective: {metric: nrmse, mode: min}\nparams:\n"
-                     "  guidance: {type: loguniform, low: 0.1, high: 10.0}\n"
-                     f"  steps: {{type: choice, values: [{config.sampler_steps}]}}\n")
+    space = config.workdir / f"tune_space_{kind}.yaml"
+    space.write_text(space_text)
     search = SearchConfig(
-        model=f"models:/adps-{method}-r{r_train:g}@latest", r_inf=config.search_r_inf, space=str(space),
+        model=f"models:/adps-{method}-r{r_train:g}@latest", r_inf=r_inf, space=str(space),
         dataset=str(dataset), slices=0, slices_per_report=1, num_samples=config.tune_trials, seed=config.seed,
         storage_path=str(config.workdir / "tune"), tracking_uri=tracking_uri, experiment="adps-demo-tune",
-        name=f"guidance-{method}_r{r_train:g}-r{config.search_r_inf:g}-{config.train_key}-s{config.sampler_steps}"
-             f"-n{config.tune_trials}",
+        name=f"{kind}-{method}_r{r_train:g}-r{r_inf:g}-{config.train_key}-s{config.sampler_steps}-n{config.tune_trials}",
     )
     best_file = Path(search.storage_path) / search.name / "best.json"
     if best_file.exists():
-        best = json.loads(best_file.read_text())
         print(f"      reusing the finished search {best_file.parent}", flush=True)
-        return {"best": best, "trials": None}
+        return {"best": json.loads(best_file.read_text()), "trials": None}
     return tune_search(search, progress=True)
+
+
+def _tune(config: DemoConfig, dataset: Path, tracking_uri: str) -> dict[str, Any]:
+    """Two searches of the searched ambient model: A-DPS's guidance and the end of its schedule
+    at ``search_r_inf`` (the step count fixed to the demo's, so that the evaluation can use
+    both), and A-OS's sigma at R_inf = R_train (the only R_inf where A-OS is in-distribution)."""
+    _, r_train = config.tune_model
+    adps = _search(config, dataset, tracking_uri, kind="adps", r_inf=config.search_r_inf, space_text=(
+        "sampler: adps\nobjective: {metric: nrmse, mode: min}\nparams:\n"
+        "  guidance: {type: loguniform, low: 0.1, high: 10.0}\n"
+        f"  steps: {{type: choice, values: [{config.sampler_steps}]}}\n"
+        "  sigma_min: {type: loguniform, low: 0.02, high: 0.5}\n"))
+    searches = {"adps": adps}
+    if r_train in config.accelerations:
+        searches["a_os"] = _search(config, dataset, tracking_uri, kind="a_os", r_inf=r_train, space_text=(
+            "sampler: a_os\nobjective: {metric: nrmse, mode: min}\nparams:\n"
+            "  sigma: {type: loguniform, low: 0.003, high: 1.0}\n"))
+    return searches
 
 
 def _evaluate(config: DemoConfig, dataset: Path, tracking_uri: str) -> dict[str, Any]:
     from adps.orchestration.evaluate import EvaluateConfig, evaluate
 
-    models = [f"adps-{method}-r{r:g}" for method, r in config.runs()] + (["l1"] if config.l1 else [])
+    models = [f"adps-{method}-r{r:g}" for method, r in config.runs()]
+    models += ["zero_filled", "cg_sense"] + (["l1"] if config.l1 else [])
     evaluation = EvaluateConfig(
         dataset=str(dataset), models=tuple(models), accelerations=tuple(map(float, config.accelerations)),
-        # The step count everywhere; the guidance of the searched model from its registry tags.
-        steps=config.sampler_steps, slices_per_task=config.slices_per_volume, lpips=False, seed=config.seed,
+        # The step count everywhere; the searched model's settings from its registry tags; the
+        # demo's schedule end for the other ambient models.
+        steps=config.sampler_steps, a_dps_sigma_min=config.ambient_sigma_min, a_os_sigma=config.ambient_sigma_min,
+        slices_per_task=config.slices_per_volume, lpips=False, seed=config.seed,
         output=str(config.workdir / "evaluation"), run_name="demo-evaluation", tracking_uri=tracking_uri,
         experiment="adps-demo-eval", n_boot=1000,
     )
     return evaluate(evaluation, progress=True)
+
+
+def demo_verdict(rows: list[dict[str, Any]], *, prior_r_inf: float = 4.0, ambient_r_inf: float = 8.0) -> list[str]:
+    """What the demo's table shows, in words: the fully sampled prior with DPS against L1-wavelet
+    at ``prior_r_inf``, and the best ambient model with A-DPS against L1-wavelet at
+    ``ambient_r_inf`` (mean NRMSE over the test slices). Lines for the comparisons the rows
+    allow (none without an ``l1`` row)."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    if table.empty or "l1" not in set(table["model"]):
+        return []
+    means = table.groupby(["model", "sampler", "r_inf"])["nrmse"].mean()
+    lines = []
+    for label, sampler, r_inf, models in (("the fully sampled prior", "dps", prior_r_inf, ["edm_r1"]),
+                                          ("the best ambient model", "a_dps", ambient_r_inf,
+                                           sorted({m for m in table["model"] if m.startswith("ambient_")}))):
+        l1 = means.get(("l1", "l1_wavelet", r_inf))
+        scored = {m: means[(m, sampler, r_inf)] for m in models if (m, sampler, r_inf) in means.index}
+        if l1 is None or not scored:
+            continue
+        best = min(scored, key=scored.get)
+        word = "ahead of" if scored[best] < l1 else "NOT ahead of"
+        lines.append(f"  R_inf {r_inf:g}: {label}, {best} ({sampler}), NRMSE {scored[best]:.3f}: {word} L1-wavelet "
+                     f"({l1:.3f})")
+    return lines
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
@@ -347,7 +422,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     _done(started, f"slices {splits} in {data / 'prepared'}")
 
     runs = config.runs()
-    started = _stage(3, f"training {len(runs)} tiny models on Ray Train ({config.train_steps} steps each, "
+    started = _stage(3, f"training {len(runs)} tiny models on Ray Train ({config.train_steps} steps for the diffusion "
+                        f"models, {config.baseline_steps} for modl / ssdu, batch {config.batch_size}, "
                         f"{config.concurrent_runs} at a time): " + ", ".join(f"{m}_r{r:g}" for m, r in runs))
     rows = _train(config, data / "prepared", tracking_uri)
     _done(started)
@@ -355,13 +431,16 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     search = None
     if config.tune_trials:
         method, r_train = config.tune_model
-        started = _stage(4, f"Ray Tune: {config.tune_trials} trials of the A-DPS guidance of {method}_r{r_train:g} "
-                            f"at R_inf {config.search_r_inf:g} (Optuna TPE + ASHA)")
+        started = _stage(4, f"Ray Tune (Optuna TPE + ASHA), {config.tune_trials} trials each: the A-DPS guidance and "
+                            f"sigma_min of {method}_r{r_train:g} at R_inf {config.search_r_inf:g}, and its A-OS sigma "
+                            f"at R_inf {r_train:g}")
         search = _tune(config, data / "prepared", tracking_uri)
-        best = search["best"] if search else None
-        _done(started, "no trial finished" if best is None else
-              f"best NRMSE {best['value']:.4f} at guidance {best['settings']['guidance']:.3g}, "
-              f"tagged on adps-{method}-r{r_train:g}")
+        found = []
+        for kind, result in search.items():
+            best = result["best"] if result else None
+            found.append(f"{kind} no trial finished" if best is None else f"{kind} NRMSE {best['value']:.4f} at " +
+                         ", ".join(f"{k} {v:.3g}" for k, v in best["settings"].items() if k != "steps"))
+        _done(started, "; ".join(found) + f"; tagged on adps-{method}-r{r_train:g}")
     else:
         print(f"\n[4/{STAGES}] Ray Tune search skipped (tune_trials 0)", flush=True)
 
@@ -376,6 +455,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     print("\n" + format_results(evaluation["rows"], "ssim"))
     print("\ncross-over: the smallest R_inf at which each ambient model beats edm_r1 (FS-DPS), with the margin "
           "and its bootstrap 95% CI over slices\n" + format_crossover(evaluation["crossover"]))
+    verdict = demo_verdict(evaluation["rows"], ambient_r_inf=max(config.accelerations))
+    if verdict:
+        print(f"\nwhat the table shows (mean NRMSE over the {len({r['slice'] for r in evaluation['rows']})} test "
+              "slices; a demo-scale result, see the README):\n" + "\n".join(verdict))
     report = Path(evaluation["output"]) / "report"
     print(f"""
 where everything is
@@ -384,7 +467,7 @@ where everything is
   registered models:  {', '.join(sorted({row.model for row in rows if row.model}))}
   load one:           adps.load_model("models:/adps-ambient-r{config.tune_model[1]:g}@latest")
   figures:            {report}/nrmse_vs_r.png, psnr_vs_r.png, ssim_vs_r.png, reconstructions.png
-  tables:             {report}/results.csv, crossover.csv
+  tables:             {report}/results.csv, crossover.csv, denoising_check.csv
   training runs:      {config.workdir / 'runs'}
   everything:         {config.workdir} (run again to reuse it; --fresh to start over)
 done in {time.monotonic() - began:.0f} s""", flush=True)

@@ -10,7 +10,9 @@ contract (``docs/data_format.md``):
 3. normalisation: k-space divided by the 99th percentile of the RSS image of the central
    ``24 x 24`` k-space;
 4. train / validation: SVD coil compression to 4 virtual coils (test keeps every coil);
-5. ESPIRiT maps (one set, no crop) and the CG-SENSE reference (30 iterations, R = 1);
+5. ESPIRiT maps (one set, no crop), rotated to the phase convention of every split (the
+   image's phase is the phase of the scan's first virtual coil, whatever the coil basis:
+   :func:`adps.mri.align_map_phase`), and the CG-SENSE reference (30 iterations, R = 1);
 6. per acceleration ``R``: the slice's column mask and its further-corrupted ``R + 1`` mask,
    reproducible from ``(seed, slice id)``; optionally L1-wavelet reconstructions at each ``R``
    and the MVUE.
@@ -34,6 +36,7 @@ import torch
 from adps.config import ConfigFile, parse_overrides  # noqa: F401 (parse_overrides: re-exported for callers)
 from adps.mri import (
     SenseOperator,
+    align_map_phase,
     background_patch,
     cg_sense,
     coil_compress,
@@ -45,6 +48,7 @@ from adps.mri import (
     mvue,
     noise_covariance,
     normalization_constant,
+    principal_coil,
     slice_masks,
     whiten,
 )
@@ -309,8 +313,10 @@ def preprocess_slice(
         raise ValueError(f"{label}: {err}") from None
     white = white / constant
 
-    # 4. Coil compression (train / validation only); unitary, so the noise stays white.
+    # 4. Coil compression (train / validation only); unitary, so the noise stays white. The
+    # phase reference is the scan's first virtual coil, expressed in the split's coil basis.
     energy_kept = 1.0
+    phase_reference = principal_coil(white_images, coil_dim=0)
     if split != "test":
         if config.virtual_coils > white.shape[0]:
             raise ValueError(
@@ -318,9 +324,11 @@ def preprocess_slice(
             )
         compressed = coil_compress(white, config.virtual_coils, coil_dim=0)
         white, energy_kept = compressed.data, compressed.energy_kept
+        phase_reference = compressed.matrix.to(phase_reference.dtype) @ phase_reference
     clock.lap("whitening")
 
-    # 5. ESPIRiT maps and the fully sampled CG-SENSE reference.
+    # 5. ESPIRiT maps in the one phase convention of every split (docs/data_format.md), and the
+    # fully sampled CG-SENSE reference.
     maps = espirit_maps(
         white,
         calib_width=config.calib_width,
@@ -329,6 +337,7 @@ def preprocess_slice(
         crop=0.0,
     )
     check_espirit_maps(maps, label=label)
+    maps = align_map_phase(maps, phase_reference, coil_dim=0)
     clock.lap("espirit")
     full_op = SenseOperator(maps[None])
     reference = cg_sense(full_op, white[None], iterations=config.reference_iterations)[0]

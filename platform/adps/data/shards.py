@@ -30,8 +30,19 @@ import numpy as np
 
 from adps.data import storage
 
-SCHEMA_VERSION = 1
-"""Version of the prepared-dataset contract; bumped on any incompatible change."""
+SCHEMA_VERSION = 2
+"""Version of the prepared-dataset contract; bumped on any incompatible change.
+
+2: one phase convention for every split (the maps rotated so that the scan's first virtual
+coil is real: :func:`adps.mri.align_map_phase`). Version 1 datasets gave the test split complex
+images of another phase (a sign flip on the synthetic scans) than the training split.
+"""
+
+SCHEMA_CHANGES = {
+    1: "its test split's complex images have another phase than its training split's (version 2 gives "
+       "every split one phase convention), so a model trained on one split fails on the other",
+}
+"""Why a dataset of an older schema version cannot be read: the message of :func:`read_manifest`."""
 
 FORMAT_NAME = "adps-prepared-mri"
 MANIFEST_NAME = "manifest.json"
@@ -248,6 +259,17 @@ def check_shard_names(document: Mapping[str, Any], uri: str) -> None:
                 )
 
 
+def schema_version_message(uri: str, version: Any) -> str:
+    """Why the document at ``uri`` of schema ``version`` is refused, and what to do about it."""
+    if isinstance(version, int) and version < SCHEMA_VERSION:
+        why = SCHEMA_CHANGES.get(version, "the format has changed since")
+        return (f"{uri}: prepared with schema version {version}, this adps reads version {SCHEMA_VERSION}: {why}. "
+                "Re-prepare the dataset into a new folder (adps prepare --config <your prepare.yaml> --set "
+                "output=<new folder>) and train on that; models trained on the old dataset should be retrained")
+    return (f"{uri}: schema_version {version!r}, this adps reads version {SCHEMA_VERSION} "
+            "(made by a newer adps? upgrade adps to read it)")
+
+
 def read_manifest(root: str) -> dict[str, Any]:
     """The manifest of the prepared dataset at ``root``, checked for format, schema version and
     shard names (:func:`check_shard_names`).
@@ -265,6 +287,6 @@ def read_manifest(root: str) -> dict[str, Any]:
         raise ValueError(f"{uri}: not an adps prepared-dataset manifest (format {manifest.get('format')!r})")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ValueError(f"{uri}: schema_version {version}, this adps reads version {SCHEMA_VERSION}")
+        raise ValueError(schema_version_message(uri, version))
     check_shard_names(manifest, uri)
     return manifest

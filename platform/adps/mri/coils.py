@@ -118,6 +118,7 @@ def coil_compress(data: torch.Tensor, n_virtual: int, coil_dim: int = -3) -> Coi
         raise ValueError(f"n_virtual must be in [1, {n_coils}] (the coil count), got {n_virtual}")
     matrix_c = torch.movedim(data, coil_dim, 0).reshape(n_coils, -1).to(torch.complex128)
     u, s, _ = torch.linalg.svd(matrix_c, full_matrices=False)
+    u = _fix_vector_phases(u)
     energy = s**2
     kept = float(energy[:n_virtual].sum() / energy.sum()) if energy.sum() > 0 else 1.0
     compression = u[:, :n_virtual].conj().T
@@ -126,6 +127,66 @@ def coil_compress(data: torch.Tensor, n_virtual: int, coil_dim: int = -3) -> Coi
         matrix=compression.to(data.dtype),
         energy_kept=kept,
     )
+
+
+def _fix_vector_phases(u: torch.Tensor) -> torch.Tensor:
+    """Singular vectors (columns of ``u``) with their free phase fixed: each column's
+    largest-magnitude entry made real and positive.
+
+    An SVD gives each singular vector only up to a unit factor, which LAPACK builds may choose
+    differently; fixing it makes the virtual coils, and the phase convention built on the first
+    of them (:func:`principal_coil`), the same on every machine.
+    """
+    pivot = u.gather(0, u.abs().argmax(dim=0, keepdim=True))
+    return u * (pivot.conj() / pivot.abs().clamp_min(torch.finfo(u.real.dtype).tiny))
+
+
+def principal_coil(coil_images: torch.Tensor, coil_dim: int = -3) -> torch.Tensor:
+    """The coil combination ``w`` (``(C,)``, unit norm) that holds the most of the data's energy
+    (the first virtual coil of :func:`coil_compress`), with its phase fixed so that the combined
+    image ``sum_r w^H x(r)`` sums to a real, positive number.
+
+    It is the phase reference of prepared data (:func:`align_map_phase`): a property of the
+    scan, not of the coil basis it is expressed in, so a split compressed to virtual coils, a
+    split keeping every coil, and the same scan with its coils in another order or phase all
+    get the same complex image, whose mean is real and positive.
+
+    Args:
+        coil_images: image-domain data with coils on ``coil_dim`` (the sum is over the image).
+    """
+    w = coil_compress(coil_images, 1, coil_dim).matrix[0].conj().to(torch.complex128)
+    moved = torch.movedim(coil_images, coil_dim, -1).reshape(-1, w.shape[0]).to(torch.complex128)
+    total = (moved @ w.conj()).sum()
+    # An image that sums to 0 has no mean phase to fix: keep coil_compress's convention.
+    # (w e^{ia})^H x = e^{-ia} w^H x: rotating w by the phase a of the sum makes the sum real.
+    return (w * (total / total.abs()) if total.abs() > 0 else w).to(coil_images.dtype)
+
+
+def align_map_phase(maps: torch.Tensor, weights: torch.Tensor, coil_dim: int = -3) -> torch.Tensor:
+    """Coil maps rotated, pixel by pixel, so that ``sum_c conj(w_c) S_c(r)`` is real and >= 0.
+
+    A SENSE model ``y_c = S_c x`` fixes the maps only up to a phase per pixel (``S e^{i t}``
+    with ``x e^{-i t}`` gives the same data). ESPIRiT (sigpy) picks the phase of the first coil,
+    which depends on the coil basis: compressing to virtual coils and keeping every coil give
+    references that differ by a phase (for the synthetic scans, a sign). Rotating every pixel
+    so that the maps' combination with ``w`` is real makes the image's phase the phase of the
+    coil combination ``w^H y``, whatever the basis, when ``w`` is expressed in the maps' basis
+    (``matrix @ w`` after :func:`apply_coil_matrix` with a compression ``matrix``).
+
+    Pixels where the combination is exactly 0 (outside ESPIRiT's support) are left unchanged.
+
+    Args:
+        maps: complex maps with coils on ``coil_dim`` (``(C, H, W)`` or ``(N, C, H, W)``).
+        weights: ``(C,)`` complex coil combination, in the same coil basis as ``maps``.
+    """
+    moved = torch.movedim(maps, coil_dim, -1)
+    if weights.ndim != 1 or weights.shape[0] != moved.shape[-1]:
+        raise ValueError(f"weights: expected ({moved.shape[-1]},) for {moved.shape[-1]} coils, got {tuple(weights.shape)}")
+    combined = moved @ weights.to(device=maps.device, dtype=maps.dtype).conj()
+    magnitude = combined.abs()
+    rotation = torch.where(magnitude > 0, combined.conj() / magnitude.clamp_min(torch.finfo(magnitude.dtype).tiny),
+                           torch.ones_like(combined))
+    return torch.movedim(moved * rotation[..., None], -1, coil_dim)
 
 
 # ESPIRiT --------------------------------------------------------------------------------------

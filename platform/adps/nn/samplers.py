@@ -34,7 +34,9 @@ Samplers (settings: METHOD.md "Samplers"):
 * :func:`a_os`: Ambient One-Step, one network call;
 * :func:`ald`: annealed Langevin dynamics with the NCSNv2 score network;
 * :func:`prior_heun`: EDM's deterministic Heun sampler, unconditional (FID samples);
-* :func:`l1_wavelet`, :func:`unrolled`: the classical and unrolled baselines.
+* :func:`l1_wavelet`, :func:`unrolled`: the classical and unrolled baselines;
+* :func:`zero_filled`, :func:`cg_sense_recon`: the two reconstructions every table shows for
+  scale (the adjoint ``A^H y``, and CG-SENSE without regularisation).
 
 The guided loop is written once (:func:`_guided_euler`); A-DPS and DPS differ only in the
 denoise function they give it.
@@ -51,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adps.mri import SenseOperator, check_maps, l1_wavelet_recon
+from adps.mri import SenseOperator, cg_sense, check_maps, l1_wavelet_recon
 from adps.mri.masks import DEFAULT_ACS, lines_at, slice_masks
 
 from .ema import unwrap_model
@@ -82,6 +84,8 @@ __all__ = [
     "sampler_for",
     "train_masks",
     "unrolled",
+    "zero_filled",
+    "cg_sense_recon",
 ]
 
 Callback = Callable[[dict[str, Any]], None]
@@ -101,6 +105,10 @@ SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
     "prior_heun": {"steps": 18, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
     "l1_wavelet": {"steps": 100, "lam": 0.001, "wavelet": "db4"},
     "unrolled": {"steps": 1},
+    "zero_filled": {"steps": 1},
+    # Unregularised CG-SENSE: early stopping is its only regulariser at R > 1 (more iterations
+    # amplify the noise of the undersampled system), hence 10 rather than the reference's 30.
+    "cg_sense": {"steps": 10},
 }
 
 SCHEDULE_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -122,6 +130,8 @@ METHOD_SAMPLERS: dict[str, str] = {
     "modl": "unrolled",
     "ssdu": "unrolled",
     "l1": "l1_wavelet",
+    "zero_filled": "zero_filled",
+    "cg_sense": "cg_sense",
 }
 
 DEFAULT_SAMPLER = METHOD_SAMPLERS
@@ -599,13 +609,55 @@ def l1_wavelet(
     on the CPU (sigpy); the result is returned on ``y``'s device.
     """
     del model, sigmas, generator, amp
+    return _without_network("l1_wavelet", y, operator, callback, lambda y, op: l1_wavelet_recon(
+        y, op.maps, _operator_mask(op), lam=lam, iterations=iterations, wavelet=wavelet))
+
+
+def _without_network(sampler: str, y: Tensor, operator: SenseOperator, callback: Callback | None,
+                     solve: Callable[[Tensor, SenseOperator], Tensor]) -> Tensor:
+    """A classical reconstruction ``solve(y, operator)`` through the shared signature: the
+    measurement checked and masked, the result complex64 on ``y``'s device, one callback."""
     device = y.device if isinstance(y, Tensor) else torch.device("cpu")
-    y, operator = _measurement(y, operator, device, "l1_wavelet")
-    out = l1_wavelet_recon(y, operator.maps, _operator_mask(operator), lam=lam, iterations=iterations,
-                           wavelet=wavelet).to(torch.complex64)
-    _emit(callback, sampler="l1_wavelet", step=0, total=1, sigma=0.0, sigma_next=0.0, x=out, denoised=out,
+    y, operator = _measurement(y, operator, device, sampler)
+    out = solve(y, operator).to(device, torch.complex64)
+    _emit(callback, sampler=sampler, step=0, total=1, sigma=0.0, sigma_next=0.0, x=out, denoised=out,
           residual_norm=_slice_norm(y - operator.forward(out)))
     return out
+
+
+def zero_filled(
+    model: nn.Module | None,
+    y: Tensor,
+    operator: SenseOperator,
+    sigmas: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    amp: str | None = None,
+) -> Tensor:
+    """The zero-filled reconstruction ``A^H y`` (unmeasured columns taken as 0). No network:
+    every argument but ``y`` and ``operator`` is unused."""
+    del model, sigmas, generator, amp
+    return _without_network("zero_filled", y, operator, callback, lambda y, op: op.adjoint(y))
+
+
+def cg_sense_recon(
+    model: nn.Module | None,
+    y: Tensor,
+    operator: SenseOperator,
+    sigmas: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    iterations: int = 10,
+    amp: str | None = None,
+) -> Tensor:
+    """CG-SENSE from the measured columns, :func:`adps.mri.cg_sense` without regularisation
+    (``iterations`` conjugate-gradient steps on ``A^H A x = A^H y``, from 0). No network."""
+    del model, sigmas, generator, amp
+    if iterations < 1:
+        raise ValueError(f"cg_sense: iterations must be >= 1, got {iterations}")
+    return _without_network("cg_sense", y, operator, callback, lambda y, op: cg_sense(op, y, iterations=int(iterations)))
 
 
 # ------------------------------------------------------------------------------ ALD
@@ -792,6 +844,8 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "prior_heun": prior_heun,
     "l1_wavelet": l1_wavelet,
     "unrolled": unrolled,
+    "zero_filled": zero_filled,
+    "cg_sense": cg_sense_recon,
 }
 """Every sampler by name; all share ``(model, y, operator, sigmas, *, generator, callback, **options)``."""
 
@@ -847,7 +901,7 @@ def run_sampler(
     schedule = {key: options.pop(key) for key in SCHEDULE_OPTIONS.get(name, ()) if key in options}
     if name in SCHEDULE_OPTIONS and (steps is not None or schedule):
         sigmas = default_sigmas(name, model, steps=steps, **schedule)
-    if name == "l1_wavelet" and steps is not None:
+    if name in ("l1_wavelet", "cg_sense") and steps is not None:
         options.setdefault("iterations", int(steps))
     if name in ("a_dps", "dps") and guidance is not None:
         options["guidance"] = float(guidance)

@@ -89,9 +89,11 @@ from .unet import build_unet
 __all__ = [
     "BATCH_KEYS",
     "IMAGE_METHODS",
+    "LossBySigma",
     "METHODS",
     "MRI_METHODS",
     "PAPER_PRESETS",
+    "SIGMA_BIN_EDGES",
     "build_model",
     "make_optimizer",
     "make_synthetic_batch",
@@ -216,6 +218,7 @@ def method_loss(
     ssdu_rho: float = 0.2,
     ssdu_keep_center: int = 4,
     delta: float = DEFAULT_DELTA,
+    details: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """The scalar training loss of ``method`` on ``batch`` (no backward, no step).
 
@@ -231,6 +234,9 @@ def method_loss(
         ssdu_keep_center: central columns SSDU never puts in Lambda (see :func:`ssdu_split`).
         delta: ``image`` with masks: probability of erasing each kept pixel for the
             further-corrupted mask (Ambient Diffusion; the paper's 0.1).
+        details: if a dict is given, the diffusion methods (``ambient``, ``edm``, ``edm_l1``,
+            ``image``) put in it ``sigma`` and ``sample_loss``, the ``(N,)`` noise levels drawn
+            and the per-slice losses (detached), whose mean is the returned loss.
     """
     _check_method(method)
     device = _model_device(model)
@@ -238,7 +244,7 @@ def method_loss(
     core = unwrap_model(model)
 
     if method == "image":
-        return _image_loss(model, data, generator, p_mean=p_mean, p_std=p_std, delta=delta)
+        return _image_loss(model, data, generator, p_mean=p_mean, p_std=p_std, delta=delta, details=details)
 
     if method in ("ambient", "edm", "edm_l1"):
         sigma_data = getattr(core, "sigma_data", 0.5)
@@ -247,11 +253,13 @@ def method_loss(
         sigma = sample_sigma(images.shape[0], generator, p_mean=p_mean, p_std=p_std, device=device)
         noise = sample_noise(images, generator)
         if method == "ambient":
-            return ambient_loss(
+            per_slice = ambient_loss(
                 model, data["kspace"], data["maps"], data["mask"], data["mask_further"], sigma, noise,
-                sigma_data=sigma_data,
+                sigma_data=sigma_data, reduce=False,
             )
-        return edm_loss(model, images, sigma, noise, sigma_data=sigma_data)
+        else:
+            per_slice = edm_loss(model, images, sigma, noise, sigma_data=sigma_data, reduce=False)
+        return _reduce(per_slice, sigma, details)
 
     if method == "ncsnv2":
         if not isinstance(core, NCSNv2):
@@ -269,9 +277,17 @@ def method_loss(
     return ssdu_loss(recon, measured, data["maps"], lam)
 
 
+def _reduce(per_sample: Tensor, sigma: Tensor, details: dict[str, Tensor] | None) -> Tensor:
+    """The batch mean of per-sample losses, recording them with their sigma in ``details``."""
+    if details is not None:
+        details["sigma"] = sigma.detach().reshape(-1)
+        details["sample_loss"] = per_sample.detach().reshape(-1)
+    return per_sample.mean()
+
+
 def _image_loss(
     model: nn.Module, data: Mapping[str, Tensor], generator: torch.Generator | None, *, p_mean: float, p_std: float,
-    delta: float,
+    delta: float, details: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """The ``image`` method's loss: ambient inpainting loss with masks, EDM's loss without."""
     core = unwrap_model(model)
@@ -289,9 +305,11 @@ def _image_loss(
     sigma = sample_sigma(images.shape[0], generator, p_mean=p_mean, p_std=p_std, device=device)
     noise = _randn(tuple(images.shape), generator, device)  # real standard normal
     if has_mask:
-        return ambient_image_loss(model, images, data["mask"], sigma, noise, delta=delta, generator=generator,
-                                  sigma_data=sigma_data)
-    return image_edm_loss(model, images, sigma, noise, sigma_data=sigma_data)
+        per_image = ambient_image_loss(model, images, data["mask"], sigma, noise, delta=delta, generator=generator,
+                                       sigma_data=sigma_data, reduce=False)
+    else:
+        per_image = image_edm_loss(model, images, sigma, noise, sigma_data=sigma_data, reduce=False)
+    return _reduce(per_image, sigma, details)
 
 
 def _keep_columns(kspace: Tensor, mask: Tensor) -> Tensor:
@@ -352,7 +370,9 @@ def train_step(
         ``{"loss": float, "grad_norm": float, "skipped": bool, "nonfinite_grads": int}``:
         the loss, the gradient norm before clipping (after zeroing), whether the step was
         skipped (non-finite loss, or a GradScaler overflow), and how many gradient entries
-        were non-finite and zeroed.
+        were non-finite and zeroed; for the diffusion methods also ``sigma`` and
+        ``sample_loss``, lists of each sample's noise level and loss (:class:`LossBySigma`
+        bins them).
     """
     if amp is not None and amp not in _AMP_DTYPES:
         raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
@@ -363,13 +383,17 @@ def train_step(
     autocast = (
         torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp]) if amp is not None else contextlib.nullcontext()
     )
+    details: dict[str, Tensor] = {}
     with autocast:
-        loss = method_loss(method, model, batch, generator=generator, **loss_kwargs)
+        loss = method_loss(method, model, batch, generator=generator, details=details, **loss_kwargs)
     loss_value = float(loss.detach())
+    # Per-sample losses with their sigma (diffusion methods): the loss-by-sigma curve of training.
+    by_sigma = {"sigma": details["sigma"].float().cpu().tolist(), "sample_loss": details["sample_loss"].float().cpu().tolist()} \
+        if details else {}
     if not _finite_on_every_rank(model, math.isfinite(loss_value), device):
         # A NaN/Inf loss means a bad batch or a diverged net: nothing of this step may land.
         optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, "grad_norm": float("nan"), "skipped": True, "nonfinite_grads": 0}
+        return {"loss": loss_value, "grad_norm": float("nan"), "skipped": True, "nonfinite_grads": 0, **by_sigma}
 
     use_scaler = scaler is not None and scaler.is_enabled()
     (scaler.scale(loss) if use_scaler else loss).backward()
@@ -407,7 +431,52 @@ def train_step(
         optimizer.step()
     if ema is not None and not skipped:
         ema.update(model, batch_size=ema_batch_size or n_slices)
-    return {"loss": loss_value, "grad_norm": grad_norm, "skipped": skipped, "nonfinite_grads": nonfinite}
+    return {"loss": loss_value, "grad_norm": grad_norm, "skipped": skipped, "nonfinite_grads": nonfinite, **by_sigma}
+
+
+SIGMA_BIN_EDGES = (0.01, 0.05, 0.2, 1.0, 5.0)
+"""Edges of the noise-level bins of :class:`LossBySigma` (6 bins: below 0.01 ... above 5). With
+EDM's ``ln sigma ~ N(-1.2, 1.2^2)`` about 0.2 % of draws fall below 0.01 and 1.7 % above 5."""
+
+
+class LossBySigma:
+    """The training loss binned by noise level: where in sigma a diffusion model still learns.
+
+    Logged by training as the MLflow metrics ``loss_by_sigma/lt0.01``, ``loss_by_sigma/0.01-0.05``,
+    ..., ``loss_by_sigma/gt5``: the mean loss of the samples drawn in each bin since the last log.
+
+    The loss of EDM-preconditioned models is weighted by ``lambda(sigma) ~ 1 / sigma^2`` at low
+    sigma, so one mean over all sigma is dominated by the few low draws. Binned, it shows the
+    curve: an EDM model's loss falls at every level as it trains; an ambient model's keeps a
+    floor at low sigma (the columns of ``A`` outside ``A~`` cannot be predicted exactly from the
+    ``A~`` data, and ``lambda`` multiplies that error by ``1 / sigma^2``), and where that floor
+    sits against the other bins tells how far down a sampler can trust it (docs/evaluation.md).
+    """
+
+    def __init__(self, edges: tuple[float, ...] = SIGMA_BIN_EDGES) -> None:
+        self.edges = tuple(float(e) for e in edges)
+        self.sums = [0.0] * (len(self.edges) + 1)
+        self.counts = [0] * (len(self.edges) + 1)
+
+    def labels(self) -> list[str]:
+        """The bins' names (MLflow's metric-name characters): ``lt0.01``, ``0.01-0.05``, ..., ``gt5``."""
+        inner = [f"{lo:g}-{hi:g}" for lo, hi in zip(self.edges[:-1], self.edges[1:], strict=True)]
+        return [f"lt{self.edges[0]:g}", *inner, f"gt{self.edges[-1]:g}"]
+
+    def add(self, sigmas: list[float], losses: list[float]) -> None:
+        """Count each finite sample's loss in its sigma's bin."""
+        for sigma, loss in zip(sigmas, losses, strict=True):
+            if math.isfinite(loss):
+                index = int(np.searchsorted(self.edges, sigma, side="right"))
+                self.sums[index] += loss
+                self.counts[index] += 1
+
+    def means(self, prefix: str = "loss_by_sigma/") -> dict[str, float]:
+        """The mean loss of each bin that holds a sample, as ``{prefix + label: mean}``; then empties."""
+        found = {f"{prefix}{label}": total / count
+                 for label, total, count in zip(self.labels(), self.sums, self.counts, strict=True) if count}
+        self.sums, self.counts = [0.0] * len(self.sums), [0] * len(self.counts)
+        return found
 
 
 def _finite_on_every_rank(model: nn.Module, finite: bool, device: torch.device) -> bool:

@@ -8,7 +8,11 @@ evaluation, run again, computes only the cells that are missing. At the end the 
 gathers every cell into one tidy table and logs to one MLflow run:
 
 * ``results.parquet`` / ``results.csv``: model, method, sampler, r_train, r_inf, slice,
-  nrmse, psnr, ssim, lpips, seconds (one row per slice);
+  nrmse, psnr, ssim, lpips, seconds, the sampler's steps, guidance and other settings
+  (``options``, e.g. ``sigma_min=0.1``), and with K posterior samples per slice their count and
+  calibration (one row per slice);
+* ``denoising_check.csv``: each diffusion model's denoising error on the test split before
+  and after the network, per sigma (:func:`check_denoisers`);
 * figures: NRMSE / PSNR / SSIM against R_inf per model with the spread over slices (paper
   figures 7-9) and a reconstruction grid with x10 difference images (figure 6);
 * the cross-over of each ambient model against the fully sampled reference (FS-DPS, by
@@ -46,11 +50,14 @@ from adps.data import storage
 __all__ = [
     "Cell", "EvaluateConfig", "evaluate", "evaluate_cell", "format_crossover", "format_results", "plan_cells",
     "model_version_of", "network_for_sampler", "reconstruct_batch", "stack_batch", "tuned_settings", "TUNED_TAG",
-    "cell_path", "done_rows", "publish_report", "run_cells",
+    "cell_path", "done_rows", "publish_report", "run_cells", "check_denoisers", "format_denoising_check",
 ]
 
 METRICS = ("nrmse", "psnr", "ssim", "lpips")
-TABLE_COLUMNS = ("model", "method", "sampler", "r_train", "r_inf", "slice", *METRICS, "seconds", "steps", "guidance")
+TABLE_COLUMNS = ("model", "method", "sampler", "r_train", "r_inf", "slice", *METRICS, "seconds", "steps", "guidance",
+                 "options", "samples", "calibration")
+STOCHASTIC_SAMPLERS = ("a_dps", "dps", "ald")
+"""The samplers that draw from a posterior (a fresh start noise gives another sample)."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,8 @@ class EvaluateConfig(ConfigFile):
     models: tuple[str, ...] = ()
     """Models to evaluate: ``models:/<name>@<alias>`` / ``models:/<name>/<version>``, a bare
     registered name (``adps-ambient-r4`` = its newest version), ``runs:/<id>/model``, a local
-    model folder, or ``l1`` (L1-wavelet CS, no network)."""
+    model folder, or one of the classical reconstructions without a network (:data:`CLASSICAL`):
+    ``l1`` (L1-wavelet CS), ``zero_filled`` (``A^H y``), ``cg_sense`` (unregularised CG-SENSE)."""
     accelerations: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0)
     """R_inf: the test accelerations (each must be prepared in the dataset)."""
     reference: str = "edm_r1"
@@ -73,7 +81,8 @@ class EvaluateConfig(ConfigFile):
     """Slices per Ray task, reconstructed as one batch."""
     steps: int = 0
     """Sampler steps for every model; 0 = the model's best Ray Tune result when there is one,
-    else the sampler's METHOD.md default (500 for A-DPS / DPS)."""
+    else the sampler's METHOD.md default (500 for A-DPS / DPS). The classical reconstructions
+    (:data:`CLASSICAL`) keep their own iteration counts (L1-wavelet 100, CG-SENSE 10)."""
     guidance: float = 0.0
     """A-DPS / DPS step size l_ss for every model; 0 = the model's best Ray Tune result when
     there is one, else METHOD.md's 1.0."""
@@ -82,6 +91,12 @@ class EvaluateConfig(ConfigFile):
     (:func:`tuned_settings`) for settings left at 0."""
     a_os: bool = True
     """Also evaluate A-OS for ambient models, at R_inf = R_train only (its valid case)."""
+    a_dps_sigma_min: float = 0.0
+    """End of the A-DPS schedule of ambient models where no Ray Tune search set one; 0 =
+    METHOD.md's 0.004. A small ambient model needs more (the demo's: 0.1; docs/evaluation.md)."""
+    a_os_sigma: float = 0.0
+    """A-OS's sigma where no Ray Tune search (``tune_spaces/a_os.yaml``) set one; 0 = METHOD.md's
+    0.003."""
     lpips: bool = True
     """Compute LPIPS (needs the AlexNet weights locally; see adps.perceptual)."""
     lpips_weights: str = ""
@@ -110,6 +125,23 @@ class EvaluateConfig(ConfigFile):
     experiment: str = "adps-eval"
     n_boot: int = 2000
     """Bootstrap resamples of the cross-over's confidence interval."""
+    posterior_samples: int = 1
+    """K: posterior samples per slice of the stochastic samplers (A-DPS, DPS, ALD), drawn in one
+    batch of K x ``slices_per_task`` (K times the memory and time of one). With K > 1 a row's
+    metrics are those of the posterior mean, its ``calibration`` is the fraction of pixels whose
+    error lies within 2 standard deviations of the samples (:func:`adps.metrics.posterior_summary`),
+    and a figure per model, sampler and R_inf shows each slice's standard deviation map."""
+    posterior_figure_slices: int = 8
+    """Slices shown in each posterior figure (the first ones)."""
+    denoising_check: bool = True
+    """Before any sampler runs, check on a few test slices that each diffusion model's denoiser
+    output is closer to the truth than its noisy input (:func:`check_denoisers`); a model that
+    fails is reported (a warning, the MLflow tag ``adps.denoising_check_failed``) but still
+    evaluated."""
+    denoising_check_slices: int = 4
+    """Test slices of the denoising check (the first ones)."""
+    denoising_check_sigmas: tuple[float, ...] = (0.05, 0.1, 0.2)
+    """Noise levels of the denoising check (:data:`adps.nn.reconstruct.DENOISING_CHECK_SIGMAS`)."""
 
     def validate(self) -> None:
         """Check values that need no I/O; names the key at fault."""
@@ -119,11 +151,15 @@ class EvaluateConfig(ConfigFile):
             raise ValueError("config key 'models' is empty: name at least one model (e.g. adps-ambient-r4)")
         if not self.accelerations or any(r < 1 for r in self.accelerations):
             raise ValueError(f"config key 'accelerations' must be values >= 1, got {list(self.accelerations)}")
-        for key in ("slices", "steps", "n_boot", "guidance"):
+        if self.denoising_check_slices < 1 or any(not sigma > 0 for sigma in self.denoising_check_sigmas):
+            raise ValueError("config keys 'denoising_check_slices' (>= 1) and 'denoising_check_sigmas' (each > 0) out "
+                             f"of range: {self.denoising_check_slices}, {list(self.denoising_check_sigmas)}")
+        for key in ("slices", "steps", "n_boot", "guidance", "a_dps_sigma_min", "a_os_sigma"):
             if getattr(self, key) < 0:
                 raise ValueError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
-        if self.slices_per_task < 1:
-            raise ValueError(f"config key 'slices_per_task' must be >= 1, got {self.slices_per_task}")
+        for key in ("slices_per_task", "posterior_samples", "posterior_figure_slices"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
         if self.amp not in ("", "bf16"):
             raise ValueError(f"config key 'amp' must be '' or 'bf16', got {self.amp!r}")
         from adps.nn.train_config import COMPILE_MODES
@@ -138,22 +174,26 @@ class EvaluateConfig(ConfigFile):
 
 
 # Models --------------------------------------------------------------------------------------
+CLASSICAL = ("l1", "zero_filled", "cg_sense")
+"""``models`` entries that are reconstructions without a network (their method has the same name)."""
+
+
 def model_uri(entry: str) -> str:
     """A ``models`` entry as something :func:`adps.orchestration.registry.load_model` opens."""
-    if entry == "l1" or "://" in entry or entry.startswith(("models:/", "runs:/")) or Path(entry).exists():
+    if entry in CLASSICAL or "://" in entry or entry.startswith(("models:/", "runs:/")) or Path(entry).exists():
         return entry
     if entry.startswith("adps-"):
         return f"models:/{entry}@latest"
     raise ValueError(f"config key 'models': {entry!r} is neither a models:/ or runs:/ URI, a registered adps-* "
-                     "name, an existing folder, nor 'l1'")
+                     f"name, an existing folder, nor one of {', '.join(CLASSICAL)}")
 
 
 def load_for_evaluation(
     uri: str, device: str, tracking_uri: str | None = None
 ) -> tuple[torch.nn.Module | None, dict[str, Any]]:
-    """The network and its config (``l1``: no network, method ``l1``)."""
-    if uri == "l1":
-        return None, {"method": "l1", "R": 1.0}
+    """The network and its config (a :data:`CLASSICAL` entry: no network, method = the entry)."""
+    if uri in CLASSICAL:
+        return None, {"method": uri, "R": 1.0}
     from adps.orchestration.registry import load_model
 
     model, config = load_model(uri, device=device, tracking_uri=tracking_uri, with_config=True)
@@ -161,9 +201,9 @@ def load_for_evaluation(
 
 
 def model_label(config: dict[str, Any]) -> str:
-    """``<method>_r<R_train>`` (``l1`` for L1-wavelet CS)."""
-    if config["method"] == "l1":
-        return "l1"
+    """``<method>_r<R_train>`` (the entry's name for a :data:`CLASSICAL` reconstruction)."""
+    if config["method"] in CLASSICAL:
+        return config["method"]
     return f"{config['method']}_r{float(config['R']):g}"
 
 
@@ -218,14 +258,19 @@ def model_version_of(uri: str, tracking_uri: str) -> Any:
     return client.get_model_version(name, version) if version else None
 
 
-def tuned_settings(tags: dict[str, str], r_inf: float) -> dict[str, float]:
-    """The sampler settings a Ray Tune search at ``r_inf`` stored on the model version
-    (:data:`TUNED_TAG`: ``guidance``, ``steps`` and any other searched setting), or ``{}``."""
-    prefix = TUNED_TAG.format(r_inf=r_inf, key="")
+def tuned_settings(tags: dict[str, str], r_inf: float, sampler: str = "") -> dict[str, float]:
+    """The sampler settings a Ray Tune search at ``r_inf`` stored on the model version, or ``{}``.
+
+    ``sampler`` empty: the model's own sampler's (:data:`TUNED_TAG` with a plain key:
+    ``guidance``, ``steps`` and any other searched setting); ``"a_os"``: A-OS's, which a search
+    with ``tune_spaces/a_os.yaml`` stores under ``adps.tuned.r<R>.a_os.<key>``.
+    """
+    prefix = TUNED_TAG.format(r_inf=r_inf, key=f"{sampler}." if sampler else "")
     found = {}
     for tag, value in tags.items():
         key = tag[len(prefix):]
-        if tag.startswith(prefix) and key != "run_id":
+        # A dotted key belongs to another sampler's search (a_os.sigma under the plain prefix).
+        if tag.startswith(prefix) and key != "run_id" and "." not in key:
             found[key] = float(value)
     return found
 
@@ -241,9 +286,18 @@ def _settings(config: EvaluateConfig, tags: dict[str, str], r_inf: float) -> tup
     return steps, guidance, {} if config.guidance else tuned
 
 
+def _a_os_options(config: EvaluateConfig, tags: dict[str, str], r_inf: float) -> dict[str, float]:
+    """A-OS's settings: tuned at ``r_inf``, else ``a_os_sigma`` when set, else METHOD.md's."""
+    options = tuned_settings(tags, r_inf, "a_os") if config.use_tuned else {}
+    if "sigma" not in options and config.a_os_sigma:
+        options["sigma"] = float(config.a_os_sigma)
+    return options
+
+
 def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any]]], n_test: int) -> list[Cell]:
     """Every cell of the grid: models x samplers x R_inf x slice chunks, each with its model's
-    sampler settings (:func:`_settings`)."""
+    sampler settings (:func:`_settings`; for ambient models ``a_dps_sigma_min`` and
+    ``a_os_sigma`` where no search set them)."""
     from adps.nn.samplers import DEFAULT_SAMPLER
 
     count = min(n_test, config.slices) if config.slices else n_test
@@ -259,12 +313,17 @@ def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any
             if method == "ambient" and config.a_os and float(r_inf) == r_train:
                 runs.append("a_os")
             steps, guidance, options = _settings(config, tags, float(r_inf))
+            if method == "ambient" and config.a_dps_sigma_min and "sigma_min" not in options:
+                options["sigma_min"] = float(config.a_dps_sigma_min)
             for sampler in runs:
+                # The tuned settings belong to the model's own sampler; A-OS has its own.
+                if sampler == DEFAULT_SAMPLER[method]:
+                    extra = tuple(sorted(options.items()))
+                else:
+                    extra = tuple(sorted(_a_os_options(config, tags, float(r_inf)).items()))
                 for chunk in chunks:
-                    # The tuned settings belong to the model's own sampler, not to the extra A-OS.
-                    extra = tuple(sorted(options.items())) if sampler == DEFAULT_SAMPLER[method] else ()
                     cells.append(Cell(uri, model_label(model_config), method, sampler, r_train, float(r_inf), chunk,
-                                      steps=steps, guidance=guidance, options=extra))
+                                      steps=0 if method in CLASSICAL else steps, guidance=guidance, options=extra))
     return cells
 
 
@@ -329,7 +388,7 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
     """Reconstruct and measure one cell; writes ``<key>.json`` (rows) and ``<key>.npz`` (the
     first slice's reconstruction and reference) and returns the rows."""
     from adps.data.dataset import PreparedSliceDataset
-    from adps.metrics import image_metrics
+    from adps.metrics import image_metrics, posterior_summary
 
     model, _ = load_for_evaluation(cell.model, device, config.tracking_uri)
     model = network_for_sampler(model, cell.sampler, config.compile_mode)
@@ -342,15 +401,24 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
         items = [dataset[i] for i in cell.indices]
     finally:
         dataset.close()
-    batch = stack_batch(items, device)
-    slice_ids = batch["slice_ids"]
+    samples = config.posterior_samples if cell.sampler in STOCHASTIC_SAMPLERS else 1
+    # K samples per slice in one batch: the slices repeated K times, each row its own start noise.
+    batch = stack_batch(items * samples, device)
+    slice_ids = batch["slice_ids"][: len(items)]
     started = time.perf_counter()
     image = reconstruct_batch(
         cell.sampler, model, batch, r_train=cell.r_train, seed=config.seed, acs=acs, amp=config.amp,
         steps=cell.steps or None, guidance=cell.guidance, **dict(cell.options),
     )
     seconds = (time.perf_counter() - started) / len(items)
-    reference = batch["reference"]
+    reference = batch["reference"][: len(items)]
+    extra: dict[str, np.ndarray] = {}
+    calibration = [math.nan] * len(items)
+    if samples > 1:
+        summary = posterior_summary(image.reshape(samples, len(items), *image.shape[1:]), reference)
+        image, calibration = summary["mean"], summary["calibration"].tolist()
+        extra = {"means": summary["mean"].cpu().numpy(), "stds": summary["std"].float().cpu().numpy(),
+                 "references": reference.cpu().numpy()}
     scores = {key: value.tolist() for key, value in image_metrics(reference, image).items()}
     if config.lpips:
         from adps.perceptual import lpips_distance
@@ -360,16 +428,103 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
     for i, slice_id in enumerate(slice_ids):
         row = {"model": cell.label, "method": cell.method, "sampler": cell.sampler, "r_train": cell.r_train,
                "r_inf": cell.r_inf, "slice": slice_id, "seconds": seconds, "steps": cell.steps,
-               "guidance": cell.guidance}
+               "guidance": cell.guidance, "options": ",".join(f"{name}={value:g}" for name, value in cell.options),
+               "samples": samples, "calibration": float(calibration[i])}
         row.update({metric: float(scores[metric][i]) if metric in scores else math.nan for metric in METRICS})
         rows.append(row)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, image=image[0].cpu().numpy(), reference=reference[0].cpu().numpy(),
-                        slice=np.int64(slice_ids[0]))
+                        slice=np.int64(slice_ids[0]), slices=np.asarray(slice_ids, dtype=np.int64), **extra)
     storage.write_bytes_atomic(_cell_path(config, cell, ".npz"), buffer.getvalue())
     # The rows last: a cell counts as done only when its JSON exists.
     storage.write_bytes_atomic(_cell_path(config, cell, ".json"), json.dumps(rows).encode())
     return rows
+
+
+# The denoising check -------------------------------------------------------------------------
+def check_denoisers(
+    models: Sequence[tuple[str, dict[str, Any]]],
+    dataset: str,
+    split: str,
+    *,
+    slices: int = 4,
+    sigmas: Sequence[float] = (0.05, 0.1, 0.2),
+    seed: int = 0,
+    tracking_uri: str | None = None,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Does each model denoise the slices it is about to reconstruct? One row per model and sigma.
+
+    :func:`adps.nn.reconstruct.denoising_check` on the first ``slices`` slices of ``split``
+    for every model with a denoiser (ambient, edm, edm_l1, ncsnv2; the others are skipped): the
+    complex NRMSE of the noisy input and of the model's output, averaged over the slices. An
+    ambient model is fed ``A~^H A~ (x + sigma n)`` with R_train + 1 masks drawn as A-DPS draws
+    its A_tr (:func:`adps.nn.samplers.train_masks`, from ``seed``). A model whose output is not
+    closer to the truth than its input at every sigma is flagged (``passed`` False) and a
+    warning names it: it was trained on data of another convention than ``split`` (schema
+    version, phase, scale) or is not trained at all, and its reconstructions will be poor.
+
+    Returns:
+        rows ``{"model", "uri", "method", "split", "sigma", "input_nrmse", "output_nrmse", "passed"}``
+        (``passed`` is the model's verdict over all sigmas, repeated on each of its rows).
+    """
+    import warnings
+
+    from adps.data.dataset import PreparedSliceDataset
+    from adps.data.shards import read_manifest
+    from adps.nn.reconstruct import DENOISER_METHODS, denoising_check
+    from adps.nn.samplers import train_masks
+
+    checked = [(uri, model_config) for uri, model_config in models if model_config["method"] in DENOISER_METHODS]
+    if not checked:
+        return []
+    manifest = read_manifest(dataset)
+    acceleration = float(manifest["config"]["accelerations"][0])
+    data = PreparedSliceDataset(dataset, split, acceleration=acceleration, keys=("reference", "maps"))
+    try:
+        items = [data[i] for i in range(min(slices, len(data)))]
+    finally:
+        data.close()
+    batch = {key: torch.stack([item[key] for item in items]) for key in ("reference", "maps")}
+    slice_ids = [int(item["slice_id"]) for item in items]
+    rows: list[dict[str, Any]] = []
+    for uri, model_config in checked:
+        method, label = model_config["method"], model_label(model_config)
+        model, _ = load_for_evaluation(uri, device, tracking_uri)
+        train_mask = None
+        if method == "ambient":
+            width = batch["reference"].shape[-1]
+            train_mask = train_masks(width, float(model_config["R"]), len(items), seed, slice_ids,
+                                     acs=manifest["config"].get("acs", 20))
+        found = denoising_check(method, model, batch, sigmas=tuple(sigmas), train_mask=train_mask,
+                                generator=torch.Generator().manual_seed(seed))
+        model_rows = [{"model": label, "uri": uri, "method": method, "split": split, "sigma": sigma,
+                       "input_nrmse": float(errors["input"].mean()), "output_nrmse": float(errors["output"].mean())}
+                      for sigma, errors in found.items()]
+        passed = all(row["output_nrmse"] < row["input_nrmse"] for row in model_rows)
+        rows += [{**row, "passed": passed} for row in model_rows]
+        if not passed:
+            worse = ", ".join(f"sigma {r['sigma']:g}: {r['output_nrmse']:.3f} vs input {r['input_nrmse']:.3f}"
+                              for r in model_rows if r["output_nrmse"] >= r["input_nrmse"])
+            warnings.warn(f"{label} ({uri}) does not denoise the {split} slices of {dataset}: its output is no closer "
+                          f"to the truth than its noisy input ({worse}; complex NRMSE over {len(items)} slices). "
+                          "Was it trained on a dataset of another preparation (schema version, phase convention)? "
+                          "Its reconstructions will not be trustworthy.", stacklevel=2)
+    return rows
+
+
+def format_denoising_check(rows: Sequence[dict[str, Any]]) -> str:
+    """The denoising check as a table: one line per model, input -> output error per sigma."""
+    if not rows:
+        return "(no diffusion model to check)"
+    by_model: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        by_model.setdefault((row["model"], row.get("uri", "")), []).append(row)
+    lines = []
+    for (model, _), found in by_model.items():
+        cells = "  ".join(f"s={r['sigma']:g}: {r['input_nrmse']:.3f} -> {r['output_nrmse']:.3f}" for r in found)
+        lines.append(f"  {model:14s} {'ok    ' if found[0]['passed'] else 'FAILED'}  {cells}")
+    return "\n".join(lines)
 
 
 # The whole evaluation ------------------------------------------------------------------------
@@ -413,6 +568,14 @@ def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress
     dataset = PreparedSliceDataset(config.dataset, "test", acceleration=config.accelerations[0])
     n_test = len(dataset)
     dataset.close()
+    checks: list[dict[str, Any]] = []
+    if config.denoising_check:
+        checks = check_denoisers(models, config.dataset, "test", slices=config.denoising_check_slices,
+                                 sigmas=config.denoising_check_sigmas, seed=config.seed,
+                                 tracking_uri=config.tracking_uri)
+        if progress and checks:
+            print("adps evaluate: denoising check on the test split (complex NRMSE of the noisy input -> the "
+                  "model's output; a model must lower it)\n" + format_denoising_check(checks), flush=True)
     cells = plan_cells(config, models, n_test)
     if progress:
         # One line per setting that came from a Ray Tune search, one for all the others.
@@ -430,17 +593,22 @@ def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress
         if plain:
             steps = f"steps {config.steps} (config)" if config.steps else "the sampler's default steps"
             guidance = f"guidance {config.guidance:g} (config)" if config.guidance else "guidance 1 (default)"
-            print(f"adps evaluate: {plain} other model x R_inf pair(s): {steps}, {guidance}", flush=True)
+            parts = [f"{name} {value:g}" for name, value in (("A-DPS sigma_min", config.a_dps_sigma_min),
+                                                               ("A-OS sigma", config.a_os_sigma)) if value]
+            ambient = f"; ambient models: {', '.join(parts)} (config)" if parts else ""
+            print(f"adps evaluate: {plain} other model x R_inf pair(s): {steps}, {guidance}{ambient}", flush=True)
     rows = run_cells(_cell_task, config.to_dict(), cells, output=config.resolved_output, use_gpu=config.use_gpu,
                      ray_address=ray_address, progress=progress,
                      describe=lambda cell: f"{cell.label} {cell.sampler} R_inf {cell.r_inf:g}")
     rows.sort(key=lambda r: (r["model"], r["sampler"], r["r_inf"], r["slice"]))
     ambient = sorted({r["model"] for r in rows if r["method"] == "ambient"})
-    compared = [r for r in rows if r["sampler"] in ("a_dps", "dps", "ald", "l1_wavelet", "unrolled")]
+    compared = [r for r in rows if r["sampler"] in ("a_dps", "dps", "ald", "l1_wavelet", "unrolled", "zero_filled",
+                                                     "cg_sense")]
     crossovers = crossover_table(compared, ambient, config.reference, metrics=("nrmse", "psnr", "ssim"),
                                  n_boot=config.n_boot, seed=config.seed) if config.reference in {r["model"] for r in rows} else []
-    run_id = _log_to_mlflow(config, rows, crossovers, cells)
-    return {"rows": rows, "crossover": crossovers, "run_id": run_id, "output": config.resolved_output}
+    run_id = _log_to_mlflow(config, rows, crossovers, cells, checks)
+    return {"rows": rows, "crossover": crossovers, "run_id": run_id, "output": config.resolved_output,
+            "denoising_check": checks}
 
 
 def run_cells(
@@ -514,12 +682,13 @@ def publish_report(log: Any, folder: Path, output: str) -> None:
         storage.upload_file_atomic(path, storage.join(output, "report", path.name))
 
 
-def _log_to_mlflow(config: EvaluateConfig, rows: list[dict[str, Any]], crossovers: list, cells: list[Cell]) -> str:
+def _log_to_mlflow(config: EvaluateConfig, rows: list[dict[str, Any]], crossovers: list, cells: list[Cell],
+                   checks: list[dict[str, Any]] = ()) -> str:
     import tempfile
 
     import pandas as pd
 
-    from adps.orchestration.figures import metric_figure, reconstruction_grid
+    from adps.orchestration.figures import metric_figure, posterior_grid, reconstruction_grid
     from adps.orchestration.tracking import RunLogger, end_run, open_run
 
     tracking_uri = config.tracking_uri
@@ -532,15 +701,27 @@ def _log_to_mlflow(config: EvaluateConfig, rows: list[dict[str, Any]], crossover
         table.to_parquet(folder / "results.parquet", index=False)
         table.to_csv(folder / "results.csv", index=False)
         pd.DataFrame([c.as_row() for c in crossovers]).to_csv(folder / "crossover.csv", index=False)
+        if checks:
+            pd.DataFrame(list(checks)).to_csv(folder / "denoising_check.csv", index=False)
         for metric in ("nrmse", "psnr", "ssim"):
             metric_figure(table, metric).savefig(folder / f"{metric}_vs_r.png", dpi=120, bbox_inches="tight")
-        images = {}
+        images, posteriors = {}, {}
         for cell in cells:
-            if cell.indices[0] == 0:
-                with storage.local_copy(_cell_path(config, cell, ".npz")) as path, np.load(path) as data:
-                    images[(f"{cell.label} {cell.sampler}", cell.r_inf)] = (data["image"], data["reference"])
+            with storage.local_copy(_cell_path(config, cell, ".npz")) as path, np.load(path) as data:
+                if cell.indices[0] == 0:
+                    name = cell.label if cell.label == cell.sampler else f"{cell.label} {cell.sampler}"
+                    images[(name, cell.r_inf)] = (data["image"], data["reference"])
+                if "stds" in data:  # K posterior samples: the cells of one (model, sampler, R_inf) together
+                    parts = posteriors.setdefault((cell.label, cell.sampler, cell.r_inf), [])
+                    parts.append((cell.indices[0], {k: data[k] for k in ("means", "stds", "references", "slices")}))
         if images:
             reconstruction_grid(images).savefig(folder / "reconstructions.png", dpi=120, bbox_inches="tight")
+        for (label, sampler, r_inf), parts in sorted(posteriors.items()):
+            arrays = {k: np.concatenate([part[k] for _, part in sorted(parts, key=lambda p: p[0])])
+                      [: config.posterior_figure_slices] for k in ("means", "stds", "references", "slices")}
+            posterior_grid(arrays["means"], arrays["stds"], arrays["references"], slices=arrays["slices"].tolist(),
+                           title=f"{label} {sampler} at R_inf {r_inf:g}: {config.posterior_samples} samples per slice"
+                           ).savefig(folder / f"posterior_{label}_{sampler}_r{r_inf:g}.png", dpi=120, bbox_inches="tight")
         publish_report(log, folder, config.resolved_output)
     metrics = {}
     for c in crossovers:
@@ -548,9 +729,18 @@ def _log_to_mlflow(config: EvaluateConfig, rows: list[dict[str, Any]], crossover
         if c.crossover_r is not None:
             metrics.update({f"crossover_r.{key}": c.crossover_r, f"crossover_margin.{key}": c.margin,
                             f"crossover_ci_low.{key}": c.ci_low, f"crossover_ci_high.{key}": c.ci_high})
+    calibrated = [r for r in rows if r.get("samples", 1) > 1]
+    if calibrated:
+        frame = pd.DataFrame(calibrated).groupby(["model", "sampler", "r_inf"])["calibration"].mean()
+        metrics.update({f"calibration.{model}.{sampler}.r{r_inf:g}": float(value)
+                        for (model, sampler, r_inf), value in frame.items()})
+    for check in checks:
+        key = f"denoising_check.{check['model']}.{check['split']}.s{check['sigma']:g}"
+        metrics.update({f"{key}.input_nrmse": check["input_nrmse"], f"{key}.output_nrmse": check["output_nrmse"]})
     if metrics:
         log.log_metrics(metrics, 0)
-    log.set_tags({"adps.crossover_none": ",".join(f"{c.model}.{c.metric}" for c in crossovers if c.crossover_r is None)})
+    log.set_tags({"adps.crossover_none": ",".join(f"{c.model}.{c.metric}" for c in crossovers if c.crossover_r is None),
+                  "adps.denoising_check_failed": ",".join(sorted({c["model"] for c in checks if not c["passed"]}))})
     end_run(tracking_uri, run_id, "FINISHED")
     return run_id
 

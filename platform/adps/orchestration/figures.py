@@ -1,5 +1,6 @@
 """The evaluation's figures (matplotlib, no display): metrics against R_inf (paper figures 7-9),
-a reconstruction grid with x10 difference images (figure 6), and the natural-image study's
+a reconstruction grid with error maps on one stated scale (figure 6), posterior mean / error /
+standard deviation maps of K samples per slice, and the natural-image study's
 metrics against measurements, downscaling factor or NFE (figures 2-4)."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["metric_figure", "reconstruction_grid", "sweep_figure"]
+__all__ = ["ERROR_SCALE", "metric_figure", "posterior_grid", "reconstruction_grid", "sweep_figure"]
 
 LABELS = {"mse": "MSE (lower is better)", "nrmse": "NRMSE (lower is better)", "psnr": "PSNR in dB (higher is better)",
           "ssim": "SSIM (higher is better)", "lpips": "LPIPS (lower is better)"}
@@ -79,31 +80,95 @@ def sweep_figure(
     return figure
 
 
-def reconstruction_grid(images: Mapping[tuple[str, float], tuple[np.ndarray, np.ndarray]], *, scale: float = 10.0) -> Any:
-    """Rows: (model sampler) pairs, each with a magnitude row and a ``scale`` x difference row;
-    columns: R_inf. ``images[(row name, r_inf)] = (reconstruction, reference)``, complex (H, W)."""
+ERROR_SCALE = 0.25
+"""The error maps' shared colour scale: 0 to this fraction of the reference's peak magnitude."""
+
+
+def _blank(axis: Any) -> None:
+    axis.set_xticks([])
+    axis.set_yticks([])
+    for spine in axis.spines.values():
+        spine.set_visible(False)
+
+
+def reconstruction_grid(
+    images: Mapping[tuple[str, float], tuple[np.ndarray, np.ndarray]], *, error_scale: float = ERROR_SCALE
+) -> Any:
+    """Methods by R_inf at a glance (paper figure 6): one row per (model sampler) pair, one pair of
+    columns per R_inf (the magnitude image, then its error ``| |x^| - |x| |``), and the
+    reference in the first column.
+
+    Every magnitude image shares the grey scale ``[0, max |x|]`` and every error map the one
+    colour scale ``[0, error_scale max |x|]`` (``ERROR_SCALE``: 25 %), stated on the colour
+    bar: errors are comparable across the grid, and only errors beyond the scale saturate.
+    ``images[(row name, r_inf)] = (reconstruction, reference)``, complex ``(H, W)``, the same
+    reference slice throughout.
+    """
     plt = _pyplot()
     rows = sorted({name for name, _ in images})
     columns = sorted({r for _, r in images})
-    figure, axes = plt.subplots(2 * len(rows), len(columns), figsize=(2.2 * len(columns), 4.4 * len(rows)), squeeze=False)
+    reference = np.abs(next(iter(images.values()))[1])
+    peak = float(reference.max()) or 1.0
+    height, width = reference.shape
+    panel = 1.15  # inches per panel: the whole grid fits a screen for a dozen methods
+    aspect = height / width
+    figure, axes = plt.subplots(len(rows), 1 + 2 * len(columns), squeeze=False,
+                                figsize=(panel * (1 + 2 * len(columns)) + 0.9, panel * aspect * len(rows) + 0.6))
+    error_image = None
     for i, name in enumerate(rows):
+        for axis in axes[i]:
+            _blank(axis)
+        axes[i, 0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+        if i == 0:
+            axes[i, 0].imshow(reference, cmap="gray", vmin=0, vmax=peak)
+            axes[i, 0].set_title("reference", fontsize=7)
         for j, r in enumerate(columns):
-            top, bottom = axes[2 * i, j], axes[2 * i + 1, j]
-            for axis in (top, bottom):
-                axis.set_xticks([])
-                axis.set_yticks([])
-            if (name, r) not in images:
-                top.set_visible(False)
-                bottom.set_visible(False)
-                continue
-            image, reference = (np.abs(a) for a in images[(name, r)])
-            peak = float(reference.max()) or 1.0
-            top.imshow(image, cmap="gray", vmin=0, vmax=peak)
-            bottom.imshow(np.clip(scale * np.abs(image - reference), 0, peak), cmap="gray", vmin=0, vmax=peak)
+            top, error = axes[i, 1 + 2 * j], axes[i, 2 + 2 * j]
             if i == 0:
-                top.set_title(f"R_inf = {r:g}", fontsize=8)
-            if j == 0:
-                top.set_ylabel(name, fontsize=7)
-                bottom.set_ylabel(f"x{scale:g} error", fontsize=7)
-    figure.tight_layout()
+                top.set_title(f"R_inf {r:g}", fontsize=7)
+                error.set_title("error", fontsize=7)
+            if (name, r) not in images:
+                continue
+            image = np.abs(images[(name, r)][0])
+            top.imshow(image, cmap="gray", vmin=0, vmax=peak)
+            error_image = error.imshow(np.abs(image - reference), cmap="magma", vmin=0, vmax=error_scale * peak)
+    figure.subplots_adjust(left=0.16, right=0.88, wspace=0.04, hspace=0.04)
+    if error_image is not None:
+        # Its own axes right of the grid: a colour bar stolen from the panels would cover them.
+        bar = figure.colorbar(error_image, cax=figure.add_axes((0.9, 0.3, 0.015, 0.4)))
+        bar.set_label(f"| |x^| - |x| |, 0 to {error_scale:.0%} of max |x|", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
+    return figure
+
+
+def posterior_grid(means: np.ndarray, stds: np.ndarray, references: np.ndarray, *, title: str = "",
+                   slices: Sequence[int] = (), error_scale: float = ERROR_SCALE) -> Any:
+    """K posterior samples per slice, summarised: one column per slice, rows the posterior mean's
+    magnitude, its error ``| |mean| - |x| |`` and twice the samples' standard deviation (where
+    the error should mostly lie), the last two on one shared colour scale ``[0, error_scale
+    max |x|]``. ``means``, ``references``: complex ``(N, H, W)``; ``stds``: real ``(N, H, W)``."""
+    plt = _pyplot()
+    n, height, width = references.shape
+    panel = 1.3
+    figure, axes = plt.subplots(3, n, squeeze=False, figsize=(panel * n + 1.2, panel * 3 * height / width + 0.6))
+    images = None
+    for k in range(n):
+        reference = np.abs(references[k])
+        peak = float(reference.max()) or 1.0
+        mean = np.abs(means[k])
+        axes[0, k].imshow(mean, cmap="gray", vmin=0, vmax=peak)
+        axes[1, k].imshow(np.abs(mean - reference) / peak, cmap="magma", vmin=0, vmax=error_scale)
+        images = axes[2, k].imshow(2 * stds[k] / peak, cmap="magma", vmin=0, vmax=error_scale)
+        axes[0, k].set_title(f"slice {slices[k]}" if len(slices) > k else f"slice {k}", fontsize=7)
+        for row in range(3):
+            _blank(axes[row, k])
+    for row, label in enumerate(("posterior mean", "error", "2 x std")):
+        axes[row, 0].set_ylabel(label, fontsize=7)
+    figure.subplots_adjust(left=0.1, right=0.86, wspace=0.04, hspace=0.06)
+    if images is not None:
+        bar = figure.colorbar(images, cax=figure.add_axes((0.88, 0.12, 0.02, 0.5)))
+        bar.set_label(f"fraction of max |x| (0 to {error_scale:.0%})", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
+    if title:
+        figure.suptitle(title, fontsize=8)
     return figure

@@ -59,6 +59,7 @@ from adps.data.shards import (
     ShardInfo,
     check_shard_names,
     read_json,
+    schema_version_message,
     shard_name,
     slice_checksum,
     verify_shard,
@@ -456,11 +457,11 @@ def _load_recorded(config: PrepareConfig) -> tuple[dict[str, Any] | None, dict[s
             found[name] = None
             continue
         document = read_json(uri)
-        if document.get("format") != FORMAT_NAME or document.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(
-                f"{uri}: not an adps prepared dataset of schema version {SCHEMA_VERSION}; "
-                "choose another output folder or delete this one"
-            )
+        if document.get("format") != FORMAT_NAME:
+            raise ValueError(f"{uri}: not an adps prepared dataset; choose another output folder or delete this one")
+        if document.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"{schema_version_message(uri, document.get('schema_version'))}; or delete this "
+                             "folder to prepare into it again")
         # A resume hashes every recorded shard: never one outside the output folder.
         check_shard_names(document, uri)
         differences = _config_differences(document.get("config", {}), config)

@@ -58,7 +58,7 @@ from adps.nn.checkpoint import load_model, save_model
 from adps.nn.ema import EMA, unwrap_model
 from adps.nn.reconstruct import image_validation_mse, validation_nrmse
 from adps.nn.train_config import TrainConfig
-from adps.nn.train_step import BATCH_KEYS, build_model, make_optimizer, train_step
+from adps.nn.train_step import BATCH_KEYS, LossBySigma, build_model, make_optimizer, train_step
 from adps.nn.unet import set_activation_checkpointing
 
 if TYPE_CHECKING:
@@ -444,6 +444,8 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
     # Page-locked batches make the copy to the GPU asynchronous (train_step moves them non-blocking).
     pin_memory = next(trainee.model.parameters()).device.type == "cuda"
     metrics: dict[str, Any] = {"step": trainee.step}
+    # The loss binned by sigma between two logs (this rank's samples): docs/evaluation.md.
+    by_sigma = LossBySigma()
     while trainee.step < total:
         epoch, position = divmod(trainee.step, per_epoch)
         share = worker_share(n, ctx.world_size, ctx.rank, epoch, config.seed)
@@ -453,6 +455,8 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
         with Prefetcher(source, config.prefetch_batches, pin_memory=pin_memory) as batches:
             for batch in batches:
                 out = train_one_step(trainee, batch)
+                if "sigma" in out:
+                    by_sigma.add(out["sigma"], out["sample_loss"])
                 # Every rank agrees on a skip (train_step decides it together), so every rank counts
                 # the same and stops at the same step.
                 skipped_steps += out["skipped"]
@@ -490,7 +494,7 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
                     return metrics
                 if ctx.log is not None and (trainee.step % config.log_every_steps == 0 or "val_nrmse" in metrics
                                             or "val_mse" in metrics or trainee.step == total):
-                    ctx.log(metrics, trainee.step)
+                    ctx.log({**metrics, **by_sigma.means()}, trainee.step)
                 if trainee.step % config.checkpoint_every_steps == 0 or trainee.step == total:
                     checkpoint_and_report(metrics, epoch, position)
                 elif trainee.step % config.log_every_steps == 0:

@@ -21,6 +21,10 @@ figure 4) on the parent run; ``best.json`` also in the experiment folder. When t
 * ``adps.tuned.r<R_inf:g>.<param>`` for every searched param (``guidance``, ``steps``, ...);
 * ``adps.tuned.r<R_inf:g>.run_id``: the parent run's id.
 
+A search of an ambient model's A-OS (``sampler: a_os``, ``tune_spaces/a_os.yaml``; at ``r_inf``
+= R_train only) tags ``adps.tuned.r<R_inf:g>.a_os.<param>`` instead, so that its ``sigma`` is
+not mistaken for a setting of the model's own sampler, A-DPS.
+
 (:func:`adps.orchestration.evaluate.tuned_settings` reads them.) Ray Tune writes TensorBoard
 logs into each trial folder (tensorboardX is installed with Ray Tune here).
 
@@ -42,7 +46,7 @@ each with a ``run_id``.
 
 Search-space files (``tune_spaces/*.yaml``, one per sampler family)::
 
-    sampler: adps            # adps (= a_dps), dps, ald; image_dps for natural-image models
+    sampler: adps            # adps (= a_dps), a_os, dps, ald; image_dps for natural-image models
     objective: {metric: nrmse, mode: min}   # metric: nrmse | psnr | ssim (image_dps: mse | psnr); mode: min | max
     params:                  # name: spec; names the sampler takes (see SAMPLER_PARAMS)
       guidance: {type: loguniform, low: 0.1, high: 10.0}   # low > 0, low < high
@@ -82,12 +86,14 @@ __all__ = [
     "tune_search",
 ]
 
-SAMPLER_FAMILIES = {"adps": "a_dps", "a_dps": "a_dps", "dps": "dps", "ald": "ald", "image_dps": "image"}
+SAMPLER_FAMILIES = {"adps": "a_dps", "a_dps": "a_dps", "a_os": "a_os", "dps": "dps", "ald": "ald",
+                    "image_dps": "image"}
 """A space file's ``sampler`` -> the :func:`adps.nn.samplers.run_sampler` name (``image``: the
 natural-image samplers, :func:`adps.nn.image_samplers.image_sampler_for` picks A-DPS or DPS
 from the model)."""
 SAMPLER_PARAMS = {
     "a_dps": ("guidance", "steps", "sigma_max", "sigma_min", "rho", "churn"),
+    "a_os": ("sigma",),
     "dps": ("guidance", "steps", "sigma_max", "sigma_min", "rho", "churn"),
     "ald": ("steps", "step_scale", "likelihood_weight", "noise_std"),
     "image": ("guidance", "steps", "sigma_max", "sigma_min", "rho"),
@@ -537,11 +543,11 @@ def _max_concurrent(config: SearchConfig) -> int:
 
 def _model_info(config: SearchConfig, space: SearchSpace) -> tuple[str, dict[str, Any]]:
     from adps.nn.samplers import METHOD_SAMPLERS
-    from adps.orchestration.evaluate import load_for_evaluation, model_uri
+    from adps.orchestration.evaluate import CLASSICAL, load_for_evaluation, model_uri
 
     uri = model_uri(config.model)
-    if uri == "l1":
-        raise ValueError("config key 'model': l1 has no sampler settings to search")
+    if uri in CLASSICAL:
+        raise ValueError(f"config key 'model': {uri} has no sampler settings to search")
     _, model_config = load_for_evaluation(uri, "cpu", config.tracking_uri)
     method = model_config.get("method")
     if method == "image" or space.sampler == "image":
@@ -551,6 +557,12 @@ def _model_info(config: SearchConfig, space: SearchSpace) -> tuple[str, dict[str
         raise ValueError(f"config key 'task': {config.task!r} is for natural-image models; model {config.model} "
                          f"has method {method!r} (an MRI search takes 'r_inf')")
     expected = METHOD_SAMPLERS.get(model_config["method"])
+    if method == "ambient" and space.sampler == "a_os":
+        # A-OS is in-distribution only where the acquisition is at the training acceleration.
+        if float(config.r_inf) != float(model_config["R"]):
+            raise ValueError(f"config key 'r_inf': A-OS is searched at R_inf = R_train only; model {config.model} "
+                             f"was trained at R {float(model_config['R']):g}, r_inf is {config.r_inf:g}")
+        return uri, model_config
     if expected != space.sampler:
         raise ValueError(f"{space.path}: key 'sampler': {space.family!r} ({space.sampler}) does not reconstruct with "
                          f"model {config.model} (method {model_config['method']}, sampler {expected})")
@@ -662,6 +674,8 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
               "space_mode": space.mode, "space_params": json.dumps(space.params, sort_keys=True)}
     run_id, _ = open_run(config.tracking_uri, config.experiment, path, name, params,
                          tags={"adps.model": uri, "adps.model_label": label, **plan["tags"]})
+    if space.sampler != "image":
+        _check_denoiser(config, uri, model_config, run_id, progress)
 
     function, extra = plan["trainable"]
     trainable = tune.with_resources(
@@ -705,7 +719,28 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
     grid = tuner.fit()
     trials = _trial_rows(grid, space, n_batches)
     return _finish(config, space, trials, run_id=run_id, path=path, resumed=resumed, label=label, n_batches=n_batches,
-                   title=f"{plan['title']} ({space.sampler})")
+                   title=f"{plan['title']} ({space.sampler})", method=model_config.get("method", ""))
+
+
+def _check_denoiser(config: SearchConfig, uri: str, model_config: dict[str, Any], run_id: str, progress: bool) -> None:
+    """The evaluation's denoising check (:func:`adps.orchestration.evaluate.check_denoisers`) on
+    the searched split, before any trial: a model that does not denoise these slices is warned
+    about and tagged ``adps.denoising_check_failed`` on the search's run (its settings would be
+    tuned to a mismatch)."""
+    from adps.orchestration.evaluate import check_denoisers, format_denoising_check
+    from adps.orchestration.tracking import RunLogger
+
+    checks = check_denoisers([(uri, model_config)], config.dataset, config.split, slices=4, seed=config.seed,
+                             tracking_uri=config.tracking_uri)
+    if not checks:
+        return
+    if progress:
+        print(f"adps tune: denoising check on the {config.split} split (complex NRMSE of the noisy input -> the "
+              "model's output)\n" + format_denoising_check(checks), flush=True)
+    log = RunLogger(config.tracking_uri, run_id)
+    log.log_metrics({f"denoising_check.{c['split']}.s{c['sigma']:g}.{kind}_nrmse": c[f"{kind}_nrmse"]
+                     for c in checks for kind in ("input", "output")}, 0)
+    log.set_tags({"adps.denoising_check_failed": "" if checks[0]["passed"] else checks[0]["model"]})
 
 
 def truncated_search_state(path: str) -> list[str]:
@@ -767,7 +802,7 @@ def _best(trials: list[dict[str, Any]], space: SearchSpace) -> dict[str, Any] | 
 
 
 def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any]], *, run_id: str, path: str,
-            resumed: bool, label: str, n_batches: int, title: str) -> dict[str, Any]:
+            resumed: bool, label: str, n_batches: int, title: str, method: str = "") -> dict[str, Any]:
     from adps.orchestration.tracking import RunLogger, end_run, open_run
 
     uri = config.tracking_uri
@@ -810,15 +845,17 @@ def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any
         parent.log_metrics({f"best_{space.metric}": best["value"]}, 0)
         parent.set_tags({"adps.best." + k: v for k, v in best["settings"].items()})
         if config.tag_model and config.model.startswith("models:/"):
-            version = _tag_version(config, best, run_id)
+            version = _tag_version(config, best, run_id, sampler=space.sampler, model_method=method)
     parent.set_tags({"adps.trials": len(trials), "adps.resumed": str(resumed).lower()})
     end_run(uri, run_id, "FINISHED" if best is not None else "FAILED")
     return {"best": best, "trials": trials, "run_id": run_id, "path": path, "resumed": resumed, "version": version}
 
 
-def _tag_version(config: SearchConfig, best: dict[str, Any], run_id: str) -> Any:
+def _tag_version(config: SearchConfig, best: dict[str, Any], run_id: str, *, sampler: str = "",
+                 model_method: str = "") -> Any:
     from mlflow import MlflowClient
 
+    from adps.nn.samplers import METHOD_SAMPLERS
     from adps.orchestration.evaluate import TUNED_TAG, model_version_of
 
     version = model_version_of(config.model, config.tracking_uri)
@@ -831,7 +868,9 @@ def _tag_version(config: SearchConfig, best: dict[str, Any], run_id: str) -> Any
         if config.task:  # the task's tag (what the image evaluation reads) and the setting's own
             tags = [IMAGE_TUNED_TAG.format(task=task, key=key) for task in (config.task, config.image_setting)]
         else:
-            tags = [TUNED_TAG.format(r_inf=float(config.r_inf), key=key)]
+            # The model's own sampler owns the plain keys; another sampler's (A-OS) are prefixed.
+            tagged = key if METHOD_SAMPLERS.get(model_method) == sampler else f"{sampler}.{key}"
+            tags = [TUNED_TAG.format(r_inf=float(config.r_inf), key=tagged)]
         for tag in tags:
             client.set_model_version_tag(version.name, version.version, tag, str(value))
     return client.get_model_version(version.name, version.version)
