@@ -234,13 +234,17 @@ def test_compile_mode_compiles_the_iterative_samplers_network_in_one_graph(
 def test_fid_samples_each_prior_and_logs_the_table(
     ray_session, tiny_prepared: str, tiny_models: dict[str, Path], tmp_path: Path, monkeypatch
 ) -> None:
-    """adps fid on local Ray: EDM (Heun), NCSNv2 (Langevin) and ambient (A-DPS without data
-    term) give an FID and a sample grid; a method without a prior is listed with the reason."""
+    """adps fid on local Ray: one prior sampler for every EDM-preconditioned model (EDM Heun, for
+    the ambient model too), Langevin over the full range for NCSNv2, each logged with its settings;
+    each FID is the FID of that sampler's samples against the split's references (recomputed
+    here); a method without a prior is listed with the reason."""
     from mlflow import MlflowClient
     from torchvision.models import vgg16
 
-    from adps.orchestration.fid import FidConfig, format_fid_table, run_fid
-    from adps.perceptual import WEIGHT_FILES
+    from adps.data.dataset import PreparedSliceDataset
+    from adps.orchestration.evaluate import load_for_evaluation
+    from adps.orchestration.fid import FidConfig, format_fid_table, run_fid, unconditional_samples
+    from adps.perceptual import WEIGHT_FILES, fid
 
     # Random VGG16 convolution weights (the FID reads only features.*; no 500 MB classifier).
     weights = tmp_path / WEIGHT_FILES["vgg16"]
@@ -254,17 +258,31 @@ def test_fid_samples_each_prior_and_logs_the_table(
     result = run_fid(config)
     by_model = {row["model"]: row for row in result["rows"]}
     assert set(by_model) == {"edm_r1", "ncsnv2_r1", "ambient_r2", "l1"}
-    for name, paper in (("edm_r1", 10.41), ("ncsnv2_r1", 13.20), ("ambient_r2", 30.34)):
-        assert by_model[name]["fid"] is not None and by_model[name]["fid"] >= 0
-        assert by_model[name]["paper_fid"] == paper
+    heun = "sampler=prior_heun steps=3 sigma_max=80 sigma_min=0.002 rho=7"
+    assert by_model["edm_r1"]["sampler"] == by_model["ambient_r2"]["sampler"] == heun
+    ncsn_model, _ = load_for_evaluation(str(ncsnv2), "cpu")
+    assert by_model["ncsnv2_r1"]["sampler"].startswith(
+        f"sampler=ald steps=3 steps_per_level=3 sigma_start={float(ncsn_model.sigmas()[0]):g} ")
+    dataset = PreparedSliceDataset(tiny_prepared, "train", acceleration=2)
+    items = [dataset[i] for i in range(len(dataset))]
+    dataset.close()
+    real = torch.stack([item["reference"] for item in items])
+    maps = torch.stack([item["maps"] for item in items])
+    for name, path in (("edm_r1", tiny_models["edm_r1"]), ("ncsnv2_r1", ncsnv2), ("ambient_r2", tiny_models["ambient_r2"])):
+        model, model_config = load_for_evaluation(str(path), "cpu")
+        fake = unconditional_samples(model_config["method"], model, 4, tuple(real.shape[-2:]), steps=3, batch=2,
+                                     maps=maps, train_acceleration=float(model_config["R"]), acs=4)
+        assert by_model[name]["fid"] == pytest.approx(fid(real, fake, "vgg16", weights=weights, method="eigh"),
+                                                      rel=1e-4), name
     assert by_model["l1"]["fid"] is None and "no unconditional sampler" in by_model["l1"]["note"]
     client = MlflowClient()
     run = client.get_run(result["run_id"])
     assert set(run.data.metrics) == {"fid.edm_r1", "fid.ncsnv2_r1", "fid.ambient_r2"}
+    assert run.data.tags["adps.fid_sampler.ambient_r2"] == heun
     artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
     assert {"fid.csv", "samples_edm_r1.png", "samples_ncsnv2_r1.png", "samples_ambient_r2.png"} <= artifacts
     table = format_fid_table(result["rows"])
-    assert "edm_r1" in table and "10.41" in table
+    assert "ambient_r2" in table and heun in table
 
     missing = config.replace(fid_weights=str(tmp_path / "nowhere.pth"))
     with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):

@@ -187,7 +187,9 @@ def test_evaluation_writes_table_figures_and_crossover_and_resumes(
     assert {(c["model"], c["reference"], c["task"], c["metric"]) for c in first["crossover"]} == {
         ("p0.6", "p0", task, metric) for task in ("cs", "sr", "nfe") for metric in ("mse", "lpips")}
     for c in first["crossover"]:
-        assert c["crossover"] is None or (c["margin"] > 0 and c["ci_low"] <= c["margin"] <= c["ci_high"])
+        assert c["outcome"] in ("crossover", "inconclusive", "none")
+        assert c["crossover"] is None or (c["outcome"] == "crossover" and c["ci_low"] > 0)
+        assert c["outcome"] == "none" or (c["margin"] > 0 and c["ci_low"] <= c["margin"] <= c["ci_high"])
 
     # Files: under the output folder and as MLflow artifacts.
     names = {"results.csv", "results.parquet", "crossover.csv", *(figure for figure, _, _ in FIGURES.values())}
@@ -207,10 +209,14 @@ def test_evaluation_writes_table_figures_and_crossover_and_resumes(
     metrics = run.data.metrics
     assert {"mse.p0.6.cs.m64", "lpips.p0.sr.x4", "mse.pinv.cs.m256", "mse.p0.nfe.nfe7"} <= set(metrics)
     assert metrics["mse.pinv.sr.x2"] == pytest.approx(sum(pinv[("sr", 2, i)] for i in range(3)) / 3)
-    none = set(filter(None, run.data.tags["adps.crossover_none"].split(",")))
+    # Each (model, task, metric) has one of the three outcomes, said once: a metric or a tag.
+    tagged = {outcome: set(filter(None, run.data.tags[f"adps.crossover_{outcome}"].split(",")))
+              for outcome in ("none", "inconclusive")}
     for c in first["crossover"]:
         key = f"{c['model']}.{c['task']}.{c['metric']}"
-        assert (f"crossover.{key}" in metrics) != (key in none)
+        said = [f"crossover.{key}" in metrics, key in tagged["inconclusive"], key in tagged["none"]]
+        assert said == [c["outcome"] == o for o in ("crossover", "inconclusive", "none")], (key, said)
+        assert (f"crossover_inconclusive.{key}" in metrics) == (c["outcome"] == "inconclusive")
     text = format_image_results(rows)
     assert "p0.6 a_dps_image" in text and "cs m 64" in text and "sr x4" in text
 

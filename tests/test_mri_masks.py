@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,3 +78,30 @@ def test_all_lines_for_r1() -> None:
 def test_bad_input(call, message: str) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_tr_is_a_fresh_draw_never_the_acquisition() -> None:
+    """At R_inf = R_train with the same user seed for preparation and evaluation, A-DPS's A_tr
+    (``train_masks``) overlaps the acquired columns outside the ACS as much as an independent
+    draw does on average (each such column acquired with probability (floor(W/R) - acs) /
+    (W - acs)), not fully, as it did when both drew from one stream (the stored R + 1 mask, a
+    subset of the acquisition). The acquisition draw itself is unchanged."""
+    from adps.mri.masks import DRAWS
+    from adps.nn.samplers import train_masks
+
+    width, r, acs, seed = 64, 4, 8, 0
+    ids = list(range(400))
+    a_tr = train_masks(width, r, len(ids), seed, ids, acs=acs).numpy()
+    outside = np.setdiff1d(np.arange(width), acs_columns(width, acs))
+    overlaps, same_stream = [], []
+    for row, slice_id in zip(a_tr, ids, strict=True):
+        acquired, stored_further = slice_masks(width, r, seed=seed, slice_id=slice_id, acs=acs)
+        chosen = outside[row[outside]]
+        overlaps.append(acquired.numpy()[chosen].mean())
+        same_stream.append(acquired.numpy()[outside[stored_further.numpy()[outside]]].mean())
+    expected = (width // r - acs) / (width - acs)
+    assert abs(float(np.mean(overlaps)) - expected) < 0.03, (np.mean(overlaps), expected)
+    assert float(np.mean(same_stream)) == 1.0  # the old draw: always inside the acquisition
+    assert set(DRAWS) == {"acquisition", "a_tr"}
+    with pytest.raises(ValueError, match="draw must be one of"):
+        slice_masks(width, r, seed=seed, slice_id=0, acs=acs, draw="other")

@@ -528,3 +528,32 @@ def test_run_sampler_passes_schedule_and_sampler_options(problem: dict) -> None:
     assert torch.equal(out, direct)
     with pytest.raises(TypeError, match="step_scale"):
         smp.run_sampler("dps", model, problem["y"], problem["operator"], steps=5, step_scale=0.5)
+
+
+def test_every_edm_preconditioned_model_samples_its_prior_with_edm_heun(net_problem: dict) -> None:
+    """Table 1's FIDs compare models, not samplers (METHOD.md "prior"): EDM, L1-EDM and ambient
+    models all call their network at Heun's levels (18 steps from sigma 80 to 0.002, rho 7: 35
+    calls), the ambient one fed [A_tr^H A_tr x, mask_tr]; NCSNv2 anneals from its largest level."""
+    from adps.orchestration.fid import fid_sampler, unconditional_samples
+
+    heun = default_sigmas("prior_heun").tolist()
+    # Each level once, and once more for the correction at it (all but the first and the final 0).
+    expected = [heun[0]] + [s for s in heun[1:-1] for _ in range(2)]
+    for method in ("edm", "edm_l1", "ambient"):
+        torch.manual_seed(0)
+        model = build_model(method, "tiny")
+        seen: list[float] = []
+        model.register_forward_hook(lambda module, args, out, seen=seen: seen.append(float(args[1][0])))
+        samples = unconditional_samples(method, model, 2, (16, 16), batch=2, maps=net_problem["maps"],
+                                        train_acceleration=2, acs=ACS)
+        assert samples.shape == (2, 16, 16) and torch.isfinite(torch.view_as_real(samples)).all()
+        assert len(seen) == 35 and sorted(seen, reverse=True) == pytest.approx(expected, rel=1e-5), method
+        assert fid_sampler(method) == {"sampler": "prior_heun", "steps": 18, "sigma_max": 80.0, "sigma_min": 0.002,
+                                       "rho": 7.0}
+    ncsnv2 = build_model("ncsnv2", "tiny")
+    settings = fid_sampler("ncsnv2", ncsnv2, steps=30)
+    assert settings["sampler"] == "ald" and settings["sigma_start"] == pytest.approx(float(ncsnv2.sigmas()[0]))
+    levels: list[float] = []
+    ncsnv2.register_forward_hook(lambda module, args, out: levels.append(float(torch.as_tensor(args[1]).max())))
+    unconditional_samples("ncsnv2", ncsnv2, 1, (16, 16), steps=30)
+    assert max(levels) == pytest.approx(float(ncsnv2.sigmas()[0]), rel=1e-5)

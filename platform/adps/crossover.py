@@ -5,9 +5,20 @@ Input is the evaluation's tidy results table, one row per (model, R_inf, slice) 
 columns (``nrmse``, ``psnr``, ``ssim``, ``lpips``). For an ambient model and a metric, the
 comparison at each R_inf is *paired by slice*: ``d_s = sign * (metric_ambient(s) -
 metric_reference(s))`` with ``sign`` chosen so that ``d_s > 0`` means the ambient model did
-better on slice ``s`` (lower NRMSE / LPIPS, higher PSNR / SSIM). The cross-over is the smallest
-R_inf whose mean ``d`` is positive; its margin is that mean, with a percentile bootstrap
-confidence interval over slices (resampling slices, keeping the pairs).
+better on slice ``s`` (lower NRMSE / LPIPS, higher PSNR / SSIM), summarised by its mean (the
+margin) and a percentile bootstrap confidence interval over slices (resampling slices, keeping
+the pairs) at ``level`` (0.95).
+
+A cross-over needs evidence, and it must last (METHOD.md "What the paper reports"). Scanning
+the R_inf the two models share, from the smallest:
+
+* **crossover**: the smallest R_inf from which the model wins *significantly* (the interval
+  lies above 0) at that R_inf and at every higher one evaluated;
+* **inconclusive**: no such R_inf, but from some R_inf on the *means* favour the model at every
+  higher one; the smallest such R_inf is reported with its margin and interval (which
+  includes 0 somewhere from there on);
+* **none**: the model does not stay ahead: from every R_inf on, the clean model is as good or
+  better somewhere (a win at R_inf 6 lost again at 8 is no cross-over).
 
 The natural-image evaluation (:mod:`adps.orchestration.image_evaluate`) uses the same
 functions on its own axes: it passes each task's difficulty as ``r_inf`` (``1 /
@@ -24,10 +35,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["HIGHER_IS_BETTER", "CrossOver", "bootstrap_mean_ci", "crossover", "crossover_table", "paired_differences"]
+__all__ = ["HIGHER_IS_BETTER", "OUTCOMES", "CrossOver", "bootstrap_mean_ci", "crossover", "crossover_table",
+           "paired_differences"]
 
 HIGHER_IS_BETTER = {"nrmse": False, "psnr": True, "ssim": True, "lpips": False, "mse": False}
 """Direction of each metric of the results tables (``mse``: the natural-image evaluation's)."""
+
+
+OUTCOMES = ("crossover", "inconclusive", "none")
+"""The three answers of :func:`crossover` (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -38,14 +54,23 @@ class CrossOver:
     reference: str
     metric: str
     crossover_r: float | None
-    """Smallest R_inf at which ``model`` beats ``reference`` on average; None if it never does."""
+    """``outcome`` ``crossover``: the cross-over R_inf; ``inconclusive``: the smallest R_inf from
+    which the means favour ``model`` (not a cross-over); ``none``: None."""
     margin: float | None
     """Mean paired improvement at ``crossover_r`` (in the metric's units; positive = better)."""
     ci_low: float | None
     ci_high: float | None
-    """Bootstrap confidence interval of the margin."""
+    """Bootstrap confidence interval of the margin at ``level``."""
     n_slices: int
-    """Slices paired at ``crossover_r`` (0 when there is no cross-over)."""
+    """Slices paired at ``crossover_r`` (0 when there is none)."""
+    outcome: str = "none"
+    """``crossover``, ``inconclusive`` or ``none`` (:data:`OUTCOMES`)."""
+    level: float = 0.95
+    """Confidence level of the intervals."""
+
+    @property
+    def is_crossover(self) -> bool:
+        return self.outcome == "crossover"
 
     def as_row(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,21 +116,42 @@ def crossover(
     level: float = 0.95,
     seed: int = 0,
 ) -> CrossOver:
-    """The cross-over of ``model`` against ``reference`` on ``metric`` (see the module docstring).
+    """The cross-over of ``model`` against ``reference`` on ``metric`` (see the module docstring:
+    ``crossover``, ``inconclusive`` or ``none``).
 
     Args:
         rows: the results table (dicts with ``model``, ``r_inf``, ``slice`` and metric keys).
         model: e.g. ``ambient_r4``; reference: e.g. ``edm_r1`` (FS-DPS).
-        n_boot: bootstrap resamples; level: confidence level; seed: the bootstrap's seed.
+        n_boot: bootstrap resamples; level: confidence level (0 < level < 1); seed: the
+            bootstrap's seed.
     """
+    if not 0 < level < 1:
+        raise ValueError(f"crossover: level must be in (0, 1), got {level}")
     accelerations = sorted({float(r["r_inf"]) for r in rows if r["model"] == model}
                            & {float(r["r_inf"]) for r in rows if r["model"] == reference})
+    found = []  # (r_inf, differences, mean, low, high) per R_inf with paired slices
     for r_inf in accelerations:
         d = paired_differences(rows, model, reference, metric, r_inf)
-        if d.size and d.mean() > 0:
+        if d.size:
             low, high = bootstrap_mean_ci(d, n_boot=n_boot, level=level, seed=seed)
-            return CrossOver(model, reference, metric, r_inf, float(d.mean()), low, high, int(d.size))
-    return CrossOver(model, reference, metric, None, None, None, None, 0)
+            found.append((r_inf, d, float(d.mean()), low, high))
+
+    def first_lasting(wins: Any) -> int | None:
+        """The index from which ``wins`` holds at every R_inf up to the last, or None."""
+        start = None
+        for index, entry in enumerate(found):
+            if not wins(entry):
+                start = None
+            elif start is None:
+                start = index
+        return start
+
+    for outcome, wins in (("crossover", lambda e: e[3] > 0), ("inconclusive", lambda e: e[2] > 0)):
+        start = first_lasting(wins)
+        if start is not None:
+            r_inf, d, mean, low, high = found[start]
+            return CrossOver(model, reference, metric, r_inf, mean, low, high, int(d.size), outcome, level)
+    return CrossOver(model, reference, metric, None, None, None, None, 0, "none", level)
 
 
 def crossover_table(

@@ -453,8 +453,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     print("\n" + format_results(evaluation["rows"], "nrmse"))
     print("\n" + format_results(evaluation["rows"], "psnr"))
     print("\n" + format_results(evaluation["rows"], "ssim"))
-    print("\ncross-over: the smallest R_inf at which each ambient model beats edm_r1 (FS-DPS), with the margin "
-          "and its bootstrap 95% CI over slices\n" + format_crossover(evaluation["crossover"]))
+    print("\ncross-over against edm_r1 (FS-DPS): crossover = the smallest R_inf from which the ambient model beats it "
+          "with every bootstrap interval over slices above 0; inconclusive = from there the means favour it, the "
+          "intervals do not; none = it does not stay ahead\n" + format_crossover(evaluation["crossover"]))
     verdict = demo_verdict(evaluation["rows"], ambient_r_inf=max(config.accelerations))
     if verdict:
         print(f"\nwhat the table shows (mean NRMSE over the {len({r['slice'] for r in evaluation['rows']})} test "

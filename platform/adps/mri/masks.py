@@ -8,9 +8,14 @@ columns are kept in every row, so it broadcasts over coils and rows. METHOD.md:
 * the *further-corrupted* mask used by ambient training deletes random non-ACS columns of the
   ``R`` mask until ``floor(W / (R + 1))`` remain, so it is a subset of the ``R`` mask.
 
-Every random draw comes from a ``numpy`` generator seeded with ``(seed, slice_id, purpose, R)``
+Every random draw comes from a ``numpy`` generator seeded with ``(seed, slice_id, stream, R)``
 through ``SeedSequence``: masks of different slices are independent, the same slice always gets
 the same masks, and the R mask and its further-corrupted mask use separate streams.
+
+Two *draws* exist (:data:`DRAWS`), each with its own pair of streams: ``"acquisition"`` (the
+masks ``adps prepare`` stores: what was measured) and ``"a_tr"`` (A-DPS's training-corruption
+masks ``A_tr``, drawn at sampling time). Their streams differ, so whatever seeds a user gives
+preparation and evaluation, A_tr is an independent draw and never the slice's own stored mask.
 """
 
 from __future__ import annotations
@@ -22,9 +27,15 @@ import torch
 
 DEFAULT_ACS = 20
 
-# Stream tags keep the draws for different purposes independent of each other.
-_STREAM_MASK = 1
-_STREAM_FURTHER = 2
+# Stream tags keep the draws for different purposes independent of each other: (R mask, R + 1 mask).
+DRAWS: dict[str, tuple[int, int]] = {"acquisition": (1, 2), "a_tr": (3, 4)}
+"""The mask draws and their ``(R mask, further-corrupted mask)`` stream tags."""
+
+
+def _streams(draw: str) -> tuple[int, int]:
+    if draw not in DRAWS:
+        raise ValueError(f"draw must be one of {', '.join(DRAWS)}, got {draw!r}")
+    return DRAWS[draw]
 
 
 def acs_columns(width: int, acs: int = DEFAULT_ACS) -> np.ndarray:
@@ -55,6 +66,7 @@ def column_mask(
     seed: int,
     slice_id: int,
     acs: int = DEFAULT_ACS,
+    draw: str = "acquisition",
 ) -> torch.Tensor:
     """Random column mask at acceleration ``R``: ACS plus random others, ``floor(W/R)`` in all.
 
@@ -64,10 +76,12 @@ def column_mask(
         seed: experiment seed.
         slice_id: identifier of the slice (an integer unique within the dataset).
         acs: number of central columns always kept.
+        draw: ``"acquisition"`` or ``"a_tr"`` (:data:`DRAWS`): which independent stream.
 
     Returns:
         Boolean tensor of shape ``(W,)``.
     """
+    stream = _streams(draw)[0]
     n_lines = lines_at(width, acceleration)
     acs_idx = acs_columns(width, acs)
     if n_lines < acs:
@@ -78,7 +92,7 @@ def column_mask(
     mask = np.zeros(width, dtype=bool)
     mask[acs_idx] = True
     others = np.setdiff1d(np.arange(width), acs_idx)
-    rng = _generator(seed, slice_id, _STREAM_MASK, acceleration)
+    rng = _generator(seed, slice_id, stream, acceleration)
     mask[rng.choice(others, size=n_lines - acs, replace=False)] = True
     return torch.from_numpy(mask)
 
@@ -90,6 +104,7 @@ def further_corrupted_mask(
     seed: int,
     slice_id: int,
     acs: int = DEFAULT_ACS,
+    draw: str = "acquisition",
 ) -> torch.Tensor:
     """Delete random non-ACS columns of an ``R`` mask until ``floor(W / (R + 1))`` remain.
 
@@ -98,6 +113,7 @@ def further_corrupted_mask(
         acceleration: the ``R`` of ``mask``; the result is at ``R + 1``.
         seed, slice_id: as for :func:`column_mask`.
         acs: ACS width; these columns are never deleted.
+        draw: as for :func:`column_mask`.
 
     Returns:
         Boolean tensor ``(W,)``, a subset of ``mask``.
@@ -117,7 +133,7 @@ def further_corrupted_mask(
     if kept < target:
         raise ValueError(f"mask keeps {kept} columns, fewer than the {target} wanted at R+1")
     removable = np.setdiff1d(np.flatnonzero(mask_np), acs_idx)
-    rng = _generator(seed, slice_id, _STREAM_FURTHER, acceleration)
+    rng = _generator(seed, slice_id, _streams(draw)[1], acceleration)
     further = mask_np.copy()
     further[rng.choice(removable, size=kept - target, replace=False)] = False
     return torch.from_numpy(further)
@@ -130,10 +146,11 @@ def slice_masks(
     seed: int,
     slice_id: int,
     acs: int = DEFAULT_ACS,
+    draw: str = "acquisition",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(R mask, R+1 further-corrupted mask)`` pair of one slice."""
-    mask = column_mask(width, acceleration, seed=seed, slice_id=slice_id, acs=acs)
-    return mask, further_corrupted_mask(mask, acceleration, seed=seed, slice_id=slice_id, acs=acs)
+    """The ``(R mask, R+1 further-corrupted mask)`` pair of one slice, from ``draw``'s streams."""
+    mask = column_mask(width, acceleration, seed=seed, slice_id=slice_id, acs=acs, draw=draw)
+    return mask, further_corrupted_mask(mask, acceleration, seed=seed, slice_id=slice_id, acs=acs, draw=draw)
 
 
 def _as_bool_vector(mask: torch.Tensor | np.ndarray, name: str) -> np.ndarray:

@@ -196,12 +196,13 @@ def train_masks(
 ) -> Tensor:
     """The A-DPS training-corruption masks ``A_tr``: one R_train + 1 mask per slice, ``(n, W)`` bool.
 
-    Drawn exactly as the training data's further-corrupted masks are (an R_train column mask,
-    then random non-ACS columns deleted down to ``floor(W / (R_train + 1))``:
-    :func:`adps.mri.masks.slice_masks`), reproducible from ``(seed, slice id)``. Use a
-    ``seed`` different from the one of the acquisition masks: with the same seed and
-    ``R_inf = R_train`` the draw would reuse the acquisition's own columns, and A_tr is meant
-    to be a fresh draw (METHOD.md "Samplers").
+    Drawn as the training data's further-corrupted masks are (an R_train column mask, then
+    random non-ACS columns deleted down to ``floor(W / (R_train + 1))``:
+    :func:`adps.mri.masks.slice_masks`), reproducible from ``(seed, slice id)``, but from the
+    ``"a_tr"`` streams (:data:`adps.mri.masks.DRAWS`), never the acquisition's: whatever the
+    seed, at ``R_inf = R_train`` A_tr is a fresh draw, not the slice's own stored R + 1 mask
+    (a subset of the acquired columns, which would favour A-DPS on the grid's diagonal;
+    METHOD.md "Samplers").
 
     Args:
         width: phase-encode columns W.
@@ -214,7 +215,7 @@ def train_masks(
     ids = list(range(n)) if slice_ids is None else [int(i) for i in torch.as_tensor(slice_ids).reshape(-1).tolist()]
     if len(ids) != n:
         raise ValueError(f"train_masks: expected {n} slice ids, got {len(ids)}")
-    rows = [slice_masks(width, train_acceleration, seed=seed, slice_id=i, acs=acs)[1] for i in ids]
+    rows = [slice_masks(width, train_acceleration, seed=seed, slice_id=i, acs=acs, draw="a_tr")[1] for i in ids]
     return torch.stack(rows) if rows else torch.zeros(0, width, dtype=torch.bool)
 
 
@@ -361,6 +362,44 @@ def _emit(callback: Callback | None, **info: Any) -> None:
         callback(info)
 
 
+def _prior_denoiser(model: nn.Module, n: int, device: torch.device, autocast: Any) -> Denoise:
+    """``D(x, sigma)`` of a prior on ``[Re, Im]``, called as :func:`~adps.nn.objectives.edm_loss` calls it."""
+
+    def denoise(x: Tensor, sigma: float) -> Tensor:
+        with autocast:
+            out = model(complex_to_channels(x), _sigma_vector(sigma, n, device))
+        return channels_to_complex(out)
+
+    return denoise
+
+
+def _ambient_denoiser(model: nn.Module, operator: SenseOperator, train_mask: Tensor | None, sampler: str,
+                      autocast: Any) -> Denoise:
+    """``D(x, sigma) = net([A_tr^H A_tr x, mask_tr, ones], sigma)`` of an ambient model: its input
+    built as in training (:func:`~adps.nn.objectives.ambient_network_input`), with ``A_tr`` the
+    operator's maps and ``train_mask`` (checked: ``(N, W)``, or ``(W,)`` for every slice)."""
+    n, _, _, width = operator.kspace_shape
+    device = operator.maps.device
+    if train_mask is None:
+        raise ValueError(f"{sampler}: train_mask is required: A_tr's R_train + 1 columns (N, W) bool, "
+                         "e.g. adps.nn.samplers.train_masks(W, R_train, N, seed)")
+    if train_mask.ndim == 1:
+        train_mask = train_mask.expand(n, -1)
+    if tuple(train_mask.shape) != (n, width) or train_mask.is_complex():
+        raise ValueError(f"{sampler}: train_mask must be a column mask of shape ({n}, {width}) or ({width},), "
+                         f"got {tuple(train_mask.shape)} {train_mask.dtype}")
+    train_mask = train_mask.to(device, torch.bool)
+    operator_train = operator.with_mask(train_mask)
+
+    def denoise(x: Tensor, sigma: float) -> Tensor:
+        net_x, net_cond = ambient_network_input(operator_train.normal(x), train_mask)
+        with autocast:
+            out = model(net_x, _sigma_vector(sigma, n, device), cond=net_cond)
+        return channels_to_complex(out)
+
+    return denoise
+
+
 # ------------------------------------------------------------------------------ the guided loop
 
 
@@ -465,25 +504,7 @@ def a_dps(
     device = _device(model)
     y, operator = _measurement(y, operator, device, "a_dps")
     grid = _grid(default_sigmas("a_dps") if sigmas is None else sigmas, "a_dps")
-    n, _, _, width = operator.kspace_shape
-    if train_mask is None:
-        raise ValueError("a_dps: train_mask is required: A_tr's R_train + 1 columns (N, W) bool, "
-                         "e.g. adps.nn.samplers.train_masks(W, R_train, N, seed)")
-    if train_mask.ndim == 1:
-        train_mask = train_mask.expand(n, -1)
-    if tuple(train_mask.shape) != (n, width) or train_mask.is_complex():
-        raise ValueError(f"a_dps: train_mask must be a column mask of shape ({n}, {width}) or ({width},), "
-                         f"got {tuple(train_mask.shape)} {train_mask.dtype}")
-    train_mask = train_mask.to(device, torch.bool)
-    operator_train = operator.with_mask(train_mask)
-    autocast = _autocast(device, amp, "a_dps")
-
-    def denoise(x: Tensor, sigma: float) -> Tensor:
-        net_x, net_cond = ambient_network_input(operator_train.normal(x), train_mask)
-        with autocast:
-            out = model(net_x, _sigma_vector(sigma, n, device), cond=net_cond)
-        return channels_to_complex(out)
-
+    denoise = _ambient_denoiser(model, operator, train_mask, "a_dps", _autocast(device, amp, "a_dps"))
     with _eval_mode(model):
         return _guided_euler(denoise, y, operator, grid, guidance=guidance, generator=generator,
                              callback=callback, sampler="a_dps", churn=churn)
@@ -517,14 +538,7 @@ def dps(
     device = _device(model)
     y, operator = _measurement(y, operator, device, "dps")
     grid = _grid(default_sigmas("dps") if sigmas is None else sigmas, "dps")
-    n = operator.batch
-    autocast = _autocast(device, amp, "dps")
-
-    def denoise(x: Tensor, sigma: float) -> Tensor:
-        with autocast:
-            out = model(complex_to_channels(x), _sigma_vector(sigma, n, device))
-        return channels_to_complex(out)
-
+    denoise = _prior_denoiser(model, operator.batch, device, _autocast(device, amp, "dps"))
     with _eval_mode(model):
         return _guided_euler(denoise, y, operator, grid, guidance=guidance, generator=generator,
                              callback=callback, sampler="dps", churn=churn)
@@ -779,42 +793,51 @@ def prior_heun(
     callback: Callback | None = None,
     shape: tuple[int, int] | None = None,
     batch: int = 1,
+    train_mask: Tensor | None = None,
     amp: str | None = None,
 ) -> Tensor:
     """Unconditional samples of a prior: EDM's deterministic Heun sampler (Karras et al. 2022,
-    Algorithm 1 without churn; METHOD.md: 18 steps, sigma 80 -> 0.002, rho 7).
+    Algorithm 1 without churn; METHOD.md "prior": 18 steps, sigma 80 -> 0.002, rho 7), for
+    every EDM-preconditioned model alike, so that FIDs compare models, not samplers.
 
     ``x = sigma_0 n``; per interval ``d = (x - D(x, sigma)) / sigma``, Euler to ``sigma_next``,
     then (unless ``sigma_next = 0``) the trapezoidal correction with ``D`` at ``sigma_next``:
     2 network calls per step but the last (35 with 18 steps).
 
-    ``y`` is unused (accepted for the shared signature; pass None). The image size comes from
-    ``operator`` when one is given (``(N, H, W)`` of its maps, ``batch`` ignored), otherwise
-    from ``shape = (H, W)`` and ``batch`` (N). Only 2-channel priors (``edm``, ``edm_l1``):
-    unconditional sampling of an ambient network is not implemented here.
+    * A prior on ``[Re, Im]`` (``edm``, ``edm_l1``): ``D = net(x, sigma)``. The image size comes
+      from ``operator`` when one is given (``(N, H, W)`` of its maps, ``batch`` ignored),
+      otherwise from ``shape = (H, W)`` and ``batch`` (N).
+    * An ambient model: ``D = net([A_tr^H A_tr x, mask_tr], sigma)`` as in A-DPS, which needs
+      ``operator`` (its maps define ``A_tr``; its mask is not used) and ``train_mask`` (one
+      R_train + 1 mask per sample, :func:`train_masks`).
+
+    ``y`` is unused (accepted for the shared signature; pass None).
 
     Returns:
         ``(N, H, W)`` complex samples; the callback's ``residual_norm`` is None.
     """
     del y
-    _check_denoiser(model, "prior_heun", ambient=False)
+    ambient = train_mask is not None
+    _check_denoiser(model, "prior_heun", ambient=ambient)
     device = _device(model)
     grid = _grid(default_sigmas("prior_heun") if sigmas is None else sigmas, "prior_heun")
     if operator is not None:
         if not isinstance(operator, SenseOperator):
             raise ValueError(f"prior_heun: operator must be a SenseOperator or None, got {type(operator).__name__}")
         n, height, width = operator.image_shape
+    elif ambient:
+        raise ValueError("prior_heun: an ambient model needs an operator whose coil maps define A_tr")
     elif shape is not None and len(shape) == 2 and batch >= 1:
         (height, width), n = (int(s) for s in shape), int(batch)
     else:
         raise ValueError(f"prior_heun: give shape=(H, W) and batch >= 1 (or an operator), got shape={shape!r}, "
                          f"batch={batch!r}")
     autocast = _autocast(device, amp, "prior_heun")
-
-    def denoise(x: Tensor, sigma: float) -> Tensor:
-        with autocast:
-            out = model(complex_to_channels(x), _sigma_vector(sigma, n, device))
-        return channels_to_complex(out)
+    if ambient:
+        maps = SenseOperator(operator.maps.to(device, torch.complex64))
+        denoise = _ambient_denoiser(model, maps, train_mask, "prior_heun", autocast)
+    else:
+        denoise = _prior_denoiser(model, n, device, autocast)
 
     x = grid[0] * sample_noise(torch.empty(n, height, width, dtype=torch.complex64, device=device), generator)
     total = len(grid) - 1

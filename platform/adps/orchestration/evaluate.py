@@ -16,8 +16,12 @@ gathers every cell into one tidy table and logs to one MLflow run:
 * figures: NRMSE / PSNR / SSIM against R_inf per model with the spread over slices (paper
   figures 7-9) and a reconstruction grid with x10 difference images (figure 6);
 * the cross-over of each ambient model against the fully sampled reference (FS-DPS, by
-  default ``edm_r1``) per metric, as ``crossover.csv`` and as metrics
-  ``crossover_r.<model>.<metric>`` (plus ``crossover_margin.`` / ``_ci_low.`` / ``_ci_high.``).
+  default ``edm_r1``) per metric (:func:`adps.crossover.crossover`: ``crossover``, when the
+  ambient model wins with an interval above 0 from that R_inf on; ``inconclusive``, when only
+  the means favour it; ``none``), as ``crossover.csv`` (with ``outcome`` and ``level``), as
+  metrics ``crossover_r.<model>.<metric>`` / ``crossover_inconclusive_r.`` (plus
+  ``crossover_margin.`` / ``_ci_low.`` / ``_ci_high.`` at that R_inf) and as the tags
+  ``adps.crossover_inconclusive`` and ``adps.crossover_none``, and drawn on the metric figures.
 
 The same files also go to ``<output>/report/``. A cell's key holds its model (the registry
 version it was pinned to, or its folder) and its sampler settings, so a retrained model or
@@ -125,6 +129,9 @@ class EvaluateConfig(ConfigFile):
     experiment: str = "adps-eval"
     n_boot: int = 2000
     """Bootstrap resamples of the cross-over's confidence interval."""
+    crossover_level: float = 0.95
+    """Confidence level of the cross-over's intervals: a cross-over needs the interval of every
+    paired difference from its R_inf on to exclude 0 (:func:`adps.crossover.crossover`)."""
     posterior_samples: int = 1
     """K: posterior samples per slice of the stochastic samplers (A-DPS, DPS, ALD), drawn in one
     batch of K x ``slices_per_task`` (K times the memory and time of one). With K > 1 a row's
@@ -157,6 +164,8 @@ class EvaluateConfig(ConfigFile):
         for key in ("slices", "steps", "n_boot", "guidance", "a_dps_sigma_min", "a_os_sigma"):
             if getattr(self, key) < 0:
                 raise ValueError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
+        if not 0 < self.crossover_level < 1:
+            raise ValueError(f"config key 'crossover_level' must be in (0, 1), got {self.crossover_level}")
         for key in ("slices_per_task", "posterior_samples", "posterior_figure_slices"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
@@ -605,7 +614,8 @@ def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress
     compared = [r for r in rows if r["sampler"] in ("a_dps", "dps", "ald", "l1_wavelet", "unrolled", "zero_filled",
                                                      "cg_sense")]
     crossovers = crossover_table(compared, ambient, config.reference, metrics=("nrmse", "psnr", "ssim"),
-                                 n_boot=config.n_boot, seed=config.seed) if config.reference in {r["model"] for r in rows} else []
+                                 n_boot=config.n_boot, level=config.crossover_level, seed=config.seed) \
+        if config.reference in {r["model"] for r in rows} else []
     run_id = _log_to_mlflow(config, rows, crossovers, cells, checks)
     return {"rows": rows, "crossover": crossovers, "run_id": run_id, "output": config.resolved_output,
             "denoising_check": checks}
@@ -704,7 +714,8 @@ def _log_to_mlflow(config: EvaluateConfig, rows: list[dict[str, Any]], crossover
         if checks:
             pd.DataFrame(list(checks)).to_csv(folder / "denoising_check.csv", index=False)
         for metric in ("nrmse", "psnr", "ssim"):
-            metric_figure(table, metric).savefig(folder / f"{metric}_vs_r.png", dpi=120, bbox_inches="tight")
+            metric_figure(table, metric, crossovers=[c for c in crossovers if c.metric == metric]).savefig(
+                folder / f"{metric}_vs_r.png", dpi=120, bbox_inches="tight")
         images, posteriors = {}, {}
         for cell in cells:
             with storage.local_copy(_cell_path(config, cell, ".npz")) as path, np.load(path) as data:
@@ -726,8 +737,9 @@ def _log_to_mlflow(config: EvaluateConfig, rows: list[dict[str, Any]], crossover
     metrics = {}
     for c in crossovers:
         key = f"{c.model}.{c.metric}"
-        if c.crossover_r is not None:
-            metrics.update({f"crossover_r.{key}": c.crossover_r, f"crossover_margin.{key}": c.margin,
+        if c.outcome != "none":
+            name = "crossover_r" if c.is_crossover else "crossover_inconclusive_r"
+            metrics.update({f"{name}.{key}": c.crossover_r, f"crossover_margin.{key}": c.margin,
                             f"crossover_ci_low.{key}": c.ci_low, f"crossover_ci_high.{key}": c.ci_high})
     calibrated = [r for r in rows if r.get("samples", 1) > 1]
     if calibrated:
@@ -739,7 +751,10 @@ def _log_to_mlflow(config: EvaluateConfig, rows: list[dict[str, Any]], crossover
         metrics.update({f"{key}.input_nrmse": check["input_nrmse"], f"{key}.output_nrmse": check["output_nrmse"]})
     if metrics:
         log.log_metrics(metrics, 0)
-    log.set_tags({"adps.crossover_none": ",".join(f"{c.model}.{c.metric}" for c in crossovers if c.crossover_r is None),
+    log.set_tags({"adps.crossover_none": ",".join(f"{c.model}.{c.metric}" for c in crossovers if c.outcome == "none"),
+                  "adps.crossover_inconclusive": ",".join(f"{c.model}.{c.metric}" for c in crossovers
+                                                          if c.outcome == "inconclusive"),
+                  "adps.crossover_level": f"{config.crossover_level:g}",
                   "adps.denoising_check_failed": ",".join(sorted({c["model"] for c in checks if not c["passed"]}))})
     end_run(tracking_uri, run_id, "FINISHED")
     return run_id
@@ -759,11 +774,17 @@ def format_results(rows: Sequence[dict[str, Any]], metric: str = "nrmse") -> str
 
 
 def format_crossover(crossovers: Sequence[Any]) -> str:
-    """The cross-over table: model, metric, R_inf, margin and its confidence interval."""
-    lines = [f"{'model':14s} {'metric':6s} {'R_inf':>5s} {'margin':>9s}  95% CI"]
+    """The cross-over table: model, metric, outcome, R_inf, margin and its confidence interval.
+
+    ``crossover``: the R_inf from which the model wins with every interval above 0;
+    ``inconclusive``: the R_inf from which the means favour it, with the interval there (which
+    includes 0 somewhere from there on); ``none``: it does not stay ahead."""
+    level = f"{crossovers[0].level:.0%} CI" if crossovers else "CI"
+    lines = [f"{'model':14s} {'metric':6s} {'outcome':12s} {'R_inf':>5s} {'margin':>9s}  {level}"]
     for c in crossovers:
-        if c.crossover_r is None:
-            lines.append(f"{c.model:14s} {c.metric:6s} {'none':>5s} {'-':>9s}  -")
+        if c.outcome == "none":
+            lines.append(f"{c.model:14s} {c.metric:6s} {'none':12s} {'-':>5s} {'-':>9s}  -")
         else:
-            lines.append(f"{c.model:14s} {c.metric:6s} {c.crossover_r:5g} {c.margin:9.4g}  [{c.ci_low:.4g}, {c.ci_high:.4g}]")
+            lines.append(f"{c.model:14s} {c.metric:6s} {c.outcome:12s} {c.crossover_r:5g} {c.margin:9.4g}  "
+                         f"[{c.ci_low:.4g}, {c.ci_high:.4g}]")
     return "\n".join(lines)

@@ -1,15 +1,20 @@
 """Unconditional samples and FID per diffusion model (paper table 1): ``adps fid``.
 
-One Ray task per model (one GPU each with ``use_gpu``) draws ``samples`` unconditional images
-(EDM Heun for ``edm`` / ``edm_l1``, annealed Langevin without a data term for ``ncsnv2``),
+One Ray task per model (one GPU each with ``use_gpu``) draws ``samples`` unconditional images,
 computes the FID against the reference images of the dataset's ``split`` (VGG16 features by
 default, Inception-v3 as an option; local weights only, see :mod:`adps.perceptual`) and draws a
-sample grid. The driver logs one MLflow run: ``fid.csv`` (model, FID, the paper's value),
-metrics ``fid.<model>`` and ``samples_<model>.png``.
+sample grid. The driver logs one MLflow run: ``fid.csv`` (model, FID, the paper's value, the
+sampler and its settings), metrics ``fid.<model>``, tags ``adps.fid_sampler.<model>`` and
+``samples_<model>.png``.
 
-Ambient models sample with the A-DPS loop at guidance 0 (no data term): the network sees
-``[A_tr^H A_tr x, mask_tr]`` as in training, with a fresh R_train + 1 mask per sample and the
-coil maps of the split's slices (cycled), since its input is defined through them.
+Table 1's FIDs must compare models, not samplers (METHOD.md "prior"), so every
+EDM-preconditioned model samples with EDM's Heun sampler, 18 steps, sigma 80 -> 0.002, rho 7
+(:func:`adps.nn.samplers.prior_heun`): ``edm`` / ``edm_l1`` on ``[Re, Im]``, and ambient models
+with the network fed ``[A_tr^H A_tr x, mask_tr]`` as in training (a fresh R_train + 1 mask per
+sample from the A_tr stream, and the coil maps of the split's slices, cycled, since its input is
+defined through them). NCSNv2 samples by annealed Langevin dynamics without a data term over its
+own full noise range, from its largest training sigma (:func:`fid_sampler` says which, with
+every setting).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 
 from adps.config import ConfigFile
 
-__all__ = ["PAPER_FID", "FidConfig", "format_fid_table", "run_fid", "unconditional_samples"]
+__all__ = ["PAPER_FID", "FidConfig", "fid_sampler", "format_fid_table", "run_fid", "unconditional_samples"]
 
 PAPER_FID = {
     "edm_r1": 10.41, "edm_l1_r2": 18.55, "edm_l1_r4": 27.64, "edm_l1_r6": 51.43, "edm_l1_r8": 102.98,
@@ -47,7 +52,7 @@ class FidConfig(ConfigFile):
     samples: int = 100
     """Unconditional samples per model (paper: 100)."""
     steps: int = 0
-    """Sampler steps (0 = default: EDM Heun 18, ALD 1,300)."""
+    """Sampler steps (0 = METHOD.md's: EDM Heun 18, ALD 1,300); the same for every model of a family."""
     batch: int = 25
     """Samples drawn at once."""
     backbone: str = "vgg16"
@@ -74,50 +79,73 @@ class FidConfig(ConfigFile):
             raise ValueError(f"config key 'backbone' must be vgg16 or inception_v3, got {self.backbone!r}")
 
 
+def fid_sampler(method: str, model: torch.nn.Module | None = None, steps: int = 0) -> dict[str, Any]:
+    """The unconditional sampler of ``method`` and every setting of it (what is logged with an FID):
+    ``prior_heun`` (18 steps, sigma 80 -> 0.002, rho 7) for ``edm``, ``edm_l1`` and ``ambient``;
+    ``ald`` over the NCSNv2's full noise range (from its largest level; 1,300 steps, 3 per level,
+    no data term) for ``ncsnv2``. ``steps`` > 0 replaces the step count."""
+    from adps.nn.samplers import SAMPLER_DEFAULTS
+
+    if method in ("edm", "edm_l1", "ambient"):
+        defaults = SAMPLER_DEFAULTS["prior_heun"]
+        return {"sampler": "prior_heun", "steps": steps or defaults["steps"], "sigma_max": defaults["sigma_max"],
+                "sigma_min": defaults["sigma_min"], "rho": defaults["rho"]}
+    if method == "ncsnv2":
+        defaults = SAMPLER_DEFAULTS["ald"]
+        levels = model.sigmas() if model is not None else None
+        return {"sampler": "ald", "steps": steps or defaults["steps"], "steps_per_level": defaults["steps_per_level"],
+                "sigma_start": float(levels[0]) if levels is not None else None,
+                "sigma_end": float(levels[-1]) if levels is not None else None,
+                "step_scale": defaults["step_scale"], "likelihood_weight": 0.0}
+    raise ValueError(f"{method}: no unconditional sampler (edm, edm_l1, ncsnv2 and ambient have one)")
+
+
 def unconditional_samples(
     method: str, model: torch.nn.Module, n: int, shape: tuple[int, int], *, steps: int = 0, batch: int = 25,
     seed: int = 0, amp: str = "", device: str = "cpu", maps: torch.Tensor | None = None,
     train_acceleration: float | None = None, acs: int | None = None,
 ) -> torch.Tensor:
-    """``n`` unconditional complex images ``(n, H, W)`` from a diffusion prior.
+    """``n`` unconditional complex images ``(n, H, W)`` from a diffusion prior, with the sampler
+    of :func:`fid_sampler`.
 
     ``maps`` ``(M, C, H, W)`` and ``train_acceleration`` (R_train) are needed for ``ambient``
     models (see the module docstring); sample ``i`` uses ``maps[i % M]``; ``acs``: the ACS
     width of its masks (the prepared dataset's; None = METHOD.md's 20 where it fits).
     """
     from adps.mri import SenseOperator
+    from adps.mri.masks import DEFAULT_ACS, lines_at
     from adps.nn import samplers
-    from adps.nn.samplers import default_sigmas
+    from adps.nn.ema import unwrap_model
+    from adps.nn.samplers import default_sigmas, train_masks
 
+    settings = fid_sampler(method, unwrap_model(model) if method == "ncsnv2" else None, steps)
+    if method == "ambient" and (maps is None or train_acceleration is None):
+        raise ValueError("ambient: unconditional samples need coil maps and the training acceleration")
     out = []
     for start in range(0, n, batch):
         count = min(batch, n - start)
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
-        if method in ("edm", "edm_l1"):
-            sigmas = default_sigmas("prior_heun", model, steps=steps) if steps else None
-            out.append(samplers.prior_heun(model, None, None, sigmas, generator=generator, shape=shape, batch=count,
-                                           amp=amp or None))
-        elif method == "ncsnv2":
+        if settings["sampler"] == "prior_heun":
+            sigmas = default_sigmas("prior_heun", steps=settings["steps"])
+            if method == "ambient":
+                picked = maps[torch.arange(start, start + count) % maps.shape[0]].to(device)
+                width = shape[1]
+                acs_width = min(DEFAULT_ACS, lines_at(width, train_acceleration + 1)) if acs is None else int(acs)
+                mask = train_masks(width, train_acceleration, count, seed, list(range(start, start + count)),
+                                   acs=acs_width)
+                out.append(samplers.prior_heun(model, None, SenseOperator(picked), sigmas, generator=generator,
+                                               train_mask=mask, amp=amp or None))
+            else:
+                out.append(samplers.prior_heun(model, None, None, sigmas, generator=generator, shape=shape,
+                                               batch=count, amp=amp or None))
+        else:
             # ALD with the data term switched off: one all-ones coil, nothing measured.
-            maps = torch.ones(count, 1, *shape, dtype=torch.complex64, device=device)
-            operator = SenseOperator(maps, torch.zeros(count, shape[1], dtype=torch.bool, device=device))
+            ones = torch.ones(count, 1, *shape, dtype=torch.complex64, device=device)
+            operator = SenseOperator(ones, torch.zeros(count, shape[1], dtype=torch.bool, device=device))
             y = torch.zeros(count, 1, *shape, dtype=torch.complex64, device=device)
-            sigmas = default_sigmas("ald", model, steps=steps) if steps else None
+            sigmas = default_sigmas("ald", model, steps=settings["steps"], sigma_start=settings["sigma_start"])
             out.append(samplers.ald(model, y, operator, sigmas, generator=generator, likelihood_weight=0.0,
                                     amp=amp or None))
-        elif method == "ambient":
-            if maps is None or train_acceleration is None:
-                raise ValueError("ambient: unconditional samples need coil maps and the training acceleration")
-            picked = maps[torch.arange(start, start + count) % maps.shape[0]].to(device)
-            operator = SenseOperator(picked, torch.ones(count, shape[1], dtype=torch.bool, device=device))
-            y = torch.zeros_like(picked)
-            out.append(samplers.run_sampler(
-                "a_dps", model, y, operator, generator=generator, steps=steps or None, guidance=0.0,
-                train_acceleration=train_acceleration, slice_ids=list(range(start, start + count)), seed=seed, acs=acs,
-                amp=amp or None,
-            ))
-        else:
-            raise ValueError(f"{method}: no unconditional sampler (edm, edm_l1, ncsnv2 and ambient have one)")
     return torch.cat(out).cpu()
 
 
@@ -162,8 +190,10 @@ def _fid_task(config: dict[str, Any], uri: str) -> dict[str, Any]:
     finally:
         dataset.close()
     row: dict[str, Any] = {"model": label, "fid": None, "paper_fid": PAPER_FID.get(label), "samples": cfg.samples,
-                           "note": ""}
+                           "sampler": "", "note": ""}
     try:
+        settings = fid_sampler(model_config["method"], model, cfg.steps)
+        row["sampler"] = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
         fake = unconditional_samples(model_config["method"], model, cfg.samples, tuple(real.shape[-2:]), steps=cfg.steps,
                                      batch=cfg.batch, seed=cfg.seed, amp=cfg.amp, device=device, maps=maps,
                                      train_acceleration=float(model_config["R"]), acs=prepared.get("acs"))
@@ -176,12 +206,12 @@ def _fid_task(config: dict[str, Any], uri: str) -> dict[str, Any]:
 
 
 def format_fid_table(rows: list[dict[str, Any]]) -> str:
-    """Model, FID, the paper's FID (table 1), and why a model has no FID."""
-    lines = [f"{'model':12s} {'FID':>9s} {'paper':>7s}  note"]
+    """Model, FID, the paper's FID (table 1), the sampler and its settings, and why a model has no FID."""
+    lines = [f"{'model':12s} {'FID':>9s} {'paper':>7s}  sampler / note"]
     for row in rows:
         ours = f"{row['fid']:9.2f}" if row["fid"] is not None else f"{'-':>9s}"
         paper = f"{row['paper_fid']:7.2f}" if row["paper_fid"] is not None else f"{'-':>7s}"
-        lines.append(f"{row['model']:12s} {ours} {paper}  {row['note']}".rstrip())
+        lines.append(f"{row['model']:12s} {ours} {paper}  {row.get('sampler', '')} {row['note']}".rstrip())
     return "\n".join(lines)
 
 
@@ -212,10 +242,10 @@ def run_fid(config: FidConfig, *, ray_address: str | None = None) -> dict[str, A
     log = RunLogger(tracking_uri, run_id)
     with tempfile.TemporaryDirectory(prefix="adps-fid-") as tmp:
         folder = Path(tmp)
-        lines = ["model,fid,paper_fid,samples,note"]
+        lines = ["model,fid,paper_fid,samples,sampler,note"]
         for row in rows:
             lines.append(",".join("" if row[k] is None else str(row[k]).replace(",", ";")
-                                  for k in ("model", "fid", "paper_fid", "samples", "note")))
+                                  for k in ("model", "fid", "paper_fid", "samples", "sampler", "note")))
             if "grid" in row:
                 (folder / f"samples_{row['model']}.png").write_bytes(row.pop("grid"))
         (folder / "fid.csv").write_text("\n".join(lines) + "\n")
@@ -224,5 +254,6 @@ def run_fid(config: FidConfig, *, ray_address: str | None = None) -> dict[str, A
     measured = {f"fid.{row['model']}": row["fid"] for row in rows if row["fid"] is not None}
     if measured:
         log.log_metrics(measured, 0)
+    log.set_tags({f"adps.fid_sampler.{row['model']}": row["sampler"] for row in rows if row["sampler"]})
     end_run(tracking_uri, run_id, "FINISHED")
     return {"rows": rows, "run_id": run_id}

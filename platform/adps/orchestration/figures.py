@@ -44,13 +44,27 @@ def _metric_lines(axis: Any, table: Any, metric: str, x: str) -> None:
     axis.grid(alpha=0.3)
 
 
-def metric_figure(table: Any, metric: str) -> Any:
+def metric_figure(table: Any, metric: str, *, crossovers: Sequence[Any] = ()) -> Any:
     """``metric`` against R_inf, one line per (model, sampler): the mean over slices with a band
-    of +-1 standard deviation. ``table``: the results DataFrame."""
+    of +-1 standard deviation. ``table``: the results DataFrame. ``crossovers``
+    (:class:`adps.crossover.CrossOver` of this metric) are drawn as vertical lines at their R_inf
+    (solid: a cross-over; dotted: inconclusive) and listed in the title with the ones that are
+    none, so the figure says all three outcomes."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
     _metric_lines(axis, table, metric, "r_inf")
     axis.set_xlabel("R_inf (test acceleration)")
+    said = []
+    for c in crossovers:
+        if c.outcome == "none":
+            said.append(f"{c.model}: none")
+            continue
+        axis.axvline(c.crossover_r, color="black", linewidth=1.0, linestyle="-" if c.is_crossover else ":",
+                     label=f"{c.model} {c.outcome} at {c.crossover_r:g}")
+        said.append(f"{c.model}: {c.outcome} at {c.crossover_r:g} [{c.ci_low:.3g}, {c.ci_high:.3g}]")
+    if said:
+        axis.set_title(f"cross-over vs {crossovers[0].reference} ({crossovers[0].level:.0%} CI): " + "; ".join(said),
+                       fontsize=7, wrap=True)
     # Outside the axes: with a dozen lines a legend inside hides them.
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout()

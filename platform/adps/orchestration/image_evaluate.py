@@ -42,7 +42,8 @@ At the end the driver gathers the rows and logs to one MLflow run (experiment
 * metrics ``<metric>.<model>.<task>.<setting>`` (means over images: ``mse.p0.6.cs.m1000``,
   ``lpips.pinv.sr.x4``, ``mse.p0.nfe.nfe99``) and ``crossover.<model>.<task>.<metric>`` (the
   cross-over setting, with ``crossover_margin.`` / ``_ci_low.`` / ``_ci_high.``); the tag
-  ``adps.crossover_none`` lists the pairs that never cross.
+  ``adps.crossover_none`` / ``adps.crossover_inconclusive`` list the pairs without a cross-over
+  (:func:`adps.crossover.crossover`'s three outcomes).
 
 Sampler settings: ``steps`` and ``guidance`` of the config when set (non-zero); else, for a
 registered model version, the tags a search left on it (:data:`IMAGE_TUNED_TAG`:
@@ -447,9 +448,11 @@ def image_crossovers(rows: Sequence[dict[str, Any]], *, n_boot: int = 2000, seed
 
     The functions of :mod:`adps.crossover`, with the task's difficulty (:func:`_difficulty`) as
     their ``r_inf``. Rows: one per model, ``task``, ``axis`` (``measurements`` / ``factor`` /
-    ``nfe``), ``metric``: ``crossover`` (the setting, None if the ambient model never wins),
-    ``margin`` (mean improvement there, positive = better), ``ci_low`` / ``ci_high``
-    (bootstrap interval) and ``n_images``. Empty without a ``p = 0`` model.
+    ``nfe``), ``metric``: ``outcome`` (``crossover``, ``inconclusive`` or ``none``:
+    :func:`adps.crossover.crossover`), ``crossover`` (the setting of a cross-over, else None),
+    ``setting`` (the setting reported for a cross-over or an inconclusive outcome), ``margin``
+    (mean improvement there, positive = better), ``ci_low`` / ``ci_high`` (bootstrap interval)
+    and ``n_images``. Empty without a ``p = 0`` model.
     """
     from adps.crossover import crossover_table
 
@@ -469,8 +472,9 @@ def image_crossovers(rows: Sequence[dict[str, Any]], *, n_boot: int = 2000, seed
         mapped = [{"model": r["model"], "r_inf": _difficulty(r), "slice": r["image"], **{m: r[m] for m in metrics}}
                   for r in task_rows]
         for c in crossover_table(mapped, ambient, reference, metrics, n_boot=n_boot, seed=seed):
+            setting = None if c.crossover_r is None else setting_of[c.crossover_r]
             found.append({"model": c.model, "reference": c.reference, "task": task, "axis": axis, "metric": c.metric,
-                          "crossover": None if c.crossover_r is None else setting_of[c.crossover_r],
+                          "outcome": c.outcome, "crossover": setting if c.is_crossover else None, "setting": setting,
                           "margin": c.margin, "ci_low": c.ci_low, "ci_high": c.ci_high, "n_images": c.n_slices})
     return found
 
@@ -531,9 +535,10 @@ def _summary_metrics(rows: Sequence[dict[str, Any]], crossovers: Sequence[dict[s
         for metric in METRICS:
             metrics[f"{metric}.{model}.{task}.{setting}"] = float(group[metric].mean())
     for c in crossovers:
-        if c["crossover"] is not None:
+        if c["outcome"] != "none":
             key = f"{c['model']}.{c['task']}.{c['metric']}"
-            metrics.update({f"crossover.{key}": c["crossover"], f"crossover_margin.{key}": c["margin"],
+            name = "crossover" if c["outcome"] == "crossover" else "crossover_inconclusive"
+            metrics.update({f"{name}.{key}": c["setting"], f"crossover_margin.{key}": c["margin"],
                             f"crossover_ci_low.{key}": c["ci_low"], f"crossover_ci_high.{key}": c["ci_high"]})
     return metrics
 
@@ -560,7 +565,8 @@ def _log_to_mlflow(
         folder = Path(tmp)
         table.to_parquet(folder / "results.parquet", index=False)
         table.to_csv(folder / "results.csv", index=False)
-        columns = ["model", "reference", "task", "axis", "metric", "crossover", "margin", "ci_low", "ci_high", "n_images"]
+        columns = ["model", "reference", "task", "axis", "metric", "outcome", "crossover", "setting", "margin", "ci_low",
+                   "ci_high", "n_images"]
         pd.DataFrame(crossovers, columns=columns).to_csv(folder / "crossover.csv", index=False)
         for task, (name, x, xlabel) in FIGURES.items():
             part = table[table["task"] == task]
@@ -572,8 +578,8 @@ def _log_to_mlflow(
             figures.append(name)
         publish_report(log, folder, config.resolved_output)
     log.log_metrics(_summary_metrics(rows, crossovers), 0)
-    log.set_tags({"adps.crossover_none": ",".join(f"{c['model']}.{c['task']}.{c['metric']}" for c in crossovers
-                                                  if c["crossover"] is None)})
+    log.set_tags({f"adps.crossover_{outcome}": ",".join(f"{c['model']}.{c['task']}.{c['metric']}" for c in crossovers
+                                                        if c["outcome"] == outcome) for outcome in ("none", "inconclusive")})
     end_run(tracking_uri, run_id, "FINISHED")
     return run_id, figures
 
@@ -597,13 +603,13 @@ def format_image_results(rows: Sequence[dict[str, Any]], metric: str = "mse") ->
 
 
 def format_image_crossover(crossovers: Sequence[dict[str, Any]]) -> str:
-    """The cross-over table: model, task, metric, the setting and the margin with its interval."""
-    lines = [f"{'model':8s} {'task':4s} {'metric':6s} {'axis':>12s} {'at':>6s} {'margin':>9s}  95% CI"]
+    """The cross-over table: model, task, metric, outcome, the setting and the margin with its
+    interval (``inconclusive``: the setting from which the means favour the ambient model)."""
+    lines = [f"{'model':8s} {'task':4s} {'metric':6s} {'axis':>12s} {'outcome':12s} {'at':>6s} {'margin':>9s}  95% CI"]
     for c in crossovers:
-        if c["crossover"] is None:
-            lines.append(f"{c['model']:8s} {c['task']:4s} {c['metric']:6s} {c['axis']:>12s} {'none':>6s} {'-':>9s}  -")
+        head = f"{c['model']:8s} {c['task']:4s} {c['metric']:6s} {c['axis']:>12s} {c['outcome']:12s}"
+        if c["outcome"] == "none":
+            lines.append(f"{head} {'-':>6s} {'-':>9s}  -")
         else:
-            lines.append(f"{c['model']:8s} {c['task']:4s} {c['metric']:6s} {c['axis']:>12s} {c['crossover']:>6g} "
-                         f"{c['margin']:9.4g}  [{c['ci_low']:.4g}, {c['ci_high']:.4g}]")
+            lines.append(f"{head} {c['setting']:>6g} {c['margin']:9.4g}  [{c['ci_low']:.4g}, {c['ci_high']:.4g}]")
     return "\n".join(lines)
-
