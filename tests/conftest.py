@@ -250,7 +250,7 @@ def tiny_config(dataset: str, **changes: object):
     from adps.nn.train_config import TrainConfig
 
     values = {"method": "ambient", "acceleration": 2, "preset": "tiny", "dataset": dataset, "batch_size": 1,
-              "lr_rampup_images": 0, "log_every_steps": 1,
+              "lr_rampup": 0, "log_every_steps": 1,
               # Every step reports, and a report waits for the controller's next poll: 0.1 s, not 0.5
               # (the four training faults of test_faults.py took 129 s instead of 153).
               "controller_poll_s": 0.1}
@@ -275,7 +275,7 @@ def train_in_process(dataset: str, method: str, acceleration: float, folder: Pat
             shutil.copytree(Path(checkpoint) / "ema", kept)
 
     values = {"method": method, "acceleration": acceleration, "preset": "tiny", "dataset": dataset, "batch_size": 2,
-              "max_steps": 2, "lr_rampup_images": 0, "validation_slices": 0, "tracking": False}
+              "max_steps": 2, "lr_rampup": 0, "validation_slices": 0, "tracking": False}
     values.update(changes)
     worker_loop(TrainConfig.from_dict(values), WorkerContext(rank=0, world_size=1, report=report))
     return kept
@@ -344,7 +344,7 @@ def image_models(ray_session, mlflow_store: str, tmp_path_factory: pytest.TempPa
     write_image_folder(images, 32, IMAGE_RESOLUTION, seed=11)
     overrides = {
         "dataset": str(images), "preset": "tiny", "resolution": IMAGE_RESOLUTION, "max_steps": 20, "batch_size": 8,
-        "num_workers": 1, "cpus_per_worker": 1, "use_gpu": False, "amp": "", "lr_rampup_images": 0,
+        "num_workers": 1, "cpus_per_worker": 1, "use_gpu": False, "amp": "", "lr_rampup": 0,
         "checkpoint_every_steps": 20, "validate_every_steps": 0, "validation_slices": 4, "log_every_steps": 10,
         "storage_path": str(folder / "runs"), "experiment": "image-grid", "tracking_uri": mlflow_store,
     }

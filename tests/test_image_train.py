@@ -261,7 +261,7 @@ def test_validation_mse_is_on_observed_pixels_and_reproducible(image_folder: str
 # ------------------------------------------------------------------------------ config
 def image_config(dataset: str = "", **changes: object) -> TrainConfig:
     values = {"method": "image", "preset": "tiny", "dataset": dataset, "resolution": RES, "batch_size": 4,
-              "lr_rampup_images": 0, "log_every_steps": 1,
+              "lr_rampup": 0, "log_every_steps": 1,
               "controller_poll_s": 0.1}  # a report waits for the controller's next poll
     return TrainConfig.from_dict({**values, **changes})
 

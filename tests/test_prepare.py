@@ -449,7 +449,12 @@ def test_cli_prints_the_config_and_finds_nothing_to_do(prepared, tmp_path, capsy
     out = capsys.readouterr().out
     assert "seed: 7" in out and f"output: {config.output}" in out
     counts = ", ".join(f"{s} {prepared['manifest']['splits'][s]['n_slices']}" for s in ("train", "val", "test"))
-    assert f"slices {counts}; 3 source file(s) rejected" in out
+    assert f"slices {counts}; 3 source file(s) rejected:" in out
+    # Each rejected file with its reason, as the manifest holds them (not only a count).
+    for entry in prepared["manifest"]["rejected"]:
+        assert f"  {entry['source']}: {entry['reason']}" in out
+    assert {Path(e["source"]).name for e in prepared["manifest"]["rejected"]} == {
+        "file_brain_AXT2_garbage.h5", "file_brain_AXT2_truncated.h5", "file_brain_AXT2_nan.h5"}
     assert adps_main(["prepare", "--config", str(path), "--set", "bogus=1"]) == 2
     assert "unknown config key 'bogus'" in capsys.readouterr().err
 

@@ -151,7 +151,7 @@ def sweep(tiny_prepared: str, tmp_path_factory: pytest.TempPathFactory):
     overrides = {
         "dataset": tiny_prepared, "preset": "tiny", "num_workers": 1, "cpus_per_worker": 1, "batch_size": 1,
         "max_steps": 2, "checkpoint_every_steps": 2, "validate_every_steps": 1, "validation_slices": 2,
-        "lr_rampup_images": 0, "log_every_steps": 1, "controller_poll_s": 0.1, "storage_path": str(folder / "runs"), "experiment": "sweep",
+        "lr_rampup": 0, "log_every_steps": 1, "controller_poll_s": 0.1, "storage_path": str(folder / "runs"), "experiment": "sweep",
     }
     configs = load_sweep_configs(folder / "configs", overrides)
     started = time.perf_counter()

@@ -93,7 +93,12 @@ def _prepare(args: argparse.Namespace) -> int:
         print(f"adps prepare: error: {err}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{split} {manifest['splits'][split]['n_slices']}" for split in ("train", "val", "test"))
-    print(f"adps prepare: {config.output}: slices {counts}; {len(manifest['rejected'])} source file(s) rejected")
+    rejected = manifest["rejected"]
+    print(f"adps prepare: {config.output}: slices {counts}; {len(rejected)} source file(s) rejected"
+          + (":" if rejected else ""))
+    # Each rejected file by name and why, as the manifest holds them: where the user looks.
+    for entry in rejected:
+        print(f"  {entry['source']}: {entry['reason']}")
     return 0
 
 

@@ -29,6 +29,10 @@ class ConfigFile:
         """
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(values) - known)
+        renamed = getattr(cls, "RETIRED_KEYS", {})
+        for key in unknown:
+            if key in renamed:  # a key an older adps knew: say what replaced it
+                raise ValueError(f"config key {key!r} is no longer used: {renamed[key]}")
         if unknown:
             raise ValueError(f"unknown config key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
         hints = typing.get_type_hints(cls)

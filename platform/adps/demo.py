@@ -284,7 +284,7 @@ def _train(config: DemoConfig, dataset: Path, tracking_uri: str) -> list[Any]:
             "method": method, "acceleration": r, "preset": "tiny", "dataset": str(dataset),
             # max_steps governs every method (MoDL / SSDU would otherwise stop at METHOD.md's 10 epochs).
             "batch_size": config.batch_size, "max_steps": steps, "epochs": steps, "lr": 1e-3,
-            "lr_rampup_images": 0, "ema_half_life_images": steps * config.batch_size / 10,
+            "lr_rampup": 0, "ema_half_life_images": steps * config.batch_size / 10,
             "num_workers": 1, "cpus_per_worker": 1, "seed": config.seed,
             "checkpoint_every_steps": max(1, steps // 2), "keep_checkpoints": 1,
             "log_every_steps": max(1, steps // 20), "validate_every_steps": steps,

@@ -122,6 +122,9 @@ class Trainee:
     world_size: int = 1
     step: int = 0
     """Optimiser steps done so far (over the whole run, resumes included)."""
+    total_steps: int = 0
+    """Optimiser steps of the whole run (the learning-rate warm-up is a fraction of it; 0 = unknown:
+    no warm-up)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -161,23 +164,29 @@ def build_trainee(
     return Trainee(config, model, optimizer, ema, rank=rank, world_size=world_size)
 
 
-def _learning_rate(config: TrainConfig, images_seen: int) -> float:
-    """Linear warm-up over ``lr_rampup_images`` (EDM's reference schedule), then constant."""
-    if config.lr_rampup_images <= 0:
-        return config.lr
-    return config.lr * min(1.0, images_seen / config.lr_rampup_images)
+def rampup_steps(config: TrainConfig, total_steps: int) -> int:
+    """Steps of the learning-rate warm-up: ``lr_rampup`` of the run (at least 1 when it is on)."""
+    return max(1, round(config.lr_rampup * total_steps)) if config.lr_rampup > 0 and total_steps > 0 else 0
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    """The rate of optimiser step ``step`` (1-based): linear from ``lr / ramp`` to ``lr`` over the
+    first :func:`rampup_steps` steps, then ``lr``."""
+    ramp = rampup_steps(config, total_steps)
+    return config.lr if ramp == 0 else config.lr * min(1.0, step / ramp)
 
 
 def train_one_step(trainee: Trainee, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """One optimiser step of ``trainee`` on ``batch`` (this worker's part of the global batch).
 
-    The learning rate follows the warm-up of the *global* image count; the loss's random draws
-    come from a generator seeded by ``(seed, rank, step)`` so that a resumed run repeats them.
+    The learning rate follows the warm-up over the run's steps (:func:`learning_rate`); the
+    loss's random draws come from a generator seeded by ``(seed, rank, step)`` so that a resumed
+    run repeats them.
     """
     config = trainee.config
     global_batch = config.batch_size * trainee.world_size
     for group in trainee.optimizer.param_groups:
-        group["lr"] = _learning_rate(config, (trainee.step + 1) * global_batch)
+        group["lr"] = learning_rate(config, trainee.step + 1, trainee.total_steps)
     seed = int(np.random.SeedSequence([config.seed, trainee.rank, trainee.step]).generate_state(1)[0])
     generator = torch.Generator().manual_seed(seed)
     out = train_step(
@@ -392,6 +401,8 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
         total = min(total, config.max_steps)
 
     trainee = build_trainee(config, rank=ctx.rank, world_size=ctx.world_size, wrap=ctx.wrap)
+    trainee.total_steps = total
+    warmup = rampup_steps(config, total)
     resumed_from = None
     skipped_steps = 0  # steps skipped for a non-finite loss, over the whole run
     if ctx.checkpoint is not None:
@@ -495,6 +506,8 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
                 if ctx.log is not None and (trainee.step % config.log_every_steps == 0 or "val_nrmse" in metrics
                                             or "val_mse" in metrics or trainee.step == total):
                     ctx.log({**metrics, **by_sigma.means()}, trainee.step)
+                elif ctx.log is not None and trainee.step <= warmup:
+                    ctx.log({"lr": out["lr"]}, trainee.step)  # the warm-up, step by step
                 if trainee.step % config.checkpoint_every_steps == 0 or trainee.step == total:
                     checkpoint_and_report(metrics, epoch, position)
                 elif trainee.step % config.log_every_steps == 0:
