@@ -332,3 +332,29 @@ def test_the_learning_rate_reaches_its_value_early_and_is_logged_step_by_step(ti
                                       log=lambda metrics, step: logged.append((step, metrics))))
     rates = {step: metrics["lr"] for step, metrics in logged}
     assert rates == pytest.approx({1: 1e-3 / 3, 2: 2e-3 / 3, 3: 1e-3, 6: 1e-3})
+
+
+def test_every_setting_of_the_objective_and_network_is_a_config_key(one_intra_op_thread) -> None:
+    """METHOD.md's settings reach the model and the loss from TrainConfig: the noise-level
+    distribution (P_mean, P_std), sigma_data, the ambient mask scaling (the reference code's by
+    default), MoDL's unrolls / CG steps / initial lambda; defaults are METHOD.md's."""
+    from adps.nn.ema import unwrap_model
+
+    defaults = TrainConfig()
+    assert (defaults.p_mean, defaults.p_std, defaults.sigma_data, defaults.scale_cond) == (-1.2, 1.2, 0.5, True)
+    assert (defaults.ssdu_rho, defaults.ssdu_keep_center) == (0.2, 4)
+    batch = make_synthetic_batch(2, 2, 32, 32, 4, seed=0, acs=4, l1_iterations=2)
+    config = TrainConfig(method="ambient", acceleration=4, preset="tiny", dataset="x", lr_rampup=0, p_mean=5.0,
+                         p_std=0.01, sigma_data=0.7, scale_cond=False)
+    trainee = build_trainee(config)
+    model = unwrap_model(trainee.model)
+    assert model.sigma_data == 0.7 and model.scale_cond is False
+    assert build_trainee(config.replace(scale_cond=True)).model.scale_cond is True
+    out = train_one_step(trainee, batch)
+    assert all(140 < s < 160 for s in out["sigma"]), out["sigma"]  # exp(5) = 148
+    modl = build_trainee(TrainConfig(method="modl", acceleration=4, preset="tiny", dataset="x", modl_unrolls=3,
+                                     modl_cg_iterations=4, modl_lambda_init=0.2)).model
+    assert (modl.config.unrolls, modl.config.cg_iterations, modl.config.lambda_init) == (3, 4, 0.2)
+    assert build_trainee(TrainConfig(method="modl", acceleration=4, preset="modl", dataset="x")).model.config.unrolls == 6
+    with pytest.raises(ValueError, match="'ssdu_rho'"):
+        TrainConfig(method="ssdu", acceleration=4, dataset="x", ssdu_rho=1.5).validate(check_dataset=False)

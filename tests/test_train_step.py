@@ -263,9 +263,10 @@ def test_fused_adam_takes_the_default_steps_and_state(small_batch: dict) -> None
             train_step("ambient", model, small_batch, optimizer, generator=generator)
         runs[fused] = (model, optimizer)
     for (name, a), b in zip(runs[None][0].named_parameters(), runs[True][0].parameters(), strict=True):
-        # Rounding only: the two differ by up to 1.6e-6 here, 0.1 % of the three steps' 1.5e-3
-        # change; atol is 1 % of one step of lr 1e-3.
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        # Rounding only: the two differ by up to 1.1e-5 here (with the mask channels scaled by
+        # c_in; 1.6e-6 without), under 1 % of the three steps' 1.5e-3 change: Adam divides by the
+        # root of tiny second moments, which magnifies rounding. atol is 2 % of one step of lr 1e-3.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=name)
     fused_again = torch.optim.Adam(runs[True][0].parameters(), lr=1e-3, fused=True)
     fused_again.load_state_dict(runs[None][1].state_dict())  # a checkpoint of the default optimiser
     assert len(fused_again.state) == len(runs[None][1].state)

@@ -69,10 +69,13 @@ class EDMPrecond(nn.Module):
     network (the reference ambient net has 4 outputs, of which its loss keeps the first 2)
     are ignored.
 
-    ``cond`` is not scaled by ``c_in`` by default: it is a mask, not a noisy image, so its
-    scale should not change with sigma. The reference code concatenates the mask before
-    preconditioning and so does scale it by ``c_in``; ``scale_cond=True`` reproduces that
-    (needed only to run weights trained that way).
+    ``scale_cond``: whether ``cond`` is scaled by ``c_in`` like the image channels. The reference
+    code concatenates the mask channels before preconditioning and so scales all four inputs by
+    ``c_in``; the ambient models of the platform do the same by default (``TrainConfig.scale_cond``,
+    :func:`adps.nn.train_step.build_model`). ``False`` keeps the mask at its own scale whatever
+    sigma (it is a mask, not a noisy image); the same weights give outputs up to 45 % apart at
+    sigma 2.5 under the two settings, so a checkpoint records which one it was trained with
+    (checkpoints written before the key existed were trained with ``False``).
     """
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5, image_channels: int = 2, scale_cond: bool = False):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
+from typing import Any
 
 from adps.config import ConfigFile, parse_overrides
 from adps.data.preprocess import SPLITS, mask_key
@@ -97,6 +98,31 @@ class TrainConfig(ConfigFile):
     and resized to it); a multiple of 8 (the U-Net halves it three times). The paper: 64."""
     batch_size: int = 8
     """Slices per worker per step (METHOD.md: 8 per GPU); the global batch is this x workers."""
+    # The objective and the network's preconditioning (METHOD.md "Ambient training", "Samplers") --
+    p_mean: float = -1.2
+    """EDM's noise-level distribution: ``ln sigma ~ N(p_mean, p_std^2)`` (ambient, edm, edm_l1, image)."""
+    p_std: float = 1.2
+    """See ``p_mean``."""
+    sigma_data: float = 0.5
+    """EDM's data standard deviation: the preconditioning and the loss weight."""
+    scale_cond: bool = True
+    """``ambient``: whether the mask channels are scaled by ``c_in`` with the image, as the
+    reference code does (all four input channels); False keeps the mask at its own scale
+    (:class:`adps.nn.precond.EDMPrecond`; docs/evaluation.md says which a measurement favours)."""
+    ssdu_rho: float = 0.2
+    """``ssdu``: ``|Lambda| / |Omega|``, the share of the acquired columns held out for the loss."""
+    ssdu_keep_center: int = 4
+    """``ssdu``: central columns always kept in the input ``Theta``."""
+    modl_unrolls: int = 0
+    """``modl`` / ``ssdu``: unrolls ``K``; 0 = the preset's (``modl``: METHOD.md's 6; ``tiny``: 2)."""
+    modl_cg_iterations: int = 0
+    """``modl`` / ``ssdu``: CG steps per data consistency; 0 = the preset's (``modl``: 6; ``tiny``: 3)."""
+    modl_lambda_init: float = 0.0
+    """``modl`` / ``ssdu``: initial (learnable) ``lambda``; 0 = the preset's (0.05)."""
+    validation_sigma: float = 0.0
+    """Noise level of the priors' denoising validation (``val_nrmse`` of edm, edm_l1, ncsnv2;
+    ``val_mse`` of image models); 0 = the method's (0.1 on the MRI data's scale, 0.2 on images':
+    :func:`adps.nn.reconstruct.validation_nrmse`, :data:`~adps.nn.reconstruct.IMAGE_VALIDATION_SIGMA`)."""
     lr: float = 2e-4
     """Adam learning rate."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -218,6 +244,28 @@ class TrainConfig(ConfigFile):
         """``preset``, or the method's paper preset when empty."""
         return self.preset or PAPER_PRESETS.get(self.method, "")
 
+    def network_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`adps.nn.train_step.build_model` this config sets
+        (besides method and preset): the EDM models' ``sigma_data`` (and the ambient one's
+        ``scale_cond``), MoDL's unrolls / CG steps / initial lambda where not the preset's."""
+        if self.method in ("ambient", "edm", "edm_l1", "image"):
+            return {"sigma_data": self.sigma_data, **({"scale_cond": self.scale_cond} if self.method == "ambient" else {})}
+        if self.method in ("modl", "ssdu"):
+            chosen = {"unrolls": self.modl_unrolls, "cg_iterations": self.modl_cg_iterations,
+                      "lambda_init": self.modl_lambda_init}
+            return {name: value for name, value in chosen.items() if value}
+        return {}
+
+    def loss_options(self) -> dict[str, Any]:
+        """The hyper-parameters of :func:`adps.nn.train_step.method_loss` this config sets."""
+        if self.method in ("ambient", "edm", "edm_l1"):
+            return {"p_mean": self.p_mean, "p_std": self.p_std}
+        if self.method == "image":
+            return {"p_mean": self.p_mean, "p_std": self.p_std, "delta": self.delta}
+        if self.method == "ssdu":
+            return {"ssdu_rho": self.ssdu_rho, "ssdu_keep_center": self.ssdu_keep_center}
+        return {}
+
     @property
     def resolved_epochs(self) -> int:
         """``epochs``, or the method's default (250; MoDL / SSDU 10) when 0."""
@@ -284,6 +332,14 @@ class TrainConfig(ConfigFile):
             raise ValueError(f"config key 'betas' must be two values in [0, 1), got {list(self.betas)}")
         if not 0 <= self.ema_rampup:
             raise ValueError(f"config key 'ema_rampup' must be >= 0, got {self.ema_rampup}")
+        for key in ("p_std", "sigma_data"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"config key {key!r} must be > 0, got {getattr(self, key)}")
+        if not 0 < self.ssdu_rho < 1:
+            raise ValueError(f"config key 'ssdu_rho' must be in (0, 1), got {self.ssdu_rho}")
+        for key in ("ssdu_keep_center", "modl_unrolls", "modl_cg_iterations", "modl_lambda_init", "validation_sigma"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"config key {key!r} must be >= 0 (0 = the default), got {getattr(self, key)}")
         if not 0 <= self.lr_rampup <= 1:
             raise ValueError(f"config key 'lr_rampup' must be a fraction of the run in [0, 1], got {self.lr_rampup}")
         if not 0 < self.activation_memory_budget <= 1:

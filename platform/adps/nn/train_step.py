@@ -134,7 +134,8 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_model(
-    method: str, preset: str = "tiny", *, sigma_data: float = 0.5, ambient: bool | None = None, **overrides: Any
+    method: str, preset: str = "tiny", *, sigma_data: float = 0.5, ambient: bool | None = None,
+    scale_cond: bool = True, **overrides: Any
 ) -> nn.Module:
     """The network a method trains, in the form :func:`train_step` expects.
 
@@ -146,6 +147,9 @@ def build_model(
       RGB denoiser; ``ambient`` (required for this method, refused for the others) says
       whether it takes the mask channel (trained on erased pixels, ``erasure_p > 0``).
 
+    ``sigma_data``: EDM's data standard deviation (METHOD.md 0.5) of the EDM-preconditioned
+    models; ``scale_cond``: whether the ambient model's mask channels are scaled by ``c_in``
+    with the image (the reference code's behaviour, the default; :class:`EDMPrecond`).
     ``overrides`` are passed to the preset builder (fields of the network's config).
     """
     _check_method(method)
@@ -159,7 +163,7 @@ def build_model(
     if ambient is not None:
         raise ValueError(f"{method}: 'ambient' applies to method 'image' only (the MRI ambient model is method 'ambient')")
     if method == "ambient":
-        return EDMPrecond(build_unet(preset, **overrides), sigma_data=sigma_data)
+        return EDMPrecond(build_unet(preset, **overrides), sigma_data=sigma_data, scale_cond=scale_cond)
     if method in ("edm", "edm_l1"):
         # The tiny preset has the ambient layout (4 in); the EDM models see [Re, Im] only.
         extra = {"in_channels": 2, "out_channels": 2} if preset == "tiny" else {}

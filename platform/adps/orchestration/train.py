@@ -144,7 +144,7 @@ def build_trainee(
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts them)
     # An image model takes the mask channel exactly when its training set is corrupted.
     kind = {"ambient": config.erasure_p > 0} if config.is_image else {}
-    model = build_model(config.method, config.resolved_preset, **kind)
+    model = build_model(config.method, config.resolved_preset, **kind, **config.network_options())
     if config.activation_checkpointing:
         set_activation_checkpointing(model)
     model = wrap(model) if wrap is not None else model.to(device)
@@ -199,7 +199,7 @@ def train_one_step(trainee: Trainee, batch: dict[str, torch.Tensor]) -> dict[str
         grad_clip=config.grad_clip or None,
         ema=trainee.ema,
         ema_batch_size=global_batch,  # the EMA half-life counts images over all workers
-        **({"delta": config.delta} if config.is_image else {}),
+        **config.loss_options(),
     )
     trainee.step += 1
     out["lr"] = trainee.optimizer.param_groups[0]["lr"]
@@ -424,8 +424,11 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(config.seed)  # the same noise at every validation
         if config.is_image:
             return {"val_mse": image_validation_mse(trainee.ema.model, val_batch, delta=config.delta,
+                                                    **({"sigma": config.validation_sigma} if config.validation_sigma else {}),
                                                     generator=generator)}
-        return {"val_nrmse": validation_nrmse(config.method, trainee.ema.model, val_batch, generator=generator)}
+        return {"val_nrmse": validation_nrmse(config.method, trainee.ema.model, val_batch, generator=generator,
+                                              **({"sigma_denoise": config.validation_sigma}
+                                                 if config.validation_sigma else {}))}
 
     ctx_run_id = getattr(ctx.log, "run_id", None)
 
