@@ -235,7 +235,7 @@ def tiny_prepared(ray_session, tmp_path_factory: pytest.TempPathFactory) -> str:
         write_volume(raw / volume_name(i, "AXT2"), volume, acquisition="AXT2", patient_id=f"p{i}")
     output = tmp_path_factory.mktemp("train-prepared") / "axt2"
     config = PrepareConfig.from_dict({
-        "source": str(raw), "output": str(output), "n_volumes": 4, "slices_per_volume": 2,
+        "source": str(raw), "output": str(output), "n_volumes": 2, "slices_per_volume": 2,
         "test_volumes": 1, "val_volumes": 1, "crop": (TINY_HEIGHT, TINY_WIDTH), "noise_patch": 8,
         "virtual_coils": 2, "calib_width": 12, "accelerations": (2, 4), "acs": 4, "shard_size": 2,
         "reference_iterations": 5, "seed": 3, "l1": True, "l1_iterations": 10,

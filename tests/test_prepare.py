@@ -233,7 +233,7 @@ def test_prepare_writes_manifest_and_shards(prepared, raw) -> None:
     assert "not an HDF5 file" in rejected["file_brain_AXT2_garbage.h5"]
     assert "NaN or Inf" in rejected["file_brain_AXT2_nan.h5"] and "slice 1" in rejected["file_brain_AXT2_nan.h5"]
 
-    # No patient in two splits; test keeps all coils, the others are compressed.
+    # No patient in two splits; training is compressed, validation and test keep all coils.
     patients = {split: {v["patient_id"] for v in manifest["splits"][split]["volumes"]} for split in ("train", "val", "test")}
     assert not (patients["train"] & patients["val"]) and not (patients["train"] & patients["test"])
     assert not (patients["val"] & patients["test"])
@@ -241,7 +241,7 @@ def test_prepare_writes_manifest_and_shards(prepared, raw) -> None:
 
     for split in ("train", "val", "test"):
         entry = manifest["splits"][split]
-        coils = COILS if split == "test" else config.virtual_coils
+        coils = config.virtual_coils if split == "train" else COILS
         assert entry["coils"] == coils
         names = [s["name"] for s in entry["shards"]]
         assert names == [f"{split}-{i:05d}.h5" for i in range(len(names))]
@@ -327,14 +327,21 @@ def test_plan_splits_by_patient() -> None:
     config = small_config("/raw", "/out", n_volumes=20, test_volumes=4, val_volumes=3)
     plan = plan_volumes(config, records)
     assert plan == plan_volumes(config, list(reversed(records)))
-    assert sum(len(v) for v in plan.volumes.values()) == 20
+    # The paper's split: n_volumes training scans, test and validation from other scans.
+    assert len(plan.volumes["train"]) == 20 and plan.source_summary["drawn"] == 20 + 6 + 3
     owners: dict[str, str] = {}
     for split, volumes in plan.volumes.items():
         for volume in volumes:
             assert owners.setdefault(volume.patient_id, split) == split
-    assert len(plan.volumes["test"]) >= 4 and len(plan.volumes["val"]) >= 3
+    assert len(plan.volumes["test"]) == 6 and len(plan.volumes["val"]) == 3  # whole patients of 3 volumes
     assert plan.coils["test"] == max(v.num_coils for v in plan.volumes["test"])
+    assert plan.coils["val"] == max(v.num_coils for v in plan.volumes["val"]) and plan.coils["train"] == config.virtual_coils
     assert plan_volumes(config.replace(seed=8), records) != plan
+    # The older way, configurable: test and validation taken out of the n_volumes drawn.
+    within = plan_volumes(config.replace(held_out_within_draw=True), records)
+    held_out = len(within.volumes["test"]) + len(within.volumes["val"])
+    assert sum(len(v) for v in within.volumes.values()) == 20 and held_out >= 7
+    assert len(within.volumes["train"]) == 20 - held_out
 
 
 def test_prepare_volume_pads_coils_and_rejects_bad_files(raw) -> None:

@@ -262,7 +262,8 @@ def _prepare(config: DemoConfig, raw: Path, prepared: Path) -> dict[str, Any]:
     # Masks at every R the models train at (ambient: R; MoDL / SSDU: R) and are tested at.
     accelerations = sorted({*map(float, config.accelerations), *map(float, config.ambient_r), float(config.baseline_r)})
     prepare = PrepareConfig.from_dict({
-        "source": str(raw), "output": str(prepared), "n_volumes": config.volumes,
+        # 1 test and 1 validation volume, the rest training (n_volumes counts training scans).
+        "source": str(raw), "output": str(prepared), "n_volumes": config.volumes - 2,
         "slices_per_volume": config.slices_per_volume, "test_volumes": 1, "val_volumes": 1,
         "crop": (config.height, config.width), "noise_patch": 8, "calib_width": 12, "accelerations": accelerations,
         "acs": config.acs, "shard_size": 4, "reference_iterations": 10, "seed": config.seed,

@@ -9,7 +9,7 @@ contract (``docs/data_format.md``):
    and pre-whitening with its inverse Cholesky factor;
 3. normalisation: k-space divided by the 99th percentile of the RSS image of the central
    ``24 x 24`` k-space;
-4. train / validation: SVD coil compression to 4 virtual coils (test keeps every coil);
+4. train: SVD coil compression to 4 virtual coils (validation and test keep every coil);
 5. ESPIRiT maps (one set, no crop), rotated to the phase convention of every split (the
    image's phase is the phase of the scan's first virtual coil, whatever the coil basis:
    :func:`adps.mri.align_map_phase`), and the CG-SENSE reference (30 iterations, R = 1);
@@ -56,6 +56,10 @@ from adps.mri import (
 SPLITS = ("train", "val", "test")
 """The splits of a prepared dataset, in the order they are processed and listed."""
 
+COMPRESSED_SPLITS = ("train",)
+"""The splits compressed to ``virtual_coils`` (METHOD.md: training). Validation keeps every coil
+like test, so that a sampler search on it sees the test split's coil setting."""
+
 METADATA_KEYS = ("normalization", "noise_std", "noise_covariance", "coil_energy_kept")
 """Keys of :func:`preprocess_slice`'s result that describe the slice (manifest, tests) rather
 than being stored as shard datasets."""
@@ -81,13 +85,17 @@ class PrepareConfig(ConfigFile):
     acquisition: str = "AXT2"
     """Only volumes whose ``acquisition`` attribute equals this are used (T2-weighted axial)."""
     n_volumes: int = 2000
-    """Number of volumes drawn at random (seeded) from those that match; all if fewer."""
+    """Training volumes drawn at random (seeded) from those that match; all if fewer."""
     slices_per_volume: int = 5
-    """Centre slices taken from each volume (2,000 x 5 = the paper's 10,000 slices)."""
+    """Centre slices taken from each volume (2,000 x 5 = the paper's 10,000 training slices)."""
     test_volumes: int = 20
     """Volumes held out for testing (20 x 5 = METHOD.md's 100 test slices); all coils kept."""
     val_volumes: int = 20
-    """Volumes held out for validation (coil-compressed like training)."""
+    """Volumes held out for validation; all coils kept, like test (Ray Tune searches on them)."""
+    held_out_within_draw: bool = False
+    """False (the paper): test and validation volumes come from scans outside the ``n_volumes``
+    training scans. True: they are taken out of the ``n_volumes`` drawn (fewer training scans;
+    how adps prepared data before schema version 2)."""
     seed: int = 0
     """Seed of the volume draw, the split and every mask."""
     crop: tuple[int, int] = (384, 320)
@@ -97,7 +105,7 @@ class PrepareConfig(ConfigFile):
     noise_corner: str = "top-left"
     """Corner of the cropped coil images the noise patch is taken from (object-free)."""
     virtual_coils: int = 4
-    """SVD-compressed coil count of the train and validation splits (test: all coils)."""
+    """SVD-compressed coil count of the training split (validation and test: all coils)."""
     calib_width: int = 24
     """ESPIRiT calibration region width, and the side of the central k-space block whose RSS
     image gives the normalisation constant."""
@@ -148,7 +156,7 @@ class PrepareConfig(ConfigFile):
         for key in ("test_volumes", "val_volumes", "reference_iterations", "l1_iterations", "acs"):
             if getattr(self, key) < 0:
                 raise ValueError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
-        if self.test_volumes + self.val_volumes > self.n_volumes:
+        if self.held_out_within_draw and self.test_volumes + self.val_volumes > self.n_volumes:
             raise ValueError(
                 f"config keys test_volumes + val_volumes ({self.test_volumes} + {self.val_volumes}) "
                 f"exceed n_volumes ({self.n_volumes})"
@@ -263,8 +271,8 @@ def preprocess_slice(
 
     Args:
         kspace: raw k-space ``(C, H_os, W)`` of one slice, complex (readout-oversampled rows).
-        split: ``"train"``, ``"val"`` or ``"test"``; test keeps every coil, the others are
-            compressed to ``config.virtual_coils``.
+        split: ``"train"``, ``"val"`` or ``"test"``; training slices are compressed to
+            ``config.virtual_coils`` (:data:`COMPRESSED_SPLITS`), the others keep every coil.
         slice_id: the slice's stable identifier (:func:`slice_id`); seeds its masks.
         config: the preparation settings.
         label: how errors name the slice (default ``"slice <id>"``).
@@ -279,7 +287,7 @@ def preprocess_slice(
         ``noise_std`` (RMS per-coil noise standard deviation of the raw data; the prepared
         k-space has white noise of standard deviation ``1 / normalization``), the estimated raw
         ``noise_covariance`` ``(C, C)`` (complex128) and ``coil_energy_kept`` (fraction of the
-        whitened k-space energy kept by coil compression; 1 for test).
+        whitened k-space energy kept by coil compression; 1 for validation and test).
 
     Raises:
         ValueError: naming the slice, for NaN/Inf or all-zero k-space, an image smaller than the
@@ -313,11 +321,11 @@ def preprocess_slice(
         raise ValueError(f"{label}: {err}") from None
     white = white / constant
 
-    # 4. Coil compression (train / validation only); unitary, so the noise stays white. The
-    # phase reference is the scan's first virtual coil, expressed in the split's coil basis.
+    # 4. Coil compression (training only); unitary, so the noise stays white. The phase
+    # reference is the scan's first virtual coil, expressed in the split's coil basis.
     energy_kept = 1.0
     phase_reference = principal_coil(white_images, coil_dim=0)
-    if split != "test":
+    if split in COMPRESSED_SPLITS:
         if config.virtual_coils > white.shape[0]:
             raise ValueError(
                 f"{label}: has {white.shape[0]} coils, fewer than the {config.virtual_coils} virtual coils wanted"

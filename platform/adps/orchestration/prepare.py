@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from adps.data import storage
 from adps.data.fastmri import FastMRIFormatError, list_volumes, open_volume
 from adps.data.preprocess import (
+    COMPRESSED_SPLITS,
     EXECUTION_ONLY_KEYS,
     SPLITS,
     PrepareConfig,
@@ -160,13 +161,16 @@ class Plan:
 
 
 def plan_volumes(config: PrepareConfig, scanned: Iterable[Mapping[str, Any]]) -> Plan:
-    """Filter by acquisition, draw ``n_volumes`` with the seed, split by patient.
+    """Filter by acquisition, split by patient, draw ``n_volumes`` training volumes with the seed.
 
     Deterministic in ``(config, scanned)``: candidates are sorted by volume id before the seeded
-    draw, so the listing order of the source does not matter. Patients are shuffled with the
-    seed and assigned whole to test until it holds ``test_volumes`` volumes, then to validation,
-    then the rest to train; a patient with several volumes can make test or validation exceed
-    its count by the patient's extra volumes.
+    shuffle and draw, so the listing order of the source does not matter. Patients are shuffled
+    with the seed and assigned whole to test until it holds ``test_volumes`` volumes, then to
+    validation (``val_volumes``); ``n_volumes`` training volumes are then drawn from the other
+    patients' volumes (the paper: 2,000 training scans, test and validation from other scans).
+    With ``held_out_within_draw`` the ``n_volumes`` are drawn first and test and validation
+    taken out of them. A patient with several volumes can make test or validation exceed its
+    count by the patient's extra volumes.
     """
     records = sorted(scanned, key=lambda r: (volume_id(r["source"]), r["source"]))
     rejected = [{"source": r["source"], "reason": r["reason"]} for r in records if not r["ok"]]
@@ -190,45 +194,64 @@ def plan_volumes(config: PrepareConfig, scanned: Iterable[Mapping[str, Any]]) ->
 
     draw_rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0]))
     split_rng = np.random.default_rng(np.random.SeedSequence([config.seed, 1]))
-    if len(usable) > config.n_volumes:
-        chosen = np.sort(draw_rng.choice(len(usable), size=config.n_volumes, replace=False))
-        drawn = [usable[i] for i in chosen]
-    else:
-        drawn = usable
-        if len(usable) < config.n_volumes:
-            log.warning(
-                "%s: %d usable %s volumes, fewer than n_volumes=%d: using all of them",
-                config.source, len(usable), config.acquisition, config.n_volumes,
-            )
 
-    by_patient: dict[str, list[Mapping[str, Any]]] = collections.defaultdict(list)
-    for record in drawn:
-        by_patient[str(record["patient_id"])].append(record)
-    patients = sorted(by_patient)
+    def draw(candidates: list[Mapping[str, Any]], count: int, what: str) -> list[Mapping[str, Any]]:
+        if len(candidates) > count:
+            return [candidates[i] for i in np.sort(draw_rng.choice(len(candidates), size=count, replace=False))]
+        if len(candidates) < count:
+            log.warning("%s: %d usable %s volumes for %s, fewer than n_volumes=%d: using all of them",
+                        config.source, len(candidates), config.acquisition, what, count)
+        return list(candidates)
+
+    def by_patient(candidates: list[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+        grouped: dict[str, list[Mapping[str, Any]]] = collections.defaultdict(list)
+        for record in candidates:
+            grouped[str(record["patient_id"])].append(record)
+        return grouped
+
+    def plan_of(record: Mapping[str, Any], patient: str, split: str) -> VolumePlan:
+        return VolumePlan(source=record["source"], volume_id=volume_id(record["source"]), patient_id=patient,
+                          split=split, slice_indices=tuple(int(i) for i in record["slice_indices"]),
+                          num_coils=int(record["num_coils"]))
+
     wanted = {"test": config.test_volumes, "val": config.val_volumes}
     assigned: dict[str, list[VolumePlan]] = {split: [] for split in SPLITS}
-    for index in split_rng.permutation(len(patients)):
-        patient = patients[index]
-        split = next((s for s in ("test", "val") if len(assigned[s]) < wanted[s]), "train")
-        for record in by_patient[patient]:
-            assigned[split].append(VolumePlan(
-                source=record["source"],
-                volume_id=volume_id(record["source"]),
-                patient_id=patient,
-                split=split,
-                slice_indices=tuple(int(i) for i in record["slice_indices"]),
-                num_coils=int(record["num_coils"]),
-            ))
+    if config.held_out_within_draw:
+        # Test and validation out of the n_volumes drawn (fewer training scans than drawn).
+        pool = by_patient(draw(usable, config.n_volumes, "all splits"))
+        for index in split_rng.permutation(len(pool)):
+            patient = sorted(pool)[index]
+            split = next((s for s in ("test", "val") if len(assigned[s]) < wanted[s]), "train")
+            assigned[split] += [plan_of(record, patient, split) for record in pool[patient]]
+        drawn_count = sum(len(v) for v in pool.values())
+    else:
+        # The paper: test and validation scans first, whole patients, then n_volumes training
+        # scans drawn from the other patients' (METHOD.md: 100 test slices from scans outside
+        # the 2,000).
+        pool = by_patient(usable)
+        patients = sorted(pool)
+        rest: list[Mapping[str, Any]] = []
+        for index in split_rng.permutation(len(patients)):
+            patient = patients[index]
+            split = next((s for s in ("test", "val") if len(assigned[s]) < wanted[s]), None)
+            if split is None:
+                rest += [dict(record, patient_id=patient) for record in pool[patient]]
+            else:
+                assigned[split] += [plan_of(record, patient, split) for record in pool[patient]]
+        rest.sort(key=lambda r: (volume_id(r["source"]), r["source"]))
+        training = draw(rest, config.n_volumes, "training")
+        assigned["train"] = [plan_of(record, str(record["patient_id"]), "train") for record in training]
+        drawn_count = len(training) + len(assigned["test"]) + len(assigned["val"])
     volumes = {split: sorted(assigned[split], key=lambda v: v.volume_id) for split in SPLITS}
     coils = {
-        split: (config.virtual_coils if split != "test" else max((v.num_coils for v in volumes[split]), default=0))
+        split: (config.virtual_coils if split in COMPRESSED_SPLITS else max((v.num_coils for v in volumes[split]), default=0))
         for split in SPLITS
     }
     summary = {
         "root": config.source,
         "listed": len(records),
         "matching_acquisition": len(matching),
-        "drawn": len(drawn),
+        "drawn": drawn_count,
     }
     return Plan(volumes=volumes, coils=coils, source_summary=summary, scan_rejected=rejected)
 
