@@ -50,15 +50,17 @@ def test_model_entries() -> None:
         model_uri("ambient")
 
 
-def test_sampler_settings_come_from_the_tuned_model_version(
+def test_sampler_settings_follow_the_protocol_and_tuning_is_fair_or_refused(
     tiny_prepared: str, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    """A registered model version tagged by a Ray Tune search (adps.tuned.r<R>.guidance /
-    .steps) gets those settings at that R_inf; other R_inf and other models get METHOD.md's;
-    explicit config values win over both."""
+    """By default every model runs METHOD.md's settings, whatever its tags. With use_tuned, at
+    an R_inf where one diffusion model has a search's settings, every compared one must have
+    them, from a search of the same budget on val: otherwise the evaluation refuses (or, with
+    allow_untuned, marks the rows). Settings searched together are used together; explicit
+    config values win; every cell says where its settings came from."""
     from mlflow import MlflowClient
 
-    from adps.orchestration.evaluate import _resolve, plan_cells, tuned_settings
+    from adps.orchestration.evaluate import _resolve, check_fair_tuning, plan_cells, tuned_meta, tuned_settings
     from adps.orchestration.registry import register_model
     from adps.orchestration.tracking import resolve_tracking_uri
 
@@ -66,27 +68,51 @@ def test_sampler_settings_come_from_the_tuned_model_version(
     client = MlflowClient(uri)
     # An artifact location of its own: MLflow's default is ./mlruns of the folder pytest runs in.
     run = client.create_run(client.create_experiment("tuned-version", (tmp_path / "artifacts").as_uri()))
-    version = register_model(tiny_models["ambient_r2"], tracking_uri=uri, run_id=run.info.run_id, name="adps-tunetest-r2",
-                             tags={"adps.tuned.r4.guidance": "2.5", "adps.tuned.r4.steps": "7",
-                                   "adps.tuned.r4.churn": "3", "adps.tuned.r4.run_id": "abc"})
-    assert tuned_settings(dict(version.tags), 4.0) == {"guidance": 2.5, "steps": 7.0, "churn": 3.0}
-    assert tuned_settings(dict(version.tags), 2.0) == {}
+    search = {"adps.tuned.r4.run_id": "abc", "adps.tuned.r4.budget": "32", "adps.tuned.r4.split": "val"}
+    ambient = register_model(tiny_models["ambient_r2"], tracking_uri=uri, run_id=run.info.run_id,
+                             name="adps-tunetest-r2", tags={"adps.tuned.r4.guidance": "2.5", "adps.tuned.r4.steps": "7",
+                                                            "adps.tuned.r4.churn": "3", **search})
+    edm = register_model(tiny_models["edm_r1"], tracking_uri=uri, run_id=run.info.run_id, name="adps-tunetest-r1",
+                         tags={"adps.tuned.r4.guidance": "0.7", **search})
+    assert tuned_settings(dict(ambient.tags), 4.0) == {"guidance": 2.5, "steps": 7.0, "churn": 3.0}
+    assert tuned_meta(dict(ambient.tags), 4.0) == {"run_id": "abc", "budget": "32", "split": "val"}
+    assert tuned_settings(dict(ambient.tags), 2.0) == {}
 
-    config = EvaluateConfig(dataset=tiny_prepared, models=("adps-tunetest-r2", str(tiny_models["edm_r1"])),
+    config = EvaluateConfig(dataset=tiny_prepared, models=("adps-tunetest-r2", "adps-tunetest-r1", "l1"),
                             accelerations=(2.0, 4.0), tracking_uri=uri)
     models = _resolve(config)
-    settings = {(c.label, c.sampler, c.r_inf): (c.steps, c.guidance) for c in plan_cells(config, models, 1)}
-    assert settings == {
-        ("ambient_r2", "a_dps", 2.0): (0, 1.0), ("ambient_r2", "a_os", 2.0): (0, 1.0),
-        ("ambient_r2", "a_dps", 4.0): (7, 2.5),
-        ("edm_r1", "dps", 2.0): (0, 1.0), ("edm_r1", "dps", 4.0): (0, 1.0),
-    }
-    options = {(c.label, c.sampler, c.r_inf): c.options for c in plan_cells(config, models, 1) if c.options}
-    assert options == {("ambient_r2", "a_dps", 4.0): (("churn", 3.0),)}  # searched together, used together
-    explicit = config.replace(steps=20, guidance=0.5)
-    assert {(c.steps, c.guidance, c.options) for c in plan_cells(explicit, models, 1)} == {(20, 0.5, ())}
-    ignored = config.replace(use_tuned=False)
-    assert {(c.steps, c.guidance) for c in plan_cells(ignored, models, 1)} == {(0, 1.0)}
+
+    def plan(cfg: EvaluateConfig) -> dict:
+        cells = plan_cells(cfg, models, 1, check_fair_tuning(cfg, models))
+        return {(c.label, c.sampler, c.r_inf): (c.steps, c.guidance, c.options, c.settings) for c in cells}
+
+    protocol = plan(config)  # use_tuned is off by default: the paper's protocol everywhere
+    assert {v for k, v in protocol.items() if k[0] != "l1"} == {(0, 1.0, (), "paper")}
+    tuned = plan(config.replace(use_tuned=True))
+    assert tuned[("ambient_r2", "a_dps", 4.0)] == (7, 2.5, (("churn", 3.0),), "tuned")  # searched together
+    assert tuned[("edm_r1", "dps", 4.0)] == (0, 0.7, (), "tuned")
+    assert tuned[("ambient_r2", "a_dps", 2.0)] == tuned[("edm_r1", "dps", 2.0)][:3] + ("paper",) == (0, 1.0, (), "paper")
+    assert tuned[("l1", "l1_wavelet", 4.0)][3] == "paper"
+    explicit = plan(config.replace(use_tuned=True, steps=20, guidance=0.5, sigma_min=0.05))
+    assert explicit[("ambient_r2", "a_dps", 4.0)] == (20, 0.5, (("sigma_min", 0.05),), "config")
+
+    # Unfair: one model tuned at R_inf 4, the other not; different budgets; a search on test.
+    client.delete_model_version_tag(edm.name, edm.version, "adps.tuned.r4.guidance")
+    models = _resolve(config)
+    with pytest.raises(ValueError, match=r"R_inf 4, ambient_r2 have settings .* but edm_r1 not: tune them"):
+        plan(config.replace(use_tuned=True))
+    marked = plan(config.replace(use_tuned=True, allow_untuned=True))
+    assert marked[("edm_r1", "dps", 4.0)][3] == "untuned" and marked[("ambient_r2", "a_dps", 4.0)][3] == "tuned"
+    client.set_model_version_tag(edm.name, edm.version, "adps.tuned.r4.guidance", "0.7")
+    client.set_model_version_tag(edm.name, edm.version, "adps.tuned.r4.budget", "8")
+    models = _resolve(config)
+    with pytest.raises(ValueError, match="different budgets .*ambient_r2 32 trials, edm_r1 8 trials"):
+        plan(config.replace(use_tuned=True))
+    client.set_model_version_tag(edm.name, edm.version, "adps.tuned.r4.budget", "32")
+    client.set_model_version_tag(edm.name, edm.version, "adps.tuned.r4.split", "test")
+    models = _resolve(config)
+    with pytest.raises(ValueError, match="edm_r1 at R_inf 4 were searched on the test split"):
+        plan(config.replace(use_tuned=True))
 
 
 def test_bad_config_names_the_key(tiny_prepared: str) -> None:

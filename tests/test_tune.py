@@ -51,7 +51,9 @@ def test_space_files_of_the_repository_load() -> None:
                                                                 "ald": "ald"}
     assert spaces["adps"].params["guidance"] == {"type": "loguniform", "low": 0.1, "high": 10.0}
     # The ambient models' defaults search where their schedule ends, and A-OS its sigma.
-    assert spaces["adps"].params["sigma_min"] == {"type": "loguniform", "low": 0.004, "high": 0.5}
+    assert spaces["adps"].params["sigma_min"] == spaces["dps"].params["sigma_min"] == {
+        "type": "loguniform", "low": 0.004, "high": 0.5}
+    assert {k: v for k, v in spaces["adps"].params.items()} == spaces["dps"].params  # the same search for both
     assert spaces["a_os"].params == {"sigma": {"type": "loguniform", "low": 0.003, "high": 1.0}}
     assert all(s.metric == "nrmse" and s.mode == "min" for s in spaces.values())
 
@@ -80,7 +82,9 @@ def test_malformed_space_names_file_and_key(tmp_path: Path, text: str, message: 
     assert str(path) in str(info.value)
 
 
-def test_config_and_sampler_mismatch_are_refused(tiny_prepared: str, ambient_model: Path, tmp_path: Path) -> None:
+def test_config_and_sampler_mismatch_are_refused(
+    tiny_prepared: str, ambient_model: Path, space_file: Path, tmp_path: Path
+) -> None:
     with pytest.raises(ValueError, match="unknown config key 'trials'"):
         SearchConfig.from_dict({"trials": 4})
     with pytest.raises(ValueError, match="'slices_per_report'"):
@@ -96,6 +100,11 @@ def test_config_and_sampler_mismatch_are_refused(tiny_prepared: str, ambient_mod
     config = SearchConfig(model=str(ambient_model), r_inf=4, space=str(a_os_space), dataset=tiny_prepared)
     with pytest.raises(ValueError, match=r"A-OS is searched at R_inf = R_train only.*trained at R 2, r_inf is 4"):
         tune_search(config, progress=False)
+    # Searching on test would tune to the slices the evaluation scores; train has other coils.
+    with pytest.raises(ValueError, match="'split': a search on the test split"):
+        config.replace(split="test").validate()
+    with pytest.raises(ValueError, match="'split': 'train' .* has 2 virtual coils, not the test split's coil setting"):
+        tune_search(config.replace(space=str(space_file), split="train"), progress=False)
 
 
 @pytest.mark.slow
@@ -157,12 +166,15 @@ def test_search_with_asha_logs_runs_best_json_and_version_tags(
     # adps evaluate picks the tuned settings up from the model version, at that R_inf only.
     from adps.orchestration.evaluate import EvaluateConfig, evaluate
 
+    assert (tags["adps.tuned.r4.budget"], tags["adps.tuned.r4.split"]) == ("6", "val")  # for the fair-tuning rule
     evaluation = evaluate(EvaluateConfig(
         dataset=tiny_prepared, models=("adps-tunesearch-r2",), accelerations=(2.0, 4.0), slices=1, a_os=False,
         lpips=False, tracking_uri=uri, output=str(tmp_path / "evaluation"), experiment="tune-then-evaluate",
+        use_tuned=True, denoising_check=False,
     ), progress=False)
-    used = {row["r_inf"]: (row["steps"], row["guidance"]) for row in evaluation["rows"]}
-    assert used == {2.0: (0, 1.0), 4.0: (best["settings"]["steps"], pytest.approx(best["settings"]["guidance"]))}
+    used = {row["r_inf"]: (row["steps"], row["guidance"], row["settings"]) for row in evaluation["rows"]}
+    assert used == {2.0: (0, 1.0, "paper"),
+                    4.0: (best["settings"]["steps"], pytest.approx(best["settings"]["guidance"]), "tuned")}
 
     # A-OS's sigma has its own search (at R_inf = R_train) and its own tags, which A-DPS never reads.
     a_os_space = tmp_path / "a_os.yaml"

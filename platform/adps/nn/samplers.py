@@ -624,7 +624,7 @@ def l1_wavelet(
     """
     del model, sigmas, generator, amp
     return _without_network("l1_wavelet", y, operator, callback, lambda y, op: l1_wavelet_recon(
-        y, op.maps, _operator_mask(op), lam=lam, iterations=iterations, wavelet=wavelet))
+        y, op.maps, _operator_mask(op), lam=float(lam), iterations=int(iterations), wavelet=wavelet))
 
 
 def _without_network(sampler: str, y: Tensor, operator: SenseOperator, callback: Callback | None,

@@ -54,12 +54,13 @@ from adps.data import storage
 __all__ = [
     "Cell", "EvaluateConfig", "evaluate", "evaluate_cell", "format_crossover", "format_results", "plan_cells",
     "model_version_of", "network_for_sampler", "reconstruct_batch", "stack_batch", "tuned_settings", "TUNED_TAG",
+    "cell_settings", "check_fair_tuning", "format_settings", "tuned_meta",
     "cell_path", "done_rows", "publish_report", "run_cells", "check_denoisers", "format_denoising_check",
 ]
 
 METRICS = ("nrmse", "psnr", "ssim", "lpips")
 TABLE_COLUMNS = ("model", "method", "sampler", "r_train", "r_inf", "slice", *METRICS, "seconds", "steps", "guidance",
-                 "options", "samples", "calibration")
+                 "options", "settings", "samples", "calibration")
 STOCHASTIC_SAMPLERS = ("a_dps", "dps", "ald")
 """The samplers that draw from a posterior (a fresh start noise gives another sample)."""
 
@@ -83,24 +84,46 @@ class EvaluateConfig(ConfigFile):
     """Test slices to reconstruct (the first ones; 0 = all)."""
     slices_per_task: int = 4
     """Slices per Ray task, reconstructed as one batch."""
+    # The samplers' settings. By default the paper's protocol (METHOD.md "Samplers"); a value set
+    # here applies to every model (docs/protocol.md "Sampler settings").
     steps: int = 0
-    """Sampler steps for every model; 0 = the model's best Ray Tune result when there is one,
-    else the sampler's METHOD.md default (500 for A-DPS / DPS). The classical reconstructions
-    (:data:`CLASSICAL`) keep their own iteration counts (L1-wavelet 100, CG-SENSE 10)."""
+    """Steps of the iterative samplers (A-DPS, DPS, ALD) for every model; 0 = a tuned value
+    (``use_tuned``), else METHOD.md's (500 for A-DPS / DPS, 1,300 for ALD)."""
     guidance: float = 0.0
-    """A-DPS / DPS step size l_ss for every model; 0 = the model's best Ray Tune result when
-    there is one, else METHOD.md's 1.0."""
-    use_tuned: bool = True
-    """Read the settings of ``adps tune`` searches from the registered model version's tags
-    (:func:`tuned_settings`) for settings left at 0."""
+    """A-DPS / DPS step size l_ss for every model; 0 = tuned, else METHOD.md's 1.0."""
+    sigma_max: float = 0.0
+    """Start of the A-DPS / DPS schedule for every model; 0 = tuned, else METHOD.md's 10."""
+    sigma_min: float = 0.0
+    """End of the A-DPS / DPS schedule for every model; 0 = tuned, else ``a_dps_sigma_min`` for
+    ambient models where set, else METHOD.md's 0.004."""
+    rho: float = 0.0
+    """Curvature of the A-DPS / DPS schedule; 0 = tuned, else METHOD.md's 7."""
+    ald_step_scale: float = 0.0
+    """ALD's ``eta_t / sigma_t^2``; 0 = tuned, else 0.5 (:func:`adps.nn.samplers.ald`)."""
+    l1_lam: float = 0.0
+    """L1-wavelet CS's lambda; 0 = METHOD.md's 0.001 (BART's scale)."""
+    l1_iterations: int = 0
+    """L1-wavelet CS's iterations; 0 = METHOD.md's 100."""
+    cg_sense_iterations: int = 0
+    """CG-SENSE's iterations; 0 = 10 (its only regulariser at R > 1 is stopping early)."""
+    use_tuned: bool = False
+    """Use the settings ``adps tune`` searches left on the registered model versions
+    (:func:`tuned_settings`) for the settings not set above. Off by default: the evaluation then
+    follows the paper's protocol. On, it is fair or it refuses: at each R_inf, either every
+    diffusion model compared has settings from a search with the same budget on a split other
+    than test, or none has (then all run the protocol); a model without them is refused unless
+    ``allow_untuned``. The ``settings`` column of the results says where each row's came from."""
+    allow_untuned: bool = False
+    """With ``use_tuned``: evaluate a diffusion model that has no search at an R_inf where others
+    have one with its untuned settings, its rows marked ``untuned``, instead of refusing."""
     a_os: bool = True
     """Also evaluate A-OS for ambient models, at R_inf = R_train only (its valid case)."""
     a_dps_sigma_min: float = 0.0
-    """End of the A-DPS schedule of ambient models where no Ray Tune search set one; 0 =
-    METHOD.md's 0.004. A small ambient model needs more (the demo's: 0.1; docs/evaluation.md)."""
+    """End of the A-DPS schedule of ambient models where neither ``sigma_min`` nor a search set
+    one; 0 = METHOD.md's 0.004. A small ambient model needs more (the demo's: 0.1;
+    docs/evaluation.md)."""
     a_os_sigma: float = 0.0
-    """A-OS's sigma where no Ray Tune search (``tune_spaces/a_os.yaml``) set one; 0 = METHOD.md's
-    0.003."""
+    """A-OS's sigma where no search (``tune_spaces/a_os.yaml``) set one; 0 = METHOD.md's 0.003."""
     lpips: bool = True
     """Compute LPIPS (needs the AlexNet weights locally; see adps.perceptual)."""
     lpips_weights: str = ""
@@ -161,7 +184,8 @@ class EvaluateConfig(ConfigFile):
         if self.denoising_check_slices < 1 or any(not sigma > 0 for sigma in self.denoising_check_sigmas):
             raise ValueError("config keys 'denoising_check_slices' (>= 1) and 'denoising_check_sigmas' (each > 0) out "
                              f"of range: {self.denoising_check_slices}, {list(self.denoising_check_sigmas)}")
-        for key in ("slices", "steps", "n_boot", "guidance", "a_dps_sigma_min", "a_os_sigma"):
+        for key in ("slices", "steps", "n_boot", "guidance", "a_dps_sigma_min", "a_os_sigma", "sigma_max", "sigma_min",
+                    "rho", "ald_step_scale", "l1_lam", "l1_iterations", "cg_sense_iterations"):
             if getattr(self, key) < 0:
                 raise ValueError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
         if not 0 < self.crossover_level < 1:
@@ -235,7 +259,10 @@ class Cell:
     guidance: float = 1.0
     """l_ss of A-DPS / DPS."""
     options: tuple[tuple[str, float], ...] = ()
-    """Other tuned sampler settings (``sigma_max``, ``churn``, ``step_scale``, ...), sorted."""
+    """The sampler's other settings (``sigma_min``, ``churn``, ``step_scale``, ``iterations``, ...), sorted."""
+    settings: str = "paper"
+    """Where the settings came from: ``paper`` (METHOD.md's), ``config`` (a value of the
+    evaluation config), ``tuned`` (a search) or ``untuned`` (no search, others had one)."""
 
     @property
     def key(self) -> str:
@@ -267,72 +294,146 @@ def model_version_of(uri: str, tracking_uri: str) -> Any:
     return client.get_model_version(name, version) if version else None
 
 
+TUNED_META = ("run_id", "budget", "split")
+"""Keys of a search's tags that describe the search, not a setting (:func:`tuned_meta`)."""
+
+DIFFUSION_METHODS = ("ambient", "edm", "edm_l1", "ncsnv2")
+"""The methods whose sampler settings a search tunes, and the fair-tuning rule compares."""
+
+
 def tuned_settings(tags: dict[str, str], r_inf: float, sampler: str = "") -> dict[str, float]:
     """The sampler settings a Ray Tune search at ``r_inf`` stored on the model version, or ``{}``.
 
     ``sampler`` empty: the model's own sampler's (:data:`TUNED_TAG` with a plain key:
     ``guidance``, ``steps`` and any other searched setting); ``"a_os"``: A-OS's, which a search
-    with ``tune_spaces/a_os.yaml`` stores under ``adps.tuned.r<R>.a_os.<key>``.
+    with ``tune_spaces/a_os.yaml`` stores under ``adps.tuned.r<R>.a_os.<key>``. The search's own
+    description (:data:`TUNED_META`) is left out.
     """
     prefix = TUNED_TAG.format(r_inf=r_inf, key=f"{sampler}." if sampler else "")
     found = {}
     for tag, value in tags.items():
         key = tag[len(prefix):]
         # A dotted key belongs to another sampler's search (a_os.sigma under the plain prefix).
-        if tag.startswith(prefix) and key != "run_id" and "." not in key:
+        if tag.startswith(prefix) and key not in TUNED_META and "." not in key:
             found[key] = float(value)
     return found
 
 
-def _settings(config: EvaluateConfig, tags: dict[str, str], r_inf: float) -> tuple[int, float, dict[str, float]]:
-    """``(steps, guidance, options)``: explicit config values, else tuned at ``r_inf``, else
-    METHOD.md's; ``options`` = the other tuned settings (used only with the tuned guidance)."""
-    tuned = tuned_settings(tags, r_inf) if config.use_tuned else {}
-    tuned_steps, tuned_guidance = tuned.pop("steps", 0), tuned.pop("guidance", 1.0)
-    steps = config.steps or int(tuned_steps)
-    guidance = config.guidance or float(tuned_guidance)
-    # Settings searched together belong together: an explicit guidance drops the rest of the tuned set.
-    return steps, guidance, {} if config.guidance else tuned
+def tuned_meta(tags: dict[str, str], r_inf: float) -> dict[str, str]:
+    """The search behind a model version's settings at ``r_inf``: its ``run_id``, ``budget``
+    (trials) and ``split`` (empty where the search predates them)."""
+    return {key: tags.get(TUNED_TAG.format(r_inf=r_inf, key=key), "") for key in TUNED_META}
 
 
-def _a_os_options(config: EvaluateConfig, tags: dict[str, str], r_inf: float) -> dict[str, float]:
-    """A-OS's settings: tuned at ``r_inf``, else ``a_os_sigma`` when set, else METHOD.md's."""
-    options = tuned_settings(tags, r_inf, "a_os") if config.use_tuned else {}
-    if "sigma" not in options and config.a_os_sigma:
-        options["sigma"] = float(config.a_os_sigma)
-    return options
+def check_fair_tuning(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any]]]) -> dict[tuple[str, float], str]:
+    """With ``use_tuned``: which settings each diffusion model gets at each R_inf, refusing an
+    unfair comparison. Returns ``{(label, r_inf): "tuned" | "untuned" | "paper"}``.
+
+    At each R_inf, either every diffusion model has settings from a search, all with the same
+    budget and none on the test split, or none has (``paper``: the protocol for all). A model
+    without a search where others have one is refused, naming it and the command that tunes
+    it, unless ``allow_untuned`` (then ``untuned``).
+    """
+    verdict: dict[tuple[str, float], str] = {}
+    diffusion = [(uri, c) for uri, c in models if c["method"] in DIFFUSION_METHODS]
+    if not config.use_tuned:
+        return verdict
+    for r_inf in map(float, config.accelerations):
+        tuned = {model_label(c): tuned_meta(c.get("_version_tags", {}), r_inf) for _, c in diffusion
+                 if tuned_settings(c.get("_version_tags", {}), r_inf)}
+        missing = [model_label(c) for _, c in diffusion if model_label(c) not in tuned]
+        on_test = sorted(label for label, meta in tuned.items() if meta["split"] == "test")
+        if on_test:
+            raise ValueError(f"use_tuned: the settings of {', '.join(on_test)} at R_inf {r_inf:g} were searched on the "
+                             "test split, whose slices this evaluation scores; search again on val")
+        budgets = {meta["budget"] for meta in tuned.values()}
+        if len(budgets) > 1:
+            found = ", ".join(f"{label} {meta['budget'] or '?'} trials" for label, meta in sorted(tuned.items()))
+            raise ValueError(f"use_tuned: at R_inf {r_inf:g} the searches had different budgets ({found}); "
+                             "tune every model with the same num_samples")
+        if tuned and missing and not config.allow_untuned:
+            raise ValueError(f"use_tuned: at R_inf {r_inf:g}, {', '.join(sorted(tuned))} have settings from a Ray Tune "
+                             f"search but {', '.join(missing)} not: tune them with the same budget (adps tune --model "
+                             f"... --r-inf {r_inf:g}), or set allow_untuned: true to run them untuned (rows marked), "
+                             "or use_tuned: false for the paper's protocol")
+        for label in tuned:
+            verdict[(label, r_inf)] = "tuned"
+        for label in missing:
+            verdict[(label, r_inf)] = "untuned" if tuned else "paper"
+    return verdict
 
 
-def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any]]], n_test: int) -> list[Cell]:
+# The explicit config keys of each sampler: (config key, the sampler's option).
+EXPLICIT_OPTIONS = {
+    "a_dps": (("sigma_max", "sigma_max"), ("sigma_min", "sigma_min"), ("rho", "rho")),
+    "dps": (("sigma_max", "sigma_max"), ("sigma_min", "sigma_min"), ("rho", "rho")),
+    "ald": (("ald_step_scale", "step_scale"),),
+    "l1_wavelet": (("l1_lam", "lam"), ("l1_iterations", "iterations")),
+    "cg_sense": (("cg_sense_iterations", "iterations"),),
+}
+ITERATIVE = ("a_dps", "dps", "ald")
+
+
+def cell_settings(config: EvaluateConfig, model_config: dict[str, Any], sampler: str, r_inf: float,
+                  fairness: dict[tuple[str, float], str] | None = None) -> tuple[int, float, dict[str, float], str]:
+    """``(steps, guidance, options, source)`` of one model's ``sampler`` at ``r_inf``.
+
+    Each value: the config's when set (for every model), else a search's (``use_tuned``),
+    else, for ambient models, ``a_dps_sigma_min`` / ``a_os_sigma``, else METHOD.md's. Settings
+    searched together are used together: an explicit guidance drops the rest of the tuned set.
+    ``source`` is ``tuned`` when any value came from a search, ``untuned`` for a model the fair
+    rule let run without one (:func:`check_fair_tuning`), ``config`` when any came from the
+    config, else ``paper``.
+    """
+    method = model_config["method"]
+    tags = model_config.get("_version_tags", {})
+    use_tuned = config.use_tuned and method in DIFFUSION_METHODS
+    tuned = tuned_settings(tags, r_inf, "a_os" if sampler == "a_os" else "") if use_tuned else {}
+    tuned_steps, tuned_guidance = int(tuned.pop("steps", 0)), tuned.pop("guidance", 0.0)
+    steps = (config.steps or tuned_steps) if sampler in ITERATIVE else 0
+    guidance = config.guidance or tuned_guidance or 1.0
+    options = {} if config.guidance else dict(tuned)
+    explicit = {option: float(getattr(config, key)) for key, option in EXPLICIT_OPTIONS.get(sampler, ())
+                if getattr(config, key)}
+    options.update(explicit)
+    fallback = {}
+    if method == "ambient" and sampler == "a_dps" and config.a_dps_sigma_min:
+        fallback["sigma_min"] = float(config.a_dps_sigma_min)
+    if sampler == "a_os" and config.a_os_sigma:
+        fallback["sigma"] = float(config.a_os_sigma)
+    for option, value in fallback.items():
+        options.setdefault(option, value)
+    from_tuned = bool(tuned or tuned_steps or tuned_guidance) and not config.guidance
+    from_config = bool(explicit or fallback.keys() & options.keys()
+                       or (sampler in ITERATIVE and config.steps) or (sampler in ("a_dps", "dps") and config.guidance))
+    source = "tuned" if from_tuned else "config" if from_config else "paper"
+    if (fairness or {}).get((model_label(model_config), r_inf)) == "untuned" and sampler != "a_os":
+        source = "untuned"
+    return steps, float(guidance), options, source
+
+
+def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any]]], n_test: int,
+               fairness: dict[tuple[str, float], str] | None = None) -> list[Cell]:
     """Every cell of the grid: models x samplers x R_inf x slice chunks, each with its model's
-    sampler settings (:func:`_settings`; for ambient models ``a_dps_sigma_min`` and
-    ``a_os_sigma`` where no search set them)."""
+    sampler settings (:func:`cell_settings`)."""
     from adps.nn.samplers import DEFAULT_SAMPLER
 
     count = min(n_test, config.slices) if config.slices else n_test
     chunks = [tuple(range(i, min(i + config.slices_per_task, count))) for i in range(0, count, config.slices_per_task)]
     cells = []
     for uri, model_config in models:
-        tags = model_config.get("_version_tags", {})
         method = model_config["method"]
         r_train = float(model_config["R"])
-        samplers = [DEFAULT_SAMPLER[method]]
-        for r_inf in config.accelerations:
-            runs = list(samplers)
-            if method == "ambient" and config.a_os and float(r_inf) == r_train:
+        for r_inf in map(float, config.accelerations):
+            runs = [DEFAULT_SAMPLER[method]]
+            if method == "ambient" and config.a_os and r_inf == r_train:
                 runs.append("a_os")
-            steps, guidance, options = _settings(config, tags, float(r_inf))
-            if method == "ambient" and config.a_dps_sigma_min and "sigma_min" not in options:
-                options["sigma_min"] = float(config.a_dps_sigma_min)
             for sampler in runs:
-                # The tuned settings belong to the model's own sampler; A-OS has its own.
-                if sampler == DEFAULT_SAMPLER[method]:
-                    extra = tuple(sorted(options.items()))
-                else:
-                    extra = tuple(sorted(_a_os_options(config, tags, float(r_inf)).items()))
+                steps, guidance, options, source = cell_settings(config, model_config, sampler, r_inf, fairness)
                 for chunk in chunks:
-                    cells.append(Cell(uri, model_label(model_config), method, sampler, r_train, float(r_inf), chunk,
-                                      steps=0 if method in CLASSICAL else steps, guidance=guidance, options=extra))
+                    cells.append(Cell(uri, model_label(model_config), method, sampler, r_train, r_inf, chunk,
+                                      steps=steps, guidance=guidance, options=tuple(sorted(options.items())),
+                                      settings=source))
     return cells
 
 
@@ -438,6 +539,7 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
         row = {"model": cell.label, "method": cell.method, "sampler": cell.sampler, "r_train": cell.r_train,
                "r_inf": cell.r_inf, "slice": slice_id, "seconds": seconds, "steps": cell.steps,
                "guidance": cell.guidance, "options": ",".join(f"{name}={value:g}" for name, value in cell.options),
+               "settings": cell.settings,
                "samples": samples, "calibration": float(calibration[i])}
         row.update({metric: float(scores[metric][i]) if metric in scores else math.nan for metric in METRICS})
         rows.append(row)
@@ -585,27 +687,10 @@ def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress
         if progress and checks:
             print("adps evaluate: denoising check on the test split (complex NRMSE of the noisy input -> the "
                   "model's output; a model must lower it)\n" + format_denoising_check(checks), flush=True)
-    cells = plan_cells(config, models, n_test)
+    fairness = check_fair_tuning(config, models)
+    cells = plan_cells(config, models, n_test, fairness)
     if progress:
-        # One line per setting that came from a Ray Tune search, one for all the others.
-        plain = 0
-        for _, model_config in models:
-            for r_inf in config.accelerations:
-                tags = model_config["_version_tags"]
-                if not (config.use_tuned and tuned_settings(tags, float(r_inf))):
-                    plain += 1
-                    continue
-                steps, guidance, options = _settings(config, tags, float(r_inf))
-                extra = "".join(f", {name} {value:g}" for name, value in sorted(options.items()))
-                print(f"adps evaluate: {model_label(model_config)} at R_inf {r_inf:g}: steps {steps or 'default'}, "
-                      f"guidance {guidance:g}{extra} (tuned)", flush=True)
-        if plain:
-            steps = f"steps {config.steps} (config)" if config.steps else "the sampler's default steps"
-            guidance = f"guidance {config.guidance:g} (config)" if config.guidance else "guidance 1 (default)"
-            parts = [f"{name} {value:g}" for name, value in (("A-DPS sigma_min", config.a_dps_sigma_min),
-                                                               ("A-OS sigma", config.a_os_sigma)) if value]
-            ambient = f"; ambient models: {', '.join(parts)} (config)" if parts else ""
-            print(f"adps evaluate: {plain} other model x R_inf pair(s): {steps}, {guidance}{ambient}", flush=True)
+        print(format_settings(cells), flush=True)
     rows = run_cells(_cell_task, config.to_dict(), cells, output=config.resolved_output, use_gpu=config.use_gpu,
                      ray_address=ray_address, progress=progress,
                      describe=lambda cell: f"{cell.label} {cell.sampler} R_inf {cell.r_inf:g}")
@@ -758,6 +843,24 @@ def _log_to_mlflow(config: EvaluateConfig, rows: list[dict[str, Any]], crossover
                   "adps.denoising_check_failed": ",".join(sorted({c["model"] for c in checks if not c["passed"]}))})
     end_run(tracking_uri, run_id, "FINISHED")
     return run_id
+
+
+def format_settings(cells: Sequence[Cell]) -> str:
+    """One line per model, sampler and R_inf: the sampler's settings and where they came from
+    (``paper``, ``config``, ``tuned``, ``untuned``); identical lines merged over R_inf."""
+    seen: dict[tuple, list[float]] = {}
+    for cell in cells:
+        what = (cell.label, cell.sampler, cell.steps, cell.guidance, cell.options, cell.settings)
+        if cell.r_inf not in seen.setdefault(what, []):
+            seen[what].append(cell.r_inf)
+    lines = []
+    for (label, sampler, steps, guidance, options, source), r_infs in seen.items():
+        values = ([f"steps {steps}"] if steps else []) + ([f"guidance {guidance:g}"] if sampler in ("a_dps", "dps") else [])
+        values += [f"{name} {value:g}" for name, value in options]
+        shown = ", ".join(values) or "its defaults"
+        lines.append(f"adps evaluate: {label} {sampler} at R_inf {', '.join(f'{r:g}' for r in r_infs)}: {shown} "
+                     f"({source})")
+    return "\n".join(lines)
 
 
 def format_results(rows: Sequence[dict[str, Any]], metric: str = "nrmse") -> str:

@@ -255,7 +255,9 @@ class SearchConfig(ConfigFile):
     dataset: str = ""
     """Prepared dataset (folder or ``s3://``); for an image search a folder or ``.zip`` of images."""
     split: str = "val"
-    """The split reconstructed (never ``test``: that is for the evaluation); MRI only."""
+    """The split reconstructed: ``val`` (or ``train``), never ``test``, whose slices the
+    evaluation scores; it must have the test split's coil setting (prepared val does: every
+    coil). MRI only."""
     slices: int = 8
     """Slices (images) each trial reconstructs (the first ones; 0 = all of the split / folder)."""
     slices_per_report: int = 2
@@ -311,8 +313,11 @@ class SearchConfig(ConfigFile):
                 if getattr(self, key):
                     raise ValueError(f"config key {key!r} is for a natural-image search (with 'task'); "
                                      "an MRI search takes 'r_inf'")
-        if self.split not in ("train", "val", "test"):
-            raise ValueError(f"config key 'split' must be train, val or test, got {self.split!r}")
+        if self.split == "test":
+            raise ValueError("config key 'split': a search on the test split would tune the settings to the slices "
+                             "the evaluation scores; search on val (it has the test split's coils)")
+        if self.split not in ("train", "val"):
+            raise ValueError(f"config key 'split' must be val or train, got {self.split!r}")
         for key in ("slices", "max_concurrent", "seed"):
             if getattr(self, key) < 0:
                 raise ValueError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
@@ -619,6 +624,7 @@ def _search_plan(config: SearchConfig, space: SearchSpace, model_config: dict[st
                 "tags": {"adps.task": config.image_setting, "adps.resolution": str(resolution)}}
 
     from adps.data.dataset import PreparedSliceDataset
+    from adps.data.preprocess import COMPRESSED_SPLITS
     from adps.data.shards import read_manifest
 
     prepared = [float(r) for r in read_manifest(config.dataset)["config"]["accelerations"]]
@@ -626,6 +632,14 @@ def _search_plan(config: SearchConfig, space: SearchSpace, model_config: dict[st
         raise ValueError(f"config key 'r_inf': {config.r_inf:g} not prepared in {config.dataset} "
                          f"(it has {', '.join(f'{r:g}' for r in prepared)})")
     label = model_label(model_config)
+    manifest = read_manifest(config.dataset)
+    coils = {split: manifest["splits"][split]["coils"] for split in (config.split, "test")}
+    compressed = {split: split in COMPRESSED_SPLITS for split in coils}
+    if compressed[config.split] != compressed["test"] or coils[config.split] > coils["test"]:
+        raise ValueError(f"config key 'split': {config.split!r} of {config.dataset} has {coils[config.split]} "
+                         f"{'virtual ' if compressed[config.split] else ''}coils, not the test split's coil setting "
+                         f"({coils['test']} coils, uncompressed): settings tuned on it would not be those of the "
+                         "evaluation; search on val")
     dataset = PreparedSliceDataset(config.dataset, config.split, acceleration=config.r_inf)
     n_items = min(len(dataset), config.slices) if config.slices else len(dataset)
     dataset.close()
@@ -864,7 +878,9 @@ def _tag_version(config: SearchConfig, best: dict[str, Any], run_id: str, *, sam
         name = config.model[len("models:/"):]
         version = max(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     client = MlflowClient(config.tracking_uri)
-    for key, value in {**best["settings"], "run_id": run_id}.items():
+    # An MRI search also records its budget and split: the evaluation compares only models tuned alike.
+    meta = {} if config.task else {"budget": config.num_samples, "split": config.split}
+    for key, value in {**best["settings"], "run_id": run_id, **meta}.items():
         if config.task:  # the task's tag (what the image evaluation reads) and the setting's own
             tags = [IMAGE_TUNED_TAG.format(task=task, key=key) for task in (config.task, config.image_setting)]
         else:
