@@ -19,16 +19,18 @@ from adps.mri.coils import (
 )
 from adps.mri.fft import fft2c, ifft2c
 from adps.mri.masks import acs_columns, column_mask, further_corrupted_mask, lines_at, slice_masks
-from adps.mri.recon import cg_sense, conjugate_gradient, l1_wavelet_recon, mvue, zero_filled
+from adps.mri.recon import L1_SCALINGS, bart_scale, cg_sense, conjugate_gradient, l1_wavelet_recon, mvue, zero_filled
 from adps.mri.sense import SenseOperator, check_maps
 
 __all__ = [
     "CoilCompression",
+    "L1_SCALINGS",
     "SenseOperator",
     "acs_columns",
     "align_map_phase",
     "apply_coil_matrix",
     "background_patch",
+    "bart_scale",
     "cg_sense",
     "check_maps",
     "coil_compress",

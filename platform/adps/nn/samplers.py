@@ -103,7 +103,7 @@ SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
     "ald": {"steps": 1300, "steps_per_level": 3, "sigma_start": None, "step_scale": 0.5, "noise_std": 0.0,
             "likelihood_weight": 1.0, "denoise_last": True},
     "prior_heun": {"steps": 18, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
-    "l1_wavelet": {"steps": 100, "lam": 0.001, "wavelet": "db4"},
+    "l1_wavelet": {"steps": 100, "lam": 0.001, "wavelet": "db2", "scaling": "bart"},
     "unrolled": {"steps": 1},
     "zero_filled": {"steps": 1},
     # Unregularised CG-SENSE: early stopping is its only regulariser at R > 1 (more iterations
@@ -613,18 +613,20 @@ def l1_wavelet(
     callback: Callback | None = None,
     lam: float = 0.001,
     iterations: int = 100,
-    wavelet: str = "db4",
+    wavelet: str = "db2",
+    scaling: str = "bart",
     amp: str | None = None,
 ) -> Tensor:
     """L1-wavelet compressed sensing, :func:`adps.mri.recon.l1_wavelet_recon`
-    (``min 1/2 ||A x - y||^2 + lam ||W x||_1``; METHOD.md: lam 0.001, 100 iterations).
+    (``min 1/2 ||A x - y||^2 + lam s ||W x||_1``; METHOD.md: lam 0.001, 100 iterations, as BART's
+    ``pics -l1 -r 0.001 -i 100``: Daubechies-2 wavelets and BART's data scale ``s``).
 
     No network: ``model``, ``sigmas``, ``generator`` and ``amp`` are unused (pass None). Runs
     on the CPU (sigpy); the result is returned on ``y``'s device.
     """
     del model, sigmas, generator, amp
     return _without_network("l1_wavelet", y, operator, callback, lambda y, op: l1_wavelet_recon(
-        y, op.maps, _operator_mask(op), lam=float(lam), iterations=int(iterations), wavelet=wavelet))
+        y, op.maps, _operator_mask(op), lam=float(lam), iterations=int(iterations), wavelet=wavelet, scaling=scaling))
 
 
 def _without_network(sampler: str, y: Tensor, operator: SenseOperator, callback: Callback | None,
