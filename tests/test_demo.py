@@ -46,6 +46,10 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     tuned = client.get_model_version("adps-ambient-r4", "1").tags
     assert 0.1 <= float(tuned["adps.tuned.r8.guidance"]) <= 10 and tuned["adps.tuned.r8.steps"] == "10"
     assert 0.02 <= float(tuned["adps.tuned.r8.sigma_min"]) <= 0.5 and 0.003 <= float(tuned["adps.tuned.r4.a_os.sigma"]) <= 1
+    # A fair comparison: the clean model was searched alike (same budget, same split).
+    edm = client.get_model_version("adps-edm-r1", "1").tags
+    assert 0.1 <= float(edm["adps.tuned.r8.guidance"]) <= 10 and edm["adps.tuned.r8.budget"] == tuned["adps.tuned.r8.budget"]
+    assert edm["adps.tuned.r8.split"] == tuned["adps.tuned.r8.split"] == "val"
 
     experiment = client.get_experiment_by_name("adps-demo-eval")
     (run,) = client.search_runs([experiment.experiment_id])
@@ -78,10 +82,14 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     # slices; zero-filled and CG-SENSE at both for scale: 4 cells x 2.
     assert len(rows) == 18 and {float(r["r_inf"]) for r in rows} == {4.0, 8.0}
     trained = [r for r in rows if r["model"] in ("ambient_r4", "edm_r1")]
-    assert len(trained) == 10 and {r["steps"] for r in trained} == {"10"}
+    assert len(trained) == 10 and {r["steps"] for r in trained if r["sampler"] != "a_os"} == {"10"}
+    assert {r["steps"] for r in trained if r["sampler"] == "a_os"} == {"0"}  # one call, no steps
     assert {r["model"] for r in rows} - {r["model"] for r in trained} == {"zero_filled", "cg_sense"}
-    # The ambient model's schedule ends where the demo (or its search) says, not at 0.004.
+    # The ambient model's schedule ends where the demo (or its search) says, not at 0.004; the
+    # searched settings are used at R_inf 8, for both models, and each row says so.
     assert all("sigma_min=" in r["options"] for r in rows if r["sampler"] == "a_dps")
+    assert {r["settings"] for r in trained if r["r_inf"] == "8.0"} == {"tuned"}
+    assert {r["settings"] for r in trained if r["r_inf"] == "4.0" and r["sampler"] != "a_os"} == {"config"}
     assert "what the table shows" not in out  # no L1 row in --quick: nothing to compare with
     assert (report / "reconstructions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(workdir.rglob("*.tmp*")), "temporary files left behind"

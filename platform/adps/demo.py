@@ -10,9 +10,10 @@ a SQLite MLflow store with local artifacts, synthetic data), all inside one work
    checkpoints, MLflow runs, registered models ``adps-<method>-r<R>``): Ambient Diffusion at
    ``ambient_r`` (learned from undersampled k-space only), EDM on fully sampled data, and
    L1-EDM, MoDL and SSDU at ``baseline_r``;
-4. searches one ambient model's sampler settings with Ray Tune (Optuna TPE + ASHA): A-DPS's
-   guidance and the end of its schedule, and A-OS's sigma; the best become tags on the
-   registered model version;
+4. searches the sampler settings of every diffusion model with Ray Tune (Optuna TPE + ASHA),
+   each with the same budget on the validation split: the guidance and the end of the schedule
+   at the largest R_inf, and each ambient model's A-OS sigma; the best become tags on the
+   registered model versions, which the evaluation uses for all of them alike;
 5. evaluates every model, L1-wavelet CS, CG-SENSE and the zero-filled image at every R_inf of
    the grid on the test slices with ``adps evaluate`` (which first checks that every diffusion
    model denoises the test slices, and picks the tuned settings up from the registry), writes
@@ -95,7 +96,9 @@ class DemoConfig:
     low sigma, and A-DPS ending there ends on the aliased image (NRMSE 0.45 at R_inf 8, against
     0.27 ending at 0.1); see docs/evaluation.md."""
     tune_trials: int = 6
-    """Ray Tune trials of each search (A-DPS guidance and sigma_min; A-OS sigma); 0 = no search."""
+    """Ray Tune trials of each search: every diffusion model's guidance and sigma_min at
+    ``tune_r_inf``, every ambient model's A-OS sigma (the same budget for all, a fair
+    comparison); 0 = no search, and the evaluation runs the protocol for every model."""
     tune_r_inf: float = 0.0
     """R_inf of the A-DPS search (0 = the largest of ``accelerations``)."""
     l1: bool = True
@@ -165,8 +168,6 @@ class DemoConfig:
         if lines_at(self.width, hardest) < self.acs:
             raise ValueError(f"accelerations: R {hardest:g} keeps {lines_at(self.width, hardest)} of {self.width} "
                              f"columns, fewer than the {self.acs} ACS columns; lower R or raise width")
-        if self.tune_trials and "ambient" not in self.methods:
-            raise ValueError("tune_trials > 0 needs an ambient model (methods must include ambient)")
 
     # Folders and names. The data and training settings are part of the names, so a changed
     # setting never reuses (or collides with) what an earlier demo made.
@@ -193,7 +194,8 @@ class DemoConfig:
 
     @property
     def tune_model(self) -> tuple[str, float]:
-        """The ambient model searched: the one at ``baseline_r`` when trained, else the first."""
+        """The ambient model the printout shows loading: the one at ``baseline_r`` when trained,
+        else the first."""
         ambient = [r for method, r in self.runs() if method == "ambient"]
         return "ambient", (float(self.baseline_r) if float(self.baseline_r) in ambient else ambient[0])
 
@@ -306,12 +308,16 @@ def _train(config: DemoConfig, dataset: Path, tracking_uri: str) -> list[Any]:
     return rows
 
 
-def _search(config: DemoConfig, dataset: Path, tracking_uri: str, *, kind: str, r_inf: float,
-            space_text: str) -> dict[str, Any]:
-    """One Ray Tune search of the searched ambient model (or the finished one, read back)."""
+DIFFUSION = ("ambient", "edm", "edm_l1", "ncsnv2")
+"""The demo's methods whose sampler settings are searched (every one, or none: a fair comparison)."""
+
+
+def _search(config: DemoConfig, dataset: Path, tracking_uri: str, *, model: tuple[str, float], kind: str,
+            r_inf: float, space_text: str) -> dict[str, Any]:
+    """One Ray Tune search of ``model`` (or the finished one, read back)."""
     from adps.orchestration.tune import SearchConfig, tune_search
 
-    method, r_train = config.tune_model
+    method, r_train = model
     space = config.workdir / f"tune_space_{kind}.yaml"
     space.write_text(space_text)
     search = SearchConfig(
@@ -328,20 +334,32 @@ def _search(config: DemoConfig, dataset: Path, tracking_uri: str, *, kind: str, 
 
 
 def _tune(config: DemoConfig, dataset: Path, tracking_uri: str) -> dict[str, Any]:
-    """Two searches of the searched ambient model: A-DPS's guidance and the end of its schedule
-    at ``search_r_inf`` (the step count fixed to the demo's, so that the evaluation can use
-    both), and A-OS's sigma at R_inf = R_train (the only R_inf where A-OS is in-distribution)."""
-    _, r_train = config.tune_model
-    adps = _search(config, dataset, tracking_uri, kind="adps", r_inf=config.search_r_inf, space_text=(
-        "sampler: adps\nobjective: {metric: nrmse, mode: min}\nparams:\n"
-        "  guidance: {type: loguniform, low: 0.1, high: 10.0}\n"
-        f"  steps: {{type: choice, values: [{config.sampler_steps}]}}\n"
-        "  sigma_min: {type: loguniform, low: 0.02, high: 0.5}\n"))
-    searches = {"adps": adps}
-    if r_train in config.accelerations:
-        searches["a_os"] = _search(config, dataset, tracking_uri, kind="a_os", r_inf=r_train, space_text=(
-            "sampler: a_os\nobjective: {metric: nrmse, mode: min}\nparams:\n"
-            "  sigma: {type: loguniform, low: 0.003, high: 1.0}\n"))
+    """The searches of a fair comparison: every diffusion model's guidance and schedule end at
+    ``search_r_inf``, each with the same budget and space (the step count fixed to the demo's),
+    and every ambient model's A-OS sigma at its R_train (the only R_inf where A-OS is
+    in-distribution). The evaluation then uses them all (``use_tuned``), or none."""
+    guided = ("objective: {metric: nrmse, mode: min}\nparams:\n"
+              "  guidance: {type: loguniform, low: 0.1, high: 10.0}\n"
+              f"  steps: {{type: choice, values: [{config.sampler_steps}]}}\n"
+              "  sigma_min: {type: loguniform, low: 0.02, high: 0.5}\n")
+    searches = {}
+    for method, r_train in config.runs():
+        if method not in DIFFUSION:
+            continue
+        family = {"ambient": "adps", "ncsnv2": "ald"}.get(method, "dps")
+        if family == "ald":
+            text = ("sampler: ald\nobjective: {metric: nrmse, mode: min}\nparams:\n"
+                    "  step_scale: {type: loguniform, low: 0.05, high: 1.0}\n")
+        else:
+            text = f"sampler: {family}\n" + guided
+        label = f"{method}_r{r_train:g}"
+        searches[label] = _search(config, dataset, tracking_uri, model=(method, r_train), kind=family,
+                                  r_inf=config.search_r_inf, space_text=text)
+        if method == "ambient" and r_train in config.accelerations:
+            searches[f"{label} a_os"] = _search(
+                config, dataset, tracking_uri, model=(method, r_train), kind="a_os", r_inf=r_train, space_text=(
+                    "sampler: a_os\nobjective: {metric: nrmse, mode: min}\nparams:\n"
+                    "  sigma: {type: loguniform, low: 0.003, high: 1.0}\n"))
     return searches
 
 
@@ -355,6 +373,8 @@ def _evaluate(config: DemoConfig, dataset: Path, tracking_uri: str) -> dict[str,
         # The step count everywhere; the searched model's settings from its registry tags; the
         # demo's schedule end for the other ambient models.
         steps=config.sampler_steps, a_dps_sigma_min=config.ambient_sigma_min, a_os_sigma=config.ambient_sigma_min,
+        # Every diffusion model was searched alike at search_r_inf (stage 4), or none was.
+        use_tuned=bool(config.tune_trials),
         slices_per_task=config.slices_per_volume, lpips=False, seed=config.seed,
         output=str(config.workdir / "evaluation"), run_name="demo-evaluation", tracking_uri=tracking_uri,
         experiment="adps-demo-eval", n_boot=1000,
@@ -431,17 +451,16 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
     search = None
     if config.tune_trials:
-        method, r_train = config.tune_model
-        started = _stage(4, f"Ray Tune (Optuna TPE + ASHA), {config.tune_trials} trials each: the A-DPS guidance and "
-                            f"sigma_min of {method}_r{r_train:g} at R_inf {config.search_r_inf:g}, and its A-OS sigma "
-                            f"at R_inf {r_train:g}")
+        tuned = [f"{m}_r{r:g}" for m, r in runs if m in DIFFUSION]
+        started = _stage(4, f"Ray Tune (Optuna TPE + ASHA), {config.tune_trials} trials each on the validation split: "
+                            f"the guidance and sigma_min of every diffusion model ({', '.join(tuned)}) at R_inf "
+                            f"{config.search_r_inf:g}, and each ambient model's A-OS sigma at its own R")
         search = _tune(config, data / "prepared", tracking_uri)
-        found = []
-        for kind, result in search.items():
+        for label, result in search.items():
             best = result["best"] if result else None
-            found.append(f"{kind} no trial finished" if best is None else f"{kind} NRMSE {best['value']:.4f} at " +
-                         ", ".join(f"{k} {v:.3g}" for k, v in best["settings"].items() if k != "steps"))
-        _done(started, "; ".join(found) + f"; tagged on adps-{method}-r{r_train:g}")
+            print(f"      {label}: " + ("no trial finished" if best is None else f"NRMSE {best['value']:.4f} at " +
+                  ", ".join(f"{k} {v:.3g}" for k, v in best["settings"].items() if k != "steps")), flush=True)
+        _done(started, "the best settings are tags of each model version")
     else:
         print(f"\n[4/{STAGES}] Ray Tune search skipped (tune_trials 0)", flush=True)
 

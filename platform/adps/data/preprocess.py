@@ -127,6 +127,11 @@ class PrepareConfig(ConfigFile):
     """L1-wavelet regularisation weight (BART scale)."""
     l1_iterations: int = 100
     """L1-wavelet solver iterations."""
+    l1_wavelet: str = "db2"
+    """L1-wavelet's wavelet (PyWavelets name): BART's Daubechies-2, as the paper's baseline."""
+    l1_scaling: str = "bart"
+    """How ``l1_lam`` relates to the data: ``bart`` (BART's automatic data scale, ``pics``
+    without ``-w``) or ``none`` (``pics -w 1``); :func:`adps.mri.recon.l1_wavelet_recon`."""
     mvue: bool = False
     """Also store the MVUE of the fully sampled k-space."""
     shard_size: int = 64
@@ -190,6 +195,13 @@ class PrepareConfig(ConfigFile):
                     f"config key 'accelerations': at R+1 = {acceleration + 1:g} a mask keeps floor({cols}/"
                     f"{acceleration + 1:g}) = {further} columns, fewer than the {self.acs} ACS columns (key 'acs')"
                 )
+        if self.l1_scaling not in ("bart", "none"):
+            raise ValueError(f"config key 'l1_scaling' must be bart or none, got {self.l1_scaling!r}")
+        import pywt
+
+        if self.l1_wavelet not in pywt.wavelist(kind="discrete"):
+            raise ValueError(f"config key 'l1_wavelet': {self.l1_wavelet!r} is not a discrete PyWavelets wavelet "
+                             "(BART's dau2 is db2)")
         if self.cpus_per_task <= 0:
             raise ValueError(f"config key 'cpus_per_task' must be > 0, got {self.cpus_per_task}")
 
@@ -364,7 +376,8 @@ def preprocess_slice(
         out[f"mask_further/{key}"] = further.numpy().astype(bool)
         if config.l1:
             measured = white[None] * mask[None, None, None, :]
-            recon = l1_wavelet_recon(measured, maps[None], mask, lam=config.l1_lam, iterations=config.l1_iterations)
+            recon = l1_wavelet_recon(measured, maps[None], mask, lam=config.l1_lam, iterations=config.l1_iterations,
+                                     wavelet=config.l1_wavelet, scaling=config.l1_scaling)
             out[f"l1/{key}"] = recon[0].numpy().astype(np.complex64)
     clock.lap("l1")
     if config.mvue:
