@@ -313,3 +313,30 @@ def test_fid_samples_each_prior_and_logs_the_table(
     missing = config.replace(fid_weights=str(tmp_path / "nowhere.pth"))
     with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
         run_fid(missing)
+
+
+def test_every_sampler_setting_is_a_key_applied_to_every_model_alike() -> None:
+    """METHOD.md's sampler settings are EvaluateConfig keys (0 = METHOD.md's value), each given to
+    the samplers it concerns for every model, and each cell says that its settings came from
+    the config; the ambient-only fallbacks sit below the general keys."""
+    from adps.nn.samplers import SAMPLER_DEFAULTS
+    from adps.orchestration.evaluate import cell_settings
+
+    ambient, edm, ncsn = ({"method": m, "R": r, "_version_tags": {}} for m, r in
+                          (("ambient", 4.0), ("edm", 1.0), ("ncsnv2", 1.0)))
+    plain = EvaluateConfig(dataset="d", models=("m",))
+    assert cell_settings(plain, edm, "dps", 4.0) == (0, 1.0, {}, "paper")
+    assert SAMPLER_DEFAULTS["a_dps"] == {"steps": 500, "sigma_min": 0.004, "sigma_max": 10.0, "rho": 7.0,
+                                         "guidance": 1.0}
+    config = plain.replace(steps=50, sigma_max=20.0, sigma_min=0.05, rho=5.0, ald_step_scale=0.3, l1_lam=0.002,
+                           l1_iterations=30, cg_sense_iterations=4, a_dps_sigma_min=0.1, a_os_sigma=0.2)
+    expected = {"sigma_max": 20.0, "sigma_min": 0.05, "rho": 5.0}
+    assert cell_settings(config, edm, "dps", 4.0) == (50, 1.0, expected, "config")
+    assert cell_settings(config, ambient, "a_dps", 4.0) == (50, 1.0, expected, "config")  # sigma_min wins
+    assert cell_settings(config.replace(sigma_min=0.0), ambient, "a_dps", 4.0)[2]["sigma_min"] == 0.1
+    assert cell_settings(config, ambient, "a_os", 4.0) == (0, 1.0, {"sigma": 0.2}, "config")
+    assert cell_settings(config, ncsn, "ald", 4.0) == (50, 1.0, {"step_scale": 0.3}, "config")
+    l1 = {"method": "l1", "R": 1.0, "_version_tags": {}}
+    assert cell_settings(config, l1, "l1_wavelet", 4.0) == (0, 1.0, {"lam": 0.002, "iterations": 30.0}, "config")
+    cg = {"method": "cg_sense", "R": 1.0, "_version_tags": {}}
+    assert cell_settings(config, cg, "cg_sense", 4.0)[2] == {"iterations": 4.0}

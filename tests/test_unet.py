@@ -478,3 +478,31 @@ def test_activation_checkpointing_is_refused_for_methods_without_the_switch() ->
                                          "ncsnv2 have it, not modl"):
         TrainConfig(method="modl", acceleration=4, dataset="x", activation_checkpointing=True).validate(
             check_dataset=False)
+
+
+def test_ambient_models_scale_their_mask_channels_as_the_reference_and_checkpoints_keep_theirs(
+    tmp_path: Path,
+) -> None:
+    """The reference code multiplies all four input channels of the ambient network by c_in; so
+    does a new ambient model (``scale_cond``), and its outputs differ from the unscaled one's at
+    large sigma. A checkpoint records the setting; one written before the key existed (no
+    ``scale_cond`` in its config) was trained unscaled and loads unscaled."""
+    from adps.nn import build_model
+
+    torch.manual_seed(0)
+    model = build_model("ambient", "tiny")
+    assert model.scale_cond is True and build_model("ambient", "tiny", scale_cond=False).scale_cond is False
+    x, cond = torch.randn(1, 2, 16, 16), torch.cat([torch.ones(1, 1, 16, 16), torch.ones(1, 1, 16, 16)], dim=1)
+    with torch.no_grad():
+        scaled = model(x, torch.tensor([2.5]), cond=cond)
+        model.scale_cond = False
+        unscaled = model(x, torch.tensor([2.5]), cond=cond)
+        model.scale_cond = True
+    assert not torch.allclose(scaled, unscaled)
+    folder = save_model(tmp_path / "ckpt", model, {"preset": "tiny", "method": "ambient", "R": 4})
+    assert load_model(folder)[0].scale_cond is True
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["precond"]["scale_cond"]
+    config_path.write_text(json.dumps(config))
+    assert load_model(folder)[0].scale_cond is False
