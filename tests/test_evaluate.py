@@ -155,10 +155,16 @@ def test_evaluation_logs_table_figures_and_crossover_and_resumes(
     table = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=first["run_id"], artifact_path="results.parquet",
                                                                 dst_path=str(tmp_path / "dl")))
     assert list(table.columns) == ["model", "method", "sampler", "r_train", "r_inf", "slice", "nrmse", "psnr", "ssim",
-                                   "lpips", "seconds", "steps", "guidance", "options", "samples", "calibration"]
+                                   "lpips", "seconds", "steps", "guidance", "options", "settings", "samples",
+                                   "calibration"]
     assert set(table["guidance"]) == {1.0} and set(table["samples"]) == {1}
-    # The step count is the samplers'; L1-wavelet keeps its own iterations (METHOD.md's 100).
-    assert set(table.loc[table["model"] != "l1", "steps"]) == {4} and set(table.loc[table["model"] == "l1", "steps"]) == {0}
+    # Where each row's settings came from: the config's step count for the iterative samplers,
+    # METHOD.md's for A-OS (one call at sigma 0.003) and L1-wavelet.
+    iterative = table["sampler"].isin(["a_dps", "dps"])
+    assert set(table.loc[iterative, "settings"]) == {"config"} and set(table.loc[~iterative, "settings"]) == {"paper"}
+    # The step count is the iterative samplers'; A-OS is one call, L1-wavelet keeps its own
+    # iterations (METHOD.md's 100).
+    assert set(table.loc[iterative, "steps"]) == {4} and set(table.loc[~iterative, "steps"]) == {0}
     assert len(table) == 14
     # The denoising check ran before the samplers, on both diffusion models (2 training steps:
     # they do not denoise yet, and the evaluation says so), and is logged with the run.
