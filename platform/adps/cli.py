@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, help="training steps of the diffusion models (800; 30)")
     demo.add_argument("--baseline-steps", type=int, help="training steps of modl and ssdu (250; 30)")
     demo.add_argument("--sampler-steps", type=int, help="A-DPS / DPS steps (100; 10)")
-    demo.add_argument("--trials", type=int, help="Ray Tune trials of each search, 0 = none (6; 3)")
+    demo.add_argument("--trials", type=int, help="Ray Tune trials of each search, 0 = none (6; 2)")
     demo.add_argument("--l1", choices=("on", "off"), help="evaluate L1-wavelet CS too (on; off)")
     demo.add_argument("--seed", type=int, help="seed of data, training, search and sampling (0)")
     demo.add_argument("--workdir", type=Path, help="everything the demo writes (default .adps/demo)")

@@ -121,7 +121,7 @@ class DemoConfig:
         values: dict[str, Any] = {
             "volumes": 4, "slices_per_volume": 2, "accelerations": (4.0, 8.0), "ambient_r": (4.0,),
             "methods": ("ambient", "edm"), "batch_size": 4,
-            "train_steps": 30, "baseline_steps": 30, "sampler_steps": 10, "tune_trials": 3, "l1": False,
+            "train_steps": 30, "baseline_steps": 30, "sampler_steps": 10, "tune_trials": 2, "l1": False,
         }
         return cls(**{**values, **overrides})
 
