@@ -308,10 +308,6 @@ def _train(config: DemoConfig, dataset: Path, tracking_uri: str) -> list[Any]:
     return rows
 
 
-DIFFUSION = ("ambient", "edm", "edm_l1", "ncsnv2")
-"""The demo's methods whose sampler settings are searched (every one, or none: a fair comparison)."""
-
-
 def _search(config: DemoConfig, dataset: Path, tracking_uri: str, *, model: tuple[str, float], kind: str,
             r_inf: float, space_text: str) -> dict[str, Any]:
     """One Ray Tune search of ``model`` (or the finished one, read back)."""
@@ -338,13 +334,15 @@ def _tune(config: DemoConfig, dataset: Path, tracking_uri: str) -> dict[str, Any
     ``search_r_inf``, each with the same budget and space (the step count fixed to the demo's),
     and every ambient model's A-OS sigma at its R_train (the only R_inf where A-OS is
     in-distribution). The evaluation then uses them all (``use_tuned``), or none."""
+    from adps.nn.reconstruct import DENOISER_METHODS
+
     guided = ("objective: {metric: nrmse, mode: min}\nparams:\n"
               "  guidance: {type: loguniform, low: 0.1, high: 10.0}\n"
               f"  steps: {{type: choice, values: [{config.sampler_steps}]}}\n"
               "  sigma_min: {type: loguniform, low: 0.02, high: 0.5}\n")
     searches = {}
     for method, r_train in config.runs():
-        if method not in DIFFUSION:
+        if method not in DENOISER_METHODS:
             continue
         family = {"ambient": "adps", "ncsnv2": "ald"}.get(method, "dps")
         if family == "ald":
@@ -451,7 +449,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
     search = None
     if config.tune_trials:
-        tuned = [f"{m}_r{r:g}" for m, r in runs if m in DIFFUSION]
+        from adps.nn.reconstruct import DENOISER_METHODS
+
+        tuned = [f"{m}_r{r:g}" for m, r in runs if m in DENOISER_METHODS]
         started = _stage(4, f"Ray Tune (Optuna TPE + ASHA), {config.tune_trials} trials each on the validation split: "
                             f"the guidance and sigma_min of every diffusion model ({', '.join(tuned)}) at R_inf "
                             f"{config.search_r_inf:g}, and each ambient model's A-OS sigma at its own R")

@@ -297,8 +297,12 @@ def model_version_of(uri: str, tracking_uri: str) -> Any:
 TUNED_META = ("run_id", "budget", "split")
 """Keys of a search's tags that describe the search, not a setting (:func:`tuned_meta`)."""
 
-DIFFUSION_METHODS = ("ambient", "edm", "edm_l1", "ncsnv2")
-"""The methods whose sampler settings a search tunes, and the fair-tuning rule compares."""
+def _diffusion_methods() -> tuple[str, ...]:
+    """The methods whose sampler settings a search tunes and the fair-tuning rule compares: those
+    with a denoiser (:data:`adps.nn.reconstruct.DENOISER_METHODS`)."""
+    from adps.nn.reconstruct import DENOISER_METHODS
+
+    return DENOISER_METHODS
 
 
 def tuned_settings(tags: dict[str, str], r_inf: float, sampler: str = "") -> dict[str, float]:
@@ -335,7 +339,7 @@ def check_fair_tuning(config: EvaluateConfig, models: Sequence[tuple[str, dict[s
     it, unless ``allow_untuned`` (then ``untuned``).
     """
     verdict: dict[tuple[str, float], str] = {}
-    diffusion = [(uri, c) for uri, c in models if c["method"] in DIFFUSION_METHODS]
+    diffusion = [(uri, c) for uri, c in models if c["method"] in _diffusion_methods()]
     if not config.use_tuned:
         return verdict
     for r_inf in map(float, config.accelerations):
@@ -387,7 +391,7 @@ def cell_settings(config: EvaluateConfig, model_config: dict[str, Any], sampler:
     """
     method = model_config["method"]
     tags = model_config.get("_version_tags", {})
-    use_tuned = config.use_tuned and method in DIFFUSION_METHODS
+    use_tuned = config.use_tuned and method in _diffusion_methods()
     tuned = tuned_settings(tags, r_inf, "a_os" if sampler == "a_os" else "") if use_tuned else {}
     tuned_steps, tuned_guidance = int(tuned.pop("steps", 0)), tuned.pop("guidance", 0.0)
     steps = (config.steps or tuned_steps) if sampler in ITERATIVE else 0
