@@ -550,6 +550,8 @@ def test_every_edm_preconditioned_model_samples_its_prior_with_edm_heun(net_prob
         assert len(seen) == 35 and sorted(seen, reverse=True) == pytest.approx(expected, rel=1e-5), method
         assert fid_sampler(method) == {"sampler": "prior_heun", "steps": 18, "sigma_max": 80.0, "sigma_min": 0.002,
                                        "rho": 7.0}
+    # Every setting is a key, applied to every model alike (FidConfig sigma_max / sigma_min / rho).
+    assert fid_sampler("ambient", sigma_max=40.0, rho=5.0)["sigma_max"] == 40.0
     ncsnv2 = build_model("ncsnv2", "tiny")
     settings = fid_sampler("ncsnv2", ncsnv2, steps=30)
     assert settings["sampler"] == "ald" and settings["sigma_start"] == pytest.approx(float(ncsnv2.sigmas()[0]))

@@ -53,6 +53,12 @@ class FidConfig(ConfigFile):
     """Unconditional samples per model (paper: 100)."""
     steps: int = 0
     """Sampler steps (0 = METHOD.md's: EDM Heun 18, ALD 1,300); the same for every model of a family."""
+    sigma_max: float = 0.0
+    """EDM Heun's first level for every EDM-preconditioned model (0 = METHOD.md's 80)."""
+    sigma_min: float = 0.0
+    """EDM Heun's last level (0 = METHOD.md's 0.002)."""
+    rho: float = 0.0
+    """EDM Heun's schedule curvature (0 = METHOD.md's 7)."""
     batch: int = 25
     """Samples drawn at once."""
     backbone: str = "vgg16"
@@ -73,23 +79,27 @@ class FidConfig(ConfigFile):
             raise ValueError("config key 'models' is empty: name at least one diffusion model")
         if self.samples < 2:
             raise ValueError(f"config key 'samples' must be >= 2 (FID needs a covariance), got {self.samples}")
+        if any(getattr(self, key) < 0 for key in ("sigma_max", "sigma_min", "rho")):
+            raise ValueError("config keys 'sigma_max', 'sigma_min', 'rho' must be >= 0 (0 = METHOD.md's)")
         if self.batch < 1 or self.steps < 0:
             raise ValueError(f"config keys 'batch' (>= 1) and 'steps' (>= 0): got {self.batch}, {self.steps}")
         if self.backbone not in ("vgg16", "inception_v3"):
             raise ValueError(f"config key 'backbone' must be vgg16 or inception_v3, got {self.backbone!r}")
 
 
-def fid_sampler(method: str, model: torch.nn.Module | None = None, steps: int = 0) -> dict[str, Any]:
+def fid_sampler(method: str, model: torch.nn.Module | None = None, steps: int = 0, *, sigma_max: float = 0.0,
+                sigma_min: float = 0.0, rho: float = 0.0) -> dict[str, Any]:
     """The unconditional sampler of ``method`` and every setting of it (what is logged with an FID):
     ``prior_heun`` (18 steps, sigma 80 -> 0.002, rho 7) for ``edm``, ``edm_l1`` and ``ambient``;
     ``ald`` over the NCSNv2's full noise range (from its largest level; 1,300 steps, 3 per level,
-    no data term) for ``ncsnv2``. ``steps`` > 0 replaces the step count."""
+    no data term) for ``ncsnv2``. A setting > 0 replaces METHOD.md's (for every model alike)."""
     from adps.nn.samplers import SAMPLER_DEFAULTS
 
     if method in ("edm", "edm_l1", "ambient"):
         defaults = SAMPLER_DEFAULTS["prior_heun"]
-        return {"sampler": "prior_heun", "steps": steps or defaults["steps"], "sigma_max": defaults["sigma_max"],
-                "sigma_min": defaults["sigma_min"], "rho": defaults["rho"]}
+        return {"sampler": "prior_heun", "steps": steps or defaults["steps"],
+                "sigma_max": sigma_max or defaults["sigma_max"], "sigma_min": sigma_min or defaults["sigma_min"],
+                "rho": rho or defaults["rho"]}
     if method == "ncsnv2":
         defaults = SAMPLER_DEFAULTS["ald"]
         levels = model.sigmas() if model is not None else None
@@ -103,7 +113,8 @@ def fid_sampler(method: str, model: torch.nn.Module | None = None, steps: int = 
 def unconditional_samples(
     method: str, model: torch.nn.Module, n: int, shape: tuple[int, int], *, steps: int = 0, batch: int = 25,
     seed: int = 0, amp: str = "", device: str = "cpu", maps: torch.Tensor | None = None,
-    train_acceleration: float | None = None, acs: int | None = None,
+    train_acceleration: float | None = None, acs: int | None = None, sigma_max: float = 0.0, sigma_min: float = 0.0,
+    rho: float = 0.0,
 ) -> torch.Tensor:
     """``n`` unconditional complex images ``(n, H, W)`` from a diffusion prior, with the sampler
     of :func:`fid_sampler`.
@@ -118,7 +129,8 @@ def unconditional_samples(
     from adps.nn.ema import unwrap_model
     from adps.nn.samplers import default_sigmas, train_masks
 
-    settings = fid_sampler(method, unwrap_model(model) if method == "ncsnv2" else None, steps)
+    settings = fid_sampler(method, unwrap_model(model) if method == "ncsnv2" else None, steps, sigma_max=sigma_max,
+                           sigma_min=sigma_min, rho=rho)
     if method == "ambient" and (maps is None or train_acceleration is None):
         raise ValueError("ambient: unconditional samples need coil maps and the training acceleration")
     out = []
@@ -126,7 +138,8 @@ def unconditional_samples(
         count = min(batch, n - start)
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
         if settings["sampler"] == "prior_heun":
-            sigmas = default_sigmas("prior_heun", steps=settings["steps"])
+            sigmas = default_sigmas("prior_heun", steps=settings["steps"], sigma_max=settings["sigma_max"],
+                                    sigma_min=settings["sigma_min"], rho=settings["rho"])
             if method == "ambient":
                 picked = maps[torch.arange(start, start + count) % maps.shape[0]].to(device)
                 width = shape[1]
@@ -192,11 +205,13 @@ def _fid_task(config: dict[str, Any], uri: str) -> dict[str, Any]:
     row: dict[str, Any] = {"model": label, "fid": None, "paper_fid": PAPER_FID.get(label), "samples": cfg.samples,
                            "sampler": "", "note": ""}
     try:
-        settings = fid_sampler(model_config["method"], model, cfg.steps)
+        schedule = {"sigma_max": cfg.sigma_max, "sigma_min": cfg.sigma_min, "rho": cfg.rho}
+        settings = fid_sampler(model_config["method"], model, cfg.steps, **schedule)
         row["sampler"] = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
         fake = unconditional_samples(model_config["method"], model, cfg.samples, tuple(real.shape[-2:]), steps=cfg.steps,
                                      batch=cfg.batch, seed=cfg.seed, amp=cfg.amp, device=device, maps=maps,
-                                     train_acceleration=float(model_config["R"]), acs=prepared.get("acs"))
+                                     train_acceleration=float(model_config["R"]), acs=prepared.get("acs"),
+                                     **schedule)
     except ValueError as err:
         row["note"] = str(err)
         return row
