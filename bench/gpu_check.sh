@@ -22,23 +22,21 @@
 #   4. bench/operators.py --device cuda: the SENSE operators at the paper's test size;
 #   5. bench/sample_speed.py --device cuda: A-DPS s/slice compiled with CUDA graphs
 #      ("reduce-overhead"), "nhwc" and "inline" (element-wise intermediates recomputed in their
-#      readers: bench/kernel_plan.py plans 11 % fewer bytes) at batch 16 (8 on a card under
+#      readers) at batch 16 (8 on a card under
 #      100 GB: batch 16 peaked at 80.9 GB), and a complete 20-step A-DPS run in bf16 against
 #      float32 (eager, batch 2: the same reconstructions within tolerance); if the compiled
 #      configuration fails, the same without CUDA graphs and "inline";
 #   6. bench/train_step.py again, the candidate for the lean mode: the compiled step with CUDA
-#      graphs, "nhwc" and an activation memory budget of 0.5 (planned on the CPU by
-#      bench/memory_plan.py at 16.7 GiB); if that fails, at once train_step_budget;
+#      graphs, "nhwc" and an activation memory budget of 0.5; if that fails, at once
+#      train_step_budget;
 #   7. if time is left: bench/train_scaling.py --gpu (the bare step against the platform's worker
 #      loop, whose batches load in a background thread, and against the data path alone; bf16;
 #      the eager step does not fit an 80 GB card); train_step_budget (the candidate for the 27 GB
-#      target: budget 0.7, no CUDA graphs, 18.0 GiB planned); A-DPS eager at batches 1 and 8 (the
-#      baselines); bench/memory_plan.py (CPU only, about a minute: the plan of budgets 1.0, 0.7
-#      and 0.5 under this machine's torch, beside the measured peaks); the compiled step with
+#      target: budget 0.7, no CUDA graphs); A-DPS eager at batches 1 and 8 (the baselines); the
+#      compiled step with
 #      activation checkpointing; the step with each U-Net block compiled on its own ("regional":
 #      shorter compilation); the paper-size NCSNv2 step eager, with and without activation
-#      checkpointing (the paper grid's ncsnv2_r1 config turns it on for 24 GB cards:
-#      bench/eager_memory.py plans 30.9 GiB without, 4.2 with).
+#      checkpointing (the paper grid's ncsnv2_r1 config turns it on for 24 GB cards).
 #
 # Each torch.compile of the paper-size network took about 2 minutes on the first run's machine
 # (16 CPU cores), which is what bounds the number of compiled rows per run.
@@ -53,7 +51,7 @@
 # 15 minutes hold both calls, back to back (the device tool's timeout_s 520, then 360):
 #
 #     bash bench/gpu_check.sh
-#     GPU_CHECK_ONLY="train_step_lean train_step_budget train_scaling sample_speed memory_plan train_step_ckpt train_step_ncsnv2" \
+#     GPU_CHECK_ONLY="train_step_lean train_step_budget train_scaling sample_speed train_step_ckpt train_step_ncsnv2" \
 #         GPU_CHECK_BUDGET_S=330 bash bench/gpu_check.sh
 #
 # GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at tiny sizes, with Ray, MLflow, sigpy
@@ -61,8 +59,9 @@
 # about 2 minutes). It leaves out what the CPU compiles slowly. GPU_CHECK_DRY_RUN=compiled also
 # runs every compiled row and the compiled sampler, with the GPU run's settings, at the tiny
 # sizes (bench/train_step.py --tiny-rows; Inductor's C++ kernels): 22 minutes on 2 cores on
-# 2026-12-03 (the sampler partly from Inductor's cache), step limits x8 and a budget of 3600 s. PYTHON may name another environment, such as one with
-# the GPU machine's torch (README, Benchmarks: "Checking gpu_check.sh without a GPU").
+# 2026-12-03 (the sampler partly from Inductor's cache), step limits x8 and a budget of 3600 s.
+# PYTHON may name another environment, such as one with the GPU machine's torch
+# (bench/README.md, "Checking gpu_check.sh without a GPU").
 
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -122,11 +121,8 @@ run() {
 # The GPU run's rows of bench/train_step.py (--rows) and settings of the compiled sampler, which
 # the compiled dry run runs too, at the tiny sizes.
 # The candidate for the 20 GB lean mode: CUDA graphs (against the gaps between kernels), no
-# layout transposes, and the activation budget that memory_plan.py plans at 16.7 GiB (0.2 % of
-# the convolution FLOPs recomputed). The candidate for the 27 GB target is budget 0.7, without
-# CUDA graphs (its peak free of their memory pool): 18.0 GiB planned, no convolution
-# recomputed, and kernel_plan.py plans its element-wise kernels to move 33.7 GB per slice,
-# less than the default step measured on the H200 moved before the bias change (34.4).
+# layout transposes, and an activation memory budget of 0.5. The candidate for the 27 GB target
+# is budget 0.7, without CUDA graphs (its peak free of their memory pool).
 MAIN_ROWS=(eager,cudnn compile,cudnn,nhwc)
 GPU_LEAN_ROWS=(compile=reduce-overhead,cudnn,nhwc,budget=0.5)
 GPU_BUDGET_ROWS=(compile,cudnn,nhwc,budget=0.7)
@@ -174,7 +170,6 @@ PYEOF
     BUDGET_ROWS=(budget=0.5)
     TRAIN_STEP_CKPT_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
                           --rows ckpt)
-    MEMORY_PLAN_ARGS=(--preset tiny --batch 2 --height 32 --width 32 --budgets 1.0 0.5)
     TRAIN_STEP_REGIONAL_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
                               --rows compile,regional)
     TRAIN_STEP_NCSNV2_ARGS=(--device cpu --methods ncsnv2 --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
@@ -210,7 +205,6 @@ else
     BUDGET_ROWS=("${GPU_BUDGET_ROWS[@]}")
     TRAIN_STEP_CKPT_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows "${CKPT_ROWS[@]}"
                           --profile 8)
-    MEMORY_PLAN_ARGS=(--budgets 1.0 0.7 0.5)  # CPU only: the plan under this machine's torch, beside its measured peaks
     TRAIN_STEP_REGIONAL_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows "${REGIONAL_ROWS[@]}"
                               --profile 8)
     TRAIN_STEP_NCSNV2_ARGS=(--device cuda --methods ncsnv2 --paper-methods ncsnv2 --warmup 2 --repeats 3
@@ -290,9 +284,9 @@ run tests 150 env PYTHONPATH="$TEST_PATH" "$PY" -m pytest -p no:cacheprovider -q
     tests/test_prefetch.py
 
 # 3-7. Benchmarks, the issue's targets first ------------------------------------------------------------
-run train_step 270 "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}"
+run train_step 270 "$PY" -m bench.train_step "${TRAIN_STEP_ARGS[@]}"
 grep '^{' "$LOGS/train_step.log" >"$LOGS/train_step.jsonl" 2>/dev/null
-run operators 30 "$PY" bench/operators.py "${OPERATORS_ARGS[@]}"
+run operators 30 "$PY" -m bench.operators "${OPERATORS_ARGS[@]}"
 grep '^{' "$LOGS/operators.log" >"$LOGS/operators.jsonl" 2>/dev/null
 # A compiled configuration that fails (a timed JSON row with an error; checks aside) is retried
 # in its plainer form.
@@ -303,32 +297,30 @@ sys.exit(0 if any(r.get("error") and "check" not in r for r in map(json.loads, s
 if ((${#SAMPLE_COMPILED_ARGS[@]})); then
     # A-DPS with CUDA graphs, no layout transposes and fewer intermediates written; without CUDA
     # graphs and inlining if that fails.
-    run sample_speed_compiled 190 "$PY" bench/sample_speed.py "${SAMPLE_COMPILED_ARGS[@]}" --compile reduce-overhead \
+    run sample_speed_compiled 190 "$PY" -m bench.sample_speed "${SAMPLE_COMPILED_ARGS[@]}" --compile reduce-overhead \
         --inline --precision-check --json "$LOGS/sample_speed_compiled.json"
     if rows_failed "$LOGS/sample_speed_compiled.log"; then
-        run sample_speed_compiled_default 170 "$PY" bench/sample_speed.py "${SAMPLE_COMPILED_ARGS[@]}" \
+        run sample_speed_compiled_default 170 "$PY" -m bench.sample_speed "${SAMPLE_COMPILED_ARGS[@]}" \
             --compile default --json "$LOGS/sample_speed_compiled_default.json"
     fi
 fi
-run train_step_lean 170 "$PY" bench/train_step.py "${TRAIN_STEP_LEAN_ARGS[@]}" --rows "${LEAN_ROWS[@]}"
+run train_step_lean 170 "$PY" -m bench.train_step "${TRAIN_STEP_LEAN_ARGS[@]}" --rows "${LEAN_ROWS[@]}"
 grep '^{' "$LOGS/train_step_lean.log" >"$LOGS/train_step_lean.jsonl" 2>/dev/null
 budget_step() {
-    run train_step_budget 170 "$PY" bench/train_step.py "${TRAIN_STEP_LEAN_ARGS[@]}" --rows "${BUDGET_ROWS[@]}"
+    run train_step_budget 170 "$PY" -m bench.train_step "${TRAIN_STEP_LEAN_ARGS[@]}" --rows "${BUDGET_ROWS[@]}"
     grep '^{' "$LOGS/train_step_budget.log" >"$LOGS/train_step_budget.jsonl" 2>/dev/null
 }
 if rows_failed "$LOGS/train_step_lean.log"; then
     budget_step  # the memory target's measurement, without the CUDA graphs that failed
 fi
-run train_scaling 60 "$PY" bench/train_scaling.py "${SCALING_ARGS[@]}" --json "$LOGS/train_scaling.json"
+run train_scaling 60 "$PY" -m bench.train_scaling "${SCALING_ARGS[@]}" --json "$LOGS/train_scaling.json"
 [[ -f "$LOGS/train_step_budget.log" ]] || budget_step
-run sample_speed 30 "$PY" bench/sample_speed.py "${SAMPLE_ARGS[@]}" --json "$LOGS/sample_speed.json"
-run memory_plan 90 "$PY" bench/memory_plan.py "${MEMORY_PLAN_ARGS[@]}"
-grep '^{' "$LOGS/memory_plan.log" >"$LOGS/memory_plan.jsonl" 2>/dev/null
-run train_step_ckpt 170 "$PY" bench/train_step.py "${TRAIN_STEP_CKPT_ARGS[@]}"
+run sample_speed 30 "$PY" -m bench.sample_speed "${SAMPLE_ARGS[@]}" --json "$LOGS/sample_speed.json"
+run train_step_ckpt 170 "$PY" -m bench.train_step "${TRAIN_STEP_CKPT_ARGS[@]}"
 grep '^{' "$LOGS/train_step_ckpt.log" >"$LOGS/train_step_ckpt.jsonl" 2>/dev/null
-run train_step_regional 150 "$PY" bench/train_step.py "${TRAIN_STEP_REGIONAL_ARGS[@]}"
+run train_step_regional 150 "$PY" -m bench.train_step "${TRAIN_STEP_REGIONAL_ARGS[@]}"
 grep '^{' "$LOGS/train_step_regional.log" >"$LOGS/train_step_regional.jsonl" 2>/dev/null
-run train_step_ncsnv2 90 "$PY" bench/train_step.py "${TRAIN_STEP_NCSNV2_ARGS[@]}"
+run train_step_ncsnv2 90 "$PY" -m bench.train_step "${TRAIN_STEP_NCSNV2_ARGS[@]}"
 grep '^{' "$LOGS/train_step_ncsnv2.log" >"$LOGS/train_step_ncsnv2.jsonl" 2>/dev/null
 
 # Summary ----------------------------------------------------------------------------------------
@@ -397,10 +389,6 @@ for r in rows("sample_speed.json") + rows("sample_speed_compiled.json") + rows("
     else:
         print(f"sample_speed   a_dps batch {r['batch']:3d} {how}: {r['median_step_ms']:9.1f} ms/step "
               f"{r['s_per_slice']:8.2f} s/slice ({r['steps']} steps) peak {r['peak_memory_gb'] or 0:.1f} GB")
-for r in rows("memory_plan.jsonl"):
-    print(f"memory_plan    {r['preset']} {r['batch']}x{r['height']}x{r['width']} budget {r['activation_memory_budget']}"
-          f"{' ckpt' if r['activation_checkpointing'] else ''}: saved {r['saved_gib']:.2f} GiB, planned "
-          f"{r['planned_gib']:.2f} GiB, {r['recomputed_convolutions']} convolutions recomputed (torch {r['torch']})")
 for name in ("sample_speed.json", "sample_speed_compiled.json"):
     check = json.loads((out / name).read_text()).get("precision_check") if (out / name).is_file() else None
     if check:

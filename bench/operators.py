@@ -1,7 +1,7 @@
 """Benchmark of the SENSE operators: time of A^H A (and A, A^H) at the paper's test size.
 
-    python bench/operators.py                 # CPU, and CUDA when present
-    python bench/operators.py --device cpu --repeats 5
+    python -m bench.operators                 # CPU, and CUDA when present
+    python -m bench.operators --device cpu --repeats 5
 
 Prints one JSON line per (device, operation) with the median time over ``--repeats`` runs
 after ``--warmup`` runs. Needs only torch and adps's physics core (no Ray, no MLflow), so it

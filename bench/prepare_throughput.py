@@ -1,8 +1,8 @@
 """Benchmark of data preparation: per-stage cost per slice, and a scale run on local Ray.
 
-    python bench/prepare_throughput.py                      # brain-sized stages, 1 thread
-    python bench/prepare_throughput.py --slices 2 --l1      # ... with L1-wavelet at every R
-    python bench/prepare_throughput.py --scale --n 1000     # 1,000 small slices on local Ray
+    python -m bench.prepare_throughput                      # brain-sized stages, 1 thread
+    python -m bench.prepare_throughput --slices 2 --l1      # ... with L1-wavelet at every R
+    python -m bench.prepare_throughput --scale --n 1000     # 1,000 small slices on local Ray
 
 Stage mode: synthetic brain-sized volumes (16 coils, 640 x 320 k-space before the crop to
 384 x 320) are prepared slice by slice on ONE thread (so the numbers are per CPU core), for a

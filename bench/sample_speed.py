@@ -1,9 +1,9 @@
 """Speed of A-DPS sampling: seconds per slice against the batch size (slices per network call).
 
-    python bench/sample_speed.py                     # CUDA when present (else the CPU case)
-    python bench/sample_speed.py --device cpu        # small CPU case: tiny network, 32 x 32, 4 coils
-    python bench/sample_speed.py --device cuda --batches 1 8 --amp none --json out.json
-    python bench/sample_speed.py --device cuda --batches 8 --compile default
+    python -m bench.sample_speed                     # CUDA when present (else the CPU case)
+    python -m bench.sample_speed --device cpu        # small CPU case: tiny network, 32 x 32, 4 coils
+    python -m bench.sample_speed --device cuda --batches 1 8 --amp none --json out.json
+    python -m bench.sample_speed --device cuda --batches 8 --compile default
 
 What is timed is :func:`adps.nn.samplers.a_dps` itself (the A-DPS loop of METHOD.md: per step
 one ambient-network forward on ``[A_tr^H A_tr x, mask_tr]``, the data residual through
@@ -55,7 +55,7 @@ from adps.mri import SenseOperator, column_mask, lines_at
 from adps.nn import build_model, count_parameters, edm_sigmas, train_masks
 from adps.nn.samplers import a_dps
 from adps.nn.unet import set_activation_checkpointing
-from train_step import (  # bench/train_step.py: this folder is sys.path[0] for a script
+from bench.train_step import (
     exact_float32,
     inductor_inlining,
     inductor_layout,

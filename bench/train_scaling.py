@@ -1,9 +1,9 @@
 """Training throughput under Ray Train against the bare learning core: slices/s and overhead.
 
-    python bench/train_scaling.py                          # CPU: bare, worker_loop, Ray 1 and 2 workers
-    python bench/train_scaling.py --json out.json --steps 40 --batch-size 4
-    python bench/train_scaling.py --gpu                    # CUDA: paper-size ambient, bf16 and fp32, no Ray
-    python bench/train_scaling.py --compile default        # every row torch.compile'd (Ray: DDP + compile)
+    python -m bench.train_scaling                          # CPU: bare, worker_loop, Ray 1 and 2 workers
+    python -m bench.train_scaling --json out.json --steps 40 --batch-size 4
+    python -m bench.train_scaling --gpu                    # CUDA: paper-size ambient, bf16 and fp32, no Ray
+    python -m bench.train_scaling --compile default        # every row torch.compile'd (Ray: DDP + compile)
 
 Every configuration trains ``--warmup`` + ``--steps`` optimiser steps of the same method,
 preset and per-worker batch on the same prepared dataset; warm-up steps are left out of the
@@ -70,7 +70,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -99,11 +98,10 @@ from adps.data.shards import (
 )
 from adps.mri import lines_at
 from adps.nn.train_config import COMPILE_MODES, FULLY_SAMPLED, TrainConfig
-from adps.nn.train_step import MRI_METHODS, PAPER_PRESETS, make_synthetic_batch, train_step
-from adps.orchestration.train import WorkerContext, build_trainee, mri_training_set, worker_loop
-from adps.orchestration.train import _batches as worker_batches  # the worker loop's own batching
+from adps.nn.train_step import MRI_METHODS, PAPER_PRESETS, train_step
+from adps.orchestration.train import WorkerContext, build_trainee, mri_training_set, shard_batches, worker_loop
+from bench import train_step as bench_train_step
 
-HERE = Path(__file__).resolve().parent
 AMPS = {"fp32": None, "bf16": "bf16", "fp16": "fp16"}
 NEVER = 10**9  # checkpoint_every_steps that never fires before the final step
 RAY_CHECKPOINT_EVERY = 2  # Ray runs: the even steps' metrics are kept (with their checkpoints)...
@@ -125,18 +123,6 @@ QUIET = {"tracking": False, "register": False, "validation_slices": 0}
 def log(message: str) -> None:
     """Progress on stderr (stdout holds only the table)."""
     print(f"[train_scaling +{time.perf_counter() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def _bench_train_step_module() -> Any:
-    """bench/train_step.py as a module (its sigpy-free batch, device name and paper reference)."""
-    name = "_adps_bench_train_step"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "train_step.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def device_name(device: torch.device) -> str:
@@ -182,14 +168,6 @@ def make_dataset_prepare(root: Path, *, slices: int, coils: int, height: int, wi
     return str(output)
 
 
-def synthetic_batch(n: int, coils: int, height: int, width: int, acceleration: float, seed: int) -> dict:
-    """make_synthetic_batch (sigpy's birdcage maps), else bench/train_step.py's sigpy-free batch."""
-    try:
-        return make_synthetic_batch(n, coils, height, width, acceleration, seed)
-    except ImportError:  # no sigpy on this machine (the GPU machine)
-        return _bench_train_step_module().smooth_maps_batch(n, coils, height, width, acceleration, seed)
-
-
 def make_dataset_direct(root: Path, *, slices: int, coils: int, height: int, width: int,
                         accelerations: tuple[float, ...], l1: bool) -> str:
     """A prepared dataset (train split only) written with adps.data.shards: no Ray, no sigpy."""
@@ -201,7 +179,7 @@ def make_dataset_direct(root: Path, *, slices: int, coils: int, height: int, wid
     shards, entries = [], []
     for index, start in enumerate(range(0, slices, SHARD_SIZE)):
         n = min(SHARD_SIZE, slices - start)
-        batch = synthetic_batch(n, coils, height, width, r, seed=index)
+        batch = bench_train_step.benchmark_batch(n, coils, height, width, r, seed=index)
         items = []
         for i in range(n):
             item = {
@@ -363,7 +341,7 @@ def bench_load(config: TrainConfig, device: torch.device, *, warmup: int, steps:
     pin_memory = device.type == "cuda"
 
     def one_pass() -> Prefetcher:  # depth 0: in this thread, so each batch's time is its own
-        return Prefetcher(worker_batches(dataset, indices, config.batch_size, 0, pin_memory=pin_memory), 0,
+        return Prefetcher(shard_batches(dataset, indices, config.batch_size, 0, pin_memory=pin_memory), 0,
                           pin_memory=pin_memory)
 
     try:
@@ -575,7 +553,7 @@ def environment(device: torch.device, mode: str) -> dict[str, Any]:
 # Main ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bench/train_scaling.py", description=__doc__.split("\n\n")[0],
+        prog="python -m bench.train_scaling", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mode = parser.add_argument_group("mode")
@@ -733,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
             "derived": {},
         }
         if mode == "gpu" and args.method == "ambient" and preset != "tiny":
-            result["paper_reference"] = _bench_train_step_module().PAPER_REFERENCE
+            result["paper_reference"] = bench_train_step.PAPER_REFERENCE
         if threads is not None:
             torch.set_num_threads(threads)
 

@@ -1,7 +1,7 @@
 """Benchmark of one training step per method: slices/s and peak memory.
 
-    python bench/train_step.py                    # CPU (tiny presets), and CUDA when present
-    python bench/train_step.py --device cpu --height 64 --width 64 --repeats 2
+    python -m bench.train_step                    # CPU (tiny presets), and CUDA when present
+    python -m bench.train_step --device cpu --height 64 --width 64 --repeats 2
 
 Prints one JSON line per (device, method, preset): the median step time over ``--repeats``
 steps after ``--warmup`` steps (a step = loss, backward, gradient clean-up, Adam, EMA: exactly
@@ -39,7 +39,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from adps.data.phantom import brain_phantom
+from adps.data.phantom import brain_phantom, synthetic_batch
 from adps.mri import column_mask, fft2c, further_corrupted_mask, lines_at
 from adps.nn import (
     EMA,
@@ -47,7 +47,6 @@ from adps.nn import (
     PAPER_PRESETS,
     build_model,
     make_optimizer,
-    make_synthetic_batch,
     method_loss,
     train_step,
 )
@@ -84,7 +83,7 @@ def device_name(device: torch.device) -> str:
 
 
 def smooth_maps_batch(n: int, coils: int, height: int, width: int, acceleration: float, seed: int) -> dict:
-    """A batch like :func:`make_synthetic_batch` without sigpy: Gaussian-bump coil maps."""
+    """A batch like :func:`synthetic_batch` without sigpy: Gaussian-bump coil maps."""
     rng = np.random.default_rng(seed)
     yy, xx = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
     angles = 2 * np.pi * np.arange(coils) / coils
@@ -106,12 +105,18 @@ def smooth_maps_batch(n: int, coils: int, height: int, width: int, acceleration:
     }
 
 
+def benchmark_batch(n: int, coils: int, height: int, width: int, acceleration: float, seed: int = 0) -> dict:
+    """:func:`adps.data.phantom.synthetic_batch` (sigpy's birdcage maps), else the sigpy-free
+    :func:`smooth_maps_batch` (the GPU machine has no sigpy)."""
+    try:
+        return synthetic_batch(n, coils, height, width, acceleration, seed)
+    except ImportError:
+        return smooth_maps_batch(n, coils, height, width, acceleration, seed)
+
+
 @functools.lru_cache(maxsize=4)  # the methods of one run share their batch (read-only)
 def make_batch(n: int, coils: int, height: int, width: int, acceleration: float, seed: int = 0) -> dict:
-    try:
-        return make_synthetic_batch(n, coils, height, width, acceleration, seed)
-    except ImportError:  # no sigpy on this machine
-        return smooth_maps_batch(n, coils, height, width, acceleration, seed)
+    return benchmark_batch(n, coils, height, width, acceleration, seed)
 
 
 def peak_memory_gb(device: torch.device) -> tuple[float, str]:

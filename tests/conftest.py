@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,16 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 _S3_PROXY: list = []
+
+
+@pytest.fixture
+def bucket(s3_server: str) -> str:
+    """A fresh, empty bucket on the session's S3 server."""
+    from adps.data import storage
+
+    name = f"adps-test-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=name)
+    return name
 
 
 @pytest.fixture(scope="session")

@@ -357,14 +357,6 @@ def test_adps_synth_command(tmp_path) -> None:
 # S3 --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def bucket(s3_server) -> str:
-    """A fresh bucket on the session's S3 server."""
-    name = f"adps-test-{uuid.uuid4().hex[:12]}"
-    storage.s3_client().create_bucket(Bucket=name)
-    return name
-
-
 SMALL_SYNTH = ["--volumes", "2", "--slices", "3", "--coils", "4", "--height", "16", "--width", "12", "--seed", "2"]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import uuid
 import zipfile
 from pathlib import Path
 
@@ -284,13 +283,6 @@ def test_empty_or_missing_roots_are_refused(tmp_path) -> None:
 
 
 # S3 --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def bucket(s3_server) -> str:
-    name = f"adps-images-test-{uuid.uuid4().hex[:8]}"
-    storage.s3_client().create_bucket(Bucket=name)
-    return name
 
 
 def test_s3_folder_and_zip_read_like_local(bucket, folder) -> None:

@@ -65,7 +65,7 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def phantoms() -> torch.Tensor:
+def phantom_images() -> torch.Tensor:
     rng = np.random.default_rng(0)
     return torch.from_numpy(np.stack([brain_phantom(64, 48, rng) for _ in range(6)]))
 
@@ -135,8 +135,8 @@ def test_lookup_order(weights_dir: Path, no_lookup_dirs: tuple[Path, Path]) -> N
 # ---------------------------------------------------------------------------------------------
 
 
-def test_lpips_zero_for_identical_and_grows_with_noise(weights_dir: Path, phantoms: torch.Tensor) -> None:
-    gt = phantoms[:4]
+def test_lpips_zero_for_identical_and_grows_with_noise(weights_dir: Path, phantom_images: torch.Tensor) -> None:
+    gt = phantom_images[:4]
     assert torch.equal(lpips_distance(gt, gt, weights=weights_dir), torch.zeros(4))
     generator = torch.Generator().manual_seed(1)
     noise = torch.randn(gt.shape, generator=generator, dtype=torch.float32)
@@ -147,8 +147,8 @@ def test_lpips_zero_for_identical_and_grows_with_noise(weights_dir: Path, phanto
     assert torch.all(values[2] > values[1])
 
 
-def test_lpips_batching_magnitude_and_shapes(weights_dir: Path, phantoms: torch.Tensor) -> None:
-    gt, estimate = phantoms[:3], phantoms[3:]
+def test_lpips_batching_magnitude_and_shapes(weights_dir: Path, phantom_images: torch.Tensor) -> None:
+    gt, estimate = phantom_images[:3], phantom_images[3:]
     whole = lpips_distance(gt, estimate, weights=weights_dir, device="cpu")
     assert whole.shape == (3,) and whole.dtype == torch.float32
     torch.testing.assert_close(lpips_distance(gt, estimate, weights=weights_dir, batch_size=2), whole)
@@ -158,8 +158,8 @@ def test_lpips_batching_magnitude_and_shapes(weights_dir: Path, phantoms: torch.
         lpips_distance(gt, estimate[:2], weights=weights_dir)
 
 
-def test_lpips_scales_each_pair_by_the_ground_truth_max(weights_dir: Path, phantoms: torch.Tensor) -> None:
-    gt, estimate = phantoms[:3].abs(), phantoms[3:].abs()
+def test_lpips_scales_each_pair_by_the_ground_truth_max(weights_dir: Path, phantom_images: torch.Tensor) -> None:
+    gt, estimate = phantom_images[:3].abs(), phantom_images[3:].abs()
     # A common factor changes nothing (the scale comes from max|gt| of the pair) ...
     torch.testing.assert_close(
         lpips_distance(7.5 * gt, 7.5 * estimate, weights=weights_dir), lpips_distance(gt, estimate, weights=weights_dir)
@@ -227,16 +227,16 @@ def test_frechet_distance_rejects_bad_input() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_vgg_features_default_input_size(weights_dir: Path, phantoms: torch.Tensor) -> None:
-    features = fid_features(phantoms[:2], weights=weights_dir)  # resized to 224 x 224
+def test_vgg_features_default_input_size(weights_dir: Path, phantom_images: torch.Tensor) -> None:
+    features = fid_features(phantom_images[:2], weights=weights_dir)  # resized to 224 x 224
     assert features.shape == (2, 512) and features.dtype == torch.float64
     assert torch.all(torch.isfinite(features))
     # Batching does not change the features.
-    torch.testing.assert_close(fid_features(phantoms[:2], weights=weights_dir, batch_size=1), features)
+    torch.testing.assert_close(fid_features(phantom_images[:2], weights=weights_dir, batch_size=1), features)
 
 
-def test_fid_zero_for_the_same_set_and_larger_when_shifted(weights_dir: Path, phantoms: torch.Tensor) -> None:
-    real = phantoms.abs()
+def test_fid_zero_for_the_same_set_and_larger_when_shifted(weights_dir: Path, phantom_images: torch.Tensor) -> None:
+    real = phantom_images.abs()
     shifted = real + 0.5 * real.amax()  # a bright offset: lower contrast after max scaling
     kwargs = {"weights": weights_dir, "input_size": 64}  # small inputs keep the CPU test fast
     same = fid(real, real, **kwargs)
@@ -245,25 +245,25 @@ def test_fid_zero_for_the_same_set_and_larger_when_shifted(weights_dir: Path, ph
     assert abs(same) < 1e-6 * different
 
 
-def test_inception_option_runs(weights_dir: Path, phantoms: torch.Tensor) -> None:
+def test_inception_option_runs(weights_dir: Path, phantom_images: torch.Tensor) -> None:
     # Inception at 299 x 299 is slow on a CPU: few images. Its feature shape is checked in
     # test_no_network_access_is_attempted.
-    real = phantoms[:3]
+    real = phantom_images[:3]
     # eigh: sqrtm of a singular 2048 x 2048 product takes about a minute on one core.
     different = fid(real, real + 0.5 * real.abs().amax(), "inception_v3", weights=weights_dir, method="eigh")
     assert np.isfinite(different) and different > 0
 
 
 def test_env_var_and_torch_home_are_used(
-    weights_dir: Path, phantoms: torch.Tensor, no_lookup_dirs: tuple[Path, Path]
+    weights_dir: Path, phantom_images: torch.Tensor, no_lookup_dirs: tuple[Path, Path]
 ) -> None:
     env_dir, torch_home = no_lookup_dirs
     (env_dir / WEIGHT_FILES["vgg16"]).symlink_to(weights_dir / WEIGHT_FILES["vgg16"])
     hub = torch_home / "hub" / "checkpoints"
     hub.mkdir(parents=True)
     (hub / WEIGHT_FILES["alexnet"]).symlink_to(weights_dir / WEIGHT_FILES["alexnet"])
-    assert fid_features(phantoms[:2], input_size=64).shape == (2, 512)
-    assert lpips_distance(phantoms[:2], phantoms[:2]).shape == (2,)
+    assert fid_features(phantom_images[:2], input_size=64).shape == (2, 512)
+    assert lpips_distance(phantom_images[:2], phantom_images[:2]).shape == (2,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def test_env_var_and_torch_home_are_used(
 
 
 def test_no_network_access_is_attempted(
-    weights_dir: Path, phantoms: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+    weights_dir: Path, phantom_images: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     attempts: list[str] = []
 
@@ -287,23 +287,23 @@ def test_no_network_access_is_attempted(
     monkeypatch.setattr(socket, "create_connection", refuse)
     clear_model_cache()  # build every network afresh under the patches
     started = time.perf_counter()
-    assert lpips_distance(phantoms[:2], phantoms[2:4], weights=weights_dir).shape == (2,)
-    assert fid_features(phantoms[:2], weights=weights_dir, input_size=64).shape == (2, 512)
-    assert fid_features(phantoms[:2], "inception_v3", weights=weights_dir).shape == (2, 2048)
+    assert lpips_distance(phantom_images[:2], phantom_images[2:4], weights=weights_dir).shape == (2,)
+    assert fid_features(phantom_images[:2], weights=weights_dir, input_size=64).shape == (2, 512)
+    assert fid_features(phantom_images[:2], "inception_v3", weights=weights_dir).shape == (2, 2048)
     assert not attempts
     assert time.perf_counter() - started < 60
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_matches_cpu(weights_dir: Path, phantoms: torch.Tensor) -> None:
-    gt, estimate = phantoms[:3], phantoms[3:]
+def test_cuda_matches_cpu(weights_dir: Path, phantom_images: torch.Tensor) -> None:
+    gt, estimate = phantom_images[:3], phantom_images[3:]
     cpu = lpips_distance(gt, estimate, weights=weights_dir)
     gpu = lpips_distance(gt.cuda(), estimate.cuda(), weights=weights_dir)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(
-        fid_features(phantoms, weights=weights_dir, device="cuda"),
-        fid_features(phantoms, weights=weights_dir),
+        fid_features(phantom_images, weights=weights_dir, device="cuda"),
+        fid_features(phantom_images, weights=weights_dir),
         rtol=1e-3,
         atol=1e-3,
     )

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from adps.data.phantom import synthetic_batch
 from adps.metrics import nrmse
 from adps.mri import SenseOperator
 from adps.nn import (
@@ -21,7 +22,6 @@ from adps.nn import (
     ambient_loss,
     build_model,
     denoise_once,
-    make_synthetic_batch,
     mask_channels,
     reconstruct,
     train_step,
@@ -39,7 +39,7 @@ SMALL = dict(n=2, coils=2, height=32, width=64, acceleration=2, seed=0)
 
 @pytest.fixture(scope="module")
 def batch() -> dict[str, Tensor]:
-    return make_synthetic_batch(**SMALL)
+    return synthetic_batch(**SMALL)
 
 
 def _model(method: str, seed: int = 0) -> nn.Module:

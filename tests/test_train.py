@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from adps.cli import main as adps_main
+from adps.data.phantom import synthetic_batch
 from adps.data.preprocess import parse_overrides
 from adps.nn.train_config import CHECKPOINTING_METHODS, TrainConfig
-from adps.nn.train_step import BATCH_KEYS, MRI_METHODS, make_synthetic_batch
+from adps.nn.train_step import BATCH_KEYS, MRI_METHODS
 from adps.orchestration.train import (
     WorkerContext,
     build_trainee,
@@ -114,7 +115,7 @@ def test_worker_shares_are_disjoint_and_cover_each_epoch() -> None:
 
 
 def test_one_step_of_every_method_and_checkpoint_round_trip(tmp_path: Path, one_intra_op_thread) -> None:
-    batch = make_synthetic_batch(2, 2, 32, 32, 4, seed=0, acs=4, l1_iterations=2)
+    batch = synthetic_batch(2, 2, 32, 32, 4, seed=0, acs=4, l1_iterations=2)
     for method in MRI_METHODS:
         config = TrainConfig(method=method, acceleration=1 if method in ("edm", "ncsnv2") else 4, preset="tiny",
                              dataset="x", lr_rampup=0)
@@ -155,7 +156,7 @@ def test_compiled_training_takes_the_same_steps_and_saves_plain_weights(tmp_path
 
     monkeypatch.setattr(torch, "compile", compile_cheaply)
     torch._dynamo.reset()
-    batch = make_synthetic_batch(2, 2, 32, 32, 4, seed=0, acs=4)
+    batch = synthetic_batch(2, 2, 32, 32, 4, seed=0, acs=4)
     config = TrainConfig(method="ambient", acceleration=4, preset="tiny", dataset="x", lr_rampup=0)
     eager, compiled = build_trainee(config), build_trainee(config.replace(compile_mode="max-autotune"))
     assert asked == ["max-autotune"] and hasattr(compiled.model, "_orig_mod")
@@ -343,7 +344,7 @@ def test_every_setting_of_the_objective_and_network_is_a_config_key(one_intra_op
     defaults = TrainConfig()
     assert (defaults.p_mean, defaults.p_std, defaults.sigma_data, defaults.scale_cond) == (-1.2, 1.2, 0.5, True)
     assert (defaults.ssdu_rho, defaults.ssdu_keep_center) == (0.2, 4)
-    batch = make_synthetic_batch(2, 2, 32, 32, 4, seed=0, acs=4, l1_iterations=2)
+    batch = synthetic_batch(2, 2, 32, 32, 4, seed=0, acs=4, l1_iterations=2)
     config = TrainConfig(method="ambient", acceleration=4, preset="tiny", dataset="x", lr_rampup=0, p_mean=5.0,
                          p_std=0.01, sigma_data=0.7, scale_cond=False)
     trainee = build_trainee(config)

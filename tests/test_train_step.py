@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from adps.data.phantom import synthetic_batch
 from adps.mri import SenseOperator, lines_at
 from adps.nn import (
     BATCH_KEYS,
@@ -23,7 +24,6 @@ from adps.nn import (
     NCSNv2,
     build_model,
     make_optimizer,
-    make_synthetic_batch,
     method_loss,
     train_step,
 )
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 @pytest.fixture(scope="module")
 def small_batch() -> dict[str, Tensor]:
-    return make_synthetic_batch(**SMALL)
+    return synthetic_batch(**SMALL)
 
 
 def _snapshot(model: nn.Module) -> dict[str, Tensor]:
@@ -63,7 +63,7 @@ def _fixed_loss(method: str, model: nn.Module, batch: dict[str, Tensor], seeds: 
 
 
 def test_synthetic_batch_has_the_dataset_layout() -> None:
-    batch = make_synthetic_batch(3, 4, 32, 120, 4, seed=5)
+    batch = synthetic_batch(3, 4, 32, 120, 4, seed=5)
     assert set(batch) == {"kspace", "maps", "reference", "mask", "mask_further", "l1", "slice_id"}
     assert batch["kspace"].shape == batch["maps"].shape == (3, 4, 32, 120)
     assert batch["kspace"].dtype == batch["maps"].dtype == batch["reference"].dtype == torch.complex64
@@ -77,7 +77,7 @@ def test_synthetic_batch_has_the_dataset_layout() -> None:
     # Normalised maps: the coil combination of the fully sampled k-space is the reference.
     combined = SenseOperator(batch["maps"]).adjoint(batch["kspace"])
     torch.testing.assert_close(combined, batch["reference"], rtol=1e-4, atol=1e-5)
-    again = make_synthetic_batch(3, 4, 32, 120, 4, seed=5)
+    again = synthetic_batch(3, 4, 32, 120, 4, seed=5)
     assert all(torch.equal(batch[k], again[k]) for k in batch)
 
 
@@ -114,7 +114,7 @@ def test_step_changes_the_weights_and_lowers_the_loss_on_a_fixed_batch(method: s
 def test_step_at_the_paper_matrix_size(method: str) -> None:
     # 384 x 320 with 4 coils: the training size. (edm and edm_l1 share the ambient UNet and
     # run at the small size above: a 384 x 320 step of each would cost seconds on 2 cores.)
-    batch = make_synthetic_batch(1, 4, 384, 320, 4, seed=1)
+    batch = synthetic_batch(1, 4, 384, 320, 4, seed=1)
     torch.manual_seed(1)
     model = build_model(method, "tiny")
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
@@ -345,7 +345,7 @@ def test_build_model_gives_each_method_its_network() -> None:
 
 def test_train_step_bench_prints_json_lines() -> None:
     result = subprocess.run(
-        [sys.executable, "bench/train_step.py", "--device", "cpu", "--threads", "1", "--batch", "1", "--coils", "2",
+        [sys.executable, "-m", "bench.train_step", "--device", "cpu", "--threads", "1", "--batch", "1", "--coils", "2",
          "--height", "32", "--width", "64", "--warmup", "0", "--repeats", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -378,7 +378,7 @@ def test_train_step_reports_each_samples_sigma_and_loss() -> None:
     """A diffusion step returns its samples' sigma and loss (the mean of which is its loss);
     a method without a noise level returns neither."""
     torch.manual_seed(0)
-    batch = make_synthetic_batch(3, 2, 16, 16, 2, seed=0, with_l1=False)
+    batch = synthetic_batch(3, 2, 16, 16, 2, seed=0, with_l1=False)
     model = build_model("edm", "tiny")
     out = train_step("edm", model, batch, make_optimizer(model), generator=torch.Generator().manual_seed(0))
     assert len(out["sigma"]) == len(out["sample_loss"]) == 3 and all(s > 0 for s in out["sigma"])

@@ -145,7 +145,7 @@ def test_autocast_keeps_the_residual_stream_in_bf16() -> None:
     is float32 (CUDA's autocast runs GroupNorm in float32; EDMPrecond feeds the network float32).
     A bias cast to the input's dtype once promoted each gated output to float32, and with it every
     residual sum, skip connection and saved activation after it: a fifth more memory traffic per
-    A-DPS step and 8 GiB more activations per training step (bench/kernel_plan.py, memory_plan.py)."""
+    A-DPS step and 8 GiB more activations per training step, as planned before the fix."""
     torch.manual_seed(5)
     x = torch.randn(2, 3, 8, 8)
     for gated in (True, False):

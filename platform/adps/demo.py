@@ -27,7 +27,7 @@ folder / run names, so nothing stale is reused.
 The models are tiny and trained for minutes on a CPU, on 16 training slices: enough for the
 fully sampled prior with DPS and the best ambient model with A-DPS to beat L1-wavelet CS (at
 R_inf 4 and 8), not for the paper's numbers or its cross-over, which need the GPU-scale runs of
-``adps sweep`` (README, "What the demo shows").
+``adps sweep`` (docs/demo.md, "What the demo's scale can and cannot show").
 """
 
 from __future__ import annotations
@@ -479,7 +479,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     verdict = demo_verdict(evaluation["rows"], ambient_r_inf=max(config.accelerations))
     if verdict:
         print(f"\nwhat the table shows (mean NRMSE over the {len({r['slice'] for r in evaluation['rows']})} test "
-              "slices; a demo-scale result, see the README):\n" + "\n".join(verdict))
+              "slices; a demo-scale result, see docs/demo.md):\n" + "\n".join(verdict))
     report = Path(evaluation["output"]) / "report"
     print(f"""
 where everything is

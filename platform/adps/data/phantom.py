@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from adps.mri import SenseOperator, cg_sense, column_mask, further_corrupted_mask, lines_at
 from adps.mri.fft import fft2c
 
 
@@ -147,3 +148,56 @@ def synthetic_slices(
     return SyntheticSlices(
         image=image_t, maps=maps_t, kspace=kspace, noise_covariance=torch.from_numpy(covariance)
     )
+
+
+def synthetic_batch(
+    n: int,
+    coils: int,
+    height: int,
+    width: int,
+    acceleration: float,
+    seed: int,
+    *,
+    acs: int | None = None,
+    noise_std: float = 0.0,
+    with_l1: bool = True,
+    l1_iterations: int = 10,
+) -> dict[str, torch.Tensor]:
+    """A batch in the prepared-shard layout, from synthetic phantoms (tests and benchmarks).
+
+    The maps are normalised (``sum_c |S_c|^2 = 1``), so the coil-combined image is the exact
+    least-squares solution of the fully sampled k-space: ``reference`` is the phantom itself.
+    Masks come from :func:`adps.mri.column_mask` / :func:`~adps.mri.further_corrupted_mask`
+    with ``(seed, slice id)``. ``l1`` is a stand-in for the L1-wavelet reconstruction at R:
+    CG-SENSE with ``l1_iterations`` iterations (sigpy's L1 solver is too slow for tests).
+
+    Args:
+        n, coils, height, width: batch size, coil count and matrix size.
+        acceleration: R of ``mask`` (``mask_further`` is at R + 1).
+        seed: seeds the phantoms and the masks; slice ids are ``0 .. n - 1``.
+        acs: always-kept central columns; None = METHOD.md's 20, reduced where the width is
+            too small for 20 ACS columns at R + 1.
+        noise_std: k-space noise of the phantoms (0 = noiseless).
+        with_l1: include ``l1``.
+        l1_iterations: CG iterations of the ``l1`` stand-in.
+    """
+    if acs is None:
+        acs = min(20, lines_at(width, acceleration + 1))
+    data = synthetic_slices(n, height=height, width=width, n_coils=coils, noise_std=noise_std, seed=seed)
+    masks, further = [], []
+    for slice_id in range(n):
+        mask = column_mask(width, acceleration, seed=seed, slice_id=slice_id, acs=acs)
+        masks.append(mask)
+        further.append(further_corrupted_mask(mask, acceleration, seed=seed, slice_id=slice_id, acs=acs))
+    batch = {
+        "kspace": data.kspace.to(torch.complex64),
+        "maps": data.maps.to(torch.complex64),
+        "reference": data.image.to(torch.complex64),
+        "mask": torch.stack(masks),
+        "mask_further": torch.stack(further),
+        "slice_id": torch.from_numpy(np.arange(n, dtype=np.int64)),
+    }
+    if with_l1:
+        op = SenseOperator(batch["maps"], batch["mask"])
+        batch["l1"] = cg_sense(op, op.forward(batch["reference"]), iterations=l1_iterations)
+    return batch

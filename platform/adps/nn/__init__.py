@@ -51,7 +51,6 @@ from .train_step import (
     PAPER_PRESETS,
     build_model,
     make_optimizer,
-    make_synthetic_batch,
     method_loss,
     train_step,
 )
@@ -108,7 +107,6 @@ __all__ = [
     "l1_wavelet",
     "load_model",
     "make_optimizer",
-    "make_synthetic_batch",
     "mask_channels",
     "method_loss",
     "modl_loss",

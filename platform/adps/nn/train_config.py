@@ -159,26 +159,22 @@ class TrainConfig(ConfigFile):
     compile_mode: str = ""
     """``torch.compile`` the network for training: ``""`` (off, eager), ``default``,
     ``reduce-overhead`` (adds CUDA graphs), ``max-autotune`` or ``max-autotune-no-cudagraphs``
-    (see :data:`COMPILE_MODES`). On one H200 the ambient step ran 1.5x faster and in half the
-    memory with ``default`` (bench/train_step.py; 24.8 against 16.5 slices/s, 41.9 against
-    82.7 GB). The first step pays the compilation (about 2 minutes for the ``ambient`` preset on
-    16 CPU cores); validation, checkpoints and the EMA use the plain network."""
+    (see :data:`COMPILE_MODES`): faster and leaner on GPUs (bench/README.md). The first step
+    pays the compilation (minutes for the ``ambient`` preset); validation, checkpoints and the EMA
+    use the plain network."""
     activation_memory_budget: float = 1.0
     """With ``compile_mode``: the share of the activations the compiled backward may keep, in
     (0, 1] (``torch._functorch.config.activation_memory_budget``). Below 1 the partitioner
     recomputes the cheapest intermediates in the backward pass instead of keeping them, which is
-    checkpointing chosen by cost rather than by block. On the CPU (tiny preset) 0.5 halved the
-    saved activations (22.4 to 11.7 MiB) for a 30 % slower backward. On a GPU it is the
-    candidate for the ambient step's 27 GB target at compiled speed; not measured yet."""
+    checkpointing chosen by cost rather than by block."""
     cudnn_benchmark: bool = True
     """``torch.backends.cudnn.benchmark`` in the GPU workers: cuDNN times its convolution
     algorithms once per shape and keeps the fastest. Training shapes are fixed, so this pays
-    once (the ambient step on one H200: 484 against 502 ms eager). No effect on CPU workers."""
+    once. No effect on CPU workers."""
     prefetch_batches: int = 2
     """Batches each worker loads ahead in a background thread while it trains
     (:class:`adps.data.prefetch.Prefetcher`; pinned memory on GPUs); 0 = load each batch when
-    it is needed. A paper-size batch (8 slices, 4 coils, 384 x 320) takes 40-100 ms to read
-    here against a compiled step of 323 ms on one H200."""
+    it is needed."""
     num_workers: int = 1
     """Ray Train workers (one per GPU); each reads a disjoint share of the train shards."""
     use_gpu: bool = False

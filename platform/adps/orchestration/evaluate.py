@@ -138,10 +138,9 @@ class EvaluateConfig(ConfigFile):
     compile_mode: str = ""
     """``torch.compile`` the network of the iterative samplers (A-DPS, DPS, ALD) in each task:
     ``""`` (off), ``default``, ``reduce-overhead``, ``max-autotune`` or
-    ``max-autotune-no-cudagraphs``. On one H200, A-DPS at 16 slices per call took 12.2 s/slice
-    compiled against 21.6 s/slice eager at 8 (the most that fit eager); the compilation takes
-    about 2 minutes per task shape, so it pays with ``use_gpu``, 500 steps and a
-    ``slices_per_task`` of 8-16. One-call samplers (A-OS, unrolled) are never compiled."""
+    ``max-autotune-no-cudagraphs``. The compilation takes minutes per task shape, so it pays
+    with ``use_gpu``, 500 steps and a ``slices_per_task`` of 8-16 (bench/README.md). One-call
+    samplers (A-OS, unrolled) are never compiled."""
     output: str = ""
     """Folder or ``s3://`` prefix for the cells and the table (default ``.adps/eval/<run_name>``)."""
     run_name: str = "evaluation"

@@ -283,7 +283,7 @@ class WorkerContext:
     """Rank 0's metric logger (MLflow): ``log(metrics, step)``; None = no logging."""
 
 
-def _batches(dataset: Any, indices: list[int], batch_size: int, start: int, *, pin_memory: bool = False):
+def shard_batches(dataset: Any, indices: list[int], batch_size: int, start: int, *, pin_memory: bool = False):
     """Batches of ``dataset[indices]`` from batch number ``start`` on (full batches only).
 
     A dataset with ``read_batch`` (the prepared shards) reads each batch straight into its
@@ -465,7 +465,7 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
         share = worker_share(n, ctx.world_size, ctx.rank, epoch, config.seed)
         started = time.perf_counter()
         # The next batches load in a background thread while this one trains (Prefetcher).
-        source = _batches(dataset, share, config.batch_size, position, pin_memory=pin_memory)
+        source = shard_batches(dataset, share, config.batch_size, position, pin_memory=pin_memory)
         with Prefetcher(source, config.prefetch_batches, pin_memory=pin_memory) as batches:
             for batch in batches:
                 out = train_one_step(trainee, batch)
