@@ -1,4 +1,5 @@
-"""Tests of adps.nn.image_samplers: DPS and Ambient DPS for natural images (paper section 3.1).
+"""The shared samplers (adps.nn.samplers.a_dps / dps) as the natural-image study runs them
+(paper section 3.1): EDM's Heun with the DPS guidance, on the operators of adps.images.
 
 The loops are checked with tiny real image models (shapes, determinism, network-call counts,
 the ambient input mask) and with *exact* denoisers of a Gaussian prior (the loop alone decides
@@ -15,16 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from adps.images import GaussianCompressedSensing, SuperResolution, pseudo_inverse, synthetic_image
-from adps.nn.image_diffusion import ambient_image_input, build_image_model
-from adps.nn.image_samplers import (
-    IMAGE_SAMPLER_DEFAULTS,
-    IMAGE_SAMPLERS,
-    a_dps_image,
-    dps_image,
-    image_nfe,
-    image_sampler_for,
-    image_sigmas,
+from adps.nn.image_diffusion import (
+    IMAGE_SAMPLING,
+    ambient_image_input,
+    build_image_model,
+    image_sampler,
+    image_sampler_options,
+    sampling_mask,
 )
+from adps.nn.samplers import a_dps, dps, edm_sigmas, network_calls, run_sampler
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -55,6 +55,20 @@ def _seed(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def image_sigmas(steps: int = 100, **schedule: float) -> Tensor:
+    """The image study's Heun grid (IMAGE_SAMPLING's schedule) with ``steps`` steps."""
+    settings = {key: schedule.get(key, IMAGE_SAMPLING[key]) for key in ("sigma_min", "sigma_max", "rho")}
+    return edm_sigmas(steps, **settings)
+
+
+def sample(model: nn.Module, y: Tensor, operator, *, generator: torch.Generator, callback=None,
+           **settings) -> Tensor:
+    """An image model's posterior sample as the study draws it (``settings``: steps, guidance as
+    DPS's zeta, erasure_p, delta, schedule): run_sampler with image_sampler_options."""
+    return run_sampler(model=model, y=y, operator=operator, generator=generator, callback=callback,
+                       **image_sampler_options(model, **settings))
+
+
 class CallCounter:
     """A forward pre-hook recording each network call's inputs (``x`` and ``cond``)."""
 
@@ -73,31 +87,36 @@ class CallCounter:
 # ------------------------------------------------------------------------------ schedule, NFE
 
 
-def test_image_sigmas_are_edms_image_grid() -> None:
+def test_the_image_study_samples_with_heun_on_edms_image_grid(models: dict) -> None:
+    options = image_sampler_options(models["ambient"], erasure_p=P)
+    assert options == {"name": "a_dps", "solver": "heun", "steps": IMAGE_SAMPLING["steps"], "guidance": 0.5,
+                       "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "erasure_p": P, "delta": 0.1}
+    assert image_sampler_options(models["clean"], steps=50, guidance=3.0, sigma_max=10.0) == {
+        "name": "dps", "solver": "heun", "steps": 50, "guidance": 1.5, "sigma_min": 0.002, "sigma_max": 10.0,
+        "rho": 7.0}
     sigmas = image_sigmas()
-    assert sigmas.shape == (IMAGE_SAMPLER_DEFAULTS["steps"] + 1,) == (101,)
+    assert sigmas.shape == (IMAGE_SAMPLING["steps"] + 1,) == (101,)
     assert sigmas[0].item() == pytest.approx(80.0) and sigmas[-2].item() == pytest.approx(0.002)
     assert sigmas[-1].item() == 0 and bool((sigmas[1:] < sigmas[:-1]).all())
-    assert image_sigmas(50, sigma_max=10.0)[0].item() == pytest.approx(10.0)
-    assert [image_nfe(s) for s in (1, 2, 50, 100, 300)] == [1, 3, 99, 199, 599]
+    assert [network_calls(s, "heun") for s in (1, 2, 50, 100, 300)] == [1, 3, 99, 199, 599]
+    assert [network_calls(s) for s in (1, 500)] == [1, 500]
     for bad in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="image_nfe: steps must be an integer >= 1"):
-            image_nfe(bad)
+        with pytest.raises(ValueError, match="network_calls: steps must be an integer >= 1"):
+            network_calls(bad, "heun")
 
 
 @pytest.mark.parametrize("kind", ["clean", "ambient"])
 @pytest.mark.parametrize("guidance", [0.0, 1.0])
-def test_network_calls_are_image_nfe(models: dict, cs_problem: dict, kind: str, guidance: float) -> None:
+def test_network_calls_are_counted(models: dict, cs_problem: dict, kind: str, guidance: float) -> None:
     """Heun: 2 calls per step but the last; the guidance gradient reuses the first call."""
     model = models[kind]
-    sampler = image_sampler_for(model)
     counter = CallCounter(model)
     try:
         for steps in (1, 3):
             counter.calls.clear()
-            sampler(model, cs_problem["y"], cs_problem["operator"], steps=steps, guidance=guidance,
-                    erasure_p=P if kind == "ambient" else None, generator=_seed())
-            assert len(counter.calls) == image_nfe(steps)
+            sample(model, cs_problem["y"], cs_problem["operator"], steps=steps, guidance=guidance,
+                   erasure_p=P if kind == "ambient" else None, generator=_seed())
+            assert len(counter.calls) == network_calls(steps, "heun")
     finally:
         counter.remove()
 
@@ -111,19 +130,17 @@ def test_shapes_callback_and_modes(models: dict, kind: str) -> None:
     truth = _images(range(3))
     operator = SuperResolution(4)
     infos: list[dict] = []
-    out = image_sampler_for(model)(model, operator(truth), operator, image_sigmas(3), guidance=0.5,
-                                   erasure_p=P if kind == "ambient" else 0.0, generator=_seed(),
-                                   callback=infos.append)
+    out = sample(model, operator(truth), operator, steps=3, guidance=0.5,
+                 erasure_p=P if kind == "ambient" else 0.0, generator=_seed(), callback=infos.append)
     assert out.shape == truth.shape and out.dtype == torch.float32 and bool(torch.isfinite(out).all())
     assert all(m.training for m in model.modules())  # train/eval flags restored
     assert [i["step"] for i in infos] == [0, 1, 2] and {i["total"] for i in infos} == {3}
-    name = "a_dps_image" if kind == "ambient" else "dps_image"
+    name = "a_dps" if kind == "ambient" else "dps"
     assert {i["sampler"] for i in infos} == {name}
     assert [i["sigma"] for i in infos] == pytest.approx(image_sigmas(3)[:-1].tolist())
     assert infos[-1]["sigma_next"] == 0 and infos[-1]["residual_norm"].shape == (3,)
     assert torch.equal(infos[-1]["x"], out)  # the last step lands on the (guided) denoised estimate
     assert not out.requires_grad and all(not i["x"].requires_grad for i in infos)
-    assert ("mask" in infos[0]) == (kind == "ambient")
     model.eval()
 
 
@@ -133,8 +150,8 @@ def test_same_seed_same_result_other_seed_differs(models: dict, cs_problem: dict
     options = {"erasure_p": P} if kind == "ambient" else {}
 
     def run(seed: int) -> Tensor:
-        return image_sampler_for(model)(model, cs_problem["y"], cs_problem["operator"], steps=3, guidance=1.0,
-                                        generator=_seed(seed), **options)
+        return sample(model, cs_problem["y"], cs_problem["operator"], steps=3, guidance=1.0, generator=_seed(seed),
+                      **options)
 
     first, again, other = run(5), run(5), run(6)
     assert torch.equal(first, again)
@@ -157,21 +174,15 @@ def _reference_heun(denoise, x: Tensor, sigmas: Tensor) -> Tensor:
 def test_guidance_zero_is_the_unconditional_heun_sampler(models: dict, cs_problem: dict, kind: str) -> None:
     """Without guidance the measurements play no part: EDM's Heun sampler from the same start."""
     model = models[kind]
-    sampler = image_sampler_for(model)
     sigmas = image_sigmas(4)
-    infos: list[dict] = []
     options = {"erasure_p": P} if kind == "ambient" else {}
-    out = sampler(model, cs_problem["y"], cs_problem["operator"], sigmas, guidance=0.0, generator=_seed(1),
-                  callback=infos.append, **options)
+    out = sample(model, cs_problem["y"], cs_problem["operator"], steps=4, guidance=0.0, generator=_seed(1), **options)
     other_y = cs_problem["operator"](_images(range(10, 10 + N)))
-    assert torch.equal(out, sampler(model, other_y, cs_problem["operator"], sigmas, guidance=0.0,
-                                    generator=_seed(1), **options))
+    assert torch.equal(out, sample(model, other_y, cs_problem["operator"], steps=4, guidance=0.0, generator=_seed(1),
+                                   **options))
     generator = _seed(1)
-    if kind == "ambient":  # the mask is drawn first, then the start noise (see a_dps_image)
-        from adps.nn.image_diffusion import sampling_mask
-
+    if kind == "ambient":  # run_sampler draws the mask first, then the sampler the start noise
         mask = sampling_mask((N, 3, RES, RES), P, generator=generator)
-        assert torch.equal(mask, infos[0]["mask"])
     start = 80.0 * torch.randn((N, 3, RES, RES), generator=generator)
     sigma_vector = lambda sigma: torch.full((N,), sigma)  # noqa: E731
 
@@ -193,7 +204,7 @@ def test_ambient_model_sees_a_training_like_mask(models: dict) -> None:
     operator = SuperResolution(2)
     counter = CallCounter(model)
     try:
-        a_dps_image(model, operator(truth), operator, steps=2, erasure_p=P, delta=0.1, generator=_seed(2))
+        sample(model, operator(truth), operator, steps=2, erasure_p=P, delta=0.1, generator=_seed(2))
     finally:
         counter.remove()
     assert len(counter.calls) == 3
@@ -209,10 +220,10 @@ def test_ambient_model_sees_a_training_like_mask(models: dict) -> None:
     # Another erasure p gives another density; an explicit mask is used as given.
     counter = CallCounter(model)
     try:
-        a_dps_image(model, operator(truth), operator, steps=1, erasure_p=0.2, generator=_seed(2))
+        sample(model, operator(truth), operator, steps=1, erasure_p=0.2, generator=_seed(2))
         given = torch.zeros(8, 1, 32, 32, dtype=torch.bool)
         given[..., ::2] = True
-        a_dps_image(model, operator(truth), operator, steps=1, mask=given, generator=_seed(2))
+        a_dps(model, operator(truth), operator, image_sigmas(1), train_mask=given, solver="heun", generator=_seed(2))
     finally:
         counter.remove()
     assert abs(counter.calls[0][1].mean().item() - 0.8 * 0.9) < 0.03
@@ -247,9 +258,9 @@ def test_exact_gaussian_prior_beats_the_pseudo_inverse_and_fits_the_data(ambient
     y = operator(truth)
     model = GaussianImagePrior(mean, std)
     infos: list[dict] = []
-    sampler = a_dps_image if ambient else dps_image
-    out = sampler(model, y, operator, steps=60, guidance=0.3, generator=_seed(0), callback=infos.append,
-                  **({"erasure_p": P} if ambient else {}))
+    options = {"name": "a_dps", "erasure_p": P} if ambient else {"name": "dps"}
+    out = run_sampler(model=model, y=y, operator=operator, steps=60, guidance=0.15, sigma_min=0.002, sigma_max=80.0,
+                      solver="heun", generator=_seed(0), callback=infos.append, **options)
     error = (out - truth).square().mean(dim=(1, 2, 3))
     baseline = (pseudo_inverse(operator, y) - truth).square().mean(dim=(1, 2, 3))
     # A posterior sample's error is about twice the posterior variance (< 2 std^2 = 0.08).
@@ -266,56 +277,55 @@ def test_exact_gaussian_prior_beats_the_pseudo_inverse_and_fits_the_data(ambient
 def test_errors_name_the_sampler_and_the_problem(models: dict, cs_problem: dict) -> None:
     ambient, clean = models["ambient"], models["clean"]
     y, op = cs_problem["y"], cs_problem["operator"]
-    with pytest.raises(ValueError, match=r"a_dps_image: erasure_p .* is required"):
-        a_dps_image(ambient, y, op, steps=1)
-    with pytest.raises(ValueError, match=r"a_dps_image: erasure_p .* is required, got 1.0"):
-        a_dps_image(ambient, y, op, steps=1, erasure_p=1.0)
-    with pytest.raises(ValueError, match=r"dps_image: got an ambient model .* use a_dps_image"):
-        dps_image(ambient, y, op, steps=1)
-    with pytest.raises(ValueError, match=r"a_dps_image: got a clean model .* use dps_image"):
-        a_dps_image(clean, y, op, steps=1, erasure_p=P)
-    with pytest.raises(ValueError, match=r"dps_image: erasure_p=0.6 names an ambient model"):
-        dps_image(clean, y, op, steps=1, erasure_p=0.6)
-    with pytest.raises(ValueError, match=r"dps_image: y of shape \(2, 150\) does not fit the operator "
+    grid = image_sigmas(1)
+    with pytest.raises(ValueError, match=r"a_dps: erasure_p .* is required"):
+        image_sampler_options(ambient)
+    with pytest.raises(ValueError, match=r"a_dps: erasure_p .* is required, got 1.0"):
+        image_sampler_options(ambient, erasure_p=1.0)
+    with pytest.raises(ValueError, match=r"dps: erasure_p=0.6 names an ambient model"):
+        image_sampler_options(clean, erasure_p=0.6)
+    with pytest.raises(ValueError, match=r"dps: expected an EDMPrecond prior on 3 image channels .* takes 4 channels"
+                                         r".*use a_dps"):
+        dps(ambient, y, op, grid, solver="heun")
+    with pytest.raises(ValueError, match=r"a_dps: expected an ambient EDMPrecond \(4 input channels.*takes 3 channels"
+                                         r".*use dps"):
+        a_dps(clean, y, op, grid, train_mask=torch.ones(N, 1, RES, RES, dtype=torch.bool), solver="heun")
+    with pytest.raises(ValueError, match=r"dps: y of shape \(2, 150\) does not fit the operator "
                                          r"GaussianCompressedSensing: .*m=200"):
-        dps_image(clean, y[:, :150], op, steps=1)
-    with pytest.raises(ValueError, match=r"dps_image: y of shape \(2, 3, 8, 8\) does not fit the operator "
+        dps(clean, y[:, :150], op, grid)
+    with pytest.raises(ValueError, match=r"dps: y of shape \(2, 3, 8, 8\) does not fit the operator "
                                          r"GaussianCompressedSensing"):
-        dps_image(clean, torch.zeros(2, 3, 8, 8), op, steps=1)
-    with pytest.raises(ValueError, match=r"dps_image: the operator SuperResolution maps y \(2, 1, 8, 8\) to images "
-                                         r"of shape \(2, 1, 16, 16\)"):
-        dps_image(clean, torch.zeros(2, 1, 8, 8), SuperResolution(2), steps=1)
-    with pytest.raises(ValueError, match="dps_image: operator must be an adps.images.ImageOperator"):
-        dps_image(clean, y, "cs", steps=1)
-    with pytest.raises(ValueError, match="dps_image: y must be real floating-point measurements"):
-        dps_image(clean, y.to(torch.complex64), op, steps=1)
-    with pytest.raises(ValueError, match="dps_image: y holds NaN"):
-        dps_image(clean, torch.full_like(y, float("nan")), op, steps=1)
-    with pytest.raises(ValueError, match="dps_image: give sigmas or steps, not both"):
-        dps_image(clean, y, op, image_sigmas(2), steps=2)
-    with pytest.raises(ValueError, match="dps_image: steps must be an integer >= 1"):
-        dps_image(clean, y, op, steps=0)
-    with pytest.raises(ValueError, match="dps_image: sigmas must be strictly descending"):
-        dps_image(clean, y, op, torch.tensor([1.0, 2.0, 0.0]))
-    with pytest.raises(ValueError, match="dps_image: guidance must be a finite number >= 0"):
-        dps_image(clean, y, op, steps=1, guidance=-1.0)
-    with pytest.raises(ValueError, match="dps_image: a model is required"):
-        dps_image(None, y, op, steps=1)
-    with pytest.raises(ValueError, match=r"a_dps_image: mask must be boolean of shape \(2, 1, 16, 16\)"):
-        a_dps_image(ambient, y, op, steps=1, mask=torch.ones(2, 1, 8, 8, dtype=torch.bool))
+        dps(clean, torch.zeros(2, 3, 8, 8), op, grid)
+    with pytest.raises(ValueError, match=r"dps: expected an EDMPrecond prior on 1 image channels"):
+        dps(clean, torch.zeros(2, 1, 8, 8), SuperResolution(2), grid)
+    with pytest.raises(ValueError, match="dps: operator must be an adps LinearOperator"):
+        dps(clean, y, "cs", grid)
+    with pytest.raises(ValueError, match="dps: y must be real floating-point measurements"):
+        dps(clean, y.to(torch.complex64), op, grid)
+    with pytest.raises(ValueError, match="dps: y holds NaN"):
+        dps(clean, torch.full_like(y, float("nan")), op, grid)
+    with pytest.raises(ValueError, match="dps: sigmas must be strictly descending"):
+        dps(clean, y, op, torch.tensor([1.0, 2.0, 0.0]))
+    with pytest.raises(ValueError, match="dps: guidance must be a finite number >= 0"):
+        dps(clean, y, op, grid, guidance=-1.0)
+    with pytest.raises(ValueError, match="dps: solver must be one of"):
+        dps(clean, y, op, grid, solver="rk4")
+    with pytest.raises(ValueError, match="dps: a model is required"):
+        dps(None, y, op, grid)
+    with pytest.raises(ValueError, match=r"a_dps: train_mask must be a boolean pixel mask of shape \(N, 1, H, W\)"):
+        a_dps(ambient, y, op, grid, train_mask=torch.ones(2, 8, 8, dtype=torch.bool))
     from adps.nn.train_step import build_model
 
     mri = build_model("edm", "tiny")
-    with pytest.raises(ValueError, match="dps_image: expected an image denoiser"):
-        dps_image(mri, y, op, steps=1)
-    with pytest.raises(ValueError, match="image_sampler_for: expected an image denoiser"):
-        image_sampler_for(mri)
+    with pytest.raises(ValueError, match=r"dps: expected an EDMPrecond prior on 3 image channels .* for 2-channel"):
+        dps(mri, y, op, grid)
+    with pytest.raises(ValueError, match="image_sampler: expected an image denoiser"):
+        image_sampler(mri)
 
 
-def test_sampler_for_and_registry(models: dict) -> None:
-    assert image_sampler_for(models["ambient"]) is a_dps_image
-    assert image_sampler_for(models["clean"]) is dps_image
-    assert IMAGE_SAMPLERS == {"dps_image": dps_image, "a_dps_image": a_dps_image}
+def test_image_sampler_picks_by_the_mask_channel(models: dict) -> None:
+    assert image_sampler(models["ambient"]) == "a_dps"
+    assert image_sampler(models["clean"]) == "dps"
 
 
 # ------------------------------------------------------------------------------ the issue's test
@@ -370,8 +380,7 @@ def _compressed_sensing_errors(model: nn.Module, seed: int, **options) -> tuple[
     truth = _images(range(1000, 1000 + TEST_IMAGES))
     operator = GaussianCompressedSensing(MEASUREMENTS, (3, RES, RES), seed=100 + seed)
     y = operator(truth)
-    sigmas = image_sigmas(TRAINED_GRID["steps"], sigma_min=TRAINED_GRID["sigma_min"])
-    estimate = image_sampler_for(model)(model, y, operator, sigmas, guidance=1.0, generator=_seed(seed), **options)
+    estimate = sample(model, y, operator, guidance=1.0, generator=_seed(seed), **TRAINED_GRID, **options)
     error = (estimate - truth).square().mean(dim=(1, 2, 3))
     baseline = (pseudo_inverse(operator, y) - truth).square().mean(dim=(1, 2, 3))
     return error, baseline

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from adps.images import ImageDataset, further_corrupt, write_image_folder
-from adps.nn import EMA, build_model, image_validation_mse, method_loss, train_step
+from adps.nn import EMA, build_model, method_loss, train_step, validation_metric
 from adps.nn.image_diffusion import (
     PAPER_ERASURE_P,
     ambient_image_input,
@@ -244,7 +244,7 @@ def test_validation_mse_is_on_observed_pixels_and_reproducible(image_folder: str
     model = build_model("image", "tiny", ambient=True).train()
 
     def score(batch: dict[str, Tensor], seed: int = 0) -> float:
-        return image_validation_mse(model, batch, generator=torch.Generator().manual_seed(seed))
+        return validation_metric("image", model, batch, generator=torch.Generator().manual_seed(seed))["val_mse"]
 
     value = score(masked)
     assert math.isfinite(value) and value > 0 and value == score(masked) and value != score(masked, 1)
@@ -254,8 +254,8 @@ def test_validation_mse_is_on_observed_pixels_and_reproducible(image_folder: str
         score({"image": masked["image"]})
     clean_model = build_model("image", "tiny", ambient=False)
     with pytest.raises(ValueError, match="takes no mask channel"):
-        image_validation_mse(clean_model, masked)
-    assert math.isfinite(image_validation_mse(clean_model, image_batch(image_folder, 0.0, n=2)))
+        validation_metric("image", clean_model, masked)
+    assert math.isfinite(validation_metric("image", clean_model, image_batch(image_folder, 0.0, n=2))["val_mse"])
 
 
 # ------------------------------------------------------------------------------ config

@@ -20,6 +20,7 @@ LAYERS = {
     "mri": 1,
     "data": 1,
     "images": 1,  # natural-image operators (section 3.1 of the paper)
+    "linear_operator": 1,  # the one operator interface of both studies
     "metrics": 2,
     "perceptual": 2,  # LPIPS and FID; local weights only, no download
     "crossover": 2,  # the cross-over analysis of a results table (numpy only)

@@ -20,11 +20,12 @@ the kept pixels, the paper's ``A~ = B A``. Test-time tasks: :class:`GaussianComp
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 
 import torch
 import torch.nn.functional as F
 
+from adps.linear_operator import LinearOperator
 from adps.mri.recon import conjugate_gradient
 
 # Default CG iterations of the blur pseudo-inverse: enough to converge for a mild blur, while for a
@@ -32,34 +33,47 @@ from adps.mri.recon import conjugate_gradient
 BLUR_CG_ITERATIONS = 50
 
 
-class ImageOperator(ABC):
-    """A linear operator ``A`` on image batches ``(N, C, H, W)``; subclasses define the physics.
+class ImageOperator(LinearOperator):
+    """A linear operator ``A`` on real image batches ``(N, C, H, W)``; subclasses define the physics.
 
-    ``normal`` defaults to ``adjoint(forward(x))``; operators with a cheaper fused form override it.
+    The :class:`~adps.linear_operator.LinearOperator` of the natural-image study: a network sees
+    the images as they are, and an ambient model's training corruption is random inpainting
+    (:meth:`corruption`). ``normal`` defaults to ``adjoint(forward(x))``; operators with a
+    cheaper fused form override it.
     """
-
-    @abstractmethod
-    def measurement_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Shape of ``y = A x`` for images of shape ``image_shape`` ``(N, C, H, W)``."""
-
-    @abstractmethod
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``y = A x``."""
-
-    @abstractmethod
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        """``A^T y``, an image batch ``(N, C, H, W)``."""
-
-    def normal(self, x: torch.Tensor) -> torch.Tensor:
-        """``A^T A x``."""
-        return self.adjoint(self.forward(x))
 
     @abstractmethod
     def pseudo_inverse(self, y: torch.Tensor) -> torch.Tensor:
         """The least-squares image ``argmin_x ||A x - y||`` of smallest norm, ``A^+ y``."""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward(x)
+    def corruption(self, mask: torch.Tensor) -> RandomInpainting:
+        """``A_tr``: random inpainting with ``mask``, boolean ``(N, 1, H, W)`` (True = kept)."""
+        if not isinstance(mask, torch.Tensor) or mask.is_complex() or mask.ndim != 4 or mask.shape[1] != 1:
+            got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"must be a boolean pixel mask of shape (N, 1, H, W), got {got}")
+        return RandomInpainting(mask.to(torch.bool))
+
+    def prepare(self, y: torch.Tensor, device: torch.device, caller: str) -> tuple[torch.Tensor, ImageOperator]:
+        """``y`` checked (real, finite, of the shape this operator gives its images) and moved to
+        ``device`` as float32; the operator casts itself to each input."""
+        if not isinstance(y, torch.Tensor) or y.is_complex() or not y.is_floating_point():
+            got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"{caller}: y must be real floating-point measurements, got {got}")
+        if y.ndim < 1 or y.shape[0] < 1:
+            raise ValueError(f"{caller}: y must hold at least one measurement vector (N >= 1), got shape {tuple(y.shape)}")
+        y = y.detach().to(device, torch.float32)
+        try:
+            shape = self.image_shape_of(y)
+            expected = tuple(self.measurement_shape(shape))
+        except ValueError as err:
+            raise ValueError(f"{caller}: y of shape {tuple(y.shape)} does not fit the operator "
+                             f"{type(self).__name__}: {err}") from None
+        if expected != tuple(y.shape):
+            raise ValueError(f"{caller}: y has shape {tuple(y.shape)}, but {type(self).__name__} measures images "
+                             f"{shape} as {expected}")
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError(f"{caller}: y holds NaN or Inf values")
+        return y, self
 
 
 # Masks ------------------------------------------------------------------------------------------
@@ -119,6 +133,13 @@ class RandomInpainting(_DiagonalMask):
                 "(expected the mask's H, W, and a mask batch and channel size of 1 or equal to the input's)"
             )
         return mask.to(device=x.device, dtype=x.dtype)
+
+    def condition(self) -> torch.Tensor:
+        """The mask as an ambient image model's conditioning channel, float32 ``(N, 1, H, W)``."""
+        mask = self.mask if self.mask.ndim == 4 else self.mask.reshape(1, 1, *self.mask.shape)
+        if mask.shape[1] != 1:
+            raise ValueError(f"condition: the mask must be shared by the channels, got shape {tuple(self.mask.shape)}")
+        return mask.to(torch.float32)
 
     def further_corrupt(self, delta: float = 0.1, *, generator: torch.Generator) -> RandomInpainting:
         """The further-corrupted operator ``A~ = B A`` (see :func:`further_corrupt`)."""

@@ -11,16 +11,22 @@ Shapes (batched over slices ``N``, coils ``C``):
 ``forward(x) = P F (S x)``, ``adjoint(y) = sum_c conj(S_c) F^-1 (P y_c)`` and
 ``normal(x) = A^H A x``. The FFT is the centred orthonormal one of :mod:`adps.mri.fft`.
 All three are differentiable and run on whatever device the maps live on.
+
+It implements :class:`adps.linear_operator.LinearOperator`: a network sees a complex image as
+``[Re, Im]`` channels, and an ambient model's training corruption ``A_tr`` is the same maps
+with a further-corrupted column mask (:meth:`SenseOperator.corruption`), given to the network
+as the channels ``[mask, ones]`` (:func:`mask_channels`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from adps.linear_operator import LinearOperator, channels_to_complex, complex_to_channels
 from adps.mri.fft import checkerboard, fft2c, ifft2c
 
 
-class SenseOperator:
+class SenseOperator(LinearOperator):
     """``A = P F S`` for a batch of slices.
 
     Args:
@@ -64,6 +70,64 @@ class SenseOperator:
         """The same maps with another column mask (e.g. the further-corrupted ``A~``)."""
         return SenseOperator(self.maps, mask)
 
+    def column_mask(self) -> torch.Tensor:
+        """The column mask as ``(N, W)`` bool (all True when fully sampled)."""
+        n, _, _, w = self.maps.shape
+        if self.mask is None:
+            return torch.ones(n, w, dtype=torch.bool, device=self.maps.device)
+        return (self.mask.reshape(self.mask.shape[0], -1) != 0).expand(n, w)
+
+    def measurement_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``(N, C, H, W)``: the k-space of images ``(N, H, W)`` like the maps'."""
+        if tuple(image_shape) != self.image_shape:
+            raise ValueError(f"image shape {tuple(image_shape)} does not match the coil maps' {self.image_shape}")
+        return self.kspace_shape
+
+    def image_shape_of(self, y: torch.Tensor) -> tuple[int, ...]:
+        return self.image_shape
+
+    # The network's view, and the ambient model's corruption ----------------------------------------
+    def to_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """``[Re, Im]`` channels ``(N, 2, H, W)``."""
+        return complex_to_channels(x)
+
+    def from_channels(self, channels: torch.Tensor) -> torch.Tensor:
+        return channels_to_complex(channels)
+
+    def start_noise(self, shape: tuple[int, ...], generator: torch.Generator | None,
+                    device: torch.device) -> torch.Tensor:
+        """Complex noise with independent N(0, 1) real and imaginary parts."""
+        return torch.view_as_complex(super().start_noise((*shape, 2), generator, device)).to(torch.complex64)
+
+    def corruption(self, mask: torch.Tensor) -> SenseOperator:
+        """``A_tr``: these maps with the column mask ``mask`` ``(N, W)`` (or ``(W,)`` for every slice)."""
+        n, _, _, width = self.kspace_shape
+        if not isinstance(mask, torch.Tensor) or mask.is_complex() or tuple(mask.shape) not in ((n, width), (width,)):
+            got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"must be a column mask of shape ({n}, {width}) or ({width},), got {got}")
+        mask = mask.to(self.maps.device, torch.bool)
+        return SenseOperator(self.maps, mask.expand(n, -1) if mask.ndim == 1 else mask)
+
+    def condition(self) -> torch.Tensor:
+        """``[mask, ones]`` ``(N, 2, H, W)``: the column mask as an image, and a channel of ones."""
+        return mask_channels(self.column_mask(), self.maps.shape[2])
+
+    def prepare(self, y: torch.Tensor, device: torch.device, caller: str) -> tuple[torch.Tensor, SenseOperator]:
+        """``y`` checked (complex k-space like the maps), zeroed outside the mask, and moved with
+        the maps (complex64) and the mask (``(N, W)`` bool) to ``device``.
+
+        ``where`` rather than a product: a NaN / Inf in an unmeasured column cannot leak in.
+        """
+        if not isinstance(y, torch.Tensor) or not y.is_complex() or tuple(y.shape) != tuple(self.kspace_shape):
+            got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"{caller}: y must be complex k-space of shape {tuple(self.kspace_shape)} "
+                             f"(N, C, H, W) like the operator's maps, got {got}")
+        check_maps(self.maps)
+        mask = self.column_mask().to(device)
+        operator = SenseOperator(self.maps.to(device, torch.complex64), mask)
+        y = torch.where(mask[:, None, None, :], y.to(device, torch.complex64), y.new_zeros((), dtype=torch.complex64))
+        return y, operator
+
     # Operator -----------------------------------------------------------------------------
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """``y = P F S x``: image ``(N, H, W)`` -> k-space ``(N, C, H, W)``."""
@@ -106,6 +170,18 @@ class SenseOperator:
             raise ValueError(
                 f"{name}: expected shape {tuple(expected)} to match the coil maps, got {tuple(tensor.shape)}"
             )
+
+
+def mask_channels(mask: torch.Tensor, height: int) -> torch.Tensor:
+    """The ambient conditioning channels ``[mask broadcast over rows, ones]``: ``(N, 2, H, W)``.
+
+    Upstream feeds the further-corrupted column mask as an image (every row the same) plus a
+    channel of ones, next to ``[Re, Im]``: 4 input channels in all.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"mask_channels: expected a per-slice column mask (N, W), got shape {tuple(mask.shape)}")
+    rows = mask.to(torch.float32)[:, None, None, :].expand(-1, 1, height, -1)
+    return torch.cat([rows, torch.ones_like(rows)], dim=1)
 
 
 def check_maps(maps: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ from .objectives import (
     ssdu_split,
 )
 from .precond import EDMCoefficients, EDMPrecond, edm_coefficients
-from .reconstruct import a_os, denoise_once, image_validation_mse, reconstruct, unrolled, validation_nrmse
+from .reconstruct import a_os, denoise_once, reconstruct, unrolled, validation_metric
 from .samplers import (
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
@@ -103,7 +103,6 @@ __all__ = [
     "edm_weight",
     "ema_beta",
     "geometric_sigmas",
-    "image_validation_mse",
     "l1_wavelet",
     "load_model",
     "make_optimizer",
@@ -123,5 +122,5 @@ __all__ = [
     "train_masks",
     "train_step",
     "unrolled",
-    "validation_nrmse",
+    "validation_metric",
 ]

@@ -40,11 +40,14 @@ from .unet import build_unet
 __all__ = [
     "IMAGE_CHANNELS",
     "IMAGE_PRESETS",
+    "IMAGE_SAMPLING",
     "PAPER_ERASURE_P",
     "ambient_image_input",
     "ambient_image_loss",
     "build_image_model",
     "image_edm_loss",
+    "image_sampler",
+    "image_sampler_options",
     "is_ambient_image_model",
     "sampling_mask",
 ]
@@ -55,6 +58,14 @@ PAPER_ERASURE_P = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)
 """The erasure probabilities of the paper's natural-image models (p = 0: trained on clean images)."""
 DEFAULT_DELTA = 0.1
 """Further corruption of the training masks (Ambient Diffusion; the paper's 0.1)."""
+IMAGE_SAMPLING: dict[str, Any] = {"solver": "heun", "steps": 100, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0,
+                                  "guidance": 1.0}
+"""How the natural-image study samples (section 3.1) with :func:`adps.nn.samplers.a_dps` / ``dps``:
+EDM's Heun over its image schedule (Karras et al. 2022: sigma 80 -> 0.002, rho 7), 100 steps,
+and DPS's step size ``guidance`` (``zeta``, Chung et al. 2023) of 1. The study's ``guidance`` is
+DPS's ``zeta``, the gradient's factor on the plain norm ``||y - A D||``; the samplers' is the
+A-DPS reference code's ``l_ss`` on ``||r||^2 / ||r||``, which is ``zeta / 2``
+(:func:`image_sampler_options` converts)."""
 
 # UNet settings of the two image presets (the channel counts are set by build_image_model).
 IMAGE_PRESETS: dict[str, dict[str, Any]] = {
@@ -210,3 +221,47 @@ def sampling_mask(
         Boolean ``(N, 1, H, W)``.
     """
     return further_corrupt(erasure_mask(shape, erasure_p, generator=generator), delta, generator=generator)
+
+
+def image_sampler(model: nn.Module) -> str:
+    """The sampler of an image model: ``a_dps`` for an ambient model (a mask input channel),
+    ``dps`` for a clean one."""
+    try:
+        return "a_dps" if is_ambient_image_model(unwrap_model(model)) else "dps"
+    except TypeError as err:
+        raise ValueError(f"image_sampler: {err}") from None
+
+
+def image_sampler_options(
+    model: nn.Module,
+    *,
+    steps: int | None = None,
+    guidance: float | None = None,
+    erasure_p: float | None = None,
+    delta: float = DEFAULT_DELTA,
+    **schedule: float,
+) -> dict[str, Any]:
+    """The keywords of :func:`adps.nn.samplers.run_sampler` that sample an image model as the
+    natural-image study does (:data:`IMAGE_SAMPLING`): its sampler's ``name``, Heun, the image
+    schedule with ``steps`` (and any of ``sigma_min``, ``sigma_max``, ``rho`` in ``schedule``),
+    ``guidance`` as DPS's ``zeta`` (converted to the samplers' ``zeta / 2``) and, for an ambient
+    model, its training ``erasure_p`` (required) and ``delta``, from which ``run_sampler`` draws
+    its fresh mask."""
+    name = image_sampler(model)
+    if name == "a_dps" and (isinstance(erasure_p, bool) or not isinstance(erasure_p, (int, float))
+                            or not 0 < erasure_p < 1):
+        raise ValueError(f"a_dps: erasure_p (the ambient model's training erasure probability, in (0, 1)) is "
+                         f"required, got {erasure_p!r}; a loader reads it from the model config's 'erasure_p'")
+    if name == "dps" and erasure_p not in (None, 0, 0.0):
+        raise ValueError(f"dps: erasure_p={erasure_p!r} names an ambient model, but this network takes no mask "
+                         "channel (a model trained on clean images, p = 0)")
+    unknown = sorted(set(schedule) - {"sigma_min", "sigma_max", "rho"})
+    if unknown:
+        raise ValueError(f"image_sampler_options: unknown schedule option(s) {unknown}")
+    zeta = IMAGE_SAMPLING["guidance"] if guidance is None else guidance
+    options = {"name": name, "solver": IMAGE_SAMPLING["solver"],
+               "steps": int(IMAGE_SAMPLING["steps"] if steps is None else steps), "guidance": zeta / 2,
+               **{key: schedule.get(key, IMAGE_SAMPLING[key]) for key in ("sigma_min", "sigma_max", "rho")}}
+    if name == "a_dps":
+        options.update(erasure_p=float(erasure_p), delta=float(delta))
+    return options

@@ -26,7 +26,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from adps.linear_operator import channels_to_complex, complex_to_channels
 from adps.mri import SenseOperator
+from adps.mri.sense import mask_channels
 
 __all__ = [
     "Denoiser",
@@ -52,26 +54,6 @@ Denoiser = Callable[..., Tensor]
 
 
 # ------------------------------------------------------------------------------ layout
-
-
-def complex_to_channels(image: Tensor) -> Tensor:
-    """Complex ``(N, H, W)`` -> real ``(N, 2, H, W)`` with channels ``[Re, Im]``."""
-    if not image.is_complex() or image.ndim != 3:
-        raise ValueError(f"expected a complex image batch (N, H, W), got {tuple(image.shape)} {image.dtype}")
-    return torch.stack([image.real, image.imag], dim=1)
-
-
-def channels_to_complex(channels: Tensor) -> Tensor:
-    """Real ``(N, 2, H, W)`` ``[Re, Im]`` -> complex ``(N, H, W)``.
-
-    Always computed in float32 or wider: network outputs under autocast are cast up so
-    that the complex result (and every FFT after it) is complex64.
-    """
-    if channels.is_complex() or channels.ndim != 4 or channels.shape[1] != 2:
-        raise ValueError(f"expected real channels (N, 2, H, W), got {tuple(channels.shape)} {channels.dtype}")
-    if channels.dtype not in (torch.float32, torch.float64):
-        channels = channels.to(torch.float32)
-    return torch.complex(channels[:, 0], channels[:, 1])
 
 
 def _per_sample(values: Tensor, n: int) -> Tensor:
@@ -175,18 +157,6 @@ def edm_channel_loss(
 
 
 # ------------------------------------------------------------------------------ ambient
-
-
-def mask_channels(mask: Tensor, height: int) -> Tensor:
-    """The ambient conditioning channels ``[mask broadcast over rows, ones]``: ``(N, 2, H, W)``.
-
-    Upstream feeds the further-corrupted column mask as an image (every row the same) plus a
-    channel of ones, next to ``[Re, Im]``: 4 input channels in all.
-    """
-    if mask.ndim != 2:
-        raise ValueError(f"mask_channels: expected a per-slice column mask (N, W), got shape {tuple(mask.shape)}")
-    rows = mask.to(torch.float32)[:, None, None, :].expand(-1, 1, height, -1)
-    return torch.cat([rows, torch.ones_like(rows)], dim=1)
 
 
 def ambient_network_input(adjoint_image: Tensor, mask_further: Tensor) -> tuple[Tensor, Tensor]:

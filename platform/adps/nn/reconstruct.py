@@ -12,8 +12,11 @@ model is used in-distribution:
   reconstructs from every acquired column: the Theta/Lambda split exists only in training);
 * ``edm``, ``edm_l1``, ``ncsnv2``: priors. They reconstruct only through posterior sampling
   (DPS, ALD), which is not one pass; :func:`denoise_once` is their cheap validation proxy.
-* ``image``: natural-image priors (no k-space at all); :func:`image_validation_mse` is their
-  validation metric, a denoising MSE on the pixels the training images keep.
+* ``image``: natural-image priors (no k-space at all); their validation metric is a
+  denoising MSE on the pixels the training images keep.
+
+:func:`validation_metric` is the periodic validation of training for every method of both
+studies.
 
 Every function runs under ``torch.no_grad`` with the model in eval mode (dropout off: a
 reconstruction must not be random), restoring each submodule's train/eval flag afterwards.
@@ -48,17 +51,18 @@ __all__ = [
     "a_os",
     "denoise_once",
     "denoising_check",
-    "image_validation_mse",
     "reconstruct",
     "unrolled",
-    "validation_nrmse",
+    "validation_metric",
 ]
 
 # Methods whose model is a prior D(x, sigma): no one-pass reconstruction exists for them.
 PRIOR_METHODS = ("edm", "edm_l1", "ncsnv2")
 
+MRI_VALIDATION_SIGMA = 0.1
+"""Noise level of the MRI priors' denoising proxy in :func:`validation_metric` (see there)."""
 IMAGE_VALIDATION_SIGMA = 0.2
-"""Noise level of :func:`image_validation_mse`, on the images' ``[-1, 1]`` scale
+"""Noise level of the natural-image models' validation in :func:`validation_metric`, on the images' ``[-1, 1]`` scale
 (``sigma_data = 0.5``): inside EDM's training range (``ln sigma ~ N(-1.2, 1.2^2)``, median
 0.30), noisy enough that the noisy input itself scores clearly worse than a trained denoiser
 (its MSE is ``sigma^2 = 0.04``), not so noisy that the score only measures blur."""
@@ -68,7 +72,7 @@ def _refuse_image_method(method: str, what: str) -> None:
     if method in IMAGE_METHODS:
         raise ValueError(
             f"{method!r} is a natural-image prior (a denoiser of RGB images, it never sees k-space): {what}; its "
-            "validation metric is image_validation_mse, and it reconstructs through posterior sampling "
+            "validation metric is a denoising MSE (validation_metric), and it reconstructs through posterior sampling "
             "(adps evaluate, the image samplers)"
         )
 
@@ -345,15 +349,42 @@ def denoising_check(
 # ------------------------------------------------------------------------------ validation
 
 
-def validation_nrmse(
+def validation_metric(
     method: str,
     model: nn.Module,
     batch: Mapping[str, Tensor],
     *,
-    sigma_denoise: float = 0.1,
+    sigma: float | None = None,
+    delta: float = DEFAULT_DELTA,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """The periodic validation metric of training, for every method of both studies.
+
+    Returns ``{"val_nrmse": ...}`` for the MRI methods and ``{"val_mse": ...}`` for ``image``
+    (the metric each study reports), computed on ``batch`` with the model in eval mode:
+    :func:`_validation_nrmse` and :func:`_image_validation_mse` say how. ``sigma`` is the noise
+    level of the denoising proxies (None: :data:`MRI_VALIDATION_SIGMA`, :data:`IMAGE_VALIDATION_SIGMA`);
+    ``delta`` the further corruption of an ambient image model's input; ``generator`` the
+    source of the noise (a fixed seed scores every validation of a run on the same draws).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if method in IMAGE_METHODS:
+        chosen = IMAGE_VALIDATION_SIGMA if sigma is None else sigma
+        return {"val_mse": _image_validation_mse(model, batch, sigma=chosen, delta=delta, generator=generator)}
+    chosen = MRI_VALIDATION_SIGMA if sigma is None else sigma
+    return {"val_nrmse": _validation_nrmse(method, model, batch, sigma_denoise=chosen, generator=generator)}
+
+
+def _validation_nrmse(
+    method: str,
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    *,
+    sigma_denoise: float = MRI_VALIDATION_SIGMA,
     generator: torch.Generator | None = None,
 ) -> float:
-    """The periodic validation metric of training: mean per-slice NRMSE against ``reference``.
+    """The MRI validation metric: mean per-slice NRMSE against ``reference``.
 
     On magnitude images as :func:`adps.metrics.nrmse` defines it, one value per slice, then
     the mean over the batch:
@@ -386,9 +417,6 @@ def validation_nrmse(
     Returns:
         The mean NRMSE over the batch's slices. The model's train/eval flags are unchanged.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    _refuse_image_method(method, "it has no MRI validation NRMSE")
     core = unwrap_model(model)
     reference = batch["reference"].to(_device(core))
     if method == "ambient":
@@ -400,7 +428,7 @@ def validation_nrmse(
     return float(nrmse(reference, estimate).mean())
 
 
-def image_validation_mse(
+def _image_validation_mse(
     model: nn.Module,
     batch: Mapping[str, Tensor],
     *,
@@ -432,7 +460,7 @@ def image_validation_mse(
         The mean MSE. The model's train/eval flags are unchanged.
     """
     if not sigma > 0:
-        raise ValueError(f"image_validation_mse: sigma must be > 0, got {sigma}")
+        raise ValueError(f"validation_metric: sigma must be > 0, got {sigma}")
     core = unwrap_model(model)
     ambient = is_ambient_image_model(core)
     device = _device(core)
@@ -440,7 +468,7 @@ def image_validation_mse(
     mask = batch.get("mask")
     if ambient != (mask is not None):
         raise ValueError(
-            "image_validation_mse: " + ("an ambient image model needs the batch's 'mask'" if ambient
+            "validation_metric: " + ("an ambient image model needs the batch's 'mask'" if ambient
                                         else "the batch has masks, but the model takes no mask channel")
         )
     gen_device = generator.device if generator is not None else device

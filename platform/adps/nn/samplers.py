@@ -38,8 +38,10 @@ Samplers (settings: METHOD.md "Samplers"):
 * :func:`zero_filled`, :func:`cg_sense_recon`: the two reconstructions every table shows for
   scale (the adjoint ``A^H y``, and CG-SENSE without regularisation).
 
-The guided loop is written once (:func:`_guided_euler`); A-DPS and DPS differ only in the
-denoise function they give it.
+The guided loop is written once (:func:`_guided_loop`, Euler or Heun); A-DPS and DPS differ only
+in the denoise function they give it. A-DPS and DPS take any
+:class:`~adps.linear_operator.LinearOperator`: the SENSE operator of the MRI study, or an
+operator of :mod:`adps.images` for the natural-image study (there with ``solver="heun"``).
 """
 
 from __future__ import annotations
@@ -53,13 +55,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adps.mri import SenseOperator, cg_sense, check_maps, l1_wavelet_recon
+from adps.linear_operator import LinearOperator
+from adps.mri import SenseOperator, cg_sense, l1_wavelet_recon
 from adps.mri.masks import DEFAULT_ACS, lines_at, slice_masks
 
 from .ema import unwrap_model
+from .image_diffusion import DEFAULT_DELTA, sampling_mask
 from .modl import MoDL
 from .ncsnv2 import NCSNv2
-from .objectives import ambient_network_input, channels_to_complex, complex_to_channels, sample_noise
+from .objectives import channels_to_complex, complex_to_channels, sample_noise
 from .precond import EDMPrecond
 from .reconstruct import a_os as _a_os_one_pass
 from .reconstruct import unrolled as _unrolled_one_pass
@@ -86,6 +90,8 @@ __all__ = [
     "unrolled",
     "zero_filled",
     "cg_sense_recon",
+    "network_calls",
+    "SOLVERS",
 ]
 
 Callback = Callable[[dict[str, Any]], None]
@@ -276,30 +282,16 @@ def _device(model: nn.Module) -> torch.device:
         return buffer.device if buffer is not None else torch.device("cpu")
 
 
-def _operator_mask(operator: SenseOperator) -> Tensor:
-    """The operator's column mask as ``(N, W)`` bool (all True when fully sampled)."""
-    n, _, _, w = operator.maps.shape
-    if operator.mask is None:
-        return torch.ones(n, w, dtype=torch.bool, device=operator.maps.device)
-    return (operator.mask.reshape(operator.mask.shape[0], -1) != 0).expand(n, w)
-
-
-def _measurement(y: Tensor, operator: SenseOperator, device: torch.device, sampler: str) -> tuple[Tensor, SenseOperator]:
-    """Validate ``(y, operator)``, move both to ``device`` and zero ``y`` outside the mask.
-
-    ``where`` rather than a product: a NaN / Inf in an unmeasured column cannot leak in.
-    """
-    if not isinstance(operator, SenseOperator):
-        raise ValueError(f"{sampler}: operator must be an adps.mri.SenseOperator, got {type(operator).__name__}")
-    if not isinstance(y, Tensor) or not y.is_complex() or tuple(y.shape) != tuple(operator.kspace_shape):
-        got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, Tensor) else type(y).__name__
-        raise ValueError(f"{sampler}: y must be complex k-space of shape {tuple(operator.kspace_shape)} "
-                         f"(N, C, H, W) like the operator's maps, got {got}")
-    check_maps(operator.maps)
-    mask = _operator_mask(operator).to(device)
-    operator = SenseOperator(operator.maps.to(device, torch.complex64), mask)
-    y = torch.where(mask[:, None, None, :], y.to(device, torch.complex64), y.new_zeros((), dtype=torch.complex64))
-    return y, operator
+def _problem(y: Tensor, operator: LinearOperator, device: torch.device, sampler: str, *,
+             mri_only: bool = False) -> tuple[Tensor, LinearOperator]:
+    """``(y, operator)`` checked and moved to ``device`` (:meth:`LinearOperator.prepare`):
+    for MRI, k-space zeroed outside the mask and the mask as ``(N, W)``."""
+    wanted = SenseOperator if mri_only else LinearOperator
+    if not isinstance(operator, wanted):
+        what = ("an adps.mri.SenseOperator" if mri_only
+                else "an adps LinearOperator (adps.mri.SenseOperator or an operator of adps.images)")
+        raise ValueError(f"{sampler}: operator must be {what}, got {type(operator).__name__}")
+    return operator.prepare(y, device, sampler)
 
 
 def _grid(sigmas: Tensor, sampler: str) -> list[float]:
@@ -331,21 +323,29 @@ def _edm_input_channels(core: nn.Module) -> int | None:
     return int(channels) if channels is not None else None
 
 
-def _check_denoiser(model: nn.Module, sampler: str, *, ambient: bool) -> None:
-    """Reject the model types a sampler cannot use. Modules of other types are accepted as
-    long as they follow the denoiser call convention (``D(x, sigma, cond=None)``)."""
+def _check_denoiser(model: nn.Module, sampler: str, *, ambient: bool, channels: int = 2,
+                    condition_channels: int = 2) -> None:
+    """Reject the model types a sampler cannot use: an EDMPrecond must take the image's
+    ``channels`` (``[Re, Im]`` for MRI, RGB for images), plus the mask's ``condition_channels``
+    for an ambient model. Modules of other types are accepted as long as they follow the
+    denoiser call convention (``D(x, sigma, cond=None)``; e.g. exact denoisers in tests)."""
     if model is None:
         raise ValueError(f"{sampler}: a model is required")
     core = unwrap_model(model)
-    expected = ("an ambient EDMPrecond (4 input channels: [Re, Im, mask, ones])" if ambient
-                else "an EDMPrecond prior on [Re, Im] (2 input channels)")
+    image = "[Re, Im]" if channels == 2 else f"{channels} image channels"
+    condition = "[mask, ones]" if condition_channels == 2 else "the mask"
+    expected = (f"an ambient EDMPrecond ({channels + condition_channels} input channels: {image} and {condition})"
+                if ambient else f"an EDMPrecond prior on {image} ({channels} input channels)")
     if isinstance(core, (NCSNv2, MoDL)):
         raise ValueError(f"{sampler}: expected {expected}, got {type(core).__name__}")
     if isinstance(core, EDMPrecond):
-        channels = _edm_input_channels(core)
-        want = core.image_channels + (2 if ambient else 0)
-        if channels is not None and channels != want:
-            raise ValueError(f"{sampler}: expected {expected}, got an EDMPrecond whose network takes {channels} channels")
+        got = _edm_input_channels(core)
+        if core.image_channels != channels or (got is not None and got != channels + (condition_channels if ambient else 0)):
+            kind = "ambient" if got is not None and got > core.image_channels else "prior"
+            hint = f" (a {kind} model: use {'a_dps' if kind == 'ambient' else 'dps'})" if \
+                core.image_channels == channels else ""
+            raise ValueError(f"{sampler}: expected {expected}, got an EDMPrecond whose network takes "
+                             f"{got if got is not None else '?'} channels for {core.image_channels}-channel images{hint}")
 
 
 def _sigma_vector(sigma: float, n: int, device: torch.device) -> Tensor:
@@ -362,109 +362,183 @@ def _emit(callback: Callback | None, **info: Any) -> None:
         callback(info)
 
 
-def _prior_denoiser(model: nn.Module, n: int, device: torch.device, autocast: Any) -> Denoise:
-    """``D(x, sigma)`` of a prior on ``[Re, Im]``, called as :func:`~adps.nn.objectives.edm_loss` calls it."""
+def _prior_denoiser(model: nn.Module, operator: LinearOperator, n: int, device: torch.device,
+                    autocast: Any) -> Denoise:
+    """``D(x, sigma)`` of a prior, the image given to the network as ``operator.to_channels(x)``
+    (``[Re, Im]`` for MRI, as :func:`~adps.nn.objectives.edm_loss` gives it in training)."""
 
     def denoise(x: Tensor, sigma: float) -> Tensor:
         with autocast:
-            out = model(complex_to_channels(x), _sigma_vector(sigma, n, device))
-        return channels_to_complex(out)
+            out = model(operator.to_channels(x), _sigma_vector(sigma, n, device))
+        return operator.from_channels(out)
 
     return denoise
 
 
-def _ambient_denoiser(model: nn.Module, operator: SenseOperator, train_mask: Tensor | None, sampler: str,
-                      autocast: Any) -> Denoise:
-    """``D(x, sigma) = net([A_tr^H A_tr x, mask_tr, ones], sigma)`` of an ambient model: its input
-    built as in training (:func:`~adps.nn.objectives.ambient_network_input`), with ``A_tr`` the
-    operator's maps and ``train_mask`` (checked: ``(N, W)``, or ``(W,)`` for every slice)."""
-    n, _, _, width = operator.kspace_shape
-    device = operator.maps.device
+def _ambient_denoiser(model: nn.Module, operator: LinearOperator, train_mask: Tensor | None, sampler: str,
+                      autocast: Any, device: torch.device) -> tuple[Denoise, int]:
+    """``D(x, sigma) = net([A_tr^H A_tr x, condition(A_tr)], sigma)`` of an ambient model: its
+    input built as in training, with ``A_tr = operator.corruption(train_mask)`` on the
+    operator's image space (MRI: the slices' maps and ``train_mask`` ``(N, W)`` columns, as
+    :func:`~adps.nn.objectives.ambient_network_input`; images: random inpainting with
+    ``train_mask`` ``(N, 1, H, W)``). Returns the denoiser and the count of its mask channels."""
     if train_mask is None:
-        raise ValueError(f"{sampler}: train_mask is required: A_tr's R_train + 1 columns (N, W) bool, "
-                         "e.g. adps.nn.samplers.train_masks(W, R_train, N, seed)")
-    if train_mask.ndim == 1:
-        train_mask = train_mask.expand(n, -1)
-    if tuple(train_mask.shape) != (n, width) or train_mask.is_complex():
-        raise ValueError(f"{sampler}: train_mask must be a column mask of shape ({n}, {width}) or ({width},), "
-                         f"got {tuple(train_mask.shape)} {train_mask.dtype}")
-    train_mask = train_mask.to(device, torch.bool)
-    operator_train = operator.with_mask(train_mask)
+        raise ValueError(f"{sampler}: train_mask is required: A_tr's mask (MRI: the R_train + 1 columns (N, W) bool, "
+                         "e.g. adps.nn.samplers.train_masks(W, R_train, N, seed); images: (N, 1, H, W), "
+                         "adps.nn.image_diffusion.sampling_mask)")
+    try:
+        corruption = operator.corruption(train_mask.to(device) if isinstance(train_mask, Tensor) else train_mask)
+    except ValueError as err:
+        raise ValueError(f"{sampler}: train_mask {err}") from None
+    condition = corruption.condition().to(device)
+    n = condition.shape[0]
 
     def denoise(x: Tensor, sigma: float) -> Tensor:
-        net_x, net_cond = ambient_network_input(operator_train.normal(x), train_mask)
+        net_x = operator.to_channels(corruption.normal(x))
         with autocast:
-            out = model(net_x, _sigma_vector(sigma, n, device), cond=net_cond)
-        return channels_to_complex(out)
+            out = model(net_x, _sigma_vector(sigma, n, device), cond=condition)
+        return operator.from_channels(out)
 
-    return denoise
+    return denoise, condition.shape[1]
 
 
 # ------------------------------------------------------------------------------ the guided loop
 
+SOLVERS = ("euler", "heun")
+"""The integrators of :func:`a_dps` / :func:`dps`: METHOD.md's Euler (the MRI protocol), or EDM's
+Heun (the natural-image study, as DPS's and Ambient Diffusion's code)."""
 
-def _guided_euler(
+
+def network_calls(steps: int, solver: str = "euler") -> int:
+    """Network evaluations of a guided run of ``steps`` steps on a grid ending in 0: ``steps``
+    for Euler, ``2 steps - 1`` for Heun (two per step but the last, Euler, step to sigma = 0).
+    The guidance gradient reuses the step's first call (a backward pass, no extra evaluation).
+    The x-axis of the paper's speed plots (figure 4)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"network_calls: steps must be an integer >= 1, got {steps!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"network_calls: solver must be one of {SOLVERS}, got {solver!r}")
+    return steps if solver == "euler" else 2 * steps - 1
+
+
+def _guided_loop(
     denoise: Denoise,
     y: Tensor,
-    operator: SenseOperator,
+    operator: LinearOperator,
+    shape: tuple[int, ...],
     sigmas: list[float],
     *,
     guidance: float,
     generator: torch.Generator | None,
     callback: Callback | None,
     sampler: str,
+    solver: str = "euler",
     churn: float = 0.0,
+    extra_info: dict[str, Any] | None = None,
 ) -> Tensor:
-    """The DPS / A-DPS loop (paper eq. 2.12 / 2.3, METHOD.md "Samplers"): Euler, no churn by default.
+    """The DPS / A-DPS loop (paper eq. 2.12 / 2.3, METHOD.md "Samplers").
 
-    Start ``x = sigma_0 n`` (complex, N(0, 1) real and imaginary parts). For each interval
-    ``(sigma, sigma_next)`` of the grid, with ``h = sigma_next - sigma``::
+    Start ``x = sigma_0 n`` (``operator.start_noise``: complex N(0, 1) real and imaginary parts
+    for MRI). For each interval ``(sigma, sigma_next)`` of the grid::
 
-        D = denoise(x, sigma);   r = y - A_inf D
-        x <- x + h (x - D) / sigma - (guidance / ||r||) grad_x ||r||^2
+        D = denoise(x, sigma);   r = y - A D
+        x' = x + (sigma_next - sigma) (x - D) / sigma              (Euler)
+        x' = x + (sigma_next - sigma) (d + d') / 2                 (Heun: d' at (x', sigma_next);
+                                                                    not when sigma_next = 0)
+        x  = x' - (guidance / ||r||) grad_x ||r||^2
 
-    per slice (``||r||`` and the gradient are each slice's own; the slices share no term,
-    so one backward pass of ``sum_i ||r_i||^2`` gives every slice's gradient). The gradient
-    runs through the network (autograd). ``(guidance / ||r||) grad ||r||^2`` is the reference
-    code's form; it equals ``2 guidance grad ||r||``, a step of constant length in the
-    direction that reduces the residual. Returns the final iterate (on a grid ending in 0 the
-    last step lands on ``D`` minus its guidance correction), not the last ``D``.
+    per slice / image (``||r||`` and the gradient are each one's own; they share no term, so one
+    backward pass of ``sum_i ||r_i||^2`` gives every gradient). The gradient runs through the
+    network (autograd) and comes from the step's first call. ``(guidance / ||r||) grad ||r||^2``
+    is the A-DPS reference code's form; it equals ``2 guidance grad ||r||``, a step of constant
+    length in the direction that reduces the residual (DPS's ``zeta`` is ``2 guidance``).
+    Returns the final iterate (on a grid ending in 0 the last step lands on ``D`` minus its
+    guidance correction). With ``guidance = 0`` no gradient is computed.
 
     ``churn`` > 0 (EDM's ``S_churn``, Karras et al. 2022, Algorithm 2; a Ray Tune option, not
     part of METHOD.md's setting) first raises each level to ``sigma_hat = sigma (1 + gamma)``,
     ``gamma = min(churn / steps, sqrt(2) - 1)``, by adding fresh noise of std
     ``sqrt(sigma_hat^2 - sigma^2)`` from ``generator``, and then steps from ``sigma_hat``.
     """
-    n, height, width = operator.image_shape
+    if solver not in SOLVERS:
+        raise ValueError(f"{sampler}: solver must be one of {SOLVERS}, got {solver!r}")
     device = y.device
-    x = sigmas[0] * sample_noise(torch.empty(n, height, width, dtype=torch.complex64, device=device), generator)
+    x = sigmas[0] * operator.start_noise(shape, generator, device)
     total = len(sigmas) - 1
     gamma = min(churn / total, math.sqrt(2.0) - 1.0) if churn > 0 and total else 0.0
     for step in range(total):
         sigma, sigma_next = sigmas[step], sigmas[step + 1]
         if gamma > 0 and sigma > 0:
             sigma_hat = sigma * (1.0 + gamma)
-            x = x + math.sqrt(sigma_hat**2 - sigma**2) * sample_noise(torch.empty_like(x), generator)
+            x = x + math.sqrt(sigma_hat**2 - sigma**2) * operator.start_noise(shape, generator, device)
             sigma = sigma_hat
-        x_in = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            denoised = denoise(x_in, sigma)
-            squared = torch.view_as_real(y - operator.forward(denoised)).square().reshape(n, -1).sum(dim=1)
-            (grad,) = torch.autograd.grad(squared.sum(), x_in)
-        denoised = denoised.detach()
+        if guidance > 0:
+            x_in = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                denoised = denoise(x_in, sigma)
+                squared = _squared_norm(y - operator.forward(denoised))
+                (grad,) = torch.autograd.grad(squared.sum(), x_in)
+            denoised = denoised.detach()
+        else:  # no gradient needed: the step costs what the unconditional sampler's does
+            denoised = denoise(x, sigma)
+            squared, grad = _squared_norm(y - operator.forward(denoised)), None
         norm = squared.detach().sqrt()
-        # A slice whose residual is exactly 0 needs (and gets) no correction: its gradient is 0 too.
-        scale = (guidance / norm.clamp_min(torch.finfo(norm.dtype).tiny)).to(x.dtype).view(-1, 1, 1)
-        x = x + (sigma_next - sigma) * (x - denoised) / sigma - scale * grad
+        slope = (x - denoised) / sigma
+        x_next = x + (sigma_next - sigma) * slope
+        if solver == "heun" and sigma_next > 0:  # at sigma = 0 the slope is undefined (EDM: Euler)
+            slope_next = (x_next - denoise(x_next, sigma_next)) / sigma_next
+            x_next = x + (sigma_next - sigma) * 0.5 * (slope + slope_next)
+        if grad is not None:
+            # A slice whose residual is exactly 0 needs (and gets) no correction: its gradient is 0 too.
+            scale = (guidance / norm.clamp_min(torch.finfo(norm.dtype).tiny)).to(x.dtype)
+            x_next = x_next - scale.view(-1, *([1] * (x.ndim - 1))) * grad
+        x = x_next.detach()
         _emit(callback, sampler=sampler, step=step, total=total, sigma=sigma, sigma_next=sigma_next,
-              x=x, denoised=denoised, residual_norm=norm)
+              x=x, denoised=denoised, residual_norm=norm, **(extra_info or {}))
     return x
+
+
+def _squared_norm(residual: Tensor) -> Tensor:
+    """Per-item ``||r_i||^2`` of a real or complex ``(N, ...)`` residual."""
+    values = torch.view_as_real(residual) if residual.is_complex() else residual
+    return values.square().reshape(residual.shape[0], -1).sum(dim=1)
+
+
+def _check_guidance(guidance: float, sampler: str) -> float:
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not (0 <= guidance < float("inf")):
+        raise ValueError(f"{sampler}: guidance must be a finite number >= 0, got {guidance!r}")
+    return float(guidance)
+
+
+def _guided(
+    sampler: str, model: nn.Module, y: Tensor, operator: LinearOperator, sigmas: Tensor | None, *,
+    ambient: bool, train_mask: Tensor | None, guidance: float, generator: torch.Generator | None,
+    callback: Callback | None, solver: str, churn: float, amp: str | None,
+) -> Tensor:
+    """:func:`a_dps` and :func:`dps`: the checks, the denoiser, then :func:`_guided_loop`."""
+    guidance = _check_guidance(guidance, sampler)
+    if model is None:
+        raise ValueError(f"{sampler}: a model is required")
+    device = _device(model)
+    y, operator = _problem(y, operator, device, sampler)
+    probe = operator.adjoint(y)  # the image space: its shape, and its channels as the network sees them
+    shape, channels = tuple(probe.shape), operator.to_channels(probe).shape[1]
+    grid = _grid(default_sigmas(sampler) if sigmas is None else sigmas, sampler)
+    autocast = _autocast(device, amp, sampler)
+    if ambient:
+        denoise, condition_channels = _ambient_denoiser(model, operator, train_mask, sampler, autocast, device)
+    else:
+        denoise, condition_channels = _prior_denoiser(model, operator, shape[0], device, autocast), 0
+    _check_denoiser(model, sampler, ambient=ambient, channels=channels, condition_channels=condition_channels)
+    with _eval_mode(model), torch.no_grad():
+        return _guided_loop(denoise, y, operator, shape, grid, guidance=guidance, generator=generator,
+                            callback=callback, sampler=sampler, solver=solver, churn=churn)
 
 
 def a_dps(
     model: nn.Module,
     y: Tensor,
-    operator: SenseOperator,
+    operator: LinearOperator,
     sigmas: Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
@@ -472,76 +546,70 @@ def a_dps(
     train_mask: Tensor | None = None,
     guidance: float = 1.0,
     churn: float = 0.0,
+    solver: str = "euler",
     amp: str | None = None,
 ) -> Tensor:
     """Ambient Diffusion Posterior Sampling (paper eq. 2.12; METHOD.md "Samplers").
 
-    The guided Euler loop (:func:`_guided_euler`) with the ambient denoiser
-    ``D(x, sigma) = net([A_tr^H A_tr x, mask_tr, ones], sigma)``: the network input is built
-    as in training (:func:`~adps.nn.objectives.ambient_network_input`, exactly as
-    :func:`adps.nn.reconstruct.a_os` builds it), with ``A_tr`` the slice's maps and a fresh
-    R_train + 1 mask, so at noise level sigma the network sees what it was trained on,
-    ``A~^H A~ (x + sigma n)``. The likelihood uses the acquisition operator ``A_inf``.
+    The guided loop (:func:`_guided_loop`) with the ambient denoiser
+    ``D(x, sigma) = net([A_tr^H A_tr x, mask_tr], sigma)``: the network input is built as in
+    training, with ``A_tr = operator.corruption(train_mask)`` (MRI: the slice's maps and a fresh
+    R_train + 1 column mask, exactly as :func:`adps.nn.reconstruct.a_os` builds it; images:
+    random inpainting with a fresh mask at the model's erasure probability), so at noise level
+    sigma the network sees what it was trained on, ``A~^H A~ (x + sigma n)``. The likelihood
+    uses the acquisition operator ``A_inf``.
 
     Args:
-        model: the ambient denoiser ``D(x, sigma, cond=...)`` (EDMPrecond of the ``ambient``
-            UNet; DDP / compiled wrappers are fine).
-        y: measured k-space ``(N, C, H, W)``.
-        operator: ``A_inf`` (maps and acquisition masks).
-        sigmas: Euler grid ending in 0; None = ``edm_sigmas(500, 0.004, 10, 7)``.
-        generator: source of the start noise (the loop itself is deterministic).
+        model: the ambient denoiser ``D(x, sigma, cond=...)`` (EDMPrecond of an ambient U-Net;
+            DDP / compiled wrappers are fine).
+        y: the measurements: MRI k-space ``(N, C, H, W)``; for images what ``operator`` gives.
+        operator: ``A_inf``, any :class:`~adps.linear_operator.LinearOperator`.
+        sigmas: the grid, ending in 0; None = ``edm_sigmas(500, 0.004, 10, 7)`` (METHOD.md).
+        generator: source of the start noise (the loop itself is deterministic but for ``churn``).
         callback: per-step progress (see the module docstring).
-        train_mask: ``A_tr``'s columns ``(N, W)`` bool (or ``(W,)`` for all slices), required:
-            draw it with :func:`train_masks` (R_train + 1, one per slice, seeded).
+        train_mask: ``A_tr``'s mask, required. MRI: columns ``(N, W)`` bool (or ``(W,)`` for
+            all slices), drawn with :func:`train_masks` (R_train + 1, one per slice, seeded);
+            images: ``(N, 1, H, W)`` bool, :func:`adps.nn.image_diffusion.sampling_mask`.
         guidance: ``l_ss``, the likelihood step (1.0).
-        churn: EDM ``S_churn`` (0 = METHOD.md's deterministic Euler loop; see :func:`_guided_euler`).
+        churn: EDM ``S_churn`` (0 = METHOD.md's deterministic loop; see :func:`_guided_loop`).
+        solver: ``"euler"`` (METHOD.md) or ``"heun"`` (the natural-image study).
         amp: None, ``"bf16"`` or ``"fp16"``: autocast of the network on CUDA.
 
     Returns:
-        The final iterate, complex ``(N, H, W)``.
+        The final iterate: complex ``(N, H, W)`` for MRI, real ``(N, C, H, W)`` for images.
     """
-    _check_denoiser(model, "a_dps", ambient=True)
-    device = _device(model)
-    y, operator = _measurement(y, operator, device, "a_dps")
-    grid = _grid(default_sigmas("a_dps") if sigmas is None else sigmas, "a_dps")
-    denoise = _ambient_denoiser(model, operator, train_mask, "a_dps", _autocast(device, amp, "a_dps"))
-    with _eval_mode(model):
-        return _guided_euler(denoise, y, operator, grid, guidance=guidance, generator=generator,
-                             callback=callback, sampler="a_dps", churn=churn)
+    return _guided("a_dps", model, y, operator, sigmas, ambient=True, train_mask=train_mask, guidance=guidance,
+                   generator=generator, callback=callback, solver=solver, churn=churn, amp=amp)
 
 
 def dps(
     model: nn.Module,
     y: Tensor,
-    operator: SenseOperator,
+    operator: LinearOperator,
     sigmas: Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     guidance: float = 1.0,
     churn: float = 0.0,
+    solver: str = "euler",
     amp: str | None = None,
 ) -> Tensor:
     """Diffusion Posterior Sampling with a prior denoiser (FS-DPS with ``edm``, L1-DPS with
-    ``edm_l1``): the A-DPS loop with ``D = net([Re, Im](x), sigma)``, called as
-    :func:`~adps.nn.objectives.edm_loss` calls it in training.
+    ``edm_l1``, the clean image model ``p = 0``): the A-DPS loop with
+    ``D = net(to_channels(x), sigma)``, called as :func:`~adps.nn.objectives.edm_loss` calls it
+    in training.
 
     Args:
-        model: ``D(x, sigma)`` on ``[Re, Im]`` (EDMPrecond of a 2-channel UNet).
-        y, operator, sigmas, generator, callback, guidance, churn, amp: as for :func:`a_dps`
-            (defaults: ``edm_sigmas(500, 0.004, 10, 7)``, ``guidance = 1.0``).
+        model: ``D(x, sigma)`` (EDMPrecond of a U-Net without mask channels).
+        y, operator, sigmas, generator, callback, guidance, churn, solver, amp: as for
+            :func:`a_dps` (defaults: ``edm_sigmas(500, 0.004, 10, 7)``, ``guidance = 1.0``, Euler).
 
     Returns:
-        The final iterate, complex ``(N, H, W)``.
+        The final iterate: complex ``(N, H, W)`` for MRI, real ``(N, C, H, W)`` for images.
     """
-    _check_denoiser(model, "dps", ambient=False)
-    device = _device(model)
-    y, operator = _measurement(y, operator, device, "dps")
-    grid = _grid(default_sigmas("dps") if sigmas is None else sigmas, "dps")
-    denoise = _prior_denoiser(model, operator.batch, device, _autocast(device, amp, "dps"))
-    with _eval_mode(model):
-        return _guided_euler(denoise, y, operator, grid, guidance=guidance, generator=generator,
-                             callback=callback, sampler="dps", churn=churn)
+    return _guided("dps", model, y, operator, sigmas, ambient=False, train_mask=None, guidance=guidance,
+                   generator=generator, callback=callback, solver=solver, churn=churn, amp=amp)
 
 
 # ------------------------------------------------------------------------------ one-pass methods
@@ -566,9 +634,9 @@ def a_os(
     del sigmas, generator  # part of the shared signature only
     _check_denoiser(model, "a_os", ambient=True)
     device = _device(model)
-    y, operator = _measurement(y, operator, device, "a_os")
+    y, operator = _problem(y, operator, device, "a_os", mri_only=True)
     with _autocast(device, amp, "a_os"):
-        out = _a_os_one_pass(model, y, operator.maps, _operator_mask(operator), sigma=sigma)
+        out = _a_os_one_pass(model, y, operator.maps, operator.column_mask(), sigma=sigma)
     out = out.to(torch.complex64)
     _emit(callback, sampler="a_os", step=0, total=1, sigma=float(sigma), sigma_next=0.0, x=out, denoised=out,
           residual_norm=_slice_norm(y - operator.forward(out)))
@@ -594,9 +662,9 @@ def unrolled(
         got = "None" if model is None else type(unwrap_model(model)).__name__
         raise ValueError(f"unrolled: expected a MoDL network (methods modl, ssdu), got {got}")
     device = _device(model)
-    y, operator = _measurement(y, operator, device, "unrolled")
+    y, operator = _problem(y, operator, device, "unrolled", mri_only=True)
     with _autocast(device, amp, "unrolled"):
-        out = _unrolled_one_pass(model, y, operator.maps, _operator_mask(operator))
+        out = _unrolled_one_pass(model, y, operator.maps, operator.column_mask())
     out = out.to(torch.complex64)
     _emit(callback, sampler="unrolled", step=0, total=1, sigma=0.0, sigma_next=0.0, x=out, denoised=out,
           residual_norm=_slice_norm(y - operator.forward(out)))
@@ -626,7 +694,7 @@ def l1_wavelet(
     """
     del model, sigmas, generator, amp
     return _without_network("l1_wavelet", y, operator, callback, lambda y, op: l1_wavelet_recon(
-        y, op.maps, _operator_mask(op), lam=float(lam), iterations=int(iterations), wavelet=wavelet, scaling=scaling))
+        y, op.maps, op.column_mask(), lam=float(lam), iterations=int(iterations), wavelet=wavelet, scaling=scaling))
 
 
 def _without_network(sampler: str, y: Tensor, operator: SenseOperator, callback: Callback | None,
@@ -634,7 +702,7 @@ def _without_network(sampler: str, y: Tensor, operator: SenseOperator, callback:
     """A classical reconstruction ``solve(y, operator)`` through the shared signature: the
     measurement checked and masked, the result complex64 on ``y``'s device, one callback."""
     device = y.device if isinstance(y, Tensor) else torch.device("cpu")
-    y, operator = _measurement(y, operator, device, sampler)
+    y, operator = _problem(y, operator, device, sampler, mri_only=True)
     out = solve(y, operator).to(device, torch.complex64)
     _emit(callback, sampler=sampler, step=0, total=1, sigma=0.0, sigma_next=0.0, x=out, denoised=out,
           residual_norm=_slice_norm(y - operator.forward(out)))
@@ -745,7 +813,7 @@ def ald(
         got = "None" if model is None else type(unwrap_model(model)).__name__
         raise ValueError(f"ald: expected an NCSNv2 score network s(x, sigma), got {got}")
     device = _device(model)
-    y, operator = _measurement(y, operator, device, "ald")
+    y, operator = _problem(y, operator, device, "ald", mri_only=True)
     levels = default_sigmas("ald", model) if sigmas is None else sigmas
     values = torch.as_tensor(levels).detach().to("cpu", torch.float64).reshape(-1)
     if torch.as_tensor(levels).ndim != 1 or values.numel() < 1 or not bool((values > 0).all()) \
@@ -835,11 +903,12 @@ def prior_heun(
         raise ValueError(f"prior_heun: give shape=(H, W) and batch >= 1 (or an operator), got shape={shape!r}, "
                          f"batch={batch!r}")
     autocast = _autocast(device, amp, "prior_heun")
+    space = SenseOperator(operator.maps.to(device, torch.complex64)) if operator is not None else SenseOperator(
+        torch.ones(n, 1, height, width, dtype=torch.complex64, device=device))
     if ambient:
-        maps = SenseOperator(operator.maps.to(device, torch.complex64))
-        denoise = _ambient_denoiser(model, maps, train_mask, "prior_heun", autocast)
+        denoise, _ = _ambient_denoiser(model, space, train_mask, "prior_heun", autocast, device)
     else:
-        denoise = _prior_denoiser(model, n, device, autocast)
+        denoise = _prior_denoiser(model, space, n, device, autocast)
 
     x = grid[0] * sample_noise(torch.empty(n, height, width, dtype=torch.complex64, device=device), generator)
     total = len(grid) - 1
@@ -898,6 +967,8 @@ def run_sampler(
     slice_ids: list[int] | Tensor | None = None,
     seed: int = 0,
     acs: int | None = None,
+    erasure_p: float | None = None,
+    delta: float = DEFAULT_DELTA,
     amp: str | None = None,
     **options: Any,
 ) -> Tensor:
@@ -907,11 +978,13 @@ def run_sampler(
       (:func:`default_sigmas`); for ``l1_wavelet`` the solver iterations; ignored by the
       one-pass ``a_os`` / ``unrolled``. None = METHOD.md's default.
     * ``guidance``: ``l_ss`` of ``a_dps`` / ``dps`` (None = 1.0); ignored by the others.
-    * ``a_dps`` only: its ``train_mask`` is drawn here with :func:`train_masks` from
+    * ``a_dps`` only: its ``train_mask`` is drawn here. MRI: with :func:`train_masks` from
       ``train_acceleration`` (R_train, required), ``seed`` and ``slice_ids`` (default ``0 ..
       N - 1``); ``acs`` = the masks' ACS width (None = METHOD.md's 20, or fewer where
-      ``floor(W / (R_train + 1))`` columns cannot hold 20). A ``train_mask`` in ``options``
-      is used as given instead.
+      ``floor(W / (R_train + 1))`` columns cannot hold 20). Images: with
+      :func:`~adps.nn.image_diffusion.sampling_mask` from the model's training ``erasure_p``
+      (required) and ``delta``, drawn from ``generator`` before the start noise. A
+      ``train_mask`` in ``options`` is used as given instead.
     * ``amp``: None / ``""`` (off), ``"bf16"``, ``"fp16"``.
     * ``options``: the schedule settings of :data:`SCHEDULE_OPTIONS` (``sigma_max``,
       ``sigma_min``, ``rho``; ``steps_per_level``, ``sigma_start`` for ald) go to
@@ -931,10 +1004,19 @@ def run_sampler(
     if name in ("a_dps", "dps") and guidance is not None:
         options["guidance"] = float(guidance)
     if name == "a_dps" and "train_mask" not in options:
-        if train_acceleration is None:
-            raise ValueError("run_sampler('a_dps'): train_acceleration (R_train of the ambient model) is required "
-                             "to draw the R_train + 1 masks A_tr")
-        n, _, _, width = operator.kspace_shape
-        acs_width = min(DEFAULT_ACS, lines_at(width, train_acceleration + 1)) if acs is None else int(acs)
-        options["train_mask"] = train_masks(width, train_acceleration, n, seed, slice_ids, acs=acs_width)
+        if isinstance(operator, SenseOperator):
+            if train_acceleration is None:
+                raise ValueError("run_sampler('a_dps'): train_acceleration (R_train of the ambient model) is "
+                                 "required to draw the R_train + 1 masks A_tr")
+            n, _, _, width = operator.kspace_shape
+            acs_width = min(DEFAULT_ACS, lines_at(width, train_acceleration + 1)) if acs is None else int(acs)
+            options["train_mask"] = train_masks(width, train_acceleration, n, seed, slice_ids, acs=acs_width)
+        else:
+            if erasure_p is None:
+                raise ValueError("run_sampler('a_dps'): erasure_p (the ambient image model's training erasure "
+                                 "probability) is required to draw its masks A_tr")
+            if generator is None:  # torch's global RNG seeds the mask's own generator
+                generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+            shape = operator.image_shape_of(y)
+            options["train_mask"] = sampling_mask(shape, float(erasure_p), delta=delta, generator=generator)
     return SAMPLERS[name](model, y, operator, sigmas, generator=generator, callback=callback, amp=amp, **options)

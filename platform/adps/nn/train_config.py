@@ -122,7 +122,7 @@ class TrainConfig(ConfigFile):
     validation_sigma: float = 0.0
     """Noise level of the priors' denoising validation (``val_nrmse`` of edm, edm_l1, ncsnv2;
     ``val_mse`` of image models); 0 = the method's (0.1 on the MRI data's scale, 0.2 on images':
-    :func:`adps.nn.reconstruct.validation_nrmse`, :data:`~adps.nn.reconstruct.IMAGE_VALIDATION_SIGMA`)."""
+    :func:`adps.nn.reconstruct.validation_metric`, :data:`~adps.nn.reconstruct.IMAGE_VALIDATION_SIGMA`)."""
     lr: float = 2e-4
     """Adam learning rate."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -204,9 +204,9 @@ class TrainConfig(ConfigFile):
     The environment variable, where set, wins."""
     validate_every_steps: int = 1000
     """Validation metric (A-OS NRMSE for ambient models, the unrolled network's NRMSE for MoDL /
-    SSDU, one-pass denoising NRMSE for the priors; :func:`adps.nn.reconstruct.validation_nrmse`;
+    SSDU, one-pass denoising NRMSE for the priors; :func:`adps.nn.reconstruct.validation_metric`;
     for ``image`` the denoising MSE ``val_mse`` on the observed pixels,
-    :func:`adps.orchestration.train.image_validation_mse`) of the EMA model every this many
+    :func:`adps.nn.reconstruct.validation_metric`) of the EMA model every this many
     steps and at the end (0 = only at the end)."""
     validation_slices: int = 4
     """Slices of the ``val`` split the validation metric averages over (0 = no validation); for

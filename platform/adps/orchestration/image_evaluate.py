@@ -11,7 +11,7 @@ images (``p = 0``) and the pseudo-inverse.
   (figure 4, the error against the number of network evaluations, ``NFE = 2 steps - 1``).
 
 Each model is sampled with the sampler its weights call for
-(:func:`~adps.nn.image_samplers.image_sampler_for`: A-DPS for ambient models, DPS for the
+(:func:`~adps.nn.image_diffusion.image_sampler`: A-DPS for ambient models, DPS for the
 ``p = 0`` model); the pseudo-inverse ``A^+ y`` (no network, sampler ``pinv``) is the baseline
 of ``cs`` and ``sr``. Every model sees the same images, the same Gaussian matrix (seeded by
 ``seed``) and the same measurement noise (seeded by ``seed`` and the image), so results are
@@ -222,7 +222,7 @@ class ImageCell:
     """``p<erasure_p>`` (``p0.6``) or ``pinv``."""
     erasure_p: float | None
     sampler: str
-    """``a_dps_image``, ``dps_image`` or ``pinv``."""
+    """``a_dps``, ``dps`` or ``pinv``."""
     task: str
     indices: tuple[int, ...]
     """Test-image indices."""
@@ -245,9 +245,10 @@ class ImageCell:
     @property
     def nfe(self) -> int:
         """Network evaluations per image (0 for the pseudo-inverse)."""
-        from adps.nn.image_samplers import image_nfe
+        from adps.nn.image_diffusion import IMAGE_SAMPLING
+        from adps.nn.samplers import network_calls
 
-        return 0 if self.sampler == PINV else image_nfe(self.steps)
+        return 0 if self.sampler == PINV else network_calls(self.steps, IMAGE_SAMPLING["solver"])
 
     @property
     def key(self) -> str:
@@ -267,11 +268,11 @@ def image_tuned_settings(tags: dict[str, str], task: str) -> dict[str, float]:
 def _settings(config: ImageEvaluateConfig, tags: dict[str, str], task: str) -> tuple[int, float, str]:
     """``(steps, guidance, where each came from)`` of ``task`` (``nfe`` takes ``cs``'s guidance): the
     config's, else tuned, else the samplers' defaults."""
-    from adps.nn.image_samplers import IMAGE_SAMPLER_DEFAULTS
+    from adps.nn.image_diffusion import IMAGE_SAMPLING
 
     tuned = image_tuned_settings(tags, "cs" if task == "nfe" else task) if config.use_tuned else {}
-    steps = config.steps or int(tuned.get("steps", 0)) or int(IMAGE_SAMPLER_DEFAULTS["steps"])
-    guidance = config.guidance or float(tuned.get("guidance", 0.0)) or float(IMAGE_SAMPLER_DEFAULTS["guidance"])
+    steps = config.steps or int(tuned.get("steps", 0)) or int(IMAGE_SAMPLING["steps"])
+    guidance = config.guidance or float(tuned.get("guidance", 0.0)) or float(IMAGE_SAMPLING["guidance"])
     sources = [f"{key} from {'config' if getattr(config, key) else 'tuned tag' if key in tuned else 'default'}"
                for key in ("steps", "guidance")]
     return steps, guidance, ", ".join(sources)
@@ -354,13 +355,14 @@ def evaluate_image_cell(config: ImageEvaluateConfig, cell: ImageCell, *, device:
     if cell.sampler == PINV:
         estimate = pseudo_inverse(operator, y)
     else:
-        from adps.nn.image_samplers import image_sampler_for
+        from adps.nn.image_diffusion import image_sampler_options
+        from adps.nn.samplers import run_sampler
 
         model, _ = load_for_evaluation(cell.model, device, config.tracking_uri)
-        sampler = image_sampler_for(model)
-        options = {"erasure_p": cell.erasure_p, "delta": cell.delta} if sampler.__name__ == "a_dps_image" else {}
-        estimate = sampler(model, y, operator, steps=cell.steps, guidance=cell.guidance,
-                           generator=_seeded(config.seed, 2, cell.indices[0]), amp=config.amp or None, **options)
+        options = image_sampler_options(model, steps=cell.steps, guidance=cell.guidance, delta=cell.delta,
+                                        erasure_p=cell.erasure_p if cell.sampler == "a_dps" else None)
+        estimate = run_sampler(model=model, y=y, operator=operator, generator=_seeded(config.seed, 2, cell.indices[0]),
+                               amp=config.amp or None, **options)
     if images.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - started) / len(cell.indices)
@@ -394,7 +396,7 @@ def _image_cell_task(config: dict[str, Any], cell: dict[str, Any]) -> list[dict[
 def _resolve_models(config: ImageEvaluateConfig) -> list[tuple[str, dict[str, Any]]]:
     """Every model's URI (registry versions pinned) and config, loaded once on the driver:
     a wrong entry fails here, before any task starts."""
-    from adps.nn.image_samplers import image_sampler_for
+    from adps.nn.image_diffusion import image_sampler
     from adps.orchestration.evaluate import load_for_evaluation, model_uri, model_version_of
 
     resolved = []
@@ -409,8 +411,8 @@ def _resolve_models(config: ImageEvaluateConfig) -> list[tuple[str, dict[str, An
             raise ValueError(f"config key 'models': {entry} is not a natural-image model (its config has method "
                              f"{model_config.get('method')!r}; expected 'image' with an 'erasure_p')")
         p = float(model_config["erasure_p"])
-        sampler = image_sampler_for(model).__name__
-        if (sampler == "a_dps_image") != (p > 0):
+        sampler = image_sampler(model)
+        if (sampler == "a_dps") != (p > 0):
             raise ValueError(f"config key 'models': {entry} says erasure_p {p:g}, but its network "
                              f"{'takes' if p == 0 else 'does not take'} a mask channel")
         trained_at = model_config.get("resolution")

@@ -22,7 +22,7 @@ no ``Trainer.restore``).
 Natural images (method ``image``, paper section 3.1) take the same path: the workers read an
 :class:`adps.images.ImageDataset` (a folder, zip or ``s3://`` prefix; corrupted with the
 run's ``erasure_p``) and deal its images out with :func:`worker_share` like slices; the
-validation metric is :func:`adps.nn.reconstruct.image_validation_mse` (``val_mse``) on the
+validation metric is :func:`adps.nn.reconstruct.validation_metric` (``val_mse``) on the
 first training images, and the model is registered as ``adps-image-p<erasure_p>``.
 
 MLflow (``tracking: true``): the driver opens the run's MLflow run before any worker starts
@@ -56,7 +56,7 @@ from torch import nn
 
 from adps.nn.checkpoint import load_model, save_model
 from adps.nn.ema import EMA, unwrap_model
-from adps.nn.reconstruct import image_validation_mse, validation_nrmse
+from adps.nn.reconstruct import validation_metric
 from adps.nn.train_config import TrainConfig
 from adps.nn.train_step import BATCH_KEYS, LossBySigma, build_model, make_optimizer, train_step
 from adps.nn.unet import set_activation_checkpointing
@@ -422,13 +422,8 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
         if val_batch is None or not (step == total or (every and step % every == 0)):
             return {}
         generator = torch.Generator().manual_seed(config.seed)  # the same noise at every validation
-        if config.is_image:
-            return {"val_mse": image_validation_mse(trainee.ema.model, val_batch, delta=config.delta,
-                                                    **({"sigma": config.validation_sigma} if config.validation_sigma else {}),
-                                                    generator=generator)}
-        return {"val_nrmse": validation_nrmse(config.method, trainee.ema.model, val_batch, generator=generator,
-                                              **({"sigma_denoise": config.validation_sigma}
-                                                 if config.validation_sigma else {}))}
+        return validation_metric(config.method, trainee.ema.model, val_batch, sigma=config.validation_sigma or None,
+                                 delta=config.delta, generator=generator)
 
     ctx_run_id = getattr(ctx.log, "run_id", None)
 

@@ -34,7 +34,7 @@ super-resolution by ``factor``), ``noise`` and ``resolution``; ``dataset`` is th
 ``.zip`` of images (:class:`adps.images.ImageDataset`, the first ``slices`` images, clean) and
 ``r_inf`` is not used. Each trial measures the images with the task's operator (the Gaussian
 matrix seeded by ``seed``, the noise seeded per image), reconstructs them with the model's
-sampler (:func:`adps.nn.image_samplers.image_sampler_for`: A-DPS for an ambient model, its
+sampler (:func:`adps.nn.image_diffusion.image_sampler`: A-DPS for an ambient model, its
 ``erasure_p`` / ``delta`` from the model's config; DPS for the ``p = 0`` model) and reports the
 running mean MSE (per image on the ``[0, 1]`` scale, estimates clipped to ``[-1, 1]``, as
 ``adps evaluate --study images`` measures it) and PSNR. Its space file's ``sampler`` is
@@ -89,7 +89,7 @@ __all__ = [
 SAMPLER_FAMILIES = {"adps": "a_dps", "a_dps": "a_dps", "a_os": "a_os", "dps": "dps", "ald": "ald",
                     "image_dps": "image"}
 """A space file's ``sampler`` -> the :func:`adps.nn.samplers.run_sampler` name (``image``: the
-natural-image samplers, :func:`adps.nn.image_samplers.image_sampler_for` picks A-DPS or DPS
+natural-image samplers, :func:`adps.nn.image_diffusion.image_sampler` picks A-DPS or DPS
 from the model)."""
 SAMPLER_PARAMS = {
     "a_dps": ("guidance", "steps", "sigma_max", "sigma_min", "rho", "churn"),
@@ -454,7 +454,8 @@ def _image_trial(params: dict[str, Any], *, config: dict[str, Any], resolution: 
 
     from adps.images import add_noise
     from adps.metrics import rgb_mse
-    from adps.nn.image_samplers import IMAGE_SAMPLER_DEFAULTS, a_dps_image, image_sampler_for, image_sigmas
+    from adps.nn.image_diffusion import DEFAULT_DELTA, image_sampler, image_sampler_options
+    from adps.nn.samplers import run_sampler
     from adps.orchestration.evaluate import load_for_evaluation
 
     search = SearchConfig.from_dict(config)
@@ -462,12 +463,11 @@ def _image_trial(params: dict[str, Any], *, config: dict[str, Any], resolution: 
     torch.set_num_threads(max(1, int(search.cpus_per_trial)))
     device = "cuda" if search.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
     model, model_config = load_for_evaluation(search.model, device, search.tracking_uri)
-    sampler = image_sampler_for(model)
     schedule = {key: settings.pop(key) for key in ("sigma_min", "sigma_max", "rho") if key in settings}
-    sigmas = image_sigmas(settings.pop("steps", IMAGE_SAMPLER_DEFAULTS["steps"]), **schedule)
-    options = {"erasure_p": float(model_config["erasure_p"]),
-               "delta": float(model_config.get("delta", IMAGE_SAMPLER_DEFAULTS["delta"]))} \
-        if sampler is a_dps_image else {}
+    ambient = image_sampler(model) == "a_dps"
+    options = image_sampler_options(model, steps=settings.pop("steps", None), guidance=settings.pop("guidance", None),
+                                    erasure_p=float(model_config["erasure_p"]) if ambient else None,
+                                    delta=float(model_config.get("delta", DEFAULT_DELTA)), **schedule)
     operator = _image_operator(search, resolution)
     totals = dict.fromkeys(IMAGE_OBJECTIVE_METRICS, 0.0)
     seen = 0
@@ -476,8 +476,8 @@ def _image_trial(params: dict[str, Any], *, config: dict[str, Any], resolution: 
         if search.noise > 0:  # each image's noise from its own seed: any batching gives the same y
             y = torch.cat([add_noise(y[i : i + 1], search.noise, generator=_seeded(search.seed, 1, image_index))
                            for i, image_index in enumerate(indices)])
-        estimate = sampler(model, y, operator, sigmas, guidance=settings.get("guidance", IMAGE_SAMPLER_DEFAULTS["guidance"]),
-                           generator=_seeded(search.seed, 2, indices[0]), amp=search.amp or None, **options)
+        estimate = run_sampler(model=model, y=y, operator=operator, generator=_seeded(search.seed, 2, indices[0]),
+                               amp=search.amp or None, **options, **settings)
         mse = torch.nan_to_num(rgb_mse(images, estimate.detach().float().clamp(-1, 1)).cpu(), nan=1e6)
         totals["mse"] += float(mse.sum())
         totals["psnr"] += float((-10 * torch.log10(mse.clamp_min(1e-12))).sum())
