@@ -169,7 +169,7 @@ def test_evaluation_writes_table_figures_and_crossover_and_resumes(
     rows = first["rows"]
     assert len(rows) == 16 * 3
     assert {(r["model"], r["sampler"], r["erasure_p"]) for r in rows if r["model"] != "pinv"} == {
-        ("p0", "dps_image", 0.0), ("p0.6", "a_dps_image", 0.6)}
+        ("p0", "dps", 0.0), ("p0.6", "a_dps", 0.6)}
     assert all(math.isfinite(r["mse"]) and r["mse"] >= 0 and math.isfinite(r["lpips"]) and r["lpips"] >= 0
                and r["seconds"] > 0 for r in rows)
     settings = {(r["model"], r["task"], r["measurements"], r["factor"], r["steps"], r["nfe"]) for r in rows}
@@ -218,7 +218,7 @@ def test_evaluation_writes_table_figures_and_crossover_and_resumes(
         assert said == [c["outcome"] == o for o in ("crossover", "inconclusive", "none")], (key, said)
         assert (f"crossover_inconclusive.{key}" in metrics) == (c["outcome"] == "inconclusive")
     text = format_image_results(rows)
-    assert "p0.6 a_dps_image" in text and "cs m 64" in text and "sr x4" in text
+    assert "p0.6 a_dps" in text and "cs m 64" in text and "sr x4" in text
 
     # Run again: every cell is read back, none computed, and the same MLflow run continues.
     cells = sorted((tmp_path / "eval" / "cells").glob("*.json"))

@@ -341,9 +341,9 @@ def _check_denoiser(model: nn.Module, sampler: str, *, ambient: bool, channels: 
     if isinstance(core, EDMPrecond):
         got = _edm_input_channels(core)
         if core.image_channels != channels or (got is not None and got != channels + (condition_channels if ambient else 0)):
-            kind = "ambient" if got is not None and got > core.image_channels else "prior"
-            hint = f" (a {kind} model: use {'a_dps' if kind == 'ambient' else 'dps'})" if \
-                core.image_channels == channels else ""
+            is_ambient = got is not None and got > core.image_channels
+            hint = (f" (it is {'an ambient' if is_ambient else 'a prior'} model: use {'a_dps' if is_ambient else 'dps'})"
+                    if core.image_channels == channels else "")
             raise ValueError(f"{sampler}: expected {expected}, got an EDMPrecond whose network takes "
                              f"{got if got is not None else '?'} channels for {core.image_channels}-channel images{hint}")
 
