@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adps.orchestration.evaluate import EvaluateConfig, evaluate, model_uri
+from adps.orchestration.evaluate import EvaluateConfig, evaluate
+from adps.orchestration.registry import load_model_entry, model_uri, tuned_meta, tuned_settings
 from conftest import train_in_process
 
 
@@ -60,7 +61,7 @@ def test_sampler_settings_follow_the_protocol_and_tuning_is_fair_or_refused(
     config values win; every cell says where its settings came from."""
     from mlflow import MlflowClient
 
-    from adps.orchestration.evaluate import _resolve, check_fair_tuning, plan_cells, tuned_meta, tuned_settings
+    from adps.orchestration.evaluate import _resolve, check_fair_tuning, plan_cells
     from adps.orchestration.registry import register_model
     from adps.orchestration.tracking import resolve_tracking_uri
 
@@ -235,7 +236,7 @@ def test_compile_mode_compiles_the_iterative_samplers_network_in_one_graph(
     and gets the eager cell's reconstruction; the one-call A-OS cell is not compiled. Dynamo
     traces the real sampler loop with ``fullgraph=True`` (a graph break fails) and the ``eager``
     backend: Inductor's kernels are measured on a GPU (bench/sample_speed.py --compile)."""
-    from adps.orchestration.evaluate import evaluate_cell, load_for_evaluation, plan_cells
+    from adps.orchestration.evaluate import evaluate_cell, plan_cells
 
     real_compile, asked = torch.compile, []
 
@@ -244,7 +245,7 @@ def test_compile_mode_compiles_the_iterative_samplers_network_in_one_graph(
         return real_compile(model, backend="eager", fullgraph=True, dynamic=dynamic, **kwargs)
 
     uri = str(tiny_models["ambient_r2"])
-    models = [(uri, load_for_evaluation(uri, "cpu")[1])]
+    models = [(uri, load_model_entry(uri, "cpu")[1])]
     config = EvaluateConfig(dataset=tiny_prepared, models=(uri,), accelerations=(2.0,), slices=2, slices_per_task=2,
                             steps=3, lpips=False, output=str(tmp_path / "eager"))
     cells = {cell.sampler: cell for cell in plan_cells(config, models, 2)}
@@ -274,7 +275,6 @@ def test_fid_samples_each_prior_and_logs_the_table(
     from torchvision.models import vgg16
 
     from adps.data.dataset import PreparedSliceDataset
-    from adps.orchestration.evaluate import load_for_evaluation
     from adps.orchestration.fid import FidConfig, format_fid_table, run_fid, unconditional_samples
     from adps.perceptual import WEIGHT_FILES, fid
 
@@ -292,7 +292,7 @@ def test_fid_samples_each_prior_and_logs_the_table(
     assert set(by_model) == {"edm_r1", "ncsnv2_r1", "ambient_r2", "l1"}
     heun = "sampler=prior_heun steps=3 sigma_max=80 sigma_min=0.002 rho=7"
     assert by_model["edm_r1"]["sampler"] == by_model["ambient_r2"]["sampler"] == heun
-    ncsn_model, _ = load_for_evaluation(str(ncsnv2), "cpu")
+    ncsn_model, _ = load_model_entry(str(ncsnv2), "cpu")
     assert by_model["ncsnv2_r1"]["sampler"].startswith(
         f"sampler=ald steps=3 steps_per_level=3 sigma_start={float(ncsn_model.sigmas()[0]):g} ")
     dataset = PreparedSliceDataset(tiny_prepared, "train", acceleration=2)
@@ -301,7 +301,7 @@ def test_fid_samples_each_prior_and_logs_the_table(
     real = torch.stack([item["reference"] for item in items])
     maps = torch.stack([item["maps"] for item in items])
     for name, path in (("edm_r1", tiny_models["edm_r1"]), ("ncsnv2_r1", ncsnv2), ("ambient_r2", tiny_models["ambient_r2"])):
-        model, model_config = load_for_evaluation(str(path), "cpu")
+        model, model_config = load_model_entry(str(path), "cpu")
         fake = unconditional_samples(model_config["method"], model, 4, tuple(real.shape[-2:]), steps=3, batch=2,
                                      maps=maps, train_acceleration=float(model_config["R"]), acs=4)
         assert by_model[name]["fid"] == pytest.approx(fid(real, fake, "vgg16", weights=weights, method="eigh"),

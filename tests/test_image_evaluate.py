@@ -20,8 +20,8 @@ from adps.orchestration.image_evaluate import (
     format_image_crossover,
     format_image_results,
     image_crossovers,
-    image_tuned_settings,
 )
+from adps.orchestration.registry import image_tuned_settings
 
 RESOLUTION = 16
 

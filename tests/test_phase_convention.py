@@ -234,14 +234,15 @@ def test_the_evaluation_check_flags_a_model_that_does_not_denoise(
     prior, and flags with a warning that names it a model whose output is
     no better than its input (a few steps at a learning rate 250 times too high); classical
     entries are not checked."""
-    from adps.orchestration.evaluate import check_denoisers, format_denoising_check, load_for_evaluation
+    from adps.orchestration.evaluate import check_denoisers, format_denoising_check
+    from adps.orchestration.registry import load_model_entry
     from conftest import train_in_process
 
     # A few steps at a learning rate far too high: a broken model, whose output is worse than its input.
     untrained = train_in_process(tiny_prepared, "edm", 1, tmp_path, max_steps=3, batch_size=1, lr=0.05,
                                  ema_half_life_images=0.01)
-    models = [(str(path), load_for_evaluation(str(path), "cpu")[1]) for path in (trained_prior, untrained)]
-    models.append(("l1", load_for_evaluation("l1", "cpu")[1]))
+    models = [(str(path), load_model_entry(str(path), "cpu")[1]) for path in (trained_prior, untrained)]
+    models.append(("l1", load_model_entry("l1", "cpu")[1]))
     with pytest.warns(UserWarning, match="does not denoise the test slices") as caught:
         rows = check_denoisers(models, tiny_prepared, "test", slices=2, sigmas=(0.05, 0.1))
     assert len(caught) == 1 and str(untrained) in str(caught[0].message)

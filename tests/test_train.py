@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from adps.cli import main as adps_main
+from adps.config import parse_overrides
 from adps.data.phantom import synthetic_batch
-from adps.data.preprocess import parse_overrides
 from adps.nn.train_config import CHECKPOINTING_METHODS, TrainConfig
 from adps.nn.train_step import BATCH_KEYS, MRI_METHODS
 from adps.orchestration.train import (

@@ -187,7 +187,7 @@ def test_search_with_asha_logs_runs_best_json_and_version_tags(
     tags = client.get_model_version("adps-tunesearch-r2", version.version).tags
     assert float(tags["adps.tuned.r2.a_os.sigma"]) == pytest.approx(sigma)
     assert tags["adps.tuned.r2.a_os.run_id"] == a_os["run_id"] and "adps.tuned.r2.sigma" not in tags
-    from adps.orchestration.evaluate import tuned_settings
+    from adps.orchestration.registry import tuned_settings
 
     assert tuned_settings(tags, 2.0) == {} and tuned_settings(tags, 2.0, "a_os") == {"sigma": pytest.approx(sigma)}
     assert "sigma" not in tuned_settings(tags, 4.0)
@@ -322,9 +322,8 @@ def test_image_search_reports_mse_picks_the_best_and_tags_the_version(
     evaluation, and the setting's)."""
     from mlflow import MlflowClient
 
-    from adps.orchestration.registry import register_model
+    from adps.orchestration.registry import register_model, tag_tuned_settings
     from adps.orchestration.tracking import resolve_tracking_uri
-    from adps.orchestration.tune import _tag_version
 
     space = tmp_path / "image_space.yaml"
     space.write_text(IMAGE_TEST_SPACE)
@@ -367,7 +366,7 @@ def test_image_search_reports_mse_picks_the_best_and_tags_the_version(
     run = client.create_run(client.create_experiment("tune-image-register", (tmp_path / "artifacts").as_uri()))
     version = register_model(image_setup["model"], tracking_uri=uri, run_id=run.info.run_id,
                              name="adps-tuneimage-p0.6")
-    _tag_version(config.replace(model="models:/adps-tuneimage-p0.6@latest", tracking_uri=uri), best,
+    tag_tuned_settings(config.replace(model="models:/adps-tuneimage-p0.6@latest", tracking_uri=uri), best,
                  result["run_id"])
     tags = client.get_model_version("adps-tuneimage-p0.6", version.version).tags
     for task in ("cs", "cs_m192"):

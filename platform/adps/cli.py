@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import adps
+from adps.config import parse_overrides
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -78,7 +79,7 @@ def _synth_images(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     import logging
 
-    from adps.data.preprocess import PrepareConfig, parse_overrides  # deferred: keeps `adps --help` fast
+    from adps.data.preprocess import PrepareConfig  # deferred: keeps `adps --help` fast
 
     try:
         overrides = parse_overrides(args.set or [])
@@ -103,7 +104,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from adps.nn.train_config import TrainConfig, parse_overrides  # deferred: keeps `adps --help` fast
+    from adps.nn.train_config import TrainConfig  # deferred: keeps `adps --help` fast
 
     overrides = parse_overrides(args.set or [])
     config = TrainConfig.from_yaml(args.config, overrides) if args.config else TrainConfig.from_dict(overrides)
@@ -119,7 +120,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from adps.nn.train_config import parse_overrides  # deferred: keeps `adps --help` fast
     from adps.orchestration.sweep import format_summary, grid_gaps, load_sweep_configs, run_sweep
 
     configs = load_sweep_configs(args.configs, parse_overrides(args.set or []), only=args.only or ())
@@ -132,7 +132,6 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from adps.nn.train_config import parse_overrides  # deferred: keeps `adps --help` fast
 
     if args.study == "images":
         return _evaluate_images(args)
@@ -168,7 +167,6 @@ def _refuse_other_study(path: Path, key: str, study: str) -> None:
 
 
 def _evaluate_images(args: argparse.Namespace) -> int:
-    from adps.nn.train_config import parse_overrides
     from adps.orchestration.image_evaluate import (
         ImageEvaluateConfig,
         evaluate_images,
@@ -193,7 +191,6 @@ def _evaluate_images(args: argparse.Namespace) -> int:
 
 
 def _fid(args: argparse.Namespace) -> int:
-    from adps.nn.train_config import parse_overrides  # deferred: keeps `adps --help` fast
     from adps.orchestration.fid import FidConfig, format_fid_table, run_fid
 
     overrides = parse_overrides(args.set or [])
@@ -207,7 +204,6 @@ def _fid(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from adps.nn.train_config import parse_overrides  # deferred: keeps `adps --help` fast
     from adps.orchestration.tune import SearchConfig, tune_search
 
     overrides = parse_overrides(args.set or [])

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adps.config import ConfigFile, parse_overrides  # noqa: F401 (parse_overrides: re-exported for callers)
+from adps.config import ConfigFile
 from adps.mri import (
     SenseOperator,
     align_map_phase,

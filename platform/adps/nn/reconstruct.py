@@ -45,6 +45,7 @@ from .precond import EDMPrecond
 from .train_step import IMAGE_METHODS, METHODS
 
 __all__ = [
+    "A_OS_SIGMA",
     "IMAGE_VALIDATION_SIGMA",
     "DENOISING_CHECK_SIGMAS",
     "DENOISER_METHODS",
@@ -59,6 +60,8 @@ __all__ = [
 # Methods whose model is a prior D(x, sigma): no one-pass reconstruction exists for them.
 PRIOR_METHODS = ("edm", "edm_l1", "ncsnv2")
 
+A_OS_SIGMA = 0.003
+"""METHOD.md: A-OS tells the network sigma = 0.003 (its one call, no noise added)."""
 MRI_VALIDATION_SIGMA = 0.1
 """Noise level of the MRI priors' denoising proxy in :func:`validation_metric` (see there)."""
 IMAGE_VALIDATION_SIGMA = 0.2
@@ -137,7 +140,7 @@ def _names(kind: type | tuple[type, ...]) -> str:
 # ------------------------------------------------------------------------------ reconstructors
 
 
-def a_os(model: nn.Module, kspace: Tensor, maps: Tensor, mask: Tensor, *, sigma: float = 0.003) -> Tensor:
+def a_os(model: nn.Module, kspace: Tensor, maps: Tensor, mask: Tensor, *, sigma: float = A_OS_SIGMA) -> Tensor:
     """Ambient One-Step (A-OS): one call ``D([A^H y, mask], sigma)`` (METHOD.md "Samplers").
 
     The input is built exactly as :func:`~adps.nn.objectives.ambient_loss` builds it in

@@ -65,11 +65,13 @@ from .modl import MoDL
 from .ncsnv2 import NCSNv2
 from .objectives import channels_to_complex, complex_to_channels, sample_noise
 from .precond import EDMPrecond
+from .reconstruct import A_OS_SIGMA
 from .reconstruct import a_os as _a_os_one_pass
 from .reconstruct import unrolled as _unrolled_one_pass
 from .schedules import ald_sigmas, edm_sigmas
 
 __all__ = [
+    "DEFAULT_GUIDANCE",
     "DEFAULT_SAMPLER",
     "DEFAULT_STEPS",
     "METHOD_SAMPLERS",
@@ -100,12 +102,15 @@ Callback = Callable[[dict[str, Any]], None]
 Denoise = Callable[[Tensor, float], Tensor]
 """``denoise(x complex (N, H, W), sigma) -> complex (N, H, W)``: the estimate of the clean image."""
 
+DEFAULT_GUIDANCE = 1.0
+"""METHOD.md: A-DPS's (and DPS's) likelihood step l_ss."""
+
 # Every default of every sampler, from METHOD.md "Samplers" (ald: Jalal et al. 2021 and a stable step, see ald()).
 # "steps" is the length of the default schedule (l1_wavelet: solver iterations).
 SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "a_dps": {"steps": 500, "sigma_min": 0.004, "sigma_max": 10.0, "rho": 7.0, "guidance": 1.0},
-    "dps": {"steps": 500, "sigma_min": 0.004, "sigma_max": 10.0, "rho": 7.0, "guidance": 1.0},
-    "a_os": {"steps": 1, "sigma": 0.003},
+    "a_dps": {"steps": 500, "sigma_min": 0.004, "sigma_max": 10.0, "rho": 7.0, "guidance": DEFAULT_GUIDANCE},
+    "dps": {"steps": 500, "sigma_min": 0.004, "sigma_max": 10.0, "rho": 7.0, "guidance": DEFAULT_GUIDANCE},
+    "a_os": {"steps": 1, "sigma": A_OS_SIGMA},
     "ald": {"steps": 1300, "steps_per_level": 3, "sigma_start": None, "step_scale": 0.5, "noise_std": 0.0,
             "likelihood_weight": 1.0, "denoise_last": True},
     "prior_heun": {"steps": 18, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
@@ -544,7 +549,7 @@ def a_dps(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     train_mask: Tensor | None = None,
-    guidance: float = 1.0,
+    guidance: float = DEFAULT_GUIDANCE,
     churn: float = 0.0,
     solver: str = "euler",
     amp: str | None = None,
@@ -590,7 +595,7 @@ def dps(
     *,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
-    guidance: float = 1.0,
+    guidance: float = DEFAULT_GUIDANCE,
     churn: float = 0.0,
     solver: str = "euler",
     amp: str | None = None,
@@ -623,7 +628,7 @@ def a_os(
     *,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
-    sigma: float = 0.003,
+    sigma: float = A_OS_SIGMA,
     amp: str | None = None,
 ) -> Tensor:
     """Ambient One-Step: :func:`adps.nn.reconstruct.a_os`, one call ``D([A^H y, mask], sigma)``.

@@ -3,7 +3,7 @@
 Pure configuration (layer 2: no Ray, no MLflow). It is loaded and checked completely on the
 driver, before any Ray worker starts, so that a typo costs a second, not a cluster start-up.
 The loading rules mirror :class:`adps.data.preprocess.PrepareConfig`: :meth:`TrainConfig.from_yaml`
-with ``--set KEY=VALUE`` overrides (:func:`adps.data.preprocess.parse_overrides`), unknown keys and
+with ``--set KEY=VALUE`` overrides (:func:`adps.config.parse_overrides`), unknown keys and
 wrong types refused naming the key.
 """
 
@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from adps.config import ConfigFile, parse_overrides
+from adps.config import ConfigFile
 from adps.data.preprocess import SPLITS, mask_key
 
 from .image_diffusion import DEFAULT_DELTA, IMAGE_PRESETS, PAPER_ERASURE_P
@@ -27,7 +27,6 @@ __all__ = [
     "PAPER_GRID",
     "TrainConfig",
     "image_run_name",
-    "parse_overrides",
 ]
 
 # The paper grid's accelerations for the methods that train on undersampled data.

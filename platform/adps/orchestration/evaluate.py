@@ -50,11 +50,19 @@ import torch
 
 from adps.config import ConfigFile
 from adps.data import storage
+from adps.orchestration.registry import (
+    load_model_entry,
+    model_label,
+    model_uri,
+    model_version_of,
+    tuned_meta,
+    tuned_settings,
+)
 
 __all__ = [
     "Cell", "EvaluateConfig", "evaluate", "evaluate_cell", "format_crossover", "format_results", "plan_cells",
-    "model_version_of", "network_for_sampler", "reconstruct_batch", "stack_batch", "tuned_settings", "TUNED_TAG",
-    "cell_settings", "check_fair_tuning", "format_settings", "tuned_meta",
+    "network_for_sampler", "reconstruct_batch", "stack_batch",
+    "cell_settings", "check_fair_tuning", "format_settings",
     "cell_path", "done_rows", "publish_report", "run_cells", "check_denoisers", "format_denoising_check",
 ]
 
@@ -205,40 +213,6 @@ class EvaluateConfig(ConfigFile):
         return self.output or str(Path(".adps") / "eval" / self.run_name)
 
 
-# Models --------------------------------------------------------------------------------------
-CLASSICAL = ("l1", "zero_filled", "cg_sense")
-"""``models`` entries that are reconstructions without a network (their method has the same name)."""
-
-
-def model_uri(entry: str) -> str:
-    """A ``models`` entry as something :func:`adps.orchestration.registry.load_model` opens."""
-    if entry in CLASSICAL or "://" in entry or entry.startswith(("models:/", "runs:/")) or Path(entry).exists():
-        return entry
-    if entry.startswith("adps-"):
-        return f"models:/{entry}@latest"
-    raise ValueError(f"config key 'models': {entry!r} is neither a models:/ or runs:/ URI, a registered adps-* "
-                     f"name, an existing folder, nor one of {', '.join(CLASSICAL)}")
-
-
-def load_for_evaluation(
-    uri: str, device: str, tracking_uri: str | None = None
-) -> tuple[torch.nn.Module | None, dict[str, Any]]:
-    """The network and its config (a :data:`CLASSICAL` entry: no network, method = the entry)."""
-    if uri in CLASSICAL:
-        return None, {"method": uri, "R": 1.0}
-    from adps.orchestration.registry import load_model
-
-    model, config = load_model(uri, device=device, tracking_uri=tracking_uri, with_config=True)
-    return model, config
-
-
-def model_label(config: dict[str, Any]) -> str:
-    """``<method>_r<R_train>`` (the entry's name for a :data:`CLASSICAL` reconstruction)."""
-    if config["method"] in CLASSICAL:
-        return config["method"]
-    return f"{config['method']}_r{float(config['R']):g}"
-
-
 # Cells ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Cell:
@@ -274,58 +248,12 @@ class Cell:
                 f"{self.indices[0]:05d}-{self.indices[-1]:05d}")
 
 
-TUNED_TAG = "adps.tuned.r{r_inf:g}.{key}"
-"""Model-version tags an ``adps tune`` search leaves (``adps.tuned.r8.guidance``, ``.steps``)."""
-
-
-def model_version_of(uri: str, tracking_uri: str) -> Any:
-    """The registered model version a ``models:/name@alias`` / ``models:/name/N`` URI names, or
-    None for any other model entry."""
-    from mlflow import MlflowClient
-
-    if not uri.startswith("models:/"):
-        return None
-    client = MlflowClient(tracking_uri)
-    name, _, rest = uri[len("models:/"):].partition("@")
-    if rest:
-        return client.get_model_version_by_alias(name, rest)
-    name, _, version = name.partition("/")
-    return client.get_model_version(name, version) if version else None
-
-
-TUNED_META = ("run_id", "budget", "split")
-"""Keys of a search's tags that describe the search, not a setting (:func:`tuned_meta`)."""
-
 def _diffusion_methods() -> tuple[str, ...]:
     """The methods whose sampler settings a search tunes and the fair-tuning rule compares: those
     with a denoiser (:data:`adps.nn.reconstruct.DENOISER_METHODS`)."""
     from adps.nn.reconstruct import DENOISER_METHODS
 
     return DENOISER_METHODS
-
-
-def tuned_settings(tags: dict[str, str], r_inf: float, sampler: str = "") -> dict[str, float]:
-    """The sampler settings a Ray Tune search at ``r_inf`` stored on the model version, or ``{}``.
-
-    ``sampler`` empty: the model's own sampler's (:data:`TUNED_TAG` with a plain key:
-    ``guidance``, ``steps`` and any other searched setting); ``"a_os"``: A-OS's, which a search
-    with ``tune_spaces/a_os.yaml`` stores under ``adps.tuned.r<R>.a_os.<key>``. The search's own
-    description (:data:`TUNED_META`) is left out.
-    """
-    prefix = TUNED_TAG.format(r_inf=r_inf, key=f"{sampler}." if sampler else "")
-    found = {}
-    for tag, value in tags.items():
-        key = tag[len(prefix):]
-        # A dotted key belongs to another sampler's search (a_os.sigma under the plain prefix).
-        if tag.startswith(prefix) and key not in TUNED_META and "." not in key:
-            found[key] = float(value)
-    return found
-
-
-def tuned_meta(tags: dict[str, str], r_inf: float) -> dict[str, str]:
-    """The search behind a model version's settings at ``r_inf``: its ``run_id``, ``budget``
-    (trials) and ``split`` (empty where the search predates them)."""
-    return {key: tags.get(TUNED_TAG.format(r_inf=r_inf, key=key), "") for key in TUNED_META}
 
 
 def check_fair_tuning(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any]]]) -> dict[tuple[str, float], str]:
@@ -503,7 +431,7 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
     from adps.data.dataset import PreparedSliceDataset
     from adps.metrics import image_metrics, posterior_summary
 
-    model, _ = load_for_evaluation(cell.model, device, config.tracking_uri)
+    model, _ = load_model_entry(cell.model, device, config.tracking_uri)
     model = network_for_sampler(model, cell.sampler, config.compile_mode)
     from adps.data.shards import read_manifest
 
@@ -604,7 +532,7 @@ def check_denoisers(
     rows: list[dict[str, Any]] = []
     for uri, model_config in checked:
         method, label = model_config["method"], model_label(model_config)
-        model, _ = load_for_evaluation(uri, device, tracking_uri)
+        model, _ = load_model_entry(uri, device, tracking_uri)
         train_mask = None
         if method == "ambient":
             width = batch["reference"].shape[-1]
@@ -647,7 +575,7 @@ def _resolve(config: EvaluateConfig) -> list[tuple[str, dict[str, Any]]]:
     resolved = []
     for entry in config.models:
         uri = model_uri(entry)
-        _, model_config = load_for_evaluation(uri, "cpu", config.tracking_uri)
+        _, model_config = load_model_entry(uri, "cpu", config.tracking_uri)
         version = model_version_of(uri, config.tracking_uri)
         if version is not None:
             # Pinned: every task loads this version, even if another is registered meanwhile.

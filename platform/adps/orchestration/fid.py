@@ -185,13 +185,13 @@ def _sample_grid(images: torch.Tensor, title: str, columns: int = 5) -> bytes:
 def _fid_task(config: dict[str, Any], uri: str) -> dict[str, Any]:
     from adps.data.dataset import PreparedSliceDataset
     from adps.data.shards import read_manifest
-    from adps.orchestration.evaluate import load_for_evaluation, model_label
+    from adps.orchestration.registry import load_model_entry, model_label
     from adps.perceptual import fid
 
     cfg = FidConfig.from_dict(config)
     torch.set_num_threads(1)
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
-    model, model_config = load_for_evaluation(uri, device, cfg.tracking_uri)
+    model, model_config = load_model_entry(uri, device, cfg.tracking_uri)
     label = model_label(model_config)
     prepared = read_manifest(cfg.dataset)["config"]
     acceleration = prepared["accelerations"][0]
@@ -236,7 +236,7 @@ def run_fid(config: FidConfig, *, ray_address: str | None = None) -> dict[str, A
 
     import ray
 
-    from adps.orchestration.evaluate import load_for_evaluation, model_uri
+    from adps.orchestration.registry import load_model_entry, model_uri
     from adps.orchestration.tracking import RunLogger, end_run, open_run, resolve_tracking_uri
     from adps.perceptual import find_weights
 
@@ -246,7 +246,7 @@ def run_fid(config: FidConfig, *, ray_address: str | None = None) -> dict[str, A
     config = config.replace(fid_weights=str(find_weights(config.backbone, config.fid_weights or None)))
     uris = [model_uri(entry) for entry in config.models]
     for uri in uris:
-        load_for_evaluation(uri, "cpu", config.tracking_uri)
+        load_model_entry(uri, "cpu", config.tracking_uri)
     if not ray.is_initialized():
         ray.init(address=ray_address)
     resources = {"num_gpus": 1, "num_cpus": 1} if config.use_gpu else {"num_cpus": 1}

@@ -46,7 +46,7 @@ At the end the driver gathers the rows and logs to one MLflow run (experiment
   (:func:`adps.crossover.crossover`'s three outcomes).
 
 Sampler settings: ``steps`` and ``guidance`` of the config when set (non-zero); else, for a
-registered model version, the tags a search left on it (:data:`IMAGE_TUNED_TAG`:
+registered model version, the tags a search left on it (:data:`~adps.orchestration.registry.IMAGE_TUNED_TAG`:
 ``adps.tuned.cs.steps``, ``adps.tuned.sr.guidance``; the ``nfe`` sweep takes the ``cs``
 guidance); else the samplers' defaults (100 steps, guidance 1).
 """
@@ -66,9 +66,14 @@ import torch
 
 from adps.config import ConfigFile
 from adps.data import storage
+from adps.orchestration.registry import (
+    image_tuned_settings,
+    load_model_entry,
+    model_uri,
+    model_version_of,
+)
 
 __all__ = [
-    "IMAGE_TUNED_TAG",
     "METRICS",
     "PINV",
     "TABLE_COLUMNS",
@@ -80,7 +85,6 @@ __all__ = [
     "format_image_crossover",
     "format_image_results",
     "image_crossovers",
-    "image_tuned_settings",
     "plan_image_cells",
 ]
 
@@ -92,9 +96,6 @@ PINV = "pinv"
 """Model label and sampler name of the pseudo-inverse baseline (no network)."""
 TABLE_COLUMNS = ("model", "erasure_p", "sampler", "task", "measurements", "factor", "steps", "nfe", "guidance",
                  "image", *METRICS, "seconds")
-IMAGE_TUNED_TAG = "adps.tuned.{task}.{key}"
-"""Model-version tags of a sampler search for an image task (``adps.tuned.cs.guidance``,
-``adps.tuned.sr.steps``), read when ``use_tuned`` is on."""
 FIGURES = {
     "cs": ("fig2_cs_vs_measurements.png", "measurements", "measurements m (Gaussian compressed sensing)"),
     "sr": ("fig3_sr_vs_factor.png", "factor", "downscaling factor (super-resolution)"),
@@ -257,14 +258,6 @@ class ImageCell:
                 f"{self.context}__{self.indices[0]:05d}-{self.indices[-1]:05d}")
 
 
-def image_tuned_settings(tags: dict[str, str], task: str) -> dict[str, float]:
-    """The settings a search for ``task`` stored on a model version (:data:`IMAGE_TUNED_TAG`),
-    or ``{}``."""
-    prefix = IMAGE_TUNED_TAG.format(task=task, key="")
-    return {tag[len(prefix):]: float(value) for tag, value in tags.items()
-            if tag.startswith(prefix) and tag[len(prefix):] != "run_id"}
-
-
 def _settings(config: ImageEvaluateConfig, tags: dict[str, str], task: str) -> tuple[int, float, str]:
     """``(steps, guidance, where each came from)`` of ``task`` (``nfe`` takes ``cs``'s guidance): the
     config's, else tuned, else the samplers' defaults."""
@@ -345,7 +338,7 @@ def evaluate_image_cell(config: ImageEvaluateConfig, cell: ImageCell, *, device:
     """Sample and measure one cell; writes ``<output>/cells/<key>.json`` (its rows) and returns them."""
     from adps.images import ImageDataset, pseudo_inverse
     from adps.metrics import rgb_mse
-    from adps.orchestration.evaluate import cell_path, load_for_evaluation
+    from adps.orchestration.evaluate import cell_path
 
     with ImageDataset(config.images, config.resolution) as dataset:
         images = torch.stack([dataset[i]["image"] for i in cell.indices]).to(device)
@@ -358,7 +351,7 @@ def evaluate_image_cell(config: ImageEvaluateConfig, cell: ImageCell, *, device:
         from adps.nn.image_diffusion import image_sampler_options
         from adps.nn.samplers import run_sampler
 
-        model, _ = load_for_evaluation(cell.model, device, config.tracking_uri)
+        model, _ = load_model_entry(cell.model, device, config.tracking_uri)
         options = image_sampler_options(model, steps=cell.steps, guidance=cell.guidance, delta=cell.delta,
                                         erasure_p=cell.erasure_p if cell.sampler == "a_dps" else None)
         estimate = run_sampler(model=model, y=y, operator=operator, generator=_seeded(config.seed, 2, cell.indices[0]),
@@ -397,7 +390,6 @@ def _resolve_models(config: ImageEvaluateConfig) -> list[tuple[str, dict[str, An
     """Every model's URI (registry versions pinned) and config, loaded once on the driver:
     a wrong entry fails here, before any task starts."""
     from adps.nn.image_diffusion import image_sampler
-    from adps.orchestration.evaluate import load_for_evaluation, model_uri, model_version_of
 
     resolved = []
     labels: dict[str, str] = {}
@@ -406,7 +398,7 @@ def _resolve_models(config: ImageEvaluateConfig) -> list[tuple[str, dict[str, An
             raise ValueError(f"config key 'models': {entry!r} is not an image model (the pseudo-inverse baseline is "
                              "added by 'pinv: true')")
         uri = model_uri(entry)
-        model, model_config = load_for_evaluation(uri, "cpu", config.tracking_uri)
+        model, model_config = load_model_entry(uri, "cpu", config.tracking_uri)
         if model_config.get("method") != "image" or "erasure_p" not in model_config:
             raise ValueError(f"config key 'models': {entry} is not a natural-image model (its config has method "
                              f"{model_config.get('method')!r}; expected 'image' with an 'erasure_p')")

@@ -27,7 +27,8 @@ class AdpsReconstructor(PythonModel):
         self.method = self.config.get("method", "ambient")
 
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None):  # noqa: ANN001
-        from adps.orchestration.registry import A_OS_SIGMA, predict_arrays
+        from adps.nn.reconstruct import A_OS_SIGMA
+        from adps.orchestration.registry import predict_arrays
 
         sigma = float((params or {}).get("sigma", A_OS_SIGMA))
         return predict_arrays(self.method, self.model, model_input, sigma=sigma)

@@ -38,6 +38,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from adps.nn.reconstruct import A_OS_SIGMA
+from adps.nn.samplers import METHOD_SAMPLERS
+
 __all__ = [
     "ALIAS",
     "PYFUNC_FILE",
@@ -61,8 +64,6 @@ WEIGHTS_ARTIFACT = "weights"
 """Name of the pyfunc artifact holding the safetensors weights and config.json."""
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-A_OS_SIGMA = 0.003
-"""METHOD.md: A-OS denoises once at sigma = 0.003."""
 
 
 def model_name(method: str, acceleration: float) -> str:
@@ -313,3 +314,124 @@ def load_model(
                 raise FileNotFoundError(f"{text}: cannot download the model: {err.message}") from err
             model, config = load_folder(_weights_folder(Path(local)), device=device)
     return (model, config) if with_config else model
+
+# Model entries (evaluate, tune, fid) --------------------------------------------------------------------------------------
+CLASSICAL = ("l1", "zero_filled", "cg_sense")
+"""``models`` entries that are reconstructions without a network (their method has the same name)."""
+
+
+def model_uri(entry: str) -> str:
+    """A ``models`` entry as something :func:`load_model` opens."""
+    if entry in CLASSICAL or "://" in entry or entry.startswith(("models:/", "runs:/")) or Path(entry).exists():
+        return entry
+    if entry.startswith("adps-"):
+        return f"models:/{entry}@latest"
+    raise ValueError(f"config key 'models': {entry!r} is neither a models:/ or runs:/ URI, a registered adps-* "
+                     f"name, an existing folder, nor one of {', '.join(CLASSICAL)}")
+
+
+def load_model_entry(
+    uri: str, device: str, tracking_uri: str | None = None
+) -> tuple[torch.nn.Module | None, dict[str, Any]]:
+    """The network and its config (a :data:`CLASSICAL` entry: no network, method = the entry)."""
+    if uri in CLASSICAL:
+        return None, {"method": uri, "R": 1.0}
+    model, config = load_model(uri, device=device, tracking_uri=tracking_uri, with_config=True)
+    return model, config
+
+
+def model_label(config: dict[str, Any]) -> str:
+    """``<method>_r<R_train>`` (the entry's name for a :data:`CLASSICAL` reconstruction)."""
+    if config["method"] in CLASSICAL:
+        return config["method"]
+    return f"{config['method']}_r{float(config['R']):g}"
+
+
+# Tuned settings: the tags an `adps tune` search leaves on a model version ----------------------------
+TUNED_TAG = "adps.tuned.r{r_inf:g}.{key}"
+"""Model-version tags an ``adps tune`` search leaves (``adps.tuned.r8.guidance``, ``.steps``)."""
+
+
+def model_version_of(uri: str, tracking_uri: str) -> Any:
+    """The registered model version a ``models:/name@alias`` / ``models:/name/N`` URI names, or
+    None for any other model entry."""
+    from mlflow import MlflowClient
+
+    if not uri.startswith("models:/"):
+        return None
+    client = MlflowClient(tracking_uri)
+    name, _, rest = uri[len("models:/"):].partition("@")
+    if rest:
+        return client.get_model_version_by_alias(name, rest)
+    name, _, version = name.partition("/")
+    return client.get_model_version(name, version) if version else None
+
+
+TUNED_META = ("run_id", "budget", "split")
+"""Keys of a search's tags that describe the search, not a setting (:func:`tuned_meta`)."""
+
+
+def tuned_settings(tags: dict[str, str], r_inf: float, sampler: str = "") -> dict[str, float]:
+    """The sampler settings a Ray Tune search at ``r_inf`` stored on the model version, or ``{}``.
+
+    ``sampler`` empty: the model's own sampler's (:data:`TUNED_TAG` with a plain key:
+    ``guidance``, ``steps`` and any other searched setting); ``"a_os"``: A-OS's, which a search
+    with ``tune_spaces/a_os.yaml`` stores under ``adps.tuned.r<R>.a_os.<key>``. The search's own
+    description (:data:`TUNED_META`) is left out.
+    """
+    prefix = TUNED_TAG.format(r_inf=r_inf, key=f"{sampler}." if sampler else "")
+    found = {}
+    for tag, value in tags.items():
+        key = tag[len(prefix):]
+        # A dotted key belongs to another sampler's search (a_os.sigma under the plain prefix).
+        if tag.startswith(prefix) and key not in TUNED_META and "." not in key:
+            found[key] = float(value)
+    return found
+
+
+def tuned_meta(tags: dict[str, str], r_inf: float) -> dict[str, str]:
+    """The search behind a model version's settings at ``r_inf``: its ``run_id``, ``budget``
+    (trials) and ``split`` (empty where the search predates them)."""
+    return {key: tags.get(TUNED_TAG.format(r_inf=r_inf, key=key), "") for key in TUNED_META}
+
+
+IMAGE_TUNED_TAG = "adps.tuned.{task}.{key}"
+"""Model-version tags of an image search: ``task`` is ``cs`` / ``sr`` (read by the image
+evaluation when ``use_tuned`` is on: ``adps.tuned.cs.guidance``, ``adps.tuned.sr.steps``) or
+``cs_m<m>`` / ``sr_x<factor>`` (the searched setting's own)."""
+
+
+def image_tuned_settings(tags: dict[str, str], task: str) -> dict[str, float]:
+    """The settings a search for ``task`` stored on a model version (:data:`IMAGE_TUNED_TAG`),
+    or ``{}``."""
+    prefix = IMAGE_TUNED_TAG.format(task=task, key="")
+    return {tag[len(prefix):]: float(value) for tag, value in tags.items()
+            if tag.startswith(prefix) and tag[len(prefix):] != "run_id"}
+
+
+def tag_tuned_settings(config: Any, best: dict[str, Any], run_id: str, *, sampler: str = "",
+                       model_method: str = "") -> Any:
+    """Store a search's best settings (and its ``run_id``; for MRI its ``budget`` and ``split``)
+    as tags of the model version ``config.model`` names (an ``adps.orchestration.tune.SearchConfig``):
+    :data:`TUNED_TAG` for MRI (the model's own sampler's keys plain, another's prefixed),
+    :data:`IMAGE_TUNED_TAG` for an image task. Returns the tagged version."""
+    from mlflow import MlflowClient
+
+    version = model_version_of(config.model, config.tracking_uri)
+    if version is None:  # ``models:/name`` without version or alias: the newest version
+        client = MlflowClient(config.tracking_uri)
+        name = config.model[len("models:/"):]
+        version = max(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    client = MlflowClient(config.tracking_uri)
+    # An MRI search also records its budget and split: the evaluation compares only models tuned alike.
+    meta = {} if config.task else {"budget": config.num_samples, "split": config.split}
+    for key, value in {**best["settings"], "run_id": run_id, **meta}.items():
+        if config.task:  # the task's tag (what the image evaluation reads) and the setting's own
+            tags = [IMAGE_TUNED_TAG.format(task=task, key=key) for task in (config.task, config.image_setting)]
+        else:
+            # The model's own sampler owns the plain keys; another sampler's (A-OS) are prefixed.
+            tagged = key if METHOD_SAMPLERS.get(model_method) == sampler else f"{sampler}.{key}"
+            tags = [TUNED_TAG.format(r_inf=float(config.r_inf), key=tagged)]
+        for tag in tags:
+            client.set_model_version_tag(version.name, version.version, tag, str(value))
+    return client.get_model_version(version.name, version.version)

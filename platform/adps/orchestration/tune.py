@@ -25,7 +25,7 @@ A search of an ambient model's A-OS (``sampler: a_os``, ``tune_spaces/a_os.yaml`
 = R_train only) tags ``adps.tuned.r<R_inf:g>.a_os.<param>`` instead, so that its ``sigma`` is
 not mistaken for a setting of the model's own sampler, A-DPS.
 
-(:func:`adps.orchestration.evaluate.tuned_settings` reads them.) Ray Tune writes TensorBoard
+(:func:`adps.orchestration.registry.tuned_settings` reads them.) Ray Tune writes TensorBoard
 logs into each trial folder (tensorboardX is installed with Ray Tune here).
 
 Natural-image models (method ``image``, paper section 3.1) are searched the same way, with the
@@ -72,6 +72,7 @@ from typing import Any
 
 from adps.config import ConfigFile
 from adps.data import storage
+from adps.orchestration.registry import CLASSICAL, load_model_entry, model_label, model_uri, tag_tuned_settings
 
 __all__ = [
     "IMAGE_OBJECTIVE_METRICS",
@@ -106,9 +107,6 @@ IMAGE_OBJECTIVE_METRICS = ("mse", "psnr")
 the ``[0, 1]`` scale (:func:`adps.metrics.rgb_mse`) and its PSNR ``-10 log10 mse``."""
 IMAGE_TASKS = ("cs", "sr")
 """Natural-image tasks: Gaussian compressed sensing (``measurements``), super-resolution (``factor``)."""
-IMAGE_TUNED_TAG = "adps.tuned.{task}.{key}"
-"""Model-version tags of an image search; ``task`` is ``cs`` / ``sr`` (read by the image
-evaluation) or ``cs_m<m>`` / ``sr_x<factor>`` (the searched setting)."""
 PARAM_TYPES = {"loguniform": ("low", "high"), "uniform": ("low", "high"), "randint": ("low", "high"),
                "choice": ("values",)}
 
@@ -389,14 +387,14 @@ def _trial(params: dict[str, Any], *, config: dict[str, Any], sampler: str) -> N
     from ray import tune
 
     from adps.metrics import image_metrics
-    from adps.orchestration.evaluate import load_for_evaluation, reconstruct_batch
+    from adps.orchestration.evaluate import reconstruct_batch
 
     search = SearchConfig.from_dict(config)
     # The trial's params as the sampler takes them (Tune hands numpy / float values).
     settings = {key: int(value) if key == "steps" else float(value) for key, value in params.items()}
     torch.set_num_threads(max(1, int(search.cpus_per_trial)))
     device = "cuda" if search.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
-    model, model_config = load_for_evaluation(search.model, device, search.tracking_uri)
+    model, model_config = load_model_entry(search.model, device, search.tracking_uri)
     batches, acs = _load_batches(search, device)
     totals = dict.fromkeys(OBJECTIVE_METRICS, 0.0)
     seen = 0
@@ -456,13 +454,12 @@ def _image_trial(params: dict[str, Any], *, config: dict[str, Any], resolution: 
     from adps.metrics import rgb_mse
     from adps.nn.image_diffusion import DEFAULT_DELTA, image_sampler, image_sampler_options
     from adps.nn.samplers import run_sampler
-    from adps.orchestration.evaluate import load_for_evaluation
 
     search = SearchConfig.from_dict(config)
     settings = {key: int(value) if key == "steps" else float(value) for key, value in params.items()}
     torch.set_num_threads(max(1, int(search.cpus_per_trial)))
     device = "cuda" if search.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
-    model, model_config = load_for_evaluation(search.model, device, search.tracking_uri)
+    model, model_config = load_model_entry(search.model, device, search.tracking_uri)
     schedule = {key: settings.pop(key) for key in ("sigma_min", "sigma_max", "rho") if key in settings}
     ambient = image_sampler(model) == "a_dps"
     options = image_sampler_options(model, steps=settings.pop("steps", None), guidance=settings.pop("guidance", None),
@@ -548,12 +545,11 @@ def _max_concurrent(config: SearchConfig) -> int:
 
 def _model_info(config: SearchConfig, space: SearchSpace) -> tuple[str, dict[str, Any]]:
     from adps.nn.samplers import METHOD_SAMPLERS
-    from adps.orchestration.evaluate import CLASSICAL, load_for_evaluation, model_uri
 
     uri = model_uri(config.model)
     if uri in CLASSICAL:
         raise ValueError(f"config key 'model': {uri} has no sampler settings to search")
-    _, model_config = load_for_evaluation(uri, "cpu", config.tracking_uri)
+    _, model_config = load_model_entry(uri, "cpu", config.tracking_uri)
     method = model_config.get("method")
     if method == "image" or space.sampler == "image":
         _check_image_model(config, space, model_config)
@@ -610,7 +606,6 @@ def _image_resolution(config: SearchConfig, model_config: dict[str, Any]) -> int
 def _search_plan(config: SearchConfig, space: SearchSpace, model_config: dict[str, Any]) -> dict[str, Any]:
     """What differs between an MRI and an image search: the label, default name, item count
     (slices or images), the trainable and the parent run's tags."""
-    from adps.orchestration.evaluate import model_label
 
     if space.sampler == "image":
         from adps.images import ImageDataset
@@ -859,37 +854,10 @@ def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any
         parent.log_metrics({f"best_{space.metric}": best["value"]}, 0)
         parent.set_tags({"adps.best." + k: v for k, v in best["settings"].items()})
         if config.tag_model and config.model.startswith("models:/"):
-            version = _tag_version(config, best, run_id, sampler=space.sampler, model_method=method)
+            version = tag_tuned_settings(config, best, run_id, sampler=space.sampler, model_method=method)
     parent.set_tags({"adps.trials": len(trials), "adps.resumed": str(resumed).lower()})
     end_run(uri, run_id, "FINISHED" if best is not None else "FAILED")
     return {"best": best, "trials": trials, "run_id": run_id, "path": path, "resumed": resumed, "version": version}
-
-
-def _tag_version(config: SearchConfig, best: dict[str, Any], run_id: str, *, sampler: str = "",
-                 model_method: str = "") -> Any:
-    from mlflow import MlflowClient
-
-    from adps.nn.samplers import METHOD_SAMPLERS
-    from adps.orchestration.evaluate import TUNED_TAG, model_version_of
-
-    version = model_version_of(config.model, config.tracking_uri)
-    if version is None:  # ``models:/name`` without version or alias: the newest version
-        client = MlflowClient(config.tracking_uri)
-        name = config.model[len("models:/"):]
-        version = max(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
-    client = MlflowClient(config.tracking_uri)
-    # An MRI search also records its budget and split: the evaluation compares only models tuned alike.
-    meta = {} if config.task else {"budget": config.num_samples, "split": config.split}
-    for key, value in {**best["settings"], "run_id": run_id, **meta}.items():
-        if config.task:  # the task's tag (what the image evaluation reads) and the setting's own
-            tags = [IMAGE_TUNED_TAG.format(task=task, key=key) for task in (config.task, config.image_setting)]
-        else:
-            # The model's own sampler owns the plain keys; another sampler's (A-OS) are prefixed.
-            tagged = key if METHOD_SAMPLERS.get(model_method) == sampler else f"{sampler}.{key}"
-            tags = [TUNED_TAG.format(r_inf=float(config.r_inf), key=tagged)]
-        for tag in tags:
-            client.set_model_version_tag(version.name, version.version, tag, str(value))
-    return client.get_model_version(version.name, version.version)
 
 
 def objective_figure(trials: list[dict[str, Any]], space: SearchSpace, title: str) -> Any:
