@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adps.orchestration.tune import SearchConfig, load_space, parse_space, truncated_search_state, tune_search
+from adps.orchestration.tune import truncated_search_state, tune_search
+from adps.orchestration.tune_config import SearchConfig, load_space, parse_space
 from conftest import stop_process_group
 from test_evaluate import train_tiny
 

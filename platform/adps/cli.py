@@ -204,7 +204,8 @@ def _fid(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from adps.orchestration.tune import SearchConfig, tune_search
+    from adps.orchestration.tune import tune_search
+    from adps.orchestration.tune_config import SearchConfig
 
     overrides = parse_overrides(args.set or [])
     for key, value in (("model", args.model), ("r_inf", args.r_inf), ("space", args.space), ("task", args.task),

@@ -311,7 +311,8 @@ def _train(config: DemoConfig, dataset: Path, tracking_uri: str) -> list[Any]:
 def _search(config: DemoConfig, dataset: Path, tracking_uri: str, *, model: tuple[str, float], kind: str,
             r_inf: float, space_text: str) -> dict[str, Any]:
     """One Ray Tune search of ``model`` (or the finished one, read back)."""
-    from adps.orchestration.tune import SearchConfig, tune_search
+    from adps.orchestration.tune import tune_search
+    from adps.orchestration.tune_config import SearchConfig
 
     method, r_train = model
     space = config.workdir / f"tune_space_{kind}.yaml"

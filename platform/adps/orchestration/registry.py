@@ -412,7 +412,7 @@ def image_tuned_settings(tags: dict[str, str], task: str) -> dict[str, float]:
 def tag_tuned_settings(config: Any, best: dict[str, Any], run_id: str, *, sampler: str = "",
                        model_method: str = "") -> Any:
     """Store a search's best settings (and its ``run_id``; for MRI its ``budget`` and ``split``)
-    as tags of the model version ``config.model`` names (an ``adps.orchestration.tune.SearchConfig``):
+    as tags of the model version ``config.model`` names (an ``adps.orchestration.tune_config.SearchConfig``):
     :data:`TUNED_TAG` for MRI (the model's own sampler's keys plain, another's prefixed),
     :data:`IMAGE_TUNED_TAG` for an image task. Returns the tagged version."""
     from mlflow import MlflowClient

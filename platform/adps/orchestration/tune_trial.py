@@ -1,0 +1,139 @@
+"""What one trial of an ``adps tune`` search runs, in a Ray Tune worker process.
+
+:func:`mri_trial` reconstructs the search's validation slices at ``R_inf`` with the sampled
+settings; :func:`image_trial` measures and reconstructs the search's images with its task's
+operator. Both report the running mean of the objective's metrics after each batch, so that
+ASHA can stop a poor trial early, and both see the same data and noise in every trial.
+Ray Tune is imported inside them: this module is imported by the driver, which must not need
+a Ray worker to load.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adps.orchestration.registry import load_model_entry
+from adps.orchestration.tune_config import IMAGE_OBJECTIVE_METRICS, OBJECTIVE_METRICS, SearchConfig
+
+__all__ = ["image_trial", "mri_trial"]
+
+
+def _load_batches(config: SearchConfig, device: str) -> tuple[list[dict[str, Any]], int | None]:
+    from adps.data.dataset import PreparedSliceDataset
+    from adps.data.shards import read_manifest
+    from adps.orchestration.evaluate import stack_batch
+
+    acs = read_manifest(config.dataset)["config"].get("acs")
+    dataset = PreparedSliceDataset(config.dataset, config.split, acceleration=config.r_inf)
+    try:
+        count = min(len(dataset), config.slices) if config.slices else len(dataset)
+        batches = []
+        for start in range(0, count, config.slices_per_report):
+            items = [dataset[i] for i in range(start, min(start + config.slices_per_report, count))]
+            batches.append(stack_batch(items, device))
+    finally:
+        dataset.close()
+    return batches, acs
+
+
+def mri_trial(params: dict[str, Any], *, config: dict[str, Any], sampler: str) -> None:
+    """A Ray Tune function trainable: reconstruct batch after batch, report the running means."""
+    import torch
+    from ray import tune
+
+    from adps.metrics import image_metrics
+    from adps.orchestration.evaluate import reconstruct_batch
+
+    search = SearchConfig.from_dict(config)
+    # The trial's params as the sampler takes them (Tune hands numpy / float values).
+    settings = {key: int(value) if key == "steps" else float(value) for key, value in params.items()}
+    torch.set_num_threads(max(1, int(search.cpus_per_trial)))
+    device = "cuda" if search.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
+    model, model_config = load_model_entry(search.model, device, search.tracking_uri)
+    batches, acs = _load_batches(search, device)
+    totals = dict.fromkeys(OBJECTIVE_METRICS, 0.0)
+    seen = 0
+    for index, batch in enumerate(batches):
+        image = reconstruct_batch(sampler, model, batch, r_train=float(model_config["R"]), seed=search.seed, acs=acs,
+                                  amp=search.amp, **settings)
+        scores = image_metrics(batch["reference"], image.detach())
+        for metric in OBJECTIVE_METRICS:
+            values = torch.nan_to_num(scores[metric].double().cpu(), nan=1e6 if metric == "nrmse" else -1e6)
+            totals[metric] += float(values.sum())
+        seen += len(batch["slice_ids"])
+        tune.report({**{m: totals[m] / seen for m in OBJECTIVE_METRICS}, "slices": seen, "batch": index + 1})
+
+
+def _seeded(*keys: int) -> Any:
+    """A CPU ``torch.Generator`` seeded from ``keys`` through numpy's SeedSequence (independent
+    streams): the same keys as ``adps evaluate --study images`` uses, so a search and the
+    evaluation see the same measurement noise and start noise for an image."""
+    import numpy as np
+    import torch
+
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+def _image_operator(search: SearchConfig, resolution: int) -> Any:
+    """The image task's operator: one Gaussian matrix per (m, seed), or the downscaling."""
+    from adps.images import GaussianCompressedSensing, SuperResolution
+
+    if search.task == "sr":
+        return SuperResolution(search.factor)
+    return GaussianCompressedSensing(search.measurements, (3, resolution, resolution), search.seed)
+
+
+def _load_image_batches(search: SearchConfig, resolution: int, device: str) -> list[tuple[list[int], Any]]:
+    """The first ``slices`` clean images of the folder in batches of ``slices_per_report``:
+    ``(indices, images (n, 3, R, R) in [-1, 1])``."""
+    import torch
+
+    from adps.images import ImageDataset
+
+    with ImageDataset(search.dataset, resolution) as dataset:
+        count = min(len(dataset), search.slices) if search.slices else len(dataset)
+        batches = []
+        for start in range(0, count, search.slices_per_report):
+            indices = list(range(start, min(start + search.slices_per_report, count)))
+            batches.append((indices, torch.stack([dataset.decode(i) for i in indices]).to(device)))
+    return batches
+
+
+def image_trial(params: dict[str, Any], *, config: dict[str, Any], resolution: int) -> None:
+    """A Ray Tune function trainable for a natural-image model: measure, sample and score the
+    images batch after batch, report the running mean MSE / PSNR."""
+    import torch
+    from ray import tune
+
+    from adps.images import add_noise
+    from adps.metrics import rgb_mse
+    from adps.nn.image_diffusion import DEFAULT_DELTA, image_sampler, image_sampler_options
+    from adps.nn.samplers import run_sampler
+
+    search = SearchConfig.from_dict(config)
+    settings = {key: int(value) if key == "steps" else float(value) for key, value in params.items()}
+    torch.set_num_threads(max(1, int(search.cpus_per_trial)))
+    device = "cuda" if search.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
+    model, model_config = load_model_entry(search.model, device, search.tracking_uri)
+    schedule = {key: settings.pop(key) for key in ("sigma_min", "sigma_max", "rho") if key in settings}
+    ambient = image_sampler(model) == "a_dps"
+    options = image_sampler_options(model, steps=settings.pop("steps", None), guidance=settings.pop("guidance", None),
+                                    erasure_p=float(model_config["erasure_p"]) if ambient else None,
+                                    delta=float(model_config.get("delta", DEFAULT_DELTA)), **schedule)
+    operator = _image_operator(search, resolution)
+    totals = dict.fromkeys(IMAGE_OBJECTIVE_METRICS, 0.0)
+    seen = 0
+    for index, (indices, images) in enumerate(_load_image_batches(search, resolution, device)):
+        y = operator(images)
+        if search.noise > 0:  # each image's noise from its own seed: any batching gives the same y
+            y = torch.cat([add_noise(y[i : i + 1], search.noise, generator=_seeded(search.seed, 1, image_index))
+                           for i, image_index in enumerate(indices)])
+        estimate = run_sampler(model=model, y=y, operator=operator, generator=_seeded(search.seed, 2, indices[0]),
+                               amp=search.amp or None, **options, **settings)
+        mse = torch.nan_to_num(rgb_mse(images, estimate.detach().float().clamp(-1, 1)).cpu(), nan=1e6)
+        totals["mse"] += float(mse.sum())
+        totals["psnr"] += float((-10 * torch.log10(mse.clamp_min(1e-12))).sum())
+        seen += len(indices)
+        tune.report({**{m: totals[m] / seen for m in IMAGE_OBJECTIVE_METRICS}, "images": seen, "batch": index + 1})
+
+
