@@ -245,7 +245,7 @@ for name in ("numpy", "scipy", "h5py", "safetensors", "skimage", "yaml", "pytest
         print(f"{name:12s}", getattr(module, "__version__", "present"))
     except ImportError:
         print(f"{name:12s} MISSING")
-import adps.orchestration.train  # noqa: F401,E402 - the GPU benchmark's imports, without Ray/MLflow
+import adps.orchestration.train_worker  # noqa: F401,E402 - the GPU benchmark's imports, without Ray/MLflow
 print("adps imports: ok", sorted(m for m in ("ray", "mlflow", "sigpy") if m in sys.modules) or "(no ray/mlflow/sigpy)")
 PYEOF
 

@@ -14,8 +14,8 @@ statistics. The rows, from the inside out:
     device (the learning core: loss, backward, clipping, Adam, EMA). CPU: on
     ``--cpus-per-worker`` intra-op threads, as a Ray worker gets.
 ``loop``
-    :func:`adps.orchestration.train.worker_loop`, the platform's per-worker loop, in this
-    process with a stand-in :class:`~adps.orchestration.train.WorkerContext` (``report`` only
+    :func:`adps.orchestration.train_worker.worker_loop`, the platform's per-worker loop, in this
+    process with a stand-in :class:`~adps.orchestration.train_worker.WorkerContext` (``report`` only
     collects): adds reading the prepared HDF5 shards, batching, the per-step seeding and
     learning-rate schedule, and metric bookkeeping. No Ray, no DDP.
 ``ray``
@@ -57,7 +57,7 @@ a row that runs out of memory is reported as such and the others go on. ``--gpu 
 runs the same code on the CPU (with small sizes) to check it without a GPU.
 
 ``--compile MODE`` sets ``compile_mode`` (TrainConfig) for every row: the bare step's network
-is compiled as :func:`adps.orchestration.train.build_trainee` compiles it, and the Ray rows
+is compiled as :func:`adps.orchestration.train_worker.build_trainee` compiles it, and the Ray rows
 train with DDP and ``torch.compile`` together, as a paper run with ``compile_mode`` would. The
 compilation falls in the first (warm-up) step of each row; ``--warmup`` must be at least 1.
 
@@ -99,7 +99,7 @@ from adps.data.shards import (
 from adps.mri import lines_at
 from adps.nn.train_config import COMPILE_MODES, FULLY_SAMPLED, TrainConfig
 from adps.nn.train_step import MRI_METHODS, PAPER_PRESETS, train_step
-from adps.orchestration.train import WorkerContext, build_trainee, mri_training_set, shard_batches, worker_loop
+from adps.orchestration.train_worker import WorkerContext, build_trainee, mri_training_set, shard_batches, worker_loop
 from bench import train_step as bench_train_step
 
 AMPS = {"fp32": None, "bf16": "bf16", "fp16": "fp16"}

@@ -276,7 +276,7 @@ def train_in_process(dataset: str, method: str, acceleration: float, folder: Pat
     import shutil
 
     from adps.nn.train_config import TrainConfig
-    from adps.orchestration.train import WorkerContext, worker_loop
+    from adps.orchestration.train_worker import WorkerContext, worker_loop
 
     kept = folder / f"{method}_r{acceleration:g}"
 

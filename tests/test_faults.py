@@ -22,7 +22,8 @@ import pytest
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from adps.orchestration.train import train, worker_share
+from adps.orchestration.train import train
+from adps.orchestration.train_worker import worker_share
 from conftest import tiny_config
 
 pytestmark = pytest.mark.faults

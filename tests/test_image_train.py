@@ -37,7 +37,7 @@ from adps.nn.objectives import edm_weight
 from adps.nn.train_config import IMAGE_GRID, TrainConfig
 from adps.orchestration.registry import image_model_name, model_name, predict_arrays, registered_name
 from adps.orchestration.sweep import SweepRun, format_summary, grid_gaps
-from adps.orchestration.train import (
+from adps.orchestration.train_worker import (
     WorkerContext,
     build_trainee,
     load_training_checkpoint,

@@ -19,16 +19,15 @@ from adps.config import parse_overrides
 from adps.data.phantom import synthetic_batch
 from adps.nn.train_config import CHECKPOINTING_METHODS, TrainConfig
 from adps.nn.train_step import BATCH_KEYS, MRI_METHODS
-from adps.orchestration.train import (
+from adps.orchestration.train import train, with_absolute_paths
+from adps.orchestration.train_worker import (
     WorkerContext,
     build_trainee,
     load_training_checkpoint,
     mri_training_set,
     save_training_checkpoint,
     steps_per_epoch,
-    train,
     train_one_step,
-    with_absolute_paths,
     worker_loop,
     worker_share,
 )
@@ -174,18 +173,28 @@ def test_compiled_training_takes_the_same_steps_and_saves_plain_weights(tmp_path
         config.replace(compile_mode="fast").validate(check_dataset=False)
 
 
-def test_activation_memory_budget_makes_the_compiled_step_keep_less(monkeypatch, one_intra_op_thread) -> None:
+@pytest.fixture
+def restore_activation_budget():
+    """build_trainee sets torch's global activation memory budget: put it back afterwards (a
+    monkeypatch of torch's config module hides the key from later readers when it undoes)."""
+    import torch._functorch.config as functorch_config
+
+    before = functorch_config.activation_memory_budget
+    yield
+    functorch_config.activation_memory_budget = before
+
+
+def test_activation_memory_budget_makes_the_compiled_step_keep_less(monkeypatch, one_intra_op_thread,
+                                                                     restore_activation_budget) -> None:
     """``activation_memory_budget`` reaches the partitioner of the compiled backward: at 0.5 the
     compiled network keeps fewer bytes for the backward pass than at 1.0 and gives the same loss
     and gradients. Traced with ``aot_eager_decomp_partition`` (AOTAutograd's min-cut partitioner,
     the one Inductor uses, without Inductor's kernel build)."""
     import torch._dynamo
-    import torch._functorch.config as functorch_config
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, *, mode=None, **kwargs: real_compile(
         model, backend="aot_eager_decomp_partition", **kwargs))
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", functorch_config.activation_memory_budget)
     x, cond = torch.randn(2, 2, 32, 32), torch.ones(2, 2, 32, 32)
     results = {}
     for budget in (1.0, 0.5):
@@ -312,7 +321,7 @@ def test_the_learning_rate_reaches_its_value_early_and_is_logged_step_by_step(ti
     run (250 epochs of 9,900 slices at a global batch of 16, about 155 k steps) reaches its 2e-4
     after 5 % of its steps; EDM's 10 M-image ramp would have left it at 5e-5 at the very end.
     Training logs the effective rate at every warm-up step."""
-    from adps.orchestration.train import WorkerContext, learning_rate, rampup_steps, worker_loop
+    from adps.orchestration.train_worker import WorkerContext, learning_rate, rampup_steps, worker_loop
 
     grid = TrainConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "ambient_r4.yaml")
     assert grid.lr_rampup == 0.05 and grid.lr == 2e-4

@@ -400,7 +400,7 @@ class TrainConfig(ConfigFile):
             ) from None
         accelerations = manifest["config"]["accelerations"]
         # R = 1 runs read the reference only, but the dataset's masks are still loaded by the
-        # dataset class: any stored R serves them (see adps.orchestration.train.dataset_acceleration).
+        # dataset class: any stored R serves them (see adps.orchestration.train_worker.dataset_acceleration).
         if self.acceleration != 1 and mask_key(self.acceleration) not in {mask_key(r) for r in accelerations}:
             raise ValueError(
                 f"config key 'acceleration': the dataset {self.dataset!r} has no masks at R = {self.acceleration:g} "
