@@ -15,6 +15,8 @@ from typing import Any
 
 from adps.config import ConfigFile
 from adps.data.preprocess import SPLITS, mask_key
+from adps.data.shards import read_manifest
+from adps.images import ImageDataset
 
 from .image_diffusion import DEFAULT_DELTA, IMAGE_PRESETS, PAPER_ERASURE_P
 from .train_step import IMAGE_METHODS, METHODS, PAPER_PRESETS
@@ -372,7 +374,6 @@ class TrainConfig(ConfigFile):
                              f"U-Net halves it {levels - 1} times), got {self.resolution}")
 
     def _check_image_dataset(self) -> None:
-        from adps.images import ImageDataset
 
         try:
             dataset = ImageDataset(self.dataset, self.resolution)
@@ -390,7 +391,6 @@ class TrainConfig(ConfigFile):
             )
 
     def _check_dataset(self) -> None:
-        from adps.data.shards import read_manifest
 
         try:
             manifest = read_manifest(self.dataset)

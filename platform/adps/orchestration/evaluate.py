@@ -49,7 +49,16 @@ import numpy as np
 import torch
 
 from adps.config import ConfigFile
+from adps.crossover import crossover_table
 from adps.data import storage
+from adps.data.dataset import PreparedSliceDataset
+from adps.data.shards import read_manifest
+from adps.metrics import image_metrics, posterior_summary
+from adps.mri import SenseOperator
+from adps.nn.reconstruct import DENOISER_METHODS, denoising_check
+from adps.nn.samplers import DEFAULT_SAMPLER, run_sampler, train_masks
+from adps.nn.train_config import COMPILE_MODES
+from adps.orchestration.figures import metric_figure, posterior_grid, reconstruction_grid
 from adps.orchestration.registry import (
     load_model_entry,
     model_label,
@@ -58,6 +67,8 @@ from adps.orchestration.registry import (
     tuned_meta,
     tuned_settings,
 )
+from adps.orchestration.tracking import RunLogger, end_run, open_run, resolve_tracking_uri
+from adps.perceptual import find_weights, lpips_distance
 
 __all__ = [
     "Cell", "EvaluateConfig", "evaluate", "evaluate_cell", "format_crossover", "format_results", "plan_cells",
@@ -202,7 +213,6 @@ class EvaluateConfig(ConfigFile):
                 raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
         if self.amp not in ("", "bf16"):
             raise ValueError(f"config key 'amp' must be '' or 'bf16', got {self.amp!r}")
-        from adps.nn.train_config import COMPILE_MODES
 
         if self.compile_mode not in ("", *COMPILE_MODES):
             raise ValueError(f"config key 'compile_mode' must be '' (eager) or one of {', '.join(COMPILE_MODES)}, "
@@ -251,7 +261,6 @@ class Cell:
 def _diffusion_methods() -> tuple[str, ...]:
     """The methods whose sampler settings a search tunes and the fair-tuning rule compares: those
     with a denoiser (:data:`adps.nn.reconstruct.DENOISER_METHODS`)."""
-    from adps.nn.reconstruct import DENOISER_METHODS
 
     return DENOISER_METHODS
 
@@ -347,7 +356,6 @@ def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any
                fairness: dict[tuple[str, float], str] | None = None) -> list[Cell]:
     """Every cell of the grid: models x samplers x R_inf x slice chunks, each with its model's
     sampler settings (:func:`cell_settings`)."""
-    from adps.nn.samplers import DEFAULT_SAMPLER
 
     count = min(n_test, config.slices) if config.slices else n_test
     chunks = [tuple(range(i, min(i + config.slices_per_task, count))) for i in range(0, count, config.slices_per_task)]
@@ -413,8 +421,6 @@ def reconstruct_batch(
     """Reconstruct a :func:`stack_batch` batch from its masked k-space with ``sampler``
     (:func:`~adps.nn.samplers.run_sampler`). The noise is seeded by ``seed`` and the first
     slice id, so an evaluation cell and a Ray Tune trial on the same slices draw the same noise."""
-    from adps.mri import SenseOperator
-    from adps.nn.samplers import run_sampler
 
     mask = batch["mask"]
     y = batch["kspace"] * mask[:, None, None, :]
@@ -428,12 +434,9 @@ def reconstruct_batch(
 def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") -> list[dict[str, Any]]:
     """Reconstruct and measure one cell; writes ``<key>.json`` (rows) and ``<key>.npz`` (the
     first slice's reconstruction and reference) and returns the rows."""
-    from adps.data.dataset import PreparedSliceDataset
-    from adps.metrics import image_metrics, posterior_summary
 
     model, _ = load_model_entry(cell.model, device, config.tracking_uri)
     model = network_for_sampler(model, cell.sampler, config.compile_mode)
-    from adps.data.shards import read_manifest
 
     # A_tr masks like the training masks: the ACS width the dataset was prepared with.
     acs = read_manifest(config.dataset)["config"].get("acs")
@@ -462,7 +465,6 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
                  "references": reference.cpu().numpy()}
     scores = {key: value.tolist() for key, value in image_metrics(reference, image).items()}
     if config.lpips:
-        from adps.perceptual import lpips_distance
 
         scores["lpips"] = lpips_distance(reference, image, weights=config.lpips_weights or None, device=device).tolist()
     rows = []
@@ -512,10 +514,6 @@ def check_denoisers(
     """
     import warnings
 
-    from adps.data.dataset import PreparedSliceDataset
-    from adps.data.shards import read_manifest
-    from adps.nn.reconstruct import DENOISER_METHODS, denoising_check
-    from adps.nn.samplers import train_masks
 
     checked = [(uri, model_config) for uri, model_config in models if model_config["method"] in DENOISER_METHODS]
     if not checked:
@@ -586,10 +584,6 @@ def _resolve(config: EvaluateConfig) -> list[tuple[str, dict[str, Any]]]:
 
 def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the evaluation; returns ``{"rows", "crossover", "run_id", "output"}``."""
-    from adps.crossover import crossover_table
-    from adps.data.dataset import PreparedSliceDataset
-    from adps.data.shards import read_manifest
-    from adps.orchestration.tracking import resolve_tracking_uri
 
     config.validate()
     # Resolved once on the driver: the tasks run in other folders (and models:/ URIs need it).
@@ -602,7 +596,6 @@ def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress
         raise ValueError(f"config key 'accelerations': R_inf {', '.join(f'{r:g}' for r in missing)} not prepared in "
                          f"{config.dataset} (it has {', '.join(f'{r:g}' for r in prepared)})")
     if config.lpips:
-        from adps.perceptual import find_weights
 
         # A missing weights file fails here, naming it, not in every task.
         config = config.replace(lpips_weights=str(find_weights("alexnet", config.lpips_weights or None)))
@@ -714,8 +707,6 @@ def _log_to_mlflow(config: EvaluateConfig, rows: list[dict[str, Any]], crossover
 
     import pandas as pd
 
-    from adps.orchestration.figures import metric_figure, posterior_grid, reconstruction_grid
-    from adps.orchestration.tracking import RunLogger, end_run, open_run
 
     tracking_uri = config.tracking_uri
     run_id, _ = open_run(tracking_uri, config.experiment, f"{config.resolved_output}#{config.run_name}", config.run_name,

@@ -29,6 +29,16 @@ import numpy as np
 import torch
 
 from adps.config import ConfigFile
+from adps.data.dataset import PreparedSliceDataset
+from adps.data.shards import read_manifest
+from adps.mri import SenseOperator
+from adps.mri.masks import DEFAULT_ACS, lines_at
+from adps.nn import samplers
+from adps.nn.ema import unwrap_model
+from adps.nn.samplers import SAMPLER_DEFAULTS, default_sigmas, train_masks
+from adps.orchestration.registry import load_model_entry, model_label, model_uri
+from adps.orchestration.tracking import RunLogger, end_run, open_run, resolve_tracking_uri
+from adps.perceptual import fid, find_weights
 
 __all__ = ["PAPER_FID", "FidConfig", "fid_sampler", "format_fid_table", "run_fid", "unconditional_samples"]
 
@@ -93,7 +103,6 @@ def fid_sampler(method: str, model: torch.nn.Module | None = None, steps: int = 
     ``prior_heun`` (18 steps, sigma 80 -> 0.002, rho 7) for ``edm``, ``edm_l1`` and ``ambient``;
     ``ald`` over the NCSNv2's full noise range (from its largest level; 1,300 steps, 3 per level,
     no data term) for ``ncsnv2``. A setting > 0 replaces METHOD.md's (for every model alike)."""
-    from adps.nn.samplers import SAMPLER_DEFAULTS
 
     if method in ("edm", "edm_l1", "ambient"):
         defaults = SAMPLER_DEFAULTS["prior_heun"]
@@ -123,11 +132,6 @@ def unconditional_samples(
     models (see the module docstring); sample ``i`` uses ``maps[i % M]``; ``acs``: the ACS
     width of its masks (the prepared dataset's; None = METHOD.md's 20 where it fits).
     """
-    from adps.mri import SenseOperator
-    from adps.mri.masks import DEFAULT_ACS, lines_at
-    from adps.nn import samplers
-    from adps.nn.ema import unwrap_model
-    from adps.nn.samplers import default_sigmas, train_masks
 
     settings = fid_sampler(method, unwrap_model(model) if method == "ncsnv2" else None, steps, sigma_max=sigma_max,
                            sigma_min=sigma_min, rho=rho)
@@ -183,10 +187,6 @@ def _sample_grid(images: torch.Tensor, title: str, columns: int = 5) -> bytes:
 
 
 def _fid_task(config: dict[str, Any], uri: str) -> dict[str, Any]:
-    from adps.data.dataset import PreparedSliceDataset
-    from adps.data.shards import read_manifest
-    from adps.orchestration.registry import load_model_entry, model_label
-    from adps.perceptual import fid
 
     cfg = FidConfig.from_dict(config)
     torch.set_num_threads(1)
@@ -236,9 +236,6 @@ def run_fid(config: FidConfig, *, ray_address: str | None = None) -> dict[str, A
 
     import ray
 
-    from adps.orchestration.registry import load_model_entry, model_uri
-    from adps.orchestration.tracking import RunLogger, end_run, open_run, resolve_tracking_uri
-    from adps.perceptual import find_weights
 
     config.validate()
     config = config.replace(tracking_uri=resolve_tracking_uri(config.tracking_uri))

@@ -65,13 +65,22 @@ from typing import Any
 import torch
 
 from adps.config import ConfigFile
+from adps.crossover import crossover_table
 from adps.data import storage
+from adps.images import GaussianCompressedSensing, ImageDataset, SuperResolution, add_noise, pseudo_inverse
+from adps.metrics import rgb_mse
+from adps.nn.image_diffusion import IMAGE_SAMPLING, image_sampler, image_sampler_options
+from adps.nn.samplers import network_calls, run_sampler
+from adps.orchestration.evaluate import cell_path, publish_report, run_cells
+from adps.orchestration.figures import sweep_figure
 from adps.orchestration.registry import (
     image_tuned_settings,
     load_model_entry,
     model_uri,
     model_version_of,
 )
+from adps.orchestration.tracking import RunLogger, end_run, open_run, resolve_tracking_uri
+from adps.perceptual import find_weights, lpips_rgb
 
 __all__ = [
     "METRICS",
@@ -246,8 +255,6 @@ class ImageCell:
     @property
     def nfe(self) -> int:
         """Network evaluations per image (0 for the pseudo-inverse)."""
-        from adps.nn.image_diffusion import IMAGE_SAMPLING
-        from adps.nn.samplers import network_calls
 
         return 0 if self.sampler == PINV else network_calls(self.steps, IMAGE_SAMPLING["solver"])
 
@@ -261,7 +268,6 @@ class ImageCell:
 def _settings(config: ImageEvaluateConfig, tags: dict[str, str], task: str) -> tuple[int, float, str]:
     """``(steps, guidance, where each came from)`` of ``task`` (``nfe`` takes ``cs``'s guidance): the
     config's, else tuned, else the samplers' defaults."""
-    from adps.nn.image_diffusion import IMAGE_SAMPLING
 
     tuned = image_tuned_settings(tags, "cs" if task == "nfe" else task) if config.use_tuned else {}
     steps = config.steps or int(tuned.get("steps", 0)) or int(IMAGE_SAMPLING["steps"])
@@ -308,7 +314,6 @@ def plan_image_cells(
 
 def _operator(cell: ImageCell, resolution: int, seed: int) -> Any:
     """The cell's forward operator: one Gaussian matrix per (m, seed), shared by every model."""
-    from adps.images import GaussianCompressedSensing, SuperResolution
 
     if cell.task == "sr":
         return SuperResolution(int(cell.factor))
@@ -325,7 +330,6 @@ def _seeded(*keys: int) -> torch.Generator:
 def measure(operator: Any, images: torch.Tensor, indices: Sequence[int], *, noise: float, seed: int) -> torch.Tensor:
     """``y = A x (+ noise)``, the noise of each image drawn from its own seed ``(seed, 1, index)``,
     so every model and every chunking sees the same measurements."""
-    from adps.images import add_noise
 
     y = operator(images)
     if noise <= 0:
@@ -336,9 +340,6 @@ def measure(operator: Any, images: torch.Tensor, indices: Sequence[int], *, nois
 
 def evaluate_image_cell(config: ImageEvaluateConfig, cell: ImageCell, *, device: str = "cpu") -> list[dict[str, Any]]:
     """Sample and measure one cell; writes ``<output>/cells/<key>.json`` (its rows) and returns them."""
-    from adps.images import ImageDataset, pseudo_inverse
-    from adps.metrics import rgb_mse
-    from adps.orchestration.evaluate import cell_path
 
     with ImageDataset(config.images, config.resolution) as dataset:
         images = torch.stack([dataset[i]["image"] for i in cell.indices]).to(device)
@@ -348,8 +349,6 @@ def evaluate_image_cell(config: ImageEvaluateConfig, cell: ImageCell, *, device:
     if cell.sampler == PINV:
         estimate = pseudo_inverse(operator, y)
     else:
-        from adps.nn.image_diffusion import image_sampler_options
-        from adps.nn.samplers import run_sampler
 
         model, _ = load_model_entry(cell.model, device, config.tracking_uri)
         options = image_sampler_options(model, steps=cell.steps, guidance=cell.guidance, delta=cell.delta,
@@ -362,7 +361,6 @@ def evaluate_image_cell(config: ImageEvaluateConfig, cell: ImageCell, *, device:
     estimate = estimate.float().clamp(-1, 1)
     scores = {"mse": rgb_mse(images, estimate).tolist()}
     if config.lpips:
-        from adps.perceptual import lpips_rgb
 
         scores["lpips"] = lpips_rgb(images, estimate, weights=config.lpips_weights or None, device=device,
                                     resize=config.lpips_resize or None).tolist()
@@ -389,7 +387,6 @@ def _image_cell_task(config: dict[str, Any], cell: dict[str, Any]) -> list[dict[
 def _resolve_models(config: ImageEvaluateConfig) -> list[tuple[str, dict[str, Any]]]:
     """Every model's URI (registry versions pinned) and config, loaded once on the driver:
     a wrong entry fails here, before any task starts."""
-    from adps.nn.image_diffusion import image_sampler
 
     resolved = []
     labels: dict[str, str] = {}
@@ -448,7 +445,6 @@ def image_crossovers(rows: Sequence[dict[str, Any]], *, n_boot: int = 2000, seed
     (mean improvement there, positive = better), ``ci_low`` / ``ci_high`` (bootstrap interval)
     and ``n_images``. Empty without a ``p = 0`` model.
     """
-    from adps.crossover import crossover_table
 
     models = {r["model"]: r["erasure_p"] for r in rows if r["sampler"] != PINV}
     reference = next((label for label, p in models.items() if p == 0), None)
@@ -479,9 +475,6 @@ def evaluate_images(
 ) -> dict[str, Any]:
     """Run (or resume) the natural-image evaluation; returns ``{"rows", "crossover", "run_id",
     "output", "figures"}`` (``figures``: the file names written)."""
-    from adps.images import ImageDataset
-    from adps.orchestration.evaluate import run_cells
-    from adps.orchestration.tracking import resolve_tracking_uri
 
     config.validate()
     # Resolved once on the driver: the tasks run in other folders (and models:/ URIs need it).
@@ -491,7 +484,6 @@ def evaluate_images(
     if "://" not in config.images:
         config = config.replace(images=str(Path(config.images).resolve()))
     if config.lpips:
-        from adps.perceptual import find_weights
 
         # A missing weights file fails here, naming it, not in every task.
         config = config.replace(lpips_weights=str(find_weights("alexnet", config.lpips_weights or None)))
@@ -544,9 +536,6 @@ def _log_to_mlflow(
 
     import pandas as pd
 
-    from adps.orchestration.evaluate import publish_report
-    from adps.orchestration.figures import sweep_figure
-    from adps.orchestration.tracking import RunLogger, end_run, open_run
 
     tracking_uri = config.tracking_uri
     run_id, _ = open_run(tracking_uri, config.experiment, f"{config.resolved_output}#{config.run_name}",

@@ -38,8 +38,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from adps.nn.reconstruct import A_OS_SIGMA
+from adps.nn.checkpoint import CONFIG_FILE
+from adps.nn.checkpoint import load_model as load_folder
+from adps.nn.reconstruct import A_OS_SIGMA, a_os, reconstruct
 from adps.nn.samplers import METHOD_SAMPLERS
+from adps.orchestration.tracking import process_tracking_uri, resolve_tracking_uri
 
 __all__ = [
     "ALIAS",
@@ -143,7 +146,6 @@ def predict_arrays(method: str, model: nn.Module, inputs: Mapping[str, Any], *, 
         ValueError: for a natural-image model (method ``image``), which reconstructs nothing
             in one pass and takes no k-space; and for inputs of the wrong shape or type.
     """
-    from adps.nn.reconstruct import a_os, reconstruct
 
     if method == "image":
         raise ValueError(
@@ -212,7 +214,6 @@ def register_model(
     import mlflow
     from mlflow import MlflowClient
 
-    from adps.orchestration.tracking import process_tracking_uri
 
     client = MlflowClient(tracking_uri)
     signature = None if _is_image_model(weights_dir) else _signature()
@@ -252,7 +253,6 @@ def _is_image_model(weights_dir: str | Path) -> bool:
     ``method`` is ``image``)."""
     import json
 
-    from adps.nn.checkpoint import CONFIG_FILE
 
     path = Path(weights_dir) / CONFIG_FILE
     try:
@@ -289,7 +289,6 @@ def load_model(
             ``$MLFLOW_TRACKING_URI``, else ``.adps/mlflow.db`` of the current folder).
         with_config: also return the model's config (method, R, preset, architecture, ...).
     """
-    from adps.nn.checkpoint import load_model as load_folder
 
     text = str(uri)
     if Path(text).exists():
@@ -299,7 +298,6 @@ def load_model(
 
         if "://" not in text and not text.startswith(("models:/", "runs:/")):
             raise FileNotFoundError(f"{text}: no such folder, and not a models:/ or runs:/ URI")
-        from adps.orchestration.tracking import process_tracking_uri, resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(tracking_uri or "")
         # A model is ~50 small files: MLflow's per-download progress bar would print one line

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from adps.nn.train_config import IMAGE_GRID, PAPER_GRID, TrainConfig, image_run_name
+from adps.orchestration.tracking import find_run, resolve_tracking_uri
+from adps.orchestration.train import train, with_absolute_paths
 
 __all__ = ["SweepRun", "format_summary", "grid_gaps", "load_sweep_configs", "run_sweep", "runs_at_once"]
 
@@ -98,7 +100,6 @@ def runs_at_once(configs: Sequence[TrainConfig], resources: Mapping[str, float])
 
 def _finished_before(config: TrainConfig, storage: str) -> str:
     """``name/version`` if this run finished and registered its model earlier, else ``""``."""
-    from adps.orchestration.tracking import find_run, resolve_tracking_uri
 
     if not config.tracking:
         return ""
@@ -111,7 +112,6 @@ def _finished_before(config: TrainConfig, storage: str) -> str:
 
 def _train_remote(config_dict: dict[str, Any]) -> dict[str, Any]:
     """Body of the Ray task that drives one run."""
-    from adps.orchestration.train import train
 
     started = time.perf_counter()
     run = train(TrainConfig.from_dict(config_dict))
@@ -136,7 +136,6 @@ def run_sweep(
     finished before), e.g. to advance a progress bar."""
     import ray
 
-    from adps.orchestration.train import with_absolute_paths
 
     if not ray.is_initialized():
         ray.init(address=ray_address)

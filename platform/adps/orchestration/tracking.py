@@ -24,6 +24,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from adps.data import storage
+from adps.images import ImageDataset
+
 __all__ = [
     "DEFAULT_EXPERIMENT",
     "RUN_KEY_TAG",
@@ -140,7 +143,6 @@ def git_commit() -> str:
 
 def manifest_checksum(dataset: str) -> str:
     """sha256 of the prepared dataset's ``manifest.json`` (which holds every shard's sha256)."""
-    from adps.data import storage
 
     return hashlib.sha256(storage.read_bytes(storage.join(dataset, "manifest.json"))).hexdigest()
 
@@ -154,8 +156,6 @@ def image_listing_checksum(dataset: str) -> str:
     per-image erasure masks are keyed on its order (:func:`adps.images.fixed_erasure_mask`).
     It does not see an image whose content changed under the same name.
     """
-    from adps.data import storage
-    from adps.images import ImageDataset
 
     with ImageDataset(dataset, 1) as images:
         names = images.files if images.is_zip else [storage.basename(path) for path in images.files]

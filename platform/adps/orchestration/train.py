@@ -49,6 +49,19 @@ from typing import Any
 import torch
 
 from adps.nn.train_config import TrainConfig
+from adps.orchestration.registry import register_model, registered_name
+from adps.orchestration.run_storage import run_storage
+from adps.orchestration.tracking import (
+    QueuedRunLogger,
+    RunLogger,
+    config_hash,
+    end_run,
+    git_commit,
+    image_listing_checksum,
+    manifest_checksum,
+    open_run,
+    resolve_tracking_uri,
+)
 from adps.orchestration.train_worker import EMA_DIR, WorkerContext, worker_loop
 
 __all__ = [
@@ -74,7 +87,6 @@ def _ray_worker(payload: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     log = None
     if rank == 0 and payload.get("mlflow_run_id"):
-        from adps.orchestration.tracking import QueuedRunLogger
 
         # Queued: a tracking outage never holds up training, and what is logged meanwhile
         # arrives once the server is back.
@@ -153,7 +165,6 @@ class TrainedRun:
 
 
 def _run_tags(config: TrainConfig) -> dict[str, str]:
-    from adps.orchestration.tracking import config_hash, git_commit, image_listing_checksum, manifest_checksum
 
     if config.is_image:
         return {
@@ -183,8 +194,6 @@ def checkpoint_uri(storage_path: str, path: str) -> str:
 
 def _finish_tracking(config: TrainConfig, run: TrainedRun, tags: dict[str, str]) -> None:
     """Record the final checkpoint, register the EMA model and close the MLflow run."""
-    from adps.orchestration.registry import register_model, registered_name
-    from adps.orchestration.tracking import RunLogger, end_run
 
     logger = RunLogger(run.tracking_uri, run.run_id)
     checkpoint = run.result.checkpoint
@@ -237,7 +246,6 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
     run = TrainedRun(result=None)
     tags: dict[str, str] = {}
     if config.tracking:
-        from adps.orchestration.tracking import open_run, resolve_tracking_uri
 
         config = config.replace(tracking_uri=resolve_tracking_uri(config.tracking_uri))
         tags = _run_tags(config)
@@ -252,7 +260,6 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
         ray.init(address=ray_address)
     local_storage = "://" not in storage
     fault_dir = str(Path(storage) / run_name) if local_storage and config.fail_at_steps else None
-    from adps.orchestration.run_storage import run_storage
 
     storage_path, storage_filesystem = run_storage(storage)
     trainer = TorchTrainer(
@@ -282,14 +289,12 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
             checkpoint = run.result.checkpoint
             where = checkpoint_uri(storage, checkpoint.path) if checkpoint is not None else "(none)"
             if run.run_id is not None:
-                from adps.orchestration.tracking import RunLogger
 
                 RunLogger(run.tracking_uri, run.run_id).set_tags({"adps.stopped": stopped, "adps.checkpoint": where})
             raise RuntimeError(f"{run_name}: stopped: {stopped}. Nothing was registered; the last good weights are "
                                f"in the checkpoint {where}, and submitting the same run again resumes from it.")
     except BaseException:
         if run.run_id is not None:
-            from adps.orchestration.tracking import end_run
 
             end_run(run.tracking_uri, run.run_id, "FAILED")
         raise

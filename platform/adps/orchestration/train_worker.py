@@ -33,6 +33,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from adps.data.dataset import PreparedSliceDataset
+from adps.data.prefetch import Prefetcher
+from adps.data.shards import read_manifest
+from adps.images import ImageDataset
 from adps.nn.checkpoint import load_model, save_model
 from adps.nn.ema import EMA, unwrap_model
 from adps.nn.reconstruct import validation_metric
@@ -291,8 +295,6 @@ def mri_training_set(config: TrainConfig) -> tuple[PreparedSliceDataset, float]:
     carry. Only the keys the method's step reads come off the disk (:data:`BATCH_KEYS`): an
     ambient run never reads the clean reference, and the data path moves 11 % fewer bytes per
     ambient slice, 9x fewer per EDM slice."""
-    from adps.data.dataset import PreparedSliceDataset
-    from adps.data.shards import read_manifest
 
     acceleration = dataset_acceleration(config, read_manifest(config.dataset)["config"]["accelerations"])
     dataset = PreparedSliceDataset(config.dataset, config.split, acceleration=acceleration,
@@ -309,7 +311,6 @@ def dataset_acceleration(config: TrainConfig, accelerations: list[float]) -> flo
 def validation_batch(config: TrainConfig, acceleration: float) -> dict[str, torch.Tensor] | None:
     """The first ``validation_slices`` slices of the ``val`` split as one batch (None if the
     split is empty or validation is off)."""
-    from adps.data.dataset import PreparedSliceDataset
 
     if config.validation_slices < 1:
         return None
@@ -346,7 +347,6 @@ class ImageTrainingSet:
 def image_training_set(config: TrainConfig) -> ImageTrainingSet:
     """The run's training images: ``dataset`` at ``resolution``, erased with ``erasure_p``
     (one fixed mask per image from ``(seed, index)``; clean when 0)."""
-    from adps.images import ImageDataset
 
     return ImageTrainingSet(ImageDataset(config.dataset, config.resolution, erasure_p=config.erasure_p, seed=config.seed))
 
@@ -369,7 +369,6 @@ def _gpu_memory_gb() -> dict[str, float]:
 
 def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
     """Train this worker's share until ``max_steps`` or the configured epochs; returns the final state."""
-    from adps.data.prefetch import Prefetcher
 
     if config.is_image:
         dataset: Any = image_training_set(config)

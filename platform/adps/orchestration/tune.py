@@ -57,7 +57,15 @@ from pathlib import Path
 from typing import Any
 
 from adps.data import storage
+from adps.data.dataset import PreparedSliceDataset
+from adps.data.preprocess import COMPRESSED_SPLITS
+from adps.data.shards import read_manifest
+from adps.images import ImageDataset
+from adps.nn.samplers import METHOD_SAMPLERS
+from adps.orchestration.evaluate import check_denoisers, format_denoising_check
+from adps.orchestration.figures import LABELS, _pyplot
 from adps.orchestration.registry import CLASSICAL, load_model_entry, model_label, model_uri, tag_tuned_settings
+from adps.orchestration.tracking import RunLogger, end_run, open_run, resolve_tracking_uri
 from adps.orchestration.tune_config import (
     SearchConfig,
     SearchSpace,
@@ -130,7 +138,6 @@ def _max_concurrent(config: SearchConfig) -> int:
 
 
 def _model_info(config: SearchConfig, space: SearchSpace) -> tuple[str, dict[str, Any]]:
-    from adps.nn.samplers import METHOD_SAMPLERS
 
     uri = model_uri(config.model)
     if uri in CLASSICAL:
@@ -194,7 +201,6 @@ def _search_plan(config: SearchConfig, space: SearchSpace, model_config: dict[st
     (slices or images), the trainable and the parent run's tags."""
 
     if space.sampler == "image":
-        from adps.images import ImageDataset
 
         resolution = _image_resolution(config, model_config)
         label = f"image_p{float(model_config['erasure_p']):g}"
@@ -204,9 +210,6 @@ def _search_plan(config: SearchConfig, space: SearchSpace, model_config: dict[st
                 "trainable": (image_trial, {"resolution": resolution}), "title": f"{label} on {config.image_setting}",
                 "tags": {"adps.task": config.image_setting, "adps.resolution": str(resolution)}}
 
-    from adps.data.dataset import PreparedSliceDataset
-    from adps.data.preprocess import COMPRESSED_SPLITS
-    from adps.data.shards import read_manifest
 
     prepared = [float(r) for r in read_manifest(config.dataset)["config"]["accelerations"]]
     if float(config.r_inf) not in prepared:
@@ -245,7 +248,6 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from adps.orchestration.tracking import open_run, resolve_tracking_uri
 
     config.validate()
     space = load_space(config.space)
@@ -322,8 +324,6 @@ def _check_denoiser(config: SearchConfig, uri: str, model_config: dict[str, Any]
     the searched split, before any trial: a model that does not denoise these slices is warned
     about and tagged ``adps.denoising_check_failed`` on the search's run (its settings would be
     tuned to a mismatch)."""
-    from adps.orchestration.evaluate import check_denoisers, format_denoising_check
-    from adps.orchestration.tracking import RunLogger
 
     checks = check_denoisers([(uri, model_config)], config.dataset, config.split, slices=4, seed=config.seed,
                              tracking_uri=config.tracking_uri)
@@ -398,7 +398,6 @@ def _best(trials: list[dict[str, Any]], space: SearchSpace) -> dict[str, Any] | 
 
 def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any]], *, run_id: str, path: str,
             resumed: bool, label: str, n_batches: int, title: str, method: str = "") -> dict[str, Any]:
-    from adps.orchestration.tracking import RunLogger, end_run, open_run
 
     uri = config.tracking_uri
     parent = RunLogger(uri, run_id)
@@ -452,7 +451,6 @@ def objective_figure(trials: list[dict[str, Any]], space: SearchSpace, title: st
     ``steps`` is not searched."""
     if "steps" not in space.params:
         return None
-    from adps.orchestration.figures import LABELS, _pyplot
 
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 4))

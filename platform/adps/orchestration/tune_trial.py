@@ -12,6 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from adps.data.dataset import PreparedSliceDataset
+from adps.data.shards import read_manifest
+from adps.images import GaussianCompressedSensing, ImageDataset, SuperResolution, add_noise
+from adps.metrics import image_metrics, rgb_mse
+from adps.nn.image_diffusion import DEFAULT_DELTA, image_sampler, image_sampler_options
+from adps.nn.samplers import run_sampler
+from adps.orchestration.evaluate import reconstruct_batch, stack_batch
 from adps.orchestration.registry import load_model_entry
 from adps.orchestration.tune_config import IMAGE_OBJECTIVE_METRICS, OBJECTIVE_METRICS, SearchConfig
 
@@ -19,9 +26,6 @@ __all__ = ["image_trial", "mri_trial"]
 
 
 def _load_batches(config: SearchConfig, device: str) -> tuple[list[dict[str, Any]], int | None]:
-    from adps.data.dataset import PreparedSliceDataset
-    from adps.data.shards import read_manifest
-    from adps.orchestration.evaluate import stack_batch
 
     acs = read_manifest(config.dataset)["config"].get("acs")
     dataset = PreparedSliceDataset(config.dataset, config.split, acceleration=config.r_inf)
@@ -41,8 +45,6 @@ def mri_trial(params: dict[str, Any], *, config: dict[str, Any], sampler: str) -
     import torch
     from ray import tune
 
-    from adps.metrics import image_metrics
-    from adps.orchestration.evaluate import reconstruct_batch
 
     search = SearchConfig.from_dict(config)
     # The trial's params as the sampler takes them (Tune hands numpy / float values).
@@ -76,7 +78,6 @@ def _seeded(*keys: int) -> Any:
 
 def _image_operator(search: SearchConfig, resolution: int) -> Any:
     """The image task's operator: one Gaussian matrix per (m, seed), or the downscaling."""
-    from adps.images import GaussianCompressedSensing, SuperResolution
 
     if search.task == "sr":
         return SuperResolution(search.factor)
@@ -88,7 +89,6 @@ def _load_image_batches(search: SearchConfig, resolution: int, device: str) -> l
     ``(indices, images (n, 3, R, R) in [-1, 1])``."""
     import torch
 
-    from adps.images import ImageDataset
 
     with ImageDataset(search.dataset, resolution) as dataset:
         count = min(len(dataset), search.slices) if search.slices else len(dataset)
@@ -105,10 +105,6 @@ def image_trial(params: dict[str, Any], *, config: dict[str, Any], resolution: i
     import torch
     from ray import tune
 
-    from adps.images import add_noise
-    from adps.metrics import rgb_mse
-    from adps.nn.image_diffusion import DEFAULT_DELTA, image_sampler, image_sampler_options
-    from adps.nn.samplers import run_sampler
 
     search = SearchConfig.from_dict(config)
     settings = {key: int(value) if key == "steps" else float(value) for key, value in params.items()}
