@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from adps.cli import main as adps_main
+from adps.config import parse_overrides
 from adps.data import preprocess as preprocess_module
 from adps.data import storage
 from adps.data.dataset import PreparedSliceDataset
@@ -26,7 +27,6 @@ from adps.data.fastmri import open_volume
 from adps.data.preprocess import (
     PrepareConfig,
     mask_key,
-    parse_overrides,
     preprocess_slice,
     slice_id,
     volume_id,
