@@ -620,6 +620,25 @@ def dps(
 # ------------------------------------------------------------------------------ one-pass methods
 
 
+def _single_pass(sampler: str, model: nn.Module | None, y: Tensor, operator: SenseOperator,
+                 callback: Callback | None, amp: str | None, *, solve: Callable[[Tensor, SenseOperator], Tensor],
+                 sigma: float = 0.0) -> Tensor:
+    """A one-pass reconstruction ``solve(y, operator)`` through the shared signature: the
+    measurement checked and masked, the network (if any) under ``amp``, the result complex64 on
+    the model's device (``y``'s without a model), one callback."""
+    if model is not None:
+        device = _device(model)
+    else:
+        device = y.device if isinstance(y, Tensor) else torch.device("cpu")
+    y, operator = _problem(y, operator, device, sampler, mri_only=True)
+    with _autocast(device, amp, sampler) if model is not None else contextlib.nullcontext():
+        out = solve(y, operator)
+    out = out.to(device, torch.complex64)
+    _emit(callback, sampler=sampler, step=0, total=1, sigma=float(sigma), sigma_next=0.0, x=out, denoised=out,
+          residual_norm=_slice_norm(y - operator.forward(out)))
+    return out
+
+
 def a_os(
     model: nn.Module,
     y: Tensor,
@@ -638,14 +657,8 @@ def a_os(
     """
     del sigmas, generator  # part of the shared signature only
     _check_denoiser(model, "a_os", ambient=True)
-    device = _device(model)
-    y, operator = _problem(y, operator, device, "a_os", mri_only=True)
-    with _autocast(device, amp, "a_os"):
-        out = _a_os_one_pass(model, y, operator.maps, operator.column_mask(), sigma=sigma)
-    out = out.to(torch.complex64)
-    _emit(callback, sampler="a_os", step=0, total=1, sigma=float(sigma), sigma_next=0.0, x=out, denoised=out,
-          residual_norm=_slice_norm(y - operator.forward(out)))
-    return out
+    return _single_pass("a_os", model, y, operator, callback, amp, sigma=sigma, solve=lambda y, op: _a_os_one_pass(
+        model, y, op.maps, op.column_mask(), sigma=sigma))
 
 
 def unrolled(
@@ -666,14 +679,8 @@ def unrolled(
     if model is None or not isinstance(unwrap_model(model), MoDL):
         got = "None" if model is None else type(unwrap_model(model)).__name__
         raise ValueError(f"unrolled: expected a MoDL network (methods modl, ssdu), got {got}")
-    device = _device(model)
-    y, operator = _problem(y, operator, device, "unrolled", mri_only=True)
-    with _autocast(device, amp, "unrolled"):
-        out = _unrolled_one_pass(model, y, operator.maps, operator.column_mask())
-    out = out.to(torch.complex64)
-    _emit(callback, sampler="unrolled", step=0, total=1, sigma=0.0, sigma_next=0.0, x=out, denoised=out,
-          residual_norm=_slice_norm(y - operator.forward(out)))
-    return out
+    return _single_pass("unrolled", model, y, operator, callback, amp,
+                        solve=lambda y, op: _unrolled_one_pass(model, y, op.maps, op.column_mask()))
 
 
 def l1_wavelet(
@@ -698,20 +705,10 @@ def l1_wavelet(
     on the CPU (sigpy); the result is returned on ``y``'s device.
     """
     del model, sigmas, generator, amp
-    return _without_network("l1_wavelet", y, operator, callback, lambda y, op: l1_wavelet_recon(
+    return _single_pass("l1_wavelet", None, y, operator, callback, None, solve=lambda y, op: l1_wavelet_recon(
         y, op.maps, op.column_mask(), lam=float(lam), iterations=int(iterations), wavelet=wavelet, scaling=scaling))
 
 
-def _without_network(sampler: str, y: Tensor, operator: SenseOperator, callback: Callback | None,
-                     solve: Callable[[Tensor, SenseOperator], Tensor]) -> Tensor:
-    """A classical reconstruction ``solve(y, operator)`` through the shared signature: the
-    measurement checked and masked, the result complex64 on ``y``'s device, one callback."""
-    device = y.device if isinstance(y, Tensor) else torch.device("cpu")
-    y, operator = _problem(y, operator, device, sampler, mri_only=True)
-    out = solve(y, operator).to(device, torch.complex64)
-    _emit(callback, sampler=sampler, step=0, total=1, sigma=0.0, sigma_next=0.0, x=out, denoised=out,
-          residual_norm=_slice_norm(y - operator.forward(out)))
-    return out
 
 
 def zero_filled(
@@ -727,7 +724,7 @@ def zero_filled(
     """The zero-filled reconstruction ``A^H y`` (unmeasured columns taken as 0). No network:
     every argument but ``y`` and ``operator`` is unused."""
     del model, sigmas, generator, amp
-    return _without_network("zero_filled", y, operator, callback, lambda y, op: op.adjoint(y))
+    return _single_pass("zero_filled", None, y, operator, callback, None, solve=lambda y, op: op.adjoint(y))
 
 
 def cg_sense_recon(
@@ -746,7 +743,8 @@ def cg_sense_recon(
     del model, sigmas, generator, amp
     if iterations < 1:
         raise ValueError(f"cg_sense: iterations must be >= 1, got {iterations}")
-    return _without_network("cg_sense", y, operator, callback, lambda y, op: cg_sense(op, y, iterations=int(iterations)))
+    return _single_pass("cg_sense", None, y, operator, callback, None,
+                        solve=lambda y, op: cg_sense(op, y, iterations=int(iterations)))
 
 
 # ------------------------------------------------------------------------------ ALD
