@@ -350,8 +350,8 @@ def _train_tiny(ambient: bool, seed: int, steps: int, batch: int = 32) -> nn.Mod
     distribution); ambient: every image has a fixed random-inpainting mask at ``TRAIN_P`` and
     only the masked images enter the loss (the Ambient Diffusion loss, delta 0.1)."""
     from adps.images import erasure_mask
-    from adps.nn.image_diffusion import ambient_image_loss, image_edm_loss
-    from adps.nn.objectives import sample_sigma
+    from adps.nn.image_diffusion import ambient_image_loss
+    from adps.nn.objectives import edm_loss, sample_sigma
 
     torch.manual_seed(seed)
     images = _images(range(TRAIN_IMAGES))
@@ -367,7 +367,7 @@ def _train_tiny(ambient: bool, seed: int, steps: int, batch: int = 32) -> nn.Mod
         if ambient:
             loss = ambient_image_loss(model, corrupted[index], masks[index], sigma, noise, generator=generator)
         else:
-            loss = image_edm_loss(model, images[index], sigma, noise)
+            loss = edm_loss(model, images[index], sigma, noise)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

@@ -29,11 +29,10 @@ from adps.nn.image_diffusion import (
     ambient_image_input,
     ambient_image_loss,
     build_image_model,
-    image_edm_loss,
     is_ambient_image_model,
     sampling_mask,
 )
-from adps.nn.objectives import edm_weight
+from adps.nn.objectives import edm_loss, edm_weight
 from adps.nn.train_config import IMAGE_GRID, TrainConfig
 from adps.orchestration.registry import image_model_name, model_name, predict_arrays, registered_name
 from adps.orchestration.sweep import SweepRun, format_summary, grid_gaps
@@ -147,13 +146,13 @@ def test_p0_loss_is_edms_loss_on_clean_images() -> None:
     images, _, noise = random_images(seed=4)
     denoiser = Recorder()
     sigma = torch.tensor([0.1, 3.0])
-    loss = image_edm_loss(denoiser, images, sigma, noise, reduce=False)
+    loss = edm_loss(denoiser, images, sigma, noise, reduce=False)
     noisy = images + sigma.view(-1, 1, 1, 1) * noise
     assert "cond" not in denoiser.seen and torch.equal(denoiser.seen["x"], noisy)
     torch.testing.assert_close(loss, edm_weight(sigma) * (0.5 * noisy - images).square().sum(dim=(1, 2, 3)))
     torch.manual_seed(0)
     model = build_image_model("tiny", ambient=False)
-    image_edm_loss(model, images, sigma, noise).backward()
+    edm_loss(model, images, sigma, noise).backward()
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
 
 
@@ -162,8 +161,8 @@ def test_shape_errors_name_the_argument() -> None:
     model = Recorder()
     with pytest.raises(ValueError, match=r"images: expected real \(N, 3, H, W\)"):
         ambient_image_loss(model, images[:, :2], mask, 0.5, noise[:, :2])
-    with pytest.raises(ValueError, match=r"images: expected real"):
-        image_edm_loss(model, torch.complex(images, images), 0.5, noise)
+    with pytest.raises(ValueError, match=r"images: expected complex \(N, H, W\) or real \(N, C, H, W\)"):
+        edm_loss(model, torch.complex(images, images), 0.5, noise)
     with pytest.raises(ValueError, match=r"mask: expected shape \(2, 1, 16, 16\)"):
         ambient_image_loss(model, images, mask[:, :, :8], 0.5, noise)
     with pytest.raises(ValueError, match=r"mask_further: expected shape"):
@@ -171,7 +170,7 @@ def test_shape_errors_name_the_argument() -> None:
     with pytest.raises(ValueError, match="noise shape"):
         ambient_image_loss(model, images, mask, 0.5, noise[:1])
     with pytest.raises(ValueError, match="noise shape"):
-        image_edm_loss(model, images, 0.5, noise[..., :8])
+        edm_loss(model, images, 0.5, noise[..., :8])
     with pytest.raises(ValueError, match=r"x: expected real"):
         ambient_image_input(images[0], mask[0])
 

@@ -10,7 +10,7 @@ study, as small pieces:
   in and out; an *ambient* model (``p > 0``) also takes the further-corrupted mask as one extra
   input channel (``[mask~ * x_t, mask~]``: 4 inputs); the ``p = 0`` model is plain EDM (3
   inputs). :func:`is_ambient_image_model` tells them apart from the weights alone.
-* :func:`ambient_image_loss`: the ambient loss for random inpainting; :func:`image_edm_loss`:
+* :func:`ambient_image_loss`: the ambient loss for random inpainting; :func:`~adps.nn.objectives.edm_loss`:
   EDM's loss on clean images (``p = 0``).
 * :func:`ambient_image_input` and :func:`sampling_mask`: what an ambient model sees when it is
   used as a prior (A-DPS), so that training and sampling build the input the same way.
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from adps.images.operators import erasure_mask, further_corrupt
 
 from .ema import unwrap_model
-from .objectives import Denoiser, _per_sample, edm_channel_loss, edm_weight
+from .objectives import Denoiser, _per_sample, edm_weight
 from .precond import EDMPrecond
 from .unet import build_unet
 
@@ -45,7 +45,6 @@ __all__ = [
     "ambient_image_input",
     "ambient_image_loss",
     "build_image_model",
-    "image_edm_loss",
     "image_sampler",
     "image_sampler_options",
     "is_ambient_image_model",
@@ -190,22 +189,6 @@ def ambient_image_loss(
     residual = torch.where(mask, denoised - measured, denoised.new_zeros(()))
     per_image = edm_weight(sigma, sigma_data) * residual.square().sum(dim=(1, 2, 3))
     return per_image.mean() if reduce else per_image
-
-
-def image_edm_loss(
-    denoiser: Denoiser,
-    images: Tensor,
-    sigma: Tensor,
-    noise: Tensor,
-    *,
-    sigma_data: float = 0.5,
-    reduce: bool = True,
-) -> Tensor:
-    """EDM's loss ``lambda(sigma) || D(x0 + sigma n; sigma) - x0 ||^2`` on clean images (``p = 0``)."""
-    _check_images(images)
-    if noise.shape != images.shape:
-        raise ValueError(f"noise shape {tuple(noise.shape)} differs from images shape {tuple(images.shape)}")
-    return edm_channel_loss(denoiser, images, sigma, noise, sigma_data=sigma_data, reduce=reduce)
 
 
 def sampling_mask(

@@ -37,7 +37,6 @@ __all__ = [
     "channels_to_complex",
     "complex_to_channels",
     "dsm_loss",
-    "edm_channel_loss",
     "edm_loss",
     "edm_weight",
     "mask_channels",
@@ -119,37 +118,28 @@ def edm_loss(
 ) -> Tensor:
     """EDM loss ``lambda(sigma) || D(x + sigma n; sigma) - x ||^2`` (Karras et al. 2022, eq. 2/8).
 
-    The R = 1 model trains on reference images with it and the L1-EDM baselines on L1-wavelet
-    reconstructions (METHOD.md).
+    The R = 1 model trains on reference images with it, the L1-EDM baselines on L1-wavelet
+    reconstructions (METHOD.md), and the natural-image study's clean model (``p = 0``) on RGB
+    images.
 
     Args:
-        denoiser: ``D(x, sigma)`` on ``[Re, Im]`` channels (e.g. an EDMPrecond of an ``edm`` UNet).
-        images: clean images ``x``, complex ``(N, H, W)``.
+        denoiser: ``D(x, sigma)`` on the images' channels (an EDMPrecond of an ``edm`` or image U-Net).
+        images: clean images ``x``: complex ``(N, H, W)`` (MRI; the network sees ``[Re, Im]``)
+            or real ``(N, C, H, W)`` (natural images, as they are).
         sigma: noise levels, ``(N,)`` (or one value for all).
-        noise: ``n``, complex ``(N, H, W)`` with N(0, 1) real and imaginary parts.
+        noise: ``n``, shaped like ``images`` (N(0, 1); real and imaginary parts for MRI).
         sigma_data: data standard deviation of the weight (0.5).
-        reduce: mean over the batch (True) or the ``(N,)`` per-slice losses.
+        reduce: mean over the batch (True) or the ``(N,)`` per-image losses.
 
     Returns:
-        Squared error summed over pixels and both channels, weighted, averaged over slices.
+        Squared error summed over pixels and channels, weighted, averaged over the batch.
     """
+    if images.ndim != (3 if images.is_complex() else 4):
+        raise ValueError(f"images: expected complex (N, H, W) or real (N, C, H, W) images, got "
+                         f"{tuple(images.shape)} {images.dtype}")
     if noise.shape != images.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from images shape {tuple(images.shape)}")
-    return edm_channel_loss(denoiser, complex_to_channels(images), sigma, complex_to_channels(noise),
-                            sigma_data=sigma_data, reduce=reduce)
-
-
-def edm_channel_loss(
-    denoiser: Denoiser,
-    x: Tensor,
-    sigma: Tensor,
-    noise: Tensor,
-    *,
-    sigma_data: float = 0.5,
-    reduce: bool = True,
-) -> Tensor:
-    """EDM's loss on real channels ``x`` ``(N, C, H, W)`` with noise of the same shape: the core
-    of :func:`edm_loss` (``[Re, Im]`` of MRI images) and of the natural-image EDM loss (RGB)."""
+    x, noise = (complex_to_channels(images), complex_to_channels(noise)) if images.is_complex() else (images, noise)
     sigma = _per_sample(torch.as_tensor(sigma, dtype=torch.float32, device=x.device), x.shape[0])
     denoised = denoiser(x + sigma.view(-1, 1, 1, 1) * noise, sigma)
     per_item = edm_weight(sigma, sigma_data) * (denoised.float() - x).square().sum(dim=(1, 2, 3))

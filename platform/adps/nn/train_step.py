@@ -38,7 +38,7 @@ What each method trains on (:data:`METHODS`):
   (:func:`adps.nn.image_diffusion.ambient_image_loss`: only the kept pixels ``mask * image``
   enter, the further-corrupted mask is drawn each step from the step's generator with
   probability ``delta``); without it, EDM's loss on the clean images
-  (:func:`~adps.nn.image_diffusion.image_edm_loss`). The model must match: an ambient image
+  (:func:`~adps.nn.objectives.edm_loss` on RGB images). The model must match: an ambient image
   model (mask channel) exactly when the batch has masks.
 
 The step: loss (optionally under autocast) -> backward -> non-finite gradient entries set
@@ -64,7 +64,6 @@ from .image_diffusion import (
     DEFAULT_DELTA,
     ambient_image_loss,
     build_image_model,
-    image_edm_loss,
     is_ambient_image_model,
 )
 from .modl import MoDL, build_modl
@@ -308,7 +307,7 @@ def _image_loss(
         per_image = ambient_image_loss(model, images, data["mask"], sigma, noise, delta=delta, generator=generator,
                                        sigma_data=sigma_data, reduce=False)
     else:
-        per_image = image_edm_loss(model, images, sigma, noise, sigma_data=sigma_data, reduce=False)
+        per_image = edm_loss(model, images, sigma, noise, sigma_data=sigma_data, reduce=False)
     return _reduce(per_image, sigma, details)
 
 
