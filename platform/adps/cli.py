@@ -132,7 +132,6 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-
     if args.study == "images":
         return _evaluate_images(args)
     from adps.orchestration.evaluate import EvaluateConfig, evaluate

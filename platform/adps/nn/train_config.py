@@ -374,7 +374,6 @@ class TrainConfig(ConfigFile):
                              f"U-Net halves it {levels - 1} times), got {self.resolution}")
 
     def _check_image_dataset(self) -> None:
-
         try:
             dataset = ImageDataset(self.dataset, self.resolution)
         except (FileNotFoundError, ValueError) as err:
@@ -391,7 +390,6 @@ class TrainConfig(ConfigFile):
             )
 
     def _check_dataset(self) -> None:
-
         try:
             manifest = read_manifest(self.dataset)
         except FileNotFoundError:

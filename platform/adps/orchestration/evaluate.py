@@ -514,7 +514,6 @@ def check_denoisers(
     """
     import warnings
 
-
     checked = [(uri, model_config) for uri, model_config in models if model_config["method"] in DENOISER_METHODS]
     if not checked:
         return []
@@ -706,7 +705,6 @@ def _log_to_mlflow(config: EvaluateConfig, rows: list[dict[str, Any]], crossover
     import tempfile
 
     import pandas as pd
-
 
     tracking_uri = config.tracking_uri
     run_id, _ = open_run(tracking_uri, config.experiment, f"{config.resolved_output}#{config.run_name}", config.run_name,

@@ -187,7 +187,6 @@ def _sample_grid(images: torch.Tensor, title: str, columns: int = 5) -> bytes:
 
 
 def _fid_task(config: dict[str, Any], uri: str) -> dict[str, Any]:
-
     cfg = FidConfig.from_dict(config)
     torch.set_num_threads(1)
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
@@ -235,7 +234,6 @@ def run_fid(config: FidConfig, *, ray_address: str | None = None) -> dict[str, A
     import tempfile
 
     import ray
-
 
     config.validate()
     config = config.replace(tracking_uri=resolve_tracking_uri(config.tracking_uri))

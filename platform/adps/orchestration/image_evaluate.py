@@ -536,7 +536,6 @@ def _log_to_mlflow(
 
     import pandas as pd
 
-
     tracking_uri = config.tracking_uri
     run_id, _ = open_run(tracking_uri, config.experiment, f"{config.resolved_output}#{config.run_name}",
                          config.run_name, config.to_dict())

@@ -214,7 +214,6 @@ def register_model(
     import mlflow
     from mlflow import MlflowClient
 
-
     client = MlflowClient(tracking_uri)
     signature = None if _is_image_model(weights_dir) else _signature()
     with tempfile.TemporaryDirectory(prefix="adps-register-") as tmp, process_tracking_uri(tracking_uri):
@@ -252,7 +251,6 @@ def _is_image_model(weights_dir: str | Path) -> bool:
     """Whether the save_model folder ``weights_dir`` holds a natural-image model (its config's
     ``method`` is ``image``)."""
     import json
-
 
     path = Path(weights_dir) / CONFIG_FILE
     try:

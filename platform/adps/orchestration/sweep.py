@@ -136,7 +136,6 @@ def run_sweep(
     finished before), e.g. to advance a progress bar."""
     import ray
 
-
     if not ray.is_initialized():
         ray.init(address=ray_address)
     configs = [with_absolute_paths(config) for config in configs]

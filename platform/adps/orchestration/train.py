@@ -165,7 +165,6 @@ class TrainedRun:
 
 
 def _run_tags(config: TrainConfig) -> dict[str, str]:
-
     if config.is_image:
         return {
             "adps.method": config.method,

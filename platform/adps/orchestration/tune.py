@@ -138,7 +138,6 @@ def _max_concurrent(config: SearchConfig) -> int:
 
 
 def _model_info(config: SearchConfig, space: SearchSpace) -> tuple[str, dict[str, Any]]:
-
     uri = model_uri(config.model)
     if uri in CLASSICAL:
         raise ValueError(f"config key 'model': {uri} has no sampler settings to search")
@@ -210,7 +209,6 @@ def _search_plan(config: SearchConfig, space: SearchSpace, model_config: dict[st
                 "trainable": (image_trial, {"resolution": resolution}), "title": f"{label} on {config.image_setting}",
                 "tags": {"adps.task": config.image_setting, "adps.resolution": str(resolution)}}
 
-
     prepared = [float(r) for r in read_manifest(config.dataset)["config"]["accelerations"]]
     if float(config.r_inf) not in prepared:
         raise ValueError(f"config key 'r_inf': {config.r_inf:g} not prepared in {config.dataset} "
@@ -247,7 +245,6 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
-
 
     config.validate()
     space = load_space(config.space)

@@ -26,7 +26,6 @@ __all__ = ["image_trial", "mri_trial"]
 
 
 def _load_batches(config: SearchConfig, device: str) -> tuple[list[dict[str, Any]], int | None]:
-
     acs = read_manifest(config.dataset)["config"].get("acs")
     dataset = PreparedSliceDataset(config.dataset, config.split, acceleration=config.r_inf)
     try:
@@ -44,7 +43,6 @@ def mri_trial(params: dict[str, Any], *, config: dict[str, Any], sampler: str) -
     """A Ray Tune function trainable: reconstruct batch after batch, report the running means."""
     import torch
     from ray import tune
-
 
     search = SearchConfig.from_dict(config)
     # The trial's params as the sampler takes them (Tune hands numpy / float values).
@@ -89,7 +87,6 @@ def _load_image_batches(search: SearchConfig, resolution: int, device: str) -> l
     ``(indices, images (n, 3, R, R) in [-1, 1])``."""
     import torch
 
-
     with ImageDataset(search.dataset, resolution) as dataset:
         count = min(len(dataset), search.slices) if search.slices else len(dataset)
         batches = []
@@ -104,7 +101,6 @@ def image_trial(params: dict[str, Any], *, config: dict[str, Any], resolution: i
     images batch after batch, report the running mean MSE / PSNR."""
     import torch
     from ray import tune
-
 
     search = SearchConfig.from_dict(config)
     settings = {key: int(value) if key == "steps" else float(value) for key, value in params.items()}
