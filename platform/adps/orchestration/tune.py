@@ -71,7 +71,7 @@ from adps.orchestration.tune_config import (
     SearchSpace,
     load_space,
 )
-from adps.orchestration.tune_trial import image_trial, mri_trial
+from adps.orchestration.tune_trial import search_trial
 
 __all__ = ["truncated_search_state", "tune_search"]
 
@@ -206,7 +206,7 @@ def _search_plan(config: SearchConfig, space: SearchSpace, model_config: dict[st
         with ImageDataset(config.dataset, resolution) as dataset:
             n_items = min(len(dataset), config.slices) if config.slices else len(dataset)
         return {"label": label, "name": f"tune-{label}-{config.image_setting}-image", "n_items": n_items,
-                "trainable": (image_trial, {"resolution": resolution}), "title": f"{label} on {config.image_setting}",
+                "trainable": (search_trial, {"resolution": resolution}), "title": f"{label} on {config.image_setting}",
                 "tags": {"adps.task": config.image_setting, "adps.resolution": str(resolution)}}
 
     prepared = [float(r) for r in read_manifest(config.dataset)["config"]["accelerations"]]
@@ -228,7 +228,7 @@ def _search_plan(config: SearchConfig, space: SearchSpace, model_config: dict[st
     if n_items == 0:
         raise ValueError(f"config key 'split': {config.split!r} of {config.dataset} has no slices")
     return {"label": label, "name": f"tune-{label}-r{config.r_inf:g}-{space.sampler}", "n_items": n_items,
-            "trainable": (mri_trial, {"sampler": space.sampler}), "title": f"{label} at R_inf {config.r_inf:g}",
+            "trainable": (search_trial, {"sampler": space.sampler}), "title": f"{label} at R_inf {config.r_inf:g}",
             "tags": {"adps.r_inf": f"{config.r_inf:g}"}}
 
 

@@ -1,15 +1,17 @@
 """What one trial of an ``adps tune`` search runs, in a Ray Tune worker process.
 
-:func:`mri_trial` reconstructs the search's validation slices at ``R_inf`` with the sampled
-settings; :func:`image_trial` measures and reconstructs the search's images with its task's
-operator. Both report the running mean of the objective's metrics after each batch, so that
-ASHA can stop a poor trial early, and both see the same data and noise in every trial.
-Ray Tune is imported inside them: this module is imported by the driver, which must not need
+:func:`search_trial` serves both studies: it reconstructs the search's validation slices at
+``R_inf`` (MRI), or measures and reconstructs the search's images with its task's operator
+(natural images), with the sampled settings, and reports the running mean of the objective's
+metrics after each batch, so that ASHA can stop a poor trial early. Every trial sees the same
+data and noise.
+Ray Tune is imported inside it: this module is imported by the driver, which must not need
 a Ray worker to load.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from adps.data.dataset import PreparedSliceDataset
@@ -22,7 +24,7 @@ from adps.orchestration.evaluate import reconstruct_batch, stack_batch
 from adps.orchestration.registry import load_model_entry
 from adps.orchestration.tune_config import IMAGE_OBJECTIVE_METRICS, OBJECTIVE_METRICS, SearchConfig
 
-__all__ = ["image_trial", "mri_trial"]
+__all__ = ["search_trial"]
 
 
 def _load_batches(config: SearchConfig, device: str) -> tuple[list[dict[str, Any]], int | None]:
@@ -39,29 +41,72 @@ def _load_batches(config: SearchConfig, device: str) -> tuple[list[dict[str, Any
     return batches, acs
 
 
-def mri_trial(params: dict[str, Any], *, config: dict[str, Any], sampler: str) -> None:
-    """A Ray Tune function trainable: reconstruct batch after batch, report the running means."""
+def search_trial(params: dict[str, Any], *, config: dict[str, Any], sampler: str = "", resolution: int = 0) -> None:
+    """The Ray Tune function trainable of both studies: reconstruct batch after batch with the
+    trial's settings (``params``) and report the running means of the objective's metrics.
+
+    An MRI search (no ``task``) reconstructs the split's slices at ``R_inf`` with ``sampler``
+    (:func:`_mri_scores`); a natural-image search measures the images with its task's operator
+    and samples them with the model's sampler (:func:`_image_scores`, at ``resolution``).
+    """
     import torch
     from ray import tune
 
     search = SearchConfig.from_dict(config)
-    # The trial's params as the sampler takes them (Tune hands numpy / float values).
+    # The trial's params as the samplers take them (Tune hands numpy / float values).
     settings = {key: int(value) if key == "steps" else float(value) for key, value in params.items()}
     torch.set_num_threads(max(1, int(search.cpus_per_trial)))
     device = "cuda" if search.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
     model, model_config = load_model_entry(search.model, device, search.tracking_uri)
-    batches, acs = _load_batches(search, device)
-    totals = dict.fromkeys(OBJECTIVE_METRICS, 0.0)
+    if search.task:
+        metrics, unit = IMAGE_OBJECTIVE_METRICS, "images"
+        batches = _image_scores(search, model, model_config, settings, device, resolution)
+    else:
+        metrics, unit = OBJECTIVE_METRICS, "slices"
+        batches = _mri_scores(search, model, model_config, settings, device, sampler)
+    totals = dict.fromkeys(metrics, 0.0)
     seen = 0
-    for index, batch in enumerate(batches):
+    for index, scores in enumerate(batches):
+        for metric in metrics:
+            # A diverged reconstruction scores as the worst possible, not as NaN (ASHA compares).
+            worst = 1e6 if metric in ("nrmse", "mse") else -1e6
+            totals[metric] += float(torch.nan_to_num(scores[metric].double().cpu(), nan=worst).sum())
+        seen += len(scores[metrics[0]])
+        tune.report({**{m: totals[m] / seen for m in metrics}, unit: seen, "batch": index + 1})
+
+
+def _mri_scores(search: SearchConfig, model: Any, model_config: dict[str, Any], settings: dict[str, Any],
+                device: str, sampler: str) -> Iterator[dict[str, Any]]:
+    """Per batch of validation slices: NRMSE / PSNR / SSIM of ``sampler``'s reconstructions."""
+    batches, acs = _load_batches(search, device)
+    for batch in batches:
         image = reconstruct_batch(sampler, model, batch, r_train=float(model_config["R"]), seed=search.seed, acs=acs,
                                   amp=search.amp, **settings)
-        scores = image_metrics(batch["reference"], image.detach())
-        for metric in OBJECTIVE_METRICS:
-            values = torch.nan_to_num(scores[metric].double().cpu(), nan=1e6 if metric == "nrmse" else -1e6)
-            totals[metric] += float(values.sum())
-        seen += len(batch["slice_ids"])
-        tune.report({**{m: totals[m] / seen for m in OBJECTIVE_METRICS}, "slices": seen, "batch": index + 1})
+        yield image_metrics(batch["reference"], image.detach())
+
+
+def _image_scores(search: SearchConfig, model: Any, model_config: dict[str, Any], settings: dict[str, Any],
+                  device: str, resolution: int) -> Iterator[dict[str, Any]]:
+    """Per batch of images: MSE (``[0, 1]`` scale, estimates clipped to ``[-1, 1]``) and PSNR of
+    the model's posterior samples from the task's measurements."""
+    import torch
+
+    settings = dict(settings)
+    schedule = {key: settings.pop(key) for key in ("sigma_min", "sigma_max", "rho") if key in settings}
+    ambient = image_sampler(model) == "a_dps"
+    options = image_sampler_options(model, steps=settings.pop("steps", None), guidance=settings.pop("guidance", None),
+                                    erasure_p=float(model_config["erasure_p"]) if ambient else None,
+                                    delta=float(model_config.get("delta", DEFAULT_DELTA)), **schedule)
+    operator = _image_operator(search, resolution)
+    for indices, images in _load_image_batches(search, resolution, device):
+        y = operator(images)
+        if search.noise > 0:  # each image's noise from its own seed: any batching gives the same y
+            y = torch.cat([add_noise(y[i : i + 1], search.noise, generator=_seeded(search.seed, 1, image_index))
+                           for i, image_index in enumerate(indices)])
+        estimate = run_sampler(model=model, y=y, operator=operator, generator=_seeded(search.seed, 2, indices[0]),
+                               amp=search.amp or None, **options, **settings)
+        mse = torch.nan_to_num(rgb_mse(images, estimate.detach().float().clamp(-1, 1)).cpu(), nan=1e6)
+        yield {"mse": mse, "psnr": -10 * torch.log10(mse.clamp_min(1e-12))}
 
 
 def _seeded(*keys: int) -> Any:
@@ -94,38 +139,3 @@ def _load_image_batches(search: SearchConfig, resolution: int, device: str) -> l
             indices = list(range(start, min(start + search.slices_per_report, count)))
             batches.append((indices, torch.stack([dataset.decode(i) for i in indices]).to(device)))
     return batches
-
-
-def image_trial(params: dict[str, Any], *, config: dict[str, Any], resolution: int) -> None:
-    """A Ray Tune function trainable for a natural-image model: measure, sample and score the
-    images batch after batch, report the running mean MSE / PSNR."""
-    import torch
-    from ray import tune
-
-    search = SearchConfig.from_dict(config)
-    settings = {key: int(value) if key == "steps" else float(value) for key, value in params.items()}
-    torch.set_num_threads(max(1, int(search.cpus_per_trial)))
-    device = "cuda" if search.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
-    model, model_config = load_model_entry(search.model, device, search.tracking_uri)
-    schedule = {key: settings.pop(key) for key in ("sigma_min", "sigma_max", "rho") if key in settings}
-    ambient = image_sampler(model) == "a_dps"
-    options = image_sampler_options(model, steps=settings.pop("steps", None), guidance=settings.pop("guidance", None),
-                                    erasure_p=float(model_config["erasure_p"]) if ambient else None,
-                                    delta=float(model_config.get("delta", DEFAULT_DELTA)), **schedule)
-    operator = _image_operator(search, resolution)
-    totals = dict.fromkeys(IMAGE_OBJECTIVE_METRICS, 0.0)
-    seen = 0
-    for index, (indices, images) in enumerate(_load_image_batches(search, resolution, device)):
-        y = operator(images)
-        if search.noise > 0:  # each image's noise from its own seed: any batching gives the same y
-            y = torch.cat([add_noise(y[i : i + 1], search.noise, generator=_seeded(search.seed, 1, image_index))
-                           for i, image_index in enumerate(indices)])
-        estimate = run_sampler(model=model, y=y, operator=operator, generator=_seeded(search.seed, 2, indices[0]),
-                               amp=search.amp or None, **options, **settings)
-        mse = torch.nan_to_num(rgb_mse(images, estimate.detach().float().clamp(-1, 1)).cpu(), nan=1e6)
-        totals["mse"] += float(mse.sum())
-        totals["psnr"] += float((-10 * torch.log10(mse.clamp_min(1e-12))).sum())
-        seen += len(indices)
-        tune.report({**{m: totals[m] / seen for m in IMAGE_OBJECTIVE_METRICS}, "images": seen, "batch": index + 1})
-
-
