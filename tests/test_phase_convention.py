@@ -234,7 +234,7 @@ def test_the_evaluation_check_flags_a_model_that_does_not_denoise(
     prior, and flags with a warning that names it a model whose output is
     no better than its input (a few steps at a learning rate 250 times too high); classical
     entries are not checked."""
-    from adps.orchestration.evaluate import check_denoisers, format_denoising_check
+    from adps.orchestration.denoising_check import check_denoisers, format_denoising_check
     from adps.orchestration.registry import load_model_entry
     from conftest import train_in_process
 

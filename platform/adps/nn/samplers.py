@@ -74,6 +74,7 @@ __all__ = [
     "DEFAULT_GUIDANCE",
     "DEFAULT_SAMPLER",
     "DEFAULT_STEPS",
+    "ITERATIVE_SAMPLERS",
     "METHOD_SAMPLERS",
     "SAMPLERS",
     "SAMPLER_DEFAULTS",
@@ -129,6 +130,9 @@ SCHEDULE_OPTIONS: dict[str, tuple[str, ...]] = {
     "ald": ("steps_per_level", "sigma_start"),
 }
 """The schedule settings :func:`default_sigmas` takes per sampler (besides ``steps``)."""
+ITERATIVE_SAMPLERS = ("a_dps", "dps", "ald")
+"""The samplers that call the network once per step, hundreds of times, from random noise: the
+stochastic ones (posterior samples differ by seed) and the ones worth compiling."""
 DEFAULT_STEPS: dict[str, int] = {name: int(values["steps"]) for name, values in SAMPLER_DEFAULTS.items()}
 """Network evaluations / iterations per sampler at its defaults (A-DPS, DPS 500; ALD 1,300; ...)."""
 

@@ -34,13 +34,12 @@ machinery: :func:`run_cells` (resume + Ray fan-out), :func:`cell_path` / :func:`
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,10 +53,11 @@ from adps.data import storage
 from adps.data.dataset import PreparedSliceDataset
 from adps.data.shards import read_manifest
 from adps.metrics import image_metrics, posterior_summary
-from adps.mri import SenseOperator
-from adps.nn.reconstruct import DENOISER_METHODS, denoising_check
-from adps.nn.samplers import DEFAULT_SAMPLER, run_sampler, train_masks
+from adps.nn.reconstruct import DENOISER_METHODS
+from adps.nn.samplers import DEFAULT_SAMPLER, ITERATIVE_SAMPLERS
 from adps.nn.train_config import COMPILE_MODES
+from adps.orchestration.cells import cell_path, publish_report, reconstruct_batch, run_cells, stack_batch
+from adps.orchestration.denoising_check import check_denoisers, format_denoising_check
 from adps.orchestration.figures import metric_figure, posterior_grid, reconstruction_grid
 from adps.orchestration.registry import (
     load_model_entry,
@@ -72,15 +72,12 @@ from adps.perceptual import find_weights, lpips_distance
 
 __all__ = [
     "Cell", "EvaluateConfig", "evaluate", "evaluate_cell", "format_crossover", "format_results", "plan_cells",
-    "network_for_sampler", "reconstruct_batch", "stack_batch",
-    "cell_settings", "check_fair_tuning", "format_settings",
-    "cell_path", "done_rows", "publish_report", "run_cells", "check_denoisers", "format_denoising_check",
+    "network_for_sampler", "cell_settings", "check_fair_tuning", "format_settings",
 ]
 
 METRICS = ("nrmse", "psnr", "ssim", "lpips")
 TABLE_COLUMNS = ("model", "method", "sampler", "r_train", "r_inf", "slice", *METRICS, "seconds", "steps", "guidance",
                  "options", "settings", "samples", "calibration")
-STOCHASTIC_SAMPLERS = ("a_dps", "dps", "ald")
 """The samplers that draw from a posterior (a fresh start noise gives another sample)."""
 
 
@@ -311,7 +308,6 @@ EXPLICIT_OPTIONS = {
     "l1_wavelet": (("l1_lam", "lam"), ("l1_iterations", "iterations")),
     "cg_sense": (("cg_sense_iterations", "iterations"),),
 }
-ITERATIVE = ("a_dps", "dps", "ald")
 
 
 def cell_settings(config: EvaluateConfig, model_config: dict[str, Any], sampler: str, r_inf: float,
@@ -330,7 +326,7 @@ def cell_settings(config: EvaluateConfig, model_config: dict[str, Any], sampler:
     use_tuned = config.use_tuned and method in _diffusion_methods()
     tuned = tuned_settings(tags, r_inf, "a_os" if sampler == "a_os" else "") if use_tuned else {}
     tuned_steps, tuned_guidance = int(tuned.pop("steps", 0)), tuned.pop("guidance", 0.0)
-    steps = (config.steps or tuned_steps) if sampler in ITERATIVE else 0
+    steps = (config.steps or tuned_steps) if sampler in ITERATIVE_SAMPLERS else 0
     guidance = config.guidance or tuned_guidance or 1.0
     options = {} if config.guidance else dict(tuned)
     explicit = {option: float(getattr(config, key)) for key, option in EXPLICIT_OPTIONS.get(sampler, ())
@@ -345,7 +341,7 @@ def cell_settings(config: EvaluateConfig, model_config: dict[str, Any], sampler:
         options.setdefault(option, value)
     from_tuned = bool(tuned or tuned_steps or tuned_guidance) and not config.guidance
     from_config = bool(explicit or fallback.keys() & options.keys()
-                       or (sampler in ITERATIVE and config.steps) or (sampler in ("a_dps", "dps") and config.guidance))
+                       or (sampler in ITERATIVE_SAMPLERS and config.steps) or (sampler in ("a_dps", "dps") and config.guidance))
     source = "tuned" if from_tuned else "config" if from_config else "paper"
     if (fairness or {}).get((model_label(model_config), r_inf)) == "untuned" and sampler != "a_os":
         source = "untuned"
@@ -376,23 +372,8 @@ def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any
     return cells
 
 
-def cell_path(output: str, key: str, suffix: str) -> str:
-    """Where a cell's file lives: ``<output>/cells/<key><suffix>`` (folder or ``s3://``)."""
-    return storage.join(output, "cells", key + suffix)
-
-
-def done_rows(output: str, key: str) -> list[dict[str, Any]] | None:
-    """The rows of a finished cell (its ``<key>.json``), or None when it has not finished."""
-    path = cell_path(output, key, ".json")
-    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
-
-
 def _cell_path(config: EvaluateConfig, cell: Cell, suffix: str) -> str:
     return cell_path(config.resolved_output, cell.key, suffix)
-
-
-# Samplers that call the network once per step, hundreds of times: the ones worth compiling.
-ITERATIVE_SAMPLERS = ("a_dps", "dps", "ald")
 
 
 def network_for_sampler(model: torch.nn.Module | None, sampler: str, compile_mode: str) -> torch.nn.Module | None:
@@ -403,32 +384,6 @@ def network_for_sampler(model: torch.nn.Module | None, sampler: str, compile_mod
     if model is None or not compile_mode or sampler not in ITERATIVE_SAMPLERS:
         return model
     return torch.compile(model, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
-
-
-def stack_batch(items: Sequence[dict[str, Any]], device: str | torch.device) -> dict[str, Any]:
-    """Dataset items as one batch on ``device`` (k-space, maps, mask, reference) with their
-    ``slice_ids``."""
-    batch: dict[str, Any] = {key: torch.stack([item[key] for item in items]).to(device)
-                             for key in ("kspace", "maps", "mask", "reference")}
-    batch["slice_ids"] = [int(item["slice_id"]) for item in items]
-    return batch
-
-
-def reconstruct_batch(
-    sampler: str, model: Any, batch: dict[str, Any], *, r_train: float, seed: int, acs: int | None,
-    amp: str = "", steps: int | None = None, guidance: float | None = None, **options: float,
-) -> torch.Tensor:
-    """Reconstruct a :func:`stack_batch` batch from its masked k-space with ``sampler``
-    (:func:`~adps.nn.samplers.run_sampler`). The noise is seeded by ``seed`` and the first
-    slice id, so an evaluation cell and a Ray Tune trial on the same slices draw the same noise."""
-
-    mask = batch["mask"]
-    y = batch["kspace"] * mask[:, None, None, :]
-    operator = SenseOperator(batch["maps"], mask)
-    slice_ids = batch["slice_ids"]
-    generator = torch.Generator(device=y.device).manual_seed(seed * 1_000_003 + slice_ids[0])
-    return run_sampler(sampler, model, y, operator, generator=generator, steps=steps, guidance=guidance,
-                       train_acceleration=r_train, slice_ids=slice_ids, seed=seed, acs=acs, amp=amp, **options)
 
 
 def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") -> list[dict[str, Any]]:
@@ -445,7 +400,7 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
         items = [dataset[i] for i in cell.indices]
     finally:
         dataset.close()
-    samples = config.posterior_samples if cell.sampler in STOCHASTIC_SAMPLERS else 1
+    samples = config.posterior_samples if cell.sampler in ITERATIVE_SAMPLERS else 1
     # K samples per slice in one batch: the slices repeated K times, each row its own start noise.
     batch = stack_batch(items * samples, device)
     slice_ids = batch["slice_ids"][: len(items)]
@@ -486,87 +441,6 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
 
 
 # The denoising check -------------------------------------------------------------------------
-def check_denoisers(
-    models: Sequence[tuple[str, dict[str, Any]]],
-    dataset: str,
-    split: str,
-    *,
-    slices: int = 4,
-    sigmas: Sequence[float] = (0.05, 0.1, 0.2),
-    seed: int = 0,
-    tracking_uri: str | None = None,
-    device: str = "cpu",
-) -> list[dict[str, Any]]:
-    """Does each model denoise the slices it is about to reconstruct? One row per model and sigma.
-
-    :func:`adps.nn.reconstruct.denoising_check` on the first ``slices`` slices of ``split``
-    for every model with a denoiser (ambient, edm, edm_l1, ncsnv2; the others are skipped): the
-    complex NRMSE of the noisy input and of the model's output, averaged over the slices. An
-    ambient model is fed ``A~^H A~ (x + sigma n)`` with R_train + 1 masks drawn as A-DPS draws
-    its A_tr (:func:`adps.nn.samplers.train_masks`, from ``seed``). A model whose output is not
-    closer to the truth than its input at every sigma is flagged (``passed`` False) and a
-    warning names it: it was trained on data of another convention than ``split`` (schema
-    version, phase, scale) or is not trained at all, and its reconstructions will be poor.
-
-    Returns:
-        rows ``{"model", "uri", "method", "split", "sigma", "input_nrmse", "output_nrmse", "passed"}``
-        (``passed`` is the model's verdict over all sigmas, repeated on each of its rows).
-    """
-    import warnings
-
-    checked = [(uri, model_config) for uri, model_config in models if model_config["method"] in DENOISER_METHODS]
-    if not checked:
-        return []
-    manifest = read_manifest(dataset)
-    acceleration = float(manifest["config"]["accelerations"][0])
-    data = PreparedSliceDataset(dataset, split, acceleration=acceleration, keys=("reference", "maps"))
-    try:
-        items = [data[i] for i in range(min(slices, len(data)))]
-    finally:
-        data.close()
-    batch = {key: torch.stack([item[key] for item in items]) for key in ("reference", "maps")}
-    slice_ids = [int(item["slice_id"]) for item in items]
-    rows: list[dict[str, Any]] = []
-    for uri, model_config in checked:
-        method, label = model_config["method"], model_label(model_config)
-        model, _ = load_model_entry(uri, device, tracking_uri)
-        train_mask = None
-        if method == "ambient":
-            width = batch["reference"].shape[-1]
-            train_mask = train_masks(width, float(model_config["R"]), len(items), seed, slice_ids,
-                                     acs=manifest["config"].get("acs", 20))
-        found = denoising_check(method, model, batch, sigmas=tuple(sigmas), train_mask=train_mask,
-                                generator=torch.Generator().manual_seed(seed))
-        model_rows = [{"model": label, "uri": uri, "method": method, "split": split, "sigma": sigma,
-                       "input_nrmse": float(errors["input"].mean()), "output_nrmse": float(errors["output"].mean())}
-                      for sigma, errors in found.items()]
-        passed = all(row["output_nrmse"] < row["input_nrmse"] for row in model_rows)
-        rows += [{**row, "passed": passed} for row in model_rows]
-        if not passed:
-            worse = ", ".join(f"sigma {r['sigma']:g}: {r['output_nrmse']:.3f} vs input {r['input_nrmse']:.3f}"
-                              for r in model_rows if r["output_nrmse"] >= r["input_nrmse"])
-            warnings.warn(f"{label} ({uri}) does not denoise the {split} slices of {dataset}: its output is no closer "
-                          f"to the truth than its noisy input ({worse}; complex NRMSE over {len(items)} slices). "
-                          "Was it trained on a dataset of another preparation (schema version, phase convention)? "
-                          "Its reconstructions will not be trustworthy.", stacklevel=2)
-    return rows
-
-
-def format_denoising_check(rows: Sequence[dict[str, Any]]) -> str:
-    """The denoising check as a table: one line per model, input -> output error per sigma."""
-    if not rows:
-        return "(no diffusion model to check)"
-    by_model: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        by_model.setdefault((row["model"], row.get("uri", "")), []).append(row)
-    lines = []
-    for (model, _), found in by_model.items():
-        cells = "  ".join(f"s={r['sigma']:g}: {r['input_nrmse']:.3f} -> {r['output_nrmse']:.3f}" for r in found)
-        lines.append(f"  {model:14s} {'ok    ' if found[0]['passed'] else 'FAILED'}  {cells}")
-    return "\n".join(lines)
-
-
-# The whole evaluation ------------------------------------------------------------------------
 def _resolve(config: EvaluateConfig) -> list[tuple[str, dict[str, Any]]]:
     """Every model's URI and config, loaded once on the driver (fails before any task starts)."""
     resolved = []
@@ -629,59 +503,6 @@ def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress
             "denoising_check": checks}
 
 
-def run_cells(
-    task: Callable[[dict[str, Any], dict[str, Any]], list[dict[str, Any]]],
-    config: dict[str, Any],
-    cells: Sequence[Any],
-    *,
-    output: str,
-    use_gpu: bool,
-    ray_address: str | None = None,
-    progress: bool = True,
-    describe: Callable[[Any], str] = str,
-    name: str = "adps evaluate",
-) -> list[dict[str, Any]]:
-    """The rows of every cell: those already done read back from ``<output>/cells/`` (resume),
-    the others computed as Ray tasks ``task(config, dataclasses.asdict(cell))`` (one CPU each,
-    or one GPU with ``use_gpu``), gathered as they finish.
-
-    ``cells`` are dataclasses with a ``key`` (their file name); ``task`` must write
-    ``<key>.json`` last (:func:`done_rows`). A failed task raises here, naming it. Prints one
-    line of counts and a progress bar (``describe(cell)`` names the last finished cell) unless
-    ``progress`` is False.
-    """
-    import ray
-
-    rows: list[dict[str, Any]] = []
-    todo = []
-    for cell in cells:
-        done = done_rows(output, cell.key)
-        if done is None:
-            todo.append(cell)
-        else:
-            rows.extend(done)
-    if progress:
-        print(f"{name}: {len(cells)} cells ({len(cells) - len(todo)} done before, {len(todo)} to run) "
-              f"-> {output}", flush=True)
-    if not todo:
-        return rows
-    if not ray.is_initialized():
-        ray.init(address=ray_address)
-    resources = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 1}
-    remote = ray.remote(**resources)(task)
-    from tqdm.auto import tqdm
-
-    pending = {remote.remote(config, dataclasses.asdict(cell)): cell for cell in todo}
-    with tqdm(total=len(todo), desc=name, unit="cell", disable=not progress) as bar:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            cell = pending.pop(ready[0])
-            rows.extend(ray.get(ready[0]))  # a failed cell raises here, naming its task
-            bar.set_postfix_str(describe(cell))
-            bar.update(1)
-    return rows
-
-
 def _cell_task(config: dict[str, Any], cell: dict[str, Any]) -> list[dict[str, Any]]:
     config_obj = EvaluateConfig.from_dict(config)
     cell_obj = Cell(**{**cell, "indices": tuple(cell["indices"]),
@@ -689,15 +510,6 @@ def _cell_task(config: dict[str, Any], cell: dict[str, Any]) -> list[dict[str, A
     torch.set_num_threads(1)
     device = "cuda" if config_obj.use_gpu and torch.cuda.is_available() else "cpu"
     return evaluate_cell(config_obj, cell_obj, device=device)
-
-
-def publish_report(log: Any, folder: Path, output: str) -> None:
-    """Every file of ``folder`` as an artifact of ``log``'s MLflow run (a
-    :class:`~adps.orchestration.tracking.RunLogger`) and, for a reader without MLflow at hand,
-    under ``<output>/report/`` (each written atomically)."""
-    for path in sorted(folder.iterdir()):
-        log.client.log_artifact(log.run_id, str(path))
-        storage.upload_file_atomic(path, storage.join(output, "report", path.name))
 
 
 def _log_to_mlflow(config: EvaluateConfig, rows: list[dict[str, Any]], crossovers: list, cells: list[Cell],

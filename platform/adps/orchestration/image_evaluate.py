@@ -71,7 +71,7 @@ from adps.images import GaussianCompressedSensing, ImageDataset, SuperResolution
 from adps.metrics import rgb_mse
 from adps.nn.image_diffusion import IMAGE_SAMPLING, image_sampler, image_sampler_options
 from adps.nn.samplers import network_calls, run_sampler
-from adps.orchestration.evaluate import cell_path, publish_report, run_cells
+from adps.orchestration.cells import cell_path, publish_report, run_cells
 from adps.orchestration.figures import sweep_figure
 from adps.orchestration.registry import (
     image_tuned_settings,

@@ -62,7 +62,7 @@ from adps.data.preprocess import COMPRESSED_SPLITS
 from adps.data.shards import read_manifest
 from adps.images import ImageDataset
 from adps.nn.samplers import METHOD_SAMPLERS
-from adps.orchestration.evaluate import check_denoisers, format_denoising_check
+from adps.orchestration.denoising_check import check_denoisers, format_denoising_check
 from adps.orchestration.figures import LABELS, _pyplot
 from adps.orchestration.registry import CLASSICAL, load_model_entry, model_label, model_uri, tag_tuned_settings
 from adps.orchestration.tracking import RunLogger, end_run, open_run, resolve_tracking_uri

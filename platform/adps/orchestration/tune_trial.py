@@ -20,7 +20,7 @@ from adps.images import GaussianCompressedSensing, ImageDataset, SuperResolution
 from adps.metrics import image_metrics, rgb_mse
 from adps.nn.image_diffusion import DEFAULT_DELTA, image_sampler, image_sampler_options
 from adps.nn.samplers import run_sampler
-from adps.orchestration.evaluate import reconstruct_batch, stack_batch
+from adps.orchestration.cells import reconstruct_batch, stack_batch
 from adps.orchestration.registry import load_model_entry
 from adps.orchestration.tune_config import IMAGE_OBJECTIVE_METRICS, OBJECTIVE_METRICS, SearchConfig
 

@@ -1,0 +1,128 @@
+"""The evaluation grid's machinery, shared by both studies' evaluations and the searches.
+
+* cells: a cell is one Ray task of an evaluation grid (a model, a setting, a chunk of the test
+  data); :func:`run_cells` computes the cells not yet done as Ray tasks and reads the others
+  back from ``<output>/cells/`` (:func:`cell_path`, :func:`done_rows`), so that re-running an
+  evaluation resumes it; :func:`publish_report` puts the report files in MLflow and beside
+  the cells;
+* the MRI reconstruction of a batch of prepared slices (:func:`stack_batch`,
+  :func:`reconstruct_batch`), the same for an evaluation cell and a Ray Tune trial, so that
+  both draw the same noise for the same slices.
+
+Ray is imported inside :func:`run_cells`, the one function that needs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adps.data import storage
+from adps.mri import SenseOperator
+from adps.nn.samplers import run_sampler
+
+__all__ = ["cell_path", "done_rows", "publish_report", "reconstruct_batch", "run_cells", "stack_batch"]
+
+
+def cell_path(output: str, key: str, suffix: str) -> str:
+    """Where a cell's file lives: ``<output>/cells/<key><suffix>`` (folder or ``s3://``)."""
+    return storage.join(output, "cells", key + suffix)
+
+
+def done_rows(output: str, key: str) -> list[dict[str, Any]] | None:
+    """The rows of a finished cell (its ``<key>.json``), or None when it has not finished."""
+    path = cell_path(output, key, ".json")
+    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
+
+
+def run_cells(
+    task: Callable[[dict[str, Any], dict[str, Any]], list[dict[str, Any]]],
+    config: dict[str, Any],
+    cells: Sequence[Any],
+    *,
+    output: str,
+    use_gpu: bool,
+    ray_address: str | None = None,
+    progress: bool = True,
+    describe: Callable[[Any], str] = str,
+    name: str = "adps evaluate",
+) -> list[dict[str, Any]]:
+    """The rows of every cell: those already done read back from ``<output>/cells/`` (resume),
+    the others computed as Ray tasks ``task(config, dataclasses.asdict(cell))`` (one CPU each,
+    or one GPU with ``use_gpu``), gathered as they finish.
+
+    ``cells`` are dataclasses with a ``key`` (their file name); ``task`` must write
+    ``<key>.json`` last (:func:`done_rows`). A failed task raises here, naming it. Prints one
+    line of counts and a progress bar (``describe(cell)`` names the last finished cell) unless
+    ``progress`` is False.
+    """
+    import ray
+
+    rows: list[dict[str, Any]] = []
+    todo = []
+    for cell in cells:
+        done = done_rows(output, cell.key)
+        if done is None:
+            todo.append(cell)
+        else:
+            rows.extend(done)
+    if progress:
+        print(f"{name}: {len(cells)} cells ({len(cells) - len(todo)} done before, {len(todo)} to run) "
+              f"-> {output}", flush=True)
+    if not todo:
+        return rows
+    if not ray.is_initialized():
+        ray.init(address=ray_address)
+    resources = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 1}
+    remote = ray.remote(**resources)(task)
+    from tqdm.auto import tqdm
+
+    pending = {remote.remote(config, dataclasses.asdict(cell)): cell for cell in todo}
+    with tqdm(total=len(todo), desc=name, unit="cell", disable=not progress) as bar:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            cell = pending.pop(ready[0])
+            rows.extend(ray.get(ready[0]))  # a failed cell raises here, naming its task
+            bar.set_postfix_str(describe(cell))
+            bar.update(1)
+    return rows
+
+
+def publish_report(log: Any, folder: Path, output: str) -> None:
+    """Every file of ``folder`` as an artifact of ``log``'s MLflow run (a
+    :class:`~adps.orchestration.tracking.RunLogger`) and, for a reader without MLflow at hand,
+    under ``<output>/report/`` (each written atomically)."""
+    for path in sorted(folder.iterdir()):
+        log.client.log_artifact(log.run_id, str(path))
+        storage.upload_file_atomic(path, storage.join(output, "report", path.name))
+
+
+def stack_batch(items: Sequence[dict[str, Any]], device: str | torch.device) -> dict[str, Any]:
+    """Dataset items as one batch on ``device`` (k-space, maps, mask, reference) with their
+    ``slice_ids``."""
+    batch: dict[str, Any] = {key: torch.stack([item[key] for item in items]).to(device)
+                             for key in ("kspace", "maps", "mask", "reference")}
+    batch["slice_ids"] = [int(item["slice_id"]) for item in items]
+    return batch
+
+
+def reconstruct_batch(
+    sampler: str, model: Any, batch: dict[str, Any], *, r_train: float, seed: int, acs: int | None,
+    amp: str = "", steps: int | None = None, guidance: float | None = None, **options: float,
+) -> torch.Tensor:
+    """Reconstruct a :func:`stack_batch` batch from its masked k-space with ``sampler``
+    (:func:`~adps.nn.samplers.run_sampler`). The noise is seeded by ``seed`` and the first
+    slice id, so an evaluation cell and a Ray Tune trial on the same slices draw the same noise."""
+
+    mask = batch["mask"]
+    y = batch["kspace"] * mask[:, None, None, :]
+    operator = SenseOperator(batch["maps"], mask)
+    slice_ids = batch["slice_ids"]
+    generator = torch.Generator(device=y.device).manual_seed(seed * 1_000_003 + slice_ids[0])
+    return run_sampler(sampler, model, y, operator, generator=generator, steps=steps, guidance=guidance,
+                       train_acceleration=r_train, slice_ids=slice_ids, seed=seed, acs=acs, amp=amp, **options)
