@@ -97,8 +97,9 @@ from adps.data.shards import (
     write_shard,
 )
 from adps.mri import lines_at
-from adps.nn.train_config import COMPILE_MODES, FULLY_SAMPLED, TrainConfig
+from adps.nn.learning_config import COMPILE_MODES, FULLY_SAMPLED
 from adps.nn.train_step import MRI_METHODS, PAPER_PRESETS, train_step
+from adps.orchestration.train_config import TrainConfig
 from adps.orchestration.train_worker import WorkerContext, build_trainee, mri_training_set, shard_batches, worker_loop
 from bench import train_step as bench_train_step
 

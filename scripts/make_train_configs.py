@@ -3,7 +3,7 @@ configs/images/image_p<p>.yaml for every natural-image model (paper section 3.1)
 
     python scripts/make_train_configs.py
 
-Each file holds only what differs from :class:`adps.nn.train_config.TrainConfig`'s defaults
+Each file holds only what differs from :class:`adps.orchestration.train_config.TrainConfig`'s defaults
 (METHOD.md's values); ``dataset`` and ``storage_path`` are given at run time with ``--set``.
 The image configs live in a folder of their own, so that ``adps sweep --configs configs`` and
 ``adps sweep --configs configs/images`` each train one grid.
@@ -11,7 +11,7 @@ The image configs live in a folder of their own, so that ``adps sweep --configs 
 
 from pathlib import Path
 
-from adps.nn.train_config import CHECKPOINTING_METHODS, IMAGE_GRID, PAPER_GRID, UNET_METHODS, image_run_name
+from adps.nn.learning_config import CHECKPOINTING_METHODS, IMAGE_GRID, PAPER_GRID, UNET_METHODS, image_run_name
 
 OUT = Path(__file__).resolve().parents[1] / "configs"
 IMAGES_OUT = OUT / "images"

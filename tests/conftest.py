@@ -258,7 +258,7 @@ def tiny_prepared(ray_session, tmp_path_factory: pytest.TempPathFactory) -> str:
 def tiny_config(dataset: str, **changes: object):
     """A TrainConfig of the tiny preset on ``dataset`` (:func:`tiny_prepared`): ambient at R = 2,
     batch 1, no lr warm-up, every step logged; ``changes`` override any key."""
-    from adps.nn.train_config import TrainConfig
+    from adps.orchestration.train_config import TrainConfig
 
     values = {"method": "ambient", "acceleration": 2, "preset": "tiny", "dataset": dataset, "batch_size": 1,
               "lr_rampup": 0, "log_every_steps": 1,
@@ -275,7 +275,7 @@ def train_in_process(dataset: str, method: str, acceleration: float, folder: Pat
     ``adps.load_model`` open). ``changes`` override the TrainConfig (default: 2 steps of 2 slices)."""
     import shutil
 
-    from adps.nn.train_config import TrainConfig
+    from adps.orchestration.train_config import TrainConfig
     from adps.orchestration.train_worker import WorkerContext, worker_loop
 
     kept = folder / f"{method}_r{acceleration:g}"

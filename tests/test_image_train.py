@@ -3,7 +3,7 @@
 * :mod:`adps.nn.image_diffusion`: the ambient inpainting loss (erased pixels never matter,
   gradients, the further-corrupted mask), EDM's loss for ``p = 0``, shape errors, model kinds;
 * the ``image`` method of :func:`adps.nn.train_step.train_step` (the loss falls on a fixed
-  batch at p = 0 and p = 0.6) and its :class:`~adps.nn.train_config.TrainConfig` checks;
+  batch at p = 0 and p = 0.6) and its :class:`~adps.orchestration.train_config.TrainConfig` checks;
 * the worker loop without Ray (checkpoint record, validation on observed pixels);
 * with Ray: p = 0 and p = 0.6 of the grid ``configs/images/*.yaml`` trained by one sweep and
   registered in MLflow (the session fixture ``image_models`` of conftest.py, shared with later
@@ -32,10 +32,11 @@ from adps.nn.image_diffusion import (
     is_ambient_image_model,
     sampling_mask,
 )
+from adps.nn.learning_config import IMAGE_GRID
 from adps.nn.objectives import edm_loss, edm_weight
-from adps.nn.train_config import IMAGE_GRID, TrainConfig
 from adps.orchestration.registry import image_model_name, model_name, predict_arrays, registered_name
 from adps.orchestration.sweep import SweepRun, format_summary, grid_gaps
+from adps.orchestration.train_config import TrainConfig
 from adps.orchestration.train_worker import (
     WorkerContext,
     build_trainee,

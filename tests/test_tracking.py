@@ -26,11 +26,12 @@ from mlflow import MlflowClient
 
 import adps
 from adps.nn.checkpoint import load_model as load_folder
-from adps.nn.train_config import PAPER_GRID, TrainConfig
+from adps.nn.learning_config import PAPER_GRID
 from adps.nn.train_step import MRI_METHODS
 from adps.orchestration.registry import image_from_output, model_name, predict_arrays, to_model_input
 from adps.orchestration.sweep import SweepRun, format_summary, grid_gaps, load_sweep_configs, run_sweep, runs_at_once
 from adps.orchestration.tracking import config_hash, flat_params, open_run, resolve_tracking_uri
+from adps.orchestration.train_config import TrainConfig
 from conftest import TINY_HEIGHT, TINY_WIDTH, random_complex, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]

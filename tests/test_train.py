@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 from adps.cli import main as adps_main
 from adps.config import parse_overrides
 from adps.data.phantom import synthetic_batch
-from adps.nn.train_config import CHECKPOINTING_METHODS, TrainConfig
+from adps.nn.learning_config import CHECKPOINTING_METHODS
 from adps.nn.train_step import BATCH_KEYS, MRI_METHODS
 from adps.orchestration.train import train, with_absolute_paths
+from adps.orchestration.train_config import TrainConfig
 from adps.orchestration.train_worker import (
     WorkerContext,
     build_trainee,

@@ -230,7 +230,7 @@ def test_mixed_precision_steps_on_cuda(amp: str, small_batch: dict) -> None:
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_build_trainee_sets_cudnn_benchmark_on_gpu_only(device: str) -> None:
     """TrainConfig.cudnn_benchmark reaches torch on a GPU worker; a CPU worker leaves the flag alone."""
-    from adps.nn.train_config import TrainConfig
+    from adps.orchestration.train_config import TrainConfig
     from adps.orchestration.train_worker import build_trainee
 
     before = torch.backends.cudnn.benchmark

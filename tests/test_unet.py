@@ -472,7 +472,7 @@ def test_activation_checkpointing_in_a_samplers_gradient_to_x() -> None:
 
 
 def test_activation_checkpointing_is_refused_for_methods_without_the_switch() -> None:
-    from adps.nn.train_config import TrainConfig
+    from adps.orchestration.train_config import TrainConfig
 
     with pytest.raises(ValueError, match="'activation_checkpointing': only the methods ambient, edm, edm_l1, image, "
                                          "ncsnv2 have it, not modl"):

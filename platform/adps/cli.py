@@ -104,7 +104,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from adps.nn.train_config import TrainConfig  # deferred: keeps `adps --help` fast
+    from adps.orchestration.train_config import TrainConfig  # deferred: keeps `adps --help` fast
 
     overrides = parse_overrides(args.set or [])
     config = TrainConfig.from_yaml(args.config, overrides) if args.config else TrainConfig.from_dict(overrides)

@@ -277,8 +277,8 @@ def _prepare(config: DemoConfig, raw: Path, prepared: Path) -> dict[str, Any]:
 def _train(config: DemoConfig, dataset: Path, tracking_uri: str) -> list[Any]:
     from tqdm.auto import tqdm
 
-    from adps.nn.train_config import TrainConfig
     from adps.orchestration.sweep import format_summary, run_sweep
+    from adps.orchestration.train_config import TrainConfig
 
     configs = []
     for method, r in config.runs():

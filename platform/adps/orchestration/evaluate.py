@@ -53,9 +53,9 @@ from adps.data import storage
 from adps.data.dataset import PreparedSliceDataset
 from adps.data.shards import read_manifest
 from adps.metrics import image_metrics, posterior_summary
+from adps.nn.learning_config import COMPILE_MODES
 from adps.nn.reconstruct import DENOISER_METHODS
 from adps.nn.samplers import DEFAULT_SAMPLER, ITERATIVE_SAMPLERS
-from adps.nn.train_config import COMPILE_MODES
 from adps.orchestration.cells import cell_path, publish_report, reconstruct_batch, run_cells, stack_batch
 from adps.orchestration.denoising_check import check_denoisers, format_denoising_check
 from adps.orchestration.figures import metric_figure, posterior_grid, reconstruction_grid

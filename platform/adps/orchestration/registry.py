@@ -81,7 +81,7 @@ def image_model_name(erasure_p: float) -> str:
 
 
 def registered_name(config: Any) -> str:
-    """The registry name of the model a training run (a :class:`~adps.nn.train_config.TrainConfig`)
+    """The registry name of the model a training run (a :class:`~adps.orchestration.train_config.TrainConfig`)
     registers: :func:`image_model_name` for method ``image``, else :func:`model_name`."""
     if config.method == "image":
         return image_model_name(config.erasure_p)

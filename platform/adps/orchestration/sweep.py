@@ -1,8 +1,8 @@
 """The paper's whole training grid as concurrent Ray Train runs (``adps sweep``).
 
 One config file per run (``configs/<method>_r<R>.yaml``, the grid of
-:data:`adps.nn.train_config.PAPER_GRID`; ``configs/images/image_p<p>.yaml``, the natural-image
-models of :data:`~adps.nn.train_config.IMAGE_GRID`), the same ``--set`` overrides applied to each. Every
+:data:`adps.nn.learning_config.PAPER_GRID`; ``configs/images/image_p<p>.yaml``, the natural-image
+models of :data:`~adps.nn.learning_config.IMAGE_GRID`), the same ``--set`` overrides applied to each. Every
 run is one :func:`adps.orchestration.train.train` call inside a Ray task (a zero-CPU driver:
 its workers hold the resources), at most ``max_concurrent`` at a time: by default as many as
 the cluster's GPUs (or CPUs, for CPU runs) hold runs of ``num_workers`` workers.
@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adps.nn.train_config import IMAGE_GRID, PAPER_GRID, TrainConfig, image_run_name
+from adps.nn.learning_config import IMAGE_GRID, PAPER_GRID, image_run_name
 from adps.orchestration.tracking import find_run, resolve_tracking_uri
 from adps.orchestration.train import train, with_absolute_paths
+from adps.orchestration.train_config import TrainConfig
 
 __all__ = ["SweepRun", "format_summary", "grid_gaps", "load_sweep_configs", "run_sweep", "runs_at_once"]
 
@@ -75,8 +76,8 @@ def load_sweep_configs(
 
 def grid_gaps(configs: Sequence[TrainConfig]) -> list[str]:
     """Runs of the paper grid that ``configs`` do not cover: ``<method>_r<R>`` of the MRI grid
-    (:data:`~adps.nn.train_config.PAPER_GRID`) if any config is an MRI run, ``image_p<p>`` of
-    the image grid (:data:`~adps.nn.train_config.IMAGE_GRID`) if any is an image run."""
+    (:data:`~adps.nn.learning_config.PAPER_GRID`) if any config is an MRI run, ``image_p<p>`` of
+    the image grid (:data:`~adps.nn.learning_config.IMAGE_GRID`) if any is an image run."""
     mri = [config for config in configs if not config.is_image]
     images = [config for config in configs if config.is_image]
     gaps = []

@@ -1,6 +1,6 @@
 """Distributed training of every method on Ray Train V2 (``adps train``).
 
-:func:`train` checks a :class:`~adps.nn.train_config.TrainConfig` on the driver, then runs a
+:func:`train` checks a :class:`~adps.orchestration.train_config.TrainConfig` on the driver, then runs a
 :class:`ray.train.torch.TorchTrainer` whose workers each run
 :func:`adps.orchestration.train_worker.worker_loop` (that module: the per-worker state, data
 shares, checkpoints):
@@ -48,7 +48,6 @@ from typing import Any
 
 import torch
 
-from adps.nn.train_config import TrainConfig
 from adps.orchestration.registry import register_model, registered_name
 from adps.orchestration.run_storage import run_storage
 from adps.orchestration.tracking import (
@@ -62,6 +61,7 @@ from adps.orchestration.tracking import (
     open_run,
     resolve_tracking_uri,
 )
+from adps.orchestration.train_config import TrainConfig
 from adps.orchestration.train_worker import EMA_DIR, WorkerContext, worker_loop
 
 __all__ = [

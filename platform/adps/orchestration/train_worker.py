@@ -40,9 +40,9 @@ from adps.images import ImageDataset
 from adps.nn.checkpoint import load_model, save_model
 from adps.nn.ema import EMA, unwrap_model
 from adps.nn.reconstruct import validation_metric
-from adps.nn.train_config import TrainConfig
 from adps.nn.train_step import BATCH_KEYS, LossBySigma, build_model, make_optimizer, train_step
 from adps.nn.unet import set_activation_checkpointing
+from adps.orchestration.train_config import TrainConfig
 
 if TYPE_CHECKING:
     from adps.data.dataset import PreparedSliceDataset

@@ -1,10 +1,9 @@
-"""Settings of one training run (``adps train``); every default is METHOD.md's value, visible here.
+"""What a training run learns and how (layer 2): the method, its network, objective, optimiser,
+EMA and precision; every default is METHOD.md's value, visible here.
 
-Pure configuration (layer 2: no Ray, no MLflow). It is loaded and checked completely on the
-driver, before any Ray worker starts, so that a typo costs a second, not a cluster start-up.
-The loading rules mirror :class:`adps.data.preprocess.PrepareConfig`: :meth:`TrainConfig.from_yaml`
-with ``--set KEY=VALUE`` overrides (:func:`adps.config.parse_overrides`), unknown keys and
-wrong types refused naming the key.
+:class:`LearningConfig` is the learning core's part of a run's settings; the orchestration's
+:class:`adps.orchestration.train_config.TrainConfig` adds where the data is and how the run is
+distributed, stored and tracked. A config file holds both parts' keys side by side.
 """
 
 from __future__ import annotations
@@ -14,20 +13,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from adps.config import ConfigFile
-from adps.data.preprocess import SPLITS, mask_key
-from adps.data.shards import read_manifest
-from adps.images import ImageDataset
 
 from .image_diffusion import DEFAULT_DELTA, IMAGE_PRESETS, PAPER_ERASURE_P
 from .train_step import IMAGE_METHODS, METHODS, PAPER_PRESETS
 
 __all__ = [
+    "CHECKPOINTING_METHODS",
     "COMPILE_MODES",
     "DEFAULT_EPOCHS",
+    "FULLY_SAMPLED",
     "IMAGE_GRID",
+    "LearningConfig",
     "PAPER_ACCELERATIONS",
     "PAPER_GRID",
-    "TrainConfig",
+    "UNET_METHODS",
     "image_run_name",
 ]
 
@@ -60,7 +59,7 @@ DEFAULT_EPOCHS = {"ambient": 250, "edm": 250, "edm_l1": 250, "ncsnv2": 250, "mod
 
 
 @dataclass
-class TrainConfig(ConfigFile):
+class LearningConfig(ConfigFile):
     """Settings of ``adps train``. Defaults are METHOD.md's ("Optimisation") unless stated."""
 
     RETIRED_KEYS: typing.ClassVar[dict[str, str]] = {
@@ -77,13 +76,6 @@ class TrainConfig(ConfigFile):
     preset: str = ""
     """Network preset: the method's paper preset (empty = that; ``image`` for the image method,
     EDM's 64 x 64 DDPM++) or ``tiny`` (tests, demo)."""
-    dataset: str = ""
-    """Root (folder or ``s3://`` prefix) of a prepared dataset (holding ``manifest.json``); for
-    ``image``: a folder, ``.zip`` or ``s3://`` prefix of image files
-    (:class:`adps.images.ImageDataset`; no manifest), holding at least ``batch_size x
-    num_workers`` images."""
-    split: str = "train"
-    """Split trained on (MRI; an image dataset has no splits: all of it is trained on)."""
     erasure_p: float = 0.0
     """``image`` only: probability in [0, 1) that a training pixel is erased, one fixed mask per
     image drawn from ``(seed, index)`` (:func:`adps.images.fixed_erasure_mask`); the model then
@@ -172,68 +164,8 @@ class TrainConfig(ConfigFile):
     """``torch.backends.cudnn.benchmark`` in the GPU workers: cuDNN times its convolution
     algorithms once per shape and keeps the fastest. Training shapes are fixed, so this pays
     once. No effect on CPU workers."""
-    prefetch_batches: int = 2
-    """Batches each worker loads ahead in a background thread while it trains
-    (:class:`adps.data.prefetch.Prefetcher`; pinned memory on GPUs); 0 = load each batch when
-    it is needed."""
-    num_workers: int = 1
-    """Ray Train workers (one per GPU); each reads a disjoint share of the train shards."""
-    use_gpu: bool = False
-    """One GPU per worker (NCCL); False = CPU workers (Gloo)."""
-    cpus_per_worker: float = 1
-    """CPUs Ray reserves per worker (``resources_per_worker``)."""
     seed: int = 0
     """Seeds the model initialisation, the per-epoch shuffles and the loss's random draws."""
-    checkpoint_every_steps: int = 1000
-    """A checkpoint every this many steps (and always at the end)."""
-    keep_checkpoints: int = 3
-    """Checkpoints Ray keeps (the newest)."""
-    max_failures: int = 3
-    """Worker-group restarts from the latest checkpoint before the run fails."""
-    storage_path: str = ""
-    """Folder or ``s3://`` URI for Ray Train's run folders (empty = ``~/ray_results``)."""
-    run_name: str = ""
-    """Run folder name under ``storage_path``; re-running with the same name resumes. Empty =
-    ``<method>_r<R>`` (``image_p<erasure_p>`` for ``image``)."""
-    log_every_steps: int = 10
-    """Metrics are reported to Ray and MLflow every this many steps (checkpoints always carry
-    metrics)."""
-    controller_poll_s: float = 0.5
-    """How often Ray Train's controller polls the workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``,
-    Ray's default 2 s). A worker's ``ray.train.report`` waits for the next poll, so with Ray's
-    default a step after a report stalls up to 2 s (bench/train_scaling.py measured 1.8-2.0 s).
-    The environment variable, where set, wins."""
-    validate_every_steps: int = 1000
-    """Validation metric (A-OS NRMSE for ambient models, the unrolled network's NRMSE for MoDL /
-    SSDU, one-pass denoising NRMSE for the priors; :func:`adps.nn.reconstruct.validation_metric`;
-    for ``image`` the denoising MSE ``val_mse`` on the observed pixels,
-    :func:`adps.nn.reconstruct.validation_metric`) of the EMA model every this many
-    steps and at the end (0 = only at the end)."""
-    validation_slices: int = 4
-    """Slices of the ``val`` split the validation metric averages over (0 = no validation); for
-    ``image``: the first this many training images, as the model sees them (an image dataset
-    has no validation split, and an ambient model has no clean images to be scored on)."""
-    tracking: bool = True
-    """Log the run to MLflow (params, metrics, validation) and register the final EMA model."""
-    tracking_uri: str = ""
-    """MLflow tracking URI; empty = ``$MLFLOW_TRACKING_URI``, else ``sqlite:///.adps/mlflow.db``
-    in the folder the job starts in."""
-    experiment: str = "adps"
-    """MLflow experiment of the run."""
-    tracking_flush_s: float = 300.0
-    """At the end of training, how long rank 0 waits for metrics still queued for an
-    unreachable MLflow server (they are retried with backoff throughout the run)."""
-    register: bool = True
-    """At the end, register the EMA model as ``adps-<method>-r<R>`` (``adps-image-p<erasure_p>``
-    for ``image``; a new version, which ``models:/<name>@latest`` resolves to)."""
-    max_skipped_in_a_row: int = 50
-    """A step whose loss is NaN / Inf is skipped (nothing of it lands) and counted
-    (``skipped_steps``); this many skipped *in a row* means the model diverged: the run stops
-    with a checkpoint, its MLflow run FAILED with the reason, nothing registered (0 = never stop)."""
-    fail_at_steps: tuple[int, ...] = ()
-    """Fault injection (tests): the process of worker rank 1 (rank 0 when alone) is killed
-    (SIGKILL) once just after each of these steps; a marker file in the run folder makes each
-    fire only once."""
 
     # Resolved values -----------------------------------------------------------------------
     @property
@@ -269,25 +201,13 @@ class TrainConfig(ConfigFile):
         return self.epochs or DEFAULT_EPOCHS.get(self.method, 250)
 
     @property
-    def resolved_run_name(self) -> str:
-        """``run_name``, or ``<method>_r<R>`` (``image_p<erasure_p>`` for the image method)."""
-        if self.run_name:
-            return self.run_name
-        return image_run_name(self.erasure_p) if self.is_image else f"{self.method}_r{self.acceleration:g}"
-
-    @property
     def is_image(self) -> bool:
         """Whether this run trains a natural-image model (method ``image``)."""
         return self.method in IMAGE_METHODS
 
     # Checking ------------------------------------------------------------------------------
-    def validate(self, *, check_dataset: bool = True) -> None:
-        """Refuse settings that cannot work, naming the key, before any worker starts.
-
-        Args:
-            check_dataset: also read the dataset's manifest (it must exist, and hold masks at
-                ``acceleration``); off only for checks of the config alone.
-        """
+    def validate_learning(self) -> None:
+        """Refuse learning settings that cannot work, naming the key."""
         if self.method not in METHODS:
             raise ValueError(f"config key 'method': unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.activation_checkpointing and self.method not in CHECKPOINTING_METHODS:
@@ -313,16 +233,12 @@ class TrainConfig(ConfigFile):
                 f"config key 'acceleration': {self.method} trains on undersampled data (R > 1; paper: "
                 f"{', '.join(map(str, PAPER_ACCELERATIONS))}), got R = {self.acceleration:g}"
             )
-        if self.split not in SPLITS:
-            raise ValueError(f"config key 'split' must be one of {', '.join(SPLITS)}, got {self.split!r}")
-        for key in ("batch_size", "num_workers", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
-        for key in ("epochs", "max_steps", "max_failures", "grad_clip", "validate_every_steps",
-                    "validation_slices", "max_skipped_in_a_row", "tracking_flush_s", "prefetch_batches"):
+        if self.batch_size < 1:
+            raise ValueError(f"config key 'batch_size' must be >= 1, got {self.batch_size}")
+        for key in ("epochs", "max_steps", "grad_clip"):
             if getattr(self, key) < 0:
                 raise ValueError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
-        for key in ("lr", "eps", "ema_half_life_images", "cpus_per_worker", "controller_poll_s"):
+        for key in ("lr", "eps", "ema_half_life_images"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"config key {key!r} must be > 0, got {getattr(self, key)}")
         if not all(0 <= b < 1 for b in self.betas):
@@ -346,19 +262,6 @@ class TrainConfig(ConfigFile):
                              f"got {self.compile_mode!r}")
         if self.amp not in ("", "bf16", "fp16"):
             raise ValueError(f"config key 'amp' must be '', 'bf16' or 'fp16', got {self.amp!r}")
-        if any(s < 1 for s in self.fail_at_steps):
-            raise ValueError(f"config key 'fail_at_steps' must list steps >= 1, got {list(self.fail_at_steps)}")
-        if self.tracking and not self.experiment:
-            raise ValueError("config key 'experiment' must name an MLflow experiment (tracking is on)")
-        if not self.dataset:
-            if self.is_image:
-                raise ValueError("config key 'dataset' is required: a folder, .zip or s3:// prefix of images")
-            raise ValueError("config key 'dataset' is required: the root of a prepared dataset (adps prepare)")
-        if check_dataset:
-            if self.is_image:
-                self._check_image_dataset()
-            else:
-                self._check_dataset()
 
     def _check_image_keys(self) -> None:
         """``erasure_p``, ``delta`` and ``resolution`` of an image run."""
@@ -373,43 +276,6 @@ class TrainConfig(ConfigFile):
             raise ValueError(f"config key 'resolution' must be a multiple of {multiple} (the {self.resolved_preset} "
                              f"U-Net halves it {levels - 1} times), got {self.resolution}")
 
-    def _check_image_dataset(self) -> None:
-        try:
-            dataset = ImageDataset(self.dataset, self.resolution)
-        except (FileNotFoundError, ValueError) as err:
-            raise ValueError(f"config key 'dataset': not an image folder, zip or s3:// prefix: {err}") from None
-        try:
-            n_images = len(dataset)
-        finally:
-            dataset.close()
-        needed = self.batch_size * self.num_workers
-        if n_images < needed:
-            raise ValueError(
-                f"config key 'dataset': {self.dataset!r} holds {n_images} image(s), fewer than one step needs "
-                f"(batch_size {self.batch_size} x num_workers {self.num_workers} = {needed})"
-            )
-
-    def _check_dataset(self) -> None:
-        try:
-            manifest = read_manifest(self.dataset)
-        except FileNotFoundError:
-            raise ValueError(
-                f"config key 'dataset': no manifest.json under {self.dataset!r} (not prepared, or not finished)"
-            ) from None
-        accelerations = manifest["config"]["accelerations"]
-        # R = 1 runs read the reference only, but the dataset's masks are still loaded by the
-        # dataset class: any stored R serves them (see adps.orchestration.train_worker.dataset_acceleration).
-        if self.acceleration != 1 and mask_key(self.acceleration) not in {mask_key(r) for r in accelerations}:
-            raise ValueError(
-                f"config key 'acceleration': the dataset {self.dataset!r} has no masks at R = {self.acceleration:g} "
-                f"(it has {', '.join(f'{r:g}' for r in accelerations)})"
-            )
-        if self.method == "edm_l1" and not manifest["config"].get("l1"):
-            raise ValueError(
-                f"config key 'dataset': method edm_l1 needs L1 reconstructions, but {self.dataset!r} was prepared with l1: false"
-            )
-        if not manifest["splits"][self.split]["shards"]:
-            raise ValueError(f"config key 'split': the dataset {self.dataset!r} has no {self.split!r} slices")
 
 
 def image_run_name(erasure_p: float) -> str:
