@@ -63,7 +63,7 @@ from .ema import unwrap_model
 from .image_diffusion import DEFAULT_DELTA, sampling_mask
 from .modl import MoDL
 from .ncsnv2 import NCSNv2
-from .objectives import channels_to_complex, complex_to_channels, sample_noise
+from .objectives import channels_to_complex, complex_to_channels
 from .precond import EDMPrecond
 from .reconstruct import A_OS_SIGMA
 from .reconstruct import a_os as _a_os_one_pass
@@ -839,7 +839,7 @@ def ald(
             out = model(complex_to_channels(x), _sigma_vector(sigma, n, device))
         return channels_to_complex(out)
 
-    x = grid[0] * sample_noise(torch.empty(n, height, width, dtype=torch.complex64, device=device), generator)
+    x = grid[0] * operator.start_noise((n, height, width), generator, device)
     total = len(grid)
     with _eval_mode(model), torch.no_grad():
         for step, sigma in enumerate(grid):
@@ -847,7 +847,7 @@ def ald(
             s = score(x, sigma)
             denoised = x + sigma**2 * s
             data_grad = operator.adjoint(y - operator.forward(x)) / (noise_std**2 + sigma**2)
-            noise = sample_noise(x, generator)
+            noise = operator.start_noise(x.shape, generator, device)
             x = x + eta * (s + likelihood_weight * data_grad) + math.sqrt(2 * eta) * noise
             _emit(callback, sampler="ald", step=step, total=total, sigma=sigma,
                   sigma_next=grid[step + 1] if step + 1 < total else 0.0, x=x, denoised=denoised,
@@ -917,7 +917,7 @@ def prior_heun(
     else:
         denoise = _prior_denoiser(model, space, n, device, autocast)
 
-    x = grid[0] * sample_noise(torch.empty(n, height, width, dtype=torch.complex64, device=device), generator)
+    x = grid[0] * space.start_noise((n, height, width), generator, device)
     total = len(grid) - 1
     with _eval_mode(model), torch.no_grad():
         for step in range(total):
@@ -1022,8 +1022,9 @@ def run_sampler(
             if erasure_p is None:
                 raise ValueError("run_sampler('a_dps'): erasure_p (the ambient image model's training erasure "
                                  "probability) is required to draw its masks A_tr")
-            if generator is None:  # torch's global RNG seeds the mask's own generator
-                generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+            # Without a generator, torch's global RNG seeds the mask's own (the sampler keeps None).
+            mask_generator = generator if generator is not None else torch.Generator().manual_seed(
+                int(torch.randint(0, 2**62, (1,)).item()))
             shape = operator.image_shape_of(y)
-            options["train_mask"] = sampling_mask(shape, float(erasure_p), delta=delta, generator=generator)
+            options["train_mask"] = sampling_mask(shape, float(erasure_p), delta=delta, generator=mask_generator)
     return SAMPLERS[name](model, y, operator, sigmas, generator=generator, callback=callback, amp=amp, **options)
