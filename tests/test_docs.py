@@ -19,7 +19,7 @@ from adps.cli import build_parser
 from adps.data.preprocess import PrepareConfig
 from adps.orchestration.evaluate import EvaluateConfig
 from adps.orchestration.fid import FidConfig
-from adps.orchestration.image_evaluate import ImageEvaluateConfig
+from adps.orchestration.study_images import ImageEvaluateConfig
 from adps.orchestration.train_config import TrainConfig
 from adps.orchestration.tune_config import SearchConfig
 

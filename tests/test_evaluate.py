@@ -61,8 +61,8 @@ def test_sampler_settings_follow_the_protocol_and_tuning_is_fair_or_refused(
     config values win; every cell says where its settings came from."""
     from mlflow import MlflowClient
 
-    from adps.orchestration.evaluate import _resolve, check_fair_tuning, plan_cells
     from adps.orchestration.registry import register_model
+    from adps.orchestration.study_mri import check_fair_tuning, plan_cells, resolve_models
     from adps.orchestration.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri()
@@ -81,7 +81,7 @@ def test_sampler_settings_follow_the_protocol_and_tuning_is_fair_or_refused(
 
     config = EvaluateConfig(dataset=tiny_prepared, models=("adps-tunetest-r2", "adps-tunetest-r1", "l1"),
                             accelerations=(2.0, 4.0), tracking_uri=uri)
-    models = _resolve(config)
+    models = resolve_models(config)
 
     def plan(cfg: EvaluateConfig) -> dict:
         cells = plan_cells(cfg, models, 1, check_fair_tuning(cfg, models))
@@ -99,19 +99,19 @@ def test_sampler_settings_follow_the_protocol_and_tuning_is_fair_or_refused(
 
     # Unfair: one model tuned at R_inf 4, the other not; different budgets; a search on test.
     client.delete_model_version_tag(edm.name, edm.version, "adps.tuned.r4.guidance")
-    models = _resolve(config)
+    models = resolve_models(config)
     with pytest.raises(ValueError, match=r"R_inf 4, ambient_r2 have settings .* but edm_r1 not: tune them"):
         plan(config.replace(use_tuned=True))
     marked = plan(config.replace(use_tuned=True, allow_untuned=True))
     assert marked[("edm_r1", "dps", 4.0)][3] == "untuned" and marked[("ambient_r2", "a_dps", 4.0)][3] == "tuned"
     client.set_model_version_tag(edm.name, edm.version, "adps.tuned.r4.guidance", "0.7")
     client.set_model_version_tag(edm.name, edm.version, "adps.tuned.r4.budget", "8")
-    models = _resolve(config)
+    models = resolve_models(config)
     with pytest.raises(ValueError, match="different budgets .*ambient_r2 32 trials, edm_r1 8 trials"):
         plan(config.replace(use_tuned=True))
     client.set_model_version_tag(edm.name, edm.version, "adps.tuned.r4.budget", "32")
     client.set_model_version_tag(edm.name, edm.version, "adps.tuned.r4.split", "test")
-    models = _resolve(config)
+    models = resolve_models(config)
     with pytest.raises(ValueError, match="edm_r1 at R_inf 4 were searched on the test split"):
         plan(config.replace(use_tuned=True))
 
@@ -236,7 +236,7 @@ def test_compile_mode_compiles_the_iterative_samplers_network_in_one_graph(
     and gets the eager cell's reconstruction; the one-call A-OS cell is not compiled. Dynamo
     traces the real sampler loop with ``fullgraph=True`` (a graph break fails) and the ``eager``
     backend: Inductor's kernels are measured on a GPU (bench/sample_speed.py --compile)."""
-    from adps.orchestration.evaluate import evaluate_cell, plan_cells
+    from adps.orchestration.study_mri import evaluate_cell, plan_cells
 
     real_compile, asked = torch.compile, []
 
@@ -326,7 +326,7 @@ def test_every_sampler_setting_is_a_key_applied_to_every_model_alike() -> None:
     the samplers it concerns for every model, and each cell says that its settings came from
     the config; the ambient-only fallbacks sit below the general keys."""
     from adps.nn.samplers import SAMPLER_DEFAULTS
-    from adps.orchestration.evaluate import cell_settings
+    from adps.orchestration.study_mri import cell_settings
 
     ambient, edm, ncsn = ({"method": m, "R": r, "_version_tags": {}} for m, r in
                           (("ambient", 4.0), ("edm", 1.0), ("ncsnv2", 1.0)))

@@ -132,61 +132,44 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    if args.study == "images":
-        return _evaluate_images(args)
-    from adps.orchestration.evaluate import EvaluateConfig, evaluate
+    from adps.orchestration import evaluate as evaluation
 
+    study = evaluation.STUDIES[args.study]
     overrides = parse_overrides(args.set or [])
     if args.config:
-        _refuse_other_study(args.config, "images", "mri")
-    config = EvaluateConfig.from_yaml(args.config, overrides) if args.config else EvaluateConfig.from_dict(overrides)
-    config.validate()
+        _refuse_other_study(args.config, study.name)
+    config = study.config.from_yaml(args.config, overrides) if args.config else study.config.from_dict(overrides)
+    config.validate()  # before Ray starts: a bad key costs a second, not a cluster start-up
     print("adps evaluate: config\n" + config.to_yaml(), flush=True)
-    result = evaluate(config, ray_address=args.address)
-    from adps.orchestration.evaluate import format_crossover, format_results
-
-    print("adps evaluate: " + format_results(result["rows"]))
-    print("adps evaluate: cross-over against " + config.reference + "\n" + format_crossover(result["crossover"]))
-    print(f"adps evaluate: {len(result['rows'])} rows in {result['output']}; MLflow run {result['run_id']}")
+    result = evaluation.evaluate(config, ray_address=args.address)
+    if study.name == "images":
+        for metric in ("mse", "lpips") if config.lpips else ("mse",):
+            print("adps evaluate: " + evaluation.format_image_results(result["rows"], metric))
+        print("adps evaluate: cross-over against the p = 0 model\n"
+              + evaluation.format_image_crossover(result["crossover"]))
+    else:
+        print("adps evaluate: " + evaluation.format_results(result["rows"]))
+        print(f"adps evaluate: cross-over against {config.reference}\n"
+              + evaluation.format_crossover(result["crossover"]))
+    figures = f", figures {', '.join(result['figures'])}" if result["figures"] else ""
+    print(f"adps evaluate: {len(result['rows'])} rows{figures} in {result['output']}/report; "
+          f"MLflow run {result['run_id']}")
     return 0
 
 
-def _refuse_other_study(path: Path, key: str, study: str) -> None:
-    """A config file of the other study (it has ``key``) named with the wrong ``--study``: say so."""
+def _refuse_other_study(path: Path, study: str) -> None:
+    """A config file of the other study (it has that study's data key) named with the wrong
+    ``--study``: say so."""
     import yaml
 
     try:
         values = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):
         return  # from_yaml reports these, naming the file
+    other, key = ("images", "images") if study == "mri" else ("mri", "dataset")
     if isinstance(values, dict) and key in values:
-        other = "images" if study == "mri" else "mri"
         raise ValueError(f"{path}: has the key {key!r} of a {other} evaluation; run "
                          f"`adps evaluate --study {other} --config {path}`")
-
-
-def _evaluate_images(args: argparse.Namespace) -> int:
-    from adps.orchestration.image_evaluate import (
-        ImageEvaluateConfig,
-        evaluate_images,
-        format_image_crossover,
-        format_image_results,
-    )
-
-    overrides = parse_overrides(args.set or [])
-    if args.config:
-        _refuse_other_study(args.config, "dataset", "images")
-    config = (ImageEvaluateConfig.from_yaml(args.config, overrides) if args.config
-              else ImageEvaluateConfig.from_dict(overrides))
-    config.validate()  # before Ray starts: a bad key costs a second, not a cluster start-up
-    print("adps evaluate: config\n" + config.to_yaml(), flush=True)
-    result = evaluate_images(config, ray_address=args.address)
-    for metric in ("mse", "lpips") if config.lpips else ("mse",):
-        print("adps evaluate: " + format_image_results(result["rows"], metric))
-    print("adps evaluate: cross-over against the p = 0 model\n" + format_image_crossover(result["crossover"]))
-    print(f"adps evaluate: {len(result['rows'])} rows, figures {', '.join(result['figures'])} in "
-          f"{result['output']}/report; MLflow run {result['run_id']}")
-    return 0
 
 
 def _fid(args: argparse.Namespace) -> int:

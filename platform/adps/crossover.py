@@ -20,7 +20,7 @@ the R_inf the two models share, from the smallest:
 * **none**: the model does not stay ahead: from every R_inf on, the clean model is as good or
   better somewhere (a win at R_inf 6 lost again at 8 is no cross-over).
 
-The natural-image evaluation (:mod:`adps.orchestration.image_evaluate`) uses the same
+The natural-image evaluation (:mod:`adps.orchestration.study_images`) uses the same
 functions on its own axes: it passes each task's difficulty as ``r_inf`` (``1 /
 measurements`` for compressed sensing, the downscaling factor for super-resolution, ``1 /
 NFE`` for the step sweep) and each image as ``slice``, with ``model`` an ambient model and

@@ -1,5 +1,8 @@
 """The evaluation grid's machinery, shared by both studies' evaluations and the searches.
 
+* :class:`EvaluationConfig` (the keys both evaluations share) and :class:`Study` (what differs
+  between the MRI study, :mod:`~adps.orchestration.study_mri`, and the natural-image study,
+  :mod:`~adps.orchestration.study_images`), which :func:`adps.orchestration.evaluate.evaluate` runs;
 * cells: a cell is one Ray task of an evaluation grid (a model, a setting, a chunk of the test
   data); :func:`run_cells` computes the cells not yet done as Ray tasks and reads the others
   back from ``<output>/cells/`` (:func:`cell_path`, :func:`done_rows`), so that re-running an
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +29,81 @@ import torch
 from adps.data import storage
 from adps.mri import SenseOperator
 from adps.nn.samplers import run_sampler
+from adps.orchestration.tracking import RunConfig
 
-__all__ = ["cell_path", "done_rows", "publish_report", "reconstruct_batch", "run_cells", "stack_batch"]
+__all__ = ["EvaluationConfig", "Study", "cell_path", "done_rows", "publish_report", "reconstruct_batch", "run_cells",
+           "stack_batch"]
+
+
+@dataclass(frozen=True)
+class EvaluationConfig(RunConfig):
+    """The keys both evaluations share; :class:`~adps.orchestration.study_mri.EvaluateConfig`
+    and :class:`~adps.orchestration.study_images.ImageEvaluateConfig` add their study's."""
+
+    models: tuple[str, ...] = ()
+    """The models: ``models:/<name>@<alias>`` / ``models:/<name>/<version>``, a bare registered
+    name (``adps-ambient-r4`` = its newest version), ``runs:/<id>/model`` or a local model folder
+    (:func:`adps.orchestration.registry.model_uri`)."""
+    use_gpu: bool = False
+    """One GPU per task."""
+    output: str = ""
+    """Folder or ``s3://`` prefix for the cells and the report (default ``.adps/eval/<run_name>``)."""
+    run_name: str = "evaluation"
+    """MLflow run name; re-running with the same name and output resumes."""
+    lpips: bool = True
+    """Compute LPIPS (needs the AlexNet weights locally; see adps.perceptual)."""
+    lpips_weights: str = ""
+    """AlexNet weights file for LPIPS; empty = found on the driver as adps.perceptual.find_weights
+    does (``$ADPS_WEIGHTS_DIR``, then the torch hub cache) and passed to every task."""
+    n_boot: int = 2000
+    """Bootstrap resamples of the cross-over's confidence interval."""
+    crossover_level: float = 0.95
+    """Confidence level of the cross-over's intervals: a cross-over needs the interval of every
+    paired difference from its setting on to exclude 0 (:func:`adps.crossover.crossover`)."""
+
+    def validate(self) -> None:
+        """Check values that need no I/O; names the key at fault."""
+        super().validate()
+        if not self.models:
+            raise ValueError("config key 'models' is empty: name at least one model (e.g. adps-ambient-r4)")
+        if self.n_boot < 1:
+            raise ValueError(f"config key 'n_boot' must be >= 1, got {self.n_boot}")
+        if not 0 < self.crossover_level < 1:
+            raise ValueError(f"config key 'crossover_level' must be in (0, 1), got {self.crossover_level}")
+
+    @property
+    def resolved_output(self) -> str:
+        return self.output or str(Path(".adps") / "eval" / self.run_name)
+
+
+@dataclass(frozen=True)
+class Study:
+    """What one study's evaluation brings to :func:`adps.orchestration.evaluate.evaluate`; the
+    driver does the rest (paths, Ray tasks, resume, the MLflow run and the report)."""
+
+    name: str
+    """``mri`` or ``images`` (``adps evaluate --study``)."""
+    config: type[EvaluationConfig]
+    cell: Callable[[dict[str, Any]], Any]
+    """A cell from its ``dataclasses.asdict`` form (what a Ray task receives)."""
+    columns: tuple[str, ...]
+    """The results table's columns."""
+    paths: tuple[str, ...]
+    """Config keys naming local folders or files, made absolute on the driver (a Ray task runs
+    in another folder)."""
+    plan: Callable[[Any, bool], tuple[list[Any], dict[str, Any]]]
+    """``(config, progress) -> (cells, extra)``: resolves the models (failing before any task
+    starts), plans the cells and runs the checks before them; ``extra`` goes to ``report``
+    and into the result."""
+    evaluate_cell: Callable[..., list[dict[str, Any]]]
+    """``(config, cell, *, device) -> rows``; writes the cell's files, ``<key>.json`` last."""
+    describe: Callable[[Any], str]
+    """A cell in a few words, for the progress bar."""
+    sort_key: Callable[[dict[str, Any]], Any]
+    crossovers: Callable[[Any, list[dict[str, Any]]], list[Any]]
+    report: Callable[..., tuple[dict[str, float], dict[str, str]]]
+    """``(config, folder, table, crossovers, cells, extra) -> (metrics, tags)``: writes the
+    study's figures and tables into ``folder`` (beside ``results.*``)."""
 
 
 def cell_path(output: str, key: str, suffix: str) -> str:

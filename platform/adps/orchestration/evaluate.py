@@ -1,625 +1,113 @@
-"""The study's evaluation: every model x R_inf x test slice, metrics, figures and the cross-over.
+"""The evaluation of both studies: one driver, each study's own part in its module.
 
-``adps evaluate`` / ``jobs/evaluate.py`` call :func:`evaluate`. The grid is cut into *cells*
-(one model, one sampler, one R_inf, a chunk of ``slices_per_task`` test slices), each a Ray
-task (one GPU each with ``use_gpu``). A cell writes its rows (and the reconstruction of the
-first test slice, for the figure) to ``<output>/cells/`` atomically, so an interrupted
-evaluation, run again, computes only the cells that are missing. At the end the driver
-gathers every cell into one tidy table and logs to one MLflow run:
+``adps evaluate`` / ``jobs/evaluate.py`` call :func:`evaluate` with an
+:class:`~adps.orchestration.study_mri.EvaluateConfig` (the MRI study: models x R_inf x test
+slices, docs/evaluation.md) or an :class:`~adps.orchestration.study_images.ImageEvaluateConfig`
+(the natural-image study: models x tasks x settings x test images, docs/natural_images.md).
+The config's type picks the :class:`~adps.orchestration.cells.Study`; the driver does what
+both share:
 
-* ``results.parquet`` / ``results.csv``: model, method, sampler, r_train, r_inf, slice,
-  nrmse, psnr, ssim, lpips, seconds, the sampler's steps, guidance and other settings
-  (``options``, e.g. ``sigma_min=0.1``), and with K posterior samples per slice their count and
-  calibration (one row per slice);
-* ``denoising_check.csv``: each diffusion model's denoising error on the test split before
-  and after the network, per sigma (:func:`check_denoisers`);
-* figures: NRMSE / PSNR / SSIM against R_inf per model with the spread over slices (paper
-  figures 7-9) and a reconstruction grid with x10 difference images (figure 6);
-* the cross-over of each ambient model against the fully sampled reference (FS-DPS, by
-  default ``edm_r1``) per metric (:func:`adps.crossover.crossover`: ``crossover``, when the
-  ambient model wins with an interval above 0 from that R_inf on; ``inconclusive``, when only
-  the means favour it; ``none``), as ``crossover.csv`` (with ``outcome`` and ``level``), as
-  metrics ``crossover_r.<model>.<metric>`` / ``crossover_inconclusive_r.`` (plus
-  ``crossover_margin.`` / ``_ci_low.`` / ``_ci_high.`` at that R_inf) and as the tags
-  ``adps.crossover_inconclusive`` and ``adps.crossover_none``, and drawn on the metric figures.
-
-The same files also go to ``<output>/report/``. A cell's key holds its model (the registry
-version it was pinned to, or its folder) and its sampler settings, so a retrained model or
-other settings get new cells rather than old results.
-
-The natural-image evaluation (:mod:`adps.orchestration.image_evaluate`) shares the cell
-machinery: :func:`run_cells` (resume + Ray fan-out), :func:`cell_path` / :func:`done_rows` and
-:func:`publish_report`.
+1. resolve the tracking URI, the output folder and the LPIPS weights once on the driver (the
+   tasks run in other folders; a missing file fails here, naming it, not in every task);
+2. the study plans its cells (it resolves and pins the models first, so a wrong entry fails
+   before any task starts);
+3. :func:`~adps.orchestration.cells.run_cells` computes the cells not yet in
+   ``<output>/cells/`` as Ray tasks (one GPU each with ``use_gpu``): an interrupted evaluation,
+   run again, computes only what is missing;
+4. the rows, sorted, go to one MLflow run (``results.parquet`` / ``results.csv``, the study's
+   cross-over table and figures, its metrics and tags), and the same files to
+   ``<output>/report/``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import math
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from adps.config import ConfigFile
-from adps.crossover import crossover_table
-from adps.data import storage
-from adps.data.dataset import PreparedSliceDataset
-from adps.data.shards import read_manifest
-from adps.metrics import image_metrics, posterior_summary
-from adps.nn.learning_config import COMPILE_MODES
-from adps.nn.reconstruct import DENOISER_METHODS
-from adps.nn.samplers import DEFAULT_SAMPLER, ITERATIVE_SAMPLERS
-from adps.orchestration.cells import cell_path, publish_report, reconstruct_batch, run_cells, stack_batch
-from adps.orchestration.denoising_check import check_denoisers, format_denoising_check
-from adps.orchestration.figures import metric_figure, posterior_grid, reconstruction_grid
-from adps.orchestration.registry import (
-    load_model_entry,
-    model_label,
-    model_uri,
-    model_version_of,
-    tuned_meta,
-    tuned_settings,
+from adps.orchestration.cells import EvaluationConfig, Study, publish_report, run_cells
+from adps.orchestration.study_images import (
+    IMAGE_STUDY,
+    ImageEvaluateConfig,
+    format_image_crossover,
+    format_image_results,
 )
+from adps.orchestration.study_mri import MRI_STUDY, EvaluateConfig, format_crossover, format_results
 from adps.orchestration.tracking import RunLogger, end_run, open_run, resolve_tracking_uri
-from adps.perceptual import find_weights, lpips_distance
+from adps.perceptual import find_weights
 
 __all__ = [
-    "Cell", "EvaluateConfig", "evaluate", "evaluate_cell", "format_crossover", "format_results", "plan_cells",
-    "network_for_sampler", "cell_settings", "check_fair_tuning", "format_settings",
+    "STUDIES", "EvaluateConfig", "ImageEvaluateConfig", "evaluate", "format_crossover", "format_image_crossover",
+    "format_image_results", "format_results", "study_of",
 ]
 
-METRICS = ("nrmse", "psnr", "ssim", "lpips")
-TABLE_COLUMNS = ("model", "method", "sampler", "r_train", "r_inf", "slice", *METRICS, "seconds", "steps", "guidance",
-                 "options", "settings", "samples", "calibration")
-"""The samplers that draw from a posterior (a fresh start noise gives another sample)."""
+STUDIES: dict[str, Study] = {study.name: study for study in (MRI_STUDY, IMAGE_STUDY)}
+"""``adps evaluate --study`` -> the study."""
 
 
-@dataclass(frozen=True)
-class EvaluateConfig(ConfigFile):
-    """Everything an evaluation needs; unknown keys are refused by name."""
-
-    dataset: str = ""
-    """Prepared dataset (folder or ``s3://``); its ``test`` split is reconstructed."""
-    models: tuple[str, ...] = ()
-    """Models to evaluate: ``models:/<name>@<alias>`` / ``models:/<name>/<version>``, a bare
-    registered name (``adps-ambient-r4`` = its newest version), ``runs:/<id>/model``, a local
-    model folder, or one of the classical reconstructions without a network (:data:`CLASSICAL`):
-    ``l1`` (L1-wavelet CS), ``zero_filled`` (``A^H y``), ``cg_sense`` (unregularised CG-SENSE)."""
-    accelerations: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0)
-    """R_inf: the test accelerations (each must be prepared in the dataset)."""
-    reference: str = "edm_r1"
-    """The fully sampled model the cross-over is measured against (``<method>_r<R>``)."""
-    slices: int = 0
-    """Test slices to reconstruct (the first ones; 0 = all)."""
-    slices_per_task: int = 4
-    """Slices per Ray task, reconstructed as one batch."""
-    # The samplers' settings. By default the paper's protocol (METHOD.md "Samplers"); a value set
-    # here applies to every model (docs/protocol.md "Sampler settings").
-    steps: int = 0
-    """Steps of the iterative samplers (A-DPS, DPS, ALD) for every model; 0 = a tuned value
-    (``use_tuned``), else METHOD.md's (500 for A-DPS / DPS, 1,300 for ALD)."""
-    guidance: float = 0.0
-    """A-DPS / DPS step size l_ss for every model; 0 = tuned, else METHOD.md's 1.0."""
-    sigma_max: float = 0.0
-    """Start of the A-DPS / DPS schedule for every model; 0 = tuned, else METHOD.md's 10."""
-    sigma_min: float = 0.0
-    """End of the A-DPS / DPS schedule for every model; 0 = tuned, else ``a_dps_sigma_min`` for
-    ambient models where set, else METHOD.md's 0.004."""
-    rho: float = 0.0
-    """Curvature of the A-DPS / DPS schedule; 0 = tuned, else METHOD.md's 7."""
-    ald_step_scale: float = 0.0
-    """ALD's ``eta_t / sigma_t^2``; 0 = tuned, else 0.5 (:func:`adps.nn.samplers.ald`)."""
-    l1_lam: float = 0.0
-    """L1-wavelet CS's lambda; 0 = METHOD.md's 0.001 (BART's scale)."""
-    l1_iterations: int = 0
-    """L1-wavelet CS's iterations; 0 = METHOD.md's 100."""
-    cg_sense_iterations: int = 0
-    """CG-SENSE's iterations; 0 = 10 (its only regulariser at R > 1 is stopping early)."""
-    use_tuned: bool = False
-    """Use the settings ``adps tune`` searches left on the registered model versions
-    (:func:`tuned_settings`) for the settings not set above. Off by default: the evaluation then
-    follows the paper's protocol. On, it is fair or it refuses: at each R_inf, either every
-    diffusion model compared has settings from a search with the same budget on a split other
-    than test, or none has (then all run the protocol); a model without them is refused unless
-    ``allow_untuned``. The ``settings`` column of the results says where each row's came from."""
-    allow_untuned: bool = False
-    """With ``use_tuned``: evaluate a diffusion model that has no search at an R_inf where others
-    have one with its untuned settings, its rows marked ``untuned``, instead of refusing."""
-    a_os: bool = True
-    """Also evaluate A-OS for ambient models, at R_inf = R_train only (its valid case)."""
-    a_dps_sigma_min: float = 0.0
-    """End of the A-DPS schedule of ambient models where neither ``sigma_min`` nor a search set
-    one; 0 = METHOD.md's 0.004. A small ambient model needs more (the demo's: 0.1;
-    docs/evaluation.md)."""
-    a_os_sigma: float = 0.0
-    """A-OS's sigma where no search (``tune_spaces/a_os.yaml``) set one; 0 = METHOD.md's 0.003."""
-    lpips: bool = True
-    """Compute LPIPS (needs the AlexNet weights locally; see adps.perceptual)."""
-    lpips_weights: str = ""
-    """AlexNet weights file for LPIPS; empty = found on the driver as adps.perceptual.find_weights
-    does (``$ADPS_WEIGHTS_DIR``, then the torch hub cache) and passed to every task."""
-    seed: int = 0
-    """Seeds the samplers' noise and the A-DPS training masks, per slice."""
-    use_gpu: bool = False
-    """One GPU per task."""
-    amp: str = ""
-    """``bf16``: the network in bf16 autocast (GPU only)."""
-    compile_mode: str = ""
-    """``torch.compile`` the network of the iterative samplers (A-DPS, DPS, ALD) in each task:
-    ``""`` (off), ``default``, ``reduce-overhead``, ``max-autotune`` or
-    ``max-autotune-no-cudagraphs``. The compilation takes minutes per task shape, so it pays
-    with ``use_gpu``, 500 steps and a ``slices_per_task`` of 8-16 (bench/README.md). One-call
-    samplers (A-OS, unrolled) are never compiled."""
-    output: str = ""
-    """Folder or ``s3://`` prefix for the cells and the table (default ``.adps/eval/<run_name>``)."""
-    run_name: str = "evaluation"
-    """MLflow run name; re-running with the same name and output resumes."""
-    tracking_uri: str = ""
-    """MLflow tracking URI (default as for training: ``$MLFLOW_TRACKING_URI``, else
-    ``.adps/mlflow.db``)."""
-    experiment: str = "adps-eval"
-    n_boot: int = 2000
-    """Bootstrap resamples of the cross-over's confidence interval."""
-    crossover_level: float = 0.95
-    """Confidence level of the cross-over's intervals: a cross-over needs the interval of every
-    paired difference from its R_inf on to exclude 0 (:func:`adps.crossover.crossover`)."""
-    posterior_samples: int = 1
-    """K: posterior samples per slice of the stochastic samplers (A-DPS, DPS, ALD), drawn in one
-    batch of K x ``slices_per_task`` (K times the memory and time of one). With K > 1 a row's
-    metrics are those of the posterior mean, its ``calibration`` is the fraction of pixels whose
-    error lies within 2 standard deviations of the samples (:func:`adps.metrics.posterior_summary`),
-    and a figure per model, sampler and R_inf shows each slice's standard deviation map."""
-    posterior_figure_slices: int = 8
-    """Slices shown in each posterior figure (the first ones)."""
-    denoising_check: bool = True
-    """Before any sampler runs, check on a few test slices that each diffusion model's denoiser
-    output is closer to the truth than its noisy input (:func:`check_denoisers`); a model that
-    fails is reported (a warning, the MLflow tag ``adps.denoising_check_failed``) but still
-    evaluated."""
-    denoising_check_slices: int = 4
-    """Test slices of the denoising check (the first ones)."""
-    denoising_check_sigmas: tuple[float, ...] = (0.05, 0.1, 0.2)
-    """Noise levels of the denoising check (:data:`adps.nn.reconstruct.DENOISING_CHECK_SIGMAS`)."""
-
-    def validate(self) -> None:
-        """Check values that need no I/O; names the key at fault."""
-        if not self.dataset:
-            raise ValueError("config key 'dataset' is empty: give the prepared dataset (folder or s3://)")
-        if not self.models:
-            raise ValueError("config key 'models' is empty: name at least one model (e.g. adps-ambient-r4)")
-        if not self.accelerations or any(r < 1 for r in self.accelerations):
-            raise ValueError(f"config key 'accelerations' must be values >= 1, got {list(self.accelerations)}")
-        if self.denoising_check_slices < 1 or any(not sigma > 0 for sigma in self.denoising_check_sigmas):
-            raise ValueError("config keys 'denoising_check_slices' (>= 1) and 'denoising_check_sigmas' (each > 0) out "
-                             f"of range: {self.denoising_check_slices}, {list(self.denoising_check_sigmas)}")
-        for key in ("slices", "steps", "n_boot", "guidance", "a_dps_sigma_min", "a_os_sigma", "sigma_max", "sigma_min",
-                    "rho", "ald_step_scale", "l1_lam", "l1_iterations", "cg_sense_iterations"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
-        if not 0 < self.crossover_level < 1:
-            raise ValueError(f"config key 'crossover_level' must be in (0, 1), got {self.crossover_level}")
-        for key in ("slices_per_task", "posterior_samples", "posterior_figure_slices"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
-        if self.amp not in ("", "bf16"):
-            raise ValueError(f"config key 'amp' must be '' or 'bf16', got {self.amp!r}")
-
-        if self.compile_mode not in ("", *COMPILE_MODES):
-            raise ValueError(f"config key 'compile_mode' must be '' (eager) or one of {', '.join(COMPILE_MODES)}, "
-                             f"got {self.compile_mode!r}")
-
-    @property
-    def resolved_output(self) -> str:
-        return self.output or str(Path(".adps") / "eval" / self.run_name)
+def study_of(config: EvaluationConfig) -> Study:
+    """The study whose config ``config`` is."""
+    for study in STUDIES.values():
+        if type(config) is study.config:
+            return study
+    raise TypeError(f"not an evaluation config: {type(config).__name__} (expected one of "
+                    f"{', '.join(study.config.__name__ for study in STUDIES.values())})")
 
 
-# Cells ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Cell:
-    """One Ray task: one model and sampler at one R_inf, on a chunk of test slices."""
+def evaluate(config: EvaluationConfig, *, ray_address: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the evaluation ``config`` describes; returns ``{"rows", "crossover",
+    "run_id", "output"}`` and what the study adds (MRI: ``denoising_check``; images:
+    ``figures``, the file names written)."""
 
-    model: str
-    """The model's URI (see :func:`model_uri`)."""
-    label: str
-    method: str
-    sampler: str
-    r_train: float
-    r_inf: float
-    indices: tuple[int, ...]
-    """Test-split indices."""
-    steps: int = 0
-    """Sampler steps (0 = the sampler's default)."""
-    guidance: float = 1.0
-    """l_ss of A-DPS / DPS."""
-    options: tuple[tuple[str, float], ...] = ()
-    """The sampler's other settings (``sigma_min``, ``churn``, ``step_scale``, ``iterations``, ...), sorted."""
-    settings: str = "paper"
-    """Where the settings came from: ``paper`` (METHOD.md's), ``config`` (a value of the
-    evaluation config), ``tuned`` (a search) or ``untuned`` (no search, others had one)."""
-
-    @property
-    def key(self) -> str:
-        # The settings are part of the key: a re-run with other settings computes new cells.
-        # So is the model itself (its pinned registry version or folder): a retrained model
-        # registered under the same name gets new cells, not the old model's results.
-        extra = "".join(f"_{name}{value:g}" for name, value in self.options)
-        model = hashlib.sha1(self.model.encode()).hexdigest()[:8]
-        return (f"{self.label}-{model}__{self.sampler}__R{self.r_inf:g}__s{self.steps}_g{self.guidance:g}{extra}__"
-                f"{self.indices[0]:05d}-{self.indices[-1]:05d}")
-
-
-def _diffusion_methods() -> tuple[str, ...]:
-    """The methods whose sampler settings a search tunes and the fair-tuning rule compares: those
-    with a denoiser (:data:`adps.nn.reconstruct.DENOISER_METHODS`)."""
-
-    return DENOISER_METHODS
-
-
-def check_fair_tuning(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any]]]) -> dict[tuple[str, float], str]:
-    """With ``use_tuned``: which settings each diffusion model gets at each R_inf, refusing an
-    unfair comparison. Returns ``{(label, r_inf): "tuned" | "untuned" | "paper"}``.
-
-    At each R_inf, either every diffusion model has settings from a search, all with the same
-    budget and none on the test split, or none has (``paper``: the protocol for all). A model
-    without a search where others have one is refused, naming it and the command that tunes
-    it, unless ``allow_untuned`` (then ``untuned``).
-    """
-    verdict: dict[tuple[str, float], str] = {}
-    diffusion = [(uri, c) for uri, c in models if c["method"] in _diffusion_methods()]
-    if not config.use_tuned:
-        return verdict
-    for r_inf in map(float, config.accelerations):
-        tuned = {model_label(c): tuned_meta(c.get("_version_tags", {}), r_inf) for _, c in diffusion
-                 if tuned_settings(c.get("_version_tags", {}), r_inf)}
-        missing = [model_label(c) for _, c in diffusion if model_label(c) not in tuned]
-        on_test = sorted(label for label, meta in tuned.items() if meta["split"] == "test")
-        if on_test:
-            raise ValueError(f"use_tuned: the settings of {', '.join(on_test)} at R_inf {r_inf:g} were searched on the "
-                             "test split, whose slices this evaluation scores; search again on val")
-        budgets = {meta["budget"] for meta in tuned.values()}
-        if len(budgets) > 1:
-            found = ", ".join(f"{label} {meta['budget'] or '?'} trials" for label, meta in sorted(tuned.items()))
-            raise ValueError(f"use_tuned: at R_inf {r_inf:g} the searches had different budgets ({found}); "
-                             "tune every model with the same num_samples")
-        if tuned and missing and not config.allow_untuned:
-            raise ValueError(f"use_tuned: at R_inf {r_inf:g}, {', '.join(sorted(tuned))} have settings from a Ray Tune "
-                             f"search but {', '.join(missing)} not: tune them with the same budget (adps tune --model "
-                             f"... --r-inf {r_inf:g}), or set allow_untuned: true to run them untuned (rows marked), "
-                             "or use_tuned: false for the paper's protocol")
-        for label in tuned:
-            verdict[(label, r_inf)] = "tuned"
-        for label in missing:
-            verdict[(label, r_inf)] = "untuned" if tuned else "paper"
-    return verdict
-
-
-# The explicit config keys of each sampler: (config key, the sampler's option).
-EXPLICIT_OPTIONS = {
-    "a_dps": (("sigma_max", "sigma_max"), ("sigma_min", "sigma_min"), ("rho", "rho")),
-    "dps": (("sigma_max", "sigma_max"), ("sigma_min", "sigma_min"), ("rho", "rho")),
-    "ald": (("ald_step_scale", "step_scale"),),
-    "l1_wavelet": (("l1_lam", "lam"), ("l1_iterations", "iterations")),
-    "cg_sense": (("cg_sense_iterations", "iterations"),),
-}
-
-
-def cell_settings(config: EvaluateConfig, model_config: dict[str, Any], sampler: str, r_inf: float,
-                  fairness: dict[tuple[str, float], str] | None = None) -> tuple[int, float, dict[str, float], str]:
-    """``(steps, guidance, options, source)`` of one model's ``sampler`` at ``r_inf``.
-
-    Each value: the config's when set (for every model), else a search's (``use_tuned``),
-    else, for ambient models, ``a_dps_sigma_min`` / ``a_os_sigma``, else METHOD.md's. Settings
-    searched together are used together: an explicit guidance drops the rest of the tuned set.
-    ``source`` is ``tuned`` when any value came from a search, ``untuned`` for a model the fair
-    rule let run without one (:func:`check_fair_tuning`), ``config`` when any came from the
-    config, else ``paper``.
-    """
-    method = model_config["method"]
-    tags = model_config.get("_version_tags", {})
-    use_tuned = config.use_tuned and method in _diffusion_methods()
-    tuned = tuned_settings(tags, r_inf, "a_os" if sampler == "a_os" else "") if use_tuned else {}
-    tuned_steps, tuned_guidance = int(tuned.pop("steps", 0)), tuned.pop("guidance", 0.0)
-    steps = (config.steps or tuned_steps) if sampler in ITERATIVE_SAMPLERS else 0
-    guidance = config.guidance or tuned_guidance or 1.0
-    options = {} if config.guidance else dict(tuned)
-    explicit = {option: float(getattr(config, key)) for key, option in EXPLICIT_OPTIONS.get(sampler, ())
-                if getattr(config, key)}
-    options.update(explicit)
-    fallback = {}
-    if method == "ambient" and sampler == "a_dps" and config.a_dps_sigma_min:
-        fallback["sigma_min"] = float(config.a_dps_sigma_min)
-    if sampler == "a_os" and config.a_os_sigma:
-        fallback["sigma"] = float(config.a_os_sigma)
-    for option, value in fallback.items():
-        options.setdefault(option, value)
-    from_tuned = bool(tuned or tuned_steps or tuned_guidance) and not config.guidance
-    from_config = bool(explicit or fallback.keys() & options.keys()
-                       or (sampler in ITERATIVE_SAMPLERS and config.steps) or (sampler in ("a_dps", "dps") and config.guidance))
-    source = "tuned" if from_tuned else "config" if from_config else "paper"
-    if (fairness or {}).get((model_label(model_config), r_inf)) == "untuned" and sampler != "a_os":
-        source = "untuned"
-    return steps, float(guidance), options, source
-
-
-def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any]]], n_test: int,
-               fairness: dict[tuple[str, float], str] | None = None) -> list[Cell]:
-    """Every cell of the grid: models x samplers x R_inf x slice chunks, each with its model's
-    sampler settings (:func:`cell_settings`)."""
-
-    count = min(n_test, config.slices) if config.slices else n_test
-    chunks = [tuple(range(i, min(i + config.slices_per_task, count))) for i in range(0, count, config.slices_per_task)]
-    cells = []
-    for uri, model_config in models:
-        method = model_config["method"]
-        r_train = float(model_config["R"])
-        for r_inf in map(float, config.accelerations):
-            runs = [DEFAULT_SAMPLER[method]]
-            if method == "ambient" and config.a_os and r_inf == r_train:
-                runs.append("a_os")
-            for sampler in runs:
-                steps, guidance, options, source = cell_settings(config, model_config, sampler, r_inf, fairness)
-                for chunk in chunks:
-                    cells.append(Cell(uri, model_label(model_config), method, sampler, r_train, r_inf, chunk,
-                                      steps=steps, guidance=guidance, options=tuple(sorted(options.items())),
-                                      settings=source))
-    return cells
-
-
-def _cell_path(config: EvaluateConfig, cell: Cell, suffix: str) -> str:
-    return cell_path(config.resolved_output, cell.key, suffix)
-
-
-def network_for_sampler(model: torch.nn.Module | None, sampler: str, compile_mode: str) -> torch.nn.Module | None:
-    """The network a cell's sampler calls: ``model`` itself, or ``torch.compile(model)`` with
-    static shapes (a task's batch never changes) for an iterative sampler when ``compile_mode``
-    is set. The samplers freeze the weights while they run, so the compiled backward of A-DPS /
-    DPS computes the gradient to ``x`` alone."""
-    if model is None or not compile_mode or sampler not in ITERATIVE_SAMPLERS:
-        return model
-    return torch.compile(model, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
-
-
-def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") -> list[dict[str, Any]]:
-    """Reconstruct and measure one cell; writes ``<key>.json`` (rows) and ``<key>.npz`` (the
-    first slice's reconstruction and reference) and returns the rows."""
-
-    model, _ = load_model_entry(cell.model, device, config.tracking_uri)
-    model = network_for_sampler(model, cell.sampler, config.compile_mode)
-
-    # A_tr masks like the training masks: the ACS width the dataset was prepared with.
-    acs = read_manifest(config.dataset)["config"].get("acs")
-    dataset = PreparedSliceDataset(config.dataset, "test", acceleration=cell.r_inf)
-    try:
-        items = [dataset[i] for i in cell.indices]
-    finally:
-        dataset.close()
-    samples = config.posterior_samples if cell.sampler in ITERATIVE_SAMPLERS else 1
-    # K samples per slice in one batch: the slices repeated K times, each row its own start noise.
-    batch = stack_batch(items * samples, device)
-    slice_ids = batch["slice_ids"][: len(items)]
-    started = time.perf_counter()
-    image = reconstruct_batch(
-        cell.sampler, model, batch, r_train=cell.r_train, seed=config.seed, acs=acs, amp=config.amp,
-        steps=cell.steps or None, guidance=cell.guidance, **dict(cell.options),
-    )
-    seconds = (time.perf_counter() - started) / len(items)
-    reference = batch["reference"][: len(items)]
-    extra: dict[str, np.ndarray] = {}
-    calibration = [math.nan] * len(items)
-    if samples > 1:
-        summary = posterior_summary(image.reshape(samples, len(items), *image.shape[1:]), reference)
-        image, calibration = summary["mean"], summary["calibration"].tolist()
-        extra = {"means": summary["mean"].cpu().numpy(), "stds": summary["std"].float().cpu().numpy(),
-                 "references": reference.cpu().numpy()}
-    scores = {key: value.tolist() for key, value in image_metrics(reference, image).items()}
-    if config.lpips:
-
-        scores["lpips"] = lpips_distance(reference, image, weights=config.lpips_weights or None, device=device).tolist()
-    rows = []
-    for i, slice_id in enumerate(slice_ids):
-        row = {"model": cell.label, "method": cell.method, "sampler": cell.sampler, "r_train": cell.r_train,
-               "r_inf": cell.r_inf, "slice": slice_id, "seconds": seconds, "steps": cell.steps,
-               "guidance": cell.guidance, "options": ",".join(f"{name}={value:g}" for name, value in cell.options),
-               "settings": cell.settings,
-               "samples": samples, "calibration": float(calibration[i])}
-        row.update({metric: float(scores[metric][i]) if metric in scores else math.nan for metric in METRICS})
-        rows.append(row)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, image=image[0].cpu().numpy(), reference=reference[0].cpu().numpy(),
-                        slice=np.int64(slice_ids[0]), slices=np.asarray(slice_ids, dtype=np.int64), **extra)
-    storage.write_bytes_atomic(_cell_path(config, cell, ".npz"), buffer.getvalue())
-    # The rows last: a cell counts as done only when its JSON exists.
-    storage.write_bytes_atomic(_cell_path(config, cell, ".json"), json.dumps(rows).encode())
-    return rows
-
-
-# The denoising check -------------------------------------------------------------------------
-def _resolve(config: EvaluateConfig) -> list[tuple[str, dict[str, Any]]]:
-    """Every model's URI and config, loaded once on the driver (fails before any task starts)."""
-    resolved = []
-    for entry in config.models:
-        uri = model_uri(entry)
-        _, model_config = load_model_entry(uri, "cpu", config.tracking_uri)
-        version = model_version_of(uri, config.tracking_uri)
-        if version is not None:
-            # Pinned: every task loads this version, even if another is registered meanwhile.
-            uri = f"models:/{version.name}/{version.version}"
-        resolved.append((uri, {**model_config, "_version_tags": dict(version.tags) if version is not None else {}}))
-    return resolved
-
-
-def evaluate(config: EvaluateConfig, *, ray_address: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the evaluation; returns ``{"rows", "crossover", "run_id", "output"}``."""
-
+    study = study_of(config)
     config.validate()
-    # Resolved once on the driver: the tasks run in other folders (and models:/ URIs need it).
-    config = config.replace(tracking_uri=resolve_tracking_uri(config.tracking_uri))
-    if "://" not in config.resolved_output:
-        config = config.replace(output=str(Path(config.resolved_output).resolve()))
-    prepared = [float(r) for r in read_manifest(config.dataset)["config"]["accelerations"]]
-    missing = [r for r in config.accelerations if float(r) not in prepared]
-    if missing:
-        raise ValueError(f"config key 'accelerations': R_inf {', '.join(f'{r:g}' for r in missing)} not prepared in "
-                         f"{config.dataset} (it has {', '.join(f'{r:g}' for r in prepared)})")
+    paths = {"tracking_uri": resolve_tracking_uri(config.tracking_uri)}
+    for key, value in [("output", config.resolved_output), *((key, getattr(config, key)) for key in study.paths)]:
+        if value and "://" not in value:
+            paths[key] = str(Path(value).resolve())
     if config.lpips:
-
-        # A missing weights file fails here, naming it, not in every task.
-        config = config.replace(lpips_weights=str(find_weights("alexnet", config.lpips_weights or None)))
-    models = _resolve(config)
-    dataset = PreparedSliceDataset(config.dataset, "test", acceleration=config.accelerations[0])
-    n_test = len(dataset)
-    dataset.close()
-    checks: list[dict[str, Any]] = []
-    if config.denoising_check:
-        checks = check_denoisers(models, config.dataset, "test", slices=config.denoising_check_slices,
-                                 sigmas=config.denoising_check_sigmas, seed=config.seed,
-                                 tracking_uri=config.tracking_uri)
-        if progress and checks:
-            print("adps evaluate: denoising check on the test split (complex NRMSE of the noisy input -> the "
-                  "model's output; a model must lower it)\n" + format_denoising_check(checks), flush=True)
-    fairness = check_fair_tuning(config, models)
-    cells = plan_cells(config, models, n_test, fairness)
-    if progress:
-        print(format_settings(cells), flush=True)
-    rows = run_cells(_cell_task, config.to_dict(), cells, output=config.resolved_output, use_gpu=config.use_gpu,
-                     ray_address=ray_address, progress=progress,
-                     describe=lambda cell: f"{cell.label} {cell.sampler} R_inf {cell.r_inf:g}")
-    rows.sort(key=lambda r: (r["model"], r["sampler"], r["r_inf"], r["slice"]))
-    ambient = sorted({r["model"] for r in rows if r["method"] == "ambient"})
-    compared = [r for r in rows if r["sampler"] in ("a_dps", "dps", "ald", "l1_wavelet", "unrolled", "zero_filled",
-                                                     "cg_sense")]
-    crossovers = crossover_table(compared, ambient, config.reference, metrics=("nrmse", "psnr", "ssim"),
-                                 n_boot=config.n_boot, level=config.crossover_level, seed=config.seed) \
-        if config.reference in {r["model"] for r in rows} else []
-    run_id = _log_to_mlflow(config, rows, crossovers, cells, checks)
+        paths["lpips_weights"] = str(find_weights("alexnet", config.lpips_weights or None))
+    config = config.replace(**paths)
+    cells, extra = study.plan(config, progress)
+    rows = run_cells(_cell_task, {"study": study.name, **config.to_dict()}, cells, output=config.resolved_output,
+                     use_gpu=config.use_gpu, ray_address=ray_address, progress=progress, describe=study.describe)
+    rows.sort(key=study.sort_key)
+    crossovers = study.crossovers(config, rows)
+    run_id, figures = _log_to_mlflow(study, config, rows, crossovers, cells, extra)
     return {"rows": rows, "crossover": crossovers, "run_id": run_id, "output": config.resolved_output,
-            "denoising_check": checks}
+            "figures": figures, **extra}
 
 
 def _cell_task(config: dict[str, Any], cell: dict[str, Any]) -> list[dict[str, Any]]:
-    config_obj = EvaluateConfig.from_dict(config)
-    cell_obj = Cell(**{**cell, "indices": tuple(cell["indices"]),
-                       "options": tuple((name, float(value)) for name, value in cell["options"])})
+    """One cell in a Ray task: ``config`` is the evaluation's :meth:`to_dict` plus its ``study``."""
+    study = STUDIES[config["study"]]
+    config_obj = study.config.from_dict({key: value for key, value in config.items() if key != "study"})
     torch.set_num_threads(1)
     device = "cuda" if config_obj.use_gpu and torch.cuda.is_available() else "cpu"
-    return evaluate_cell(config_obj, cell_obj, device=device)
+    return study.evaluate_cell(config_obj, study.cell(cell), device=device)
 
 
-def _log_to_mlflow(config: EvaluateConfig, rows: list[dict[str, Any]], crossovers: list, cells: list[Cell],
-                   checks: list[dict[str, Any]] = ()) -> str:
-    import tempfile
-
+def _log_to_mlflow(study: Study, config: EvaluationConfig, rows: list[dict[str, Any]], crossovers: list[Any],
+                   cells: list[Any], extra: dict[str, Any]) -> tuple[str, list[str]]:
+    """One MLflow run (found again by output and run name): the tables, the study's report and
+    its metrics and tags; returns the run id and the figures' file names."""
     import pandas as pd
 
-    tracking_uri = config.tracking_uri
-    run_id, _ = open_run(tracking_uri, config.experiment, f"{config.resolved_output}#{config.run_name}", config.run_name,
-                         config.to_dict())
-    log = RunLogger(tracking_uri, run_id)
-    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    run_id, _ = open_run(config.tracking_uri, config.experiment, f"{config.resolved_output}#{config.run_name}",
+                         config.run_name, config.to_dict())
+    log = RunLogger(config.tracking_uri, run_id)
+    table = pd.DataFrame(rows, columns=list(study.columns))
     with tempfile.TemporaryDirectory(prefix="adps-eval-") as tmp:
         folder = Path(tmp)
         table.to_parquet(folder / "results.parquet", index=False)
         table.to_csv(folder / "results.csv", index=False)
-        pd.DataFrame([c.as_row() for c in crossovers]).to_csv(folder / "crossover.csv", index=False)
-        if checks:
-            pd.DataFrame(list(checks)).to_csv(folder / "denoising_check.csv", index=False)
-        for metric in ("nrmse", "psnr", "ssim"):
-            metric_figure(table, metric, crossovers=[c for c in crossovers if c.metric == metric]).savefig(
-                folder / f"{metric}_vs_r.png", dpi=120, bbox_inches="tight")
-        images, posteriors = {}, {}
-        for cell in cells:
-            with storage.local_copy(_cell_path(config, cell, ".npz")) as path, np.load(path) as data:
-                if cell.indices[0] == 0:
-                    name = cell.label if cell.label == cell.sampler else f"{cell.label} {cell.sampler}"
-                    images[(name, cell.r_inf)] = (data["image"], data["reference"])
-                if "stds" in data:  # K posterior samples: the cells of one (model, sampler, R_inf) together
-                    parts = posteriors.setdefault((cell.label, cell.sampler, cell.r_inf), [])
-                    parts.append((cell.indices[0], {k: data[k] for k in ("means", "stds", "references", "slices")}))
-        if images:
-            reconstruction_grid(images).savefig(folder / "reconstructions.png", dpi=120, bbox_inches="tight")
-        for (label, sampler, r_inf), parts in sorted(posteriors.items()):
-            arrays = {k: np.concatenate([part[k] for _, part in sorted(parts, key=lambda p: p[0])])
-                      [: config.posterior_figure_slices] for k in ("means", "stds", "references", "slices")}
-            posterior_grid(arrays["means"], arrays["stds"], arrays["references"], slices=arrays["slices"].tolist(),
-                           title=f"{label} {sampler} at R_inf {r_inf:g}: {config.posterior_samples} samples per slice"
-                           ).savefig(folder / f"posterior_{label}_{sampler}_r{r_inf:g}.png", dpi=120, bbox_inches="tight")
+        metrics, tags = study.report(config, folder, table, crossovers, cells, extra)
+        figures = sorted(path.name for path in folder.glob("*.png"))
         publish_report(log, folder, config.resolved_output)
-    metrics = {}
-    for c in crossovers:
-        key = f"{c.model}.{c.metric}"
-        if c.outcome != "none":
-            name = "crossover_r" if c.is_crossover else "crossover_inconclusive_r"
-            metrics.update({f"{name}.{key}": c.crossover_r, f"crossover_margin.{key}": c.margin,
-                            f"crossover_ci_low.{key}": c.ci_low, f"crossover_ci_high.{key}": c.ci_high})
-    calibrated = [r for r in rows if r.get("samples", 1) > 1]
-    if calibrated:
-        frame = pd.DataFrame(calibrated).groupby(["model", "sampler", "r_inf"])["calibration"].mean()
-        metrics.update({f"calibration.{model}.{sampler}.r{r_inf:g}": float(value)
-                        for (model, sampler, r_inf), value in frame.items()})
-    for check in checks:
-        key = f"denoising_check.{check['model']}.{check['split']}.s{check['sigma']:g}"
-        metrics.update({f"{key}.input_nrmse": check["input_nrmse"], f"{key}.output_nrmse": check["output_nrmse"]})
     if metrics:
         log.log_metrics(metrics, 0)
-    log.set_tags({"adps.crossover_none": ",".join(f"{c.model}.{c.metric}" for c in crossovers if c.outcome == "none"),
-                  "adps.crossover_inconclusive": ",".join(f"{c.model}.{c.metric}" for c in crossovers
-                                                          if c.outcome == "inconclusive"),
-                  "adps.crossover_level": f"{config.crossover_level:g}",
-                  "adps.denoising_check_failed": ",".join(sorted({c["model"] for c in checks if not c["passed"]}))})
-    end_run(tracking_uri, run_id, "FINISHED")
-    return run_id
-
-
-def format_settings(cells: Sequence[Cell]) -> str:
-    """One line per model, sampler and R_inf: the sampler's settings and where they came from
-    (``paper``, ``config``, ``tuned``, ``untuned``); identical lines merged over R_inf."""
-    seen: dict[tuple, list[float]] = {}
-    for cell in cells:
-        what = (cell.label, cell.sampler, cell.steps, cell.guidance, cell.options, cell.settings)
-        if cell.r_inf not in seen.setdefault(what, []):
-            seen[what].append(cell.r_inf)
-    lines = []
-    for (label, sampler, steps, guidance, options, source), r_infs in seen.items():
-        values = ([f"steps {steps}"] if steps else []) + ([f"guidance {guidance:g}"] if sampler in ("a_dps", "dps") else [])
-        values += [f"{name} {value:g}" for name, value in options]
-        shown = ", ".join(values) or "its defaults"
-        lines.append(f"adps evaluate: {label} {sampler} at R_inf {', '.join(f'{r:g}' for r in r_infs)}: {shown} "
-                     f"({source})")
-    return "\n".join(lines)
-
-
-def format_results(rows: Sequence[dict[str, Any]], metric: str = "nrmse") -> str:
-    """Mean ``metric`` over slices: one line per (model, sampler), one column per R_inf."""
-    import pandas as pd
-
-    table = pd.DataFrame(list(rows))
-    if table.empty:
-        return "(no rows)"
-    table["run"] = table["model"] + " " + table["sampler"]
-    pivot = table.pivot_table(index="run", columns="r_inf", values=metric, aggfunc="mean")
-    pivot.columns = [f"R={r:g}" for r in pivot.columns]
-    return f"mean {metric} over slices\n" + pivot.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-")
-
-
-def format_crossover(crossovers: Sequence[Any]) -> str:
-    """The cross-over table: model, metric, outcome, R_inf, margin and its confidence interval.
-
-    ``crossover``: the R_inf from which the model wins with every interval above 0;
-    ``inconclusive``: the R_inf from which the means favour it, with the interval there (which
-    includes 0 somewhere from there on); ``none``: it does not stay ahead."""
-    level = f"{crossovers[0].level:.0%} CI" if crossovers else "CI"
-    lines = [f"{'model':14s} {'metric':6s} {'outcome':12s} {'R_inf':>5s} {'margin':>9s}  {level}"]
-    for c in crossovers:
-        if c.outcome == "none":
-            lines.append(f"{c.model:14s} {c.metric:6s} {'none':12s} {'-':>5s} {'-':>9s}  -")
-        else:
-            lines.append(f"{c.model:14s} {c.metric:6s} {c.outcome:12s} {c.crossover_r:5g} {c.margin:9.4g}  "
-                         f"[{c.ci_low:.4g}, {c.ci_high:.4g}]")
-    return "\n".join(lines)
+    log.set_tags(tags)
+    end_run(config.tracking_uri, run_id, "FINISHED")
+    return run_id, figures

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from adps.config import ConfigFile
 from adps.data.dataset import PreparedSliceDataset
 from adps.data.shards import read_manifest
 from adps.mri import SenseOperator
@@ -37,7 +36,7 @@ from adps.nn import samplers
 from adps.nn.ema import unwrap_model
 from adps.nn.samplers import SAMPLER_DEFAULTS, default_sigmas, train_masks
 from adps.orchestration.registry import load_model_entry, model_label, model_uri
-from adps.orchestration.tracking import RunLogger, end_run, open_run, resolve_tracking_uri
+from adps.orchestration.tracking import RunConfig, RunLogger, end_run, open_run, resolve_tracking_uri
 from adps.perceptual import fid, find_weights
 
 __all__ = ["PAPER_FID", "FidConfig", "fid_sampler", "format_fid_table", "run_fid", "unconditional_samples"]
@@ -50,7 +49,7 @@ PAPER_FID = {
 
 
 @dataclass(frozen=True)
-class FidConfig(ConfigFile):
+class FidConfig(RunConfig):
     """Settings of ``adps fid``; unknown keys are refused by name."""
 
     dataset: str = ""
@@ -75,14 +74,14 @@ class FidConfig(ConfigFile):
     """FID features: ``vgg16`` (512-d, the paper's text) or ``inception_v3`` (2048-d)."""
     fid_weights: str = ""
     """The backbone's weights file (empty: found on the driver, as adps.perceptual.find_weights)."""
-    seed: int = 0
     use_gpu: bool = False
-    amp: str = ""
-    tracking_uri: str = ""
+    """The sampling on a GPU (one Ray task per model)."""
     experiment: str = "adps-fid"
     run_name: str = "fid"
+    """MLflow run name."""
 
     def validate(self) -> None:
+        super().validate()
         if not self.dataset:
             raise ValueError("config key 'dataset' is empty: give the prepared dataset (folder or s3://)")
         if not self.models:

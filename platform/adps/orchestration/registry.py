@@ -363,6 +363,19 @@ def model_version_of(uri: str, tracking_uri: str) -> Any:
     return client.get_model_version(name, version) if version else None
 
 
+def pin_model_entry(entry: str, tracking_uri: str) -> tuple[str, torch.nn.Module | None, dict[str, Any]]:
+    """A ``models`` entry resolved once on a driver: ``(uri, network, config)``, the URI pinned
+    to the registry version it names now (every task then loads that version, even if another is
+    registered meanwhile) and the config holding that version's tags as ``_version_tags``. A
+    wrong entry fails here, naming it, before any task starts."""
+    uri = model_uri(entry)
+    model, config = load_model_entry(uri, "cpu", tracking_uri)
+    version = model_version_of(uri, tracking_uri)
+    if version is not None:
+        uri = f"models:/{version.name}/{version.version}"
+    return uri, model, {**config, "_version_tags": dict(version.tags) if version is not None else {}}
+
+
 TUNED_META = ("run_id", "budget", "split")
 """Keys of a search's tags that describe the search, not a setting (:func:`tuned_meta`)."""
 

@@ -21,9 +21,11 @@ import os
 import re
 import subprocess
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from adps.config import ConfigFile
 from adps.data import storage
 from adps.images import ImageDataset
 
@@ -31,6 +33,7 @@ __all__ = [
     "DEFAULT_EXPERIMENT",
     "RUN_KEY_TAG",
     "QueuedRunLogger",
+    "RunConfig",
     "RunLogger",
     "artifact_location",
     "config_hash",
@@ -51,6 +54,31 @@ DEFAULT_EXPERIMENT = "adps"
 RUN_KEY_TAG = "adps.run_key"
 """Tag that identifies the training run (storage path + run name) an MLflow run belongs to."""
 _SQLITE = "sqlite:///"
+
+
+@dataclass(frozen=True)
+class RunConfig(ConfigFile):
+    """The keys of every job that samples with a network and logs one MLflow run (the
+    evaluations, ``adps fid``, ``adps tune``): each job's config adds its own."""
+
+    seed: int = 0
+    """Seeds every draw of the job (the samplers' noise, masks, measurement matrices and noise),
+    per slice or image: the same config gives the same numbers."""
+    amp: str = ""
+    """``bf16``: the network in bf16 autocast (GPU only; the natural-image evaluation also takes
+    ``fp16``)."""
+    tracking_uri: str = ""
+    """MLflow tracking URI (default ``$MLFLOW_TRACKING_URI``, else ``.adps/mlflow.db``:
+    :func:`resolve_tracking_uri`)."""
+    experiment: str = DEFAULT_EXPERIMENT
+    """MLflow experiment of the job's run."""
+
+    AMP_MODES: ClassVar[tuple[str, ...]] = ("", "bf16")
+
+    def validate(self) -> None:
+        """Check values that need no I/O; names the key at fault."""
+        if self.amp not in self.AMP_MODES:
+            raise ValueError(f"config key 'amp' must be {' or '.join(repr(m) for m in self.AMP_MODES)}, got {self.amp!r}")
 
 
 def resolve_tracking_uri(configured: str = "") -> str:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adps.config import ConfigFile
 from adps.data import storage
+from adps.orchestration.tracking import RunConfig
 
 __all__ = [
     "IMAGE_OBJECTIVE_METRICS",
@@ -191,7 +191,7 @@ def load_space(path: str | Path) -> SearchSpace:
 
 # The config ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SearchConfig(ConfigFile):
+class SearchConfig(RunConfig):
     """One Ray Tune search: one model at one R_inf (an MRI model) or on one task (a natural-image
     model: ``task`` set) over one space file; unknown keys refused."""
 
@@ -230,26 +230,22 @@ class SearchConfig(ConfigFile):
     gpus_per_trial: float = 0.0
     """GPUs per trial (fractional allowed, e.g. 0.25; 0 = CPU)."""
     cpus_per_trial: float = 1.0
-    seed: int = 0
-    """Seeds TPE and the samplers' noise (per slice, the same in every trial)."""
     grace_period: int = 1
     """ASHA: batches a trial runs before it can be stopped."""
     reduction_factor: int = 2
     """ASHA: keep the best 1/reduction_factor at each rung."""
-    amp: str = ""
-    """``bf16``: the network in bf16 autocast (GPU only)."""
     storage_path: str = ""
     """Ray Tune storage (folder or ``s3://``; default ``.adps/tune``)."""
     name: str = ""
     """Experiment name (default ``tune-<method>_r<R_train>-r<R_inf>-<sampler>``); running a
     search of the same name again resumes it."""
-    tracking_uri: str = ""
     experiment: str = "adps-tune"
     tag_model: bool = True
     """Write the best settings as tags on the registered model version (``models:/`` only)."""
 
     def validate(self) -> None:
         """Checks that need no I/O; names the key at fault."""
+        super().validate()
         for key in ("model", "space", "dataset"):
             if not getattr(self, key):
                 raise ValueError(f"config key {key!r} is empty")
@@ -279,8 +275,6 @@ class SearchConfig(ConfigFile):
         if self.gpus_per_trial < 0 or self.cpus_per_trial <= 0:
             raise ValueError("config keys 'gpus_per_trial' (>= 0) and 'cpus_per_trial' (> 0) out of range: "
                              f"{self.gpus_per_trial}, {self.cpus_per_trial}")
-        if self.amp not in ("", "bf16"):
-            raise ValueError(f"config key 'amp' must be '' or 'bf16', got {self.amp!r}")
 
     def _validate_image_task(self) -> None:
         if self.task not in IMAGE_TASKS:

@@ -3,7 +3,7 @@ sampling with models trained on randomly inpainted images, against the model tra
 images (``p = 0``) and the pseudo-inverse.
 
 ``adps evaluate --study images`` / ``jobs/evaluate.py --study images`` call
-:func:`evaluate_images`. Three tasks, each *different* from the models' training corruption:
+:func:`adps.orchestration.evaluate.evaluate`. Three tasks, each *different* from the models' training corruption:
 
 * ``cs``: Gaussian compressed sensing at each count of ``measurements`` (figure 2);
 * ``sr``: super-resolution at each downscaling factor of ``factors`` (figure 3);
@@ -22,28 +22,15 @@ paired by image. Estimates are clipped to the image range ``[-1, 1]`` before the
 * LPIPS: AlexNet, images in ``[-1, 1]`` as they are (:func:`adps.perceptual.lpips_rgb`; images
   under 32 pixels need ``lpips_resize``).
 
-The grid is cut into *cells* (one model, one task, one setting, a chunk of
-``images_per_task`` test images), each a Ray task (one GPU each with ``use_gpu``), written to
-``<output>/cells/<key>.json`` atomically: an interrupted evaluation, run again, computes only
-the missing cells (:func:`adps.orchestration.evaluate.run_cells`). A cell's key holds its
-model (the registry version it was pinned to, or its folder), sampler settings and a hash of
-everything else its numbers depend on (images, resolution, noise, seed, LPIPS settings), so
-other settings get new cells rather than old results.
-
-At the end the driver gathers the rows and logs to one MLflow run (experiment
-``adps-image-eval``), and writes the same files under ``<output>/report/``:
-
-* ``results.csv`` / ``results.parquet``: one row per (model, task, setting, image):
-  :data:`TABLE_COLUMNS`;
-* ``crossover.csv``: for each ambient model against the ``p = 0`` model, per task and metric,
-  the setting at which the ambient model starts beating it (:func:`image_crossovers`);
-* ``fig2_cs_vs_measurements.png``, ``fig3_sr_vs_factor.png``, ``fig4_cs_vs_nfe.png``: the
-  mean over images with a band of +-1 standard deviation, per model;
-* metrics ``<metric>.<model>.<task>.<setting>`` (means over images: ``mse.p0.6.cs.m1000``,
-  ``lpips.pinv.sr.x4``, ``mse.p0.nfe.nfe99``) and ``crossover.<model>.<task>.<metric>`` (the
-  cross-over setting, with ``crossover_margin.`` / ``_ci_low.`` / ``_ci_high.``); the tag
-  ``adps.crossover_none`` / ``adps.crossover_inconclusive`` list the pairs without a cross-over
-  (:func:`adps.crossover.crossover`'s three outcomes).
+A cell is one model, one task, one setting and a chunk of ``images_per_task`` test images;
+:func:`adps.orchestration.evaluate.evaluate` runs the cells as Ray tasks and resumes. A
+cell's key holds its model (the registry version it was pinned to, or its folder), sampler
+settings and a hash of everything else its numbers depend on (images, resolution, noise, seed,
+LPIPS settings), so other settings get new cells rather than old results. The report
+(experiment ``adps-image-eval``): ``results.csv`` / ``.parquet`` (:data:`TABLE_COLUMNS`),
+``crossover.csv`` (each ambient model against the ``p = 0`` model: :func:`image_crossovers`),
+figures 2-4 (:data:`FIGURES`), metrics ``<metric>.<model>.<task>.<setting>``
+(``mse.p0.6.cs.m1000``) and ``crossover.<model>.<task>.<metric>``; docs/natural_images.md.
 
 Sampler settings: ``steps`` and ``guidance`` of the config when set (non-zero); else, for a
 registered model version, the tags a search left on it (:data:`~adps.orchestration.registry.IMAGE_TUNED_TAG`:
@@ -64,25 +51,19 @@ from typing import Any
 
 import torch
 
-from adps.config import ConfigFile
 from adps.crossover import crossover_table
 from adps.data import storage
 from adps.images import GaussianCompressedSensing, ImageDataset, SuperResolution, add_noise, pseudo_inverse
 from adps.metrics import rgb_mse
 from adps.nn.image_diffusion import IMAGE_SAMPLING, image_sampler, image_sampler_options
 from adps.nn.samplers import network_calls, run_sampler
-from adps.orchestration.cells import cell_path, publish_report, run_cells
+from adps.orchestration.cells import EvaluationConfig, Study, cell_path
 from adps.orchestration.figures import sweep_figure
-from adps.orchestration.registry import (
-    image_tuned_settings,
-    load_model_entry,
-    model_uri,
-    model_version_of,
-)
-from adps.orchestration.tracking import RunLogger, end_run, open_run, resolve_tracking_uri
-from adps.perceptual import find_weights, lpips_rgb
+from adps.orchestration.registry import image_tuned_settings, load_model_entry, pin_model_entry
+from adps.perceptual import lpips_rgb
 
 __all__ = [
+    "IMAGE_STUDY",
     "METRICS",
     "PINV",
     "TABLE_COLUMNS",
@@ -90,7 +71,6 @@ __all__ = [
     "ImageCell",
     "ImageEvaluateConfig",
     "evaluate_image_cell",
-    "evaluate_images",
     "format_image_crossover",
     "format_image_results",
     "image_crossovers",
@@ -114,13 +94,12 @@ FIGURES = {
 
 
 @dataclass(frozen=True)
-class ImageEvaluateConfig(ConfigFile):
-    """Everything the natural-image evaluation needs; unknown keys are refused by name."""
+class ImageEvaluateConfig(EvaluationConfig):
+    """Everything the natural-image evaluation needs (with :class:`EvaluationConfig`'s keys);
+    unknown keys are refused by name. One of the ``models`` should be the ``p = 0`` model
+    (``adps-image-p0``): the cross-over is measured against it."""
 
-    models: tuple[str, ...] = ()
-    """Image models: ``models:/adps-image-p0.6/1`` / ``models:/<name>@<alias>``, a bare registered
-    name (``adps-image-p0.6`` = its newest version), ``runs:/<id>/model``, or a local model
-    folder. One of them should be the ``p = 0`` model: the cross-over is measured against it."""
+    AMP_MODES = ("", "bf16", "fp16")
     images: str = ""
     """Test images: a folder or ``.zip`` of images, local or ``s3://`` (adps.images.ImageDataset)."""
     resolution: int = 64
@@ -148,36 +127,17 @@ class ImageEvaluateConfig(ConfigFile):
     """Standard deviation of the Gaussian noise added to the measurements (image units)."""
     pinv: bool = True
     """Also evaluate the pseudo-inverse baseline (``cs`` and ``sr``)."""
-    lpips: bool = True
-    """Compute LPIPS (needs the AlexNet weights locally; see adps.perceptual)."""
-    lpips_weights: str = ""
-    """AlexNet weights file for LPIPS; empty = found on the driver as adps.perceptual.find_weights
-    does (``$ADPS_WEIGHTS_DIR``, then the torch hub cache) and passed to every task."""
     lpips_resize: int = 0
     """Resize images to this side for LPIPS (0 = as they are); needed below 32 pixels."""
-    seed: int = 0
-    """Seeds the Gaussian matrix, the measurement noise and the samplers' draws."""
-    use_gpu: bool = False
-    """One GPU per task."""
-    amp: str = ""
-    """``bf16`` / ``fp16``: the network in autocast (GPU only)."""
-    output: str = ""
-    """Folder or ``s3://`` prefix for the cells and the report (default ``.adps/eval/<run_name>``)."""
     run_name: str = "image-evaluation"
-    """MLflow run name; re-running with the same name and output resumes."""
-    tracking_uri: str = ""
-    """MLflow tracking URI (default ``$MLFLOW_TRACKING_URI``, else ``.adps/mlflow.db``)."""
     experiment: str = "adps-image-eval"
-    n_boot: int = 2000
-    """Bootstrap resamples of the cross-over's confidence interval."""
 
     def validate(self) -> None:
         """Check values that need no I/O; names the key at fault."""
-        if not self.models:
-            raise ValueError("config key 'models' is empty: name at least one image model (e.g. adps-image-p0)")
         if not self.images:
             raise ValueError("config key 'images' is empty: give the test images (a folder or .zip, local or s3://)")
-        for key in ("resolution", "images_per_task", "n_boot"):
+        super().validate()
+        for key in ("resolution", "images_per_task"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
         for key in ("n_images", "steps", "guidance", "noise"):
@@ -207,12 +167,6 @@ class ImageEvaluateConfig(ConfigFile):
         if self.lpips and not self.lpips_resize and self.resolution < 32:
             raise ValueError(f"config key 'lpips_resize': {self.resolution}-pixel images are too small for LPIPS's "
                              "AlexNet (at least 32); set lpips_resize (e.g. 64) or lpips: false")
-        if self.amp not in ("", "bf16", "fp16"):
-            raise ValueError(f"config key 'amp' must be '', 'bf16' or 'fp16', got {self.amp!r}")
-
-    @property
-    def resolved_output(self) -> str:
-        return self.output or str(Path(".adps") / "eval" / self.run_name)
 
     def context(self) -> str:
         """A short hash of every setting, besides the cell's own, that its numbers depend on."""
@@ -246,6 +200,11 @@ class ImageCell:
     """The ambient model's further corruption (its training's)."""
     context: str = ""
     """:meth:`ImageEvaluateConfig.context` of the evaluation."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ImageCell:
+        """The cell from its ``dataclasses.asdict`` form (what a Ray task receives)."""
+        return cls(**{**values, "indices": tuple(values["indices"])})
 
     @property
     def setting(self) -> str:
@@ -375,14 +334,6 @@ def evaluate_image_cell(config: ImageEvaluateConfig, cell: ImageCell, *, device:
     return rows
 
 
-def _image_cell_task(config: dict[str, Any], cell: dict[str, Any]) -> list[dict[str, Any]]:
-    config_obj = ImageEvaluateConfig.from_dict(config)
-    cell_obj = ImageCell(**{**cell, "indices": tuple(cell["indices"])})
-    torch.set_num_threads(1)
-    device = "cuda" if config_obj.use_gpu and torch.cuda.is_available() else "cpu"
-    return evaluate_image_cell(config_obj, cell_obj, device=device)
-
-
 # Models --------------------------------------------------------------------------------------
 def _resolve_models(config: ImageEvaluateConfig) -> list[tuple[str, dict[str, Any]]]:
     """Every model's URI (registry versions pinned) and config, loaded once on the driver:
@@ -394,8 +345,7 @@ def _resolve_models(config: ImageEvaluateConfig) -> list[tuple[str, dict[str, An
         if entry in ("l1", PINV):
             raise ValueError(f"config key 'models': {entry!r} is not an image model (the pseudo-inverse baseline is "
                              "added by 'pinv: true')")
-        uri = model_uri(entry)
-        model, model_config = load_model_entry(uri, "cpu", config.tracking_uri)
+        uri, model, model_config = pin_model_entry(entry, config.tracking_uri)
         if model_config.get("method") != "image" or "erasure_p" not in model_config:
             raise ValueError(f"config key 'models': {entry} is not a natural-image model (its config has method "
                              f"{model_config.get('method')!r}; expected 'image' with an 'erasure_p')")
@@ -413,12 +363,7 @@ def _resolve_models(config: ImageEvaluateConfig) -> list[tuple[str, dict[str, An
             raise ValueError(f"config key 'models': {labels[label]} and {entry} are both {label} models; "
                              "evaluate one model per erasure probability")
         labels[label] = entry
-        version = model_version_of(uri, config.tracking_uri)
-        if version is not None:
-            # Pinned: every task loads this version, even if another is registered meanwhile.
-            uri = f"models:/{version.name}/{version.version}"
-        tags = dict(version.tags) if version is not None else {}
-        resolved.append((uri, {**model_config, "_sampler": sampler, "_version_tags": tags}))
+        resolved.append((uri, {**model_config, "_sampler": sampler}))
     return resolved
 
 
@@ -431,7 +376,8 @@ def _difficulty(row: dict[str, Any]) -> float:
     return 1.0 / float(row["nfe"] if row["task"] == "nfe" else row["measurements"])
 
 
-def image_crossovers(rows: Sequence[dict[str, Any]], *, n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+def image_crossovers(rows: Sequence[dict[str, Any]], *, n_boot: int = 2000, level: float = 0.95,
+                     seed: int = 0) -> list[dict[str, Any]]:
     """For each ambient model (``p > 0``) against the ``p = 0`` model, per task and metric: the
     easiest setting at which the ambient model beats it on average over the images (paired by
     image), scanning from the easiest setting to the hardest (most measurements, smallest
@@ -461,32 +407,19 @@ def image_crossovers(rows: Sequence[dict[str, Any]], *, n_boot: int = 2000, seed
         setting_of = {_difficulty(r): r[axis] for r in task_rows}
         mapped = [{"model": r["model"], "r_inf": _difficulty(r), "slice": r["image"], **{m: r[m] for m in metrics}}
                   for r in task_rows]
-        for c in crossover_table(mapped, ambient, reference, metrics, n_boot=n_boot, seed=seed):
+        for c in crossover_table(mapped, ambient, reference, metrics, n_boot=n_boot, level=level, seed=seed):
             setting = None if c.crossover_r is None else setting_of[c.crossover_r]
             found.append({"model": c.model, "reference": c.reference, "task": task, "axis": axis, "metric": c.metric,
                           "outcome": c.outcome, "crossover": setting if c.is_crossover else None, "setting": setting,
-                          "margin": c.margin, "ci_low": c.ci_low, "ci_high": c.ci_high, "n_images": c.n_slices})
+                          "margin": c.margin, "ci_low": c.ci_low, "ci_high": c.ci_high, "level": c.level,
+                          "n_images": c.n_slices})
     return found
 
 
-# The whole evaluation ------------------------------------------------------------------------
-def evaluate_images(
-    config: ImageEvaluateConfig, *, ray_address: str | None = None, progress: bool = True
-) -> dict[str, Any]:
-    """Run (or resume) the natural-image evaluation; returns ``{"rows", "crossover", "run_id",
-    "output", "figures"}`` (``figures``: the file names written)."""
-
-    config.validate()
-    # Resolved once on the driver: the tasks run in other folders (and models:/ URIs need it).
-    config = config.replace(tracking_uri=resolve_tracking_uri(config.tracking_uri))
-    if "://" not in config.resolved_output:
-        config = config.replace(output=str(Path(config.resolved_output).resolve()))
-    if "://" not in config.images:
-        config = config.replace(images=str(Path(config.images).resolve()))
-    if config.lpips:
-
-        # A missing weights file fails here, naming it, not in every task.
-        config = config.replace(lpips_weights=str(find_weights("alexnet", config.lpips_weights or None)))
+# The study's part of the driver ---------------------------------------------------------------
+def plan(config: ImageEvaluateConfig, progress: bool) -> tuple[list[ImageCell], dict[str, Any]]:
+    """Resolve the models (pinned; each must be an image model of the config's resolution),
+    print each one's sampler settings and plan the cells."""
     with ImageDataset(config.images, config.resolution) as dataset:
         n_test = len(dataset)
     models = _resolve_models(config)
@@ -497,23 +430,29 @@ def evaluate_images(
                 steps, guidance, source = _settings(config, model_config["_version_tags"], task)
                 print(f"adps evaluate: p{float(model_config['erasure_p']):g} ({model_config['_sampler']}) {task}: "
                       f"steps {steps}, guidance {guidance:g} ({source})", flush=True)
-    cells = plan_image_cells(config, models, n_test)
-    rows = run_cells(_image_cell_task, config.to_dict(), cells, output=config.resolved_output,
-                     use_gpu=config.use_gpu, ray_address=ray_address, progress=progress,
-                     describe=lambda cell: f"{cell.label} {cell.task} {cell.setting} steps {cell.steps}")
-    rows.sort(key=lambda r: (r["model"], TASKS.index(r["task"]), r["measurements"] or 0, r["factor"] or 0,
-                             r["steps"], r["image"]))
-    crossovers = image_crossovers(rows, n_boot=config.n_boot, seed=config.seed)
-    run_id, figures = _log_to_mlflow(config, rows, crossovers)
-    return {"rows": rows, "crossover": crossovers, "run_id": run_id, "output": config.resolved_output,
-            "figures": figures}
+    return plan_image_cells(config, models, n_test), {}
 
 
-def _summary_metrics(rows: Sequence[dict[str, Any]], crossovers: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Means over images per (model, task, setting) and the cross-overs, as MLflow metrics."""
+def crossovers(config: ImageEvaluateConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return image_crossovers(rows, n_boot=config.n_boot, level=config.crossover_level, seed=config.seed)
+
+
+def report(config: ImageEvaluateConfig, folder: Path, table: Any, crossovers: list[dict[str, Any]],
+           cells: list[ImageCell], extra: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """``crossover.csv`` and figures 2-4; the means per (model, task, setting) and the
+    cross-overs as metrics, the pairs without a cross-over as tags."""
     import pandas as pd
 
-    table = pd.DataFrame(list(rows))
+    columns = ["model", "reference", "task", "axis", "metric", "outcome", "crossover", "setting", "margin", "ci_low",
+               "ci_high", "level", "n_images"]
+    pd.DataFrame(crossovers, columns=columns).to_csv(folder / "crossover.csv", index=False)
+    measured = [m for m in METRICS if table[m].notna().any()]
+    for task, (name, x, xlabel) in FIGURES.items():
+        part = table[table["task"] == task]
+        if not part.empty:
+            title = f"compressed sensing, m = {config.nfe_measurements}" if task == "nfe" else ""
+            sweep_figure(part, measured, x, xlabel, title=title, log_x=True).savefig(folder / name, dpi=120,
+                                                                                     bbox_inches="tight")
     metrics: dict[str, float] = {}
     for (model, task, measurements, factor, nfe), group in table.groupby(
             ["model", "task", "measurements", "factor", "nfe"], dropna=False, sort=True):
@@ -526,44 +465,9 @@ def _summary_metrics(rows: Sequence[dict[str, Any]], crossovers: Sequence[dict[s
             name = "crossover" if c["outcome"] == "crossover" else "crossover_inconclusive"
             metrics.update({f"{name}.{key}": c["setting"], f"crossover_margin.{key}": c["margin"],
                             f"crossover_ci_low.{key}": c["ci_low"], f"crossover_ci_high.{key}": c["ci_high"]})
-    return metrics
-
-
-def _log_to_mlflow(
-    config: ImageEvaluateConfig, rows: list[dict[str, Any]], crossovers: list[dict[str, Any]]
-) -> tuple[str, list[str]]:
-    import tempfile
-
-    import pandas as pd
-
-    tracking_uri = config.tracking_uri
-    run_id, _ = open_run(tracking_uri, config.experiment, f"{config.resolved_output}#{config.run_name}",
-                         config.run_name, config.to_dict())
-    log = RunLogger(tracking_uri, run_id)
-    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
-    metrics = [m for m in METRICS if table[m].notna().any()]
-    figures = []
-    with tempfile.TemporaryDirectory(prefix="adps-image-eval-") as tmp:
-        folder = Path(tmp)
-        table.to_parquet(folder / "results.parquet", index=False)
-        table.to_csv(folder / "results.csv", index=False)
-        columns = ["model", "reference", "task", "axis", "metric", "outcome", "crossover", "setting", "margin", "ci_low",
-                   "ci_high", "n_images"]
-        pd.DataFrame(crossovers, columns=columns).to_csv(folder / "crossover.csv", index=False)
-        for task, (name, x, xlabel) in FIGURES.items():
-            part = table[table["task"] == task]
-            if part.empty:
-                continue
-            title = f"compressed sensing, m = {config.nfe_measurements}" if task == "nfe" else ""
-            figure = sweep_figure(part, metrics, x, xlabel, title=title, log_x=True)
-            figure.savefig(folder / name, dpi=120, bbox_inches="tight")
-            figures.append(name)
-        publish_report(log, folder, config.resolved_output)
-    log.log_metrics(_summary_metrics(rows, crossovers), 0)
-    log.set_tags({f"adps.crossover_{outcome}": ",".join(f"{c['model']}.{c['task']}.{c['metric']}" for c in crossovers
-                                                        if c["outcome"] == outcome) for outcome in ("none", "inconclusive")})
-    end_run(tracking_uri, run_id, "FINISHED")
-    return run_id, figures
+    tags = {f"adps.crossover_{outcome}": ",".join(f"{c['model']}.{c['task']}.{c['metric']}" for c in crossovers
+                                                  if c["outcome"] == outcome) for outcome in ("none", "inconclusive")}
+    return metrics, tags
 
 
 # Printing ------------------------------------------------------------------------------------
@@ -587,7 +491,8 @@ def format_image_results(rows: Sequence[dict[str, Any]], metric: str = "mse") ->
 def format_image_crossover(crossovers: Sequence[dict[str, Any]]) -> str:
     """The cross-over table: model, task, metric, outcome, the setting and the margin with its
     interval (``inconclusive``: the setting from which the means favour the ambient model)."""
-    lines = [f"{'model':8s} {'task':4s} {'metric':6s} {'axis':>12s} {'outcome':12s} {'at':>6s} {'margin':>9s}  95% CI"]
+    level = f"{crossovers[0].get('level', 0.95):.0%} CI" if crossovers else "CI"
+    lines = [f"{'model':8s} {'task':4s} {'metric':6s} {'axis':>12s} {'outcome':12s} {'at':>6s} {'margin':>9s}  {level}"]
     for c in crossovers:
         head = f"{c['model']:8s} {c['task']:4s} {c['metric']:6s} {c['axis']:>12s} {c['outcome']:12s}"
         if c["outcome"] == "none":
@@ -595,3 +500,13 @@ def format_image_crossover(crossovers: Sequence[dict[str, Any]]) -> str:
         else:
             lines.append(f"{head} {c['setting']:>6g} {c['margin']:9.4g}  [{c['ci_low']:.4g}, {c['ci_high']:.4g}]")
     return "\n".join(lines)
+
+
+IMAGE_STUDY = Study(
+    name="images", config=ImageEvaluateConfig, cell=ImageCell.from_dict, columns=TABLE_COLUMNS, paths=("images",),
+    plan=plan, evaluate_cell=evaluate_image_cell,
+    describe=lambda cell: f"{cell.label} {cell.task} {cell.setting} steps {cell.steps}",
+    sort_key=lambda r: (r["model"], TASKS.index(r["task"]), r["measurements"] or 0, r["factor"] or 0, r["steps"],
+                        r["image"]),
+    crossovers=crossovers, report=report,
+)

@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from adps.orchestration.image_evaluate import (
+from adps.orchestration.evaluate import evaluate
+from adps.orchestration.registry import image_tuned_settings
+from adps.orchestration.study_images import (
     FIGURES,
     TABLE_COLUMNS,
     ImageEvaluateConfig,
-    evaluate_images,
     format_image_crossover,
     format_image_results,
     image_crossovers,
 )
-from adps.orchestration.registry import image_tuned_settings
 
 RESOLUTION = 16
 
@@ -86,12 +86,12 @@ def test_model_entries_are_checked_before_any_task(test_images: Path, tmp_path: 
 
     config = _config(images=str(test_images), measurements=[100], nfe_measurements=100, output=str(tmp_path))
     with pytest.raises(ValueError, match="'models': 'l1' is not an image model"):
-        evaluate_images(config.replace(models=["l1"]), progress=False)
+        evaluate(config.replace(models=["l1"]), progress=False)
     modl = save_model(tmp_path / "modl", build_modl("tiny"), {"preset": "tiny", "method": "modl", "R": 4})
     with pytest.raises(ValueError, match="'models': .*modl is not a natural-image model"):
-        evaluate_images(config.replace(models=[str(modl)]), progress=False)
+        evaluate(config.replace(models=[str(modl)]), progress=False)
     with pytest.raises(ValueError, match="'models'"):
-        evaluate_images(config.replace(models=["no-such-model"]), progress=False)
+        evaluate(config.replace(models=["no-such-model"]), progress=False)
     assert not (tmp_path / "cells").exists()
 
 
@@ -112,7 +112,7 @@ def test_tuned_tags_are_read_per_task() -> None:
             "adps.tuned.sr.guidance": "0.5", "adps.tuned.r4.guidance": "9"}
     assert image_tuned_settings(tags, "cs") == {"steps": 150.0, "guidance": 2.5}
     assert image_tuned_settings(tags, "sr") == {"guidance": 0.5}
-    from adps.orchestration.image_evaluate import _settings
+    from adps.orchestration.study_images import _settings
 
     config = _config(measurements=[100], nfe_measurements=100)
     assert _settings(config, tags, "cs")[:2] == (150, 2.5)
@@ -162,7 +162,7 @@ def test_evaluation_writes_table_figures_and_crossover_and_resumes(
         nfe_measurements=256, steps=3, noise=0.01, lpips_weights=str(alexnet_weights), lpips_resize=32, n_boot=200,
         output=str(tmp_path / "eval"), run_name="image-eval-test", experiment="image-eval-test",
     )
-    first = evaluate_images(config)
+    first = evaluate(config)
     out = capsys.readouterr().out
     assert "(0 done before, 16 to run)" in out  # 2 models x 6 settings + pinv x 4 settings, one chunk each
 
@@ -224,7 +224,7 @@ def test_evaluation_writes_table_figures_and_crossover_and_resumes(
     cells = sorted((tmp_path / "eval" / "cells").glob("*.json"))
     assert len(cells) == 16
     stamps = {p: p.stat().st_mtime_ns for p in cells}
-    second = evaluate_images(config)
+    second = evaluate(config)
     assert "(16 done before, 0 to run)" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in cells} == stamps
     assert second["rows"] == rows and second["run_id"] == first["run_id"]
