@@ -84,7 +84,7 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({std_platform.processor() or std_platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def make_problem(n: int, coils: int, height: int, width: int, acceleration: float, train_acceleration: float,
+def make_problem(n: int, coils: int, height: int, width: int, acceleration: float, r_train: float,
                  seed: int = 0) -> tuple[torch.Tensor, SenseOperator, torch.Tensor, torch.Tensor]:
     """``(y, A_inf, train_mask, phantoms)`` for ``n`` phantom slices with smooth coil maps (no sigpy)."""
     rng = np.random.default_rng(seed)
@@ -94,16 +94,16 @@ def make_problem(n: int, coils: int, height: int, width: int, acceleration: floa
     maps = maps / np.sqrt(np.sum(np.abs(maps) ** 2, axis=0, keepdims=True))
     maps_t = torch.from_numpy(np.broadcast_to(maps, (n, coils, height, width)).astype(np.complex64).copy())
     image = torch.from_numpy(np.stack([brain_phantom(height, width, rng) for _ in range(n)]))
-    acs = min(20, lines_at(width, train_acceleration + 1))  # small CPU widths cannot hold 20 ACS columns
+    acs = min(20, lines_at(width, r_train + 1))  # small CPU widths cannot hold 20 ACS columns
     masks = torch.stack([column_mask(width, acceleration, seed=seed, slice_id=i, acs=acs) for i in range(n)])
     operator = SenseOperator(maps_t, masks)
-    train_mask = train_masks(width, train_acceleration, n, seed + 1, acs=acs)
+    train_mask = train_masks(width, r_train, n, seed + 1, acs=acs)
     return operator.forward(image), operator, train_mask, image
 
 
 def bench_batch(model: torch.nn.Module, device: torch.device, batch: int, args: argparse.Namespace) -> dict:
     y, operator, train_mask, _ = make_problem(batch, args.coils, args.height, args.width, args.acceleration,
-                                              args.train_acceleration)
+                                              args.r_train)
     operator = SenseOperator(operator.maps.to(device), operator.mask.reshape(batch, -1).to(device))
     y, train_mask = y.to(device), train_mask.to(device)
     run_steps = args.steps if args.full else min(args.steps, args.warmup + args.timed_steps)
@@ -149,7 +149,7 @@ def precision_check(model: torch.nn.Module, device: torch.device, args: argparse
     move_off_initialisation(net)
     batch = args.precision_batch
     y, operator, train_mask, phantoms = make_problem(batch, args.coils, args.height, args.width, args.acceleration,
-                                                     args.train_acceleration)
+                                                     args.r_train)
     operator = SenseOperator(operator.maps.to(device), operator.mask.reshape(batch, -1).to(device))
     y, train_mask = y.to(device), train_mask.to(device)
     sigmas = edm_sigmas(args.precision_steps)
@@ -201,7 +201,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--coils", type=int, default=None)
     parser.add_argument("--acceleration", type=float, default=4.0, help="R_inf of the acquisition masks")
-    parser.add_argument("--train-acceleration", type=float, default=4.0, help="R_train (A_tr is at R_train + 1)")
+    parser.add_argument("--r-train", "--train-acceleration", type=float, default=4.0, help="R_train (A_tr is at R_train + 1)")
     parser.add_argument("--steps", type=int, default=500, help="sampler steps the s/slice figure is for")
     parser.add_argument("--warmup", type=int, default=None, help="steps left out of the statistics")
     parser.add_argument("--timed-steps", type=int, default=None, help="steps measured after the warm-up")
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             "width": args.width,
             "coils": args.coils,
             "acceleration": args.acceleration,
-            "train_acceleration": args.train_acceleration,
+            "r_train": args.r_train,
             "steps": args.steps,
             "extrapolated": not args.full,
             "amp": args.amp,

@@ -687,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         coils, n_slices = train_split["coils"], train_split["n_slices"]
         preset = PAPER_PRESETS[args.method] if args.preset == "paper" else "tiny"
         base = with_settings(
-            TrainConfig(method=args.method, acceleration=args.acceleration, preset=preset, dataset=str(root),
+            TrainConfig(method=args.method, r_train=args.acceleration, preset=preset, dataset=str(root),
                         batch_size=args.batch_size, cpus_per_worker=args.cpus_per_worker, seed=0,
                         compile_mode=args.compile or ""),
             **QUIET,

@@ -25,7 +25,7 @@ def main() -> None:
                 f"# Paper grid: {method} at R = {r}. Defaults (METHOD.md) come from TrainConfig;",
                 "# give the data at run time: adps train --config THIS --set dataset=s3://.../prepared",
                 f"method: {method}",
-                f"acceleration: {r:g}",
+                f"r_train: {r:g}",
                 f"run_name: {method}_r{r:g}",
                 "amp: bf16  # METHOD.md: mixed precision (GPU)",
                 "use_gpu: true",

@@ -260,7 +260,7 @@ def tiny_config(dataset: str, **changes: object):
     batch 1, no lr warm-up, every step logged; ``changes`` override any key."""
     from adps.orchestration.train_config import TrainConfig
 
-    values = {"method": "ambient", "acceleration": 2, "preset": "tiny", "dataset": dataset, "batch_size": 1,
+    values = {"method": "ambient", "r_train": 2, "preset": "tiny", "dataset": dataset, "batch_size": 1,
               "lr_rampup": 0, "log_every_steps": 1,
               # Every step reports, and a report waits for the controller's next poll: 0.1 s, not 0.5
               # (the four training faults of test_faults.py took 129 s instead of 153).
@@ -269,7 +269,7 @@ def tiny_config(dataset: str, **changes: object):
     return TrainConfig.from_dict(values)
 
 
-def train_in_process(dataset: str, method: str, acceleration: float, folder: Path, **changes: object) -> Path:
+def train_in_process(dataset: str, method: str, r_train: float, folder: Path, **changes: object) -> Path:
     """Train with the platform's worker loop in this process (no Ray, no MLflow) and keep the
     final checkpoint's EMA network as a model folder (what ``adps evaluate`` and
     ``adps.load_model`` open). ``changes`` override the TrainConfig (default: 2 steps of 2 slices)."""
@@ -278,14 +278,14 @@ def train_in_process(dataset: str, method: str, acceleration: float, folder: Pat
     from adps.orchestration.train_config import TrainConfig
     from adps.orchestration.train_worker import WorkerContext, worker_loop
 
-    kept = folder / f"{method}_r{acceleration:g}"
+    kept = folder / f"{method}_r{r_train:g}"
 
     def report(metrics: dict, checkpoint: str | None) -> None:
         if checkpoint is not None:
             shutil.rmtree(kept, ignore_errors=True)
             shutil.copytree(Path(checkpoint) / "ema", kept)
 
-    values = {"method": method, "acceleration": acceleration, "preset": "tiny", "dataset": dataset, "batch_size": 2,
+    values = {"method": method, "r_train": r_train, "preset": "tiny", "dataset": dataset, "batch_size": 2,
               "max_steps": 2, "lr_rampup": 0, "validation_slices": 0, "tracking": False}
     values.update(changes)
     worker_loop(TrainConfig.from_dict(values), WorkerContext(rank=0, world_size=1, report=report))

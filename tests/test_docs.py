@@ -116,4 +116,4 @@ def test_the_check_catches_a_retired_key_a_wrong_flag_and_a_missing_file() -> No
     with pytest.raises(AssertionError, match="tune_spaces/nope.yaml, which does not exist"):
         test_documented_command_parses("x.md", "adps tune --model models:/m@latest --space tune_spaces/nope.yaml")
     with pytest.raises(AssertionError, match="ImageEvaluateConfig does not have"):
-        test_documented_command_parses("x.md", "adps evaluate --study images --set accelerations=2,4")
+        test_documented_command_parses("x.md", "adps evaluate --study images --set r_inf=2,4")

@@ -80,7 +80,7 @@ def test_sampler_settings_follow_the_protocol_and_tuning_is_fair_or_refused(
     assert tuned_settings(dict(ambient.tags), 2.0) == {}
 
     config = EvaluateConfig(dataset=tiny_prepared, models=("adps-tunetest-r2", "adps-tunetest-r1", "l1"),
-                            accelerations=(2.0, 4.0), tracking_uri=uri)
+                            r_inf=(2.0, 4.0), tracking_uri=uri)
     models = resolve_models(config)
 
     def plan(cfg: EvaluateConfig) -> dict:
@@ -121,7 +121,7 @@ def test_bad_config_names_the_key(tiny_prepared: str) -> None:
         EvaluateConfig(dataset=tiny_prepared).validate()
     with pytest.raises(ValueError, match="unknown"):
         EvaluateConfig.from_dict({"dataset": tiny_prepared, "modles": "x"})
-    config = EvaluateConfig(dataset=tiny_prepared, models=("l1",), accelerations=(3.0,), lpips=False)
+    config = EvaluateConfig(dataset=tiny_prepared, models=("l1",), r_inf=(3.0,), lpips=False)
     with pytest.raises(ValueError, match=r"R_inf 3 not prepared .* \(it has 2, 4\)"):
         evaluate(config, progress=False)
 
@@ -135,7 +135,7 @@ def test_evaluation_logs_table_figures_and_crossover_and_resumes(
 
     config = EvaluateConfig(
         dataset=tiny_prepared, models=(str(tiny_models["ambient_r2"]), str(tiny_models["edm_r1"]), "l1"),
-        accelerations=(2.0, 4.0), slices=2, slices_per_task=1, steps=4, n_boot=200,
+        r_inf=(2.0, 4.0), slices=2, slices_per_task=1, steps=4, n_boot=200,
         output=str(tmp_path / "eval"), run_name="eval-test", experiment="eval-test",
     )
     first = evaluate(config)
@@ -211,7 +211,7 @@ def test_posterior_samples_and_the_classical_rows(
     from mlflow import MlflowClient
 
     config = EvaluateConfig(
-        dataset=tiny_prepared, models=(str(tiny_models["edm_r1"]), "zero_filled", "cg_sense"), accelerations=(4.0,),
+        dataset=tiny_prepared, models=(str(tiny_models["edm_r1"]), "zero_filled", "cg_sense"), r_inf=(4.0,),
         slices=2, slices_per_task=2, steps=3, posterior_samples=3, lpips=False, denoising_check=False,
         output=str(tmp_path / "eval"), run_name="posterior", experiment="eval-posterior",
     )
@@ -246,7 +246,7 @@ def test_compile_mode_compiles_the_iterative_samplers_network_in_one_graph(
 
     uri = str(tiny_models["ambient_r2"])
     models = [(uri, load_model_entry(uri, "cpu")[1])]
-    config = EvaluateConfig(dataset=tiny_prepared, models=(uri,), accelerations=(2.0,), slices=2, slices_per_task=2,
+    config = EvaluateConfig(dataset=tiny_prepared, models=(uri,), r_inf=(2.0,), slices=2, slices_per_task=2,
                             steps=3, lpips=False, output=str(tmp_path / "eager"))
     cells = {cell.sampler: cell for cell in plan_cells(config, models, 2)}
     assert set(cells) == {"a_dps", "a_os"}
@@ -303,7 +303,7 @@ def test_fid_samples_each_prior_and_logs_the_table(
     for name, path in (("edm_r1", tiny_models["edm_r1"]), ("ncsnv2_r1", ncsnv2), ("ambient_r2", tiny_models["ambient_r2"])):
         model, model_config = load_model_entry(str(path), "cpu")
         fake = unconditional_samples(model_config["method"], model, 4, tuple(real.shape[-2:]), steps=3, batch=2,
-                                     maps=maps, train_acceleration=float(model_config["R"]), acs=4)
+                                     maps=maps, r_train=float(model_config["r_train"]), acs=4)
         assert by_model[name]["fid"] == pytest.approx(fid(real, fake, "vgg16", weights=weights, method="eigh"),
                                                       rel=1e-4), name
     assert by_model["l1"]["fid"] is None and "no unconditional sampler" in by_model["l1"]["note"]
@@ -328,7 +328,7 @@ def test_every_sampler_setting_is_a_key_applied_to_every_model_alike() -> None:
     from adps.nn.samplers import SAMPLER_DEFAULTS
     from adps.orchestration.study_mri import cell_settings
 
-    ambient, edm, ncsn = ({"method": m, "R": r, "_version_tags": {}} for m, r in
+    ambient, edm, ncsn = ({"method": m, "r_train": r, "_version_tags": {}} for m, r in
                           (("ambient", 4.0), ("edm", 1.0), ("ncsnv2", 1.0)))
     plain = EvaluateConfig(dataset="d", models=("m",))
     assert cell_settings(plain, edm, "dps", 4.0) == (0, 1.0, {}, "paper")
@@ -342,7 +342,7 @@ def test_every_sampler_setting_is_a_key_applied_to_every_model_alike() -> None:
     assert cell_settings(config.replace(sigma_min=0.0), ambient, "a_dps", 4.0)[2]["sigma_min"] == 0.1
     assert cell_settings(config, ambient, "a_os", 4.0) == (0, 1.0, {"sigma": 0.2}, "config")
     assert cell_settings(config, ncsn, "ald", 4.0) == (50, 1.0, {"step_scale": 0.3}, "config")
-    l1 = {"method": "l1", "R": 1.0, "_version_tags": {}}
+    l1 = {"method": "l1", "r_train": 1.0, "_version_tags": {}}
     assert cell_settings(config, l1, "l1_wavelet", 4.0) == (0, 1.0, {"lam": 0.002, "iterations": 30.0}, "config")
-    cg = {"method": "cg_sense", "R": 1.0, "_version_tags": {}}
+    cg = {"method": "cg_sense", "r_train": 1.0, "_version_tags": {}}
     assert cell_settings(config, cg, "cg_sense", 4.0)[2] == {"iterations": 4.0}

@@ -290,7 +290,7 @@ def test_s3_down_during_checkpointing_loses_nothing(tiny_prepared: str, s3_serve
     config = tiny_config(
         # R = 4: the models this file registers in the session's store must not collide with the
         # sweep's (tests/test_tracking.py expects version 1 of its R = 2 models).
-        tiny_prepared, method="modl", acceleration=4, num_workers=1, max_steps=10, checkpoint_every_steps=1,
+        tiny_prepared, method="modl", r_train=4, num_workers=1, max_steps=10, checkpoint_every_steps=1,
         keep_checkpoints=20,
         validation_slices=1, validate_every_steps=5, storage_path="s3://adps-faults/runs", run_name="modl_s3_down",
         experiment="s3-down",
@@ -459,7 +459,7 @@ def test_a_killed_driver_resubmitted_resumes_the_same_run(tiny_prepared: str, tm
     repo = Path(__file__).resolve().parents[1]
     runs = tmp_path / "runs"
     config = tiny_config(
-        tiny_prepared, method="ssdu", acceleration=4, num_workers=1, max_steps=20, checkpoint_every_steps=5,
+        tiny_prepared, method="ssdu", r_train=4, num_workers=1, max_steps=20, checkpoint_every_steps=5,
         validation_slices=0, storage_path=str(runs), run_name="ssdu_driver_killed", experiment="driver-killed",
     )
     path = tmp_path / "train.yaml"

@@ -267,7 +267,7 @@ def image_config(dataset: str = "", **changes: object) -> TrainConfig:
 
 
 def test_image_config_checks_name_the_key(image_folder: str, tmp_path: Path) -> None:
-    ok = image_config(image_folder, erasure_p=0.6, acceleration=1)  # acceleration does not apply
+    ok = image_config(image_folder, erasure_p=0.6, r_train=1)  # r_train does not apply
     ok.validate()
     assert ok.resolved_run_name == "image_p0.6" and ok.resolved_preset == "tiny"
     assert image_config(image_folder, preset="").resolved_preset == "image"
@@ -301,7 +301,7 @@ def test_names_configs_grid_and_summary() -> None:
     config = TrainConfig(method="image", erasure_p=0.6, dataset="x")
     assert registered_name(config) == image_model_name(0.6) == "adps-image-p0.6"
     assert registered_name(config.replace(erasure_p=0)) == "adps-image-p0"
-    assert registered_name(TrainConfig(method="ambient", acceleration=4)) == model_name("ambient", 4) == "adps-ambient-r4"
+    assert registered_name(TrainConfig(method="ambient", r_train=4)) == model_name("ambient", 4) == "adps-ambient-r4"
     files = sorted((REPO / "configs" / "images").glob("*.yaml"))
     configs = [TrainConfig.from_yaml(path, {"dataset": "unused"}) for path in files]
     assert sorted(c.erasure_p for c in configs) == sorted(IMAGE_GRID) == sorted(PAPER_ERASURE_P)
@@ -350,7 +350,7 @@ def test_worker_loop_on_images_without_ray(image_folder: str, tmp_path: Path) ->
     record = json.loads((folders[-1] / "ema" / "config.json").read_text())
     assert {k: record[k] for k in ("method", "erasure_p", "delta", "resolution", "preset")} == {
         "method": "image", "erasure_p": 0.6, "delta": 0.1, "resolution": RES, "preset": "tiny"}
-    assert "R" not in record
+    assert "r_train" not in record and "R" not in record
     restored = build_trainee(config)
     assert load_training_checkpoint(folders[-1], restored)["step"] == 3
     assert is_ambient_image_model(restored.model)

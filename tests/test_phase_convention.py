@@ -152,7 +152,7 @@ def test_a_dataset_prepared_before_the_fix_is_refused_with_a_re_prepare_message(
         prepare_dataset(PrepareConfig.from_dict({**read_manifest(tiny_prepared)["config"], "output": str(old)}),
                         progress=False)
     commands = [
-        ["train", "--set", f"dataset={old}", "--set", "method=edm", "--set", "acceleration=1", "--set", "preset=tiny"],
+        ["train", "--set", f"dataset={old}", "--set", "method=edm", "--set", "r_train=1", "--set", "preset=tiny"],
         ["evaluate", "--set", f"dataset={old}", "--set", "models=[l1]"],
     ]
     for command in commands:

@@ -485,12 +485,12 @@ def test_run_sampler_builds_schedule_and_train_masks(problem: dict) -> None:
     model = AmbientGaussianDenoiser(problem["mean"], PRIOR_STD, problem["maps"])
     trace: list[dict] = []
     out = smp.run_sampler("a_dps", model, problem["y"], problem["operator"], steps=4, guidance=0.5,
-                          train_acceleration=2, seed=99, slice_ids=[0, 1], acs=ACS, amp="",
+                          r_train=2, seed=99, slice_ids=[0, 1], acs=ACS, amp="",
                           generator=torch.Generator().manual_seed(0), callback=_trace(trace))
     direct = smp.a_dps(model, problem["y"], problem["operator"], edm_sigmas(4), guidance=0.5,
                        train_mask=train_masks(WIDTH, 2, N, seed=99, acs=ACS), generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, direct) and len(trace) == 4
-    with pytest.raises(ValueError, match="train_acceleration"):
+    with pytest.raises(ValueError, match="r_train"):
         smp.run_sampler("a_dps", model, problem["y"], problem["operator"], steps=2)
 
 
@@ -545,7 +545,7 @@ def test_every_edm_preconditioned_model_samples_its_prior_with_edm_heun(net_prob
         seen: list[float] = []
         model.register_forward_hook(lambda module, args, out, seen=seen: seen.append(float(args[1][0])))
         samples = unconditional_samples(method, model, 2, (16, 16), batch=2, maps=net_problem["maps"],
-                                        train_acceleration=2, acs=ACS)
+                                        r_train=2, acs=ACS)
         assert samples.shape == (2, 16, 16) and torch.isfinite(torch.view_as_real(samples)).all()
         assert len(seen) == 35 and sorted(seen, reverse=True) == pytest.approx(expected, rel=1e-5), method
         assert fid_sampler(method) == {"sampler": "prior_heun", "steps": 18, "sigma_max": 80.0, "sigma_min": 0.002,

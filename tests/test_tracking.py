@@ -96,11 +96,11 @@ def test_sweep_configs_cover_the_paper_grid(tiny_prepared: str) -> None:
     configs = [TrainConfig.from_yaml(path) for path in sorted((REPO / "configs").glob("*.yaml"))]
     assert len(configs) == sum(len(rs) for rs in PAPER_GRID.values()) == 18
     assert grid_gaps(configs) == []
-    assert grid_gaps(configs[1:]) == [f"{configs[0].method}_r{configs[0].acceleration:g}"]
+    assert grid_gaps(configs[1:]) == [f"{configs[0].method}_r{configs[0].r_train:g}"]
     with pytest.raises(ValueError, match="no config runs nope"):
         load_sweep_configs(REPO / "configs", {"dataset": tiny_prepared}, only=["nope"])
     # The tiny dataset has masks at R = 2 and 4 only: the R = 6 config is refused, naming file and key.
-    with pytest.raises(ValueError, match=r"ambient_r6.yaml: config key 'acceleration'"):
+    with pytest.raises(ValueError, match=r"ambient_r6.yaml: config key 'r_train'"):
         load_sweep_configs(REPO / "configs", {"dataset": tiny_prepared})
     picked = load_sweep_configs(REPO / "configs", {"dataset": tiny_prepared}, only=["ambient_r4", "edm_r1"])
     assert [c.resolved_run_name for c in picked] == ["ambient_r4", "edm_r1"]
@@ -127,7 +127,7 @@ def write_method_configs(folder: Path) -> None:
     folder.mkdir()
     for method in MRI_METHODS:
         r = 1 if method in ("edm", "ncsnv2") else 2
-        (folder / f"{method}.yaml").write_text(f"method: {method}\nacceleration: {r}\nrun_name: {method}_sweep\n")
+        (folder / f"{method}.yaml").write_text(f"method: {method}\nr_train: {r}\nrun_name: {method}_sweep\n")
 
 
 def same_outputs(method: str, a: torch.nn.Module, b: torch.nn.Module, batch: dict) -> bool:
@@ -174,7 +174,7 @@ def test_sweep_trains_logs_and_registers_every_method(sweep, tiny_prepared: str)
     dataset = PreparedSliceDataset(tiny_prepared, "val", acceleration=2)
     batch = {key: torch.stack([dataset[i][key] for i in range(2)]) for key in ("kspace", "maps", "mask", "reference")}
     for config, row in zip(configs, rows, strict=True):
-        name = model_name(config.method, config.acceleration)
+        name = model_name(config.method, config.r_train)
         assert row.step == 2 and row.model == f"{name}/1" and row.val_nrmse is not None and row.val_nrmse >= 0
         version = client.get_model_version_by_alias(name, "latest")  # MLflow resolves @latest itself
         assert str(version.version) == "1"
@@ -231,7 +231,7 @@ def test_sweep_again_skips_finished_runs(sweep) -> None:
     _, configs, _ = sweep
     rows = run_sweep(configs, progress=False)
     assert {r.status for r in rows} == {"done (skipped)"}
-    assert [r.model for r in rows] == [f"{model_name(c.method, c.acceleration)}/1" for c in configs]
+    assert [r.model for r in rows] == [f"{model_name(c.method, c.r_train)}/1" for c in configs]
 
 
 def free_port() -> int:

@@ -69,10 +69,10 @@ def test_bad_configs_fail_fast_naming_the_key(tmp_path: Path, capsys) -> None:
         TrainConfig.from_dict({"learning_rate": 1e-3})
     with pytest.raises(ValueError, match="'batch_size'"):
         TrainConfig.from_dict({"batch_size": "eight"})
-    with pytest.raises(ValueError, match="'acceleration'.*R = 1"):
-        TrainConfig(method="edm", acceleration=4, dataset="x").validate(check_dataset=False)
-    with pytest.raises(ValueError, match="'acceleration'.*R > 1"):
-        TrainConfig(method="ambient", acceleration=1, dataset="x").validate(check_dataset=False)
+    with pytest.raises(ValueError, match="'r_train'.*R = 1"):
+        TrainConfig(method="edm", r_train=4, dataset="x").validate(check_dataset=False)
+    with pytest.raises(ValueError, match="'r_train'.*R > 1"):
+        TrainConfig(method="ambient", r_train=1, dataset="x").validate(check_dataset=False)
     with pytest.raises(ValueError, match="'method'"):
         TrainConfig(method="vae", dataset="x").validate(check_dataset=False)
     with pytest.raises(ValueError, match="'dataset'.*manifest"):
@@ -83,9 +83,9 @@ def test_bad_configs_fail_fast_naming_the_key(tmp_path: Path, capsys) -> None:
     assert adps_main(["train", "--set", "dataset=" + str(tmp_path), "--set", "lr=fast"]) != 0
     assert "'lr'" in capsys.readouterr().err
     path = tmp_path / "run.yaml"
-    path.write_text("method: modl\nacceleration: 4\n")
+    path.write_text("method: modl\nacceleration: 4\n")  # the old name of r_train, still read
     config = TrainConfig.from_yaml(path, parse_overrides(["batch_size=2", "betas=0.5,0.9"]))
-    assert (config.method, config.acceleration, config.batch_size, config.betas) == ("modl", 4, 2, (0.5, 0.9))
+    assert (config.method, config.r_train, config.batch_size, config.betas) == ("modl", 4, 2, (0.5, 0.9))
 
 
 def test_paper_grid_configs_load_and_check() -> None:
@@ -117,7 +117,7 @@ def test_worker_shares_are_disjoint_and_cover_each_epoch() -> None:
 def test_one_step_of_every_method_and_checkpoint_round_trip(tmp_path: Path, one_intra_op_thread) -> None:
     batch = synthetic_batch(2, 2, 32, 32, 4, seed=0, acs=4, l1_iterations=2)
     for method in MRI_METHODS:
-        config = TrainConfig(method=method, acceleration=1 if method in ("edm", "ncsnv2") else 4, preset="tiny",
+        config = TrainConfig(method=method, r_train=1 if method in ("edm", "ncsnv2") else 4, preset="tiny",
                              dataset="x", lr_rampup=0)
         trainee = build_trainee(config)
         out = train_one_step(trainee, batch)
@@ -157,7 +157,7 @@ def test_compiled_training_takes_the_same_steps_and_saves_plain_weights(tmp_path
     monkeypatch.setattr(torch, "compile", compile_cheaply)
     torch._dynamo.reset()
     batch = synthetic_batch(2, 2, 32, 32, 4, seed=0, acs=4)
-    config = TrainConfig(method="ambient", acceleration=4, preset="tiny", dataset="x", lr_rampup=0)
+    config = TrainConfig(method="ambient", r_train=4, preset="tiny", dataset="x", lr_rampup=0)
     eager, compiled = build_trainee(config), build_trainee(config.replace(compile_mode="max-autotune"))
     assert asked == ["max-autotune"] and hasattr(compiled.model, "_orig_mod")
     for _ in range(2):  # the second step's loss is that of the weights the first step left
@@ -223,7 +223,7 @@ def test_activation_memory_budget_makes_the_compiled_step_keep_less(monkeypatch,
 def test_a_worker_reads_only_the_keys_its_method_trains_on(tiny_dataset, method: str) -> None:
     """The training set of a run holds the keys its step reads and nothing more: an ambient
     (or SSDU) worker never reads the fully sampled reference, an EDM worker no k-space."""
-    config = tiny_config(tiny_dataset, method=method, acceleration=1 if method in ("edm", "ncsnv2") else 2)
+    config = tiny_config(tiny_dataset, method=method, r_train=1 if method in ("edm", "ncsnv2") else 2)
     dataset, acceleration = mri_training_set(config)
     try:
         assert acceleration == 2  # R = 1 methods take the first stored masks, which they ignore
@@ -337,7 +337,7 @@ def test_the_learning_rate_reaches_its_value_early_and_is_logged_step_by_step(ti
         TrainConfig.from_dict({"lr_rampup_images": 10_000_000})
 
     logged: list[tuple[int, dict]] = []
-    config = tiny_config(tiny_prepared, method="edm", acceleration=1, max_steps=6, lr_rampup=0.5, log_every_steps=10,
+    config = tiny_config(tiny_prepared, method="edm", r_train=1, max_steps=6, lr_rampup=0.5, log_every_steps=10,
                          validation_slices=0, tracking=False, lr=1e-3)
     worker_loop(config, WorkerContext(rank=0, world_size=1, report=lambda metrics, checkpoint: None,
                                       log=lambda metrics, step: logged.append((step, metrics))))
@@ -355,7 +355,7 @@ def test_every_setting_of_the_objective_and_network_is_a_config_key(one_intra_op
     assert (defaults.p_mean, defaults.p_std, defaults.sigma_data, defaults.scale_cond) == (-1.2, 1.2, 0.5, True)
     assert (defaults.ssdu_rho, defaults.ssdu_keep_center) == (0.2, 4)
     batch = synthetic_batch(2, 2, 32, 32, 4, seed=0, acs=4, l1_iterations=2)
-    config = TrainConfig(method="ambient", acceleration=4, preset="tiny", dataset="x", lr_rampup=0, p_mean=5.0,
+    config = TrainConfig(method="ambient", r_train=4, preset="tiny", dataset="x", lr_rampup=0, p_mean=5.0,
                          p_std=0.01, sigma_data=0.7, scale_cond=False)
     trainee = build_trainee(config)
     model = unwrap_model(trainee.model)
@@ -363,9 +363,9 @@ def test_every_setting_of_the_objective_and_network_is_a_config_key(one_intra_op
     assert build_trainee(config.replace(scale_cond=True)).model.scale_cond is True
     out = train_one_step(trainee, batch)
     assert all(140 < s < 160 for s in out["sigma"]), out["sigma"]  # exp(5) = 148
-    modl = build_trainee(TrainConfig(method="modl", acceleration=4, preset="tiny", dataset="x", modl_unrolls=3,
+    modl = build_trainee(TrainConfig(method="modl", r_train=4, preset="tiny", dataset="x", modl_unrolls=3,
                                      modl_cg_iterations=4, modl_lambda_init=0.2)).model
     assert (modl.config.unrolls, modl.config.cg_iterations, modl.config.lambda_init) == (3, 4, 0.2)
-    assert build_trainee(TrainConfig(method="modl", acceleration=4, preset="modl", dataset="x")).model.config.unrolls == 6
+    assert build_trainee(TrainConfig(method="modl", r_train=4, preset="modl", dataset="x")).model.config.unrolls == 6
     with pytest.raises(ValueError, match="'ssdu_rho'"):
-        TrainConfig(method="ssdu", acceleration=4, dataset="x", ssdu_rho=1.5).validate(check_dataset=False)
+        TrainConfig(method="ssdu", r_train=4, dataset="x", ssdu_rho=1.5).validate(check_dataset=False)

@@ -169,7 +169,7 @@ def test_search_with_asha_logs_runs_best_json_and_version_tags(
 
     assert (tags["adps.tuned.r4.budget"], tags["adps.tuned.r4.split"]) == ("6", "val")  # for the fair-tuning rule
     evaluation = evaluate(EvaluateConfig(
-        dataset=tiny_prepared, models=("adps-tunesearch-r2",), accelerations=(2.0, 4.0), slices=1, a_os=False,
+        dataset=tiny_prepared, models=("adps-tunesearch-r2",), r_inf=(2.0, 4.0), slices=1, a_os=False,
         lpips=False, tracking_uri=uri, output=str(tmp_path / "evaluation"), experiment="tune-then-evaluate",
         use_tuned=True, denoising_check=False,
     ), progress=False)

@@ -338,7 +338,8 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path: Path, precond: bool) -> No
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "weights.safetensors"]
     loaded, config = load_model(folder)
     assert type(loaded) is type(model)
-    assert config["preset"] == "tiny" and config["method"] == "ambient" and config["R"] == 4
+    # A config written before the rename: its "R" reads as r_train.
+    assert config["preset"] == "tiny" and config["method"] == "ambient" and config["r_train"] == 4
     assert config["unet"] == PRESETS["tiny"].to_dict()
     assert set(config["versions"]) >= {"adps", "torch", "safetensors"}
     original, restored = model.state_dict(), loaded.state_dict()
@@ -476,7 +477,7 @@ def test_activation_checkpointing_is_refused_for_methods_without_the_switch() ->
 
     with pytest.raises(ValueError, match="'activation_checkpointing': only the methods ambient, edm, edm_l1, image, "
                                          "ncsnv2 have it, not modl"):
-        TrainConfig(method="modl", acceleration=4, dataset="x", activation_checkpointing=True).validate(
+        TrainConfig(method="modl", r_train=4, dataset="x", activation_checkpointing=True).validate(
             check_dataset=False)
 
 

@@ -16,9 +16,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     overrides = {
         "volumes": args.volumes, "slices_per_volume": args.slices, "coils": args.coils,
-        "accelerations": tuple(args.accelerations) if args.accelerations else None,
+        "r_inf": tuple(args.r_inf) if args.r_inf else None,
         "methods": tuple(args.methods) if args.methods else None, "train_steps": args.steps,
-        "ambient_r": tuple(args.ambient_r) if args.ambient_r else None, "baseline_steps": args.baseline_steps,
+        "ambient_r_train": tuple(args.ambient_r_train) if args.ambient_r_train else None, "baseline_steps": args.baseline_steps,
         "sampler_steps": args.sampler_steps, "tune_trials": args.trials, "seed": args.seed,
         "workdir": args.workdir, "fresh": args.fresh or None, "address": args.address,
         "tracking_uri": args.tracking_uri,
@@ -229,9 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--volumes", type=int, help="synthetic volumes: 1 test, 1 validation, the rest training (6; 4)")
     demo.add_argument("--slices", type=int, help="slices per volume (4; 2)")
     demo.add_argument("--coils", type=int, help="receive coils (4)")
-    demo.add_argument("--accelerations", type=float, nargs="+", metavar="R",
+    demo.add_argument("--r-inf", "--accelerations", type=float, nargs="+", metavar="R",
                       help="R_inf of the evaluation (2 4 8; 4 8)")
-    demo.add_argument("--ambient-r", type=float, nargs="+", metavar="R", help="R of the ambient models (2 4; 4)")
+    demo.add_argument("--ambient-r-train", "--ambient-r", type=float, nargs="+", metavar="R",
+                      help="R_train of the ambient models (2 4; 4)")
     demo.add_argument("--methods", nargs="+", metavar="METHOD",
                       help="methods trained (ambient edm edm_l1 modl ssdu; ambient edm)")
     demo.add_argument("--steps", type=int, help="training steps of the diffusion models (800; 30)")

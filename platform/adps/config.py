@@ -18,7 +18,10 @@ ConfigT = TypeVar("ConfigT", bound="ConfigFile")
 
 
 class ConfigFile:
-    """Mixin for config dataclasses: ``from_dict``, ``from_yaml``, ``replace``, ``to_dict``, ``to_yaml``."""
+    """Mixin for config dataclasses: ``from_dict``, ``from_yaml``, ``replace``, ``to_dict``, ``to_yaml``.
+
+    A subclass may name ``RENAMED_KEYS`` (old name -> new name: the old one is read as the new)
+    and ``RETIRED_KEYS`` (old name -> why it went: refused with that message)."""
 
     @classmethod
     def from_dict(cls: type[ConfigT], values: Mapping[str, Any]) -> ConfigT:
@@ -28,6 +31,12 @@ class ConfigFile:
             ValueError: for an unknown key (named, with the known ones) or a value of the wrong type.
         """
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        values = dict(values)
+        for old, new in getattr(cls, "RENAMED_KEYS", {}).items():
+            if old in values:  # a key's older name: read as the new one (configs written before the rename)
+                if new in values:
+                    raise ValueError(f"config keys {old!r} and {new!r} are the same key (its old and new name); give one")
+                values[new] = values.pop(old)
         unknown = sorted(set(values) - known)
         renamed = getattr(cls, "RETIRED_KEYS", {})
         for key in unknown:

@@ -8,8 +8,8 @@ a SQLite MLflow store with local artifacts, synthetic data), all inside one work
    and L1-wavelet references, masks at every R; ``.../prepared``);
 3. trains tiny models through the real Ray Train path (:func:`adps.orchestration.sweep.run_sweep`:
    checkpoints, MLflow runs, registered models ``adps-<method>-r<R>``): Ambient Diffusion at
-   ``ambient_r`` (learned from undersampled k-space only), EDM on fully sampled data, and
-   L1-EDM, MoDL and SSDU at ``baseline_r``;
+   ``ambient_r_train`` (learned from undersampled k-space only), EDM on fully sampled data, and
+   L1-EDM, MoDL and SSDU at ``baseline_r_train``;
 4. searches the sampler settings of every diffusion model with Ray Tune (Optuna TPE + ASHA),
    each with the same budget on the validation split: the guidance and the end of the schedule
    at the largest R_inf, and each ambient model's A-OS sigma; the best become tags on the
@@ -66,16 +66,16 @@ class DemoConfig:
     """Receive coils of the synthetic scanner."""
     acs: int = 4
     """Fully sampled centre columns of every mask (METHOD.md: 20 at full size)."""
-    accelerations: tuple[float, ...] = (2.0, 4.0, 8.0)
-    """R_inf of the evaluation grid (and R of the ambient models when ``ambient_r`` is empty)."""
-    ambient_r: tuple[float, ...] = (2.0, 4.0)
-    """R of the ambient models trained (empty = every R of ``accelerations``). At the demo's
+    r_inf: tuple[float, ...] = (2.0, 4.0, 8.0)
+    """R_inf of the evaluation grid (and R_train of the ambient models when ``ambient_r_train`` is empty)."""
+    ambient_r_train: tuple[float, ...] = (2.0, 4.0)
+    """R_train of the ambient models trained (empty = every R of ``r_inf``). At the demo's
     scale an ambient model trained at R 8 (5 of 48 columns, 4 of them the ACS, at its R + 1)
-    learns little in minutes; ``--ambient-r 2 4 8`` trains it too (about 1.5 minutes more)."""
+    learns little in minutes; ``--ambient-r-train 2 4 8`` trains it too (about 1.5 minutes more)."""
     methods: tuple[str, ...] = ("ambient", "edm", "edm_l1", "modl", "ssdu")
-    """Methods trained: ambient at every R, edm at R 1, the others at ``baseline_r``."""
-    baseline_r: float = 4.0
-    """R of the edm_l1, modl and ssdu models."""
+    """Methods trained: ambient at every R, edm at R 1, the others at ``baseline_r_train``."""
+    baseline_r_train: float = 4.0
+    """R_train of the edm_l1, modl and ssdu models."""
     train_steps: int = 800
     """Training steps of the diffusion models (ambient, edm, edm_l1). Measured on the demo's
     data (one CPU core, about 0.18 s a step at batch 8): edm_r1 after 600 steps gives DPS an
@@ -100,7 +100,7 @@ class DemoConfig:
     ``tune_r_inf``, every ambient model's A-OS sigma (the same budget for all, a fair
     comparison); 0 = no search, and the evaluation runs the protocol for every model."""
     tune_r_inf: float = 0.0
-    """R_inf of the A-DPS search (0 = the largest of ``accelerations``)."""
+    """R_inf of the A-DPS search (0 = the largest of ``r_inf``)."""
     l1: bool = True
     """Evaluate L1-wavelet compressed sensing too (zero-filled and CG-SENSE are always shown)."""
     seed: int = 0
@@ -119,7 +119,7 @@ class DemoConfig:
         about 2-3 minutes on 2 cores: every stage runs, the models are not trained enough to
         mean anything."""
         values: dict[str, Any] = {
-            "volumes": 4, "slices_per_volume": 2, "accelerations": (4.0, 8.0), "ambient_r": (4.0,),
+            "volumes": 4, "slices_per_volume": 2, "r_inf": (4.0, 8.0), "ambient_r_train": (4.0,),
             "methods": ("ambient", "edm"), "batch_size": 4,
             "train_steps": 30, "baseline_steps": 30, "sampler_steps": 10, "tune_trials": 2, "l1": False,
         }
@@ -130,11 +130,11 @@ class DemoConfig:
         runs: list[tuple[str, float]] = []
         for method in self.methods:
             if method == "ambient":
-                runs += [("ambient", float(r)) for r in (self.ambient_r or self.accelerations)]
+                runs += [("ambient", float(r)) for r in (self.ambient_r_train or self.r_inf)]
             elif method in ("edm", "ncsnv2"):
                 runs.append((method, 1.0))
             else:
-                runs.append((method, float(self.baseline_r)))
+                runs.append((method, float(self.baseline_r_train)))
         return runs
 
     def validate(self) -> None:
@@ -156,17 +156,17 @@ class DemoConfig:
         if unknown or not self.methods:
             raise ValueError(f"methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
                              f"{', '.join(sorted(MRI_METHODS))}")
-        for key in ("accelerations", "ambient_r"):
+        for key in ("r_inf", "ambient_r_train"):
             values = getattr(self, key)
-            if (key == "accelerations" and not values) or any(r <= 1 for r in values):
+            if (key == "r_inf" and not values) or any(r <= 1 for r in values):
                 raise ValueError(f"{key} must be values > 1, got {list(values)}")
         if self.height % 16 or self.width % 16:
             raise ValueError(f"height and width must be multiples of 16 (the U-Net halves them 4 times), "
                              f"got {self.height} x {self.width}")
         # Ambient models train on R + 1 masks; each mask keeps the ACS block.
-        hardest = max([*self.accelerations, *self.ambient_r, self.baseline_r]) + ("ambient" in self.methods)
+        hardest = max([*self.r_inf, *self.ambient_r_train, self.baseline_r_train]) + ("ambient" in self.methods)
         if lines_at(self.width, hardest) < self.acs:
-            raise ValueError(f"accelerations: R {hardest:g} keeps {lines_at(self.width, hardest)} of {self.width} "
+            raise ValueError(f"r_inf: R {hardest:g} keeps {lines_at(self.width, hardest)} of {self.width} "
                              f"columns, fewer than the {self.acs} ACS columns; lower R or raise width")
 
     # Folders and names. The data and training settings are part of the names, so a changed
@@ -180,8 +180,8 @@ class DemoConfig:
         # The prepared format's version too: data prepared by an older adps is never reused.
         from adps.data.shards import SCHEMA_VERSION
 
-        return self._key("volumes", "slices_per_volume", "height", "width", "coils", "acs", "accelerations",
-                         "ambient_r", "baseline_r", "seed") + (f"-v{SCHEMA_VERSION}" if SCHEMA_VERSION > 1 else "")
+        return self._key("volumes", "slices_per_volume", "height", "width", "coils", "acs", "r_inf",
+                         "ambient_r_train", "baseline_r_train", "seed") + (f"-v{SCHEMA_VERSION}" if SCHEMA_VERSION > 1 else "")
 
     @property
     def train_key(self) -> str:
@@ -194,14 +194,14 @@ class DemoConfig:
 
     @property
     def tune_model(self) -> tuple[str, float]:
-        """The ambient model the printout shows loading: the one at ``baseline_r`` when trained,
+        """The ambient model the printout shows loading: the one at ``baseline_r_train`` when trained,
         else the first."""
         ambient = [r for method, r in self.runs() if method == "ambient"]
-        return "ambient", (float(self.baseline_r) if float(self.baseline_r) in ambient else ambient[0])
+        return "ambient", (float(self.baseline_r_train) if float(self.baseline_r_train) in ambient else ambient[0])
 
     @property
     def search_r_inf(self) -> float:
-        return float(self.tune_r_inf or max(self.accelerations))
+        return float(self.tune_r_inf or max(self.r_inf))
 
 
 def _stage(number: int, text: str) -> float:
@@ -262,7 +262,7 @@ def _prepare(config: DemoConfig, raw: Path, prepared: Path) -> dict[str, Any]:
     from adps.orchestration.prepare import prepare_dataset
 
     # Masks at every R the models train at (ambient: R; MoDL / SSDU: R) and are tested at.
-    accelerations = sorted({*map(float, config.accelerations), *map(float, config.ambient_r), float(config.baseline_r)})
+    accelerations = sorted({*map(float, config.r_inf), *map(float, config.ambient_r_train), float(config.baseline_r_train)})
     prepare = PrepareConfig.from_dict({
         # 1 test and 1 validation volume, the rest training (n_volumes counts training scans).
         "source": str(raw), "output": str(prepared), "n_volumes": config.volumes - 2,
@@ -284,7 +284,7 @@ def _train(config: DemoConfig, dataset: Path, tracking_uri: str) -> list[Any]:
     for method, r in config.runs():
         steps = config.steps_of(method)
         configs.append(TrainConfig.from_dict({
-            "method": method, "acceleration": r, "preset": "tiny", "dataset": str(dataset),
+            "method": method, "r_train": r, "preset": "tiny", "dataset": str(dataset),
             # max_steps governs every method (MoDL / SSDU would otherwise stop at METHOD.md's 10 epochs).
             "batch_size": config.batch_size, "max_steps": steps, "epochs": steps, "lr": 1e-3,
             "lr_rampup": 0, "ema_half_life_images": steps * config.batch_size / 10,
@@ -354,7 +354,7 @@ def _tune(config: DemoConfig, dataset: Path, tracking_uri: str) -> dict[str, Any
         label = f"{method}_r{r_train:g}"
         searches[label] = _search(config, dataset, tracking_uri, model=(method, r_train), kind=family,
                                   r_inf=config.search_r_inf, space_text=text)
-        if method == "ambient" and r_train in config.accelerations:
+        if method == "ambient" and r_train in config.r_inf:
             searches[f"{label} a_os"] = _search(
                 config, dataset, tracking_uri, model=(method, r_train), kind="a_os", r_inf=r_train, space_text=(
                     "sampler: a_os\nobjective: {metric: nrmse, mode: min}\nparams:\n"
@@ -368,7 +368,7 @@ def _evaluate(config: DemoConfig, dataset: Path, tracking_uri: str) -> dict[str,
     models = [f"adps-{method}-r{r:g}" for method, r in config.runs()]
     models += ["zero_filled", "cg_sense"] + (["l1"] if config.l1 else [])
     evaluation = EvaluateConfig(
-        dataset=str(dataset), models=tuple(models), accelerations=tuple(map(float, config.accelerations)),
+        dataset=str(dataset), models=tuple(models), r_inf=tuple(map(float, config.r_inf)),
         # The step count everywhere; the searched model's settings from its registry tags; the
         # demo's schedule end for the other ambient models.
         steps=config.sampler_steps, a_dps_sigma_min=config.ambient_sigma_min, a_os_sigma=config.ambient_sigma_min,
@@ -465,7 +465,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     else:
         print(f"\n[4/{STAGES}] Ray Tune search skipped (tune_trials 0)", flush=True)
 
-    started = _stage(5, f"evaluating at R_inf {', '.join(f'{r:g}' for r in config.accelerations)} on the test "
+    started = _stage(5, f"evaluating at R_inf {', '.join(f'{r:g}' for r in config.r_inf)} on the test "
                         f"slices ({config.sampler_steps} sampler steps)")
     evaluation = _evaluate(config, data / "prepared", tracking_uri)
     _done(started)
@@ -477,7 +477,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     print("\ncross-over against edm_r1 (FS-DPS): crossover = the smallest R_inf from which the ambient model beats it "
           "with every bootstrap interval over slices above 0; inconclusive = from there the means favour it, the "
           "intervals do not; none = it does not stay ahead\n" + format_crossover(evaluation["crossover"]))
-    verdict = demo_verdict(evaluation["rows"], ambient_r_inf=max(config.accelerations))
+    verdict = demo_verdict(evaluation["rows"], ambient_r_inf=max(config.r_inf))
     if verdict:
         print(f"\nwhat the table shows (mean NRMSE over the {len({r['slice'] for r in evaluation['rows']})} test "
               "slices; a demo-scale result, see docs/demo.md):\n" + "\n".join(verdict))

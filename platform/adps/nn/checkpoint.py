@@ -234,6 +234,8 @@ def load_model(
         raise ValueError(f"{config_path}: not valid JSON: {err}") from err
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    if "R" in config and "r_train" not in config:  # written before the training acceleration was named r_train
+        config["r_train"] = config.pop("R")
 
     net = _build_from_config(config, config_path)
     try:

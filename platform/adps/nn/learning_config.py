@@ -67,10 +67,12 @@ class LearningConfig(ConfigFile):
                             "EDM's 10 M-image ramp never let the paper grid's 2.5 M-image runs reach their lr",
     }
 
+    RENAMED_KEYS: typing.ClassVar[dict[str, str]] = {"acceleration": "r_train"}
+
     method: str = "ambient"
     """One of :data:`adps.nn.train_step.METHODS`."""
-    acceleration: float = 4
-    """Training acceleration R: 1 for ``edm`` / ``ncsnv2``; > 1 (paper: 2, 4, 6, 8) otherwise,
+    r_train: float = 4
+    """R_train, the training acceleration (docs/protocol.md "Names"): 1 for ``edm`` / ``ncsnv2``; > 1 (paper: 2, 4, 6, 8) otherwise,
     and one the prepared dataset stores masks for. Does not apply to ``image`` (not checked,
     not used: its corruption is ``erasure_p``)."""
     preset: str = ""
@@ -223,15 +225,15 @@ class LearningConfig(ConfigFile):
             raise ValueError(f"config key {changed[0]!r} applies to method 'image' only (natural images), "
                              f"not to {self.method}")
         elif self.method in FULLY_SAMPLED:
-            if self.acceleration != 1:
+            if self.r_train != 1:
                 raise ValueError(
-                    f"config key 'acceleration': {self.method} trains on fully sampled data (R = 1), "
-                    f"got R = {self.acceleration:g}"
+                    f"config key 'r_train': {self.method} trains on fully sampled data (R = 1), "
+                    f"got R = {self.r_train:g}"
                 )
-        elif self.acceleration <= 1:
+        elif self.r_train <= 1:
             raise ValueError(
-                f"config key 'acceleration': {self.method} trains on undersampled data (R > 1; paper: "
-                f"{', '.join(map(str, PAPER_ACCELERATIONS))}), got R = {self.acceleration:g}"
+                f"config key 'r_train': {self.method} trains on undersampled data (R > 1; paper: "
+                f"{', '.join(map(str, PAPER_ACCELERATIONS))}), got R = {self.r_train:g}"
             )
         if self.batch_size < 1:
             raise ValueError(f"config key 'batch_size' must be >= 1, got {self.batch_size}")

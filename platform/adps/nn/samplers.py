@@ -202,7 +202,7 @@ def default_sigmas(
 
 def train_masks(
     width: int,
-    train_acceleration: float,
+    r_train: float,
     n: int,
     seed: int,
     slice_ids: list[int] | Tensor | None = None,
@@ -221,7 +221,7 @@ def train_masks(
 
     Args:
         width: phase-encode columns W.
-        train_acceleration: R_train of the ambient model (the masks are at R_train + 1).
+        r_train: R_train of the ambient model (the masks are at R_train + 1).
         n: number of slices.
         seed: the draw's seed.
         slice_ids: one id per slice (default ``0 .. n - 1``).
@@ -230,7 +230,7 @@ def train_masks(
     ids = list(range(n)) if slice_ids is None else [int(i) for i in torch.as_tensor(slice_ids).reshape(-1).tolist()]
     if len(ids) != n:
         raise ValueError(f"train_masks: expected {n} slice ids, got {len(ids)}")
-    rows = [slice_masks(width, train_acceleration, seed=seed, slice_id=i, acs=acs, draw="a_tr")[1] for i in ids]
+    rows = [slice_masks(width, r_train, seed=seed, slice_id=i, acs=acs, draw="a_tr")[1] for i in ids]
     return torch.stack(rows) if rows else torch.zeros(0, width, dtype=torch.bool)
 
 
@@ -970,7 +970,7 @@ def run_sampler(
     callback: Callback | None = None,
     steps: int | None = None,
     guidance: float | None = None,
-    train_acceleration: float | None = None,
+    r_train: float | None = None,
     slice_ids: list[int] | Tensor | None = None,
     seed: int = 0,
     acs: int | None = None,
@@ -986,7 +986,7 @@ def run_sampler(
       one-pass ``a_os`` / ``unrolled``. None = METHOD.md's default.
     * ``guidance``: ``l_ss`` of ``a_dps`` / ``dps`` (None = 1.0); ignored by the others.
     * ``a_dps`` only: its ``train_mask`` is drawn here. MRI: with :func:`train_masks` from
-      ``train_acceleration`` (R_train, required), ``seed`` and ``slice_ids`` (default ``0 ..
+      ``r_train`` (R_train, required), ``seed`` and ``slice_ids`` (default ``0 ..
       N - 1``); ``acs`` = the masks' ACS width (None = METHOD.md's 20, or fewer where
       ``floor(W / (R_train + 1))`` columns cannot hold 20). Images: with
       :func:`~adps.nn.image_diffusion.sampling_mask` from the model's training ``erasure_p``
@@ -1012,12 +1012,12 @@ def run_sampler(
         options["guidance"] = float(guidance)
     if name == "a_dps" and "train_mask" not in options:
         if isinstance(operator, SenseOperator):
-            if train_acceleration is None:
-                raise ValueError("run_sampler('a_dps'): train_acceleration (R_train of the ambient model) is "
+            if r_train is None:
+                raise ValueError("run_sampler('a_dps'): r_train (R_train of the ambient model) is "
                                  "required to draw the R_train + 1 masks A_tr")
             n, _, _, width = operator.kspace_shape
-            acs_width = min(DEFAULT_ACS, lines_at(width, train_acceleration + 1)) if acs is None else int(acs)
-            options["train_mask"] = train_masks(width, train_acceleration, n, seed, slice_ids, acs=acs_width)
+            acs_width = min(DEFAULT_ACS, lines_at(width, r_train + 1)) if acs is None else int(acs)
+            options["train_mask"] = train_masks(width, r_train, n, seed, slice_ids, acs=acs_width)
         else:
             if erasure_p is None:
                 raise ValueError("run_sampler('a_dps'): erasure_p (the ambient image model's training erasure "

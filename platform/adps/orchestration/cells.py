@@ -91,6 +91,9 @@ class Study:
     paths: tuple[str, ...]
     """Config keys naming local folders or files, made absolute on the driver (a Ray task runs
     in another folder)."""
+    check_data: Callable[[Any], None]
+    """Reads the test data's index and refuses what the config asks of it that it lacks,
+    naming the key (before the models load or the LPIPS weights are looked for)."""
     plan: Callable[[Any, bool], tuple[list[Any], dict[str, Any]]]
     """``(config, progress) -> (cells, extra)``: resolves the models (failing before any task
     starts), plans the cells and runs the checks before them; ``extra`` goes to ``report``
@@ -202,4 +205,4 @@ def reconstruct_batch(
     slice_ids = batch["slice_ids"]
     generator = torch.Generator(device=y.device).manual_seed(seed * 1_000_003 + slice_ids[0])
     return run_sampler(sampler, model, y, operator, generator=generator, steps=steps, guidance=guidance,
-                       train_acceleration=r_train, slice_ids=slice_ids, seed=seed, acs=acs, amp=amp, **options)
+                       r_train=r_train, slice_ids=slice_ids, seed=seed, acs=acs, amp=amp, **options)

@@ -66,7 +66,7 @@ def check_denoisers(
         train_mask = None
         if method == "ambient":
             width = batch["reference"].shape[-1]
-            train_mask = train_masks(width, float(model_config["R"]), len(items), seed, slice_ids,
+            train_mask = train_masks(width, float(model_config["r_train"]), len(items), seed, slice_ids,
                                      acs=manifest["config"].get("acs", 20))
         found = denoising_check(method, model, batch, sigmas=tuple(sigmas), train_mask=train_mask,
                                 generator=torch.Generator().manual_seed(seed))

@@ -63,6 +63,7 @@ def evaluate(config: EvaluationConfig, *, ray_address: str | None = None, progre
 
     study = study_of(config)
     config.validate()
+    study.check_data(config)
     paths = {"tracking_uri": resolve_tracking_uri(config.tracking_uri)}
     for key, value in [("output", config.resolved_output), *((key, getattr(config, key)) for key in study.paths)]:
         if value and "://" not in value:

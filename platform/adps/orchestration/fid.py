@@ -121,20 +121,20 @@ def fid_sampler(method: str, model: torch.nn.Module | None = None, steps: int = 
 def unconditional_samples(
     method: str, model: torch.nn.Module, n: int, shape: tuple[int, int], *, steps: int = 0, batch: int = 25,
     seed: int = 0, amp: str = "", device: str = "cpu", maps: torch.Tensor | None = None,
-    train_acceleration: float | None = None, acs: int | None = None, sigma_max: float = 0.0, sigma_min: float = 0.0,
+    r_train: float | None = None, acs: int | None = None, sigma_max: float = 0.0, sigma_min: float = 0.0,
     rho: float = 0.0,
 ) -> torch.Tensor:
     """``n`` unconditional complex images ``(n, H, W)`` from a diffusion prior, with the sampler
     of :func:`fid_sampler`.
 
-    ``maps`` ``(M, C, H, W)`` and ``train_acceleration`` (R_train) are needed for ``ambient``
+    ``maps`` ``(M, C, H, W)`` and ``r_train`` (R_train) are needed for ``ambient``
     models (see the module docstring); sample ``i`` uses ``maps[i % M]``; ``acs``: the ACS
     width of its masks (the prepared dataset's; None = METHOD.md's 20 where it fits).
     """
 
     settings = fid_sampler(method, unwrap_model(model) if method == "ncsnv2" else None, steps, sigma_max=sigma_max,
                            sigma_min=sigma_min, rho=rho)
-    if method == "ambient" and (maps is None or train_acceleration is None):
+    if method == "ambient" and (maps is None or r_train is None):
         raise ValueError("ambient: unconditional samples need coil maps and the training acceleration")
     out = []
     for start in range(0, n, batch):
@@ -146,8 +146,8 @@ def unconditional_samples(
             if method == "ambient":
                 picked = maps[torch.arange(start, start + count) % maps.shape[0]].to(device)
                 width = shape[1]
-                acs_width = min(DEFAULT_ACS, lines_at(width, train_acceleration + 1)) if acs is None else int(acs)
-                mask = train_masks(width, train_acceleration, count, seed, list(range(start, start + count)),
+                acs_width = min(DEFAULT_ACS, lines_at(width, r_train + 1)) if acs is None else int(acs)
+                mask = train_masks(width, r_train, count, seed, list(range(start, start + count)),
                                    acs=acs_width)
                 out.append(samplers.prior_heun(model, None, SenseOperator(picked), sigmas, generator=generator,
                                                train_mask=mask, amp=amp or None))
@@ -208,7 +208,7 @@ def _fid_task(config: dict[str, Any], uri: str) -> dict[str, Any]:
         row["sampler"] = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
         fake = unconditional_samples(model_config["method"], model, cfg.samples, tuple(real.shape[-2:]), steps=cfg.steps,
                                      batch=cfg.batch, seed=cfg.seed, amp=cfg.amp, device=device, maps=maps,
-                                     train_acceleration=float(model_config["R"]), acs=prepared.get("acs"),
+                                     r_train=float(model_config["r_train"]), acs=prepared.get("acs"),
                                      **schedule)
     except ValueError as err:
         row["note"] = str(err)

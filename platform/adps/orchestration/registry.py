@@ -69,9 +69,9 @@ PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
-def model_name(method: str, acceleration: float) -> str:
+def model_name(method: str, r_train: float) -> str:
     """The registry name of an MRI training run's model: ``adps-<method>-r<R>``."""
-    return f"adps-{method}-r{acceleration:g}"
+    return f"adps-{method}-r{r_train:g}"
 
 
 def image_model_name(erasure_p: float) -> str:
@@ -85,7 +85,7 @@ def registered_name(config: Any) -> str:
     registers: :func:`image_model_name` for method ``image``, else :func:`model_name`."""
     if config.method == "image":
         return image_model_name(config.erasure_p)
-    return model_name(config.method, config.acceleration)
+    return model_name(config.method, config.r_train)
 
 
 def pip_requirements() -> list[str]:
@@ -331,7 +331,7 @@ def load_model_entry(
 ) -> tuple[torch.nn.Module | None, dict[str, Any]]:
     """The network and its config (a :data:`CLASSICAL` entry: no network, method = the entry)."""
     if uri in CLASSICAL:
-        return None, {"method": uri, "R": 1.0}
+        return None, {"method": uri, "r_train": 1.0}
     model, config = load_model(uri, device=device, tracking_uri=tracking_uri, with_config=True)
     return model, config
 
@@ -340,7 +340,7 @@ def model_label(config: dict[str, Any]) -> str:
     """``<method>_r<R_train>`` (the entry's name for a :data:`CLASSICAL` reconstruction)."""
     if config["method"] in CLASSICAL:
         return config["method"]
-    return f"{config['method']}_r{float(config['R']):g}"
+    return f"{config['method']}_r{float(config['r_train']):g}"
 
 
 # Tuned settings: the tags an `adps tune` search leaves on a model version ----------------------------

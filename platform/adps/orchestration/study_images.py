@@ -504,7 +504,8 @@ def format_image_crossover(crossovers: Sequence[dict[str, Any]]) -> str:
 
 IMAGE_STUDY = Study(
     name="images", config=ImageEvaluateConfig, cell=ImageCell.from_dict, columns=TABLE_COLUMNS, paths=("images",),
-    plan=plan, evaluate_cell=evaluate_image_cell,
+    check_data=lambda config: ImageDataset(config.images, config.resolution).close(), plan=plan,
+    evaluate_cell=evaluate_image_cell,
     describe=lambda cell: f"{cell.label} {cell.task} {cell.setting} steps {cell.steps}",
     sort_key=lambda r: (r["model"], TASKS.index(r["task"]), r["measurements"] or 0, r["factor"] or 0, r["steps"],
                         r["image"]),

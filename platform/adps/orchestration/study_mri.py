@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -57,10 +57,12 @@ class EvaluateConfig(EvaluationConfig):
     (:data:`~adps.orchestration.registry.CLASSICAL`): ``l1`` (L1-wavelet CS), ``zero_filled``
     (``A^H y``), ``cg_sense`` (unregularised CG-SENSE)."""
 
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"accelerations": "r_inf"}
+
     dataset: str = ""
     """Prepared dataset (folder or ``s3://``); its ``test`` split is reconstructed."""
-    accelerations: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0)
-    """R_inf: the test accelerations (each must be prepared in the dataset)."""
+    r_inf: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0)
+    """R_inf, the test accelerations (docs/protocol.md "Names"; each must be prepared in the dataset)."""
     reference: str = "edm_r1"
     """The fully sampled model the cross-over is measured against (``<method>_r<R>``)."""
     slices: int = 0
@@ -137,8 +139,8 @@ class EvaluateConfig(EvaluationConfig):
         if not self.dataset:
             raise ValueError("config key 'dataset' is empty: give the prepared dataset (folder or s3://)")
         super().validate()
-        if not self.accelerations or any(r < 1 for r in self.accelerations):
-            raise ValueError(f"config key 'accelerations' must be values >= 1, got {list(self.accelerations)}")
+        if not self.r_inf or any(r < 1 for r in self.r_inf):
+            raise ValueError(f"config key 'r_inf' must be values >= 1, got {list(self.r_inf)}")
         if self.denoising_check_slices < 1 or any(not sigma > 0 for sigma in self.denoising_check_sigmas):
             raise ValueError("config keys 'denoising_check_slices' (>= 1) and 'denoising_check_sigmas' (each > 0) out "
                              f"of range: {self.denoising_check_slices}, {list(self.denoising_check_sigmas)}")
@@ -208,7 +210,7 @@ def check_fair_tuning(config: EvaluateConfig, models: Sequence[tuple[str, dict[s
     diffusion = [(uri, c) for uri, c in models if c["method"] in DENOISER_METHODS]
     if not config.use_tuned:
         return verdict
-    for r_inf in map(float, config.accelerations):
+    for r_inf in map(float, config.r_inf):
         tuned = {model_label(c): tuned_meta(c.get("_version_tags", {}), r_inf) for _, c in diffusion
                  if tuned_settings(c.get("_version_tags", {}), r_inf)}
         missing = [model_label(c) for _, c in diffusion if model_label(c) not in tuned]
@@ -291,8 +293,8 @@ def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any
     cells = []
     for uri, model_config in models:
         method = model_config["method"]
-        r_train = float(model_config["R"])
-        for r_inf in map(float, config.accelerations):
+        r_train = float(model_config["r_train"])
+        for r_inf in map(float, config.r_inf):
             runs = [DEFAULT_SAMPLER[method]]
             if method == "ambient" and config.a_os and r_inf == r_train:
                 runs.append("a_os")
@@ -380,17 +382,20 @@ def resolve_models(config: EvaluateConfig) -> list[tuple[str, dict[str, Any]]]:
             (pin_model_entry(entry, config.tracking_uri) for entry in config.models)]
 
 
-def plan(config: EvaluateConfig, progress: bool) -> tuple[list[Cell], dict[str, Any]]:
-    """Resolve the models (pinned), check the R_inf are prepared, run the denoising check and the
-    fair-tuning rule, and plan the cells; ``extra``: the denoising check's rows."""
-
+def check_data(config: EvaluateConfig) -> None:
+    """Every R_inf must be prepared in the dataset (a dataset of an older schema is refused here)."""
     prepared = [float(r) for r in read_manifest(config.dataset)["config"]["accelerations"]]
-    missing = [r for r in config.accelerations if float(r) not in prepared]
+    missing = [r for r in config.r_inf if float(r) not in prepared]
     if missing:
-        raise ValueError(f"config key 'accelerations': R_inf {', '.join(f'{r:g}' for r in missing)} not prepared in "
+        raise ValueError(f"config key 'r_inf': R_inf {', '.join(f'{r:g}' for r in missing)} not prepared in "
                          f"{config.dataset} (it has {', '.join(f'{r:g}' for r in prepared)})")
+
+
+def plan(config: EvaluateConfig, progress: bool) -> tuple[list[Cell], dict[str, Any]]:
+    """Resolve the models (pinned), run the denoising check and the fair-tuning rule, and plan
+    the cells; ``extra``: the denoising check's rows."""
     models = resolve_models(config)
-    dataset = PreparedSliceDataset(config.dataset, "test", acceleration=config.accelerations[0])
+    dataset = PreparedSliceDataset(config.dataset, "test", acceleration=config.r_inf[0])
     n_test = len(dataset)
     dataset.close()
     checks: list[dict[str, Any]] = []
@@ -518,7 +523,7 @@ def format_crossover(crossovers: Sequence[Any]) -> str:
 
 
 MRI_STUDY = Study(
-    name="mri", config=EvaluateConfig, cell=Cell.from_dict, columns=TABLE_COLUMNS, paths=("dataset",), plan=plan,
+    name="mri", config=EvaluateConfig, cell=Cell.from_dict, columns=TABLE_COLUMNS, paths=("dataset",), check_data=check_data, plan=plan,
     evaluate_cell=evaluate_cell, describe=lambda cell: f"{cell.label} {cell.sampler} R_inf {cell.r_inf:g}",
     sort_key=lambda r: (r["model"], r["sampler"], r["r_inf"], r["slice"]), crossovers=crossovers, report=report,
 )

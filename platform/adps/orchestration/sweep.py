@@ -34,7 +34,7 @@ class SweepRun:
 
     run_name: str
     method: str
-    acceleration: float
+    r_train: float
     status: str = "pending"
     """pending, done (skipped: finished before), finished, or failed."""
     step: int | None = None
@@ -82,7 +82,7 @@ def grid_gaps(configs: Sequence[TrainConfig]) -> list[str]:
     images = [config for config in configs if config.is_image]
     gaps = []
     if mri or not images:
-        present = {(config.method, float(config.acceleration)) for config in mri}
+        present = {(config.method, float(config.r_train)) for config in mri}
         gaps += [f"{m}_r{r:g}" for m, rs in PAPER_GRID.items() for r in rs if (m, float(r)) not in present]
     if images:
         erased = {float(config.erasure_p) for config in images}
@@ -141,7 +141,7 @@ def run_sweep(
         ray.init(address=ray_address)
     configs = [with_absolute_paths(config) for config in configs]
     limit = max_concurrent or runs_at_once(configs, ray.cluster_resources())
-    rows = {c.resolved_run_name: SweepRun(c.resolved_run_name, c.method, c.acceleration) for c in configs}
+    rows = {c.resolved_run_name: SweepRun(c.resolved_run_name, c.method, c.r_train) for c in configs}
     queue = []
     for config in configs:
         storage = config.storage_path or str(Path.home() / "ray_results")

@@ -177,7 +177,7 @@ def _run_tags(config: TrainConfig) -> dict[str, str]:
         }
     return {
         "adps.method": config.method,
-        "adps.acceleration": f"{config.acceleration:g}",
+        "adps.r_train": f"{config.r_train:g}",
         "adps.dataset": config.dataset,
         "adps.dataset_sha256": manifest_checksum(config.dataset),
         "adps.git_commit": git_commit(),

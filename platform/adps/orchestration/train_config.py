@@ -98,14 +98,14 @@ class TrainConfig(LearningConfig):
         """``run_name``, or ``<method>_r<R>`` (``image_p<erasure_p>`` for the image method)."""
         if self.run_name:
             return self.run_name
-        return image_run_name(self.erasure_p) if self.is_image else f"{self.method}_r{self.acceleration:g}"
+        return image_run_name(self.erasure_p) if self.is_image else f"{self.method}_r{self.r_train:g}"
 
     def validate(self, *, check_dataset: bool = True) -> None:
         """Refuse settings that cannot work, naming the key, before any worker starts.
 
         Args:
             check_dataset: also read the dataset's manifest (it must exist, and hold masks at
-                ``acceleration``); off only for checks of the config alone.
+                ``r_train``); off only for checks of the config alone.
         """
         self.validate_learning()
         if self.split not in SPLITS:
@@ -160,9 +160,9 @@ class TrainConfig(LearningConfig):
         accelerations = manifest["config"]["accelerations"]
         # R = 1 runs read the reference only, but the dataset's masks are still loaded by the
         # dataset class: any stored R serves them (see adps.orchestration.train_worker.dataset_acceleration).
-        if self.acceleration != 1 and mask_key(self.acceleration) not in {mask_key(r) for r in accelerations}:
+        if self.r_train != 1 and mask_key(self.r_train) not in {mask_key(r) for r in accelerations}:
             raise ValueError(
-                f"config key 'acceleration': the dataset {self.dataset!r} has no masks at R = {self.acceleration:g} "
+                f"config key 'r_train': the dataset {self.dataset!r} has no masks at R = {self.r_train:g} "
                 f"(it has {', '.join(f'{r:g}' for r in accelerations)})"
             )
         if self.method == "edm_l1" and not manifest["config"].get("l1"):

@@ -225,12 +225,12 @@ def save_training_checkpoint(folder: str | os.PathLike[str], trainee: Trainee, s
 
 def model_record(config: TrainConfig) -> dict[str, Any]:
     """What a checkpoint's (and so a registered model's) ``config.json`` records of the run, on
-    top of the network: ``method``, ``preset`` and ``R``; for an image model ``erasure_p``,
-    ``delta`` and ``resolution`` instead of ``R``, so that evaluation knows how it was trained."""
+    top of the network: ``method``, ``preset`` and ``r_train``; for an image model ``erasure_p``,
+    ``delta`` and ``resolution`` instead of ``r_train``, so that evaluation knows how it was trained."""
     if config.is_image:
         return {"method": config.method, "erasure_p": config.erasure_p, "delta": config.delta,
                 "resolution": config.resolution, "preset": config.resolved_preset}
-    return {"method": config.method, "R": config.acceleration, "preset": config.resolved_preset}
+    return {"method": config.method, "r_train": config.r_train, "preset": config.resolved_preset}
 
 
 def load_training_checkpoint(folder: str | os.PathLike[str], trainee: Trainee) -> dict[str, Any]:
@@ -303,9 +303,9 @@ def mri_training_set(config: TrainConfig) -> tuple[PreparedSliceDataset, float]:
 
 
 def dataset_acceleration(config: TrainConfig, accelerations: list[float]) -> float:
-    """The R whose masks the dataset loads: ``acceleration``; R = 1 methods ignore masks, so any
+    """The R whose masks the dataset loads: ``r_train``; R = 1 methods ignore masks, so any
     stored R serves."""
-    return accelerations[0] if config.acceleration == 1 else config.acceleration
+    return accelerations[0] if config.r_train == 1 else config.r_train
 
 
 def validation_batch(config: TrainConfig, acceleration: float) -> dict[str, torch.Tensor] | None:

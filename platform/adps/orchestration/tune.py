@@ -152,9 +152,9 @@ def _model_info(config: SearchConfig, space: SearchSpace) -> tuple[str, dict[str
     expected = METHOD_SAMPLERS.get(model_config["method"])
     if method == "ambient" and space.sampler == "a_os":
         # A-OS is in-distribution only where the acquisition is at the training acceleration.
-        if float(config.r_inf) != float(model_config["R"]):
+        if float(config.r_inf) != float(model_config["r_train"]):
             raise ValueError(f"config key 'r_inf': A-OS is searched at R_inf = R_train only; model {config.model} "
-                             f"was trained at R {float(model_config['R']):g}, r_inf is {config.r_inf:g}")
+                             f"was trained at R {float(model_config['r_train']):g}, r_inf is {config.r_inf:g}")
         return uri, model_config
     if expected != space.sampler:
         raise ValueError(f"{space.path}: key 'sampler': {space.family!r} ({space.sampler}) does not reconstruct with "

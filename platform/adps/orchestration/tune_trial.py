@@ -80,7 +80,7 @@ def _mri_scores(search: SearchConfig, model: Any, model_config: dict[str, Any], 
     """Per batch of validation slices: NRMSE / PSNR / SSIM of ``sampler``'s reconstructions."""
     batches, acs = _load_batches(search, device)
     for batch in batches:
-        image = reconstruct_batch(sampler, model, batch, r_train=float(model_config["R"]), seed=search.seed, acs=acs,
+        image = reconstruct_batch(sampler, model, batch, r_train=float(model_config["r_train"]), seed=search.seed, acs=acs,
                                   amp=search.amp, **settings)
         yield image_metrics(batch["reference"], image.detach())
 
