@@ -121,7 +121,7 @@ def test_config_round_trip_and_bad_overrides() -> None:
         build_unet("huge")
     with pytest.raises(ValueError, match="model_chanels"):
         build_unet("tiny", model_chanels=8)
-    with pytest.raises(ValueError, match="unknown field"):
+    with pytest.raises(ValueError, match="unknown config key .extra."):
         UNetConfig.from_dict({**cfg.to_dict(), "extra": 1})
 
 

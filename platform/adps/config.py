@@ -79,6 +79,18 @@ class ConfigFile:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
 
+def from_preset(presets: Mapping[str, Any], preset: str, kind: str, **overrides: Any) -> Any:
+    """``presets[preset]`` (a dataclass) with ``overrides`` set; an unknown preset or field is
+    refused by name (``kind`` names the presets in the message: ``network``, ``MoDL``)."""
+    if preset not in presets:
+        raise ValueError(f"unknown {kind} preset {preset!r}; choose one of {sorted(presets)}")
+    config = presets[preset]
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(config)})
+    if unknown:
+        raise ValueError(f"unknown {type(config).__name__} field(s) {unknown} in overrides for preset {preset!r}")
+    return dataclasses.replace(config, **overrides)
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["n_volumes=100", "l1=true", "crop=64,48"]`` -> a mapping for :meth:`ConfigFile.from_dict`.
 

@@ -21,12 +21,13 @@ positive (upstream trains ``lambda`` unconstrained and relies on it staying posi
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from adps.config import ConfigFile, from_preset
 from adps.mri import SenseOperator, conjugate_gradient
 
 from .objectives import channels_to_complex, complex_to_channels
@@ -35,7 +36,7 @@ __all__ = ["MODL_PRESETS", "MoDL", "MoDLConfig", "ResidualDenoiser", "build_modl
 
 
 @dataclass(frozen=True)
-class MoDLConfig:
+class MoDLConfig(ConfigFile):
     """Every hyper-parameter of :class:`MoDL` (defaults: the ``modl`` preset)."""
 
     unrolls: int = 6
@@ -57,17 +58,6 @@ class MoDLConfig:
         if not self.lambda_init > 0:
             raise ValueError(f"MoDLConfig: lambda_init must be > 0, got {self.lambda_init}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MoDLConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"MoDLConfig: unknown field(s) {unknown}")
-        return cls(**values)
 
 
 MODL_PRESETS: dict[str, MoDLConfig] = {
@@ -78,12 +68,7 @@ MODL_PRESETS: dict[str, MoDLConfig] = {
 
 def build_modl(preset: str, **overrides: Any) -> MoDL:
     """Build a :class:`MoDL` from a named preset with any field overridden."""
-    if preset not in MODL_PRESETS:
-        raise ValueError(f"unknown MoDL preset {preset!r}; choose one of {sorted(MODL_PRESETS)}")
-    unknown = sorted(set(overrides) - {f.name for f in fields(MoDLConfig)})
-    if unknown:
-        raise ValueError(f"unknown MoDLConfig field(s) {unknown} in overrides for preset {preset!r}")
-    return MoDL(replace(MODL_PRESETS[preset], **overrides))
+    return MoDL(from_preset(MODL_PRESETS, preset, "MoDL", **overrides))
 
 
 class ResidualDenoiser(nn.Module):

@@ -21,12 +21,14 @@ changes channels one conv later; the receptive field is the same).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from adps.config import ConfigFile, from_preset
 
 from .activation_checkpointing import ActivationCheckpointing
 from .objectives import ncsn_sigmas
@@ -37,7 +39,7 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"elu": nn.ELU, "relu": nn.ReLU, "sil
 
 
 @dataclass(frozen=True)
-class NCSNv2Config:
+class NCSNv2Config(ConfigFile):
     """Every hyper-parameter of :class:`NCSNv2` (defaults: the ``ncsnv2`` preset)."""
 
     in_channels: int = 2
@@ -84,17 +86,6 @@ class NCSNv2Config:
         """H and W must be multiples of this."""
         return 2 ** sum(self.downsample)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> NCSNv2Config:
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"NCSNv2Config: unknown field(s) {unknown}")
-        return cls(**values)
 
 
 NCSNV2_PRESETS: dict[str, NCSNv2Config] = {
@@ -116,12 +107,7 @@ NCSNV2_PRESETS: dict[str, NCSNv2Config] = {
 
 def build_ncsnv2(preset: str, **overrides: Any) -> NCSNv2:
     """Build an :class:`NCSNv2` from a named preset with any field overridden."""
-    if preset not in NCSNV2_PRESETS:
-        raise ValueError(f"unknown NCSNv2 preset {preset!r}; choose one of {sorted(NCSNV2_PRESETS)}")
-    unknown = sorted(set(overrides) - {f.name for f in fields(NCSNv2Config)})
-    if unknown:
-        raise ValueError(f"unknown NCSNv2Config field(s) {unknown} in overrides for preset {preset!r}")
-    return NCSNv2(replace(NCSNV2_PRESETS[preset], **overrides))
+    return NCSNv2(from_preset(NCSNV2_PRESETS, preset, "NCSNv2", **overrides))
 
 
 class InstanceNormPlusPlus2d(nn.Module):

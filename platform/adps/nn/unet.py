@@ -24,12 +24,14 @@ is divisible by ``2 ** (L - 1)`` (e.g. 384 x 320 with four levels), square or no
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from adps.config import ConfigFile, from_preset
 
 from .activation_checkpointing import ActivationCheckpointing, set_activation_checkpointing
 
@@ -46,7 +48,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(ConfigFile):
     """Every hyper-parameter of :class:`SongUNet`, with the upstream DDPM++ defaults.
 
     The defaults are those of the Ambient Diffusion MRI reference (``--arch=ddpmpp
@@ -122,18 +124,6 @@ class UNetConfig:
         """H and W must be multiples of this (one halving per level below the top)."""
         return 2 ** (self.num_levels - 1)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> UNetConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error (a typo must not pass)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"UNetConfig: unknown field(s) {unknown}")
-        return cls(**values)
 
 
 PRESETS: dict[str, UNetConfig] = {
@@ -165,13 +155,7 @@ def build_unet(preset: str, **overrides: Any) -> SongUNet:
 
     Example: ``build_unet("tiny", in_channels=2)``.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown network preset {preset!r}; choose one of {sorted(PRESETS)}")
-    known = {f.name for f in fields(UNetConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown UNetConfig field(s) {unknown} in overrides for preset {preset!r}")
-    return SongUNet(replace(PRESETS[preset], **overrides))
+    return SongUNet(from_preset(PRESETS, preset, "network", **overrides))
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
