@@ -107,14 +107,8 @@ def bootstrap_mean_ci(
 
 
 def crossover(
-    rows: Sequence[Mapping[str, Any]],
-    model: str,
-    reference: str,
-    metric: str,
-    *,
-    n_boot: int = 2000,
-    level: float = 0.95,
-    seed: int = 0,
+    rows: Sequence[Mapping[str, Any]], model: str, reference: str, metric: str, *, n_boot: int = 2000,
+    level: float = 0.95, seed: int = 0
 ) -> CrossOver:
     """The cross-over of ``model`` against ``reference`` on ``metric`` (see the module docstring:
     ``crossover``, ``inconclusive`` or ``none``).
@@ -155,11 +149,8 @@ def crossover(
 
 
 def crossover_table(
-    rows: Sequence[Mapping[str, Any]],
-    models: Sequence[str],
-    reference: str,
-    metrics: Sequence[str] = ("nrmse", "psnr", "ssim"),
-    **options: Any,
+    rows: Sequence[Mapping[str, Any]], models: Sequence[str], reference: str,
+    metrics: Sequence[str] = ("nrmse", "psnr", "ssim"), **options: Any
 ) -> list[CrossOver]:
     """:func:`crossover` for every model and metric (``options`` go to it)."""
     return [crossover(rows, model, reference, metric, **options) for model in models for metric in metrics]

@@ -64,12 +64,7 @@ def psnr(gt: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(
-    gt: torch.Tensor,
-    estimate: torch.Tensor,
-    *,
-    window: int = 7,
-    k1: float = 0.01,
-    k2: float = 0.03,
+    gt: torch.Tensor, estimate: torch.Tensor, *, window: int = 7, k1: float = 0.01, k2: float = 0.03
 ) -> torch.Tensor:
     """Structural similarity per slice (uniform window, sample covariances, valid region)."""
     g, x = _pair(gt, estimate)

@@ -195,13 +195,9 @@ def _lpips_model(weights_path: str, device: str) -> nn.Module:
 
 
 def _lpips_batched(
-    gt: torch.Tensor,
-    estimate: torch.Tensor,
-    to_network: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    *,
-    weights: str | os.PathLike[str] | None,
-    batch_size: int,
-    device: str | torch.device | None,
+    gt: torch.Tensor, estimate: torch.Tensor,
+    to_network: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], *,
+    weights: str | os.PathLike[str] | None, batch_size: int, device: str | torch.device | None
 ) -> torch.Tensor:
     """LPIPS of ``gt[i]`` against ``estimate[i]``, ``batch_size`` pairs per forward pass: the one
     loop behind :func:`lpips_distance` and :func:`lpips_rgb`.
@@ -229,13 +225,8 @@ def _check_pair(gt: torch.Tensor, estimate: torch.Tensor) -> None:
 
 
 def lpips_distance(
-    gt: torch.Tensor,
-    estimate: torch.Tensor,
-    *,
-    weights: str | os.PathLike[str] | None = None,
-    batch_size: int = 32,
-    device: str | torch.device | None = None,
-    clip: bool = False,
+    gt: torch.Tensor, estimate: torch.Tensor, *, weights: str | os.PathLike[str] | None = None, batch_size: int = 32,
+    device: str | torch.device | None = None, clip: bool = False
 ) -> torch.Tensor:
     """LPIPS (AlexNet, v0.1 linear heads) per slice, shape ``(N,)``, float32 on ``gt``'s device.
 
@@ -272,14 +263,8 @@ first convolution leave nothing of a side below 31 (:func:`lpips_rgb`'s ``resize
 
 
 def lpips_rgb(
-    gt: torch.Tensor,
-    estimate: torch.Tensor,
-    *,
-    weights: str | os.PathLike[str] | None = None,
-    batch_size: int = 32,
-    device: str | torch.device | None = None,
-    clip: bool = False,
-    resize: int | None = None,
+    gt: torch.Tensor, estimate: torch.Tensor, *, weights: str | os.PathLike[str] | None = None, batch_size: int = 32,
+    device: str | torch.device | None = None, clip: bool = False, resize: int | None = None
 ) -> torch.Tensor:
     """LPIPS (AlexNet, v0.1 linear heads) of RGB images, shape ``(N,)``, float32 on ``gt``'s device.
 
@@ -373,15 +358,9 @@ def _feature_model(backbone: str, weights_path: str, device: str) -> nn.Module:
 
 
 def fid_features(
-    images: torch.Tensor,
-    backbone: Backbone = "vgg16",
-    *,
-    weights: str | os.PathLike[str] | None = None,
-    batch_size: int = 32,
-    device: str | torch.device | None = None,
-    input_size: int | None = None,
-    scale: Literal["max", "none"] = "max",
-    antialias: bool = True,
+    images: torch.Tensor, backbone: Backbone = "vgg16", *, weights: str | os.PathLike[str] | None = None,
+    batch_size: int = 32, device: str | torch.device | None = None, input_size: int | None = None,
+    scale: Literal["max", "none"] = "max", antialias: bool = True
 ) -> torch.Tensor:
     """Backbone features of magnitude images, ``(N, D)`` float64 on the CPU.
 
@@ -459,15 +438,9 @@ def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 
 def frechet_distance(
-    mu1: np.ndarray | torch.Tensor,
-    sigma1: np.ndarray | torch.Tensor,
-    mu2: np.ndarray | torch.Tensor,
-    sigma2: np.ndarray | torch.Tensor,
-    *,
-    method: Literal["sqrtm", "eigh"] = "sqrtm",
-    eps: float = 1e-6,
-    residual_tol: float = 1e-3,
-    imag_tol: float = 1e-3,
+    mu1: np.ndarray | torch.Tensor, sigma1: np.ndarray | torch.Tensor, mu2: np.ndarray | torch.Tensor,
+    sigma2: np.ndarray | torch.Tensor, *, method: Literal["sqrtm", "eigh"] = "sqrtm", eps: float = 1e-6,
+    residual_tol: float = 1e-3, imag_tol: float = 1e-3
 ) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
     ``||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2))``.
@@ -524,17 +497,10 @@ def frechet_distance(
 
 
 def fid(
-    real: torch.Tensor,
-    fake: torch.Tensor,
-    backbone: Backbone = "vgg16",
-    *,
-    weights: str | os.PathLike[str] | None = None,
-    batch_size: int = 32,
-    device: str | torch.device | None = None,
-    input_size: int | None = None,
-    scale: Literal["max", "none"] = "max",
-    method: Literal["sqrtm", "eigh"] = "sqrtm",
-    eps: float = 1e-6,
+    real: torch.Tensor, fake: torch.Tensor, backbone: Backbone = "vgg16", *,
+    weights: str | os.PathLike[str] | None = None, batch_size: int = 32, device: str | torch.device | None = None,
+    input_size: int | None = None, scale: Literal["max", "none"] = "max", method: Literal["sqrtm", "eigh"] = "sqrtm",
+    eps: float = 1e-6
 ) -> float:
     """FID between two sets of magnitude images ``(N, H, W)`` and ``(M, H', W')``.
 

@@ -84,16 +84,9 @@ class PreparedSliceDataset(Dataset):
     """
 
     def __init__(
-        self,
-        root: str | os.PathLike,
-        split: str,
-        *,
-        acceleration: float,
-        shards: Sequence[str] | None = None,
-        load_l1: bool = False,
-        cache_dir: str | os.PathLike | None = None,
-        verify: bool = True,
-        keys: Sequence[str] | None = None,
+        self, root: str | os.PathLike, split: str, *, acceleration: float, shards: Sequence[str] | None = None,
+        load_l1: bool = False, cache_dir: str | os.PathLike | None = None, verify: bool = True,
+        keys: Sequence[str] | None = None
     ) -> None:
         self.root = str(root)
         if split not in SPLITS:

@@ -74,9 +74,7 @@ def birdcage_maps(n_coils: int, height: int, width: int, *, radius: float = 1.5,
     return maps
 
 
-def correlated_noise(
-    shape: tuple[int, ...], covariance: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
+def correlated_noise(shape: tuple[int, ...], covariance: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Complex Gaussian noise with coils on axis 0 and inter-coil covariance ``covariance``.
 
     Draws white noise ``w`` with ``E[w w^H] = I`` and returns ``L w`` for ``covariance = L L^H``.
@@ -116,13 +114,7 @@ class SyntheticSlices:
 
 
 def synthetic_slices(
-    n_slices: int,
-    *,
-    height: int = 192,
-    width: int = 160,
-    n_coils: int = 8,
-    noise_std: float = 0.0,
-    seed: int = 0,
+    n_slices: int, *, height: int = 192, width: int = 160, n_coils: int = 8, noise_std: float = 0.0, seed: int = 0
 ) -> SyntheticSlices:
     """``n_slices`` phantoms with their maps and fully sampled (optionally noisy) k-space.
 
@@ -151,17 +143,8 @@ def synthetic_slices(
 
 
 def synthetic_batch(
-    n: int,
-    coils: int,
-    height: int,
-    width: int,
-    acceleration: float,
-    seed: int,
-    *,
-    acs: int | None = None,
-    noise_std: float = 0.0,
-    with_l1: bool = True,
-    l1_iterations: int = 10,
+    n: int, coils: int, height: int, width: int, acceleration: float, seed: int, *, acs: int | None = None,
+    noise_std: float = 0.0, with_l1: bool = True, l1_iterations: int = 10
 ) -> dict[str, torch.Tensor]:
     """A batch in the prepared-shard layout, from synthetic phantoms (tests and benchmarks).
 

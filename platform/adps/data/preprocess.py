@@ -271,13 +271,8 @@ def check_espirit_maps(maps: torch.Tensor, *, label: str) -> None:
 
 
 def preprocess_slice(
-    kspace: np.ndarray | torch.Tensor,
-    *,
-    split: str,
-    slice_id: int,
-    config: PrepareConfig,
-    label: str | None = None,
-    timings: dict[str, float] | None = None,
+    kspace: np.ndarray | torch.Tensor, *, split: str, slice_id: int, config: PrepareConfig, label: str | None = None,
+    timings: dict[str, float] | None = None
 ) -> dict[str, np.ndarray]:
     """Prepare one raw slice as METHOD.md specifies (see the module docstring for the steps).
 

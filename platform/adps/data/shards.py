@@ -144,11 +144,8 @@ def stack_slices(slices: Sequence[Mapping[str, np.ndarray]], *, what: str) -> di
 
 
 def write_shard(
-    uri: str,
-    slices: Sequence[Mapping[str, np.ndarray]],
-    *,
-    slice_ids: Sequence[int],
-    attrs: Mapping[str, str | int] | None = None,
+    uri: str, slices: Sequence[Mapping[str, np.ndarray]], *, slice_ids: Sequence[int],
+    attrs: Mapping[str, str | int] | None = None
 ) -> ShardInfo:
     """Write one shard (atomically) and return its name, size and sha256.
 

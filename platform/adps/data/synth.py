@@ -106,14 +106,8 @@ def _check_sizes(**sizes: int) -> None:
 
 
 def synthetic_volume(
-    seed: int,
-    *,
-    n_slices: int = 8,
-    n_coils: int = 16,
-    height: int = 384,
-    width: int = 320,
-    oversampling: int = 2,
-    noise_std: float = 0.02,
+    seed: int, *, n_slices: int = 8, n_coils: int = 16, height: int = 384, width: int = 320, oversampling: int = 2,
+    noise_std: float = 0.02
 ) -> SyntheticVolume:
     """A synthetic FastMRI-like multi-coil volume, in memory.
 
@@ -173,12 +167,7 @@ def rss_reconstruction(kspace: np.ndarray, height: int) -> np.ndarray:
 
 
 def ismrmrd_header_xml(
-    *,
-    encoded_size: tuple[int, int],
-    recon_size: tuple[int, int],
-    n_coils: int,
-    n_slices: int,
-    protocol: str = "AXT2",
+    *, encoded_size: tuple[int, int], recon_size: tuple[int, int], n_coils: int, n_slices: int, protocol: str = "AXT2"
 ) -> bytes:
     """A minimal, valid ISMRMRD XML header for a Cartesian, fully sampled 2-D multi-slice scan.
 
@@ -233,11 +222,7 @@ def ismrmrd_header_xml(
 
 
 def write_volume(
-    path_or_uri: str | Path,
-    volume: SyntheticVolume,
-    *,
-    acquisition: str = "AXT2",
-    patient_id: str | None = None,
+    path_or_uri: str | Path, volume: SyntheticVolume, *, acquisition: str = "AXT2", patient_id: str | None = None
 ) -> str:
     """Write ``volume`` as a FastMRI multi-coil HDF5 file, local or ``s3://``; returns where.
 
@@ -271,18 +256,9 @@ def volume_name(index: int, acquisition: str) -> str:
 
 
 def synthesize_dataset(
-    root: str | Path,
-    *,
-    n_volumes: int = 4,
-    n_slices: int = 8,
-    n_coils: int = 16,
-    height: int = 384,
-    width: int = 320,
-    seed: int = 0,
-    acquisitions: Sequence[str] = ("AXT2",),
-    noise_std: float = 0.02,
-    oversampling: int = 2,
-    progress: bool = True,
+    root: str | Path, *, n_volumes: int = 4, n_slices: int = 8, n_coils: int = 16, height: int = 384, width: int = 320,
+    seed: int = 0, acquisitions: Sequence[str] = ("AXT2",), noise_std: float = 0.02, oversampling: int = 2,
+    progress: bool = True
 ) -> list[str]:
     """Write ``n_volumes`` synthetic FastMRI volumes under a local folder or ``s3://`` prefix.
 

@@ -30,21 +30,7 @@ from adps.images.operators import (
 from adps.images.synth import synthetic_image, write_image_folder, write_image_zip
 
 __all__ = [
-    "IMAGE_SUFFIXES",
-    "BoxInpainting",
-    "GaussianBlur",
-    "GaussianCompressedSensing",
-    "ImageDataset",
-    "ImageOperator",
-    "RandomInpainting",
-    "SuperResolution",
-    "add_noise",
-    "erasure_mask",
-    "fixed_erasure_mask",
-    "further_corrupt",
-    "pseudo_inverse",
-    "synthetic_image",
-    "to_square_tensor",
-    "write_image_folder",
-    "write_image_zip",
+    "IMAGE_SUFFIXES", "BoxInpainting", "GaussianBlur", "GaussianCompressedSensing", "ImageDataset", "ImageOperator",
+    "RandomInpainting", "SuperResolution", "add_noise", "erasure_mask", "fixed_erasure_mask", "further_corrupt",
+    "pseudo_inverse", "synthetic_image", "to_square_tensor", "write_image_folder", "write_image_zip"
 ]

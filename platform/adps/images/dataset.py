@@ -166,13 +166,8 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self,
-        root: storage.PathLike,
-        resolution: int = 64,
-        *,
-        erasure_p: float = 0.0,
-        seed: int = 0,
-        keep_clean: bool = False,
+        self, root: storage.PathLike, resolution: int = 64, *, erasure_p: float = 0.0, seed: int = 0,
+        keep_clean: bool = False
     ) -> None:
         self.root = str(root) if storage.is_s3(root) else str(Path(root))
         self.resolution = _check_int(resolution, "resolution", 1)

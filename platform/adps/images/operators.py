@@ -243,13 +243,8 @@ class GaussianCompressedSensing(ImageOperator):
     """
 
     def __init__(
-        self,
-        m: int,
-        image_shape: tuple[int, int, int],
-        seed: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
+        self, m: int, image_shape: tuple[int, int, int], seed: int, *, device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32
     ) -> None:
         if not _is_int(m) or m < 1:
             raise ValueError(f"m: expected the number of measurements as an integer >= 1, got {m!r}")

@@ -169,9 +169,7 @@ def write_image_folder(
     return written
 
 
-def write_image_zip(
-    out_zip: storage.PathLike, n: int, resolution: int = 64, seed: int = 0, fmt: str = "png"
-) -> str:
+def write_image_zip(out_zip: storage.PathLike, n: int, resolution: int = 64, seed: int = 0, fmt: str = "png") -> str:
     """Write ``n`` synthetic images into one ``.zip`` (local or ``s3://``), the CelebA / FFHQ style.
 
     Members ``img-00000.png`` ... sit at the top level, stored uncompressed (PNG and JPEG are

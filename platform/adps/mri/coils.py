@@ -41,9 +41,7 @@ def noise_covariance(noise: torch.Tensor, coil_dim: int = 0) -> torch.Tensor:
     return samples @ samples.conj().T / samples.shape[1]
 
 
-def background_patch(
-    coil_images: torch.Tensor, size: int = 30, corner: str = "top-left"
-) -> torch.Tensor:
+def background_patch(coil_images: torch.Tensor, size: int = 30, corner: str = "top-left") -> torch.Tensor:
     """A ``size x size`` patch of coil images ``(C, H, W)`` taken from a corner (object-free).
 
     METHOD.md estimates the noise covariance from a 30 x 30 background patch in a corner.
@@ -193,14 +191,8 @@ def align_map_phase(maps: torch.Tensor, weights: torch.Tensor, coil_dim: int = -
 
 
 def espirit_maps(
-    kspace: torch.Tensor,
-    *,
-    calib_width: int = 24,
-    thresh: float = 0.02,
-    kernel_width: int = 6,
-    crop: float = 0.0,
-    max_iter: int = 100,
-    show_progress: bool = False,
+    kspace: torch.Tensor, *, calib_width: int = 24, thresh: float = 0.02, kernel_width: int = 6, crop: float = 0.0,
+    max_iter: int = 100, show_progress: bool = False
 ) -> torch.Tensor:
     """ESPIRiT coil maps (one set) of one slice's k-space ``(C, H, W)`` via sigpy.
 

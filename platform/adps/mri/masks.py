@@ -60,13 +60,7 @@ def _generator(seed: int, slice_id: int, stream: int, acceleration: float) -> np
 
 
 def column_mask(
-    width: int,
-    acceleration: float,
-    *,
-    seed: int,
-    slice_id: int,
-    acs: int = DEFAULT_ACS,
-    draw: str = "acquisition",
+    width: int, acceleration: float, *, seed: int, slice_id: int, acs: int = DEFAULT_ACS, draw: str = "acquisition"
 ) -> torch.Tensor:
     """Random column mask at acceleration ``R``: ACS plus random others, ``floor(W/R)`` in all.
 
@@ -98,13 +92,8 @@ def column_mask(
 
 
 def further_corrupted_mask(
-    mask: torch.Tensor,
-    acceleration: float,
-    *,
-    seed: int,
-    slice_id: int,
-    acs: int = DEFAULT_ACS,
-    draw: str = "acquisition",
+    mask: torch.Tensor, acceleration: float, *, seed: int, slice_id: int, acs: int = DEFAULT_ACS,
+    draw: str = "acquisition"
 ) -> torch.Tensor:
     """Delete random non-ACS columns of an ``R`` mask until ``floor(W / (R + 1))`` remain.
 
@@ -140,13 +129,7 @@ def further_corrupted_mask(
 
 
 def slice_masks(
-    width: int,
-    acceleration: float,
-    *,
-    seed: int,
-    slice_id: int,
-    acs: int = DEFAULT_ACS,
-    draw: str = "acquisition",
+    width: int, acceleration: float, *, seed: int, slice_id: int, acs: int = DEFAULT_ACS, draw: str = "acquisition"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(R mask, R+1 further-corrupted mask)`` pair of one slice, from ``draw``'s streams."""
     mask = column_mask(width, acceleration, seed=seed, slice_id=slice_id, acs=acs, draw=draw)

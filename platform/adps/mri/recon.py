@@ -37,12 +37,7 @@ def mvue(kspace: torch.Tensor, maps: torch.Tensor, eps: float = 1e-12) -> torch.
 
 
 def conjugate_gradient(
-    normal: LinearMap,
-    rhs: torch.Tensor,
-    *,
-    x0: torch.Tensor | None = None,
-    iterations: int = 30,
-    tol: float = 0.0,
+    normal: LinearMap, rhs: torch.Tensor, *, x0: torch.Tensor | None = None, iterations: int = 30, tol: float = 0.0
 ) -> torch.Tensor:
     """Batched conjugate gradient for ``M x = b`` with a Hermitian positive (semi)definite ``M``.
 
@@ -83,13 +78,8 @@ def conjugate_gradient(
 
 
 def cg_sense(
-    op: SenseOperator,
-    kspace: torch.Tensor,
-    *,
-    iterations: int = 30,
-    tol: float = 0.0,
-    lam: float = 0.0,
-    x0: torch.Tensor | None = None,
+    op: SenseOperator, kspace: torch.Tensor, *, iterations: int = 30, tol: float = 0.0, lam: float = 0.0,
+    x0: torch.Tensor | None = None
 ) -> torch.Tensor:
     """CG-SENSE: solve ``(A^H A + lam I) x = A^H y`` by batched conjugate gradient.
 
@@ -154,15 +144,8 @@ def _max_eigenvalue(op: SenseOperator, iterations: int = 30) -> float:
 
 
 def l1_wavelet_recon(
-    kspace: torch.Tensor,
-    maps: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    lam: float = 0.001,
-    iterations: int = 100,
-    wavelet: str = "db2",
-    scaling: str = "bart",
-    show_progress: bool = False,
+    kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor | None = None, *, lam: float = 0.001,
+    iterations: int = 100, wavelet: str = "db2", scaling: str = "bart", show_progress: bool = False
 ) -> torch.Tensor:
     """L1-wavelet compressed sensing, ``min_x 1/2 ||A x - y||^2 + lam s ||W x||_1`` (sigpy's
     FISTA), as the paper's baseline ran it in BART: ``pics -l1 -r 0.001 -i 100``.

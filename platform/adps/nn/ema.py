@@ -21,10 +21,7 @@ __all__ = ["EMA", "ema_beta", "unwrap_model"]
 
 
 def ema_beta(
-    batch_size: int,
-    half_life_images: float = 500_000,
-    rampup_ratio: float | None = 0.05,
-    images_seen: int = 0,
+    batch_size: int, half_life_images: float = 500_000, rampup_ratio: float | None = 0.05, images_seen: int = 0
 ) -> float:
     """Weight of the old average for one update of ``batch_size`` images.
 
@@ -67,11 +64,8 @@ class EMA:
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        half_life_images: float = 500_000,
-        rampup_ratio: float | None = 0.05,
-        images_seen: int = 0,
+        self, model: nn.Module, half_life_images: float = 500_000, rampup_ratio: float | None = 0.05,
+        images_seen: int = 0
     ):
         self.model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
         self.half_life_images = float(half_life_images)

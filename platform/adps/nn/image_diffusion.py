@@ -38,17 +38,8 @@ from .precond import EDMPrecond
 from .unet import build_unet
 
 __all__ = [
-    "IMAGE_CHANNELS",
-    "IMAGE_PRESETS",
-    "IMAGE_SAMPLING",
-    "PAPER_ERASURE_P",
-    "ambient_image_input",
-    "ambient_image_loss",
-    "build_image_model",
-    "image_sampler",
-    "image_sampler_options",
-    "is_ambient_image_model",
-    "sampling_mask",
+    "IMAGE_CHANNELS", "IMAGE_PRESETS", "IMAGE_SAMPLING", "PAPER_ERASURE_P", "ambient_image_input", "ambient_image_loss",
+    "build_image_model", "image_sampler", "image_sampler_options", "is_ambient_image_model", "sampling_mask"
 ]
 
 IMAGE_CHANNELS = 3
@@ -136,17 +127,9 @@ def ambient_image_input(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def ambient_image_loss(
-    denoiser: Denoiser,
-    images: Tensor,
-    mask: Tensor,
-    sigma: Tensor,
-    noise: Tensor,
-    *,
-    delta: float = DEFAULT_DELTA,
-    generator: torch.Generator | None = None,
-    mask_further: Tensor | None = None,
-    sigma_data: float = 0.5,
-    reduce: bool = True,
+    denoiser: Denoiser, images: Tensor, mask: Tensor, sigma: Tensor, noise: Tensor, *, delta: float = DEFAULT_DELTA,
+    generator: torch.Generator | None = None, mask_further: Tensor | None = None, sigma_data: float = 0.5,
+    reduce: bool = True
 ) -> Tensor:
     """The Ambient Diffusion loss for random inpainting (Daras et al. 2023, eq. 3.2)::
 
@@ -216,13 +199,8 @@ def image_sampler(model: nn.Module) -> str:
 
 
 def image_sampler_options(
-    model: nn.Module,
-    *,
-    steps: int | None = None,
-    guidance: float | None = None,
-    erasure_p: float | None = None,
-    delta: float = DEFAULT_DELTA,
-    **schedule: float,
+    model: nn.Module, *, steps: int | None = None, guidance: float | None = None, erasure_p: float | None = None,
+    delta: float = DEFAULT_DELTA, **schedule: float
 ) -> dict[str, Any]:
     """The keywords of :func:`adps.nn.samplers.run_sampler` that sample an image model as the
     natural-image study does (:data:`IMAGE_SAMPLING`): its sampler's ``name``, Heun, the image

@@ -18,16 +18,8 @@ from .image_diffusion import DEFAULT_DELTA, IMAGE_PRESETS, PAPER_ERASURE_P
 from .train_step import IMAGE_METHODS, METHODS, PAPER_PRESETS
 
 __all__ = [
-    "CHECKPOINTING_METHODS",
-    "COMPILE_MODES",
-    "DEFAULT_EPOCHS",
-    "FULLY_SAMPLED",
-    "IMAGE_GRID",
-    "LearningConfig",
-    "PAPER_ACCELERATIONS",
-    "PAPER_GRID",
-    "UNET_METHODS",
-    "image_run_name",
+    "CHECKPOINTING_METHODS", "COMPILE_MODES", "DEFAULT_EPOCHS", "FULLY_SAMPLED", "IMAGE_GRID", "LearningConfig",
+    "PAPER_ACCELERATIONS", "PAPER_GRID", "UNET_METHODS", "image_run_name"
 ]
 
 # The paper grid's accelerations for the methods that train on undersampled data.

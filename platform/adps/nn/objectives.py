@@ -31,21 +31,9 @@ from adps.mri import SenseOperator
 from adps.mri.sense import mask_channels
 
 __all__ = [
-    "Denoiser",
-    "ambient_loss",
-    "ambient_network_input",
-    "channels_to_complex",
-    "complex_to_channels",
-    "dsm_loss",
-    "edm_loss",
-    "edm_weight",
-    "mask_channels",
-    "modl_loss",
-    "ncsn_sigmas",
-    "sample_noise",
-    "sample_sigma",
-    "ssdu_loss",
-    "ssdu_split",
+    "Denoiser", "ambient_loss", "ambient_network_input", "channels_to_complex", "complex_to_channels", "dsm_loss",
+    "edm_loss", "edm_weight", "mask_channels", "modl_loss", "ncsn_sigmas", "sample_noise", "sample_sigma", "ssdu_loss",
+    "ssdu_split"
 ]
 
 Denoiser = Callable[..., Tensor]
@@ -75,12 +63,8 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: to
 
 
 def sample_sigma(
-    n: int,
-    generator: torch.Generator | None = None,
-    *,
-    p_mean: float = -1.2,
-    p_std: float = 1.2,
-    device: torch.device | str | None = None,
+    n: int, generator: torch.Generator | None = None, *, p_mean: float = -1.2, p_std: float = 1.2,
+    device: torch.device | str | None = None
 ) -> Tensor:
     """EDM's training noise levels: ``ln sigma ~ N(p_mean, p_std^2)`` (METHOD.md: -1.2, 1.2).
 
@@ -108,13 +92,7 @@ def sample_noise(like: Tensor, generator: torch.Generator | None = None) -> Tens
 
 
 def edm_loss(
-    denoiser: Denoiser,
-    images: Tensor,
-    sigma: Tensor,
-    noise: Tensor,
-    *,
-    sigma_data: float = 0.5,
-    reduce: bool = True,
+    denoiser: Denoiser, images: Tensor, sigma: Tensor, noise: Tensor, *, sigma_data: float = 0.5, reduce: bool = True
 ) -> Tensor:
     """EDM loss ``lambda(sigma) || D(x + sigma n; sigma) - x ||^2`` (Karras et al. 2022, eq. 2/8).
 
@@ -171,16 +149,8 @@ def ambient_network_input(adjoint_image: Tensor, mask_further: Tensor) -> tuple[
 
 
 def ambient_loss(
-    denoiser: Denoiser,
-    kspace: Tensor,
-    maps: Tensor,
-    mask: Tensor,
-    mask_further: Tensor,
-    sigma: Tensor,
-    noise: Tensor,
-    *,
-    sigma_data: float = 0.5,
-    reduce: bool = True,
+    denoiser: Denoiser, kspace: Tensor, maps: Tensor, mask: Tensor, mask_further: Tensor, sigma: Tensor, noise: Tensor,
+    *, sigma_data: float = 0.5, reduce: bool = True
 ) -> Tensor:
     """The ambient diffusion loss in k-space form: needs only the measured k-space.
 
@@ -241,11 +211,7 @@ def modl_loss(recon: Tensor, reference: Tensor, *, eps: float = 1e-12, reduce: b
 
 
 def ssdu_split(
-    mask: Tensor,
-    *,
-    rho: float = 0.2,
-    generator: torch.Generator | None = None,
-    keep_center: int = 4,
+    mask: Tensor, *, rho: float = 0.2, generator: torch.Generator | None = None, keep_center: int = 4
 ) -> tuple[Tensor, Tensor]:
     """Split each slice's acquired columns ``Omega`` into ``Theta`` (input) and ``Lambda`` (loss).
 
@@ -305,13 +271,7 @@ def ssdu_split(
 
 
 def ssdu_loss(
-    recon: Tensor,
-    kspace: Tensor,
-    maps: Tensor,
-    loss_mask: Tensor,
-    *,
-    eps: float = 1e-12,
-    reduce: bool = True,
+    recon: Tensor, kspace: Tensor, maps: Tensor, loss_mask: Tensor, *, eps: float = 1e-12, reduce: bool = True
 ) -> Tensor:
     """SSDU loss (paper eq. 3.1): ``||y_L - A_L x||_1 / ||y_L||_1 + ||y_L - A_L x||_2 / ||y_L||_2``.
 
@@ -357,15 +317,9 @@ def ncsn_sigmas(sigma_begin: float = 232.0, sigma_end: float = 0.0066, num_scale
 
 
 def dsm_loss(
-    score_net: Callable[[Tensor, Tensor], Tensor],
-    images: Tensor,
-    sigmas: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    labels: Tensor | None = None,
-    noise: Tensor | None = None,
-    anneal_power: float = 2.0,
-    reduce: bool = True,
+    score_net: Callable[[Tensor, Tensor], Tensor], images: Tensor, sigmas: Tensor, *,
+    generator: torch.Generator | None = None, labels: Tensor | None = None, noise: Tensor | None = None,
+    anneal_power: float = 2.0, reduce: bool = True
 ) -> Tensor:
     """NCSNv2 denoising score matching over geometric noise levels (Song & Ermon 2020).
 

@@ -88,11 +88,7 @@ class EDMPrecond(nn.Module):
         self.scale_cond = bool(scale_cond)
 
     def forward(
-        self,
-        x: Tensor,
-        sigma: Tensor | float,
-        cond: Tensor | None = None,
-        class_labels: Tensor | None = None,
+        self, x: Tensor, sigma: Tensor | float, cond: Tensor | None = None, class_labels: Tensor | None = None
     ) -> Tensor:
         """Denoise.
 

@@ -45,16 +45,8 @@ from .precond import EDMPrecond
 from .train_step import IMAGE_METHODS, METHODS
 
 __all__ = [
-    "A_OS_SIGMA",
-    "IMAGE_VALIDATION_SIGMA",
-    "DENOISING_CHECK_SIGMAS",
-    "DENOISER_METHODS",
-    "a_os",
-    "denoise_once",
-    "denoising_check",
-    "reconstruct",
-    "unrolled",
-    "validation_metric",
+    "A_OS_SIGMA", "IMAGE_VALIDATION_SIGMA", "DENOISING_CHECK_SIGMAS", "DENOISER_METHODS", "a_os", "denoise_once",
+    "denoising_check", "reconstruct", "unrolled", "validation_metric"
 ]
 
 # Methods whose model is a prior D(x, sigma): no one-pass reconstruction exists for them.
@@ -273,13 +265,8 @@ range (``ln sigma ~ N(-1.2, 1.2^2)``). At large sigma even a mismatched prior be
 
 
 def denoising_check(
-    method: str,
-    model: nn.Module,
-    batch: Mapping[str, Tensor],
-    *,
-    sigmas: tuple[float, ...] = DENOISING_CHECK_SIGMAS,
-    train_mask: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    method: str, model: nn.Module, batch: Mapping[str, Tensor], *, sigmas: tuple[float, ...] = DENOISING_CHECK_SIGMAS,
+    train_mask: Tensor | None = None, generator: torch.Generator | None = None
 ) -> dict[float, dict[str, Tensor]]:
     """Does the model denoise these slices? Its input's and its output's distance to the truth.
 
@@ -353,13 +340,8 @@ def denoising_check(
 
 
 def validation_metric(
-    method: str,
-    model: nn.Module,
-    batch: Mapping[str, Tensor],
-    *,
-    sigma: float | None = None,
-    delta: float = DEFAULT_DELTA,
-    generator: torch.Generator | None = None,
+    method: str, model: nn.Module, batch: Mapping[str, Tensor], *, sigma: float | None = None,
+    delta: float = DEFAULT_DELTA, generator: torch.Generator | None = None
 ) -> dict[str, float]:
     """The periodic validation metric of training, for every method of both studies.
 
@@ -380,12 +362,8 @@ def validation_metric(
 
 
 def _validation_nrmse(
-    method: str,
-    model: nn.Module,
-    batch: Mapping[str, Tensor],
-    *,
-    sigma_denoise: float = MRI_VALIDATION_SIGMA,
-    generator: torch.Generator | None = None,
+    method: str, model: nn.Module, batch: Mapping[str, Tensor], *, sigma_denoise: float = MRI_VALIDATION_SIGMA,
+    generator: torch.Generator | None = None
 ) -> float:
     """The MRI validation metric: mean per-slice NRMSE against ``reference``.
 
@@ -432,12 +410,8 @@ def _validation_nrmse(
 
 
 def _image_validation_mse(
-    model: nn.Module,
-    batch: Mapping[str, Tensor],
-    *,
-    sigma: float = IMAGE_VALIDATION_SIGMA,
-    delta: float = DEFAULT_DELTA,
-    generator: torch.Generator | None = None,
+    model: nn.Module, batch: Mapping[str, Tensor], *, sigma: float = IMAGE_VALIDATION_SIGMA,
+    delta: float = DEFAULT_DELTA, generator: torch.Generator | None = None
 ) -> float:
     """The periodic validation metric of a natural-image model: denoising MSE on observed pixels.
 

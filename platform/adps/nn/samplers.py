@@ -71,30 +71,9 @@ from .reconstruct import unrolled as _unrolled_one_pass
 from .schedules import ald_sigmas, edm_sigmas
 
 __all__ = [
-    "DEFAULT_GUIDANCE",
-    "DEFAULT_SAMPLER",
-    "DEFAULT_STEPS",
-    "ITERATIVE_SAMPLERS",
-    "METHOD_SAMPLERS",
-    "SAMPLERS",
-    "SAMPLER_DEFAULTS",
-    "SCHEDULE_OPTIONS",
-    "Callback",
-    "a_dps",
-    "a_os",
-    "ald",
-    "default_sigmas",
-    "dps",
-    "l1_wavelet",
-    "prior_heun",
-    "run_sampler",
-    "sampler_for",
-    "train_masks",
-    "unrolled",
-    "zero_filled",
-    "cg_sense_recon",
-    "network_calls",
-    "SOLVERS",
+    "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "ITERATIVE_SAMPLERS", "METHOD_SAMPLERS", "SAMPLERS", "SAMPLER_DEFAULTS",
+    "SCHEDULE_OPTIONS", "Callback", "a_dps", "a_os", "ald", "default_sigmas", "dps", "l1_wavelet", "prior_heun",
+    "run_sampler", "sampler_for", "train_masks", "unrolled", "zero_filled", "cg_sense_recon", "network_calls", "SOLVERS"
 ]
 
 Callback = Callable[[dict[str, Any]], None]
@@ -149,9 +128,6 @@ METHOD_SAMPLERS: dict[str, str] = {
     "cg_sense": "cg_sense",
 }
 
-DEFAULT_SAMPLER = METHOD_SAMPLERS
-"""Alias of :data:`METHOD_SAMPLERS` (method -> sampler name)."""
-
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -159,11 +135,7 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_sigmas(
-    sampler: str,
-    model: nn.Module | None = None,
-    *,
-    steps: int | None = None,
-    **schedule_options: Any,
+    sampler: str, model: nn.Module | None = None, *, steps: int | None = None, **schedule_options: Any
 ) -> Tensor | None:
     """The default schedule of ``sampler`` (METHOD.md), optionally with another step count.
 
@@ -201,13 +173,8 @@ def default_sigmas(
 
 
 def train_masks(
-    width: int,
-    r_train: float,
-    n: int,
-    seed: int,
-    slice_ids: list[int] | Tensor | None = None,
-    *,
-    acs: int = DEFAULT_ACS,
+    width: int, r_train: float, n: int, seed: int, slice_ids: list[int] | Tensor | None = None, *,
+    acs: int = DEFAULT_ACS
 ) -> Tensor:
     """The A-DPS training-corruption masks ``A_tr``: one R_train + 1 mask per slice, ``(n, W)`` bool.
 
@@ -371,8 +338,7 @@ def _emit(callback: Callback | None, **info: Any) -> None:
         callback(info)
 
 
-def _prior_denoiser(model: nn.Module, operator: LinearOperator, n: int, device: torch.device,
-                    autocast: Any) -> Denoise:
+def _prior_denoiser(model: nn.Module, operator: LinearOperator, n: int, device: torch.device, autocast: Any) -> Denoise:
     """``D(x, sigma)`` of a prior, the image given to the network as ``operator.to_channels(x)``
     (``[Re, Im]`` for MRI, as :func:`~adps.nn.objectives.edm_loss` gives it in training)."""
 
@@ -431,19 +397,9 @@ def network_calls(steps: int, solver: str = "euler") -> int:
 
 
 def _guided_loop(
-    denoise: Denoise,
-    y: Tensor,
-    operator: LinearOperator,
-    shape: tuple[int, ...],
-    sigmas: list[float],
-    *,
-    guidance: float,
-    generator: torch.Generator | None,
-    callback: Callback | None,
-    sampler: str,
-    solver: str = "euler",
-    churn: float = 0.0,
-    extra_info: dict[str, Any] | None = None,
+    denoise: Denoise, y: Tensor, operator: LinearOperator, shape: tuple[int, ...], sigmas: list[float], *,
+    guidance: float, generator: torch.Generator | None, callback: Callback | None, sampler: str, solver: str = "euler",
+    churn: float = 0.0, extra_info: dict[str, Any] | None = None
 ) -> Tensor:
     """The DPS / A-DPS loop (paper eq. 2.12 / 2.3, METHOD.md "Samplers").
 
@@ -545,18 +501,9 @@ def _guided(
 
 
 def a_dps(
-    model: nn.Module,
-    y: Tensor,
-    operator: LinearOperator,
-    sigmas: Tensor | None = None,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    train_mask: Tensor | None = None,
-    guidance: float = DEFAULT_GUIDANCE,
-    churn: float = 0.0,
-    solver: str = "euler",
-    amp: str | None = None,
+    model: nn.Module, y: Tensor, operator: LinearOperator, sigmas: Tensor | None = None, *,
+    generator: torch.Generator | None = None, callback: Callback | None = None, train_mask: Tensor | None = None,
+    guidance: float = DEFAULT_GUIDANCE, churn: float = 0.0, solver: str = "euler", amp: str | None = None
 ) -> Tensor:
     """Ambient Diffusion Posterior Sampling (paper eq. 2.12; METHOD.md "Samplers").
 
@@ -592,17 +539,9 @@ def a_dps(
 
 
 def dps(
-    model: nn.Module,
-    y: Tensor,
-    operator: LinearOperator,
-    sigmas: Tensor | None = None,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    guidance: float = DEFAULT_GUIDANCE,
-    churn: float = 0.0,
-    solver: str = "euler",
-    amp: str | None = None,
+    model: nn.Module, y: Tensor, operator: LinearOperator, sigmas: Tensor | None = None, *,
+    generator: torch.Generator | None = None, callback: Callback | None = None, guidance: float = DEFAULT_GUIDANCE,
+    churn: float = 0.0, solver: str = "euler", amp: str | None = None
 ) -> Tensor:
     """Diffusion Posterior Sampling with a prior denoiser (FS-DPS with ``edm``, L1-DPS with
     ``edm_l1``, the clean image model ``p = 0``): the A-DPS loop with
@@ -644,15 +583,9 @@ def _single_pass(sampler: str, model: nn.Module | None, y: Tensor, operator: Sen
 
 
 def a_os(
-    model: nn.Module,
-    y: Tensor,
-    operator: SenseOperator,
-    sigmas: Tensor | None = None,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    sigma: float = A_OS_SIGMA,
-    amp: str | None = None,
+    model: nn.Module, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
+    generator: torch.Generator | None = None, callback: Callback | None = None, sigma: float = A_OS_SIGMA,
+    amp: str | None = None
 ) -> Tensor:
     """Ambient One-Step: :func:`adps.nn.reconstruct.a_os`, one call ``D([A^H y, mask], sigma)``.
 
@@ -666,14 +599,8 @@ def a_os(
 
 
 def unrolled(
-    model: nn.Module,
-    y: Tensor,
-    operator: SenseOperator,
-    sigmas: Tensor | None = None,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    amp: str | None = None,
+    model: nn.Module, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
+    generator: torch.Generator | None = None, callback: Callback | None = None, amp: str | None = None
 ) -> Tensor:
     """MoDL / SSDU: :func:`adps.nn.reconstruct.unrolled` on the measured k-space (one pass).
 
@@ -688,18 +615,9 @@ def unrolled(
 
 
 def l1_wavelet(
-    model: nn.Module | None,
-    y: Tensor,
-    operator: SenseOperator,
-    sigmas: Tensor | None = None,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    lam: float = 0.001,
-    iterations: int = 100,
-    wavelet: str = "db2",
-    scaling: str = "bart",
-    amp: str | None = None,
+    model: nn.Module | None, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
+    generator: torch.Generator | None = None, callback: Callback | None = None, lam: float = 0.001,
+    iterations: int = 100, wavelet: str = "db2", scaling: str = "bart", amp: str | None = None
 ) -> Tensor:
     """L1-wavelet compressed sensing, :func:`adps.mri.recon.l1_wavelet_recon`
     (``min 1/2 ||A x - y||^2 + lam s ||W x||_1``; METHOD.md: lam 0.001, 100 iterations, as BART's
@@ -716,14 +634,8 @@ def l1_wavelet(
 
 
 def zero_filled(
-    model: nn.Module | None,
-    y: Tensor,
-    operator: SenseOperator,
-    sigmas: Tensor | None = None,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    amp: str | None = None,
+    model: nn.Module | None, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
+    generator: torch.Generator | None = None, callback: Callback | None = None, amp: str | None = None
 ) -> Tensor:
     """The zero-filled reconstruction ``A^H y`` (unmeasured columns taken as 0). No network:
     every argument but ``y`` and ``operator`` is unused."""
@@ -732,15 +644,9 @@ def zero_filled(
 
 
 def cg_sense_recon(
-    model: nn.Module | None,
-    y: Tensor,
-    operator: SenseOperator,
-    sigmas: Tensor | None = None,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    iterations: int = 10,
-    amp: str | None = None,
+    model: nn.Module | None, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
+    generator: torch.Generator | None = None, callback: Callback | None = None, iterations: int = 10,
+    amp: str | None = None
 ) -> Tensor:
     """CG-SENSE from the measured columns, :func:`adps.mri.cg_sense` without regularisation
     (``iterations`` conjugate-gradient steps on ``A^H A x = A^H y``, from 0). No network."""
@@ -755,18 +661,9 @@ def cg_sense_recon(
 
 
 def ald(
-    model: nn.Module,
-    y: Tensor,
-    operator: SenseOperator,
-    sigmas: Tensor | None = None,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    step_scale: float = 0.5,
-    noise_std: float = 0.0,
-    likelihood_weight: float = 1.0,
-    denoise_last: bool = True,
-    amp: str | None = None,
+    model: nn.Module, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
+    generator: torch.Generator | None = None, callback: Callback | None = None, step_scale: float = 0.5,
+    noise_std: float = 0.0, likelihood_weight: float = 1.0, denoise_last: bool = True, amp: str | None = None
 ) -> Tensor:
     """Annealed Langevin dynamics with the NCSNv2 score network and data consistency.
 
@@ -861,17 +758,9 @@ def ald(
 
 
 def prior_heun(
-    model: nn.Module,
-    y: Tensor | None = None,
-    operator: SenseOperator | None = None,
-    sigmas: Tensor | None = None,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    shape: tuple[int, int] | None = None,
-    batch: int = 1,
-    train_mask: Tensor | None = None,
-    amp: str | None = None,
+    model: nn.Module, y: Tensor | None = None, operator: SenseOperator | None = None, sigmas: Tensor | None = None, *,
+    generator: torch.Generator | None = None, callback: Callback | None = None, shape: tuple[int, int] | None = None,
+    batch: int = 1, train_mask: Tensor | None = None, amp: str | None = None
 ) -> Tensor:
     """Unconditional samples of a prior: EDM's deterministic Heun sampler (Karras et al. 2022,
     Algorithm 1 without churn; METHOD.md "prior": 18 steps, sigma 80 -> 0.002, rho 7), for
@@ -961,23 +850,10 @@ def sampler_for(method: str) -> Callable[..., Tensor]:
 
 
 def run_sampler(
-    name: str,
-    model: nn.Module | None,
-    y: Tensor,
-    operator: SenseOperator,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    r_train: float | None = None,
-    slice_ids: list[int] | Tensor | None = None,
-    seed: int = 0,
-    acs: int | None = None,
-    erasure_p: float | None = None,
-    delta: float = DEFAULT_DELTA,
-    amp: str | None = None,
-    **options: Any,
+    name: str, model: nn.Module | None, y: Tensor, operator: SenseOperator, *, generator: torch.Generator | None = None,
+    callback: Callback | None = None, steps: int | None = None, guidance: float | None = None,
+    r_train: float | None = None, slice_ids: list[int] | Tensor | None = None, seed: int = 0, acs: int | None = None,
+    erasure_p: float | None = None, delta: float = DEFAULT_DELTA, amp: str | None = None, **options: Any
 ) -> Tensor:
     """Run sampler ``name`` from driver-level settings (what an evaluation grid varies).
 

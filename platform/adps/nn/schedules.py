@@ -81,12 +81,7 @@ def geometric_sigmas(n: int, sigma_max: float, sigma_min: float) -> Tensor:
     return logs.exp().to(torch.float32)
 
 
-def ald_sigmas(
-    levels: Tensor,
-    steps: int = 1300,
-    steps_per_level: int = 3,
-    sigma_start: float | None = None,
-) -> Tensor:
+def ald_sigmas(levels: Tensor, steps: int = 1300, steps_per_level: int = 3, sigma_start: float | None = None) -> Tensor:
     """Per-step noise levels of annealed Langevin dynamics, drawn from a network's trained levels.
 
     The NCSNv2 score network knows only its discrete levels (:meth:`adps.nn.NCSNv2.sigmas`),

@@ -83,17 +83,8 @@ from .precond import EDMPrecond
 from .unet import build_unet
 
 __all__ = [
-    "BATCH_KEYS",
-    "IMAGE_METHODS",
-    "LossBySigma",
-    "METHODS",
-    "MRI_METHODS",
-    "PAPER_PRESETS",
-    "SIGMA_BIN_EDGES",
-    "build_model",
-    "make_optimizer",
-    "method_loss",
-    "train_step",
+    "BATCH_KEYS", "IMAGE_METHODS", "LossBySigma", "METHODS", "MRI_METHODS", "PAPER_PRESETS", "SIGMA_BIN_EDGES",
+    "build_model", "make_optimizer", "method_loss", "train_step"
 ]
 
 MRI_METHODS = ("ambient", "edm", "edm_l1", "ncsnv2", "modl", "ssdu")
@@ -207,17 +198,9 @@ def _prepare_image_batch(batch: Mapping[str, Tensor], device: torch.device) -> d
 
 
 def method_loss(
-    method: str,
-    model: nn.Module,
-    batch: Mapping[str, Tensor],
-    *,
-    generator: torch.Generator | None = None,
-    p_mean: float = -1.2,
-    p_std: float = 1.2,
-    ssdu_rho: float = 0.2,
-    ssdu_keep_center: int = 4,
-    delta: float = DEFAULT_DELTA,
-    details: dict[str, Tensor] | None = None,
+    method: str, model: nn.Module, batch: Mapping[str, Tensor], *, generator: torch.Generator | None = None,
+    p_mean: float = -1.2, p_std: float = 1.2, ssdu_rho: float = 0.2, ssdu_keep_center: int = 4,
+    delta: float = DEFAULT_DELTA, details: dict[str, Tensor] | None = None
 ) -> Tensor:
     """The scalar training loss of ``method`` on ``batch`` (no backward, no step).
 
@@ -332,18 +315,9 @@ def make_optimizer(
 
 
 def train_step(
-    method: str,
-    model: nn.Module,
-    batch: Mapping[str, Tensor],
-    optimizer: torch.optim.Optimizer,
-    *,
-    generator: torch.Generator | None = None,
-    amp: str | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    grad_clip: float | None = 1.0,
-    ema: EMA | None = None,
-    ema_batch_size: int | None = None,
-    **loss_kwargs: Any,
+    method: str, model: nn.Module, batch: Mapping[str, Tensor], optimizer: torch.optim.Optimizer, *,
+    generator: torch.Generator | None = None, amp: str | None = None, scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float | None = 1.0, ema: EMA | None = None, ema_batch_size: int | None = None, **loss_kwargs: Any
 ) -> dict[str, Any]:
     """One training step of ``method``: loss, backward, gradient hygiene, optimizer step, EMA.
 

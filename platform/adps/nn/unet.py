@@ -36,14 +36,8 @@ from adps.config import ConfigFile, from_preset
 from .activation_checkpointing import ActivationCheckpointing, set_activation_checkpointing
 
 __all__ = [
-    "PRESETS",
-    "GatedConv2d",
-    "SongUNet",
-    "UNetConfig",
-    "build_unet",
-    "count_parameters",
-    "set_activation_checkpointing",
-    "spatial_attention",
+    "PRESETS", "GatedConv2d", "SongUNet", "UNetConfig", "build_unet", "count_parameters",
+    "set_activation_checkpointing", "spatial_attention"
 ]
 
 
@@ -267,15 +261,8 @@ class GatedConv2d(nn.Module):
     """
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        bias: bool = True,
-        gated: bool = True,
-        resample: str | None = None,
-        resample_filter: tuple[int, ...] = (1, 1),
-        gain: float = _GAIN_DEFAULT,
+        self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True, gated: bool = True,
+        resample: str | None = None, resample_filter: tuple[int, ...] = (1, 1), gain: float = _GAIN_DEFAULT
     ):
         super().__init__()
         if kernel_size % 2 != 1:
@@ -325,13 +312,8 @@ class UNetBlock(nn.Module):
     skip_scale = math.sqrt(0.5)
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        emb_channels: int,
-        cfg: UNetConfig,
-        resample: str | None = None,
-        attention: bool = False,
+        self, in_channels: int, out_channels: int, emb_channels: int, cfg: UNetConfig, resample: str | None = None,
+        attention: bool = False
     ):
         super().__init__()
         self.in_channels = in_channels

@@ -121,16 +121,9 @@ def done_rows(output: str, key: str) -> list[dict[str, Any]] | None:
 
 
 def run_cells(
-    task: Callable[[dict[str, Any], dict[str, Any]], list[dict[str, Any]]],
-    config: dict[str, Any],
-    cells: Sequence[Any],
-    *,
-    output: str,
-    use_gpu: bool,
-    ray_address: str | None = None,
-    progress: bool = True,
-    describe: Callable[[Any], str] = str,
-    name: str = "adps evaluate",
+    task: Callable[[dict[str, Any], dict[str, Any]], list[dict[str, Any]]], config: dict[str, Any],
+    cells: Sequence[Any], *, output: str, use_gpu: bool, ray_address: str | None = None, progress: bool = True,
+    describe: Callable[[Any], str] = str, name: str = "adps evaluate"
 ) -> list[dict[str, Any]]:
     """The rows of every cell: those already done read back from ``<output>/cells/`` (resume),
     the others computed as Ray tasks ``task(config, dataclasses.asdict(cell))`` (one CPU each,

@@ -20,15 +20,8 @@ __all__ = ["check_denoisers", "format_denoising_check"]
 
 
 def check_denoisers(
-    models: Sequence[tuple[str, dict[str, Any]]],
-    dataset: str,
-    split: str,
-    *,
-    slices: int = 4,
-    sigmas: Sequence[float] = (0.05, 0.1, 0.2),
-    seed: int = 0,
-    tracking_uri: str | None = None,
-    device: str = "cpu",
+    models: Sequence[tuple[str, dict[str, Any]]], dataset: str, split: str, *, slices: int = 4,
+    sigmas: Sequence[float] = (0.05, 0.1, 0.2), seed: int = 0, tracking_uri: str | None = None, device: str = "cpu"
 ) -> list[dict[str, Any]]:
     """Does each model denoise the slices it is about to reconstruct? One row per model and sigma.
 

@@ -120,9 +120,8 @@ def fid_sampler(method: str, model: torch.nn.Module | None = None, steps: int = 
 
 def unconditional_samples(
     method: str, model: torch.nn.Module, n: int, shape: tuple[int, int], *, steps: int = 0, batch: int = 25,
-    seed: int = 0, amp: str = "", device: str = "cpu", maps: torch.Tensor | None = None,
-    r_train: float | None = None, acs: int | None = None, sigma_max: float = 0.0, sigma_min: float = 0.0,
-    rho: float = 0.0,
+    seed: int = 0, amp: str = "", device: str = "cpu", maps: torch.Tensor | None = None, r_train: float | None = None,
+    acs: int | None = None, sigma_max: float = 0.0, sigma_min: float = 0.0, rho: float = 0.0
 ) -> torch.Tensor:
     """``n`` unconditional complex images ``(n, H, W)`` from a diffusion prior, with the sampler
     of :func:`fid_sampler`.

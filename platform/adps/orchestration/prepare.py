@@ -510,12 +510,8 @@ class _SplitPacker:
     """
 
     def __init__(
-        self,
-        split: str,
-        state: _State,
-        verified: set[str],
-        config: PrepareConfig,
-        on_shard_written: Callable[[], None] = lambda: None,
+        self, split: str, state: _State, verified: set[str], config: PrepareConfig,
+        on_shard_written: Callable[[], None] = lambda: None
     ) -> None:
         self.split = split
         self.on_shard_written = on_shard_written
@@ -562,9 +558,7 @@ class _SplitPacker:
             needs.append(not all(shard_ok(j) for j in shards))
         return needs
 
-    def consume(
-        self, index: int, outcome: _Outcome, payload: list[dict[str, Any]] | None, *, fresh: bool
-    ) -> int:
+    def consume(self, index: int, outcome: _Outcome, payload: list[dict[str, Any]] | None, *, fresh: bool) -> int:
         """Add volume ``index``'s outcome (in order) and write every shard it completes; returns how many.
 
         ``fresh``: the outcome comes from processing now (``payload`` holds its arrays unless it
@@ -629,9 +623,7 @@ class _SplitPacker:
 # The job ------------------------------------------------------------------------------------------
 
 
-def prepare_dataset(
-    config: PrepareConfig, *, ray_address: str | None = None, progress: bool = True
-) -> dict[str, Any]:
+def prepare_dataset(config: PrepareConfig, *, ray_address: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Prepare ``config.source`` into ``config.output``; returns the manifest.
 
     Resumes an interrupted run of the same config (verifying what is there, redoing only what
@@ -838,9 +830,7 @@ def _run(config: PrepareConfig, state: _State, verified: set[str], *, progress: 
         )
 
 
-def _pack_ready(
-    packers: dict[str, _SplitPacker], finished: dict[tuple[str, int], tuple[dict[str, Any], Any]]
-) -> None:
+def _pack_ready(packers: dict[str, _SplitPacker], finished: dict[tuple[str, int], tuple[dict[str, Any], Any]]) -> None:
     """Feed each split's packer every volume that is next in order and available."""
     for split, packer in packers.items():
         while not packer.done:

@@ -45,18 +45,8 @@ from adps.nn.samplers import METHOD_SAMPLERS
 from adps.orchestration.tracking import process_tracking_uri, resolve_tracking_uri
 
 __all__ = [
-    "ALIAS",
-    "PYFUNC_FILE",
-    "WEIGHTS_ARTIFACT",
-    "image_from_output",
-    "image_model_name",
-    "load_model",
-    "model_name",
-    "pip_requirements",
-    "predict_arrays",
-    "register_model",
-    "registered_name",
-    "to_model_input",
+    "ALIAS", "PYFUNC_FILE", "WEIGHTS_ARTIFACT", "image_from_output", "image_model_name", "load_model", "model_name",
+    "pip_requirements", "predict_arrays", "register_model", "registered_name", "to_model_input"
 ]
 
 ALIAS = "latest"
@@ -193,13 +183,8 @@ def _signature():
 
 
 def register_model(
-    weights_dir: str | Path,
-    *,
-    tracking_uri: str,
-    run_id: str,
-    name: str,
-    tags: Mapping[str, str] | None = None,
-    alias: str | None = None,
+    weights_dir: str | Path, *, tracking_uri: str, run_id: str, name: str, tags: Mapping[str, str] | None = None,
+    alias: str | None = None
 ) -> Any:
     """Log the network in ``weights_dir`` (a :func:`~adps.nn.checkpoint.save_model` folder) as a
     pyfunc model of run ``run_id``, register it as ``name`` (a new version, which

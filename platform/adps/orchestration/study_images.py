@@ -63,18 +63,8 @@ from adps.orchestration.registry import image_tuned_settings, load_model_entry, 
 from adps.perceptual import lpips_rgb
 
 __all__ = [
-    "IMAGE_STUDY",
-    "METRICS",
-    "PINV",
-    "TABLE_COLUMNS",
-    "TASKS",
-    "ImageCell",
-    "ImageEvaluateConfig",
-    "evaluate_image_cell",
-    "format_image_crossover",
-    "format_image_results",
-    "image_crossovers",
-    "plan_image_cells",
+    "IMAGE_STUDY", "METRICS", "PINV", "TABLE_COLUMNS", "TASKS", "ImageCell", "ImageEvaluateConfig",
+    "evaluate_image_cell", "format_image_crossover", "format_image_results", "image_crossovers", "plan_image_cells"
 ]
 
 TASKS = ("cs", "sr", "nfe")

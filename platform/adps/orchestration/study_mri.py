@@ -33,7 +33,7 @@ from adps.data.shards import read_manifest
 from adps.metrics import image_metrics, posterior_summary
 from adps.nn.learning_config import COMPILE_MODES
 from adps.nn.reconstruct import DENOISER_METHODS
-from adps.nn.samplers import DEFAULT_SAMPLER, ITERATIVE_SAMPLERS
+from adps.nn.samplers import ITERATIVE_SAMPLERS, METHOD_SAMPLERS
 from adps.orchestration.cells import EvaluationConfig, Study, cell_path, reconstruct_batch, stack_batch
 from adps.orchestration.denoising_check import check_denoisers, format_denoising_check
 from adps.orchestration.figures import metric_figure, posterior_grid, reconstruction_grid
@@ -295,7 +295,7 @@ def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any
         method = model_config["method"]
         r_train = float(model_config["r_train"])
         for r_inf in map(float, config.r_inf):
-            runs = [DEFAULT_SAMPLER[method]]
+            runs = [METHOD_SAMPLERS[method]]
             if method == "ambient" and config.a_os and r_inf == r_train:
                 runs.append("a_os")
             for sampler in runs:

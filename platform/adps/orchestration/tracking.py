@@ -30,22 +30,9 @@ from adps.data import storage
 from adps.images import ImageDataset
 
 __all__ = [
-    "DEFAULT_EXPERIMENT",
-    "RUN_KEY_TAG",
-    "QueuedRunLogger",
-    "RunConfig",
-    "RunLogger",
-    "artifact_location",
-    "config_hash",
-    "end_run",
-    "find_run",
-    "flat_params",
-    "git_commit",
-    "image_listing_checksum",
-    "manifest_checksum",
-    "open_run",
-    "process_tracking_uri",
-    "resolve_tracking_uri",
+    "DEFAULT_EXPERIMENT", "RUN_KEY_TAG", "QueuedRunLogger", "RunConfig", "RunLogger", "artifact_location",
+    "config_hash", "end_run", "find_run", "flat_params", "git_commit", "image_listing_checksum", "manifest_checksum",
+    "open_run", "process_tracking_uri", "resolve_tracking_uri"
 ]
 
 DEFAULT_STORE = Path(".adps") / "mlflow.db"
@@ -219,12 +206,8 @@ def find_run(tracking_uri: str, experiment: str, run_key: str) -> Any:
 
 
 def open_run(
-    tracking_uri: str,
-    experiment: str,
-    run_key: str,
-    run_name: str,
-    params: Mapping[str, Any],
-    tags: Mapping[str, str] | None = None,
+    tracking_uri: str, experiment: str, run_key: str, run_name: str, params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None
 ) -> tuple[str, bool]:
     """The MLflow run of ``run_key``, created on first use (with ``params`` and ``tags``) or
     reopened (status back to RUNNING); returns ``(run_id, resumed)``.

@@ -64,12 +64,7 @@ from adps.orchestration.tracking import (
 from adps.orchestration.train_config import TrainConfig
 from adps.orchestration.train_worker import EMA_DIR, WorkerContext, worker_loop
 
-__all__ = [
-    "TrainedRun",
-    "checkpoint_uri",
-    "train",
-    "with_absolute_paths",
-]
+__all__ = ["TrainedRun", "checkpoint_uri", "train", "with_absolute_paths"]
 
 
 # Ray Train -----------------------------------------------------------------------------------

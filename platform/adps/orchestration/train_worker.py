@@ -48,28 +48,10 @@ if TYPE_CHECKING:
     from adps.data.dataset import PreparedSliceDataset
 
 __all__ = [
-    "build_trainee",
-    "dataset_acceleration",
-    "EMA_DIR",
-    "image_training_set",
-    "image_validation_batch",
-    "ImageTrainingSet",
-    "learning_rate",
-    "load_training_checkpoint",
-    "MODEL_DIR",
-    "model_record",
-    "mri_training_set",
-    "rampup_steps",
-    "save_training_checkpoint",
-    "shard_batches",
-    "STATE_FILE",
-    "steps_per_epoch",
-    "train_one_step",
-    "Trainee",
-    "validation_batch",
-    "worker_loop",
-    "worker_share",
-    "WorkerContext",
+    "build_trainee", "dataset_acceleration", "EMA_DIR", "image_training_set", "image_validation_batch",
+    "ImageTrainingSet", "learning_rate", "load_training_checkpoint", "MODEL_DIR", "model_record", "mri_training_set",
+    "rampup_steps", "save_training_checkpoint", "shard_batches", "STATE_FILE", "steps_per_epoch", "train_one_step",
+    "Trainee", "validation_batch", "worker_loop", "worker_share", "WorkerContext"
 ]
 
 # The training checkpoint's layout (save_training_checkpoint / load_training_checkpoint).
@@ -120,12 +102,8 @@ class Trainee:
 
 
 def build_trainee(
-    config: TrainConfig,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    wrap: Callable[[nn.Module], nn.Module] | None = None,
-    device: torch.device | str = "cpu",
+    config: TrainConfig, *, rank: int = 0, world_size: int = 1, wrap: Callable[[nn.Module], nn.Module] | None = None,
+    device: torch.device | str = "cpu"
 ) -> Trainee:
     """Model (seeded: identical on every rank), Adam (METHOD.md settings) and EMA for ``config``.
 

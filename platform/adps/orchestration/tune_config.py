@@ -28,15 +28,8 @@ from adps.data import storage
 from adps.orchestration.tracking import RunConfig
 
 __all__ = [
-    "IMAGE_OBJECTIVE_METRICS",
-    "IMAGE_TASKS",
-    "OBJECTIVE_METRICS",
-    "SAMPLER_FAMILIES",
-    "SAMPLER_PARAMS",
-    "SearchConfig",
-    "SearchSpace",
-    "load_space",
-    "parse_space",
+    "IMAGE_OBJECTIVE_METRICS", "IMAGE_TASKS", "OBJECTIVE_METRICS", "SAMPLER_FAMILIES", "SAMPLER_PARAMS", "SearchConfig",
+    "SearchSpace", "load_space", "parse_space"
 ]
 
 SAMPLER_FAMILIES = {"adps": "a_dps", "a_dps": "a_dps", "a_os": "a_os", "dps": "dps", "ald": "ald",
