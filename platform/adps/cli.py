@@ -16,13 +16,11 @@ def _demo(args: argparse.Namespace) -> int:
 
     overrides = {
         "volumes": args.volumes, "slices_per_volume": args.slices, "coils": args.coils,
-        "r_inf": tuple(args.r_inf) if args.r_inf else None,
-        "methods": tuple(args.methods) if args.methods else None, "train_steps": args.steps,
-        "ambient_r_train": tuple(args.ambient_r_train) if args.ambient_r_train else None, "baseline_steps": args.baseline_steps,
-        "sampler_steps": args.sampler_steps, "tune_trials": args.trials, "seed": args.seed,
-        "workdir": args.workdir, "fresh": args.fresh or None, "address": args.address,
-        "tracking_uri": args.tracking_uri,
-        "l1": {"on": True, "off": False}.get(args.l1),
+        "r_inf": tuple(args.r_inf) if args.r_inf else None, "methods": tuple(args.methods) if args.methods else None,
+        "train_steps": args.steps, "ambient_r_train": tuple(args.ambient_r_train) if args.ambient_r_train else None,
+        "baseline_steps": args.baseline_steps, "sampler_steps": args.sampler_steps, "tune_trials": args.trials,
+        "seed": args.seed, "workdir": args.workdir, "fresh": args.fresh or None, "address": args.address,
+        "tracking_uri": args.tracking_uri, "l1": {"on": True, "off": False}.get(args.l1)
     }
     overrides = {key: value for key, value in overrides.items() if value is not None}
     config = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
@@ -35,16 +33,9 @@ def _synth(args: argparse.Namespace) -> int:
 
     try:
         written = synthesize_dataset(
-            args.out,
-            n_volumes=args.volumes,
-            n_slices=args.slices,
-            n_coils=args.coils,
-            height=args.height,
-            width=args.width,
-            seed=args.seed,
-            acquisitions=tuple(args.acquisitions),
-            noise_std=args.noise_std,
-            oversampling=args.oversampling,
+            args.out, n_volumes=args.volumes, n_slices=args.slices, n_coils=args.coils, height=args.height,
+            width=args.width, seed=args.seed, acquisitions=tuple(args.acquisitions), noise_std=args.noise_std,
+            oversampling=args.oversampling
         )
     except FileNotFoundError as err:  # e.g. a missing bucket: a user's error, named in the message
         print(f"adps synth: error: {err}", file=sys.stderr)

@@ -65,9 +65,8 @@ Backbone = Literal["vgg16", "inception_v3"]
 # torchvision's file names (the name carries the hash prefix that torchvision checks on
 # download; a file placed by hand loads without that check).
 WEIGHT_FILES: dict[str, str] = {
-    "alexnet": "alexnet-owt-7be5be79.pth",
-    "vgg16": "vgg16-397923af.pth",
-    "inception_v3": "inception_v3_google-0cc3c7bd.pth",
+    "alexnet": "alexnet-owt-7be5be79.pth", "vgg16": "vgg16-397923af.pth",
+    "inception_v3": "inception_v3_google-0cc3c7bd.pth"
 }
 WEIGHT_URL_BASE = "https://download.pytorch.org/models/"
 WEIGHTS_DIR_ENV = "ADPS_WEIGHTS_DIR"
@@ -344,8 +343,7 @@ def _build_inception_v3(state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 _BUILDERS: dict[str, Callable[[dict[str, torch.Tensor]], nn.Module]] = {
-    "vgg16": _build_vgg16,
-    "inception_v3": _build_inception_v3,
+    "vgg16": _build_vgg16, "inception_v3": _build_inception_v3
 }
 
 

@@ -107,12 +107,8 @@ class PreparedSliceDataset(Dataset):
         self.load_l1 = load_l1
         self.verify = verify
         self._datasets = {
-            "kspace": "kspace",
-            "maps": "maps",
-            "reference": "reference",
-            "mask": f"mask/{key}",
-            "mask_further": f"mask_further/{key}",
-            **({"l1": f"l1/{key}"} if load_l1 else {}),
+            "kspace": "kspace", "maps": "maps", "reference": "reference", "mask": f"mask/{key}",
+            "mask_further": f"mask_further/{key}", **({"l1": f"l1/{key}"} if load_l1 else {})
         }
         if keys is not None:
             wanted = [k for k in dict.fromkeys(keys) if k != "slice_id"]

@@ -113,12 +113,9 @@ def parse_ismrmrd_header(xml: bytes | str) -> EncodingInfo:
 
     limits = "encoding/encodingLimits/kspace_encoding_step_1"
     return EncodingInfo(
-        encoded_size=pair("encodedSpace"),
-        recon_size=pair("reconSpace"),
-        encoded_fov_mm=fov("encodedSpace"),
-        recon_fov_mm=fov("reconSpace"),
-        phase_encode_center=integer(f"{limits}/center", required=False),
-        phase_encode_maximum=integer(f"{limits}/maximum", required=False),
+        encoded_size=pair("encodedSpace"), recon_size=pair("reconSpace"), encoded_fov_mm=fov("encodedSpace"),
+        recon_fov_mm=fov("reconSpace"), phase_encode_center=integer(f"{limits}/center", required=False),
+        phase_encode_maximum=integer(f"{limits}/maximum", required=False)
     )
 
 

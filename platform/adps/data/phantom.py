@@ -137,9 +137,7 @@ def synthetic_slices(
         covariance = noise_std**2 * random_covariance(n_coils, rng)
         noise = correlated_noise((n_coils, n_slices, height, width), covariance, rng)
         kspace = kspace + torch.from_numpy(np.moveaxis(noise, 0, 1))
-    return SyntheticSlices(
-        image=image_t, maps=maps_t, kspace=kspace, noise_covariance=torch.from_numpy(covariance)
-    )
+    return SyntheticSlices(image=image_t, maps=maps_t, kspace=kspace, noise_covariance=torch.from_numpy(covariance))
 
 
 def synthetic_batch(
@@ -173,12 +171,9 @@ def synthetic_batch(
         masks.append(mask)
         further.append(further_corrupted_mask(mask, acceleration, seed=seed, slice_id=slice_id, acs=acs))
     batch = {
-        "kspace": data.kspace.to(torch.complex64),
-        "maps": data.maps.to(torch.complex64),
-        "reference": data.image.to(torch.complex64),
-        "mask": torch.stack(masks),
-        "mask_further": torch.stack(further),
-        "slice_id": torch.from_numpy(np.arange(n, dtype=np.int64)),
+        "kspace": data.kspace.to(torch.complex64), "maps": data.maps.to(torch.complex64),
+        "reference": data.image.to(torch.complex64), "mask": torch.stack(masks), "mask_further": torch.stack(further),
+        "slice_id": torch.from_numpy(np.arange(n, dtype=np.int64))
     }
     if with_l1:
         op = SenseOperator(batch["maps"], batch["mask"])

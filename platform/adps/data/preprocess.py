@@ -345,11 +345,8 @@ def preprocess_slice(
     # 5. ESPIRiT maps in the one phase convention of every split (docs/data_format.md), and the
     # fully sampled CG-SENSE reference.
     maps = espirit_maps(
-        white,
-        calib_width=config.calib_width,
-        thresh=config.espirit_threshold,
-        kernel_width=config.espirit_kernel_width,
-        crop=0.0,
+        white, calib_width=config.calib_width, thresh=config.espirit_threshold,
+        kernel_width=config.espirit_kernel_width, crop=0.0
     )
     check_espirit_maps(maps, label=label)
     maps = align_map_phase(maps, phase_reference, coil_dim=0)
@@ -359,9 +356,8 @@ def preprocess_slice(
     clock.lap("reference")
 
     out: dict[str, np.ndarray] = {
-        "kspace": white.numpy().astype(np.complex64),
-        "maps": maps.numpy().astype(np.complex64),
-        "reference": reference.numpy().astype(np.complex64),
+        "kspace": white.numpy().astype(np.complex64), "maps": maps.numpy().astype(np.complex64),
+        "reference": reference.numpy().astype(np.complex64)
     }
     # 6. Masks, and the optional reconstructions at each R.
     for acceleration in config.accelerations:

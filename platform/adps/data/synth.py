@@ -232,11 +232,8 @@ def write_volume(
     uri = str(path_or_uri)
     rss = rss_reconstruction(volume.kspace, volume.height)
     header = ismrmrd_header_xml(
-        encoded_size=(volume.kspace.shape[2], volume.width),
-        recon_size=(volume.height, volume.width),
-        n_coils=volume.num_coils,
-        n_slices=volume.num_slices,
-        protocol=acquisition,
+        encoded_size=(volume.kspace.shape[2], volume.width), recon_size=(volume.height, volume.width),
+        n_coils=volume.num_coils, n_slices=volume.num_slices, protocol=acquisition
     )
     with storage.atomic_write_path(uri) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("kspace", data=volume.kspace.astype(np.complex64, copy=False))
@@ -284,13 +281,8 @@ def synthesize_dataset(
         # seeds, do not share phantoms or noise.
         volume_seed = int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0])
         volume = synthetic_volume(
-            volume_seed,
-            n_slices=n_slices,
-            n_coils=n_coils,
-            height=height,
-            width=width,
-            oversampling=oversampling,
-            noise_std=noise_std,
+            volume_seed, n_slices=n_slices, n_coils=n_coils, height=height, width=width, oversampling=oversampling,
+            noise_std=noise_std
         )
         uri = storage.join(root, volume_name(i, acquisition))
         write_volume(uri, volume, acquisition=acquisition, patient_id=f"synth{seed}-{i:04d}")

@@ -29,10 +29,8 @@ _IMAGE_STREAM = 0
 # File formats that write_image_folder / write_image_zip can write, with PIL's name and options.
 # JPEG and WebP are lossy (quality 95): only PNG reads back exactly what synthetic_image drew.
 IMAGE_FORMATS: dict[str, tuple[str, dict[str, object]]] = {
-    "png": ("PNG", {}),
-    "jpg": ("JPEG", {"quality": 95}),
-    "jpeg": ("JPEG", {"quality": 95}),
-    "webp": ("WEBP", {"quality": 95}),
+    "png": ("PNG", {}), "jpg": ("JPEG", {"quality": 95}), "jpeg": ("JPEG", {"quality": 95}),
+    "webp": ("WEBP", {"quality": 95})
 }
 
 # Zip members get a fixed timestamp (the zip epoch), so the same arguments give the same bytes.

@@ -121,9 +121,7 @@ def coil_compress(data: torch.Tensor, n_virtual: int, coil_dim: int = -3) -> Coi
     kept = float(energy[:n_virtual].sum() / energy.sum()) if energy.sum() > 0 else 1.0
     compression = u[:, :n_virtual].conj().T
     return CoilCompression(
-        data=apply_coil_matrix(data, compression, coil_dim),
-        matrix=compression.to(data.dtype),
-        energy_kept=kept,
+        data=apply_coil_matrix(data, compression, coil_dim), matrix=compression.to(data.dtype), energy_kept=kept
     )
 
 
@@ -206,13 +204,8 @@ def espirit_maps(
         raise ValueError(f"kspace: expected one slice, complex (C, H, W), got {tuple(kspace.shape)} {kspace.dtype}")
     array = kspace.detach().cpu().numpy().astype(np.complex64)
     maps = sigpy.mri.app.EspiritCalib(
-        array,
-        calib_width=calib_width,
-        thresh=thresh,
-        kernel_width=kernel_width,
-        crop=crop,
-        max_iter=max_iter,
-        show_pbar=show_progress,
+        array, calib_width=calib_width, thresh=thresh, kernel_width=kernel_width, crop=crop, max_iter=max_iter,
+        show_pbar=show_progress
     ).run()
     return torch.from_numpy(np.asarray(maps, dtype=np.complex64)).to(kspace.device)
 

@@ -195,14 +195,8 @@ def l1_wavelet_recon(
         step = _max_eigenvalue(SenseOperator(maps_cpu[i : i + 1], columns))
         # sigpy's weights multiply k-space, so a (1, W) 0/1 row broadcasts as the column mask.
         app = sigpy.mri.app.L1WaveletRecon(
-            y[i],
-            mps[i],
-            lam * scale,
-            weights=weights[i][None, :].astype(np.float32),
-            wave_name=wavelet,
-            max_iter=iterations,
-            alpha=1.0 / step if step > 0 else 1.0,
-            show_pbar=show_progress,
+            y[i], mps[i], lam * scale, weights=weights[i][None, :].astype(np.float32), wave_name=wavelet,
+            max_iter=iterations, alpha=1.0 / step if step > 0 else 1.0, show_pbar=show_progress
         )
         out[i] = app.run()
     return torch.from_numpy(out).to(kspace.device)

@@ -46,9 +46,8 @@ FORMAT = "adps-model/1"
 # The networks a checkpoint can hold: architecture name -> (class, config class, key of its
 # resolved config in config.json, preset builder for configs that give only "preset").
 _ARCHITECTURES: dict[str, tuple[type[nn.Module], Any, str, Any]] = {
-    "songunet": (SongUNet, UNetConfig, "unet", build_unet),
-    "ncsnv2": (NCSNv2, NCSNv2Config, "ncsnv2", build_ncsnv2),
-    "modl": (MoDL, MoDLConfig, "modl", build_modl),
+    "songunet": (SongUNet, UNetConfig, "unet", build_unet), "ncsnv2": (NCSNv2, NCSNv2Config, "ncsnv2", build_ncsnv2),
+    "modl": (MoDL, MoDLConfig, "modl", build_modl)
 }
 # Configs written before "architecture" existed hold a SongUNet.
 _DEFAULT_ARCHITECTURE = "songunet"
@@ -68,10 +67,8 @@ def _versions() -> dict[str, str]:
     except (ImportError, PackageNotFoundError):
         adps_version = getattr(sys.modules.get("adps"), "__version__", "unknown")
     return {
-        "adps": str(adps_version),
-        "torch": torch.__version__,
-        "safetensors": getattr(safetensors, "__version__", "unknown"),
-        "python": sys.version.split()[0],
+        "adps": str(adps_version), "torch": torch.__version__,
+        "safetensors": getattr(safetensors, "__version__", "unknown"), "python": sys.version.split()[0]
     }
 
 
@@ -108,10 +105,8 @@ def save_model(path_dir: str | os.PathLike[str], model: nn.Module, config: dict[
     precond: dict[str, Any] | None = None
     if isinstance(model, EDMPrecond):
         precond = {
-            "type": "edm",
-            "sigma_data": model.sigma_data,
-            "image_channels": model.image_channels,
-            "scale_cond": model.scale_cond,
+            "type": "edm", "sigma_data": model.sigma_data, "image_channels": model.image_channels,
+            "scale_cond": model.scale_cond
         }
         net = unwrap_model(model.net)
     else:
@@ -251,9 +246,7 @@ def load_model(
         if not isinstance(precond, dict) or precond.get("type") != "edm":
             raise ValueError(f"{config_path}: unsupported 'precond' entry {precond!r}")
         model = EDMPrecond(
-            net,
-            sigma_data=float(precond.get("sigma_data", 0.5)),
-            image_channels=int(precond.get("image_channels", 2)),
-            scale_cond=bool(precond.get("scale_cond", False)),
+            net, sigma_data=float(precond.get("sigma_data", 0.5)), image_channels=int(precond.get("image_channels", 2)),
+            scale_cond=bool(precond.get("scale_cond", False))
         )
     return model.to(device).eval(), config

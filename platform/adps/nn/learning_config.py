@@ -26,12 +26,8 @@ __all__ = [
 PAPER_ACCELERATIONS = (2, 4, 6, 8)
 # Every training run of the paper's study: method -> the accelerations it is trained at.
 PAPER_GRID: dict[str, tuple[float, ...]] = {
-    "ambient": PAPER_ACCELERATIONS,
-    "edm": (1,),
-    "edm_l1": PAPER_ACCELERATIONS,
-    "ncsnv2": (1,),
-    "modl": PAPER_ACCELERATIONS,
-    "ssdu": PAPER_ACCELERATIONS,
+    "ambient": PAPER_ACCELERATIONS, "edm": (1,), "edm_l1": PAPER_ACCELERATIONS, "ncsnv2": (1,),
+    "modl": PAPER_ACCELERATIONS, "ssdu": PAPER_ACCELERATIONS
 }
 # Methods whose network is the SongUNet (activation_checkpointing applies to them).
 UNET_METHODS = ("ambient", "edm", "edm_l1", "image")

@@ -61,8 +61,7 @@ class MoDLConfig(ConfigFile):
 
 
 MODL_PRESETS: dict[str, MoDLConfig] = {
-    "modl": MoDLConfig(),
-    "tiny": MoDLConfig(unrolls=2, cg_iterations=3, features=8, depth=3),
+    "modl": MoDLConfig(), "tiny": MoDLConfig(unrolls=2, cg_iterations=3, features=8, depth=3)
 }
 
 
@@ -125,9 +124,8 @@ class MoDL(nn.Module):
         # orthogonality quickly in half precision.
         with torch.autocast(device_type=rhs_data.device.type, enabled=False):
             return conjugate_gradient(
-                lambda x: op.normal(x) + lam * x,
-                rhs_data + lam * prior,
-                iterations=self.config.cg_iterations if iterations is None else iterations,
+                lambda x: op.normal(x) + lam * x, rhs_data + lam * prior,
+                iterations=self.config.cg_iterations if iterations is None else iterations
             )
 
     def forward(self, kspace: Tensor, maps: Tensor, mask: Tensor) -> Tensor:

@@ -93,14 +93,8 @@ NCSNV2_PRESETS: dict[str, NCSNv2Config] = {
     "ncsnv2": NCSNv2Config(),
     # Every code path (down-sampling, dilation, fusion of several inputs) at a CPU-test size.
     "tiny": NCSNv2Config(
-        ngf=8,
-        channel_mult=(1, 2, 2),
-        downsample=(False, True, False),
-        dilation=(1, 1, 2),
-        blocks_per_stage=1,
-        sigma_begin=5.0,
-        sigma_end=0.01,
-        num_scales=10,
+        ngf=8, channel_mult=(1, 2, 2), downsample=(False, True, False), dilation=(1, 1, 2), blocks_per_stage=1,
+        sigma_begin=5.0, sigma_end=0.01, num_scales=10
     ),
 }
 

@@ -103,10 +103,8 @@ SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 SCHEDULE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "a_dps": ("sigma_min", "sigma_max", "rho"),
-    "dps": ("sigma_min", "sigma_max", "rho"),
-    "prior_heun": ("sigma_min", "sigma_max", "rho"),
-    "ald": ("steps_per_level", "sigma_start"),
+    "a_dps": ("sigma_min", "sigma_max", "rho"), "dps": ("sigma_min", "sigma_max", "rho"),
+    "prior_heun": ("sigma_min", "sigma_max", "rho"), "ald": ("steps_per_level", "sigma_start")
 }
 """The schedule settings :func:`default_sigmas` takes per sampler (besides ``steps``)."""
 ITERATIVE_SAMPLERS = ("a_dps", "dps", "ald")
@@ -117,15 +115,8 @@ DEFAULT_STEPS: dict[str, int] = {name: int(values["steps"]) for name, values in 
 
 # The sampler each training method reconstructs with (l1: the classical CS baseline, no model).
 METHOD_SAMPLERS: dict[str, str] = {
-    "ambient": "a_dps",
-    "edm": "dps",
-    "edm_l1": "dps",
-    "ncsnv2": "ald",
-    "modl": "unrolled",
-    "ssdu": "unrolled",
-    "l1": "l1_wavelet",
-    "zero_filled": "zero_filled",
-    "cg_sense": "cg_sense",
+    "ambient": "a_dps", "edm": "dps", "edm_l1": "dps", "ncsnv2": "ald", "modl": "unrolled", "ssdu": "unrolled",
+    "l1": "l1_wavelet", "zero_filled": "zero_filled", "cg_sense": "cg_sense"
 }
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -164,10 +155,8 @@ def default_sigmas(
             raise ValueError(f"default_sigmas('ald'): unknown schedule option(s) {unknown}")
         levels = _model_levels(model)
         return ald_sigmas(
-            levels,
-            steps,
-            schedule_options.get("steps_per_level", defaults["steps_per_level"]),
-            schedule_options.get("sigma_start", defaults["sigma_start"]),
+            levels, steps, schedule_options.get("steps_per_level", defaults["steps_per_level"]),
+            schedule_options.get("sigma_start", defaults["sigma_start"])
         )
     return None
 
@@ -827,15 +816,8 @@ def prior_heun(
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "a_dps": a_dps,
-    "dps": dps,
-    "a_os": a_os,
-    "ald": ald,
-    "prior_heun": prior_heun,
-    "l1_wavelet": l1_wavelet,
-    "unrolled": unrolled,
-    "zero_filled": zero_filled,
-    "cg_sense": cg_sense_recon,
+    "a_dps": a_dps, "dps": dps, "a_os": a_os, "ald": ald, "prior_heun": prior_heun, "l1_wavelet": l1_wavelet,
+    "unrolled": unrolled, "zero_filled": zero_filled, "cg_sense": cg_sense_recon
 }
 """Every sampler by name; all share ``(model, y, operator, sigmas, *, generator, callback, **options)``."""
 

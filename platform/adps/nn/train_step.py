@@ -107,13 +107,8 @@ BATCH_KEYS: dict[str, tuple[str, ...]] = {
 
 # The paper-scale network preset of each method ("tiny" exists for all of them).
 PAPER_PRESETS = {
-    "ambient": "ambient",
-    "edm": "edm",
-    "edm_l1": "edm",
-    "ncsnv2": "ncsnv2",
-    "modl": "modl",
-    "ssdu": "modl",
-    "image": "image",
+    "ambient": "ambient", "edm": "edm", "edm_l1": "edm", "ncsnv2": "ncsnv2", "modl": "modl", "ssdu": "modl",
+    "image": "image"
 }
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -134,13 +134,7 @@ PRESETS: dict[str, UNetConfig] = {
     # sits at the lowest level, and with only two levels it would attend over 192 x 160 =
     # 30,720 positions at 384 x 320. The full-resolution level dominates the CPU time,
     # hence only 8 channels there (2 GroupNorm groups of 4).
-    "tiny": UNetConfig(
-        in_channels=4,
-        out_channels=2,
-        model_channels=8,
-        channel_mult=(1, 2, 2, 2),
-        num_blocks=1,
-    ),
+    "tiny": UNetConfig(in_channels=4, out_channels=2, model_channels=8, channel_mult=(1, 2, 2, 2), num_blocks=1),
 }
 
 

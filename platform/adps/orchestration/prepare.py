@@ -91,13 +91,9 @@ def scan_volume(source: str, slices_per_volume: int) -> dict[str, Any]:
     try:
         with open_volume(source) as volume:
             record = {
-                "source": source,
-                "ok": True,
-                "acquisition": volume.acquisition,
-                "patient_id": volume.patient_id,
-                "num_slices": volume.num_slices,
-                "num_coils": volume.num_coils,
-                "kspace_shape": list(volume.kspace_shape),
+                "source": source, "ok": True, "acquisition": volume.acquisition, "patient_id": volume.patient_id,
+                "num_slices": volume.num_slices, "num_coils": volume.num_coils,
+                "kspace_shape": list(volume.kspace_shape)
             }
             # Only volumes of the wanted acquisition need enough slices; others are skipped anyway.
             record["slice_indices"] = (
@@ -137,11 +133,8 @@ class VolumePlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "source": self.source,
-            "volume_id": self.volume_id,
-            "patient_id": self.patient_id,
-            "slice_indices": list(self.slice_indices),
-            "num_coils": self.num_coils,
+            "source": self.source, "volume_id": self.volume_id, "patient_id": self.patient_id,
+            "slice_indices": list(self.slice_indices), "num_coils": self.num_coils
         }
 
 
@@ -248,10 +241,7 @@ def plan_volumes(config: PrepareConfig, scanned: Iterable[Mapping[str, Any]]) ->
         for split in SPLITS
     }
     summary = {
-        "root": config.source,
-        "listed": len(records),
-        "matching_acquisition": len(matching),
-        "drawn": drawn_count,
+        "root": config.source, "listed": len(records), "matching_acquisition": len(matching), "drawn": drawn_count
     }
     return Plan(volumes=volumes, coils=coils, source_summary=summary, scan_rejected=rejected)
 
@@ -287,26 +277,16 @@ def prepare_volume(
         for slice_index, slice_kspace in zip(plan.slice_indices, kspace, strict=True):
             sid = slice_id(plan.volume_id, slice_index)
             prepared = preprocess_slice(
-                slice_kspace,
-                split=plan.split,
-                slice_id=sid,
-                config=config,
-                label=f"{plan.source} slice {slice_index}",
-                timings=timings,
+                slice_kspace, split=plan.split, slice_id=sid, config=config, label=f"{plan.source} slice {slice_index}",
+                timings=timings
             )
             arrays = _pad_coils(shard_arrays(prepared), coils)
             payload.append({
                 "meta": {
-                    "source": plan.source,
-                    "volume_id": plan.volume_id,
-                    "patient_id": plan.patient_id,
-                    "slice_index": int(slice_index),
-                    "slice_id": sid,
-                    "coils": int(prepared["kspace"].shape[0]),
-                    "normalization": float(prepared["normalization"]),
-                    "noise_std": float(prepared["noise_std"]),
-                    "coil_energy_kept": float(prepared["coil_energy_kept"]),
-                    "sha256": slice_checksum(arrays),
+                    "source": plan.source, "volume_id": plan.volume_id, "patient_id": plan.patient_id,
+                    "slice_index": int(slice_index), "slice_id": sid, "coils": int(prepared["kspace"].shape[0]),
+                    "normalization": float(prepared["normalization"]), "noise_std": float(prepared["noise_std"]),
+                    "coil_energy_kept": float(prepared["coil_energy_kept"]), "sha256": slice_checksum(arrays)
                 },
                 "arrays": arrays,
             })
@@ -381,28 +361,19 @@ def _document(config: PrepareConfig, state: _State, *, complete: bool) -> dict[s
             for meta in outcome.slices:
                 position = len(slices)
                 slices.append({
-                    **meta,
-                    "shard": shard_name(split, position // config.shard_size),
-                    "row": position % config.shard_size,
+                    **meta, "shard": shard_name(split, position // config.shard_size),
+                    "row": position % config.shard_size
                 })
         shards = [state.shards[split][name].to_dict() for name in sorted(state.shards[split])]
         splits[split] = {
-            "coils": state.plan.coils[split],
-            "shape": [rows, cols],
-            "n_volumes": sum(1 for v in volumes if v["status"] == "ok"),
-            "n_slices": len(slices),
-            "volumes": volumes,
-            "shards": shards,
-            "slices": slices,
+            "coils": state.plan.coils[split], "shape": [rows, cols],
+            "n_volumes": sum(1 for v in volumes if v["status"] == "ok"), "n_slices": len(slices), "volumes": volumes,
+            "shards": shards, "slices": slices
         }
     document = {
-        "format": FORMAT_NAME,
-        "schema_version": SCHEMA_VERSION,
-        "config": config.to_dict(),
-        "source": state.plan.source_summary,
-        "datasets": _dataset_names(config),
-        "splits": splits,
-        "rejected": sorted(rejected, key=lambda r: (r["source"], r["reason"])),
+        "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "config": config.to_dict(),
+        "source": state.plan.source_summary, "datasets": _dataset_names(config), "splits": splits,
+        "rejected": sorted(rejected, key=lambda r: (r["source"], r["reason"]))
     }
     if not complete:
         document["complete"] = False
@@ -449,10 +420,9 @@ def _state_from_document(document: Mapping[str, Any]) -> _State:
                 outcomes[split][v["volume_id"]] = _Outcome(rejected=reasons.get(v["source"], "rejected"), slices=[])
         shards[split] = {s["name"]: ShardInfo(**s) for s in entry["shards"]}
     plan = Plan(
-        volumes=volumes,
-        coils={split: document["splits"][split]["coils"] for split in SPLITS},
+        volumes=volumes, coils={split: document["splits"][split]["coils"] for split in SPLITS},
         source_summary=document["source"],
-        scan_rejected=[r for r in document["rejected"] if r["source"] not in in_splits],
+        scan_rejected=[r for r in document["rejected"] if r["source"] not in in_splits]
     )
     return _State(plan=plan, outcomes=outcomes, shards=shards)
 
@@ -816,17 +786,13 @@ def _run(config: PrepareConfig, state: _State, verified: set[str], *, progress: 
         # Task time against the CPU slots shows how busy the cluster was (scheduling, start-up
         # and packing overheads are the rest); the stage split shows where the time goes.
         stats = {
-            "slices": done_slices,
-            "wall_s": elapsed,
-            "task_s": task_seconds,
-            "slots": parallel,
-            "stages_s": dict(stage_seconds),
+            "slices": done_slices, "wall_s": elapsed, "task_s": task_seconds, "slots": parallel,
+            "stages_s": dict(stage_seconds)
         }
         log.info(
             "processed %d slices in %.1f s (%.2f slices/s); tasks busy %.0f%% of %d CPU slots; task seconds: %s",
             done_slices, elapsed, done_slices / elapsed, 100 * task_seconds / (elapsed * parallel), parallel,
-            ", ".join(f"{k} {v:.1f}" for k, v in stage_seconds.items()),
-            extra={"prepare_stats": stats},
+            ", ".join(f"{k} {v:.1f}" for k, v in stage_seconds.items()), extra={"prepare_stats": stats}
         )
 
 

@@ -98,9 +98,8 @@ def to_model_input(kspace: Any, maps: Any, mask: Any) -> dict[str, np.ndarray]:
     """``predict``'s input from complex k-space ``(N, C, H, W)``, complex maps ``(N, C, H, W)``
     and a column mask ``(N, W)`` (tensors or arrays)."""
     return {
-        "kspace": _pairs(kspace),
-        "maps": _pairs(maps),
-        "mask": torch.as_tensor(mask).detach().cpu().to(torch.bool).numpy(),
+        "kspace": _pairs(kspace), "maps": _pairs(maps),
+        "mask": torch.as_tensor(mask).detach().cpu().to(torch.bool).numpy()
     }
 
 
@@ -215,14 +214,9 @@ def register_model(
             # Image models have no signature (their predict refuses every input): no warning either.
             warnings.filterwarnings("ignore", message=".*(type hints|input example|signature).*", category=UserWarning)
             info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(PYFUNC_FILE),
-                artifacts={WEIGHTS_ARTIFACT: str(weights)},
-                code_paths=[str(code)],
-                pip_requirements=pip_requirements(),
-                signature=signature,
-                registered_model_name=name,
-                await_registration_for=60,
+                name="model", python_model=str(PYFUNC_FILE), artifacts={WEIGHTS_ARTIFACT: str(weights)},
+                code_paths=[str(code)], pip_requirements=pip_requirements(), signature=signature,
+                registered_model_name=name, await_registration_for=60
             )
     version = str(info.registered_model_version)
     if alias and alias.lower() != ALIAS:

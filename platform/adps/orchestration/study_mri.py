@@ -239,9 +239,8 @@ def check_fair_tuning(config: EvaluateConfig, models: Sequence[tuple[str, dict[s
 EXPLICIT_OPTIONS = {
     "a_dps": (("sigma_max", "sigma_max"), ("sigma_min", "sigma_min"), ("rho", "rho")),
     "dps": (("sigma_max", "sigma_max"), ("sigma_min", "sigma_min"), ("rho", "rho")),
-    "ald": (("ald_step_scale", "step_scale"),),
-    "l1_wavelet": (("l1_lam", "lam"), ("l1_iterations", "iterations")),
-    "cg_sense": (("cg_sense_iterations", "iterations"),),
+    "ald": (("ald_step_scale", "step_scale"),), "l1_wavelet": (("l1_lam", "lam"), ("l1_iterations", "iterations")),
+    "cg_sense": (("cg_sense_iterations", "iterations"),)
 }
 
 

@@ -118,12 +118,10 @@ def _train_remote(config_dict: dict[str, Any]) -> dict[str, Any]:
     run = train(TrainConfig.from_dict(config_dict))
     metrics = run.metrics or {}
     return {
-        "step": metrics.get("step"),
-        "loss": metrics.get("loss"),
-        "val_nrmse": metrics.get("val_nrmse"),
+        "step": metrics.get("step"), "loss": metrics.get("loss"), "val_nrmse": metrics.get("val_nrmse"),
         "val_mse": metrics.get("val_mse"),
         "model": f"{run.model_name}/{run.model_version}" if run.model_version else "",
-        "seconds": time.perf_counter() - started,
+        "seconds": time.perf_counter() - started
     }
 
 

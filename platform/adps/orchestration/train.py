@@ -104,13 +104,8 @@ def _ray_worker(payload: dict[str, Any]) -> None:
     else:
         checkpoint_dir = None
     ctx = WorkerContext(
-        rank=rank,
-        world_size=context.get_world_size(),
-        report=report,
-        checkpoint=checkpoint_dir,
-        wrap=ray.train.torch.prepare_model,
-        fault_dir=payload.get("fault_dir"),
-        log=log,
+        rank=rank, world_size=context.get_world_size(), report=report, checkpoint=checkpoint_dir,
+        wrap=ray.train.torch.prepare_model, fault_dir=payload.get("fault_dir"), log=log
     )
     try:
         worker_loop(config, ctx)
@@ -171,12 +166,9 @@ def _run_tags(config: TrainConfig) -> dict[str, str]:
             "adps.config_hash": config_hash(config.to_dict()),
         }
     return {
-        "adps.method": config.method,
-        "adps.r_train": f"{config.r_train:g}",
-        "adps.dataset": config.dataset,
-        "adps.dataset_sha256": manifest_checksum(config.dataset),
-        "adps.git_commit": git_commit(),
-        "adps.config_hash": config_hash(config.to_dict()),
+        "adps.method": config.method, "adps.r_train": f"{config.r_train:g}", "adps.dataset": config.dataset,
+        "adps.dataset_sha256": manifest_checksum(config.dataset), "adps.git_commit": git_commit(),
+        "adps.config_hash": config_hash(config.to_dict())
     }
 
 
@@ -261,16 +253,13 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
         train_loop_config={"config": config.to_dict(), "fault_dir": fault_dir, "mlflow_run_id": run.run_id},
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=config.num_workers,
-            use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
+            num_workers=config.num_workers, use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
         ),
         run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=config.max_failures),
+            failure_config=FailureConfig(max_failures=config.max_failures)
         ),
     )
     try:

@@ -440,19 +440,12 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
                 started = now
                 epoch, position = divmod(trainee.step, per_epoch)
                 metrics = {
-                    "step": trainee.step,
-                    "epoch": trainee.step / per_epoch,
-                    "loss": out["loss"],
-                    "grad_norm": out["grad_norm"] if math.isfinite(out["grad_norm"]) else -1.0,
-                    "lr": out["lr"],
-                    "skipped": out["skipped"],
-                    "skipped_steps": skipped_steps,
-                    "images_seen": trainee.step * config.batch_size * ctx.world_size,
-                    "slices_per_s": slices_per_s,
-                    "slice_ids": [int(s) for s in batch["slice_id"]],
-                    "resumed_from": resumed_from,
-                    **_gpu_memory_gb(),
-                    **validate(trainee.step),
+                    "step": trainee.step, "epoch": trainee.step / per_epoch, "loss": out["loss"],
+                    "grad_norm": out["grad_norm"] if math.isfinite(out["grad_norm"]) else -1.0, "lr": out["lr"],
+                    "skipped": out["skipped"], "skipped_steps": skipped_steps,
+                    "images_seen": trainee.step * config.batch_size * ctx.world_size, "slices_per_s": slices_per_s,
+                    "slice_ids": [int(s) for s in batch["slice_id"]], "resumed_from": resumed_from, **_gpu_memory_gb(),
+                    **validate(trainee.step)
                 }
                 if config.max_skipped_in_a_row and skipped_in_a_row >= config.max_skipped_in_a_row:
                     # Diverged: skipped steps changed nothing, so this checkpoint holds the last good

@@ -38,11 +38,10 @@ SAMPLER_FAMILIES = {"adps": "a_dps", "a_dps": "a_dps", "a_os": "a_os", "dps": "d
 natural-image samplers, :func:`adps.nn.image_diffusion.image_sampler` picks A-DPS or DPS
 from the model)."""
 SAMPLER_PARAMS = {
-    "a_dps": ("guidance", "steps", "sigma_max", "sigma_min", "rho", "churn"),
-    "a_os": ("sigma",),
+    "a_dps": ("guidance", "steps", "sigma_max", "sigma_min", "rho", "churn"), "a_os": ("sigma",),
     "dps": ("guidance", "steps", "sigma_max", "sigma_min", "rho", "churn"),
     "ald": ("steps", "step_scale", "likelihood_weight", "noise_std"),
-    "image": ("guidance", "steps", "sigma_max", "sigma_min", "rho"),
+    "image": ("guidance", "steps", "sigma_max", "sigma_min", "rho")
 }
 """The settings each sampler can search (``churn``: EDM's S_churn in the DPS / A-DPS loop)."""
 OBJECTIVE_METRICS = ("nrmse", "psnr", "ssim")
