@@ -86,6 +86,11 @@ def test_bad_configs_fail_fast_naming_the_key(tmp_path: Path, capsys) -> None:
     path.write_text("method: modl\nacceleration: 4\n")  # the old name of r_train, still read
     config = TrainConfig.from_yaml(path, parse_overrides(["batch_size=2", "betas=0.5,0.9"]))
     assert (config.method, config.r_train, config.batch_size, config.betas) == ("modl", 4, 2, (0.5, 0.9))
+    with pytest.raises(ValueError, match="'acceleration' and 'r_train' are the same key"):
+        TrainConfig.from_dict({"acceleration": 4, "r_train": 2})
+    from adps.orchestration.study_mri import EvaluateConfig
+
+    assert EvaluateConfig.from_dict({"accelerations": [4, 8]}).r_inf == (4.0, 8.0)  # the old name of r_inf
 
 
 def test_paper_grid_configs_load_and_check() -> None:

@@ -1,33 +1,14 @@
 """The embedded demo: the study of the paper in miniature, end to end, on this machine.
 
-``adps demo`` runs every stage of the platform on the embedded defaults (a local Ray instance,
-a SQLite MLflow store with local artifacts, synthetic data), all inside one work folder:
-
-1. synthesises a small multi-coil dataset in the FastMRI schema (``<workdir>/data/<key>/raw``);
-2. prepares it on Ray exactly as real data (whitening, normalisation, ESPIRiT maps, CG-SENSE
-   and L1-wavelet references, masks at every R; ``.../prepared``);
-3. trains tiny models through the real Ray Train path (:func:`adps.orchestration.sweep.run_sweep`:
-   checkpoints, MLflow runs, registered models ``adps-<method>-r<R>``): Ambient Diffusion at
-   ``ambient_r_train`` (learned from undersampled k-space only), EDM on fully sampled data, and
-   L1-EDM, MoDL and SSDU at ``baseline_r_train``;
-4. searches the sampler settings of every diffusion model with Ray Tune (Optuna TPE + ASHA),
-   each with the same budget on the validation split: the guidance and the end of the schedule
-   at the largest R_inf, and each ambient model's A-OS sigma; the best become tags on the
-   registered model versions, which the evaluation uses for all of them alike;
-5. evaluates every model, L1-wavelet CS, CG-SENSE and the zero-filled image at every R_inf of
-   the grid on the test slices with ``adps evaluate`` (which first checks that every diffusion
-   model denoises the test slices, and picks the tuned settings up from the registry), writes
-   the figures and computes the cross-over against the fully sampled EDM model;
-6. prints the results and cross-over tables, what they show, and where everything is.
-
-Re-running reuses what is done (the dataset, finished training runs, a finished search,
-evaluated cells) unless ``fresh`` is set; a changed dataset or training setting gets its own
-folder / run names, so nothing stale is reused.
-
-The models are tiny and trained for minutes on a CPU, on 16 training slices: enough for the
-fully sampled prior with DPS and the best ambient model with A-DPS to beat L1-wavelet CS (at
-R_inf 4 and 8), not for the paper's numbers or its cross-over, which need the GPU-scale runs of
-``adps sweep`` (docs/demo.md, "What the demo's scale can and cannot show").
+``adps demo`` runs every stage on the embedded defaults (a local Ray instance, a SQLite MLflow
+store with local artifacts, synthetic data) inside one work folder: it synthesises a small
+multi-coil dataset in the FastMRI schema, prepares it on Ray as real data, trains tiny models
+of every method through the real Ray Train path (:func:`adps.orchestration.sweep.run_sweep`),
+searches every diffusion model's sampler settings with Ray Tune (the same budget each), runs
+``adps evaluate`` on the test slices and prints the tables, the cross-over and what they show.
+Re-running reuses what is done (dataset, finished runs, searches, evaluated cells) unless
+``fresh``; a changed setting gets its own folders and run names. What its scale can and cannot
+show: docs/demo.md.
 """
 
 from __future__ import annotations

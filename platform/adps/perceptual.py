@@ -2,44 +2,13 @@
 natural-image study, :func:`lpips_rgb`), with no download at run time.
 
 METHOD.md asks for LPIPS (AlexNet) on magnitude images scaled to ``[-1, 1]`` and repeated to
-three channels, and for the FID of unconditional samples with either VGG16 (``features`` +
-global average pool, 512-d: the paper's text, after Bendel et al.) or Inception-v3 (pool3,
-2048-d: the reference code). Both need ImageNet-trained backbones, which torchvision and the
-``lpips`` package would normally download on first use. Nothing here downloads: the backbone
-state dicts are looked up on disk (see :func:`find_weights`) and a missing file raises
-:class:`FileNotFoundError` that names the file, every place looked in and the URL to fetch it
-from on a machine with network access.
-
-Where weights are looked up, for the torchvision file name of each backbone
-(:data:`WEIGHT_FILES`):
-
-1. the ``weights=`` argument, when given (a file, or a folder holding the file). An explicit
-   path is a decision, so a missing file there is an error rather than a silent fall-back;
-2. otherwise ``$ADPS_WEIGHTS_DIR/<file>``, when that variable is set and the file exists;
-3. otherwise torchvision's own download cache, ``torch.hub.get_dir()/checkpoints/<file>``
-   (``$TORCH_HOME/hub/checkpoints`` by default), so a machine that once ran torchvision
-   online already has them.
-
-Decisions, documented here because they change the numbers:
-
-* LPIPS scaling: each pair is scaled by the ground truth's maximum magnitude,
-  ``2 |x| / max|gt| - 1`` for both images, so the ground truth's zero maps to -1 and its
-  maximum to 1 (its range is ``[-1, 1]`` when it has an empty background) and the estimate is
-  judged on the same scale (scaling each image by its own maximum would hide
-  intensity errors). The estimate is not clipped by default, so overshoot above ``max|gt|``
-  still counts; ``clip=True`` clamps it to ``[-1, 1]``.
-* LPIPS of RGB images (:func:`lpips_rgb`): the images are taken as they are, already in
-  ``[-1, 1]`` (the ``lpips`` package's convention and :mod:`adps.images`'), with no scaling by
-  the ground truth. AlexNet needs a side of at least 32 pixels; smaller images (the 16 x 16
-  test images) are upsampled only when asked (``resize=``), so no number silently changes.
-* FID scaling: real and generated images are not paired, so each image is scaled to
-  ``[0, 1]`` by its own maximum magnitude (``scale="max"``), repeated to three channels,
-  resized (bilinear, anti-aliased) to the backbone's square input (224 for VGG16, 299 for
-  Inception; a 384 x 320 slice is squashed rather than cropped, so no anatomy is cut away, as
-  pytorch-fid also resizes without cropping) and normalised with the ImageNet mean and std.
-* The Inception option is torchvision's ``inception_v3`` (``inception_v3_google-0cc3c7bd.pth``,
-  with torchvision's ``transform_input`` as for its pretrained model), not the TensorFlow FID
-  Inception graph that pytorch-fid ports, so its FIDs differ slightly from pytorch-fid's.
+three channels, and for the FID of unconditional samples with VGG16 (``features`` + global
+average pool, 512-d: the paper's text) or Inception-v3 (pool3, 2048-d: the reference code).
+The backbones' state dicts are looked up on disk (:func:`find_weights`: ``weights=``, then
+``$ADPS_WEIGHTS_DIR``, then torchvision's cache ``torch.hub.get_dir()/checkpoints``, under the
+file names of :data:`WEIGHT_FILES`); a missing file raises :class:`FileNotFoundError` naming
+the file, every place looked in and the URL to fetch it from. How each metric scales its
+images (choices that change the numbers): docs/evaluation.md, "Metrics".
 """
 
 from __future__ import annotations

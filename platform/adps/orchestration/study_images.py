@@ -1,41 +1,23 @@
-"""The natural-image evaluation (paper section 3.1, figures 2-4): MSE and LPIPS of posterior
-sampling with models trained on randomly inpainted images, against the model trained on clean
-images (``p = 0``) and the pseudo-inverse.
+"""The natural-image study's evaluation (paper section 3.1, figures 2-4): MSE and LPIPS of
+posterior sampling with models trained on randomly inpainted images, against the model trained
+on clean images (``p = 0``) and the pseudo-inverse; docs/natural_images.md.
 
-``adps evaluate --study images`` / ``jobs/evaluate.py --study images`` call
-:func:`adps.orchestration.evaluate.evaluate`. Three tasks, each *different* from the models' training corruption:
+:func:`adps.orchestration.evaluate.evaluate` runs it (``adps evaluate --study images``). Three
+tasks, each *different* from the models' training corruption (:data:`TASKS`): Gaussian
+compressed sensing over ``measurements`` (figure 2), super-resolution over ``factors``
+(figure 3) and compressed sensing at ``nfe_measurements`` over ``steps_list`` (figure 4,
+``NFE = 2 steps - 1``). Each model is sampled with the sampler its weights call for
+(:func:`~adps.nn.image_diffusion.image_sampler`); the pseudo-inverse (sampler ``pinv``) is the
+baseline of ``cs`` and ``sr``. Every model sees the same images, matrix and measurement noise
+(seeded), so results are paired by image; estimates are clipped to ``[-1, 1]``, then scored by
+MSE on the ``[0, 1]`` scale (:func:`adps.metrics.rgb_mse`) and LPIPS
+(:func:`adps.perceptual.lpips_rgb`). A cell (one model, task, setting and chunk of
+``images_per_task`` images) is keyed by its model version, its sampler settings and a hash of
+everything else its numbers depend on (:meth:`ImageEvaluateConfig.context`).
 
-* ``cs``: Gaussian compressed sensing at each count of ``measurements`` (figure 2);
-* ``sr``: super-resolution at each downscaling factor of ``factors`` (figure 3);
-* ``nfe``: compressed sensing at ``nfe_measurements`` with each step count of ``steps_list``
-  (figure 4, the error against the number of network evaluations, ``NFE = 2 steps - 1``).
-
-Each model is sampled with the sampler its weights call for
-(:func:`~adps.nn.image_diffusion.image_sampler`: A-DPS for ambient models, DPS for the
-``p = 0`` model); the pseudo-inverse ``A^+ y`` (no network, sampler ``pinv``) is the baseline
-of ``cs`` and ``sr``. Every model sees the same images, the same Gaussian matrix (seeded by
-``seed``) and the same measurement noise (seeded by ``seed`` and the image), so results are
-paired by image. Estimates are clipped to the image range ``[-1, 1]`` before they are measured.
-
-* MSE: per image, the mean over pixels and channels on the ``[0, 1]`` scale
-  (:func:`adps.metrics.rgb_mse`);
-* LPIPS: AlexNet, images in ``[-1, 1]`` as they are (:func:`adps.perceptual.lpips_rgb`; images
-  under 32 pixels need ``lpips_resize``).
-
-A cell is one model, one task, one setting and a chunk of ``images_per_task`` test images;
-:func:`adps.orchestration.evaluate.evaluate` runs the cells as Ray tasks and resumes. A
-cell's key holds its model (the registry version it was pinned to, or its folder), sampler
-settings and a hash of everything else its numbers depend on (images, resolution, noise, seed,
-LPIPS settings), so other settings get new cells rather than old results. The report
-(experiment ``adps-image-eval``): ``results.csv`` / ``.parquet`` (:data:`TABLE_COLUMNS`),
-``crossover.csv`` (each ambient model against the ``p = 0`` model: :func:`image_crossovers`),
-figures 2-4 (:data:`FIGURES`), metrics ``<metric>.<model>.<task>.<setting>``
-(``mse.p0.6.cs.m1000``) and ``crossover.<model>.<task>.<metric>``; docs/natural_images.md.
-
-Sampler settings: ``steps`` and ``guidance`` of the config when set (non-zero); else, for a
-registered model version, the tags a search left on it (:data:`~adps.orchestration.registry.IMAGE_TUNED_TAG`:
-``adps.tuned.cs.steps``, ``adps.tuned.sr.guidance``; the ``nfe`` sweep takes the ``cs``
-guidance); else the samplers' defaults (100 steps, guidance 1).
+Sampler settings: the config's ``steps`` / ``guidance`` when set; else the tags a search left
+on the registered version (:data:`~adps.orchestration.registry.IMAGE_TUNED_TAG`; the ``nfe``
+sweep takes the ``cs`` guidance); else the samplers' defaults (100 steps, guidance 1).
 """
 
 from __future__ import annotations

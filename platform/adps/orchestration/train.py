@@ -1,39 +1,14 @@
-"""Distributed training of every method on Ray Train V2 (``adps train``).
+"""Distributed training of every method on Ray Train V2 (``adps train``); docs/training.md.
 
-:func:`train` checks a :class:`~adps.orchestration.train_config.TrainConfig` on the driver, then runs a
-:class:`ray.train.torch.TorchTrainer` whose workers each run
-:func:`adps.orchestration.train_worker.worker_loop` (that module: the per-worker state, data
-shares, checkpoints):
-
-* every worker builds the model, Adam and the EMA from the same seed, wraps the model in DDP
-  (``prepare_model``: Gloo on CPU, NCCL on GPU) and calls :func:`adps.nn.train_step.train_step`;
-* each epoch the split's slices are permuted from ``(seed, epoch)`` and dealt out by rank
-  (:func:`worker_share`): the shares are disjoint, of equal length (DDP needs the same number
-  of steps on every rank) and together cover the split but for fewer than ``world_size``
-  slices; a worker reads only the slices of its own share;
-* every ``checkpoint_every_steps`` and at the end rank 0 writes a checkpoint folder
-  (:func:`save_training_checkpoint`: safetensors + JSON, no pickle) and reports it;
-* on start (and after a worker failure) the loop resumes from ``ray.train.get_checkpoint()``.
-  The data position is a function of the step (epoch = step // steps per epoch), and the
-  loss's random draws are seeded by ``(seed, rank, step)``, so a resumed run continues exactly
-  where the checkpoint was taken.
-
-Re-running with the same ``run_name`` and ``storage_path`` resumes the run (Ray Train V2 has
-no ``Trainer.restore``).
-
-Natural images (method ``image``, paper section 3.1) take the same path: the workers read an
-:class:`adps.images.ImageDataset` (a folder, zip or ``s3://`` prefix; corrupted with the
-run's ``erasure_p``) and deal its images out with :func:`worker_share` like slices; the
-validation metric is :func:`adps.nn.reconstruct.validation_metric` (``val_mse``) on the
-first training images, and the model is registered as ``adps-image-p<erasure_p>``.
-
-MLflow (``tracking: true``): the driver opens the run's MLflow run before any worker starts
-(:func:`adps.orchestration.tracking.open_run`, found again by storage path + run name, so a
-restart or a resubmission continues it) and logs the config as params; rank 0 logs the
-metrics (loss, learning rate, slices/s, GPU memory) and the validation metric of the EMA model
-on a few ``val`` slices; at the end the driver registers the EMA model as
-``adps-<method>-r<R>`` (a new version; ``models:/<name>@latest`` resolves to the newest) (:func:`adps.orchestration.registry.register_model`).
-Layer 3: the only module of the training path that imports Ray.
+:func:`train` checks a :class:`~adps.orchestration.train_config.TrainConfig` on the driver,
+opens the run's MLflow run before any worker starts (:func:`~adps.orchestration.tracking.open_run`:
+found again by storage path + run name, so a restart or a resubmission continues it), then runs
+a :class:`ray.train.torch.TorchTrainer` whose workers each run
+:func:`adps.orchestration.train_worker.worker_loop` (DDP over disjoint, equal shares of the
+split; checkpoints; exact resume from ``ray.train.get_checkpoint()``). Re-running with the same
+``run_name`` and ``storage_path`` resumes the run (Ray Train V2 has no ``Trainer.restore``). At
+the end the driver registers the EMA model as ``adps-<method>-r<R_train>`` (natural images:
+``adps-image-p<erasure_p>``). The only module of the training path that imports Ray.
 """
 
 from __future__ import annotations

@@ -1,51 +1,14 @@
 """Ray Tune search of the posterior samplers' settings (guidance, steps, ...) per model and R_inf.
 
 ``adps tune`` / ``jobs/tune_dps.py`` call :func:`tune_search`: a Ray Tune ``Tuner`` with
-Optuna's TPE (seeded) and ASHA early stopping. Each trial loads the model, reconstructs the
-validation slices (``split``) at ``R_inf`` in batches of ``slices_per_report`` with the space's
-sampler and, after each batch, reports the running mean NRMSE / PSNR / SSIM over the slices so
-far, so that ASHA can stop a poor trial after ``grace_period`` batches. Every trial sees the
-same slices with the same noise (seeded per slice), so trials differ only in their settings.
-
-Resume: the experiment folder is ``<storage_path>/<name>``; when it holds a restorable Tune
-experiment (``Tuner.can_restore``), running the same search again restores it (finished trials
-are kept, unfinished and errored ones run again) instead of starting over.
-
-Results (MLflow, experiment ``adps-tune``): one parent run per search (found again on resume),
-one child run per trial (tag ``mlflow.parentRunId``; params = the trial's settings; metrics =
-the objective's history per batch and the final / partial means; tag ``adps.stopped_early``),
-``best.json`` and the figure ``objective_vs_steps.png`` (best objective per step count, paper
-figure 4) on the parent run; ``best.json`` also in the experiment folder. When the model is a
-``models:/`` URI, the best settings become tags of that registered model version:
-
-* ``adps.tuned.r<R_inf:g>.<param>`` for every searched param (``guidance``, ``steps``, ...);
-* ``adps.tuned.r<R_inf:g>.run_id``: the parent run's id.
-
-A search of an ambient model's A-OS (``sampler: a_os``, ``tune_spaces/a_os.yaml``; at ``r_inf``
-= R_train only) tags ``adps.tuned.r<R_inf:g>.a_os.<param>`` instead, so that its ``sigma`` is
-not mistaken for a setting of the model's own sampler, A-DPS.
-
-(:func:`adps.orchestration.registry.tuned_settings` reads them.) Ray Tune writes TensorBoard
-logs into each trial folder (tensorboardX is installed with Ray Tune here).
-
-Natural-image models (method ``image``, paper section 3.1) are searched the same way, with the
-keys ``task`` (``cs``: Gaussian compressed sensing with ``measurements`` = m; ``sr``:
-super-resolution by ``factor``), ``noise`` and ``resolution``; ``dataset`` is then a folder or
-``.zip`` of images (:class:`adps.images.ImageDataset`, the first ``slices`` images, clean) and
-``r_inf`` is not used. Each trial measures the images with the task's operator (the Gaussian
-matrix seeded by ``seed``, the noise seeded per image), reconstructs them with the model's
-sampler (:func:`adps.nn.image_diffusion.image_sampler`: A-DPS for an ambient model, its
-``erasure_p`` / ``delta`` from the model's config; DPS for the ``p = 0`` model) and reports the
-running mean MSE (per image on the ``[0, 1]`` scale, estimates clipped to ``[-1, 1]``, as
-``adps evaluate --study images`` measures it) and PSNR. Its space file's ``sampler`` is
-``image_dps`` (``tune_spaces/image_dps.yaml``); objective ``mse`` (min) or ``psnr`` (max). The
-best settings become the model version's tags ``adps.tuned.<task>.<param>`` (what the image
-evaluation reads: the latest search of that task) and ``adps.tuned.<task>_<setting>.<param>``
-(the search's own setting, kept: ``adps.tuned.cs_m1000.guidance``, ``adps.tuned.sr_x4.steps``),
-each with a ``run_id``.
-
-The rooms: :mod:`adps.orchestration.tune_config` (the space files and :class:`SearchConfig`),
-:mod:`adps.orchestration.tune_trial` (what one trial runs), this module (the driver, the results).
+Optuna's TPE (seeded) and ASHA early stopping over the trials of
+:mod:`adps.orchestration.tune_trial` (each reconstructs the same validation slices with the same
+noise and reports running means per batch). Running a search of the same name again restores
+it. Results go to MLflow (a parent run, one child run per trial, ``best.json``, the figure
+``objective_vs_steps.png``) and, for a ``models:/`` URI, become tags of that model version
+(:data:`~adps.orchestration.registry.TUNED_TAG`, read by :func:`~adps.orchestration.registry.tuned_settings`;
+image models: :data:`~adps.orchestration.registry.IMAGE_TUNED_TAG`). docs/tuning.md and
+docs/natural_images.md describe the search, its space files, its results and its tags.
 """
 
 from __future__ import annotations
