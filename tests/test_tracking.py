@@ -219,11 +219,24 @@ def test_a_model_that_is_not_registered_is_named_in_the_error(sweep) -> None:
     """A registry name, alias or version that does not exist: FileNotFoundError naming the URI
     and what is missing (the sweep registered adps-modl-r2 version 1 and nothing else of it)."""
     assert adps.load_model("models:/adps-modl-r2@latest") is not None
+    assert adps.load_model("adps-modl-r2") is not None  # a bare name, as the configs' models take it
+    store = resolve_tracking_uri()
     for uri, missing in (("models:/adps-nope-r4@latest", "adps-nope-r4 not found"),
                          ("models:/adps-modl-r2@champion", "alias champion not found"),
                          ("models:/adps-modl-r2/99", "version=99) not found")):
-        with pytest.raises(FileNotFoundError, match=re.escape(uri) + ": cannot download the model: .*" + re.escape(missing)):
+        with pytest.raises(FileNotFoundError, match=re.escape(f"{uri}: not found in the MLflow store {store}: ") + ".*"
+                           + re.escape(missing)):
             adps.load_model(uri)
+
+
+def test_load_model_never_creates_a_store(tmp_path: Path, monkeypatch) -> None:
+    """Without a tracking URI, the default store that is not there is named, not created."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no MLflow store at {tmp_path / '.adps' / 'mlflow.db'} "
+                                                          "(the default store")):
+        adps.load_model("adps-ambient-r4")
+    assert not (tmp_path / ".adps").exists()
 
 
 @pytest.mark.slow  # shares the sweep fixture (~3 min)

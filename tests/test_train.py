@@ -322,6 +322,35 @@ def test_a_diverged_run_stops_with_a_checkpoint_and_a_message(tiny_dataset, tmp_
     assert all(bool(torch.isfinite(w).all()) for w in weights.values())  # the last good weights
 
 
+def test_a_finished_run_is_never_resumed_silently_and_a_bad_batch_fails_before_ray(tiny_dataset, tmp_path: Path) -> None:
+    """Resubmitting a run whose folder holds a finished run (at the steps asked) would train
+    nothing and register a version without metrics: it is refused, naming the run, or trained as
+    a new run beside it with ``on_finished: new_run``, whose registered version points at the run
+    that trained it. A batch larger than the split is refused on the driver, before Ray starts."""
+    from mlflow import MlflowClient
+
+    from adps.orchestration.train import FINISHED_FILE
+
+    config = tiny_config(tiny_dataset, method="modl", max_steps=2, storage_path=str(tmp_path / "runs"),
+                         run_name="once", experiment="finished-test", validation_slices=0, checkpoint_every_steps=100)
+    first = train(config)
+    record = json.loads((tmp_path / "runs" / "once" / FINISHED_FILE).read_text())
+    assert (record["step"], record["mlflow_run_id"]) == (2, first.run_id)
+    assert record["registered_model"] == f"{first.model_name}/{first.model_version}"
+    with pytest.raises(ValueError, match=rf"'run_name': .*once holds a run that finished at step 2 \(MLflow run "
+                                         rf"{first.run_id}, model {first.model_name}/{first.model_version}\)"):
+        train(config)
+    second = train(config.replace(on_finished="new_run"))
+    assert second.run_id != first.run_id and second.metrics["step"] == 2
+    assert (tmp_path / "runs" / "once-2" / FINISHED_FILE).exists()
+    client = MlflowClient()
+    assert client.get_model_version(second.model_name, second.model_version).run_id == second.run_id
+    assert [m.step for m in client.get_metric_history(second.run_id, "loss")] == [1, 2]
+    with pytest.raises(ValueError, match=r"'batch_size': 64 per worker x 1 workers exceeds the \d+ slices"):
+        train(config.replace(run_name="too-big", batch_size=64))
+    assert not (tmp_path / "runs" / "too-big").exists()
+
+
 def test_the_learning_rate_reaches_its_value_early_and_is_logged_step_by_step(tiny_prepared: str) -> None:
     """The warm-up is a stated fraction of the run (``lr_rampup``, 5 %): the paper grid's ambient
     run (250 epochs of 9,900 slices at a global batch of 16, about 155 k steps) reaches its 2e-4

@@ -259,11 +259,14 @@ def load_model(
     """A ready network (eval mode, on ``device``) from the registry or a folder.
 
     Args:
-        uri: ``models:/adps-ambient-r4@latest``, ``models:/<name>/<version>``, ``runs:/<id>/model``,
-            any MLflow artifact URI, or a local folder (a pyfunc model or a save_model folder).
+        uri: ``models:/adps-ambient-r4@latest``, ``models:/<name>/<version>``, a bare registered
+            name (``adps-ambient-r4``: its newest version, as in the configs' ``models``),
+            ``runs:/<id>/model``, any MLflow artifact URI, or a local folder (a pyfunc model or a
+            save_model folder).
         device: where the network goes.
         tracking_uri: the MLflow server or store (default as for training:
-            ``$MLFLOW_TRACKING_URI``, else ``.adps/mlflow.db`` of the current folder).
+            ``$MLFLOW_TRACKING_URI``, else ``.adps/mlflow.db`` of the current folder); a SQLite
+            store that does not exist is an error naming it, never created.
         with_config: also return the model's config (method, R, preset, architecture, ...).
     """
 
@@ -273,10 +276,13 @@ def load_model(
     else:
         import mlflow
 
+        if text.startswith("adps-"):
+            text = model_uri(text)
         if "://" not in text and not text.startswith(("models:/", "runs:/")):
-            raise FileNotFoundError(f"{text}: no such folder, and not a models:/ or runs:/ URI")
+            raise FileNotFoundError(f"{text}: no such folder, and not a models:/ or runs:/ URI or a registered "
+                                    "adps-* name")
 
-        tracking_uri = resolve_tracking_uri(tracking_uri or "")
+        tracking_uri = resolve_tracking_uri(tracking_uri or "", create=False)
         # A model is ~50 small files: MLflow's per-download progress bar would print one line
         # per load in every Ray task and trial (set the variable to "true" to see it).
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -286,7 +292,7 @@ def load_model(
             try:
                 local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=tmp, tracking_uri=tracking_uri)
             except mlflow.exceptions.MlflowException as err:
-                raise FileNotFoundError(f"{text}: cannot download the model: {err.message}") from err
+                raise FileNotFoundError(f"{text}: not found in the MLflow store {tracking_uri}: {err.message}") from err
             model, config = load_folder(_weights_folder(Path(local)), device=device)
     return (model, config) if with_config else model
 

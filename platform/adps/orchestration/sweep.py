@@ -22,7 +22,7 @@ from typing import Any
 
 from adps.nn.learning_config import IMAGE_GRID, PAPER_GRID, image_run_name
 from adps.orchestration.tracking import find_run, resolve_tracking_uri
-from adps.orchestration.train import train, with_absolute_paths
+from adps.orchestration.train import finished_record, train, with_absolute_paths
 from adps.orchestration.train_config import TrainConfig
 
 __all__ = ["SweepRun", "format_summary", "grid_gaps", "load_sweep_configs", "run_sweep", "runs_at_once"]
@@ -100,8 +100,12 @@ def runs_at_once(configs: Sequence[TrainConfig], resources: Mapping[str, float])
 
 
 def _finished_before(config: TrainConfig, storage: str) -> str:
-    """``name/version`` if this run finished and registered its model earlier, else ``""``."""
-
+    """``name/version`` if this run finished and registered its model earlier, else ``""``: by
+    its folder's :data:`~adps.orchestration.train.FINISHED_FILE`, else (a run older than that
+    file) by its MLflow run."""
+    record = finished_record(storage, config.resolved_run_name)
+    if record is not None:
+        return record.get("registered_model") or "(not registered)"
     if not config.tracking:
         return ""
     run = find_run(resolve_tracking_uri(config.tracking_uri), config.experiment,

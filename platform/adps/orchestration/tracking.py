@@ -68,15 +68,21 @@ class RunConfig(ConfigFile):
             raise ValueError(f"config key 'amp' must be {' or '.join(repr(m) for m in self.AMP_MODES)}, got {self.amp!r}")
 
 
-def resolve_tracking_uri(configured: str = "") -> str:
+def resolve_tracking_uri(configured: str = "", *, create: bool = True) -> str:
     """``configured``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/.adps/mlflow.db``.
 
     A relative SQLite path is made absolute (Ray workers run in other folders) and its folder
-    is created.
+    is created; with ``create=False`` (a reader: nothing to find in a store that is not there)
+    a SQLite store that does not exist is an error naming it, and nothing is created.
     """
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "") or _SQLITE + str(DEFAULT_STORE)
     if uri.startswith(_SQLITE):
         path = Path(uri[len(_SQLITE):]).expanduser().resolve()
+        if not create and not path.is_file():
+            where = "the tracking_uri given" if configured else "$MLFLOW_TRACKING_URI" if os.environ.get(
+                "MLFLOW_TRACKING_URI") else "the default store (no tracking_uri given, $MLFLOW_TRACKING_URI not set)"
+            raise FileNotFoundError(f"no MLflow store at {path} ({where}): point MLFLOW_TRACKING_URI or tracking_uri "
+                                    "at the store or server the model was registered in")
         path.parent.mkdir(parents=True, exist_ok=True)
         uri = _SQLITE + str(path)
     elif "://" not in uri:

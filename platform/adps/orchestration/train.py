@@ -14,6 +14,7 @@ the end the driver registers the EMA model as ``adps-<method>-r<R_train>`` (natu
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from adps.data import storage
 from adps.orchestration.registry import register_model, registered_name
 from adps.orchestration.run_storage import run_storage
 from adps.orchestration.tracking import (
@@ -37,9 +39,14 @@ from adps.orchestration.tracking import (
     resolve_tracking_uri,
 )
 from adps.orchestration.train_config import TrainConfig
-from adps.orchestration.train_worker import EMA_DIR, WorkerContext, worker_loop
+from adps.orchestration.train_worker import EMA_DIR, WorkerContext, training_length, training_set, worker_loop
 
-__all__ = ["TrainedRun", "checkpoint_uri", "train", "with_absolute_paths"]
+__all__ = ["FINISHED_FILE", "TrainedRun", "checkpoint_uri", "finished_record", "planned_steps", "train",
+           "with_absolute_paths"]
+
+FINISHED_FILE = "adps_finished.json"
+"""Written into a run's folder (``<storage_path>/<run_name>/``) when it finishes: its final step,
+checkpoint, MLflow run and model version. A resubmission that would train nothing is refused by it."""
 
 
 # Ray Train -----------------------------------------------------------------------------------
@@ -147,6 +154,43 @@ def _run_tags(config: TrainConfig) -> dict[str, str]:
     }
 
 
+def planned_steps(config: TrainConfig) -> int:
+    """The steps ``config`` trains in all, from its training set's size (opened on the driver);
+    refuses a batch that does not fit the split, naming the key, before any worker starts."""
+    dataset, _ = training_set(config)
+    try:
+        return training_length(config, len(dataset), config.num_workers)[1]
+    finally:
+        dataset.close()
+
+
+def finished_record(storage_root: str, run_name: str) -> dict[str, Any] | None:
+    """What :data:`FINISHED_FILE` of ``<storage_root>/<run_name>`` records, or None (not finished)."""
+    path = storage.join(storage_root, run_name, FINISHED_FILE)
+    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
+
+
+def _unless_finished(config: TrainConfig, storage_root: str, total_steps: int) -> TrainConfig:
+    """``config``, or with ``on_finished: new_run`` the same under the first free ``<run_name>-<k>``,
+    when its run folder holds a run finished at ``total_steps`` or more; else refused."""
+    name = config.resolved_run_name
+    record = finished_record(storage_root, name)
+    if record is None or int(record.get("step") or 0) < total_steps:
+        return config
+    if config.on_finished == "new_run":
+        k = 2
+        while finished_record(storage_root, f"{name}-{k}") is not None or (
+                "://" not in storage_root and (Path(storage_root) / f"{name}-{k}").exists()):
+            k += 1
+        print(f"adps train: {name} finished before (step {record['step']}); training a new run {name}-{k}", flush=True)
+        return config.replace(run_name=f"{name}-{k}")
+    raise ValueError(
+        f"config key 'run_name': {storage_root.rstrip('/')}/{name} holds a run that finished at step {record['step']} "
+        f"(MLflow run {record.get('mlflow_run_id') or '-'}, model {record.get('registered_model') or '-'}); submitting "
+        "it again would train nothing. Give a new run_name, set on_finished: new_run to train a new run beside it, or "
+        "ask for more steps (max_steps, epochs) to train it further")
+
+
 def checkpoint_uri(storage_path: str, path: str) -> str:
     """A checkpoint's location as users open it: Ray's ``checkpoint.path`` has no scheme
     (``bucket/key`` on S3), so the storage's scheme is put back."""
@@ -202,7 +246,8 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage = config.storage_path or str(Path.home() / "ray_results")
+    storage_root = config.storage_path or str(Path.home() / "ray_results")
+    config = _unless_finished(config, storage_root, planned_steps(config))
     run_name = config.resolved_run_name
     run = TrainedRun(result=None)
     tags: dict[str, str] = {}
@@ -211,18 +256,17 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
         config = config.replace(tracking_uri=resolve_tracking_uri(config.tracking_uri))
         tags = _run_tags(config)
         run.tracking_uri = config.tracking_uri
-        run.run_id, resumed = open_run(
-            config.tracking_uri, config.experiment, f"{storage.rstrip('/')}/{run_name}", run_name, config.to_dict(), tags
-        )
+        run.run_id, resumed = open_run(config.tracking_uri, config.experiment, f"{storage_root.rstrip('/')}/{run_name}",
+                                       run_name, config.to_dict(), tags)
         print(f"adps train: MLflow run {run.run_id} ({'resumed' if resumed else 'new'}) at {config.tracking_uri}",
               flush=True)
 
     if not ray.is_initialized():
         ray.init(address=ray_address)
-    local_storage = "://" not in storage
-    fault_dir = str(Path(storage) / run_name) if local_storage and config.fail_at_steps else None
+    local_storage = "://" not in storage_root
+    fault_dir = str(Path(storage_root) / run_name) if local_storage and config.fail_at_steps else None
 
-    storage_path, storage_filesystem = run_storage(storage)
+    storage_path, storage_filesystem = run_storage(storage_root)
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config": config.to_dict(), "fault_dir": fault_dir, "mlflow_run_id": run.run_id},
@@ -245,7 +289,7 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
         stopped = (run.result.metrics or {}).get("stopped")
         if stopped:
             checkpoint = run.result.checkpoint
-            where = checkpoint_uri(storage, checkpoint.path) if checkpoint is not None else "(none)"
+            where = checkpoint_uri(storage_root, checkpoint.path) if checkpoint is not None else "(none)"
             if run.run_id is not None:
 
                 RunLogger(run.tracking_uri, run.run_id).set_tags({"adps.stopped": stopped, "adps.checkpoint": where})
@@ -258,4 +302,9 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
         raise
     if run.run_id is not None:
         _finish_tracking(config, run, tags)
+    checkpoint = run.result.checkpoint
+    record = {"run_name": run_name, "step": run.metrics.get("step"), "mlflow_run_id": run.run_id,
+              "tracking_uri": run.tracking_uri, "registered_model": f"{run.model_name}/{run.model_version}" if run.model_version else "",
+              "checkpoint": checkpoint_uri(storage_root, checkpoint.path) if checkpoint is not None else ""}
+    storage.write_bytes_atomic(storage.join(storage_root, run_name, FINISHED_FILE), json.dumps(record, indent=2).encode())
     return run

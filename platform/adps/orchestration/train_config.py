@@ -53,6 +53,11 @@ class TrainConfig(LearningConfig):
     run_name: str = ""
     """Run folder name under ``storage_path``; re-running with the same name resumes. Empty =
     ``<method>_r<R>`` (``image_p<erasure_p>`` for ``image``)."""
+    on_finished: str = "refuse"
+    """When ``run_name`` under ``storage_path`` holds a run that finished at least the steps this
+    config asks for (a resubmission would train nothing): ``refuse`` (an error naming the run,
+    its MLflow run and model version) or ``new_run`` (train a new run ``<run_name>-2``, ``-3``,
+    ...). A config asking for more steps (a larger ``max_steps`` or ``epochs``) resumes it."""
     log_every_steps: int = 10
     """Metrics are reported to Ray and MLflow every this many steps (checkpoints always carry
     metrics)."""
@@ -120,6 +125,8 @@ class TrainConfig(LearningConfig):
         for key in ("cpus_per_worker", "controller_poll_s"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"config key {key!r} must be > 0, got {getattr(self, key)}")
+        if self.on_finished not in ("refuse", "new_run"):
+            raise ValueError(f"config key 'on_finished' must be 'refuse' or 'new_run', got {self.on_finished!r}")
         if any(s < 1 for s in self.fail_at_steps):
             raise ValueError(f"config key 'fail_at_steps' must list steps >= 1, got {list(self.fail_at_steps)}")
         if self.tracking and not self.experiment:

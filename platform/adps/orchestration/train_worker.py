@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 __all__ = [
     "build_trainee", "dataset_acceleration", "EMA_DIR", "image_training_set", "image_validation_batch",
     "ImageTrainingSet", "learning_rate", "load_training_checkpoint", "MODEL_DIR", "model_record", "mri_training_set",
-    "rampup_steps", "save_training_checkpoint", "shard_batches", "STATE_FILE", "steps_per_epoch", "train_one_step",
+    "rampup_steps", "save_training_checkpoint", "training_length", "training_set", "shard_batches", "STATE_FILE",
+    "steps_per_epoch", "train_one_step",
     "Trainee", "validation_batch", "worker_loop", "worker_share", "WorkerContext"
 ]
 
@@ -268,6 +269,24 @@ def shard_batches(dataset: Any, indices: list[int], batch_size: int, start: int,
         yield {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
+def training_length(config: TrainConfig, n: int, world_size: int) -> tuple[int, int]:
+    """``(steps per epoch, steps in all)`` of a run over ``n`` training slices (images) on
+    ``world_size`` workers; refuses a batch that does not fit the split, naming the key."""
+    per_epoch = steps_per_epoch(n, world_size, config.batch_size)
+    if per_epoch < 1:
+        what = f"{n} images of {config.dataset}" if config.is_image else f"{n} slices of split {config.split!r}"
+        raise ValueError(f"config key 'batch_size': {config.batch_size} per worker x {world_size} workers exceeds the "
+                         f"{what}")
+    total = config.resolved_epochs * per_epoch
+    return per_epoch, min(total, config.max_steps) if config.max_steps else total
+
+
+def training_set(config: TrainConfig) -> tuple[Any, float | None]:
+    """The run's training set (MRI slices or images) and the R whose masks it carries (None
+    for images)."""
+    return (image_training_set(config), None) if config.is_image else mri_training_set(config)
+
+
 def mri_training_set(config: TrainConfig) -> tuple[PreparedSliceDataset, float]:
     """The run's training slices (split ``split`` of ``dataset``) and the R whose masks they
     carry. Only the keys the method's step reads come off the disk (:data:`BATCH_KEYS`): an
@@ -348,21 +367,9 @@ def _gpu_memory_gb() -> dict[str, float]:
 def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
     """Train this worker's share until ``max_steps`` or the configured epochs; returns the final state."""
 
-    if config.is_image:
-        dataset: Any = image_training_set(config)
-        acceleration = None
-    else:
-        dataset, acceleration = mri_training_set(config)
+    dataset, acceleration = training_set(config)
     n = len(dataset)
-    per_epoch = steps_per_epoch(n, ctx.world_size, config.batch_size)
-    if per_epoch < 1:
-        what = f"{n} images of {config.dataset}" if config.is_image else f"{n} slices of split {config.split!r}"
-        raise ValueError(
-            f"config key 'batch_size': {config.batch_size} per worker x {ctx.world_size} workers exceeds the {what}"
-        )
-    total = config.resolved_epochs * per_epoch
-    if config.max_steps:
-        total = min(total, config.max_steps)
+    per_epoch, total = training_length(config, n, ctx.world_size)
 
     trainee = build_trainee(config, rank=ctx.rank, world_size=ctx.world_size, wrap=ctx.wrap)
     trainee.total_steps = total
