@@ -28,6 +28,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_config(config_class: type, args: argparse.Namespace, command: str, **values: object) -> object:
+    """The job's config from ``--config`` and ``--set`` (and ``values`` from flags), checked
+    before Ray starts (a bad key costs a second, not a cluster start-up) and printed."""
+    overrides = {**parse_overrides(args.set or []), **{k: v for k, v in values.items() if v is not None}}
+    config = config_class.from_yaml(args.config, overrides) if args.config else config_class.from_dict(overrides)
+    config.validate()
+    print(f"adps {command}: config\n" + config.to_yaml(), flush=True)
+    return config
+
+
 def _synth(args: argparse.Namespace) -> int:
     from adps.data.synth import synthesize_dataset  # deferred: keeps `adps --help` fast
 
@@ -73,10 +83,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from adps.data.preprocess import PrepareConfig  # deferred: keeps `adps --help` fast
 
     try:
-        overrides = parse_overrides(args.set or [])
-        config = PrepareConfig.from_yaml(args.config, overrides) if args.config else PrepareConfig.from_dict(overrides)
-        config.validate()
-        print("adps prepare: config\n" + config.to_yaml(), flush=True)
+        config = _job_config(PrepareConfig, args, "prepare")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         from adps.orchestration.prepare import prepare_dataset  # imports Ray
 
@@ -97,10 +104,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from adps.orchestration.train_config import TrainConfig  # deferred: keeps `adps --help` fast
 
-    overrides = parse_overrides(args.set or [])
-    config = TrainConfig.from_yaml(args.config, overrides) if args.config else TrainConfig.from_dict(overrides)
-    config.validate()  # before Ray starts: a bad key costs a second, not a cluster start-up
-    print("adps train: config\n" + config.to_yaml(), flush=True)
+    config = _job_config(TrainConfig, args, "train")
     from adps.orchestration.train import train  # imports Ray
 
     run = train(config, ray_address=args.address)
@@ -126,12 +130,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from adps.orchestration import evaluate as evaluation
 
     study = evaluation.STUDIES[args.study]
-    overrides = parse_overrides(args.set or [])
     if args.config:
         _refuse_other_study(args.config, study.name)
-    config = study.config.from_yaml(args.config, overrides) if args.config else study.config.from_dict(overrides)
-    config.validate()  # before Ray starts: a bad key costs a second, not a cluster start-up
-    print("adps evaluate: config\n" + config.to_yaml(), flush=True)
+    config = _job_config(study.config, args, "evaluate")
     result = evaluation.evaluate(config, ray_address=args.address)
     if study.name == "images":
         for metric in ("mse", "lpips") if config.lpips else ("mse",):
@@ -166,10 +167,7 @@ def _refuse_other_study(path: Path, study: str) -> None:
 def _fid(args: argparse.Namespace) -> int:
     from adps.orchestration.fid import FidConfig, format_fid_table, run_fid
 
-    overrides = parse_overrides(args.set or [])
-    config = FidConfig.from_yaml(args.config, overrides) if args.config else FidConfig.from_dict(overrides)
-    config.validate()
-    print("adps fid: config\n" + config.to_yaml(), flush=True)
+    config = _job_config(FidConfig, args, "fid")
     result = run_fid(config, ray_address=args.address)
     print("adps fid: FID of unconditional samples (table 1)\n" + format_fid_table(result["rows"]))
     print(f"adps fid: MLflow run {result['run_id']}")
@@ -180,14 +178,9 @@ def _tune(args: argparse.Namespace) -> int:
     from adps.orchestration.tune import tune_search
     from adps.orchestration.tune_config import SearchConfig
 
-    overrides = parse_overrides(args.set or [])
-    for key, value in (("model", args.model), ("r_inf", args.r_inf), ("space", args.space), ("task", args.task),
-                       ("measurements", args.measurements), ("factor", args.factor)):
-        if value is not None:
-            overrides[key] = str(value) if isinstance(value, Path) else value
-    config = SearchConfig.from_yaml(args.config, overrides) if args.config else SearchConfig.from_dict(overrides)
-    config.validate()
-    print("adps tune: config\n" + config.to_yaml(), flush=True)
+    config = _job_config(SearchConfig, args, "tune", model=args.model, r_inf=args.r_inf,
+                         space=None if args.space is None else str(args.space), task=args.task,
+                         measurements=args.measurements, factor=args.factor)
     result = tune_search(config, ray_address=args.address)
     best = result["best"]
     stopped = sum(t["stopped_early"] for t in result["trials"])
@@ -198,6 +191,13 @@ def _tune(args: argparse.Namespace) -> int:
         return 1
     print(f"adps tune: best {best['metric']} {best['value']:.4g} with {json.dumps(best['settings'])}")
     return 0
+
+
+def _job_arguments(parser: argparse.ArgumentParser, config_help: str, set_help: str) -> None:
+    """``--config``, ``--set`` and ``--address``: what every job command takes."""
+    parser.add_argument("--config", type=Path, help=config_help)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reuses what is done.",
     )
     demo.add_argument("--quick", action="store_true",
-                      help="ambient R 4 against edm R 1 at R_inf 4 and 8, short training (~2.5 min); the values after ; in the help below")
+                      help="ambient R 4 against edm R 1 at R_inf 4 and 8, short training (~2.5 min); the values "
+                      "after ; in the help below")
     demo.add_argument("--volumes", type=int, help="synthetic volumes: 1 test, 1 validation, the rest training (6; 4)")
     demo.add_argument("--slices", type=int, help="slices per volume (4; 2)")
     demo.add_argument("--coils", type=int, help="receive coils (4)")
@@ -275,22 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser(
         "prepare", help="prepare FastMRI volumes into training shards on Ray (local folder or s3://)"
     )
-    prepare.add_argument("--config", type=Path, help="YAML file of PrepareConfig keys (see docs/data_format.md)")
-    prepare.add_argument(
-        "--set", action="append", metavar="KEY=VALUE",
-        help="override a config key (repeatable), e.g. --set n_volumes=100 --set accelerations=4,8",
-    )
-    prepare.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
+    _job_arguments(prepare, "YAML file of PrepareConfig keys (see docs/data_format.md)",
+                   "override a config key (repeatable), e.g. --set n_volumes=100 --set accelerations=4,8")
     prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
     prepare.set_defaults(handler=_prepare)
 
     train = commands.add_parser("train", help="train a model of the study on Ray Train (resumes a run of the same name)")
-    train.add_argument("--config", type=Path, help="YAML file of TrainConfig keys (see configs/)")
-    train.add_argument(
-        "--set", action="append", metavar="KEY=VALUE",
-        help="override a config key (repeatable), e.g. --set dataset=s3://bucket/prepared --set num_workers=4",
-    )
-    train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
+    _job_arguments(train, "YAML file of TrainConfig keys (see configs/)",
+                   "override a config key (repeatable), e.g. --set dataset=s3://bucket/data --set num_workers=2")
     train.set_defaults(handler=_train)
 
     sweep = commands.add_parser(
@@ -317,22 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--study", choices=("mri", "images"), default="mri",
                           help="mri (default): the MRI study; images: the natural-image study (paper section 3.1)")
-    evaluate.add_argument("--config", type=Path,
-                          help="YAML file of EvaluateConfig keys (--study images: ImageEvaluateConfig keys)")
-    evaluate.add_argument(
-        "--set", action="append", metavar="KEY=VALUE",
-        help="override a config key (repeatable), e.g. --set models=adps-ambient-r4,adps-edm-r1 --set slices=8",
-    )
-    evaluate.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
+    _job_arguments(evaluate, "YAML file of EvaluateConfig keys (--study images: ImageEvaluateConfig keys)",
+                   "override a config key (repeatable), e.g. --set models=adps-ambient-r4,adps-edm-r1 --set slices=8")
     evaluate.set_defaults(handler=_evaluate)
 
     fid = commands.add_parser("fid", help="unconditional samples and FID of each diffusion model (paper table 1)")
-    fid.add_argument("--config", type=Path, help="YAML file of FidConfig keys")
-    fid.add_argument(
-        "--set", action="append", metavar="KEY=VALUE",
-        help="override a config key (repeatable), e.g. --set models=adps-edm-r1,adps-ncsnv2-r1 --set samples=100",
-    )
-    fid.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
+    _job_arguments(fid, "YAML file of FidConfig keys",
+                   "override a config key (repeatable), e.g. --set models=adps-edm-r1,adps-ncsnv2-r1 --set samples=100")
     fid.set_defaults(handler=_fid)
 
     tune = commands.add_parser(
@@ -351,12 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="natural-image models: cs (Gaussian compressed sensing) or sr (super-resolution)")
     tune.add_argument("--measurements", type=int, help="--task cs: the number of Gaussian measurements m")
     tune.add_argument("--factor", type=int, help="--task sr: the downscaling factor")
-    tune.add_argument("--config", type=Path, help="YAML file of SearchConfig keys")
-    tune.add_argument(
-        "--set", action="append", metavar="KEY=VALUE",
-        help="override a config key (repeatable), e.g. --set dataset=s3://bucket/prepared --set num_samples=64",
-    )
-    tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
+    _job_arguments(tune, "YAML file of SearchConfig keys",
+                   "override a config key (repeatable), e.g. --set dataset=s3://bucket/prepared --set num_samples=64")
     tune.set_defaults(handler=_tune)
     return parser
 
