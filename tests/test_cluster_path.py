@@ -1,6 +1,7 @@
 """The cluster path as a user takes it: a local cluster from ``ray start --head`` (with token
 authentication, on as soon as ``~/.ray/auth_token`` exists) and ``ray job submit --working-dir .`` of a job in
-``jobs/``, as docs/deployment.md shows. Here: which code a submitted job runs.
+``jobs/``, as docs/deployment.md shows. Here: which code a submitted job runs, and that it
+never keeps its MLflow store in Ray's temporary copy of the working dir.
 
 The head runs in its own process group under a temporary HOME (its token goes there), on free
 ports, and is killed with its group at the end: ``ray stop`` would also stop the suite's own
@@ -35,8 +36,8 @@ def ray_head(tmp_path: Path):
     home = tmp_path / "home"
     home.mkdir()
     env = {**os.environ, "HOME": str(home), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_AUTH_MODE", None)
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "MLFLOW_TRACKING_URI"):  # a fresh shell has none of them
+        env.pop(key, None)
     # Ray 2.60's `ray start --head` turns token authentication on when ~/.ray/auth_token exists,
     # as it does once `ray get-auth-token --generate` (or an earlier local cluster) made it.
     subprocess.run([str(VENV_BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
@@ -99,3 +100,11 @@ def test_a_submitted_job_runs_the_uploaded_tree(ray_head) -> None:
     where = line.rsplit(", ", 1)[1].strip()
     assert "working_dir_files" in where and where.endswith("platform/adps"), line
     assert "usage: adps train" in output
+
+    # Where things go is never the job's copy of its working dir (Ray deletes it with the session).
+    scratch = _submit(url, env, "--runtime-env-json", '{"env_vars": {"PYTHONPATH": "platform"}}', "--", "python",
+                      "-c", "from adps.orchestration.tracking import resolve_tracking_uri; resolve_tracking_uri()")
+    output = scratch.stdout + scratch.stderr
+    assert scratch.returncode != 0, output
+    assert "the MLflow store would be /" in output and "inside this job's copy of its working dir" in output
+    assert "pass MLFLOW_TRACKING_URI in the job's runtime env" in output

@@ -35,7 +35,7 @@ from adps.orchestration.study_images import (
     format_image_results,
 )
 from adps.orchestration.study_mri import MRI_STUDY, EvaluateConfig, format_crossover, format_results
-from adps.orchestration.tracking import RunLogger, end_run, open_run, resolve_tracking_uri
+from adps.orchestration.tracking import RunLogger, end_run, open_run, refuse_job_scratch, resolve_tracking_uri
 from adps.perceptual import find_weights
 
 __all__ = [
@@ -64,6 +64,8 @@ def evaluate(config: EvaluationConfig, *, ray_address: str | None = None, progre
     study = study_of(config)
     config.validate()
     study.check_data(config)
+    refuse_job_scratch(config.resolved_output, "the evaluation's output", "set output to durable storage (s3://..., "
+                       "or a folder outside the job)")
     paths = {"tracking_uri": resolve_tracking_uri(config.tracking_uri)}
     for key, value in [("output", config.resolved_output), *((key, getattr(config, key)) for key in study.paths)]:
         if value and "://" not in value:

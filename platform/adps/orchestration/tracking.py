@@ -30,9 +30,9 @@ from adps.data import storage
 from adps.images import ImageDataset
 
 __all__ = [
-    "DEFAULT_EXPERIMENT", "RUN_KEY_TAG", "QueuedRunLogger", "RunConfig", "RunLogger", "artifact_location",
+    "DEFAULT_EXPERIMENT", "RUN_KEY_TAG", "QueuedRunLogger", "RunConfig", "RunLogger", "SUBMITTED_JOB_ENV", "artifact_location",
     "config_hash", "end_run", "find_run", "flat_params", "git_commit", "image_listing_checksum", "manifest_checksum",
-    "open_run", "process_tracking_uri", "resolve_tracking_uri"
+    "open_run", "process_tracking_uri", "refuse_job_scratch", "resolve_tracking_uri"
 ]
 
 DEFAULT_STORE = Path(".adps") / "mlflow.db"
@@ -68,6 +68,25 @@ class RunConfig(ConfigFile):
             raise ValueError(f"config key 'amp' must be {' or '.join(repr(m) for m in self.AMP_MODES)}, got {self.amp!r}")
 
 
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray (2.60) in the driver of a job started by ``ray job submit``."""
+
+
+def refuse_job_scratch(path: str | os.PathLike[str], what: str, remedy: str) -> None:
+    """In a submitted job, refuse a local ``path`` inside the job's copy of its working dir
+    (``.../runtime_resources/working_dir_files/_ray_pkg_<hash>``, where the job starts): Ray
+    deletes it with the session, and the runs, results or store written there with it."""
+    if SUBMITTED_JOB_ENV not in os.environ or "://" in str(path):
+        return
+    cwd = Path.cwd().resolve()
+    if "working_dir_files" not in cwd.parts:
+        return
+    resolved = Path(path).expanduser().resolve()
+    if resolved == cwd or cwd in resolved.parents:
+        raise ValueError(f"{what} would be {resolved}, inside this job's copy of its working dir, which Ray deletes with "
+                         f"its session: {remedy} (docs/deployment.md)")
+
+
 def resolve_tracking_uri(configured: str = "", *, create: bool = True) -> str:
     """``configured``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/.adps/mlflow.db``.
 
@@ -83,6 +102,9 @@ def resolve_tracking_uri(configured: str = "", *, create: bool = True) -> str:
                 "MLFLOW_TRACKING_URI") else "the default store (no tracking_uri given, $MLFLOW_TRACKING_URI not set)"
             raise FileNotFoundError(f"no MLflow store at {path} ({where}): point MLFLOW_TRACKING_URI or tracking_uri "
                                     "at the store or server the model was registered in")
+        refuse_job_scratch(path, "the MLflow store", "pass MLFLOW_TRACKING_URI in the job's runtime env "
+                           "(--runtime-env-json '{\"env_vars\": {\"MLFLOW_TRACKING_URI\": ...}}') or the config key "
+                           "tracking_uri")
         path.parent.mkdir(parents=True, exist_ok=True)
         uri = _SQLITE + str(path)
     elif "://" not in uri:

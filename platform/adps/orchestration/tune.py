@@ -28,7 +28,7 @@ from adps.nn.samplers import METHOD_SAMPLERS
 from adps.orchestration.denoising_check import check_denoisers, format_denoising_check
 from adps.orchestration.figures import LABELS, _pyplot
 from adps.orchestration.registry import CLASSICAL, load_model_entry, model_label, model_uri, tag_tuned_settings
-from adps.orchestration.tracking import RunLogger, end_run, open_run, resolve_tracking_uri
+from adps.orchestration.tracking import RunLogger, end_run, open_run, refuse_job_scratch, resolve_tracking_uri
 from adps.orchestration.tune_config import (
     SearchConfig,
     SearchSpace,
@@ -221,6 +221,8 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
     plan = _search_plan(config, space, model_config)
     label = plan["label"]
     name = config.name or plan["name"]
+    refuse_job_scratch(config.resolved_storage, "Ray Tune's results folder", "set storage_path to durable storage "
+                       "(s3://..., or a folder outside the job)")
     config = config.replace(name=name, storage_path=config.resolved_storage)
     path = storage.join(config.storage_path, name)
     n_batches = math.ceil(plan["n_items"] / config.slices_per_report)
