@@ -44,8 +44,13 @@ def ray_head(tmp_path: Path):
                    timeout=120)
     dashboard = _free_port()
     temp_dir = Path("/tmp") / f"ray-head-{os.getpid()}-{dashboard}"  # short: Ray's socket paths are limited
+    # Every port its own: the suite's Ray instance holds the defaults (its dashboard agent 52365),
+    # and a head whose agent cannot bind never takes a job ("No available agent to submit job").
+    ports = [f"--{name}={_free_port()}" for name in (
+        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
     head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", *ports, f"--dashboard-port={dashboard}",
          "--include-dashboard=true", "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
@@ -72,13 +77,13 @@ def ray_head(tmp_path: Path):
 
 def _submit(url: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     job_env = {**env, "RAY_AUTH_MODE": "token"}  # as docs/deployment.md says: a cluster with a token wants it
-    for _ in range(30):
+    deadline = time.monotonic() + 60
+    while True:
         result = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".", *args],
                                 cwd=REPO, env=job_env, capture_output=True, text=True, timeout=300)
-        if "No available agent to submit job" not in result.stdout + result.stderr:
+        if "No available agent to submit job" not in result.stdout + result.stderr or time.monotonic() > deadline:
             return result
         time.sleep(2)  # the head's job agent starts a few seconds after its dashboard
-    return result
 
 
 def test_a_submitted_job_runs_the_uploaded_tree(ray_head) -> None:
