@@ -65,6 +65,13 @@ class ConfigFile:
         """A copy with ``changes`` applied (coerced and checked like :meth:`from_dict`)."""
         return type(self).from_dict({**self.to_dict(), **changes})
 
+    def absolute_paths(self: ConfigT, *keys: str) -> ConfigT:
+        """A copy whose local paths among ``keys`` (set, no ``scheme://``) are absolute: Ray
+        workers and tasks run in other folders than the driver."""
+        absolute = {key: str(Path(value).resolve()) for key in keys
+                    if (value := getattr(self, key)) and "://" not in value}
+        return self.replace(**absolute) if absolute else self
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (tuples as lists), as recorded in manifests and checkpoints."""
         return {

@@ -91,12 +91,13 @@ class Study:
     paths: tuple[str, ...]
     """Config keys naming local folders or files, made absolute on the driver (a Ray task runs
     in another folder)."""
-    check_data: Callable[[Any], None]
-    """Reads the test data's index and refuses what the config asks of it that it lacks,
-    naming the key (before the models load or the LPIPS weights are looked for)."""
-    plan: Callable[[Any, bool], tuple[list[Any], dict[str, Any]]]
-    """``(config, progress) -> (cells, extra)``: resolves the models (failing before any task
-    starts), plans the cells and runs the checks before them; ``extra`` goes to ``report``
+    check_data: Callable[[Any], int]
+    """``config -> the number of test items``: opens the test data and refuses what the config
+    asks of it that it lacks, naming the key (before the models load or the LPIPS weights are
+    looked for)."""
+    plan: Callable[[Any, int, bool], tuple[list[Any], dict[str, Any]]]
+    """``(config, n_test, progress) -> (cells, extra)``: resolves the models (failing before any
+    task starts), plans the cells and runs the checks before them; ``extra`` goes to ``report``
     and into the result."""
     evaluate_cell: Callable[..., list[dict[str, Any]]]
     """``(config, cell, *, device) -> rows``; writes the cell's files, ``<key>.json`` last."""

@@ -63,17 +63,14 @@ def evaluate(config: EvaluationConfig, *, ray_address: str | None = None, progre
 
     study = study_of(config)
     config.validate()
-    study.check_data(config)
+    n_test = study.check_data(config)
     refuse_job_scratch(config.resolved_output, "the evaluation's output", "set output to durable storage (s3://..., "
                        "or a folder outside the job)")
-    paths = {"tracking_uri": resolve_tracking_uri(config.tracking_uri)}
-    for key, value in [("output", config.resolved_output), *((key, getattr(config, key)) for key in study.paths)]:
-        if value and "://" not in value:
-            paths[key] = str(Path(value).resolve())
+    resolved = {"tracking_uri": resolve_tracking_uri(config.tracking_uri), "output": config.resolved_output}
     if config.lpips:
-        paths["lpips_weights"] = str(find_weights("alexnet", config.lpips_weights or None))
-    config = config.replace(**paths)
-    cells, extra = study.plan(config, progress)
+        resolved["lpips_weights"] = str(find_weights("alexnet", config.lpips_weights or None))
+    config = config.replace(**resolved).absolute_paths("output", *study.paths)
+    cells, extra = study.plan(config, n_test, progress)
     rows = run_cells(_cell_task, {"study": study.name, **config.to_dict()}, cells, output=config.resolved_output,
                      use_gpu=config.use_gpu, ray_address=ray_address, progress=progress, describe=study.describe)
     rows.sort(key=study.sort_key)

@@ -280,7 +280,6 @@ def evaluate_image_cell(config: ImageEvaluateConfig, cell: ImageCell, *, device:
     if cell.sampler == PINV:
         estimate = pseudo_inverse(operator, y)
     else:
-
         model, _ = load_model_entry(cell.model, device, config.tracking_uri)
         options = image_sampler_options(model, steps=cell.steps, guidance=cell.guidance, delta=cell.delta,
                                         erasure_p=cell.erasure_p if cell.sampler == "a_dps" else None)
@@ -292,7 +291,6 @@ def evaluate_image_cell(config: ImageEvaluateConfig, cell: ImageCell, *, device:
     estimate = estimate.float().clamp(-1, 1)
     scores = {"mse": rgb_mse(images, estimate).tolist()}
     if config.lpips:
-
         scores["lpips"] = lpips_rgb(images, estimate, weights=config.lpips_weights or None, device=device,
                                     resize=config.lpips_resize or None).tolist()
     rows = []
@@ -389,11 +387,15 @@ def image_crossovers(rows: Sequence[dict[str, Any]], *, n_boot: int = 2000, leve
 
 
 # The study's part of the driver ---------------------------------------------------------------
-def plan(config: ImageEvaluateConfig, progress: bool) -> tuple[list[ImageCell], dict[str, Any]]:
-    """Resolve the models (pinned; each must be an image model of the config's resolution),
-    print each one's sampler settings and plan the cells."""
+def count_test_images(config: ImageEvaluateConfig) -> int:
+    """The number of test images (a missing folder or bucket fails here, naming it)."""
     with ImageDataset(config.images, config.resolution) as dataset:
-        n_test = len(dataset)
+        return len(dataset)
+
+
+def plan(config: ImageEvaluateConfig, n_test: int, progress: bool) -> tuple[list[ImageCell], dict[str, Any]]:
+    """Resolve the models (pinned; each must be an image model of the config's resolution),
+    print each one's sampler settings and plan the cells of ``n_test`` images."""
     models = _resolve_models(config)
     if progress:
         tasks = [task for task, values in (("cs", config.measurements), ("sr", config.factors)) if values]
@@ -405,7 +407,7 @@ def plan(config: ImageEvaluateConfig, progress: bool) -> tuple[list[ImageCell], 
     return plan_image_cells(config, models, n_test), {}
 
 
-def crossovers(config: ImageEvaluateConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def find_crossovers(config: ImageEvaluateConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return image_crossovers(rows, n_boot=config.n_boot, level=config.crossover_level, seed=config.seed)
 
 
@@ -476,10 +478,10 @@ def format_image_crossover(crossovers: Sequence[dict[str, Any]]) -> str:
 
 IMAGE_STUDY = Study(
     name="images", config=ImageEvaluateConfig, cell=ImageCell.from_dict, columns=TABLE_COLUMNS, paths=("images",),
-    check_data=lambda config: ImageDataset(config.images, config.resolution).close(), plan=plan,
+    check_data=count_test_images, plan=plan,
     evaluate_cell=evaluate_image_cell,
     describe=lambda cell: f"{cell.label} {cell.task} {cell.setting} steps {cell.steps}",
     sort_key=lambda r: (r["model"], TASKS.index(r["task"]), r["measurements"] or 0, r["factor"] or 0, r["steps"],
                         r["image"]),
-    crossovers=crossovers, report=report,
+    crossovers=find_crossovers, report=report,
 )

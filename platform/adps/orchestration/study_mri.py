@@ -354,7 +354,6 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
                  "references": reference.cpu().numpy()}
     scores = {key: value.tolist() for key, value in image_metrics(reference, image).items()}
     if config.lpips:
-
         scores["lpips"] = lpips_distance(reference, image, weights=config.lpips_weights or None, device=device).tolist()
     rows = []
     for i, slice_id in enumerate(slice_ids):
@@ -381,22 +380,25 @@ def resolve_models(config: EvaluateConfig) -> list[tuple[str, dict[str, Any]]]:
             (pin_model_entry(entry, config.tracking_uri) for entry in config.models)]
 
 
-def check_data(config: EvaluateConfig) -> None:
-    """Every R_inf must be prepared in the dataset (a dataset of an older schema is refused here)."""
+def check_data(config: EvaluateConfig) -> int:
+    """The number of test slices; every R_inf must be prepared in the dataset (a dataset of an
+    older schema is refused here)."""
     prepared = [float(r) for r in read_manifest(config.dataset)["config"]["accelerations"]]
     missing = [r for r in config.r_inf if float(r) not in prepared]
     if missing:
         raise ValueError(f"config key 'r_inf': R_inf {', '.join(f'{r:g}' for r in missing)} not prepared in "
                          f"{config.dataset} (it has {', '.join(f'{r:g}' for r in prepared)})")
-
-
-def plan(config: EvaluateConfig, progress: bool) -> tuple[list[Cell], dict[str, Any]]:
-    """Resolve the models (pinned), run the denoising check and the fair-tuning rule, and plan
-    the cells; ``extra``: the denoising check's rows."""
-    models = resolve_models(config)
     dataset = PreparedSliceDataset(config.dataset, "test", acceleration=config.r_inf[0])
-    n_test = len(dataset)
-    dataset.close()
+    try:
+        return len(dataset)
+    finally:
+        dataset.close()
+
+
+def plan(config: EvaluateConfig, n_test: int, progress: bool) -> tuple[list[Cell], dict[str, Any]]:
+    """Resolve the models (pinned), run the denoising check and the fair-tuning rule, and plan
+    the cells of ``n_test`` test slices; ``extra``: the denoising check's rows."""
+    models = resolve_models(config)
     checks: list[dict[str, Any]] = []
     if config.denoising_check:
         checks = check_denoisers(models, config.dataset, "test", slices=config.denoising_check_slices,
@@ -411,7 +413,7 @@ def plan(config: EvaluateConfig, progress: bool) -> tuple[list[Cell], dict[str, 
     return cells, {"denoising_check": checks}
 
 
-def crossovers(config: EvaluateConfig, rows: list[dict[str, Any]]) -> list[Any]:
+def find_crossovers(config: EvaluateConfig, rows: list[dict[str, Any]]) -> list[Any]:
     """Each ambient model against ``reference`` per metric (none without the reference's rows)."""
     if config.reference not in {r["model"] for r in rows}:
         return []
@@ -524,5 +526,5 @@ def format_crossover(crossovers: Sequence[Any]) -> str:
 MRI_STUDY = Study(
     name="mri", config=EvaluateConfig, cell=Cell.from_dict, columns=TABLE_COLUMNS, paths=("dataset",), check_data=check_data, plan=plan,
     evaluate_cell=evaluate_cell, describe=lambda cell: f"{cell.label} {cell.sampler} R_inf {cell.r_inf:g}",
-    sort_key=lambda r: (r["model"], r["sampler"], r["r_inf"], r["slice"]), crossovers=crossovers, report=report,
+    sort_key=lambda r: (r["model"], r["sampler"], r["r_inf"], r["slice"]), crossovers=find_crossovers, report=report,
 )

@@ -69,7 +69,8 @@ class RunConfig(ConfigFile):
 
 
 SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-"""Set by Ray (2.60) in the driver of a job started by ``ray job submit``."""
+"""Set by Ray (2.60) in the driver of a job started by ``ray job submit`` (``jobs/uploaded_tree.py``
+names it again: it runs before adps is imported)."""
 
 
 def refuse_job_scratch(path: str | os.PathLike[str], what: str, remedy: str) -> None:

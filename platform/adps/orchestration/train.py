@@ -64,7 +64,6 @@ def _ray_worker(payload: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     log = None
     if rank == 0 and payload.get("mlflow_run_id"):
-
         # Queued: a tracking outage never holds up training, and what is logged meanwhile
         # arrives once the server is back.
         log = QueuedRunLogger(config.tracking_uri, payload["mlflow_run_id"])
@@ -100,9 +99,7 @@ def _ray_worker(payload: dict[str, Any]) -> None:
 
 def with_absolute_paths(config: TrainConfig) -> TrainConfig:
     """Local ``dataset`` and ``storage_path`` made absolute: Ray workers run in other folders."""
-    absolute = {key: str(Path(value).resolve()) for key in ("dataset", "storage_path")
-                if (value := getattr(config, key)) and "://" not in value}
-    return config.replace(**absolute) if absolute else config
+    return config.absolute_paths("dataset", "storage_path")
 
 
 @dataclass
@@ -129,6 +126,11 @@ class TrainedRun:
     @property
     def error(self) -> Any:
         return self.result.error
+
+    @property
+    def registered_model(self) -> str:
+        """``<name>/<version>`` of the model this run registered (empty when none)."""
+        return f"{self.model_name}/{self.model_version}" if self.model_version else ""
 
     @property
     def model_uri(self) -> str | None:
@@ -197,12 +199,12 @@ def checkpoint_uri(storage_path: str, path: str) -> str:
     return f"{storage_path.split('://')[0]}://{path}" if "://" in storage_path else path
 
 
-def _finish_tracking(config: TrainConfig, run: TrainedRun, tags: dict[str, str]) -> None:
-    """Record the final checkpoint, register the EMA model and close the MLflow run."""
+def _finish_tracking(config: TrainConfig, run: TrainedRun, tags: dict[str, str], where: str) -> None:
+    """Record the final checkpoint (``where``, its location), register the EMA model and close
+    the MLflow run."""
 
     logger = RunLogger(run.tracking_uri, run.run_id)
     checkpoint = run.result.checkpoint
-    where = checkpoint_uri(config.storage_path, checkpoint.path) if checkpoint is not None else ""
     if checkpoint is not None:
         logger.set_tags({"adps.checkpoint": where, "adps.final_step": run.metrics.get("step", "")})
     if config.register and checkpoint is not None:
@@ -213,7 +215,7 @@ def _finish_tracking(config: TrainConfig, run: TrainedRun, tags: dict[str, str])
                 tags={**tags, "adps.run_name": config.resolved_run_name, "adps.checkpoint": where},
             )
         run.model_name, run.model_version = name, str(version.version)
-        logger.set_tags({"adps.registered_model": f"{name}/{version.version}"})
+        logger.set_tags({"adps.registered_model": run.registered_model})
         print(f"adps train: registered {name} version {version.version} (models:/{name}@latest)", flush=True)
     end_run(run.tracking_uri, run.run_id, "FINISHED")
 
@@ -252,7 +254,6 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
     run = TrainedRun(result=None)
     tags: dict[str, str] = {}
     if config.tracking:
-
         config = config.replace(tracking_uri=resolve_tracking_uri(config.tracking_uri))
         tags = _run_tags(config)
         run.tracking_uri = config.tracking_uri
@@ -291,20 +292,18 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
             checkpoint = run.result.checkpoint
             where = checkpoint_uri(storage_root, checkpoint.path) if checkpoint is not None else "(none)"
             if run.run_id is not None:
-
                 RunLogger(run.tracking_uri, run.run_id).set_tags({"adps.stopped": stopped, "adps.checkpoint": where})
             raise RuntimeError(f"{run_name}: stopped: {stopped}. Nothing was registered; the last good weights are "
                                f"in the checkpoint {where}, and submitting the same run again resumes from it.")
     except BaseException:
         if run.run_id is not None:
-
             end_run(run.tracking_uri, run.run_id, "FAILED")
         raise
-    if run.run_id is not None:
-        _finish_tracking(config, run, tags)
     checkpoint = run.result.checkpoint
+    where = checkpoint_uri(storage_root, checkpoint.path) if checkpoint is not None else ""
+    if run.run_id is not None:
+        _finish_tracking(config, run, tags, where)
     record = {"run_name": run_name, "step": run.metrics.get("step"), "mlflow_run_id": run.run_id,
-              "tracking_uri": run.tracking_uri, "registered_model": f"{run.model_name}/{run.model_version}" if run.model_version else "",
-              "checkpoint": checkpoint_uri(storage_root, checkpoint.path) if checkpoint is not None else ""}
+              "tracking_uri": run.tracking_uri, "registered_model": run.registered_model, "checkpoint": where}
     storage.write_bytes_atomic(storage.join(storage_root, run_name, FINISHED_FILE), json.dumps(record, indent=2).encode())
     return run

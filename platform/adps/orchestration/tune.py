@@ -163,7 +163,6 @@ def _search_plan(config: SearchConfig, space: SearchSpace, model_config: dict[st
     (slices or images), the trainable and the parent run's tags."""
 
     if space.sampler == "image":
-
         resolution = _image_resolution(config, model_config)
         label = f"image_p{float(model_config['erasure_p']):g}"
         with ImageDataset(config.dataset, resolution) as dataset:
