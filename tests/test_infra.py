@@ -158,6 +158,7 @@ def test_ray_cluster_yaml_installs_repo_and_keeps_the_dashboard_private(cluster_
     assert [(r["FromPort"], r["ToPort"]) for r in rules] == [(22, 22)]
     run_options = " ".join(cluster_config["docker"]["run_options"])
     assert "MLFLOW_TRACKING_URI=" in run_options
+    assert "--env RAY_TRAIN_ENABLE_STATE_TRACKING=1" in run_options  # the dashboard's Train view
 
 
 def test_ray_cluster_uses_the_adps_image_from_its_registry(cluster_config):
@@ -241,6 +242,8 @@ def test_kuberay_manifest(name, kind):
     for container in [head_container] + [g["template"]["spec"]["containers"][0] for g in groups]:
         assert container["image"] == "adps:latest"
         assert "MLFLOW_TRACKING_URI" in [e["name"] for e in container["env"]]
+        # The dashboard's Train view (tests/test_cluster_path.py checks it on a real head).
+        assert {"name": "RAY_TRAIN_ENABLE_STATE_TRACKING", "value": "1"} in container["env"]
         assert {"secretRef": {"name": "adps-s3"}} in container["envFrom"]
 
 

@@ -28,7 +28,13 @@ import adps
 from adps.nn.checkpoint import load_model as load_folder
 from adps.nn.learning_config import PAPER_GRID
 from adps.nn.train_step import MRI_METHODS
-from adps.orchestration.registry import image_from_output, model_name, predict_arrays, to_model_input
+from adps.orchestration.registry import (
+    compact_model_input,
+    image_from_output,
+    model_name,
+    predict_arrays,
+    to_model_input,
+)
 from adps.orchestration.sweep import SweepRun, format_summary, grid_gaps, load_sweep_configs, run_sweep, runs_at_once
 from adps.orchestration.tracking import config_hash, flat_params, open_run, resolve_tracking_uri
 from adps.orchestration.train_config import TrainConfig
@@ -289,5 +295,42 @@ def test_mlflow_models_serve_reconstructs(sweep, tmp_path: Path) -> None:
             served = np.asarray(json.loads(response.read())["predictions"], dtype=np.float32)
         expected = predict_arrays("ambient", adps.load_model("models:/adps-ambient-r2@latest"), inputs)
         np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
+
+        def post(payload: dict) -> tuple[int, bytes]:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.status, response.read()
+            except urllib.error.HTTPError as err:
+                return err.code, err.read()
+
+        # The compact format: float32 gives the same image, float16 nearly; the request is smaller.
+        for dtype, tolerance in ((np.float32, 1e-6), (np.float16, 2e-2)):
+            compact = {"inputs": compact_model_input(kspace, maps, mask, dtype=dtype)}
+            status, answer = post(compact)
+            assert status == 200, answer[:2000]
+            image = np.asarray(json.loads(answer)["predictions"], dtype=np.float32)
+            assert np.abs(image - expected).max() <= tolerance * np.abs(expected).max(), dtype
+        assert len(json.dumps(compact)) < len(body) / 3
+
+        # A bad request: HTTP 400, the reason first, the request never echoed.
+        for payload, reason in (
+                ({"inputs": {"kspace": inputs["kspace"].tolist(), "maps": inputs["maps"].tolist()}},
+                 "predict: input 'mask' missing; expected keys kspace, maps, mask"),
+                ({"inputs": {**{k: v.tolist() for k, v in inputs.items()}, "mask": [[True] * 10]}},
+                 f"mask (1, 10) (expected (N, W) = (1, {TINY_WIDTH}))"),
+                ({"inputs": {**compact, "kspace": "bm90IGFuIGFycmF5"}},
+                 "predict: input 'kspace' is a string but not a base64 .npy array")):
+            status, answer = post(payload)
+            error = json.loads(answer)
+            assert status == 400 and error["error_code"] == "INVALID_PARAMETER_VALUE", answer[:2000]
+            assert error["message"].startswith("predict: ") and reason in error["message"], error["message"][:2000]
+            assert len(error["message"]) < 1000 and "stack_trace" not in error
+        # The registered version carries an input example that predict accepts.
+        local = mlflow.artifacts.download_artifacts("models:/adps-ambient-r2@latest", dst_path=str(tmp_path / "model"))
+        example = mlflow.models.Model.load(local).load_input_example(local)
+        status, answer = post({"inputs": {key: np.asarray(value).tolist() for key, value in example.items()}})
+        assert status == 200 and np.asarray(json.loads(answer)["predictions"]).shape == (1, 16, 16, 2), answer[:500]
     finally:
         stop_process_group(server)

@@ -326,7 +326,8 @@ def test_a_finished_run_is_never_resumed_silently_and_a_bad_batch_fails_before_r
     """Resubmitting a run whose folder holds a finished run (at the steps asked) would train
     nothing and register a version without metrics: it is refused, naming the run, or trained as
     a new run beside it with ``on_finished: new_run``, whose registered version points at the run
-    that trained it. A batch larger than the split is refused on the driver, before Ray starts."""
+    that trained it. A batch larger than the split, and a resume with another network, are
+    refused on the driver, before Ray starts."""
     from mlflow import MlflowClient
 
     from adps.orchestration.train import FINISHED_FILE
@@ -349,6 +350,11 @@ def test_a_finished_run_is_never_resumed_silently_and_a_bad_batch_fails_before_r
     with pytest.raises(ValueError, match=r"'batch_size': 64 per worker x 1 workers exceeds the \d+ slices"):
         train(config.replace(run_name="too-big", batch_size=64))
     assert not (tmp_path / "runs" / "too-big").exists()
+    # Resuming with another network (more steps, another preset) is refused on the driver, not
+    # retried by Ray in the workers that fail to load the checkpoint.
+    with pytest.raises(ValueError, match=r"config key 'preset': 'modl', but the run's checkpoint \S+/once/checkpoint_"
+                                         r"\S+ has 'tiny'\. The run once resumes from its checkpoints"):
+        train(config.replace(max_steps=4, preset="modl"))
 
 
 def test_the_learning_rate_reaches_its_value_early_and_is_logged_step_by_step(tiny_prepared: str) -> None:

@@ -213,7 +213,7 @@ def _start_ray(config: DemoConfig) -> str:
 
 def _ui_command(tracking_uri: str) -> str:
     if tracking_uri.startswith("sqlite:///"):
-        return f".venv/bin/mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)"
+        return f".venv/bin/mlflow ui --workers 1 --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)"
     return f"open {tracking_uri}" if tracking_uri.startswith("http") else tracking_uri
 
 

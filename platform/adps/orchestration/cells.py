@@ -108,6 +108,8 @@ class Study:
     report: Callable[..., tuple[dict[str, float], dict[str, str]]]
     """``(config, folder, table, crossovers, cells, extra) -> (metrics, tags)``: writes the
     study's figures and tables into ``folder`` (beside ``results.*``)."""
+    score: str
+    """The metric (lower is better) whose mean over its cells picks the evaluation's champion."""
 
 
 def cell_path(output: str, key: str, suffix: str) -> str:

@@ -25,9 +25,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from adps.orchestration.cells import EvaluationConfig, Study, publish_report, run_cells
+from adps.orchestration.registry import CHAMPION
 from adps.orchestration.study_images import (
     IMAGE_STUDY,
     ImageEvaluateConfig,
@@ -106,8 +108,45 @@ def _log_to_mlflow(study: Study, config: EvaluationConfig, rows: list[dict[str, 
         metrics, tags = study.report(config, folder, table, crossovers, cells, extra)
         figures = sorted(path.name for path in folder.glob("*.png"))
         publish_report(log, folder, config.resolved_output)
+    champion = crown_champion(study, config, rows, cells, run_id)
+    if champion:
+        tags = {**tags, "adps.champion": champion}
     if metrics:
         log.log_metrics(metrics, 0)
     log.set_tags(tags)
     end_run(config.tracking_uri, run_id, "FINISHED")
     return run_id, figures
+
+
+def crown_champion(study: Study, config: EvaluationConfig, rows: list[dict[str, Any]], cells: list[Any],
+                   run_id: str) -> str:
+    """Point the alias ``@champion`` at the registered version that scored best here: the
+    lowest mean ``study.score`` over its cells (its best sampler's), among the evaluated models
+    that are registry versions. A version evaluated here that lost keeps no ``@champion`` this
+    evaluation gave it before. Returns ``models:/<name>/<version>`` ('' without registry models)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    versions = {cell.label: cell.model for cell in cells if cell.model.startswith("models:/")}
+    scores: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        value = row.get(study.score)
+        if row["model"] in versions and value is not None and np.isfinite(value):
+            scores.setdefault((row["model"], row.get("sampler", "")), []).append(float(value))
+    if not scores:
+        return ""
+    best = min(scores, key=lambda key: float(np.mean(scores[key])))[0]
+    client = MlflowClient(config.tracking_uri)
+    for label, uri in versions.items():
+        name, _, version = uri[len("models:/"):].partition("/")
+        if label == best:
+            client.set_registered_model_alias(name, CHAMPION, version)
+            client.set_model_version_tag(name, version, "adps.champion_of", f"{config.run_name} (MLflow run {run_id})")
+            continue
+        try:
+            if client.get_model_version_by_alias(name, CHAMPION).version == version:
+                client.delete_registered_model_alias(name, CHAMPION)
+        except MlflowException:
+            pass  # no champion
+    print(f"adps evaluate: {versions[best]} is @{CHAMPION} (lowest mean {study.score}: {best})", flush=True)
+    return versions[best]

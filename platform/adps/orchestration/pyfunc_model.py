@@ -11,7 +11,29 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+
+
+class RequestError(MlflowException):
+    """A bad request, answered with HTTP 400 and ``message`` saying what is wrong with it.
+
+    MLflow's scoring server answers any other exception of ``predict`` with a generic message
+    (ours only in ``stack_trace``), and rewrites an MlflowException's message to start with the
+    whole request ("Failed to predict data '<input>'", megabytes for one slice). This class
+    keeps the first message it is given."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self.__dict__["_message"]
+
+    @message.setter
+    def message(self, value: str) -> None:
+        self.__dict__.setdefault("_message", value)
 
 
 class AdpsReconstructor(PythonModel):
@@ -31,7 +53,10 @@ class AdpsReconstructor(PythonModel):
         from adps.orchestration.registry import predict_arrays
 
         sigma = float((params or {}).get("sigma", A_OS_SIGMA))
-        return predict_arrays(self.method, self.model, model_input, sigma=sigma)
+        try:
+            return predict_arrays(self.method, self.model, model_input, sigma=sigma)
+        except ValueError as err:
+            raise RequestError(str(err)) from None
 
 
 mlflow.models.set_model(AdpsReconstructor())

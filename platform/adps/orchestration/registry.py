@@ -8,7 +8,7 @@ anything, and its ``predict`` reconstructs slices:
 * ``ambient``: A-OS, one call of the denoiser on ``[A^H y, mask]`` at sigma 0.003;
 * ``modl`` / ``ssdu``: the unrolled network;
 * ``edm`` / ``edm_l1`` / ``ncsnv2`` are priors: they reconstruct only through posterior
-  sampling, which ``predict`` refuses with a clear message until the samplers land.
+  sampling (``adps evaluate``, the samplers of :mod:`adps.nn.samplers`); ``predict`` refuses them.
 * ``image`` (natural-image models, registered as ``adps-image-p<erasure_p>``) are priors of
   RGB images, not MRI reconstructors: they are registered without the MRI signature, and
   ``predict`` refuses them, pointing to ``adps evaluate`` and the samplers.
@@ -17,7 +17,10 @@ anything, and its ``predict`` reconstructs slices:
 ``{"inputs": {...}}``): ``kspace`` ``(N, C, H, W, 2)`` and ``maps`` ``(N, C, H, W, 2)`` float32
 with ``[real, imag]`` on the last axis (JSON has no complex numbers), ``mask`` ``(N, W)`` bool;
 it returns the image ``(N, H, W, 2)`` float32. :func:`to_model_input` and
-:func:`image_from_output` convert from and to complex tensors.
+:func:`image_from_output` convert from and to complex tensors. In the compact format
+(:func:`compact_model_input`) each value is instead a base64 ``.npy`` string, float16 k-space
+and maps: 7x smaller requests for real-size slices. A bad request is answered with what is
+wrong with it, never with the request itself (docs/training.md, "Serving").
 
 Users pull a ready network with :func:`load_model` (also ``adps.load_model``)::
 
@@ -26,6 +29,9 @@ Users pull a ready network with :func:`load_model` (also ``adps.load_model``)::
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import os
 import shutil
 import tempfile
@@ -45,10 +51,15 @@ from adps.nn.samplers import METHOD_SAMPLERS
 from adps.orchestration.tracking import process_tracking_uri, resolve_tracking_uri
 
 __all__ = [
-    "ALIAS", "PYFUNC_FILE", "WEIGHTS_ARTIFACT", "image_from_output", "image_model_name", "load_model", "model_name",
+    "ALIAS", "CHAMPION", "PYFUNC_FILE", "RECONSTRUCTORS", "WEIGHTS_ARTIFACT", "compact_model_input", "encode_array",
+    "image_from_output", "image_model_name", "input_example", "load_model", "model_description", "model_name",
     "pip_requirements", "predict_arrays", "register_model", "registered_name", "to_model_input"
 ]
 
+RECONSTRUCTORS = ("ambient", "modl", "ssdu")
+"""Methods whose registered model's ``predict`` reconstructs (A-OS or the unrolled network)."""
+CHAMPION = "champion"
+"""The alias ``adps evaluate`` points at the version of each registered model it found best."""
 ALIAS = "latest"
 """How users address the newest version: ``models:/adps-ambient-r4@latest``. MLflow 3 reserves
 this alias and resolves it itself to the highest version number, so it is never set (setting it
@@ -76,6 +87,36 @@ def registered_name(config: Any) -> str:
     if config.method == "image":
         return image_model_name(config.erasure_p)
     return model_name(config.method, config.r_train)
+
+
+TRAINED_ON = {
+    "ambient": "an ambient diffusion prior learned from k-space undersampled at R = {r} only (A-DPS / A-OS)",
+    "edm": "an EDM prior learned from fully sampled images (DPS)",
+    "edm_l1": "an EDM prior learned from L1-wavelet reconstructions at R = {r} (DPS)",
+    "ncsnv2": "an NCSNv2 prior learned from fully sampled images (annealed Langevin)",
+    "modl": "a MoDL unrolled network, supervised at R = {r}",
+    "ssdu": "an SSDU unrolled network, self-supervised from k-space at R = {r}",
+    "image": "an ambient diffusion prior of natural images learned with pixels erased at p = {p}",
+}
+"""What each method's registered model is, for its description in the registry."""
+
+
+def model_description(config: Mapping[str, Any]) -> str:
+    """The registered model's description (Markdown): what it is, how to load and use it, and
+    the aliases the platform sets. ``config``: the model's ``config.json`` (method, r_train or
+    erasure_p)."""
+    method = config["method"]
+    what = TRAINED_ON[method].format(r=f"{float(config.get('r_train') or 1):g}", p=f"{float(config.get('erasure_p') or 0):g}")
+    name = image_model_name(float(config.get("erasure_p") or 0)) if method == "image" else model_name(
+        method, float(config["r_train"]))
+    use = ("Reconstructs through posterior sampling (`adps evaluate`, `adps tune`); `predict` refuses it."
+           if method not in RECONSTRUCTORS else
+           "`predict` (and `mlflow models serve`) reconstructs slices: docs/training.md, \"Serving\".")
+    return (f"{name}: {what}, trained by adps (Ambient Diffusion Posterior Sampling, Aali et al.). {use}\n\n"
+            f"Load the network: `adps.load_model(\"models:/{name}@latest\")`. Aliases: `@latest` (MLflow's, the "
+            f"newest version); `@{CHAMPION}` (set by `adps evaluate`: the version that scored best at its R_inf). "
+            "Each version's tags name the run, dataset and commit that made it, and the sampler settings an "
+            "`adps tune` search found (`adps.tuned.r<R_inf>.*`).")
 
 
 def pip_requirements() -> list[str]:
@@ -108,10 +149,39 @@ def image_from_output(output: Any) -> Tensor:
     return torch.view_as_complex(torch.as_tensor(np.ascontiguousarray(output), dtype=torch.float32))
 
 
-def _complex_input(inputs: Mapping[str, Any], key: str, ndim: int) -> Tensor:
+def encode_array(array: Any) -> str:
+    """``array`` as the compact request format's string: a ``.npy`` file (dtype and shape in
+    its header), base64-encoded. :func:`compact_model_input` builds a whole request."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def compact_model_input(kspace: Any, maps: Any, mask: Any, *, dtype: Any = np.float16) -> dict[str, str]:
+    """:func:`to_model_input` in the compact request format: each array a base64 ``.npy``
+    string (:func:`encode_array`), k-space and maps as ``dtype`` (float16: a 16-coil 384 x 320
+    slice is 21 MB of JSON instead of 150 MB; float32 keeps every bit)."""
+    arrays = to_model_input(kspace, maps, mask)
+    return {key: encode_array(value if key == "mask" else value.astype(dtype)) for key, value in arrays.items()}
+
+
+def _input_array(inputs: Mapping[str, Any], key: str) -> np.ndarray:
+    """``inputs[key]`` as an array: nested lists, or a compact base64 ``.npy`` string."""
     if key not in inputs:
-        raise ValueError(f"predict: input {key!r} missing; expected keys kspace, maps, mask")
-    value = torch.as_tensor(np.asarray(inputs[key]))
+        raise ValueError(f"predict: input {key!r} missing; expected keys kspace, maps, mask (got "
+                         f"{', '.join(map(repr, inputs)) or 'none'})")
+    value = np.asarray(inputs[key])
+    if value.dtype.kind not in "US":
+        return value
+    try:
+        return np.load(io.BytesIO(base64.b64decode(str(value.reshape(-1)[0]), validate=True)), allow_pickle=False)
+    except (ValueError, OSError, binascii.Error) as err:
+        raise ValueError(f"predict: input {key!r} is a string but not a base64 .npy array (see "
+                         f"compact_model_input): {type(err).__name__}: {str(err)[:200]}") from None
+
+
+def _complex_input(inputs: Mapping[str, Any], key: str, ndim: int) -> Tensor:
+    value = torch.as_tensor(_input_array(inputs, key))
     if value.is_complex():
         value = value.to(torch.complex64)
     elif value.ndim == ndim + 1 and value.shape[-1] == 2:
@@ -145,9 +215,7 @@ def predict_arrays(method: str, model: nn.Module, inputs: Mapping[str, Any], *, 
 
     kspace = _complex_input(inputs, "kspace", 4)
     maps = _complex_input(inputs, "maps", 4)
-    if "mask" not in inputs:
-        raise ValueError("predict: input 'mask' missing; expected keys kspace, maps, mask")
-    mask = torch.as_tensor(np.asarray(inputs["mask"])).to(torch.bool)
+    mask = torch.as_tensor(_input_array(inputs, "mask")).to(torch.bool)
     if mask.ndim == 1:
         mask = mask.expand(kspace.shape[0], -1)
     if maps.shape != kspace.shape or mask.shape != (kspace.shape[0], kspace.shape[-1]):
@@ -167,23 +235,33 @@ def predict_arrays(method: str, model: nn.Module, inputs: Mapping[str, Any], *, 
 
 # Registration --------------------------------------------------------------------------------
 def _signature():
+    """Output and parameters only. An input schema would make MLflow check the inputs before
+    ``predict`` and answer a missing key with the whole request echoed back; and it could not
+    describe the compact format. ``predict`` checks them, and the input example shows them."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([
-            TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1, 2), "kspace"),
-            TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1, 2), "maps"),
-            TensorSpec(np.dtype(np.bool_), (-1, -1), "mask"),
-        ]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 2), "image")]),
+        inputs=None, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 2), "image")]),
         params=ParamSchema([ParamSpec("sigma", "double", A_OS_SIGMA)]),
     )
 
 
+def input_example(*, coils: int = 2, size: int = 16) -> dict[str, list]:
+    """A small request (one ``size`` x ``size`` slice of ``coils`` coils, every other column
+    sampled) stored with each registered reconstructor: the format, readable in MLflow's UI."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (1, coils, size, size)
+    kspace = torch.complex(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
+    maps = torch.full(shape, coils ** -0.5, dtype=torch.complex64)
+    mask = (torch.arange(size) % 2 == 0).unsqueeze(0)
+    return {key: value.astype(np.float64).round(4).tolist() if value.dtype != bool else value.tolist()
+            for key, value in to_model_input(kspace / size, maps, mask).items()}
+
+
 def register_model(
     weights_dir: str | Path, *, tracking_uri: str, run_id: str, name: str, tags: Mapping[str, str] | None = None,
-    alias: str | None = None
+    alias: str | None = None, description: str = ""
 ) -> Any:
     """Log the network in ``weights_dir`` (a :func:`~adps.nn.checkpoint.save_model` folder) as a
     pyfunc model of run ``run_id``, register it as ``name`` (a new version, which
@@ -199,7 +277,10 @@ def register_model(
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    signature = None if _is_image_model(weights_dir) else _signature()
+    method = _model_config(weights_dir)["method"]
+    signature = None if method == "image" else _signature()
+    # Only reconstructors get an example: MLflow runs it through predict, which the priors refuse.
+    example = input_example() if method in RECONSTRUCTORS else None
     with tempfile.TemporaryDirectory(prefix="adps-register-") as tmp, process_tracking_uri(tracking_uri):
         # Only the package's sources travel (no caches or editable-install leftovers).
         code = Path(tmp) / "adps"
@@ -209,16 +290,19 @@ def register_model(
         weights = Path(tmp) / WEIGHTS_ARTIFACT
         shutil.copytree(weights_dir, weights)
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            # MLflow suggests type hints and an input example; the explicit tensor signature
-            # below replaces both (an example would be run through predict, which the priors refuse).
-            # Image models have no signature (their predict refuses every input): no warning either.
+            # MLflow suggests type hints and an input example: the explicit signature replaces the
+            # hints, and priors have no example (their predict refuses every input).
             warnings.filterwarnings("ignore", message=".*(type hints|input example|signature).*", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_FILE), artifacts={WEIGHTS_ARTIFACT: str(weights)},
                 code_paths=[str(code)], pip_requirements=pip_requirements(), signature=signature,
-                registered_model_name=name, await_registration_for=60
+                input_example=example, registered_model_name=name, await_registration_for=60
             )
     version = str(info.registered_model_version)
+    if description:
+        client.update_model_version(name, version, description=description)
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=model_description(_model_config(weights_dir)))
     if alias and alias.lower() != ALIAS:
         client.set_registered_model_alias(name, alias, version)
     for key, value in (tags or {}).items():
@@ -226,9 +310,8 @@ def register_model(
     return client.get_model_version(name, version)
 
 
-def _is_image_model(weights_dir: str | Path) -> bool:
-    """Whether the save_model folder ``weights_dir`` holds a natural-image model (its config's
-    ``method`` is ``image``)."""
+def _model_config(weights_dir: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of the save_model folder ``weights_dir``."""
     import json
 
     path = Path(weights_dir) / CONFIG_FILE
@@ -236,7 +319,11 @@ def _is_image_model(weights_dir: str | Path) -> bool:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: cannot read the model's config: {err}") from err
-    return isinstance(config, dict) and config.get("method") == "image"
+    if not isinstance(config, dict) or "method" not in config:
+        raise ValueError(f"{path}: not a model config (a JSON object with 'method')")
+    return config
+
+
 
 
 # Loading -------------------------------------------------------------------------------------

@@ -484,4 +484,5 @@ IMAGE_STUDY = Study(
     sort_key=lambda r: (r["model"], TASKS.index(r["task"]), r["measurements"] or 0, r["factor"] or 0, r["steps"],
                         r["image"]),
     crossovers=find_crossovers, report=report,
+    score="mse",
 )

@@ -426,7 +426,8 @@ def find_crossovers(config: EvaluateConfig, rows: list[dict[str, Any]]) -> list[
 def report(config: EvaluateConfig, folder: Path, table: Any, crossovers: list[Any], cells: list[Cell],
            extra: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
     """``crossover.csv``, ``denoising_check.csv``, the metric, reconstruction and posterior
-    figures; the cross-over, calibration and denoising-check metrics and tags."""
+    figures; the mean metrics (``nrmse.<model>.<sampler>.r<R_inf>``), the cross-over,
+    calibration and denoising-check metrics and tags."""
     import pandas as pd
 
     checks = extra["denoising_check"]
@@ -453,7 +454,11 @@ def report(config: EvaluateConfig, folder: Path, table: Any, crossovers: list[An
         posterior_grid(arrays["means"], arrays["stds"], arrays["references"], slices=arrays["slices"].tolist(),
                        title=f"{label} {sampler} at R_inf {r_inf:g}: {config.posterior_samples} samples per slice"
                        ).savefig(folder / f"posterior_{label}_{sampler}_r{r_inf:g}.png", dpi=120, bbox_inches="tight")
-    metrics = {}
+    # The mean of each metric per model, sampler and R_inf (the table's rows are slices).
+    means = table.groupby(["model", "sampler", "r_inf"])[[m for m in METRICS if table[m].notna().any()]].mean()
+    metrics = {f"{metric}.{model}.{sampler}.r{r_inf:g}": float(value)
+               for (model, sampler, r_inf), row in means.iterrows() for metric, value in row.items()
+               if np.isfinite(value)}
     for c in crossovers:
         key = f"{c.model}.{c.metric}"
         if c.outcome != "none":
@@ -527,4 +532,5 @@ MRI_STUDY = Study(
     name="mri", config=EvaluateConfig, cell=Cell.from_dict, columns=TABLE_COLUMNS, paths=("dataset",), check_data=check_data, plan=plan,
     evaluate_cell=evaluate_cell, describe=lambda cell: f"{cell.label} {cell.sampler} R_inf {cell.r_inf:g}",
     sort_key=lambda r: (r["model"], r["sampler"], r["r_inf"], r["slice"]), crossovers=find_crossovers, report=report,
+    score="nrmse",
 )

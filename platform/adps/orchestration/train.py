@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from adps.data import storage
+from adps.nn.checkpoint import CONFIG_FILE
 from adps.orchestration.registry import register_model, registered_name
 from adps.orchestration.run_storage import run_storage
 from adps.orchestration.tracking import (
@@ -39,7 +40,14 @@ from adps.orchestration.tracking import (
     resolve_tracking_uri,
 )
 from adps.orchestration.train_config import TrainConfig
-from adps.orchestration.train_worker import EMA_DIR, WorkerContext, training_length, training_set, worker_loop
+from adps.orchestration.train_worker import (
+    EMA_DIR,
+    WorkerContext,
+    model_record,
+    training_length,
+    training_set,
+    worker_loop,
+)
 
 __all__ = ["FINISHED_FILE", "TrainedRun", "checkpoint_uri", "finished_record", "planned_steps", "train",
            "with_absolute_paths"]
@@ -193,15 +201,63 @@ def _unless_finished(config: TrainConfig, storage_root: str, total_steps: int) -
         "ask for more steps (max_steps, epochs) to train it further")
 
 
+def check_resume(config: TrainConfig, storage_root: str) -> None:
+    """Refuse, on the driver, to resume a run from checkpoints of another network: their method,
+    network preset and R_train (erasure_p for images) must be the config's. In the workers the
+    mismatch would fail loading the weights, and Ray would retry it ``max_failures`` times."""
+    import pyarrow.fs
+
+    path, filesystem = run_storage(storage_root)
+    filesystem = filesystem or pyarrow.fs.LocalFileSystem()
+    folder = f"{path.rstrip('/')}/{config.resolved_run_name}"
+    found = filesystem.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    checkpoints = sorted(info.path for info in found
+                         if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"))
+    if not checkpoints:
+        return
+    try:
+        with filesystem.open_input_stream(f"{checkpoints[-1]}/{EMA_DIR}/{CONFIG_FILE}") as stream:
+            recorded = json.loads(stream.read())
+    except FileNotFoundError:
+        return  # a checkpoint cut short by a kill: Ray resumes from the one it recorded
+    changed = {key: value for key, value in model_record(config).items() if key in recorded and recorded[key] != value}
+    if changed:
+        where = checkpoint_uri(storage_root, checkpoints[-1])
+        raise ValueError(
+            "; ".join(f"config key {key!r}: {value!r}, but the run's checkpoint {where} has {recorded[key]!r}"
+                      for key, value in changed.items())
+            + f". The run {config.resolved_run_name} resumes from its checkpoints, so it must train the same network: "
+            "give a new run_name for this network")
+
+
 def checkpoint_uri(storage_path: str, path: str) -> str:
     """A checkpoint's location as users open it: Ray's ``checkpoint.path`` has no scheme
     (``bucket/key`` on S3), so the storage's scheme is put back."""
     return f"{storage_path.split('://')[0]}://{path}" if "://" in storage_path else path
 
 
-def _finish_tracking(config: TrainConfig, run: TrainedRun, tags: dict[str, str], where: str) -> None:
-    """Record the final checkpoint (``where``, its location), register the EMA model and close
-    the MLflow run."""
+def run_description(config: TrainConfig, run_folder: str, *, checkpoint: str = "", model: str = "",
+                    step: Any = None) -> str:
+    """The MLflow run's description (Markdown): where its checkpoints and registered model are.
+    The weights stay in the run storage and the registry, not in the run's artifacts: this is
+    where a user browsing the run finds them."""
+    what = (f"{config.method} at erasure p = {config.erasure_p:g}" if config.is_image
+            else f"{config.method} at R_train = {config.r_train:g}")
+    lines = [f"**{config.resolved_run_name}**: {what}, trained with Ray Train ({config.num_workers} worker(s)).", "",
+             f"- Ray Train run folder (checkpoints, `{FINISHED_FILE}`): `{run_folder}`"]
+    if checkpoint:
+        lines.append(f"- Final checkpoint (step {step}): `{checkpoint}`")
+    if model:
+        lines.append(f"- Registered model: `{model}`, loaded with `adps.load_model(\"{model}\")`; the pyfunc model "
+                     "is this run's logged model (the Models tab)")
+    elif not checkpoint:
+        lines.append("- Running: submitting the same run again resumes it from its latest checkpoint")
+    return "\n".join(lines)
+
+
+def _finish_tracking(config: TrainConfig, run: TrainedRun, tags: dict[str, str], where: str, run_folder: str) -> None:
+    """Record the final checkpoint (``where``, its location), register the EMA model, describe
+    the run and close it."""
 
     logger = RunLogger(run.tracking_uri, run.run_id)
     checkpoint = run.result.checkpoint
@@ -213,10 +269,15 @@ def _finish_tracking(config: TrainConfig, run: TrainedRun, tags: dict[str, str],
             version = register_model(
                 Path(folder) / EMA_DIR, tracking_uri=run.tracking_uri, run_id=run.run_id, name=name,
                 tags={**tags, "adps.run_name": config.resolved_run_name, "adps.checkpoint": where},
+                description=f"Trained by the run {config.resolved_run_name} ({run.run_id}) to step "
+                            f"{run.metrics.get('step')}; its checkpoint: {where}",
             )
         run.model_name, run.model_version = name, str(version.version)
         logger.set_tags({"adps.registered_model": run.registered_model})
         print(f"adps train: registered {name} version {version.version} (models:/{name}@latest)", flush=True)
+    model = f"models:/{run.model_name}/{run.model_version}" if run.model_version else ""
+    logger.set_tags({"mlflow.note.content": run_description(config, run_folder, checkpoint=where, model=model,
+                                                            step=run.metrics.get("step"))})
     end_run(run.tracking_uri, run.run_id, "FINISHED")
 
 
@@ -250,6 +311,7 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
 
     storage_root = config.storage_path or str(Path.home() / "ray_results")
     config = _unless_finished(config, storage_root, planned_steps(config))
+    check_resume(config, storage_root)
     run_name = config.resolved_run_name
     run = TrainedRun(result=None)
     tags: dict[str, str] = {}
@@ -259,6 +321,8 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
         run.tracking_uri = config.tracking_uri
         run.run_id, resumed = open_run(config.tracking_uri, config.experiment, f"{storage_root.rstrip('/')}/{run_name}",
                                        run_name, config.to_dict(), tags)
+        RunLogger(run.tracking_uri, run.run_id).set_tags(
+            {"mlflow.note.content": run_description(config, f"{storage_root.rstrip('/')}/{run_name}")})
         print(f"adps train: MLflow run {run.run_id} ({'resumed' if resumed else 'new'}) at {config.tracking_uri}",
               flush=True)
 
@@ -268,6 +332,8 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
     fault_dir = str(Path(storage_root) / run_name) if local_storage and config.fail_at_steps else None
 
     storage_path, storage_filesystem = run_storage(storage_root)
+    # The dashboard's Train view lists a run only if its driver tracks state (off in Ray 2.60).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config": config.to_dict(), "fault_dir": fault_dir, "mlflow_run_id": run.run_id},
@@ -302,7 +368,7 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
     checkpoint = run.result.checkpoint
     where = checkpoint_uri(storage_root, checkpoint.path) if checkpoint is not None else ""
     if run.run_id is not None:
-        _finish_tracking(config, run, tags, where)
+        _finish_tracking(config, run, tags, where, f"{storage_root.rstrip('/')}/{run_name}")
     record = {"run_name": run_name, "step": run.metrics.get("step"), "mlflow_run_id": run.run_id,
               "tracking_uri": run.tracking_uri, "registered_model": run.registered_model, "checkpoint": where}
     storage.write_bytes_atomic(storage.join(storage_root, run_name, FINISHED_FILE), json.dumps(record, indent=2).encode())
