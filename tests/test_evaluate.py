@@ -54,7 +54,7 @@ def test_model_entries() -> None:
 def test_sampler_settings_follow_the_protocol_and_tuning_is_fair_or_refused(
     tiny_prepared: str, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    """By default every model runs METHOD.md's settings, whatever its tags. With use_tuned, at
+    """By default every model runs METHOD.md's settings, whatever its tags. With sampler_settings best, at
     an R_inf where one diffusion model has a search's settings, every compared one must have
     them, from a search of the same budget on val: otherwise the evaluation refuses (or, with
     allow_untuned, marks the rows). Settings searched together are used together; explicit
@@ -87,33 +87,54 @@ def test_sampler_settings_follow_the_protocol_and_tuning_is_fair_or_refused(
         cells = plan_cells(cfg, models, 1, check_fair_tuning(cfg, models))
         return {(c.label, c.sampler, c.r_inf): (c.steps, c.guidance, c.options, c.settings) for c in cells}
 
-    protocol = plan(config)  # use_tuned is off by default: the paper's protocol everywhere
+    protocol = plan(config)  # sampler_settings is paper by default: the paper's protocol everywhere
     assert {v for k, v in protocol.items() if k[0] != "l1"} == {(0, 1.0, (), "paper")}
-    tuned = plan(config.replace(use_tuned=True))
+    tuned = plan(config.replace(sampler_settings="best"))
     assert tuned[("ambient_r2", "a_dps", 4.0)] == (7, 2.5, (("churn", 3.0),), "tuned")  # searched together
     assert tuned[("edm_r1", "dps", 4.0)] == (0, 0.7, (), "tuned")
     assert tuned[("ambient_r2", "a_dps", 2.0)] == tuned[("edm_r1", "dps", 2.0)][:3] + ("paper",) == (0, 1.0, (), "paper")
     assert tuned[("l1", "l1_wavelet", 4.0)][3] == "paper"
-    explicit = plan(config.replace(use_tuned=True, steps=20, guidance=0.5, sigma_min=0.05))
+    explicit = plan(config.replace(sampler_settings="best", steps=20, guidance=0.5, sigma_min=0.05))
     assert explicit[("ambient_r2", "a_dps", 4.0)] == (20, 0.5, (("sigma_min", 0.05),), "config")
+    # The search's fastest settings within its tolerance (adps.tuned.r4.fastest.*), and how fast each ran.
+    for version, fastest in ((ambient, {"steps": "3", "guidance": "4"}), (edm, {"guidance": "1.5"})):
+        for key, value in {**fastest, "seconds_per_slice": "9.5", "fastest_seconds_per_slice": "0.2"}.items():
+            tag = f"adps.tuned.r4.fastest.{key}" if key in fastest else f"adps.tuned.r4.{key}"
+            client.set_model_version_tag(version.name, version.version, tag, value)
+    models = resolve_models(config)
+    assert tuned_settings(dict(models[0][1]["_version_tags"]), 4.0) == {"guidance": 2.5, "steps": 7.0, "churn": 3.0}
+    fastest = plan(config.replace(sampler_settings="fastest"))
+    assert fastest[("ambient_r2", "a_dps", 4.0)] == (3, 4.0, (), "fastest")
+    assert fastest[("edm_r1", "dps", 4.0)] == (0, 1.5, (), "fastest")
+    assert fastest[("ambient_r2", "a_dps", 2.0)][3] == "paper"
+    assert plan(config.replace(sampler_settings="best")) == tuned
+    client.delete_model_version_tag(edm.name, edm.version, "adps.tuned.r4.fastest.guidance")
+    models = resolve_models(config)
+    with pytest.raises(ValueError, match=r"R_inf 4, ambient_r2 have fastest settings .* but edm_r1 not"):
+        plan(config.replace(sampler_settings="fastest"))
+    # use_tuned, the older on / off key, is read as sampler_settings.
+    assert EvaluateConfig.from_dict({"dataset": "d", "use_tuned": "true"}).sampler_settings == "best"
+    assert EvaluateConfig.from_dict({"dataset": "d", "use_tuned": False}).sampler_settings == "paper"
+    with pytest.raises(ValueError, match="'sampler_settings' must be one of paper, best, fastest, got 'quick'"):
+        EvaluateConfig(dataset="d", models=("l1",), sampler_settings="quick").validate()
 
     # Unfair: one model tuned at R_inf 4, the other not; different budgets; a search on test.
     client.delete_model_version_tag(edm.name, edm.version, "adps.tuned.r4.guidance")
     models = resolve_models(config)
-    with pytest.raises(ValueError, match=r"R_inf 4, ambient_r2 have settings .* but edm_r1 not: tune them"):
-        plan(config.replace(use_tuned=True))
-    marked = plan(config.replace(use_tuned=True, allow_untuned=True))
+    with pytest.raises(ValueError, match=r"R_inf 4, ambient_r2 have best settings .* but edm_r1 not: tune them"):
+        plan(config.replace(sampler_settings="best"))
+    marked = plan(config.replace(sampler_settings="best", allow_untuned=True))
     assert marked[("edm_r1", "dps", 4.0)][3] == "untuned" and marked[("ambient_r2", "a_dps", 4.0)][3] == "tuned"
     client.set_model_version_tag(edm.name, edm.version, "adps.tuned.r4.guidance", "0.7")
     client.set_model_version_tag(edm.name, edm.version, "adps.tuned.r4.budget", "8")
     models = resolve_models(config)
     with pytest.raises(ValueError, match="different budgets .*ambient_r2 32 trials, edm_r1 8 trials"):
-        plan(config.replace(use_tuned=True))
+        plan(config.replace(sampler_settings="best"))
     client.set_model_version_tag(edm.name, edm.version, "adps.tuned.r4.budget", "32")
     client.set_model_version_tag(edm.name, edm.version, "adps.tuned.r4.split", "test")
     models = resolve_models(config)
     with pytest.raises(ValueError, match="edm_r1 at R_inf 4 were searched on the test split"):
-        plan(config.replace(use_tuned=True))
+        plan(config.replace(sampler_settings="best"))
 
 
 def test_bad_config_names_the_key(tiny_prepared: str) -> None:

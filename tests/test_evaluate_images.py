@@ -119,7 +119,7 @@ def test_tuned_tags_are_read_per_task() -> None:
     assert _settings(config, tags, "sr")[:2] == (100, 0.5)  # the samplers' default steps
     assert _settings(config, tags, "nfe")[:2] == (150, 2.5)  # the sweep's steps replace these
     assert _settings(config.replace(steps=7, guidance=3.0), tags, "cs")[:2] == (7, 3.0)
-    assert _settings(config.replace(use_tuned=False), tags, "cs")[:2] == (100, 1.0)
+    assert _settings(config.replace(sampler_settings="paper"), tags, "cs")[:2] == (100, 1.0)
 
 
 def test_crossover_is_where_the_ambient_model_starts_winning() -> None:

@@ -146,7 +146,14 @@ def test_search_with_asha_logs_runs_best_json_and_version_tags(
     assert json.loads((Path(result["path"]) / "best.json").read_text()) == best
     parent = result["run_id"]
     artifacts = {a.path for a in client.list_artifacts(parent)}
-    assert {"best.json", "trials.json", "objective_vs_steps.png"} <= artifacts
+    assert {"best.json", "trials.json", "objective_vs_steps.png", "pareto.csv", "pareto.png"} <= artifacts
+    # Every trial's speed; the Pareto front of quality and speed. No reference trial: this space
+    # does not hold the protocol's 500 steps (the A-OS search below does hold its protocol).
+    assert all(t["seconds_per_slice"] > 0 for t in trials) and not any(t["reference"] for t in trials)
+    front = best["pareto"]
+    assert front and [f["seconds_per_slice"] for f in front] == sorted(f["seconds_per_slice"] for f in front)
+    assert [f["nrmse"] for f in front] == sorted((f["nrmse"] for f in front), reverse=True)
+    assert best["trial_id"] in {f["trial_id"] for f in front} and "reference" not in best and "fastest" not in best
     logged = Path(client.download_artifacts(parent, "best.json", str(tmp_path / "download")))
     assert json.loads(logged.read_text())["settings"] == best["settings"]
 
@@ -171,7 +178,7 @@ def test_search_with_asha_logs_runs_best_json_and_version_tags(
     evaluation = evaluate(EvaluateConfig(
         dataset=tiny_prepared, models=("adps-tunesearch-r2",), r_inf=(2.0, 4.0), slices=1, a_os=False,
         lpips=False, tracking_uri=uri, output=str(tmp_path / "evaluation"), experiment="tune-then-evaluate",
-        use_tuned=True, denoising_check=False,
+        sampler_settings="best", denoising_check=False,
     ), progress=False)
     used = {row["r_inf"]: (row["steps"], row["guidance"], row["settings"]) for row in evaluation["rows"]}
     assert used == {2.0: (0, 1.0, "paper"),
@@ -192,6 +199,55 @@ def test_search_with_asha_logs_runs_best_json_and_version_tags(
 
     assert tuned_settings(tags, 2.0) == {} and tuned_settings(tags, 2.0, "a_os") == {"sigma": pytest.approx(sigma)}
     assert "sigma" not in tuned_settings(tags, 4.0)
+    # A-OS's space holds its protocol (sigma 0.003): the first trial runs it, the reference of "fastest".
+    (reference,) = [t for t in a_os["trials"] if t["reference"]]
+    assert reference["settings"] == {"sigma": pytest.approx(0.003)}
+    assert a_os["best"]["reference"]["settings"] == reference["settings"]
+    fastest = a_os["best"]["fastest"]
+    assert fastest["seconds_per_slice"] <= reference["seconds_per_slice"] and fastest["tolerance"] == 0.01
+    assert fastest["nrmse"] <= reference["nrmse"] * 1.01
+
+    # A search's fastest settings become tags of their own, which only sampler_settings: fastest
+    # reads; a later search without them takes the earlier ones away.
+    from adps.orchestration.registry import tag_tuned_settings
+
+    quick = {"settings": {"steps": 2, "guidance": 3.0}, "seconds_per_slice": 0.01}
+    tags = tag_tuned_settings(config, {**best, "seconds_per_slice": 0.05, "fastest": quick}, parent, sampler="a_dps",
+                              model_method="ambient").tags
+    assert tuned_settings(tags, 4.0, "fastest") == {"steps": 2.0, "guidance": 3.0}
+    assert tuned_settings(tags, 4.0) == {"steps": best["settings"]["steps"], "guidance": pytest.approx(
+        best["settings"]["guidance"])}
+    assert (tags["adps.tuned.r4.seconds_per_slice"], tags["adps.tuned.r4.fastest_seconds_per_slice"]) == ("0.05", "0.01")
+    tags = tag_tuned_settings(config, best, parent, sampler="a_dps", model_method="ambient").tags
+    assert tuned_settings(tags, 4.0, "fastest") == {}
+
+
+def test_pareto_front_and_the_fastest_settings_within_tolerance() -> None:
+    """The front keeps the complete trials no other beats on both quality and speed; the fastest
+    within tolerance compares each trial with the reference on the slices the reference saw."""
+    from adps.orchestration.tune import fastest_within, pareto_front
+    from adps.orchestration.tune_config import parse_space
+
+    space = parse_space({"sampler": "adps", "params": {"steps": {"type": "choice", "values": [10, 50, 500]}}})
+
+    def trial(name: str, history: list[float], seconds: float, *, stopped: bool = False, reference: bool = False):
+        return {"trial_id": name, "settings": {}, "history": history, "nrmse": history[-1], "error": None,
+                "stopped_early": stopped, "reference": reference, "seconds_per_slice": seconds}
+
+    protocol = trial("protocol", [0.200, 0.200], 10.0, reference=True)
+    quick = trial("quick", [0.201, 0.203], 0.5)     # within 1 % after the first batch, 1.5 % after both
+    fair = trial("fair", [0.201, 0.201], 2.0)
+    slow_bad = trial("slow-bad", [0.3, 0.3], 20.0)
+    stopped = trial("stopped", [0.19], 0.1, stopped=True)
+    trials = [protocol, quick, fair, slow_bad, stopped]
+    assert [t["trial_id"] for t in pareto_front(trials, space, "seconds_per_slice")] == ["quick", "fair", "protocol"]
+    fastest, reference = fastest_within(trials, space, "seconds_per_slice", 0.01)
+    assert (fastest["trial_id"], reference["trial_id"]) == ("fair", "protocol")
+    assert fastest_within(trials, space, "seconds_per_slice", 0.02)[0]["trial_id"] == "quick"
+    # A reference ASHA stopped after one batch: every trial compared on that batch.
+    protocol.update(history=[0.200], stopped_early=True)
+    assert fastest_within(trials, space, "seconds_per_slice", 0.01)[0]["trial_id"] == "quick"
+    assert fastest_within([quick, fair], space, "seconds_per_slice", 0.01) == (None, None)
 
 
 @pytest.mark.slow

@@ -315,7 +315,7 @@ def _tune(config: DemoConfig, dataset: Path, tracking_uri: str) -> dict[str, Any
     """The searches of a fair comparison: every diffusion model's guidance and schedule end at
     ``search_r_inf``, each with the same budget and space (the step count fixed to the demo's),
     and every ambient model's A-OS sigma at its R_train (the only R_inf where A-OS is
-    in-distribution). The evaluation then uses them all (``use_tuned``), or none."""
+    in-distribution). The evaluation then uses them all (``sampler_settings: best``), or none."""
     from adps.nn.reconstruct import DENOISER_METHODS
 
     guided = ("objective: {metric: nrmse, mode: min}\nparams:\n"
@@ -354,7 +354,7 @@ def _evaluate(config: DemoConfig, dataset: Path, tracking_uri: str) -> dict[str,
         # demo's schedule end for the other ambient models.
         steps=config.sampler_steps, a_dps_sigma_min=config.ambient_sigma_min, a_os_sigma=config.ambient_sigma_min,
         # Every diffusion model was searched alike at search_r_inf (stage 4), or none was.
-        use_tuned=bool(config.tune_trials),
+        sampler_settings="best" if config.tune_trials else "paper",
         slices_per_task=config.slices_per_volume, lpips=False, seed=config.seed,
         output=str(config.workdir / "evaluation"), run_name="demo-evaluation", tracking_uri=tracking_uri,
         experiment="adps-demo-eval", n_boot=1000,

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from adps.config import coerce_value
 from adps.data import storage
 from adps.mri import SenseOperator
 from adps.nn.samplers import run_sampler
@@ -60,10 +61,29 @@ class EvaluationConfig(RunConfig):
     crossover_level: float = 0.95
     """Confidence level of the cross-over's intervals: a cross-over needs the interval of every
     paired difference from its setting on to exclude 0 (:func:`adps.crossover.crossover`)."""
+    sampler_settings: str = "paper"
+    """The diffusion models' sampler settings: ``paper`` (the protocol), ``best`` (the
+    best-quality settings an ``adps tune`` search left on the model version), ``fastest`` (MRI:
+    the search's fastest settings within its tolerance of the protocol's quality). Recorded per
+    row (``settings``). The older key ``use_tuned`` is read as ``best`` (true) or ``paper`` (false)."""
+
+    SAMPLER_SETTINGS: ClassVar[tuple[str, ...]] = ("paper", "best", "fastest")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Any:
+        values = dict(values)
+        if "use_tuned" in values:  # the older on / off form of sampler_settings
+            if "sampler_settings" in values:
+                raise ValueError("config keys 'use_tuned' and 'sampler_settings' are one setting; give sampler_settings")
+            values["sampler_settings"] = "best" if coerce_value("use_tuned", values.pop("use_tuned"), bool) else "paper"
+        return super().from_dict(values)
 
     def validate(self) -> None:
         """Check values that need no I/O; names the key at fault."""
         super().validate()
+        if self.sampler_settings not in self.SAMPLER_SETTINGS:
+            raise ValueError(f"config key 'sampler_settings' must be one of {', '.join(self.SAMPLER_SETTINGS)}, got "
+                             f"{self.sampler_settings!r}")
         if not self.models:
             raise ValueError("config key 'models' is empty: name at least one model (e.g. adps-ambient-r4)")
         if self.n_boot < 1:

@@ -450,22 +450,28 @@ def pin_model_entry(entry: str, tracking_uri: str) -> tuple[str, torch.nn.Module
 
 TUNED_META = ("run_id", "budget", "split")
 """Keys of a search's tags that describe the search, not a setting (:func:`tuned_meta`)."""
+TUNED_SPEED = ("seconds_per_slice", "fastest_seconds_per_slice")
+"""Keys of a search's tags that record how fast its best and fastest settings ran (not settings)."""
+FASTEST = "fastest"
+"""The ``sampler`` of :func:`tuned_settings` for a search's fastest settings within its tolerance
+of the protocol's quality (``adps.tuned.r<R>.fastest.<key>``)."""
 
 
 def tuned_settings(tags: dict[str, str], r_inf: float, sampler: str = "") -> dict[str, float]:
     """The sampler settings a Ray Tune search at ``r_inf`` stored on the model version, or ``{}``.
 
-    ``sampler`` empty: the model's own sampler's (:data:`TUNED_TAG` with a plain key:
-    ``guidance``, ``steps`` and any other searched setting); ``"a_os"``: A-OS's, which a search
+    ``sampler`` empty: the model's own sampler's best (:data:`TUNED_TAG` with a plain key:
+    ``guidance``, ``steps`` and any other searched setting); :data:`FASTEST`: its fastest within
+    the search's tolerance (``adps.tuned.r<R>.fastest.<key>``); ``"a_os"``: A-OS's, which a search
     with ``tune_spaces/a_os.yaml`` stores under ``adps.tuned.r<R>.a_os.<key>``. The search's own
-    description (:data:`TUNED_META`) is left out.
+    description (:data:`TUNED_META`, :data:`TUNED_SPEED`) is left out.
     """
     prefix = TUNED_TAG.format(r_inf=r_inf, key=f"{sampler}." if sampler else "")
     found = {}
     for tag, value in tags.items():
         key = tag[len(prefix):]
         # A dotted key belongs to another sampler's search (a_os.sigma under the plain prefix).
-        if tag.startswith(prefix) and key not in TUNED_META and "." not in key:
+        if tag.startswith(prefix) and key not in (*TUNED_META, *TUNED_SPEED) and "." not in key:
             found[key] = float(value)
     return found
 
@@ -478,7 +484,7 @@ def tuned_meta(tags: dict[str, str], r_inf: float) -> dict[str, str]:
 
 IMAGE_TUNED_TAG = "adps.tuned.{task}.{key}"
 """Model-version tags of an image search: ``task`` is ``cs`` / ``sr`` (read by the image
-evaluation when ``use_tuned`` is on: ``adps.tuned.cs.guidance``, ``adps.tuned.sr.steps``) or
+evaluation with ``sampler_settings: best``: ``adps.tuned.cs.guidance``, ``adps.tuned.sr.steps``) or
 ``cs_m<m>`` / ``sr_x<factor>`` (the searched setting's own)."""
 
 
@@ -506,12 +512,23 @@ def tag_tuned_settings(config: Any, best: dict[str, Any], run_id: str, *, sample
     client = MlflowClient(config.tracking_uri)
     # An MRI search also records its budget and split: the evaluation compares only models tuned alike.
     meta = {} if config.task else {"budget": config.num_samples, "split": config.split}
+    own = METHOD_SAMPLERS.get(model_method) == sampler
+    if not config.task and own:  # how fast the best ran, and the fastest settings within tolerance
+        meta["seconds_per_slice"] = best.get("seconds_per_slice")
+        fastest = best.get("fastest") or {}
+        meta.update({f"{FASTEST}.{key}": value for key, value in fastest.get("settings", {}).items()})
+        meta["fastest_seconds_per_slice"] = fastest.get("seconds_per_slice")
+        stale = TUNED_TAG.format(r_inf=float(config.r_inf), key=f"{FASTEST}.")
+        for tag in [tag for tag in version.tags if tag.startswith(stale)]:  # an earlier search's
+            client.delete_model_version_tag(version.name, version.version, tag)
     for key, value in {**best["settings"], "run_id": run_id, **meta}.items():
+        if value is None:
+            continue
         if config.task:  # the task's tag (what the image evaluation reads) and the setting's own
             tags = [IMAGE_TUNED_TAG.format(task=task, key=key) for task in (config.task, config.image_setting)]
         else:
             # The model's own sampler owns the plain keys; another sampler's (A-OS) are prefixed.
-            tagged = key if METHOD_SAMPLERS.get(model_method) == sampler else f"{sampler}.{key}"
+            tagged = key if own else f"{sampler}.{key}"
             tags = [TUNED_TAG.format(r_inf=float(config.r_inf), key=tagged)]
         for tag in tags:
             client.set_model_version_tag(version.name, version.version, tag, str(value))

@@ -92,9 +92,9 @@ class ImageEvaluateConfig(EvaluationConfig):
     """Heun steps of the ``cs`` and ``sr`` tasks; 0 = tuned (model-version tag), else 100."""
     guidance: float = 0.0
     """DPS / A-DPS guidance zeta for every task; 0 = tuned (model-version tag), else 1."""
-    use_tuned: bool = True
-    """Read ``adps.tuned.<task>.steps`` / ``.guidance`` tags of registered model versions for
-    settings left at 0."""
+    sampler_settings: str = "best"
+    """``best``: read ``adps.tuned.<task>.steps`` / ``.guidance`` tags of registered model versions
+    for settings left at 0; ``paper``: the samplers' defaults (``fastest`` is MRI only)."""
     noise: float = 0.0
     """Standard deviation of the Gaussian noise added to the measurements (image units)."""
     pinv: bool = True
@@ -109,6 +109,9 @@ class ImageEvaluateConfig(EvaluationConfig):
         if not self.images:
             raise ValueError("config key 'images' is empty: give the test images (a folder or .zip, local or s3://)")
         super().validate()
+        if self.sampler_settings == "fastest":
+            raise ValueError("config key 'sampler_settings': fastest is for the MRI study (an image search records "
+                             "only its best settings); use best or paper")
         for key in ("resolution", "images_per_task"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
@@ -200,7 +203,7 @@ def _settings(config: ImageEvaluateConfig, tags: dict[str, str], task: str) -> t
     """``(steps, guidance, where each came from)`` of ``task`` (``nfe`` takes ``cs``'s guidance): the
     config's, else tuned, else the samplers' defaults."""
 
-    tuned = image_tuned_settings(tags, "cs" if task == "nfe" else task) if config.use_tuned else {}
+    tuned = image_tuned_settings(tags, "cs" if task == "nfe" else task) if config.sampler_settings == "best" else {}
     steps = config.steps or int(tuned.get("steps", 0)) or int(IMAGE_SAMPLING["steps"])
     guidance = config.guidance or float(tuned.get("guidance", 0.0)) or float(IMAGE_SAMPLING["guidance"])
     sources = [f"{key} from {'config' if getattr(config, key) else 'tuned tag' if key in tuned else 'default'}"

@@ -37,7 +37,14 @@ from adps.nn.samplers import ITERATIVE_SAMPLERS, METHOD_SAMPLERS
 from adps.orchestration.cells import EvaluationConfig, Study, cell_path, reconstruct_batch, stack_batch
 from adps.orchestration.denoising_check import check_denoisers, format_denoising_check
 from adps.orchestration.figures import metric_figure, posterior_grid, reconstruction_grid
-from adps.orchestration.registry import load_model_entry, model_label, pin_model_entry, tuned_meta, tuned_settings
+from adps.orchestration.registry import (
+    FASTEST,
+    load_model_entry,
+    model_label,
+    pin_model_entry,
+    tuned_meta,
+    tuned_settings,
+)
 from adps.perceptual import lpips_distance
 
 __all__ = [
@@ -73,7 +80,7 @@ class EvaluateConfig(EvaluationConfig):
     # here applies to every model (docs/protocol.md "Sampler settings").
     steps: int = 0
     """Steps of the iterative samplers (A-DPS, DPS, ALD) for every model; 0 = a tuned value
-    (``use_tuned``), else METHOD.md's (500 for A-DPS / DPS, 1,300 for ALD)."""
+    (``sampler_settings``), else METHOD.md's (500 for A-DPS / DPS, 1,300 for ALD)."""
     guidance: float = 0.0
     """A-DPS / DPS step size l_ss for every model; 0 = tuned, else METHOD.md's 1.0."""
     sigma_max: float = 0.0
@@ -91,15 +98,12 @@ class EvaluateConfig(EvaluationConfig):
     """L1-wavelet CS's iterations; 0 = METHOD.md's 100."""
     cg_sense_iterations: int = 0
     """CG-SENSE's iterations; 0 = 10 (its only regulariser at R > 1 is stopping early)."""
-    use_tuned: bool = False
-    """Use the settings ``adps tune`` searches left on the registered model versions
-    (:func:`tuned_settings`) for the settings not set above. Off by default: the evaluation then
-    follows the paper's protocol. On, it is fair or it refuses: at each R_inf, either every
-    diffusion model compared has settings from a search with the same budget on a split other
-    than test, or none has (then all run the protocol); a model without them is refused unless
-    ``allow_untuned``. The ``settings`` column of the results says where each row's came from."""
+    # sampler_settings (EvaluationConfig): with best or fastest, the evaluation is fair or it refuses:
+    # at each R_inf, either every diffusion model compared has settings from a search with the same
+    # budget on a split other than test, or none has (then all run the protocol); a model without
+    # them is refused unless ``allow_untuned``.
     allow_untuned: bool = False
-    """With ``use_tuned``: evaluate a diffusion model that has no search at an R_inf where others
+    """With ``sampler_settings`` best or fastest: evaluate a diffusion model that has no search at an R_inf where others
     have one with its untuned settings, its rows marked ``untuned``, instead of refusing."""
     a_os: bool = True
     """Also evaluate A-OS for ambient models, at R_inf = R_train only (its valid case)."""
@@ -178,7 +182,8 @@ class Cell:
     """The sampler's other settings (``sigma_min``, ``churn``, ``step_scale``, ``iterations``, ...), sorted."""
     settings: str = "paper"
     """Where the settings came from: ``paper`` (METHOD.md's), ``config`` (a value of the
-    evaluation config), ``tuned`` (a search) or ``untuned`` (no search, others had one)."""
+    evaluation config), ``tuned`` (a search's best), ``fastest`` (a search's fastest within its
+    tolerance) or ``untuned`` (no search, others had one)."""
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Cell:
@@ -198,8 +203,8 @@ class Cell:
 
 
 def check_fair_tuning(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any]]]) -> dict[tuple[str, float], str]:
-    """With ``use_tuned``: which settings each diffusion model gets at each R_inf, refusing an
-    unfair comparison. Returns ``{(label, r_inf): "tuned" | "untuned" | "paper"}``.
+    """With ``sampler_settings`` best or fastest: which settings each diffusion model gets at each
+    R_inf, refusing an unfair comparison. Returns ``{(label, r_inf): "tuned" | "untuned" | "paper"}``.
 
     At each R_inf, either every diffusion model has settings from a search, all with the same
     budget and none on the test split, or none has (``paper``: the protocol for all). A model
@@ -208,26 +213,28 @@ def check_fair_tuning(config: EvaluateConfig, models: Sequence[tuple[str, dict[s
     """
     verdict: dict[tuple[str, float], str] = {}
     diffusion = [(uri, c) for uri, c in models if c["method"] in DENOISER_METHODS]
-    if not config.use_tuned:
+    if config.sampler_settings == "paper":
         return verdict
+    which = FASTEST if config.sampler_settings == "fastest" else ""
     for r_inf in map(float, config.r_inf):
         tuned = {model_label(c): tuned_meta(c.get("_version_tags", {}), r_inf) for _, c in diffusion
-                 if tuned_settings(c.get("_version_tags", {}), r_inf)}
+                 if tuned_settings(c.get("_version_tags", {}), r_inf, which)}
         missing = [model_label(c) for _, c in diffusion if model_label(c) not in tuned]
         on_test = sorted(label for label, meta in tuned.items() if meta["split"] == "test")
         if on_test:
-            raise ValueError(f"use_tuned: the settings of {', '.join(on_test)} at R_inf {r_inf:g} were searched on the "
+            raise ValueError(f"sampler_settings: the settings of {', '.join(on_test)} at R_inf {r_inf:g} were searched on the "
                              "test split, whose slices this evaluation scores; search again on val")
         budgets = {meta["budget"] for meta in tuned.values()}
         if len(budgets) > 1:
             found = ", ".join(f"{label} {meta['budget'] or '?'} trials" for label, meta in sorted(tuned.items()))
-            raise ValueError(f"use_tuned: at R_inf {r_inf:g} the searches had different budgets ({found}); "
+            raise ValueError(f"sampler_settings: at R_inf {r_inf:g} the searches had different budgets ({found}); "
                              "tune every model with the same num_samples")
         if tuned and missing and not config.allow_untuned:
-            raise ValueError(f"use_tuned: at R_inf {r_inf:g}, {', '.join(sorted(tuned))} have settings from a Ray Tune "
-                             f"search but {', '.join(missing)} not: tune them with the same budget (adps tune --model "
-                             f"... --r-inf {r_inf:g}), or set allow_untuned: true to run them untuned (rows marked), "
-                             "or use_tuned: false for the paper's protocol")
+            raise ValueError(f"sampler_settings: at R_inf {r_inf:g}, {', '.join(sorted(tuned))} have {which or 'best'} "
+                             f"settings from a Ray Tune search but {', '.join(missing)} not: tune them with the same "
+                             f"budget (adps tune --model ... --r-inf {r_inf:g}{'; fastest needs the protocol as a trial' if which else ''}), "
+                             "or set allow_untuned: true to run them untuned (rows marked), or sampler_settings: paper "
+                             "for the paper's protocol")
         for label in tuned:
             verdict[(label, r_inf)] = "tuned"
         for label in missing:
@@ -248,17 +255,19 @@ def cell_settings(config: EvaluateConfig, model_config: dict[str, Any], sampler:
                   fairness: dict[tuple[str, float], str] | None = None) -> tuple[int, float, dict[str, float], str]:
     """``(steps, guidance, options, source)`` of one model's ``sampler`` at ``r_inf``.
 
-    Each value: the config's when set (for every model), else a search's (``use_tuned``),
-    else, for ambient models, ``a_dps_sigma_min`` / ``a_os_sigma``, else METHOD.md's. Settings
-    searched together are used together: an explicit guidance drops the rest of the tuned set.
-    ``source`` is ``tuned`` when any value came from a search, ``untuned`` for a model the fair
-    rule let run without one (:func:`check_fair_tuning`), ``config`` when any came from the
+    Each value: the config's when set (for every model), else a search's (``sampler_settings``
+    best or fastest; A-OS, one network call, always takes its search's best), else, for ambient
+    models, ``a_dps_sigma_min`` / ``a_os_sigma``, else METHOD.md's. Settings searched together
+    are used together: an explicit guidance drops the rest of the tuned set. ``source`` is
+    ``tuned`` (best) or ``fastest`` when any value came from a search, ``untuned`` for a model the
+    fair rule let run without one (:func:`check_fair_tuning`), ``config`` when any came from the
     config, else ``paper``.
     """
     method = model_config["method"]
     tags = model_config.get("_version_tags", {})
-    use_tuned = config.use_tuned and method in DENOISER_METHODS
-    tuned = tuned_settings(tags, r_inf, "a_os" if sampler == "a_os" else "") if use_tuned else {}
+    use_tuned = config.sampler_settings != "paper" and method in DENOISER_METHODS
+    which = "a_os" if sampler == "a_os" else FASTEST if config.sampler_settings == "fastest" else ""
+    tuned = tuned_settings(tags, r_inf, which) if use_tuned else {}
     tuned_steps, tuned_guidance = int(tuned.pop("steps", 0)), tuned.pop("guidance", 0.0)
     steps = (config.steps or tuned_steps) if sampler in ITERATIVE_SAMPLERS else 0
     guidance = config.guidance or tuned_guidance or 1.0
@@ -276,7 +285,7 @@ def cell_settings(config: EvaluateConfig, model_config: dict[str, Any], sampler:
     from_tuned = bool(tuned or tuned_steps or tuned_guidance) and not config.guidance
     from_config = bool(explicit or fallback.keys() & options.keys()
                        or (sampler in ITERATIVE_SAMPLERS and config.steps) or (sampler in ("a_dps", "dps") and config.guidance))
-    source = "tuned" if from_tuned else "config" if from_config else "paper"
+    source = ("fastest" if which == FASTEST else "tuned") if from_tuned else "config" if from_config else "paper"
     if (fairness or {}).get((model_label(model_config), r_inf)) == "untuned" and sampler != "a_os":
         source = "untuned"
     return steps, float(guidance), options, source

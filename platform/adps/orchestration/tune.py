@@ -24,7 +24,8 @@ from adps.data.dataset import PreparedSliceDataset
 from adps.data.preprocess import COMPRESSED_SPLITS
 from adps.data.shards import read_manifest
 from adps.images import ImageDataset
-from adps.nn.samplers import METHOD_SAMPLERS
+from adps.nn.image_diffusion import IMAGE_SAMPLING
+from adps.nn.samplers import METHOD_SAMPLERS, network_calls
 from adps.orchestration.denoising_check import check_denoisers, format_denoising_check
 from adps.orchestration.figures import LABELS, _pyplot
 from adps.orchestration.registry import CLASSICAL, load_model_entry, model_label, model_uri, tag_tuned_settings
@@ -34,9 +35,9 @@ from adps.orchestration.tune_config import (
     SearchSpace,
     load_space,
 )
-from adps.orchestration.tune_trial import search_trial
+from adps.orchestration.tune_trial import SECONDS_PER, search_trial
 
-__all__ = ["truncated_search_state", "tune_search"]
+__all__ = ["fastest_within", "pareto_front", "truncated_search_state", "tune_search"]
 
 
 # The search ----------------------------------------------------------------------------------
@@ -240,6 +241,7 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
         tune.with_parameters(function, config=config.to_dict(), **extra),
         {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
     )
+    reference = space.reference_point() if config.reference_trial and not config.task else None
     resumed = bool(tune.Tuner.can_restore(path))
     if resumed:
         if progress:
@@ -266,7 +268,8 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
                 # A trial's process is kept for the next trial: Ray would otherwise start a new
                 # one each time, and importing torch and adps there costs seconds.
                 reuse_actors=True,
-                search_alg=OptunaSearch(space=space.ray_space(), metric=space.metric, mode=space.mode, seed=config.seed),
+                search_alg=OptunaSearch(space=space.ray_space(), metric=space.metric, mode=space.mode, seed=config.seed,
+                                        points_to_evaluate=[reference] if reference else None),
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=n_batches,
                                         grace_period=min(config.grace_period, n_batches),
                                         reduction_factor=config.reduction_factor),
@@ -275,7 +278,7 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
                                       verbose=0),  # our TrialLog shows the progress
         )
     grid = tuner.fit()
-    trials = _trial_rows(grid, space, n_batches)
+    trials = _trial_rows(grid, space, n_batches, reference)
     return _finish(config, space, trials, run_id=run_id, path=path, resumed=resumed, label=label, n_batches=n_batches,
                    title=f"{plan['title']} ({space.sampler})", method=model_config.get("method", ""))
 
@@ -323,7 +326,11 @@ def truncated_search_state(path: str) -> list[str]:
     return cut
 
 
-def _trial_rows(grid: Any, space: SearchSpace, n_batches: int) -> list[dict[str, Any]]:
+def _trial_rows(grid: Any, space: SearchSpace, n_batches: int,
+                reference: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per trial: settings, final metrics and seconds per item, the objective's running
+    mean per batch (``history``), whether ASHA stopped it, whether it ran the ``reference`` point."""
+    seconds = SECONDS_PER["images" if space.sampler == "image" else "slices"]
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -340,10 +347,43 @@ def _trial_rows(grid: Any, space: SearchSpace, n_batches: int) -> list[dict[str,
             "stopped_early": result.error is None and reports < n_batches,
             "history": [] if history is None or space.metric not in history else
             [float(v) for v in history[space.metric].tolist()],
-            **{m: float(metrics[m]) for m in space.metrics if m in metrics},
+            "reference": reference is not None and all(
+                math.isclose(float(settings.get(k, math.nan)), float(v), rel_tol=1e-9) for k, v in reference.items()),
+            **{m: float(metrics[m]) for m in (*space.metrics, seconds) if m in metrics},
         })
     rows.sort(key=lambda r: r["trial_id"])
     return rows
+
+
+def pareto_front(trials: list[dict[str, Any]], space: SearchSpace, seconds: str) -> list[dict[str, Any]]:
+    """The complete trials (every slice, no error) that no other complete trial beats on both
+    the objective and ``seconds`` (per slice): the quality each speed can have. Fastest first."""
+    sign = 1 if space.mode == "min" else -1
+    complete = [t for t in trials if t["error"] is None and not t["stopped_early"] and space.metric in t
+                and seconds in t]
+    front, best = [], math.inf
+    for trial in sorted(complete, key=lambda t: (t[seconds], sign * t[space.metric])):
+        if sign * trial[space.metric] < best:
+            front.append(trial)
+            best = sign * trial[space.metric]
+    return front
+
+
+def fastest_within(trials: list[dict[str, Any]], space: SearchSpace, seconds: str,
+                   tolerance: float) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """``(fastest, reference)``: the quickest complete trial whose objective is within
+    ``tolerance`` of the reference trial's, both taken on the slices the reference saw (their
+    running means after its last batch: ASHA may have stopped it early). ``(None, reference)``
+    without a reference result."""
+    reference = next((t for t in trials if t.get("reference") and t["error"] is None and t["history"]), None)
+    if reference is None:
+        return None, None
+    batches = len(reference["history"])
+    limit = reference["history"][-1] * (1 + tolerance if space.mode == "min" else 1 - tolerance)
+    near = [t for t in trials if t["error"] is None and not t["stopped_early"] and seconds in t
+            and len(t["history"]) >= batches and (t["history"][batches - 1] <= limit if space.mode == "min"
+                                                  else t["history"][batches - 1] >= limit)]
+    return (min(near, key=lambda t: t[seconds]) if near else None), reference
 
 
 def _best(trials: list[dict[str, Any]], space: SearchSpace) -> dict[str, Any] | None:
@@ -362,6 +402,7 @@ def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any
 
     uri = config.tracking_uri
     parent = RunLogger(uri, run_id)
+    seconds = SECONDS_PER["images" if space.sampler == "image" else "slices"]
     for trial in trials:
         child_id, existed = open_run(uri, config.experiment, f"{path}#{trial['trial_id']}", f"{config.name}-{trial['trial_id']}",
                                      trial["settings"], tags={"mlflow.parentRunId": run_id})
@@ -369,9 +410,9 @@ def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any
         if not existed:
             for step, value in enumerate(trial["history"], start=1):
                 child.log_metrics({f"running_{space.metric}": value}, step)
-            child.log_metrics({m: trial[m] for m in space.metrics if m in trial}, trial["reports"])
+            child.log_metrics({m: trial[m] for m in (*space.metrics, seconds) if m in trial}, trial["reports"])
         child.set_tags({"adps.stopped_early": str(trial["stopped_early"]).lower(), "adps.reports": trial["reports"],
-                        "adps.trial_id": trial["trial_id"]})
+                        "adps.trial_id": trial["trial_id"], "adps.reference": str(trial.get("reference", False)).lower()})
         end_run(uri, child_id, "FAILED" if trial["error"] else "FINISHED")
     best_trial = _best(trials, space)
     best = None if best_trial is None else {
@@ -384,6 +425,20 @@ def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any
     if best is not None and config.task:  # an image search: its task instead of an R_inf
         best.update(r_inf=None, task=config.task, setting=config.image_setting, measurements=config.measurements,
                     factor=config.factor, noise=config.noise)
+    front = pareto_front(trials, space, seconds)
+    fastest, reference = fastest_within(trials, space, seconds, config.fastest_tolerance)
+    if best is not None:
+        best[seconds] = best_trial.get(seconds)
+        best["pareto"] = [{"trial_id": t["trial_id"], "settings": t["settings"], space.metric: t[space.metric],
+                           seconds: t[seconds]} for t in front]
+        if reference is not None:
+            best["reference"] = {"trial_id": reference["trial_id"], "settings": reference["settings"],
+                                 space.metric: reference["history"][-1], "slices": len(reference["history"]) *
+                                 config.slices_per_report, seconds: reference.get(seconds)}
+        if fastest is not None:
+            best["fastest"] = {"trial_id": fastest["trial_id"], "settings": fastest["settings"],
+                               space.metric: fastest[space.metric], seconds: fastest[seconds],
+                               "tolerance": config.fastest_tolerance}
     version = None
     with tempfile.TemporaryDirectory(prefix="adps-tune-") as tmp:
         folder = Path(tmp)
@@ -391,19 +446,80 @@ def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any
         if best is not None:
             (folder / "best.json").write_text(json.dumps(best, indent=1))
             storage.write_bytes_atomic(storage.join(path, "best.json"), json.dumps(best, indent=1).encode())
-        figure = objective_figure(trials, space, title)
-        if figure is not None:
-            figure.savefig(folder / "objective_vs_steps.png", dpi=120, bbox_inches="tight")
+        _pareto_table(trials, front, space, seconds).to_csv(folder / "pareto.csv", index=False)
+        figures = {"objective_vs_steps.png": objective_figure(trials, space, title),
+                   "pareto.png": pareto_figure(trials, front, space, seconds, title, fastest, reference)}
+        for name, figure in figures.items():
+            if figure is not None:
+                figure.savefig(folder / name, dpi=120, bbox_inches="tight")
         for item in sorted(folder.iterdir()):
             parent.client.log_artifact(run_id, str(item))
     if best is not None:
         parent.log_metrics({f"best_{space.metric}": best["value"]}, 0)
+        for key, found in (("best", best_trial), ("fastest", fastest), ("reference", reference)):
+            if found is not None and found.get(seconds) is not None:
+                parent.log_metrics({f"{key}_{seconds}": found[seconds]}, 0)
+        if fastest is not None:
+            parent.log_metrics({f"fastest_{space.metric}": fastest[space.metric]}, 0)
+            parent.set_tags({"adps.fastest." + k: v for k, v in fastest["settings"].items()})
+        if reference is not None:
+            parent.log_metrics({f"reference_{space.metric}": reference["history"][-1]}, 0)
         parent.set_tags({"adps.best." + k: v for k, v in best["settings"].items()})
         if config.tag_model and config.model.startswith("models:/"):
             version = tag_tuned_settings(config, best, run_id, sampler=space.sampler, model_method=method)
     parent.set_tags({"adps.trials": len(trials), "adps.resumed": str(resumed).lower()})
     end_run(uri, run_id, "FINISHED" if best is not None else "FAILED")
     return {"best": best, "trials": trials, "run_id": run_id, "path": path, "resumed": resumed, "version": version}
+
+
+def _pareto_table(trials: list[dict[str, Any]], front: list[dict[str, Any]], space: SearchSpace, seconds: str) -> Any:
+    """Every trial's settings, objective, seconds per item and network calls, and whether it is
+    on the Pareto front or ran the reference point (``pareto.csv``)."""
+    import pandas as pd
+
+    on_front = {t["trial_id"] for t in front}
+    rows = [{"trial_id": t["trial_id"], **t["settings"], space.metric: t.get(space.metric), seconds: t.get(seconds),
+             "network_calls": _calls(space.sampler, t["settings"]), "complete": t["error"] is None and not t["stopped_early"],
+             "pareto": t["trial_id"] in on_front, "reference": bool(t.get("reference"))} for t in trials]
+    return pd.DataFrame(rows).sort_values(seconds, na_position="last") if rows else pd.DataFrame()
+
+
+def _calls(sampler: str, settings: dict[str, Any]) -> int | None:
+    """The network calls of a trial's settings (A-DPS / DPS / ALD with ``steps`` searched)."""
+    if "steps" not in settings:
+        return None
+    if sampler == "image":
+        return network_calls(int(settings["steps"]), IMAGE_SAMPLING["solver"])
+    return network_calls(int(settings["steps"])) if sampler in ("a_dps", "dps") else int(settings["steps"])
+
+
+def pareto_figure(trials: list[dict[str, Any]], front: list[dict[str, Any]], space: SearchSpace, seconds: str,
+                  title: str, fastest: dict[str, Any] | None, reference: dict[str, Any] | None) -> Any:
+    """The objective of every trial against its seconds per item (hollow: stopped early), the
+    Pareto front joined, the reference and the fastest within tolerance marked; None without
+    timed trials."""
+    timed = [t for t in trials if seconds in t and space.metric in t]
+    if not timed:
+        return None
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for trial in timed:
+        axis.scatter([trial[seconds]], [trial[space.metric]], s=20, edgecolors="C0",
+                     facecolors="none" if trial["stopped_early"] else "C0")
+    if front:
+        axis.plot([t[seconds] for t in front], [t[space.metric] for t in front], color="C1", marker="o",
+                  label="Pareto front")
+    for found, marker, label in ((reference, "s", "reference (protocol)"), (fastest, "*", "fastest within tolerance")):
+        if found is not None and seconds in found and space.metric in found:
+            axis.scatter([found[seconds]], [found[space.metric]], marker=marker, s=90, color="C3", label=label, zorder=3)
+    axis.set_xscale("log")
+    axis.set_xlabel(seconds.replace("_", " "))
+    axis.set_ylabel(LABELS.get(space.metric, space.metric))
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
 
 
 def objective_figure(trials: list[dict[str, Any]], space: SearchSpace, title: str) -> Any:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from adps.data import storage
+from adps.nn.samplers import SAMPLER_DEFAULTS
 from adps.orchestration.tracking import RunConfig
 
 __all__ = [
@@ -73,6 +74,25 @@ class SearchSpace:
     def metrics(self) -> tuple[str, ...]:
         """Every metric a trial of this space reports (the objective is one of them)."""
         return IMAGE_OBJECTIVE_METRICS if self.sampler == "image" else OBJECTIVE_METRICS
+
+    def reference_point(self) -> dict[str, Any] | None:
+        """The protocol's settings (METHOD.md, :data:`~adps.nn.samplers.SAMPLER_DEFAULTS`) of the
+        searched params, when the space holds every one of them; else None. A search runs them as
+        its first trial: the quality its fastest settings are measured against."""
+        defaults = {**SAMPLER_DEFAULTS.get(self.sampler, {}), "churn": 0.0} if self.sampler != "image" else {}
+        point = {}
+        for name, spec in self.params.items():
+            value = defaults.get(name)
+            if value is None:
+                return None
+            if spec["type"] == "choice":
+                held = value in spec["values"]
+            else:
+                held = spec["low"] <= value <= spec["high"] and (spec["type"] != "randint" or float(value).is_integer())
+            if not held:
+                return None
+            point[name] = value
+        return point
 
     def ray_space(self) -> dict[str, Any]:
         """The params as Ray Tune domains (OptunaSearch converts them to Optuna distributions)."""
@@ -234,6 +254,12 @@ class SearchConfig(RunConfig):
     experiment: str = "adps-tune"
     tag_model: bool = True
     """Write the best settings as tags on the registered model version (``models:/`` only)."""
+    reference_trial: bool = True
+    """Run the protocol's settings (METHOD.md: 500 Euler steps, guidance 1, ...) as the first
+    trial, when the space holds them: the quality that ``fastest`` is measured against (MRI)."""
+    fastest_tolerance: float = 0.01
+    """``fastest``: the quickest trial whose objective is within this fraction of the reference
+    trial's on the same slices (NRMSE at most 1 % higher by default; PSNR / SSIM at most 1 % lower)."""
 
     def validate(self) -> None:
         """Checks that need no I/O; names the key at fault."""
@@ -264,6 +290,8 @@ class SearchConfig(RunConfig):
                 raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
         if self.reduction_factor < 2:
             raise ValueError(f"config key 'reduction_factor' must be >= 2, got {self.reduction_factor}")
+        if not (0 <= self.fastest_tolerance < 1):
+            raise ValueError(f"config key 'fastest_tolerance' must be in [0, 1), got {self.fastest_tolerance}")
         if self.gpus_per_trial < 0 or self.cpus_per_trial <= 0:
             raise ValueError("config keys 'gpus_per_trial' (>= 0) and 'cpus_per_trial' (> 0) out of range: "
                              f"{self.gpus_per_trial}, {self.cpus_per_trial}")

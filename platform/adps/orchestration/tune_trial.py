@@ -3,14 +3,15 @@
 :func:`search_trial` serves both studies: it reconstructs the search's validation slices at
 ``R_inf`` (MRI), or measures and reconstructs the search's images with its task's operator
 (natural images), with the sampled settings, and reports the running mean of the objective's
-metrics after each batch, so that ASHA can stop a poor trial early. Every trial sees the same
-data and noise.
+metrics after each batch, so that ASHA can stop a poor trial early, and of the seconds the
+sampler took per slice (image). Every trial sees the same data and noise.
 Ray Tune is imported inside it: this module is imported by the driver, which must not need
 a Ray worker to load.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +25,7 @@ from adps.orchestration.cells import reconstruct_batch, stack_batch
 from adps.orchestration.registry import load_model_entry
 from adps.orchestration.tune_config import IMAGE_OBJECTIVE_METRICS, OBJECTIVE_METRICS, SearchConfig
 
-__all__ = ["search_trial"]
+__all__ = ["SECONDS_PER", "search_trial"]
 
 
 def _load_batches(config: SearchConfig, device: str) -> tuple[list[dict[str, Any]], int | None]:
@@ -65,30 +66,50 @@ def search_trial(params: dict[str, Any], *, config: dict[str, Any], sampler: str
         metrics, unit = OBJECTIVE_METRICS, "slices"
         batches = _mri_scores(search, model, model_config, settings, device, sampler)
     totals = dict.fromkeys(metrics, 0.0)
-    seen = 0
-    for index, scores in enumerate(batches):
+    seen, seconds = 0, 0.0
+    for index, (scores, batch_seconds) in enumerate(batches):
         for metric in metrics:
             # A diverged reconstruction scores as the worst possible, not as NaN (ASHA compares).
             worst = 1e6 if metric in ("nrmse", "mse") else -1e6
             totals[metric] += float(torch.nan_to_num(scores[metric].double().cpu(), nan=worst).sum())
         seen += len(scores[metrics[0]])
-        tune.report({**{m: totals[m] / seen for m in metrics}, unit: seen, "batch": index + 1})
+        seconds += batch_seconds
+        tune.report({**{m: totals[m] / seen for m in metrics}, unit: seen, "batch": index + 1,
+                     SECONDS_PER[unit]: seconds / seen})
+
+
+SECONDS_PER = {"slices": "seconds_per_slice", "images": "seconds_per_image"}
+"""The speed a trial reports beside its quality: the running mean of the sampler's wall time
+per slice (image), the network on its device, data loading and metrics not counted."""
+
+
+def _timed(device: str, run: Any) -> tuple[Any, float]:
+    """``(run(), seconds)``, the device synchronised before the clock is read."""
+    import torch
+
+    started = time.perf_counter()
+    result = run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - started
 
 
 def _mri_scores(search: SearchConfig, model: Any, model_config: dict[str, Any], settings: dict[str, Any],
-                device: str, sampler: str) -> Iterator[dict[str, Any]]:
-    """Per batch of validation slices: NRMSE / PSNR / SSIM of ``sampler``'s reconstructions."""
+                device: str, sampler: str) -> Iterator[tuple[dict[str, Any], float]]:
+    """Per batch of validation slices: NRMSE / PSNR / SSIM of ``sampler``'s reconstructions and
+    the seconds they took."""
     batches, acs = _load_batches(search, device)
     for batch in batches:
-        image = reconstruct_batch(sampler, model, batch, r_train=float(model_config["r_train"]), seed=search.seed, acs=acs,
-                                  amp=search.amp, **settings)
-        yield image_metrics(batch["reference"], image.detach())
+        image, seconds = _timed(device, lambda batch=batch: reconstruct_batch(
+            sampler, model, batch, r_train=float(model_config["r_train"]), seed=search.seed, acs=acs, amp=search.amp,
+            **settings))
+        yield image_metrics(batch["reference"], image.detach()), seconds
 
 
 def _image_scores(search: SearchConfig, model: Any, model_config: dict[str, Any], settings: dict[str, Any],
-                  device: str, resolution: int) -> Iterator[dict[str, Any]]:
+                  device: str, resolution: int) -> Iterator[tuple[dict[str, Any], float]]:
     """Per batch of images: MSE (``[0, 1]`` scale, estimates clipped to ``[-1, 1]``) and PSNR of
-    the model's posterior samples from the task's measurements."""
+    the model's posterior samples from the task's measurements, and the seconds they took."""
     import torch
 
     settings = dict(settings)
@@ -103,10 +124,11 @@ def _image_scores(search: SearchConfig, model: Any, model_config: dict[str, Any]
         if search.noise > 0:  # each image's noise from its own seed: any batching gives the same y
             y = torch.cat([add_noise(y[i : i + 1], search.noise, generator=_seeded(search.seed, 1, image_index))
                            for i, image_index in enumerate(indices)])
-        estimate = run_sampler(model=model, y=y, operator=operator, generator=_seeded(search.seed, 2, indices[0]),
-                               amp=search.amp or None, **options, **settings)
+        estimate, seconds = _timed(device, lambda y=y, indices=indices: run_sampler(
+            model=model, y=y, operator=operator, generator=_seeded(search.seed, 2, indices[0]), amp=search.amp or None,
+            **options, **settings))
         mse = torch.nan_to_num(rgb_mse(images, estimate.detach().float().clamp(-1, 1)).cpu(), nan=1e6)
-        yield {"mse": mse, "psnr": -10 * torch.log10(mse.clamp_min(1e-12))}
+        yield {"mse": mse, "psnr": -10 * torch.log10(mse.clamp_min(1e-12))}, seconds
 
 
 def _seeded(*keys: int) -> Any:
