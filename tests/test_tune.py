@@ -221,6 +221,14 @@ def test_search_with_asha_logs_runs_best_json_and_version_tags(
     tags = tag_tuned_settings(config, best, parent, sampler="a_dps", model_method="ambient").tags
     assert tuned_settings(tags, 4.0, "fastest") == {}
 
+    # A search is pinned to the version @latest named when it started: resumed after another version
+    # is registered, it still loads and tags that one.
+    assert client.get_run(parent).data.tags["adps.model"] == f"models:/adps-tunesearch-r2/{version.version}"
+    newer = register_model(ambient_model, tracking_uri=uri, run_id=run.info.run_id, name="adps-tunesearch-r2")
+    resumed = tune_search(config, progress=False)
+    assert resumed["resumed"] and resumed["run_id"] == parent and resumed["version"].version == version.version
+    assert not any(tag.startswith("adps.tuned.") for tag in client.get_model_version(newer.name, newer.version).tags)
+
 
 def test_pareto_front_and_the_fastest_settings_within_tolerance() -> None:
     """The front keeps the complete trials no other beats on both quality and speed; the fastest

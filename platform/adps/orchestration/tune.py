@@ -28,8 +28,22 @@ from adps.nn.image_diffusion import IMAGE_SAMPLING
 from adps.nn.samplers import METHOD_SAMPLERS, network_calls
 from adps.orchestration.denoising_check import check_denoisers, format_denoising_check
 from adps.orchestration.figures import LABELS, _pyplot
-from adps.orchestration.registry import CLASSICAL, load_model_entry, model_label, model_uri, tag_tuned_settings
-from adps.orchestration.tracking import RunLogger, end_run, open_run, refuse_job_scratch, resolve_tracking_uri
+from adps.orchestration.registry import (
+    CLASSICAL,
+    load_model_entry,
+    model_label,
+    model_uri,
+    model_version_of,
+    tag_tuned_settings,
+)
+from adps.orchestration.tracking import (
+    RunLogger,
+    end_run,
+    find_run,
+    open_run,
+    refuse_job_scratch,
+    resolve_tracking_uri,
+)
 from adps.orchestration.tune_config import (
     SearchConfig,
     SearchSpace,
@@ -217,14 +231,21 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
     if "://" not in config.model and Path(config.model).exists():
         config = config.replace(model=str(Path(config.model).resolve()))
     uri, model_config = _model_info(config, space)
-    config = config.replace(model=uri)
-    plan = _search_plan(config, space, model_config)
+    # Pinned to the registry version it names now: every trial loads that version, and its
+    # tags go to it, even if another is registered meanwhile.
+    version = model_version_of(uri, config.tracking_uri)
+    uri = f"models:/{version.name}/{version.version}" if version is not None else uri
+    plan = _search_plan(config.replace(model=uri), space, model_config)
     label = plan["label"]
     name = config.name or plan["name"]
     refuse_job_scratch(config.resolved_storage, "Ray Tune's results folder", "set storage_path to durable storage "
                        "(s3://..., or a folder outside the job)")
     config = config.replace(name=name, storage_path=config.resolved_storage)
     path = storage.join(config.storage_path, name)
+    started = find_run(config.tracking_uri, config.experiment, path)
+    if started is not None and started.data.tags.get("adps.model", "").startswith("models:/"):
+        uri = started.data.tags["adps.model"]  # a resumed search keeps the version it started with
+    config = config.replace(model=uri)
     n_batches = math.ceil(plan["n_items"] / config.slices_per_report)
 
     if not ray.is_initialized():
