@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,8 @@ def test_a_worker_killed_twice_resumes_exactly_in_one_mlflow_run(tiny_prepared: 
         storage_path=str(tmp_path / "runs"), run_name="ambient_fault", register=False, validate_every_steps=2,
         experiment="fault-test",
     )
+    scratch_before = sorted(Path(tempfile.gettempdir()).glob("adps-resume-*")) + sorted(
+        Path(tempfile.gettempdir()).glob("adps-ckpt-*"))
     result = train(config)
     assert result.error is None
     assert result.metrics["step"] == 6
@@ -93,6 +96,10 @@ def test_a_worker_killed_twice_resumes_exactly_in_one_mlflow_run(tiny_prepared: 
     # Every checkpoint was logged as it was written; the run's tag names the final one.
     assert {m.step for m in client.get_metric_history(result.run_id, "checkpoint_step")} == {2, 4, 6}
     assert runs[0].data.tags["adps.checkpoint"] == result.checkpoint.path
+    # The killed workers' local copies (of the checkpoint resumed from, of one being written) are
+    # the run's own folders, emptied and reused by the restarted workers, gone at the end.
+    assert sorted(Path(tempfile.gettempdir()).glob("adps-resume-*")) + sorted(
+        Path(tempfile.gettempdir()).glob("adps-ckpt-*")) == scratch_before
 
 
 # MLflow down ---------------------------------------------------------------------------------

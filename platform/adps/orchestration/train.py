@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from adps.orchestration.train_worker import (
     EMA_DIR,
     WorkerContext,
     model_record,
+    scratch_folder,
     training_length,
     training_set,
     worker_loop,
@@ -87,7 +87,7 @@ def _ray_worker(payload: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         # A local copy: the checkpoint may live on S3, and the loop reads it after this block.
-        checkpoint_dir: str | None = tempfile.mkdtemp(prefix="adps-resume-")
+        checkpoint_dir: str | None = str(scratch_folder("resume", config, rank))
         with checkpoint.as_directory() as folder:
             shutil.copytree(folder, checkpoint_dir, dirs_exist_ok=True)
     else:

@@ -17,9 +17,11 @@ loop in-process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -253,6 +255,23 @@ class WorkerContext:
     """Rank 0's metric logger (MLflow): ``log(metrics, step)``; None = no logging."""
 
 
+def scratch_path(kind: str, config: TrainConfig, rank: int) -> Path:
+    """``<tmp>/adps-<kind>-<run key>-r<rank>``: the local folder of this run and rank for ``kind``
+    (``resume``: the copy of the checkpoint resumed from; ``ckpt``: one being written)."""
+    key = hashlib.sha1(f"{config.storage_path}/{config.resolved_run_name}".encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"adps-{kind}-{key}-r{rank}"
+
+
+def scratch_folder(kind: str, config: TrainConfig, rank: int) -> Path:
+    """:func:`scratch_path`, emptied and created: a worker killed while using it leaves it behind,
+    and the next start of the same run and rank empties and reuses it, instead of leaving one more
+    (a random name would)."""
+    folder = scratch_path(kind, config, rank)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
 def shard_batches(dataset: Any, indices: list[int], batch_size: int, start: int, *, pin_memory: bool = False):
     """Batches of ``dataset[indices]`` from batch number ``start`` on (full batches only).
 
@@ -414,9 +433,12 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
 
     def checkpoint_and_report(metrics: dict[str, Any], epoch: int, position: int) -> None:
         if ctx.rank == 0:
-            with tempfile.TemporaryDirectory(prefix="adps-ckpt-") as tmp:
-                save_training_checkpoint(tmp, trainee, state(epoch, position))
-                ctx.report(metrics, tmp)  # Ray copies the folder to storage before returning
+            folder = scratch_folder("ckpt", config, ctx.rank)
+            try:
+                save_training_checkpoint(folder, trainee, state(epoch, position))
+                ctx.report(metrics, str(folder))  # Ray copies the folder to storage before returning
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
         else:
             ctx.report(metrics, None)
 
