@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from adps.orchestration.cells import EvaluationConfig, Study, publish_report, run_cells
-from adps.orchestration.registry import CHAMPION
+from adps.orchestration.registry import CHAMPION, set_champion
 from adps.orchestration.study_images import (
     IMAGE_STUDY,
     ImageEvaluateConfig,
@@ -122,11 +122,8 @@ def crown_champion(study: Study, config: EvaluationConfig, rows: list[dict[str, 
                    run_id: str) -> str:
     """Point the alias ``@champion`` at the registered version that scored best here: the
     lowest mean ``study.score`` over its cells (its best sampler's), among the evaluated models
-    that are registry versions. A version evaluated here that lost keeps no ``@champion`` this
-    evaluation gave it before. Returns ``models:/<name>/<version>`` ('' without registry models)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
+    that are registry versions (:func:`~adps.orchestration.registry.set_champion`). Returns
+    ``models:/<name>/<version>`` ('' without registry models)."""
     versions = {cell.label: cell.model for cell in cells if cell.model.startswith("models:/")}
     scores: dict[tuple[str, str], list[float]] = {}
     for row in rows:
@@ -136,17 +133,6 @@ def crown_champion(study: Study, config: EvaluationConfig, rows: list[dict[str, 
     if not scores:
         return ""
     best = min(scores, key=lambda key: float(np.mean(scores[key])))[0]
-    client = MlflowClient(config.tracking_uri)
-    for label, uri in versions.items():
-        name, _, version = uri[len("models:/"):].partition("/")
-        if label == best:
-            client.set_registered_model_alias(name, CHAMPION, version)
-            client.set_model_version_tag(name, version, "adps.champion_of", f"{config.run_name} (MLflow run {run_id})")
-            continue
-        try:
-            if client.get_model_version_by_alias(name, CHAMPION).version == version:
-                client.delete_registered_model_alias(name, CHAMPION)
-        except MlflowException:
-            pass  # no champion
+    set_champion(versions[best], list(versions.values()), config.tracking_uri, f"{config.run_name} (MLflow run {run_id})")
     print(f"adps evaluate: {versions[best]} is @{CHAMPION} (lowest mean {study.score}: {best})", flush=True)
     return versions[best]

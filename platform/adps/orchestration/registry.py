@@ -53,7 +53,7 @@ from adps.orchestration.tracking import process_tracking_uri, resolve_tracking_u
 __all__ = [
     "ALIAS", "CHAMPION", "PYFUNC_FILE", "RECONSTRUCTORS", "WEIGHTS_ARTIFACT", "compact_model_input", "encode_array",
     "image_from_output", "image_model_name", "input_example", "load_model", "model_description", "model_name",
-    "pip_requirements", "predict_arrays", "register_model", "registered_name", "to_model_input"
+    "pip_requirements", "predict_arrays", "register_model", "registered_name", "set_champion", "to_model_input"
 ]
 
 RECONSTRUCTORS = ("ambient", "modl", "ssdu")
@@ -101,14 +101,12 @@ TRAINED_ON = {
 """What each method's registered model is, for its description in the registry."""
 
 
-def model_description(config: Mapping[str, Any]) -> str:
-    """The registered model's description (Markdown): what it is, how to load and use it, and
-    the aliases the platform sets. ``config``: the model's ``config.json`` (method, r_train or
-    erasure_p)."""
+def model_description(name: str, config: Mapping[str, Any]) -> str:
+    """The registered model ``name``'s description (Markdown): what it is, how to load and use
+    it, and the aliases the platform sets. ``config``: the model's ``config.json`` (method,
+    r_train or erasure_p)."""
     method = config["method"]
     what = TRAINED_ON[method].format(r=f"{float(config.get('r_train') or 1):g}", p=f"{float(config.get('erasure_p') or 0):g}")
-    name = image_model_name(float(config.get("erasure_p") or 0)) if method == "image" else model_name(
-        method, float(config["r_train"]))
     use = ("Reconstructs through posterior sampling (`adps evaluate`, `adps tune`); `predict` refuses it."
            if method not in RECONSTRUCTORS else
            "`predict` (and `mlflow models serve`) reconstructs slices: docs/training.md, \"Serving\".")
@@ -277,7 +275,8 @@ def register_model(
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    method = _model_config(weights_dir)["method"]
+    model_config = _model_config(weights_dir)
+    method = model_config["method"]
     signature = None if method == "image" else _signature()
     # Only reconstructors get an example: MLflow runs it through predict, which the priors refuse.
     example = input_example() if method in RECONSTRUCTORS else None
@@ -302,7 +301,7 @@ def register_model(
     if description:
         client.update_model_version(name, version, description=description)
     if not client.get_registered_model(name).description:
-        client.update_registered_model(name, description=model_description(_model_config(weights_dir)))
+        client.update_registered_model(name, description=model_description(name, model_config))
     if alias and alias.lower() != ALIAS:
         client.set_registered_model_alias(name, alias, version)
     for key, value in (tags or {}).items():
@@ -322,8 +321,6 @@ def _model_config(weights_dir: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict) or "method" not in config:
         raise ValueError(f"{path}: not a model config (a JSON object with 'method')")
     return config
-
-
 
 
 # Loading -------------------------------------------------------------------------------------
@@ -446,6 +443,27 @@ def pin_model_entry(entry: str, tracking_uri: str) -> tuple[str, torch.nn.Module
     if version is not None:
         uri = f"models:/{version.name}/{version.version}"
     return uri, model, {**config, "_version_tags": dict(version.tags) if version is not None else {}}
+
+
+def set_champion(winner: str, evaluated: list[str], tracking_uri: str, note: str) -> None:
+    """Point :data:`CHAMPION` at the registry version ``winner`` (``models:/<name>/<version>``),
+    tagged ``adps.champion_of`` = ``note``; an ``evaluated`` version that holds the alias of its
+    name and lost gives it up."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    for uri in {winner, *evaluated}:
+        name, _, version = uri[len("models:/"):].partition("/")
+        if uri == winner:
+            client.set_registered_model_alias(name, CHAMPION, version)
+            client.set_model_version_tag(name, version, "adps.champion_of", note)
+            continue
+        try:
+            if client.get_model_version_by_alias(name, CHAMPION).version == version:
+                client.delete_registered_model_alias(name, CHAMPION)
+        except MlflowException:
+            pass  # the name has no champion
 
 
 TUNED_META = ("run_id", "budget", "split")

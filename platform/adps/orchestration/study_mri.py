@@ -103,8 +103,9 @@ class EvaluateConfig(EvaluationConfig):
     # budget on a split other than test, or none has (then all run the protocol); a model without
     # them is refused unless ``allow_untuned``.
     allow_untuned: bool = False
-    """With ``sampler_settings`` best or fastest: evaluate a diffusion model that has no search at an R_inf where others
-    have one with its untuned settings, its rows marked ``untuned``, instead of refusing."""
+    """With ``sampler_settings`` best or fastest: evaluate a diffusion model that has no search at
+    an R_inf where others have one with its untuned settings, its rows marked ``untuned``,
+    instead of refusing."""
     a_os: bool = True
     """Also evaluate A-OS for ambient models, at R_inf = R_train only (its valid case)."""
     a_dps_sigma_min: float = 0.0

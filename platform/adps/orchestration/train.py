@@ -313,16 +313,16 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
     config = _unless_finished(config, storage_root, planned_steps(config))
     check_resume(config, storage_root)
     run_name = config.resolved_run_name
+    run_folder = f"{storage_root.rstrip('/')}/{run_name}"  # Ray Train's, and the MLflow run's key
     run = TrainedRun(result=None)
     tags: dict[str, str] = {}
     if config.tracking:
         config = config.replace(tracking_uri=resolve_tracking_uri(config.tracking_uri))
         tags = _run_tags(config)
         run.tracking_uri = config.tracking_uri
-        run.run_id, resumed = open_run(config.tracking_uri, config.experiment, f"{storage_root.rstrip('/')}/{run_name}",
-                                       run_name, config.to_dict(), tags)
-        RunLogger(run.tracking_uri, run.run_id).set_tags(
-            {"mlflow.note.content": run_description(config, f"{storage_root.rstrip('/')}/{run_name}")})
+        run.run_id, resumed = open_run(config.tracking_uri, config.experiment, run_folder, run_name, config.to_dict(),
+                                       tags)
+        RunLogger(run.tracking_uri, run.run_id).set_tags({"mlflow.note.content": run_description(config, run_folder)})
         print(f"adps train: MLflow run {run.run_id} ({'resumed' if resumed else 'new'}) at {config.tracking_uri}",
               flush=True)
 
@@ -368,7 +368,7 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
     checkpoint = run.result.checkpoint
     where = checkpoint_uri(storage_root, checkpoint.path) if checkpoint is not None else ""
     if run.run_id is not None:
-        _finish_tracking(config, run, tags, where, f"{storage_root.rstrip('/')}/{run_name}")
+        _finish_tracking(config, run, tags, where, run_folder)
     record = {"run_name": run_name, "step": run.metrics.get("step"), "mlflow_run_id": run.run_id,
               "tracking_uri": run.tracking_uri, "registered_model": run.registered_model, "checkpoint": where}
     storage.write_bytes_atomic(storage.join(storage_root, run_name, FINISHED_FILE), json.dumps(record, indent=2).encode())

@@ -28,14 +28,7 @@ from adps.nn.image_diffusion import IMAGE_SAMPLING
 from adps.nn.samplers import METHOD_SAMPLERS, network_calls
 from adps.orchestration.denoising_check import check_denoisers, format_denoising_check
 from adps.orchestration.figures import LABELS, _pyplot
-from adps.orchestration.registry import (
-    CLASSICAL,
-    load_model_entry,
-    model_label,
-    model_uri,
-    model_version_of,
-    tag_tuned_settings,
-)
+from adps.orchestration.registry import CLASSICAL, model_label, model_uri, pin_model_entry, tag_tuned_settings
 from adps.orchestration.tracking import (
     RunLogger,
     end_run,
@@ -49,7 +42,7 @@ from adps.orchestration.tune_config import (
     SearchSpace,
     load_space,
 )
-from adps.orchestration.tune_trial import SECONDS_PER, search_trial
+from adps.orchestration.tune_trial import search_trial
 
 __all__ = ["fastest_within", "pareto_front", "truncated_search_state", "tune_search"]
 
@@ -116,10 +109,11 @@ def _max_concurrent(config: SearchConfig) -> int:
 
 
 def _model_info(config: SearchConfig, space: SearchSpace) -> tuple[str, dict[str, Any]]:
-    uri = model_uri(config.model)
-    if uri in CLASSICAL:
-        raise ValueError(f"config key 'model': {uri} has no sampler settings to search")
-    _, model_config = load_model_entry(uri, "cpu", config.tracking_uri)
+    """The model's URI, pinned to the registry version it names now (every trial loads that
+    version and its tags go to it, even if another is registered meanwhile), and its config."""
+    if model_uri(config.model) in CLASSICAL:
+        raise ValueError(f"config key 'model': {config.model} has no sampler settings to search")
+    uri, _, model_config = pin_model_entry(config.model, config.tracking_uri)
     method = model_config.get("method")
     if method == "image" or space.sampler == "image":
         _check_image_model(config, space, model_config)
@@ -231,10 +225,6 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
     if "://" not in config.model and Path(config.model).exists():
         config = config.replace(model=str(Path(config.model).resolve()))
     uri, model_config = _model_info(config, space)
-    # Pinned to the registry version it names now: every trial loads that version, and its
-    # tags go to it, even if another is registered meanwhile.
-    version = model_version_of(uri, config.tracking_uri)
-    uri = f"models:/{version.name}/{version.version}" if version is not None else uri
     plan = _search_plan(config.replace(model=uri), space, model_config)
     label = plan["label"]
     name = config.name or plan["name"]
@@ -351,7 +341,7 @@ def _trial_rows(grid: Any, space: SearchSpace, n_batches: int,
                 reference: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per trial: settings, final metrics and seconds per item, the objective's running
     mean per batch (``history``), whether ASHA stopped it, whether it ran the ``reference`` point."""
-    seconds = SECONDS_PER["images" if space.sampler == "image" else "slices"]
+    seconds = space.seconds_metric
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -394,8 +384,8 @@ def fastest_within(trials: list[dict[str, Any]], space: SearchSpace, seconds: st
                    tolerance: float) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """``(fastest, reference)``: the quickest complete trial whose objective is within
     ``tolerance`` of the reference trial's, both taken on the slices the reference saw (their
-    running means after its last batch: ASHA may have stopped it early). ``(None, reference)``
-    without a reference result."""
+    running means after its last batch: ASHA may have stopped it early); ``fastest`` None when
+    no trial is within it, both None without a reference result."""
     reference = next((t for t in trials if t.get("reference") and t["error"] is None and t["history"]), None)
     if reference is None:
         return None, None
@@ -423,7 +413,7 @@ def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any
 
     uri = config.tracking_uri
     parent = RunLogger(uri, run_id)
-    seconds = SECONDS_PER["images" if space.sampler == "image" else "slices"]
+    seconds = space.seconds_metric
     for trial in trials:
         child_id, existed = open_run(uri, config.experiment, f"{path}#{trial['trial_id']}", f"{config.name}-{trial['trial_id']}",
                                      trial["settings"], tags={"mlflow.parentRunId": run_id})

@@ -29,7 +29,8 @@ from adps.nn.samplers import SAMPLER_DEFAULTS
 from adps.orchestration.tracking import RunConfig
 
 __all__ = [
-    "IMAGE_OBJECTIVE_METRICS", "IMAGE_TASKS", "OBJECTIVE_METRICS", "SAMPLER_FAMILIES", "SAMPLER_PARAMS", "SearchConfig",
+    "IMAGE_OBJECTIVE_METRICS", "IMAGE_TASKS", "OBJECTIVE_METRICS", "SAMPLER_FAMILIES", "SAMPLER_PARAMS", "SECONDS_PER",
+    "SearchConfig",
     "SearchSpace", "load_space", "parse_space"
 ]
 
@@ -38,6 +39,9 @@ SAMPLER_FAMILIES = {"adps": "a_dps", "a_dps": "a_dps", "a_os": "a_os", "dps": "d
 """A space file's ``sampler`` -> the :func:`adps.nn.samplers.run_sampler` name (``image``: the
 natural-image samplers, :func:`adps.nn.image_diffusion.image_sampler` picks A-DPS or DPS
 from the model)."""
+SECONDS_PER = {"slices": "seconds_per_slice", "images": "seconds_per_image"}
+"""The speed a trial reports beside its quality: the running mean of the sampler's wall time
+per slice (image), the network on its device, data loading and metrics not counted."""
 SAMPLER_PARAMS = {
     "a_dps": ("guidance", "steps", "sigma_max", "sigma_min", "rho", "churn"), "a_os": ("sigma",),
     "dps": ("guidance", "steps", "sigma_max", "sigma_min", "rho", "churn"),
@@ -74,6 +78,11 @@ class SearchSpace:
     def metrics(self) -> tuple[str, ...]:
         """Every metric a trial of this space reports (the objective is one of them)."""
         return IMAGE_OBJECTIVE_METRICS if self.sampler == "image" else OBJECTIVE_METRICS
+
+    @property
+    def seconds_metric(self) -> str:
+        """The speed a trial of this space reports beside its quality (:data:`SECONDS_PER`)."""
+        return SECONDS_PER["images" if self.sampler == "image" else "slices"]
 
     def reference_point(self) -> dict[str, Any] | None:
         """The protocol's settings (METHOD.md, :data:`~adps.nn.samplers.SAMPLER_DEFAULTS`) of the

@@ -23,9 +23,9 @@ from adps.nn.image_diffusion import DEFAULT_DELTA, image_sampler, image_sampler_
 from adps.nn.samplers import run_sampler
 from adps.orchestration.cells import reconstruct_batch, stack_batch
 from adps.orchestration.registry import load_model_entry
-from adps.orchestration.tune_config import IMAGE_OBJECTIVE_METRICS, OBJECTIVE_METRICS, SearchConfig
+from adps.orchestration.tune_config import IMAGE_OBJECTIVE_METRICS, OBJECTIVE_METRICS, SECONDS_PER, SearchConfig
 
-__all__ = ["SECONDS_PER", "search_trial"]
+__all__ = ["search_trial"]
 
 
 def _load_batches(config: SearchConfig, device: str) -> tuple[list[dict[str, Any]], int | None]:
@@ -77,10 +77,6 @@ def search_trial(params: dict[str, Any], *, config: dict[str, Any], sampler: str
         tune.report({**{m: totals[m] / seen for m in metrics}, unit: seen, "batch": index + 1,
                      SECONDS_PER[unit]: seconds / seen})
 
-
-SECONDS_PER = {"slices": "seconds_per_slice", "images": "seconds_per_image"}
-"""The speed a trial reports beside its quality: the running mean of the sampler's wall time
-per slice (image), the network on its device, data loading and metrics not counted."""
 
 
 def _timed(device: str, run: Any) -> tuple[Any, float]:
