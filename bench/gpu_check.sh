@@ -10,34 +10,39 @@
 # (GPU_CHECK_BUDGET_S) that keeps the whole script under 8 minutes (the issue's limit):
 #
 #   1. nvidia-smi, and the Python environment (versions; what is missing);
-#   2. the tests that use CUDA: those marked `gpu` and the CUDA cases of the tests
-#      parametrised over devices (test_train_step, test_mri_sense, test_mri_recon, test_prefetch). Their
-#      phantoms need sigpy's birdcage_maps: where sigpy is missing, a stand-in for that one function
-#      is put on the tests' path (in a temporary folder, never in the repository);
-#   3. bench/train_step.py --device cuda: the tiny ambient row, and the paper-size ambient step
-#      eager (cudnn.benchmark) and torch.compile'd with Inductor's channels-last layout forced on
-#      ("nhwc": the first run's profile found cuDNN's layout transposes at 61 of the compiled
-#      step's 264 ms), each profiled once (device time by kernel family); the bf16 step's loss and
-#      gradients against float32, eager and compiled;
-#   4. bench/operators.py --device cuda: the SENSE operators at the paper's test size;
-#   5. bench/sample_speed.py --device cuda: A-DPS s/slice compiled with CUDA graphs
+#   2. bench/train_step.py --device cuda: the tiny ambient row, and the paper-size ambient step
+#      torch.compile'd with Inductor's channels-last layout forced on ("nhwc": the first run's
+#      profile found cuDNN's layout transposes at 61 of the compiled step's 264 ms), and eager
+#      (cudnn.benchmark) on a card of 100 GB or more (82.7 GB: an 80 GB card cannot hold it), each
+#      profiled once (device time by kernel family); the bf16 step's loss and gradients against
+#      float32, eager and compiled;
+#   3. bench/operators.py --device cuda: the SENSE operators at the paper's test size;
+#   4. bench/sample_speed.py --device cuda: A-DPS s/slice compiled with CUDA graphs
 #      ("reduce-overhead"), "nhwc" and "inline" (element-wise intermediates recomputed in their
-#      readers) at batch 16 (8 on a card under
-#      100 GB: batch 16 peaked at 80.9 GB), and a complete 20-step A-DPS run in bf16 against
-#      float32 (eager, batch 2: the same reconstructions within tolerance); if the compiled
-#      configuration fails, the same without CUDA graphs and "inline";
+#      readers) at batch 16 (8 on a card under 100 GB: batch 16 peaked at 80.9 GB), and a
+#      complete 20-step A-DPS run in bf16 against float32 (eager, batch 2: the same
+#      reconstructions within tolerance); if the compiled configuration fails, the same without
+#      CUDA graphs and "inline";
+#   5. bench/fewer_calls.py --device cuda: a small ambient model trained here (75 s at most),
+#      then A-DPS over steps x guidance x solver against the 500-step protocol: the fewest network
+#      calls within 1 % of its NRMSE, their seconds per slice, and (in the summary) the paper-size
+#      network's seconds per slice at that many calls, from step 4's per-step time;
 #   6. bench/train_step.py again, the candidate for the lean mode: the compiled step with CUDA
 #      graphs, "nhwc" and an activation memory budget of 0.5; if that fails, at once
 #      train_step_budget;
-#   7. if time is left: bench/train_scaling.py --gpu (the bare step against the platform's worker
-#      loop, whose batches load in a background thread, and against the data path alone; bf16;
-#      the eager step does not fit an 80 GB card); train_step_budget (the candidate for the 27 GB
-#      target: budget 0.7, no CUDA graphs); A-DPS eager at batches 1 and 8 (the baselines); the
-#      compiled step with
+#   7. bench/train_scaling.py --gpu: the bare step against the platform's worker loop, whose
+#      batches load in a background thread, and against the data path alone (bf16);
+#   8. the tests that use CUDA: those marked `gpu` and the CUDA cases of the tests parametrised
+#      over devices (test_train_step, test_mri_sense, test_mri_recon, test_prefetch). Their
+#      phantoms need sigpy's birdcage_maps: where sigpy is missing, a stand-in for that one
+#      function is put on the tests' path (in a temporary folder, never in the repository);
+#   9. if time is left: train_step_budget (the candidate for the 27 GB target: budget 0.7, no
+#      CUDA graphs); A-DPS eager at batches 1 and 8 (the baselines); the compiled step with
 #      activation checkpointing; the step with each U-Net block compiled on its own ("regional":
 #      shorter compilation); the paper-size NCSNv2 step eager, with and without activation
 #      checkpointing (the paper grid's ncsnv2_r1 config turns it on for 24 GB cards).
 #
+# Steps 2-7 are issue 29's rows; 8-9 are checks and baselines.
 # Each torch.compile of the paper-size network took about 2 minutes on the first run's machine
 # (16 CPU cores), which is what bounds the number of compiled rows per run.
 #
@@ -47,12 +52,13 @@
 #
 # GPU_CHECK_ONLY="step ..." runs only the named steps (the names the summary prints), e.g. the
 # ones a first call's budget cut, in a second call on the still-warm machine. With a compilation
-# of about 2 minutes per compiled row, the first call reaches step 5 on an H200; a lent machine's
-# 15 minutes hold both calls, back to back (the device tool's timeout_s 520, then 360):
+# of about 2 minutes per compiled row (H200, 2026-11-27), the first call is expected to reach
+# step 5 or 6; a lent machine's 15 minutes hold both calls, back to back (the device tool's
+# timeout_s 520, then 330):
 #
 #     bash bench/gpu_check.sh
-#     GPU_CHECK_ONLY="train_step_lean train_step_budget train_scaling sample_speed train_step_ckpt train_step_ncsnv2" \
-#         GPU_CHECK_BUDGET_S=330 bash bench/gpu_check.sh
+#     GPU_CHECK_ONLY="fewer_calls train_step_lean train_step_budget train_scaling tests sample_speed" \
+#         GPU_CHECK_BUDGET_S=300 bash bench/gpu_check.sh
 #
 # GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at tiny sizes, with Ray, MLflow, sigpy
 # and boto3 made unimportable, to check this script where there is no GPU (PYTHON=.venv/bin/python;
@@ -176,6 +182,8 @@ PYEOF
                             --rows eager ckpt)
     SAMPLE_COMPILED_ARGS=()  # Inductor's C++ build takes minutes on a small CPU: GPU_CHECK_DRY_RUN=compiled
     PYTEST_K="cuda or gpu or bf16_autocast"  # the last one uses the phantoms (the sigpy shim) on the CPU
+    FEWER_CALLS_ARGS=(--device cpu --train-steps 4 --train-batch 2 --train-slices 4 --height 32 --width 32 --coils 2
+                      --slices 2 --steps 5 --solvers euler heun)
     if [[ "$DRY_RUN" == compiled ]]; then
         # The GPU run's rows and compiled sampler, at the tiny sizes and under bf16 autocast as there.
         TINY_ROWS=(--device cpu --height 32 --width 40 --coils 2 --warmup 1 --repeats 2 --tiny-rows --amp bf16)
@@ -197,6 +205,9 @@ else
     # there and says so). The precision check's float32 reference is checkpointed: batch 8 fits.
     GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
     SAMPLE_BATCH=$(( ${GPU_MIB:-0} > 100000 ? 16 : 8 ))
+    if (( ${GPU_MIB:-0} < 100000 )); then
+        MAIN_ROWS=(compile,cudnn,nhwc)  # the eager step (82.7 GB) cannot fit: its minute goes elsewhere
+    fi
     SCALING_ARGS=(--gpu --amp bf16 --warmup 3 --steps 10)
     TRAIN_STEP_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows "${MAIN_ROWS[@]}"
                      --profile 8 --precision-check bf16)
@@ -213,6 +224,11 @@ else
     SAMPLE_ARGS=(--device cuda --batches 1 8 --amp bf16)
     SAMPLE_COMPILED_ARGS=(--device cuda --batches "$SAMPLE_BATCH" "${SAMPLE_COMPILED_SETTINGS[@]}" --warmup 3)
     PYTEST_K="cuda or gpu"
+    # A small ambient model trained here (tiny preset, 64 x 64, 4 coils, R_train 2; 1,500 steps or
+    # 75 s), then A-DPS on 8 other phantoms at R_inf 4 over steps x guidance x solver against the
+    # 500-step protocol: the fewest calls within 1 % of its NRMSE, and their seconds per slice.
+    FEWER_CALLS_ARGS=(--device cuda --train-steps 1500 --train-seconds 75 --train-batch 16 --train-slices 128
+                      --height 64 --width 64 --coils 4 --slices 8 --steps 10 20 50 100 200 --guidance 1 1.5)
 fi
 
 echo "gpu_check: $(date -u +%FT%TZ), repository $PWD ($(git rev-parse --short HEAD 2>/dev/null || echo 'no git')), output $OUT"
@@ -279,9 +295,6 @@ PYEOF
     export SIGPY_SHIM="$WORK/shim"
     echo "(sigpy missing: the tests' phantoms use a stand-in birdcage_maps from $WORK/shim)"
 fi
-run tests 150 env PYTHONPATH="$TEST_PATH" "$PY" -m pytest -p no:cacheprovider -q -k "$PYTEST_K" \
-    --junitxml="$LOGS/tests.xml" tests/test_train_step.py tests/test_mri_sense.py tests/test_mri_recon.py \
-    tests/test_prefetch.py
 
 # 3-7. Benchmarks, the issue's targets first ------------------------------------------------------------
 run train_step 270 "$PY" -m bench.train_step "${TRAIN_STEP_ARGS[@]}"
@@ -304,6 +317,9 @@ if ((${#SAMPLE_COMPILED_ARGS[@]})); then
             --compile default --json "$LOGS/sample_speed_compiled_default.json"
     fi
 fi
+# A-DPS at the fewest calls within 1 % of the protocol, on a model trained here (the issue's
+# "fastest settings on the trained models you can train on the GPU in the session").
+run fewer_calls 150 "$PY" -m bench.fewer_calls "${FEWER_CALLS_ARGS[@]}" --json "$LOGS/fewer_calls.json"
 run train_step_lean 170 "$PY" -m bench.train_step "${TRAIN_STEP_LEAN_ARGS[@]}" --rows "${LEAN_ROWS[@]}"
 grep '^{' "$LOGS/train_step_lean.log" >"$LOGS/train_step_lean.jsonl" 2>/dev/null
 budget_step() {
@@ -314,6 +330,10 @@ if rows_failed "$LOGS/train_step_lean.log"; then
     budget_step  # the memory target's measurement, without the CUDA graphs that failed
 fi
 run train_scaling 60 "$PY" -m bench.train_scaling "${SCALING_ARGS[@]}" --json "$LOGS/train_scaling.json"
+# The CUDA tests after the issue's rows: a broken CUDA path shows in those rows' errors too.
+run tests 150 env PYTHONPATH="$TEST_PATH" "$PY" -m pytest -p no:cacheprovider -q -k "$PYTEST_K" \
+    --junitxml="$LOGS/tests.xml" tests/test_train_step.py tests/test_mri_sense.py tests/test_mri_recon.py \
+    tests/test_prefetch.py
 [[ -f "$LOGS/train_step_budget.log" ]] || budget_step
 run sample_speed 30 "$PY" -m bench.sample_speed "${SAMPLE_ARGS[@]}" --json "$LOGS/sample_speed.json"
 run train_step_ckpt 170 "$PY" -m bench.train_step "${TRAIN_STEP_CKPT_ARGS[@]}"
@@ -398,6 +418,30 @@ for name in ("sample_speed.json", "sample_speed_compiled.json"):
               + (" ok" if check["passed"] else " FAILED"))
 for r in rows("operators.jsonl"):
     print(f"operators      {r['operation']:42s} {r['median_ms']:9.3f} ms  {r['shape']}")
+fewer = json.loads((out / "fewer_calls.json").read_text()) if (out / "fewer_calls.json").is_file() else None
+if fewer:
+    t = fewer["training"]
+    print(f"fewer_calls    trained {t['train_preset']} {t['train_steps']} steps in {t['train_seconds']:.0f} s "
+          f"(loss {t['final_loss']:.4f})")
+    protocol = [r for r in rows("sample_speed_compiled.json") + rows("sample_speed.json") if not r.get("error")]
+    paper_step = min(protocol, key=lambda r: r["s_per_slice"], default=None)  # the fastest protocol row's s/slice
+    for line in fewer["summary"]:
+        if not line["network_calls"]:
+            print(f"fewer_calls    {line['sampler']} {line['solver']}: none within {line['tolerance']:.0%} of the "
+                  f"500-step NRMSE {line['reference_nrmse']:.4f}")
+            continue
+        row = next(r for r in fewer["rows"] if (r["solver"], r["steps"], r["guidance"]) ==
+                   (line["solver"], line["steps"], line["guidance"]))
+        reference = next(r for r in fewer["rows"] if (r["solver"], r["steps"], r["guidance"]) == ("euler", 500, 1.0))
+        # The paper-size network's seconds per slice at this many calls: the fastest protocol
+        # row's seconds per network call (sample_speed times the per-step cost) times the calls.
+        paper = (f", paper-size network {paper_step['s_per_slice'] / paper_step['steps'] * line['network_calls']:.2f}"
+                 f" s/slice (from the {paper_step['compile']} batch-{paper_step['batch']} protocol row)"
+                 if paper_step else "")
+        print(f"fewer_calls    {line['sampler']} {line['solver']}: {line['network_calls']} calls (steps "
+              f"{line['steps']}, guidance {line['guidance']:g}) NRMSE {line['nrmse']:.4f} against "
+              f"{line['reference_nrmse']:.4f} at 500 (zero-filled {line['zero_filled_nrmse']:.4f}); {row['s_per_slice']:.3f} s/slice against "
+              f"{reference['s_per_slice']:.3f}{paper}")
 PYEOF
 "$PY" - "$LOGS" "$OUT/results.jsonl" <<'PYEOF'
 import json
@@ -410,7 +454,8 @@ with target.open("w") as out:
         out.writelines(f"{json.dumps({'step': path.stem, **json.loads(line)})}\n" for line in path.read_text().splitlines() if line)
     for path in sorted(logs.glob("*.json")):
         document = json.loads(path.read_text())
-        for row in document.get("rows", []) + ([document["precision_check"]] if document.get("precision_check") else []):
+        extra = [document[key] for key in ("precision_check", "training") if document.get(key)]
+        for row in document.get("rows", []) + document.get("summary", []) + extra:
             out.write(json.dumps({"step": path.stem, **row}) + "\n")
 PYEOF
 tar -czf "$OUT/gpu_check_logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"

@@ -196,3 +196,21 @@ def test_fewer_calls_bench_finds_the_calls_within_tolerance_of_the_protocol(caps
         if line["solver"] == "euler":  # exact denoisers: 10 calls or fewer reach the protocol's NRMSE
             assert line["network_calls"] <= 10 and line["nrmse"] <= reference["nrmse"] * 1.01
     assert json.loads(out.read_text())["summary"] == summary
+
+
+def test_fewer_calls_bench_trains_a_model_first_and_compares_it_with_zero_filling(capsys, tmp_path: Path) -> None:
+    """--train-steps: an ambient model trained in the script (gpu_check.sh's row on the GPU), then
+    A-DPS on other phantoms; the summary carries the zero-filled NRMSE beside the protocol's."""
+    out = tmp_path / "trained.json"
+    assert fewer_calls.main(["--train-steps", "3", "--train-batch", "2", "--train-slices", "4", "--height", "32",
+                             "--width", "32", "--coils", "2", "--slices", "2", "--steps", "5", "--solvers", "euler",
+                             "--json", str(out)]) == 0
+    document = json.loads(out.read_text())
+    assert document["training"]["train_steps"] == 3 and document["training"]["train_preset"] == "tiny"
+    assert {(r["problem"], r["sampler"], r["steps"]) for r in document["rows"]} == {
+        ("trained-tiny", "a_dps", 5), ("trained-tiny", "a_dps", 500)}
+    (line,) = document["summary"]
+    assert 0 < line["zero_filled_nrmse"] < 1.5 and line["reference_nrmse"] > 0
+    with pytest.raises(SystemExit):
+        fewer_calls.main(["--model", "x", "--dataset", "y", "--train-steps", "3"])
+    assert "exclude each other" in capsys.readouterr().err
