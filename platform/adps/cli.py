@@ -20,8 +20,7 @@ def _demo(args: argparse.Namespace) -> int:
         "train_steps": args.steps, "ambient_r_train": tuple(args.ambient_r_train) if args.ambient_r_train else None,
         "baseline_steps": args.baseline_steps, "sampler_steps": args.sampler_steps, "tune_trials": args.trials,
         "seed": args.seed, "workdir": args.workdir, "fresh": args.fresh or None, "address": args.address,
-        "tracking_uri": args.tracking_uri, "l1": {"on": True, "off": False}.get(args.l1)
-    }
+        "tracking_uri": args.tracking_uri, "l1": {"on": True, "off": False}.get(args.l1)}
     overrides = {key: value for key, value in overrides.items() if value is not None}
     config = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     run_demo(config)
@@ -42,18 +41,15 @@ def _synth(args: argparse.Namespace) -> int:
     from adps.data.synth import synthesize_dataset  # deferred: keeps `adps --help` fast
 
     try:
-        written = synthesize_dataset(
-            args.out, n_volumes=args.volumes, n_slices=args.slices, n_coils=args.coils, height=args.height,
-            width=args.width, seed=args.seed, acquisitions=tuple(args.acquisitions), noise_std=args.noise_std,
-            oversampling=args.oversampling
-        )
+        written = synthesize_dataset(args.out, n_volumes=args.volumes, n_slices=args.slices, n_coils=args.coils,
+                                     height=args.height, width=args.width, seed=args.seed,
+                                     acquisitions=tuple(args.acquisitions), noise_std=args.noise_std,
+                                     oversampling=args.oversampling)
     except FileNotFoundError as err:  # e.g. a missing bucket: a user's error, named in the message
         print(f"adps synth: error: {err}", file=sys.stderr)
         return 2
-    print(
-        f"adps synth: wrote {len(written)} volumes ({args.slices} slices, {args.coils} coils, "
-        f"{args.height * args.oversampling} x {args.width} k-space, recon {args.height} x {args.width}) to {args.out}"
-    )
+    sizes = f"{args.height * args.oversampling} x {args.width} k-space, recon {args.height} x {args.width}"
+    print(f"adps synth: wrote {len(written)} volumes ({args.slices} slices, {args.coils} coils, {sizes}) to {args.out}")
     return 0
 
 
@@ -61,19 +57,14 @@ def _synth_images(args: argparse.Namespace) -> int:
     from adps.images.synth import write_image_folder, write_image_zip  # deferred: keeps `adps --help` fast
 
     try:
-        if args.zip:
-            write_image_zip(args.out, args.count, resolution=args.resolution, seed=args.seed, fmt=args.format)
-            where = f"one zip, {args.out}"
-        else:
-            write_image_folder(args.out, args.count, resolution=args.resolution, seed=args.seed, fmt=args.format)
-            where = args.out
+        write = write_image_zip if args.zip else write_image_folder
+        write(args.out, args.count, resolution=args.resolution, seed=args.seed, fmt=args.format)
+        where = f"one zip, {args.out}" if args.zip else args.out
     except (ValueError, FileNotFoundError) as err:  # a bad count, a missing bucket: named in the message
         print(f"adps synth-images: error: {err}", file=sys.stderr)
         return 2
-    print(
-        f"adps synth-images: wrote {args.count} images ({args.resolution} x {args.resolution} {args.format}, "
-        f"seed {args.seed}) to {where}"
-    )
+    print(f"adps synth-images: wrote {args.count} images ({args.resolution} x {args.resolution} {args.format}, "
+          f"seed {args.seed}) to {where}")
     return 0
 
 
@@ -150,8 +141,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _refuse_other_study(path: Path, study: str) -> None:
-    """A config file of the other study (it has that study's data key) named with the wrong
-    ``--study``: say so."""
+    """A config file of the other study (it has that study's data key) named with the wrong ``--study``: say so."""
     import yaml
 
     try:
@@ -201,11 +191,8 @@ def _job_arguments(parser: argparse.ArgumentParser, config_help: str, set_help: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="adps",
-        description="Ambient Diffusion Posterior Sampling: train and evaluate MRI diffusion models "
-        "learned from undersampled data, on Ray and MLflow.",
-    )
+    parser = argparse.ArgumentParser(prog="adps", description="Ambient Diffusion Posterior Sampling: train and "
+                                     "evaluate MRI diffusion models learned from undersampled data, on Ray and MLflow.")
     parser.add_argument("--version", action="version", version=f"adps {adps.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -213,8 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the study in miniature: synthetic data, training, Ray Tune, evaluation, cross-over (~12 min)",
         description="Synthesise and prepare a small dataset, train tiny models on Ray Train (registered in MLflow), "
         "search one ambient model's guidance with Ray Tune, evaluate the grid and print the cross-over. Re-running "
-        "reuses what is done.",
-    )
+        "reuses what is done.")
     demo.add_argument("--quick", action="store_true",
                       help="ambient R 4 against edm R 1 at R_inf 4 and 8, short training (~2.5 min); the values "
                       "after ; in the help below")
@@ -240,8 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     synth = commands.add_parser(
-        "synth", help="write synthetic multi-coil volumes in the FastMRI file schema (local folder or s3://)"
-    )
+        "synth", help="write synthetic multi-coil volumes in the FastMRI file schema (local folder or s3://)")
     synth.add_argument("out", metavar="OUT", help="output folder or s3://bucket/prefix")
     synth.add_argument("--volumes", type=int, default=4, help="number of volumes (default 4)")
     synth.add_argument("--slices", type=int, default=8, help="slices per volume (default 8)")
@@ -250,32 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--width", type=int, default=320, help="columns (default 320)")
     synth.add_argument("--oversampling", type=int, default=2, help="readout oversampling (default 2)")
     synth.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
-    synth.add_argument(
-        "--acquisitions", nargs="+", default=["AXT2"], metavar="NAME",
-        help="acquisition names, cycled over the volumes (default AXT2)",
-    )
+    synth.add_argument("--acquisitions", nargs="+", default=["AXT2"], metavar="NAME",
+                       help="acquisition names, cycled over the volumes (default AXT2)")
     synth.add_argument("--noise-std", type=float, default=0.02, help="k-space noise level (default 0.02)")
     synth.set_defaults(handler=_synth)
 
-    synth_images = commands.add_parser(
-        "synth-images",
-        help="write synthetic natural images (a stand-in for CelebA / FFHQ / AFHQ) to a folder, a .zip or s3://",
-    )
-    synth_images.add_argument(
-        "out", metavar="OUT", help="output folder or s3://bucket/prefix; with --zip, a file ending in .zip"
-    )
+    synth_images = commands.add_parser("synth-images", help="write synthetic natural images (a stand-in for CelebA / "
+                                       "FFHQ / AFHQ) to a folder, a .zip or s3://")
+    synth_images.add_argument("out", metavar="OUT",
+                              help="output folder or s3://bucket/prefix; with --zip, a file ending in .zip")
     synth_images.add_argument("--count", type=int, default=256, help="number of images (default 256)")
     synth_images.add_argument("--resolution", type=int, default=64, help="side of the square images (default 64)")
     synth_images.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
     synth_images.add_argument("--zip", action="store_true", help="write one .zip of images (the CelebA / FFHQ style)")
-    synth_images.add_argument(
-        "--format", choices=("png", "jpg", "webp"), default="png", help="image file format (default png, lossless)"
-    )
+    synth_images.add_argument("--format", choices=("png", "jpg", "webp"), default="png",
+                              help="image file format (default png, lossless)")
     synth_images.set_defaults(handler=_synth_images)
 
-    prepare = commands.add_parser(
-        "prepare", help="prepare FastMRI volumes into training shards on Ray (local folder or s3://)"
-    )
+    prepare = commands.add_parser("prepare",
+                                  help="prepare FastMRI volumes into training shards on Ray (local folder or s3://)")
     _job_arguments(prepare, "YAML file of PrepareConfig keys (see docs/data_format.md)",
                    "override a config key (repeatable), e.g. --set n_volumes=100 --set accelerations=4,8")
     prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -287,14 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     sweep = commands.add_parser(
-        "sweep", help="train the paper's whole grid (one run per config file) as concurrent Ray Train runs"
-    )
+        "sweep", help="train the paper's whole grid (one run per config file) as concurrent Ray Train runs")
     sweep.add_argument("--configs", type=Path, default=Path("configs"),
                        help="folder of TrainConfig YAML files, one per run (default configs/)")
-    sweep.add_argument(
-        "--set", action="append", metavar="KEY=VALUE",
-        help="override a config key in every run (repeatable), e.g. --set dataset=s3://bucket/prepared",
-    )
+    sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key in every run "
+                       "(repeatable), e.g. --set dataset=s3://bucket/prepared")
     sweep.add_argument("--only", nargs="+", metavar="RUN", help="train only these run names (e.g. ambient_r4 edm_r1)")
     sweep.add_argument("--max-concurrent", type=int, default=0,
                        help="runs at a time (default: as many as the cluster's GPUs, or CPUs, hold)")
@@ -306,8 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The study's evaluation on Ray, logged to MLflow. --study mri (default): every MRI model at "
         "every R_inf (EvaluateConfig; NRMSE, PSNR, SSIM, LPIPS; figures 6-9). --study images: the natural-image "
         "models (ImageEvaluateConfig, e.g. configs/evaluate/images.yaml): compressed sensing, super-resolution "
-        "and the NFE sweep (MSE, LPIPS; figures 2-4). Both resume: finished cells are not recomputed.",
-    )
+        "and the NFE sweep (MSE, LPIPS; figures 2-4). Both resume: finished cells are not recomputed.")
     evaluate.add_argument("--study", choices=("mri", "images"), default="mri",
                           help="mri (default): the MRI study; images: the natural-image study (paper section 3.1)")
     _job_arguments(evaluate, "YAML file of EvaluateConfig keys (--study images: ImageEvaluateConfig keys)",
@@ -325,8 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Searches a model's sampler settings with Ray Tune (Optuna TPE + ASHA), logged to MLflow; the "
         "best become tags of the registered model version. An MRI model is searched at --r-inf on a prepared "
         "dataset; a natural-image model (method image) on --task cs --measurements M or --task sr --factor F over "
-        "an image folder (--set dataset=...), with --space tune_spaces/image_dps.yaml.",
-    )
+        "an image folder (--set dataset=...), with --space tune_spaces/image_dps.yaml.")
     tune.add_argument("--model", help="models:/<name>@<alias>, a registered adps-* name or a model folder")
     tune.add_argument("--r-inf", type=float, help="the acceleration R_inf searched at (MRI models)")
     tune.add_argument("--space", type=Path,

@@ -1,9 +1,8 @@
 """Typed job configs: one dataclass per job, loaded from YAML and ``--set KEY=VALUE``.
 
-:class:`ConfigFile` gives a config dataclass its loading and printing (unknown keys refused
-by name, values coerced to each field's type); the job's own class adds its fields, defaults
-and ``validate``. Used by ``PrepareConfig`` and ``TrainConfig``. Imports nothing of adps, so any
-layer may use it.
+:class:`ConfigFile` gives a config dataclass its loading and printing (unknown keys refused by name, values
+coerced to each field's type); the job's own class adds its fields, defaults and ``validate``. Imports nothing
+of adps, so any layer may use it.
 """
 
 from __future__ import annotations
@@ -25,11 +24,8 @@ class ConfigFile:
 
     @classmethod
     def from_dict(cls: type[ConfigT], values: Mapping[str, Any]) -> ConfigT:
-        """Build a config from a mapping, coercing YAML / command-line values to each field's type.
-
-        Raises:
-            ValueError: for an unknown key (named, with the known ones) or a value of the wrong type.
-        """
+        """Build a config from a mapping, coercing YAML / command-line values to each field's type; raises
+        ValueError for an unknown key (named, with the known ones) or a value of the wrong type."""
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         values = dict(values)
         for old, new in getattr(cls, "RENAMED_KEYS", {}).items():
@@ -74,10 +70,8 @@ class ConfigFile:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (tuples as lists), as recorded in manifests and checkpoints."""
-        return {
-            key: list(value) if isinstance(value, tuple) else value
-            for key, value in dataclasses.asdict(self).items()  # type: ignore[call-overload]
-        }
+        items = dataclasses.asdict(self).items()  # type: ignore[call-overload]
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in items}
 
     def to_yaml(self) -> str:
         """The config as YAML, in field order (printed at the start of a job)."""
@@ -122,21 +116,17 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def coerce_value(key: str, value: Any, hint: Any) -> Any:
     """Coerce a YAML or ``--set`` value to the type of config field ``key``."""
-    origin = typing.get_origin(hint)
-    if origin is tuple:
+    if typing.get_origin(hint) is tuple:
         args = typing.get_args(hint)
-        item_type = args[0]
         if isinstance(value, str):
             value = [v.strip() for v in value.strip("[]() ").split(",") if v.strip()]
         if not isinstance(value, list | tuple):
             raise ValueError(f"config key {key!r}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
-            items = [coerce_value(key, v, item_type) for v in value]
-        else:
-            if len(value) != len(args):
-                raise ValueError(f"config key {key!r}: expected {len(args)} values, got {len(value)}: {list(value)}")
-            items = [coerce_value(key, v, t) for v, t in zip(value, args, strict=True)]
-        return tuple(items)
+            return tuple(coerce_value(key, v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise ValueError(f"config key {key!r}: expected {len(args)} values, got {len(value)}: {list(value)}")
+        return tuple(coerce_value(key, v, t) for v, t in zip(value, args, strict=True))
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -144,13 +134,11 @@ def coerce_value(key: str, value: Any, hint: Any) -> Any:
             return value.strip().lower() in ("true", "yes", "on", "1")
         raise ValueError(f"config key {key!r}: expected true or false, got {value!r}")
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int | str | float):
-            raise ValueError(f"config key {key!r}: expected an integer, got {value!r}")
         try:
-            number = float(value)
+            number = None if isinstance(value, bool) or not isinstance(value, int | str | float) else float(value)
         except ValueError:
-            raise ValueError(f"config key {key!r}: expected an integer, got {value!r}") from None
-        if not number.is_integer():
+            number = None
+        if number is None or not number.is_integer():
             raise ValueError(f"config key {key!r}: expected an integer, got {value!r}")
         return int(number)
     if hint is float:

@@ -1,30 +1,24 @@
-"""The cross-over: the acceleration at which a model trained on corrupted data beats the model
-trained on clean data (paper section 3.3, figures 7-9).
+"""The cross-over: the acceleration at which a model trained on corrupted data beats the model trained on clean
+data (paper section 3.3, figures 7-9).
 
-Input is the evaluation's tidy results table, one row per (model, R_inf, slice) with the metric
-columns (``nrmse``, ``psnr``, ``ssim``, ``lpips``). For an ambient model and a metric, the
-comparison at each R_inf is *paired by slice*: ``d_s = sign * (metric_ambient(s) -
-metric_reference(s))`` with ``sign`` chosen so that ``d_s > 0`` means the ambient model did
-better on slice ``s`` (lower NRMSE / LPIPS, higher PSNR / SSIM), summarised by its mean (the
-margin) and a percentile bootstrap confidence interval over slices (resampling slices, keeping
-the pairs) at ``level`` (0.95).
+Input is the evaluation's tidy results table, one row per (model, R_inf, slice) with the metric columns (``nrmse``,
+``psnr``, ``ssim``, ``lpips``). For an ambient model and a metric, the comparison at each R_inf is *paired by slice*:
+``d_s = sign * (metric_ambient(s) - metric_reference(s))`` with ``sign`` chosen so that ``d_s > 0`` means the ambient
+model did better on slice ``s`` (lower NRMSE / LPIPS, higher PSNR / SSIM), summarised by its mean (the margin) and a
+percentile bootstrap confidence interval over slices (resampling slices, keeping the pairs) at ``level`` (0.95).
 
-A cross-over needs evidence, and it must last (METHOD.md "What the paper reports"). Scanning
-the R_inf the two models share, from the smallest:
+A cross-over needs evidence, and it must last (METHOD.md "What the paper reports"). Scanning the R_inf the two
+models share, from the smallest:
 
-* **crossover**: the smallest R_inf from which the model wins *significantly* (the interval
-  lies above 0) at that R_inf and at every higher one evaluated;
-* **inconclusive**: no such R_inf, but from some R_inf on the *means* favour the model at every
-  higher one; the smallest such R_inf is reported with its margin and interval (which
-  includes 0 somewhere from there on);
-* **none**: the model does not stay ahead: from every R_inf on, the clean model is as good or
-  better somewhere (a win at R_inf 6 lost again at 8 is no cross-over).
+* **crossover**: the smallest R_inf from which the model wins *significantly* (the interval lies above 0) at that
+  R_inf and at every higher one evaluated;
+* **inconclusive**: no such R_inf, but from some R_inf on the *means* favour the model at every higher one; the
+  smallest such R_inf is reported with its margin and interval (which includes 0 somewhere from there on);
+* **none**: the model does not stay ahead: from every R_inf on, the clean model is as good or better somewhere
+  (a win at R_inf 6 lost again at 8 is no cross-over).
 
-The natural-image evaluation (:mod:`adps.orchestration.study_images`) uses the same
-functions on its own axes: it passes each task's difficulty as ``r_inf`` (``1 /
-measurements`` for compressed sensing, the downscaling factor for super-resolution, ``1 /
-NFE`` for the step sweep) and each image as ``slice``, with ``model`` an ambient model and
-``reference`` the model trained at ``p = 0``.
+The natural-image evaluation (:func:`adps.orchestration.study_images.image_crossovers`) uses the same functions
+on its own axes: each task's difficulty as ``r_inf``, each image as ``slice``, the ``p = 0`` model as ``reference``.
 """
 
 from __future__ import annotations
@@ -40,7 +34,6 @@ __all__ = ["HIGHER_IS_BETTER", "OUTCOMES", "CrossOver", "bootstrap_mean_ci", "cr
 
 HIGHER_IS_BETTER = {"nrmse": False, "psnr": True, "ssim": True, "lpips": False, "mse": False}
 """Direction of each metric of the results tables (``mse``: the natural-image evaluation's)."""
-
 
 OUTCOMES = ("crossover", "inconclusive", "none")
 """The three answers of :func:`crossover` (see the module docstring)."""
@@ -76,9 +69,8 @@ class CrossOver:
         return asdict(self)
 
 
-def paired_differences(
-    rows: Iterable[Mapping[str, Any]], model: str, reference: str, metric: str, r_inf: float
-) -> np.ndarray:
+def paired_differences(rows: Iterable[Mapping[str, Any]], model: str, reference: str, metric: str,
+                       r_inf: float) -> np.ndarray:
     """``d_s`` (positive = ``model`` better) for the slices both models reconstructed at ``r_inf``."""
     if metric not in HIGHER_IS_BETTER:
         raise ValueError(f"metric {metric!r}: expected one of {', '.join(HIGHER_IS_BETTER)}")
@@ -93,9 +85,8 @@ def paired_differences(
     return np.array([sign * (values[model][s] - values[reference][s]) for s in shared], dtype=np.float64)
 
 
-def bootstrap_mean_ci(
-    differences: np.ndarray, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
-) -> tuple[float, float]:
+def bootstrap_mean_ci(differences: np.ndarray, *, n_boot: int = 2000, level: float = 0.95,
+                      seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``differences`` (slices resampled with replacement)."""
     if differences.size == 0:
         raise ValueError("bootstrap of an empty sample")
@@ -106,19 +97,12 @@ def bootstrap_mean_ci(
     return float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
 
 
-def crossover(
-    rows: Sequence[Mapping[str, Any]], model: str, reference: str, metric: str, *, n_boot: int = 2000,
-    level: float = 0.95, seed: int = 0
-) -> CrossOver:
-    """The cross-over of ``model`` against ``reference`` on ``metric`` (see the module docstring:
-    ``crossover``, ``inconclusive`` or ``none``).
-
-    Args:
-        rows: the results table (dicts with ``model``, ``r_inf``, ``slice`` and metric keys).
-        model: e.g. ``ambient_r4``; reference: e.g. ``edm_r1`` (FS-DPS).
-        n_boot: bootstrap resamples; level: confidence level (0 < level < 1); seed: the
-            bootstrap's seed.
-    """
+def crossover(rows: Sequence[Mapping[str, Any]], model: str, reference: str, metric: str, *, n_boot: int = 2000,
+              level: float = 0.95, seed: int = 0) -> CrossOver:
+    """The cross-over of ``model`` (e.g. ``ambient_r4``) against ``reference`` (e.g. ``edm_r1``, FS-DPS) on
+    ``metric`` (see the module docstring: ``crossover``, ``inconclusive`` or ``none``). ``rows``: the results
+    table (dicts with ``model``, ``r_inf``, ``slice`` and metric keys); ``n_boot``, ``level`` (0 < level < 1)
+    and ``seed``: the bootstrap's resamples, confidence level and seed."""
     if not 0 < level < 1:
         raise ValueError(f"crossover: level must be in (0, 1), got {level}")
     accelerations = sorted({float(r["r_inf"]) for r in rows if r["model"] == model}
@@ -148,9 +132,7 @@ def crossover(
     return CrossOver(model, reference, metric, None, None, None, None, 0, "none", level)
 
 
-def crossover_table(
-    rows: Sequence[Mapping[str, Any]], models: Sequence[str], reference: str,
-    metrics: Sequence[str] = ("nrmse", "psnr", "ssim"), **options: Any
-) -> list[CrossOver]:
+def crossover_table(rows: Sequence[Mapping[str, Any]], models: Sequence[str], reference: str,
+                    metrics: Sequence[str] = ("nrmse", "psnr", "ssim"), **options: Any) -> list[CrossOver]:
     """:func:`crossover` for every model and metric (``options`` go to it)."""
     return [crossover(rows, model, reference, metric, **options) for model in models for metric in metrics]

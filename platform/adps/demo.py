@@ -1,14 +1,12 @@
 """The embedded demo: the study of the paper in miniature, end to end, on this machine.
 
-``adps demo`` runs every stage on the embedded defaults (a local Ray instance, a SQLite MLflow
-store with local artifacts, synthetic data) inside one work folder: it synthesises a small
-multi-coil dataset in the FastMRI schema, prepares it on Ray as real data, trains tiny models
-of every method through the real Ray Train path (:func:`adps.orchestration.sweep.run_sweep`),
-searches every diffusion model's sampler settings with Ray Tune (the same budget each), runs
-``adps evaluate`` on the test slices and prints the tables, the cross-over and what they show.
-Re-running reuses what is done (dataset, finished runs, searches, evaluated cells) unless
-``fresh``; a changed setting gets its own folders and run names. What its scale can and cannot
-show: docs/demo.md.
+``adps demo`` runs every stage on the embedded defaults (a local Ray instance, a SQLite MLflow store with local
+artifacts, synthetic data) inside one work folder: it synthesises a small multi-coil dataset in the FastMRI schema,
+prepares it on Ray as real data, trains tiny models of every method through the real Ray Train path
+(:func:`adps.orchestration.sweep.run_sweep`), searches every diffusion model's sampler settings with Ray Tune (the
+same budget each), runs ``adps evaluate`` on the test slices and prints the tables, the cross-over and what they show.
+Re-running reuses what is done (dataset, finished runs, searches, evaluated cells) unless ``fresh``; a changed setting
+gets its own folders and run names. What its scale can and cannot show: docs/demo.md.
 """
 
 from __future__ import annotations
@@ -50,18 +48,17 @@ class DemoConfig:
     r_inf: tuple[float, ...] = (2.0, 4.0, 8.0)
     """R_inf of the evaluation grid (and R_train of the ambient models when ``ambient_r_train`` is empty)."""
     ambient_r_train: tuple[float, ...] = (2.0, 4.0)
-    """R_train of the ambient models trained (empty = every R of ``r_inf``). At the demo's
-    scale an ambient model trained at R 8 (5 of 48 columns, 4 of them the ACS, at its R + 1)
-    learns little in minutes; ``--ambient-r-train 2 4 8`` trains it too (about 1.5 minutes more)."""
+    """R_train of the ambient models trained (empty = every R of ``r_inf``). At the demo's scale an ambient model
+    trained at R 8 (5 of 48 columns, 4 of them the ACS, at its R + 1) learns little in minutes;
+    ``--ambient-r-train 2 4 8`` trains it too (about 1.5 minutes more)."""
     methods: tuple[str, ...] = ("ambient", "edm", "edm_l1", "modl", "ssdu")
     """Methods trained: ambient at every R, edm at R 1, the others at ``baseline_r_train``."""
     baseline_r_train: float = 4.0
     """R_train of the edm_l1, modl and ssdu models."""
     train_steps: int = 800
-    """Training steps of the diffusion models (ambient, edm, edm_l1). Measured on the demo's
-    data (one CPU core, about 0.18 s a step at batch 8): edm_r1 after 600 steps gives DPS an
-    NRMSE of 0.13 at R_inf 4 (L1-wavelet: 0.20), ambient_r2 after 800 steps gives A-DPS 0.27
-    at R_inf 8 (L1-wavelet: 0.35); after 250 steps neither beats L1."""
+    """Training steps of the diffusion models (ambient, edm, edm_l1). Measured on the demo's data (one CPU core,
+    about 0.18 s a step at batch 8): edm_r1 after 600 steps gives DPS an NRMSE of 0.13 at R_inf 4 (L1-wavelet: 0.20),
+    ambient_r2 after 800 steps gives A-DPS 0.27 at R_inf 8 (L1-wavelet: 0.35); after 250 steps neither beats L1."""
     baseline_steps: int = 250
     """Training steps of the unrolled baselines (modl, ssdu), which converge sooner."""
     batch_size: int = 8
@@ -69,17 +66,15 @@ class DemoConfig:
     concurrent_runs: int = 2
     """Training runs at a time (one CPU each)."""
     sampler_steps: int = 100
-    """A-DPS / DPS steps in the search and the evaluation (METHOD.md: 500 at full size; at the
-    demo's size 100 come within a few per cent of more)."""
+    """A-DPS / DPS steps in the search and the evaluation (METHOD.md: 500 at full size; at the demo's size 100
+    come within a few per cent of more)."""
     ambient_sigma_min: float = 0.1
-    """End of the A-DPS schedule of the ambient models (and A-OS's sigma) where the search set
-    none (METHOD.md: 0.004 and 0.003). A model trained for minutes returns its aliased input at
-    low sigma, and A-DPS ending there ends on the aliased image (NRMSE 0.45 at R_inf 8, against
-    0.27 ending at 0.1); see docs/evaluation.md."""
+    """End of the A-DPS schedule of the ambient models (and A-OS's sigma) where the search set none (METHOD.md:
+    0.004 and 0.003). A model trained for minutes returns its aliased input at low sigma, and A-DPS ending there
+    ends on the aliased image (NRMSE 0.45 at R_inf 8, against 0.27 ending at 0.1); see docs/evaluation.md."""
     tune_trials: int = 6
-    """Ray Tune trials of each search: every diffusion model's guidance and sigma_min at
-    ``tune_r_inf``, every ambient model's A-OS sigma (the same budget for all, a fair
-    comparison); 0 = no search, and the evaluation runs the protocol for every model."""
+    """Ray Tune trials of each search (one budget for all: a fair comparison) of every diffusion model's guidance
+    and sigma_min at ``tune_r_inf`` and every ambient model's A-OS sigma; 0 = no search, all run the protocol."""
     tune_r_inf: float = 0.0
     """R_inf of the A-DPS search (0 = the largest of ``r_inf``)."""
     l1: bool = True
@@ -89,25 +84,23 @@ class DemoConfig:
     fresh: bool = False
     """Delete the work folder first (only a folder a demo made)."""
     address: str = ""
-    """Ray cluster address (empty: ``$RAY_ADDRESS`` as under ``ray job submit``, else a new
-    local Ray instance with its dashboard). The work folder must be visible to every node."""
+    """Ray cluster address (empty: ``$RAY_ADDRESS`` as under ``ray job submit``, else a new local Ray instance
+    with its dashboard). The work folder must be visible to every node."""
     tracking_uri: str = ""
     """MLflow tracking URI (empty: a SQLite store in the work folder, ``<workdir>/mlflow.db``)."""
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
-        """``--quick``: one ambient model against the fully sampled EDM, at R_inf 4 and 8, in
-        about 2-3 minutes on 2 cores: every stage runs, the models are not trained enough to
-        mean anything."""
+        """``--quick``: one ambient model against the fully sampled EDM, at R_inf 4 and 8, in about 2-3 minutes on
+        2 cores: every stage runs, the models are not trained enough to mean anything."""
         values: dict[str, Any] = {
             "volumes": 4, "slices_per_volume": 2, "r_inf": (4.0, 8.0), "ambient_r_train": (4.0,),
-            "methods": ("ambient", "edm"), "batch_size": 4,
-            "train_steps": 30, "baseline_steps": 30, "sampler_steps": 10, "tune_trials": 2, "l1": False,
-        }
+            "methods": ("ambient", "edm"), "batch_size": 4, "train_steps": 30, "baseline_steps": 30,
+            "sampler_steps": 10, "tune_trials": 2, "l1": False}
         return cls(**{**values, **overrides})
 
-    # The training runs of the demo, (method, R), in the order they start.
     def runs(self) -> list[tuple[str, float]]:
+        """The training runs of the demo, (method, R), in the order they start."""
         runs: list[tuple[str, float]] = []
         for method in self.methods:
             if method == "ambient":
@@ -150,8 +143,7 @@ class DemoConfig:
             raise ValueError(f"r_inf: R {hardest:g} keeps {lines_at(self.width, hardest)} of {self.width} "
                              f"columns, fewer than the {self.acs} ACS columns; lower R or raise width")
 
-    # Folders and names. The data and training settings are part of the names, so a changed
-    # setting never reuses (or collides with) what an earlier demo made.
+    # Folders and names hold the data and training settings: a changed setting never reuses an earlier demo's.
     def _key(self, *names: str) -> str:
         values = {name: getattr(self, name) for name in names}
         return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -175,8 +167,7 @@ class DemoConfig:
 
     @property
     def tune_model(self) -> tuple[str, float]:
-        """The ambient model the printout shows loading: the one at ``baseline_r_train`` when trained,
-        else the first."""
+        """The ambient model the printout shows loading: at ``baseline_r_train`` when trained, else the first."""
         ambient = [r for method, r in self.runs() if method == "ambient"]
         return "ambient", (float(self.baseline_r_train) if float(self.baseline_r_train) in ambient else ambient[0])
 
@@ -250,8 +241,7 @@ def _prepare(config: DemoConfig, raw: Path, prepared: Path) -> dict[str, Any]:
         "slices_per_volume": config.slices_per_volume, "test_volumes": 1, "val_volumes": 1,
         "crop": (config.height, config.width), "noise_patch": 8, "calib_width": 12, "accelerations": accelerations,
         "acs": config.acs, "shard_size": 4, "reference_iterations": 10, "seed": config.seed,
-        "l1": "edm_l1" in config.methods, "l1_iterations": 20,
-    })
+        "l1": "edm_l1" in config.methods, "l1_iterations": 20})
     return prepare_dataset(prepare, progress=True)
 
 
@@ -267,15 +257,12 @@ def _train(config: DemoConfig, dataset: Path, tracking_uri: str) -> list[Any]:
         configs.append(TrainConfig.from_dict({
             "method": method, "r_train": r, "preset": "tiny", "dataset": str(dataset),
             # max_steps governs every method (MoDL / SSDU would otherwise stop at METHOD.md's 10 epochs).
-            "batch_size": config.batch_size, "max_steps": steps, "epochs": steps, "lr": 1e-3,
-            "lr_rampup": 0, "ema_half_life_images": steps * config.batch_size / 10,
-            "num_workers": 1, "cpus_per_worker": 1, "seed": config.seed,
-            "checkpoint_every_steps": max(1, steps // 2), "keep_checkpoints": 1,
-            "log_every_steps": max(1, steps // 20), "validate_every_steps": steps,
-            "validation_slices": 2, "storage_path": str(config.workdir / "runs"),
-            "run_name": f"{method}_r{r:g}-{config.train_key}", "tracking_uri": tracking_uri,
-            "experiment": "adps-demo",
-        }))
+            "batch_size": config.batch_size, "max_steps": steps, "epochs": steps, "lr": 1e-3, "lr_rampup": 0,
+            "ema_half_life_images": steps * config.batch_size / 10, "num_workers": 1, "cpus_per_worker": 1,
+            "seed": config.seed, "checkpoint_every_steps": max(1, steps // 2), "keep_checkpoints": 1,
+            "log_every_steps": max(1, steps // 20), "validate_every_steps": steps, "validation_slices": 2,
+            "storage_path": str(config.workdir / "runs"), "run_name": f"{method}_r{r:g}-{config.train_key}",
+            "tracking_uri": tracking_uri, "experiment": "adps-demo"}))
     # The longest runs first, so that the two slots finish together.
     configs.sort(key=lambda c: -c.max_steps)
     with tqdm(total=len(configs), desc="      train", unit="model") as bar:
@@ -312,10 +299,10 @@ def _search(config: DemoConfig, dataset: Path, tracking_uri: str, *, model: tupl
 
 
 def _tune(config: DemoConfig, dataset: Path, tracking_uri: str) -> dict[str, Any]:
-    """The searches of a fair comparison: every diffusion model's guidance and schedule end at
-    ``search_r_inf``, each with the same budget and space (the step count fixed to the demo's),
-    and every ambient model's A-OS sigma at its R_train (the only R_inf where A-OS is
-    in-distribution). The evaluation then uses them all (``sampler_settings: best``), or none."""
+    """The searches of a fair comparison: every diffusion model's guidance and schedule end at ``search_r_inf``,
+    each with the same budget and space (the step count fixed to the demo's), and every ambient model's A-OS
+    sigma at its R_train (the only R_inf where A-OS is in-distribution). The evaluation then uses them all
+    (``sampler_settings: best``), or none."""
     from adps.nn.reconstruct import DENOISER_METHODS
 
     guided = ("objective: {metric: nrmse, mode: min}\nparams:\n"
@@ -336,10 +323,10 @@ def _tune(config: DemoConfig, dataset: Path, tracking_uri: str) -> dict[str, Any
         searches[label] = _search(config, dataset, tracking_uri, model=(method, r_train), kind=family,
                                   r_inf=config.search_r_inf, space_text=text)
         if method == "ambient" and r_train in config.r_inf:
-            searches[f"{label} a_os"] = _search(
-                config, dataset, tracking_uri, model=(method, r_train), kind="a_os", r_inf=r_train, space_text=(
-                    "sampler: a_os\nobjective: {metric: nrmse, mode: min}\nparams:\n"
-                    "  sigma: {type: loguniform, low: 0.003, high: 1.0}\n"))
+            a_os_space = ("sampler: a_os\nobjective: {metric: nrmse, mode: min}\nparams:\n"
+                          "  sigma: {type: loguniform, low: 0.003, high: 1.0}\n")
+            searches[f"{label} a_os"] = _search(config, dataset, tracking_uri, model=(method, r_train), kind="a_os",
+                                                r_inf=r_train, space_text=a_os_space)
     return searches
 
 
@@ -350,23 +337,19 @@ def _evaluate(config: DemoConfig, dataset: Path, tracking_uri: str) -> dict[str,
     models += ["zero_filled", "cg_sense"] + (["l1"] if config.l1 else [])
     evaluation = EvaluateConfig(
         dataset=str(dataset), models=tuple(models), r_inf=tuple(map(float, config.r_inf)),
-        # The step count everywhere; the searched model's settings from its registry tags; the
-        # demo's schedule end for the other ambient models.
+        # The step count everywhere; the searched models' settings from their registry tags (every diffusion
+        # model was searched alike at search_r_inf in stage 4, or none was); the demo's schedule end elsewhere.
         steps=config.sampler_steps, a_dps_sigma_min=config.ambient_sigma_min, a_os_sigma=config.ambient_sigma_min,
-        # Every diffusion model was searched alike at search_r_inf (stage 4), or none was.
-        sampler_settings="best" if config.tune_trials else "paper",
-        slices_per_task=config.slices_per_volume, lpips=False, seed=config.seed,
-        output=str(config.workdir / "evaluation"), run_name="demo-evaluation", tracking_uri=tracking_uri,
-        experiment="adps-demo-eval", n_boot=1000,
-    )
+        sampler_settings="best" if config.tune_trials else "paper", slices_per_task=config.slices_per_volume,
+        lpips=False, seed=config.seed, output=str(config.workdir / "evaluation"), run_name="demo-evaluation",
+        tracking_uri=tracking_uri, experiment="adps-demo-eval", n_boot=1000)
     return evaluate(evaluation, progress=True)
 
 
 def demo_verdict(rows: list[dict[str, Any]], *, prior_r_inf: float = 4.0, ambient_r_inf: float = 8.0) -> list[str]:
-    """What the demo's table shows, in words: the fully sampled prior with DPS against L1-wavelet
-    at ``prior_r_inf``, and the best ambient model with A-DPS against L1-wavelet at
-    ``ambient_r_inf`` (mean NRMSE over the test slices). Lines for the comparisons the rows
-    allow (none without an ``l1`` row)."""
+    """What the demo's table shows, in words: the fully sampled prior with DPS against L1-wavelet at
+    ``prior_r_inf``, and the best ambient model with A-DPS against L1-wavelet at ``ambient_r_inf`` (mean NRMSE
+    over the test slices). Lines for the comparisons the rows allow (none without an ``l1`` row)."""
     import pandas as pd
 
     table = pd.DataFrame(rows)
@@ -452,9 +435,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     _done(started)
 
     _stage(6, "results")
-    print("\n" + format_results(evaluation["rows"], "nrmse"))
-    print("\n" + format_results(evaluation["rows"], "psnr"))
-    print("\n" + format_results(evaluation["rows"], "ssim"))
+    for metric in ("nrmse", "psnr", "ssim"):
+        print("\n" + format_results(evaluation["rows"], metric))
     print("\ncross-over against edm_r1 (FS-DPS): crossover = the smallest R_inf from which the ambient model beats it "
           "with every bootstrap interval over slices above 0; inconclusive = from there the means favour it, the "
           "intervals do not; none = it does not stay ahead\n" + format_crossover(evaluation["crossover"]))

@@ -1,24 +1,13 @@
 """The one interface of the study's measurement operators: what samplers and reconstructions use.
 
-Both studies solve ``y = A x (+ noise)`` with a diffusion prior on ``x``: the multi-coil MRI
-study with the SENSE operator (:class:`adps.mri.SenseOperator`, complex images ``(N, H, W)``)
-and the natural-image study with the operators of :mod:`adps.images` (real images
-``(N, C, H, W)``). Every operator implements :class:`LinearOperator`, so one set of samplers
-(:mod:`adps.nn.samplers`), one validation function and one evaluation serve both.
-
-An operator gives
-
-* the physics: ``forward(x) = A x``, ``adjoint(y) = A^H y``, ``normal(x) = A^H A x``, and the
-  shapes (:meth:`~LinearOperator.measurement_shape`, :meth:`~LinearOperator.image_shape_of`);
-* the network's view of an image: :meth:`~LinearOperator.to_channels` /
-  :meth:`~LinearOperator.from_channels` (complex MRI images go to the network as ``[Re, Im]``
-  channels; real images as they are);
-* what an ambient model needs to build its input: :meth:`~LinearOperator.corruption` gives the
-  training corruption ``A_tr`` (a further-corrupted mask) on the same image space, and
-  :meth:`~LinearOperator.condition` the mask channels that go with it. An ambient network's
-  input is then ``(to_channels(A_tr^H A_tr x), A_tr.condition())``, for MRI and images alike;
-* :meth:`~LinearOperator.prepare`: a measurement checked against the operator and moved, with
-  the operator, to the model's device (the checks name the sampler and what was expected).
+Both studies solve ``y = A x (+ noise)`` with a diffusion prior on ``x``: the multi-coil MRI study with the
+SENSE operator (:class:`adps.mri.SenseOperator`, complex images ``(N, H, W)``) and the natural-image study with
+the operators of :mod:`adps.images` (real images ``(N, C, H, W)``). Every operator implements
+:class:`LinearOperator`, so one set of samplers (:mod:`adps.nn.samplers`), one validation function and one
+evaluation serve both. An operator gives the physics (``A``, ``A^H``, ``A^H A``, shapes), the network's view
+of an image (complex MRI images as ``[Re, Im]`` channels, real images as they are), what an ambient model
+needs to build its input (``(to_channels(A_tr^H A_tr x), A_tr.condition())``, for MRI and images alike) and
+the checking of a measurement (:meth:`~LinearOperator.prepare`).
 
 Layer 1: plain torch, no network.
 """
@@ -68,15 +57,15 @@ class LinearOperator(ABC):
         return channels if channels.dtype in (torch.float32, torch.float64) else channels.float()
 
     def start_noise(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-        """Standard normal images of ``shape`` (a sampler's start ``x = sigma_max n``), drawn
-        from ``generator`` on its own device and moved to ``device``."""
+        """Standard normal images of ``shape`` (a sampler's start ``x = sigma_max n``), drawn from ``generator``
+        on its own device and moved to ``device``."""
         gen_device = generator.device if generator is not None else device
         return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
     # What an ambient model needs ----------------------------------------------------------------
     def corruption(self, mask: Tensor) -> LinearOperator:
-        """The training corruption ``A_tr`` with ``mask`` on this operator's image space (the
-        further-corrupted mask an ambient model was trained on, drawn afresh for sampling)."""
+        """The training corruption ``A_tr`` with ``mask`` on this operator's image space (the further-corrupted
+        mask an ambient model was trained on, drawn afresh for sampling)."""
         raise NotImplementedError(f"{type(self).__name__} defines no ambient training corruption")
 
     def condition(self) -> Tensor:
@@ -99,11 +88,8 @@ def complex_to_channels(image: Tensor) -> Tensor:
 
 
 def channels_to_complex(channels: Tensor) -> Tensor:
-    """Real ``(N, 2, H, W)`` ``[Re, Im]`` -> complex ``(N, H, W)``.
-
-    Always computed in float32 or wider: network outputs under autocast are cast up so
-    that the complex result (and every FFT after it) is complex64.
-    """
+    """Real ``(N, 2, H, W)`` ``[Re, Im]`` -> complex ``(N, H, W)``, in float32 or wider: network outputs under
+    autocast are cast up so that the complex result (and every FFT after it) is complex64."""
     if channels.is_complex() or channels.ndim != 4 or channels.shape[1] != 2:
         raise ValueError(f"expected real channels (N, 2, H, W), got {tuple(channels.shape)} {channels.dtype}")
     if channels.dtype not in (torch.float32, torch.float64):

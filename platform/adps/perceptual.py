@@ -4,11 +4,8 @@ natural-image study, :func:`lpips_rgb`), with no download at run time.
 METHOD.md asks for LPIPS (AlexNet) on magnitude images scaled to ``[-1, 1]`` and repeated to
 three channels, and for the FID of unconditional samples with VGG16 (``features`` + global
 average pool, 512-d: the paper's text) or Inception-v3 (pool3, 2048-d: the reference code).
-The backbones' state dicts are looked up on disk (:func:`find_weights`: ``weights=``, then
-``$ADPS_WEIGHTS_DIR``, then torchvision's cache ``torch.hub.get_dir()/checkpoints``, under the
-file names of :data:`WEIGHT_FILES`); a missing file raises :class:`FileNotFoundError` naming
-the file, every place looked in and the URL to fetch it from. How each metric scales its
-images (choices that change the numbers): docs/evaluation.md, "Metrics".
+The backbones' state dicts are only ever read from disk (:func:`find_weights`). How each
+metric scales its images (choices that change the numbers): docs/evaluation.md, "Metrics".
 """
 
 from __future__ import annotations
@@ -31,12 +28,9 @@ from adps.metrics import magnitude
 
 Backbone = Literal["vgg16", "inception_v3"]
 
-# torchvision's file names (the name carries the hash prefix that torchvision checks on
-# download; a file placed by hand loads without that check).
-WEIGHT_FILES: dict[str, str] = {
-    "alexnet": "alexnet-owt-7be5be79.pth", "vgg16": "vgg16-397923af.pth",
-    "inception_v3": "inception_v3_google-0cc3c7bd.pth"
-}
+# torchvision's file names (with the hash prefix torchvision checks on download; a file placed by hand skips it).
+WEIGHT_FILES: dict[str, str] = {"alexnet": "alexnet-owt-7be5be79.pth", "vgg16": "vgg16-397923af.pth",
+                                "inception_v3": "inception_v3_google-0cc3c7bd.pth"}
 WEIGHT_URL_BASE = "https://download.pytorch.org/models/"
 WEIGHTS_DIR_ENV = "ADPS_WEIGHTS_DIR"
 
@@ -48,62 +42,42 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-# --------------------------------------------------------------------------------------------
-# Weights lookup
-# --------------------------------------------------------------------------------------------
-
-
+# Weights lookup -------------------------------------------------------------------------------
 def find_weights(arch: str, weights: str | os.PathLike[str] | None = None) -> Path:
-    """Path of the local torchvision state dict for ``arch`` (``alexnet``, ``vgg16``,
-    ``inception_v3``); never downloads.
+    """Path of the local torchvision state dict for ``arch`` (``alexnet``, ``vgg16``, ``inception_v3``);
+    never downloads.
 
-    Looks in ``weights`` (a file, or a folder holding :data:`WEIGHT_FILES` ``[arch]``) when
-    given and only there; otherwise in ``$ADPS_WEIGHTS_DIR`` and then in
-    ``torch.hub.get_dir()/checkpoints``. Raises :class:`FileNotFoundError` naming the file,
-    every place looked in and the URL to fetch it from.
+    Looks in ``weights`` (a file, or a folder holding :data:`WEIGHT_FILES` ``[arch]``) when given and only
+    there; otherwise in ``$ADPS_WEIGHTS_DIR``, then in ``torch.hub.get_dir()/checkpoints``. Raises
+    :class:`FileNotFoundError` naming the file, every place looked in and the URL to fetch it from.
     """
     if arch not in WEIGHT_FILES:
         raise ValueError(f"unknown backbone {arch!r}; expected one of {sorted(WEIGHT_FILES)}")
     file_name = WEIGHT_FILES[arch]
-    looked: list[str] = []
     if weights is not None:
-        candidate = Path(weights).expanduser()
-        if candidate.is_dir():
-            candidate = candidate / file_name
-        if candidate.is_file():
-            return candidate
-        looked.append(f"weights= argument: {candidate}")
+        given = Path(weights).expanduser()
+        looked = [("weights= argument", given / file_name if given.is_dir() else given)]
     else:
         env_dir = os.environ.get(WEIGHTS_DIR_ENV)
-        if env_dir:
-            candidate = Path(env_dir).expanduser() / file_name
-            if candidate.is_file():
-                return candidate
-            looked.append(f"${WEIGHTS_DIR_ENV}: {candidate}")
-        else:
-            looked.append(f"${WEIGHTS_DIR_ENV}: not set")
-        # Read at call time (torch.hub.get_dir honours $TORCH_HOME), so tests can redirect it.
-        candidate = Path(torch.hub.get_dir()) / "checkpoints" / file_name
-        if candidate.is_file():
+        # torch.hub.get_dir() is read at call time (it honours $TORCH_HOME), so tests can redirect it.
+        looked = [(f"${WEIGHTS_DIR_ENV}", Path(env_dir).expanduser() / file_name if env_dir else None),
+                  ("torch hub cache", Path(torch.hub.get_dir()) / "checkpoints" / file_name)]
+    for _, candidate in looked:
+        if candidate is not None and candidate.is_file():
             return candidate
-        looked.append(f"torch hub cache: {candidate}")
-    places = "\n".join(f"  - {place}" for place in looked)
-    raise FileNotFoundError(
-        f"{arch} weights file {file_name!r} not found. Looked in:\n{places}\n"
-        f"Nothing is downloaded at run time: fetch {WEIGHT_URL_BASE}{file_name} on a machine with "
-        f"network access and put it in ${WEIGHTS_DIR_ENV}, in torch.hub.get_dir()/checkpoints, "
-        f"or pass weights=PATH."
-    )
+    places = "\n".join(f"  - {place}: {candidate or 'not set'}" for place, candidate in looked)
+    raise FileNotFoundError(f"{arch} weights file {file_name!r} not found. Looked in:\n{places}\nNothing is "
+                            f"downloaded at run time: fetch {WEIGHT_URL_BASE}{file_name} on a machine with network "
+                            f"access and put it in ${WEIGHTS_DIR_ENV}, in torch.hub.get_dir()/checkpoints, or pass "
+                            "weights=PATH.")
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    # weights_only: a weights file is data, never code to unpickle. No mmap: torchvision's
-    # older files use the legacy (non-zip) format that mmap cannot read.
+    # weights_only: a weights file is data, never code to unpickle (what it refuses, objects other than tensors
+    # and containers, is not loaded at all). No mmap: torchvision's older files use the legacy (non-zip) format.
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # What weights_only refuses (objects other than tensors and containers) could run
-        # code when unpickled: the file is not loaded at all.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: refused: not a plain weights file (it holds objects that could run code "
                          f"when loaded; {first})") from None
@@ -128,17 +102,11 @@ def clear_model_cache() -> None:
     _feature_model.cache_clear()
 
 
-# --------------------------------------------------------------------------------------------
-# LPIPS
-# --------------------------------------------------------------------------------------------
-
-
+# LPIPS ----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=4)
 def _lpips_model(weights_path: str, device: str) -> nn.Module:
-    """LPIPS(AlexNet) with the shipped v0.1 linear heads and the local backbone weights.
-
-    Cached by (weights path, device): building it reads a 230 MB file.
-    """
+    """LPIPS(AlexNet) with the shipped v0.1 linear heads and the local backbone weights; cached by
+    (weights path, device): building it reads a 230 MB file."""
     import lpips  # imported here so importing adps.perceptual stays cheap
 
     with warnings.catch_warnings():
@@ -162,16 +130,13 @@ def _lpips_model(weights_path: str, device: str) -> nn.Module:
     return model.to(device)
 
 
-def _lpips_batched(
-    gt: torch.Tensor, estimate: torch.Tensor,
-    to_network: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], *,
-    weights: str | os.PathLike[str] | None, batch_size: int, device: str | torch.device | None
-) -> torch.Tensor:
-    """LPIPS of ``gt[i]`` against ``estimate[i]``, ``batch_size`` pairs per forward pass: the one
-    loop behind :func:`lpips_distance` and :func:`lpips_rgb`.
-
-    ``to_network(g, x)`` turns a chunk of pairs (on the run device) into the network's input,
-    two ``(n, 3, H, W)`` float tensors in ``[-1, 1]``. Returns ``(N,)`` float32 on ``gt``'s device.
+def _lpips_batched(gt: torch.Tensor, estimate: torch.Tensor,
+                   to_network: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], *,
+                   weights: str | os.PathLike[str] | None, batch_size: int,
+                   device: str | torch.device | None) -> torch.Tensor:
+    """LPIPS of ``gt[i]`` against ``estimate[i]``, ``(N,)`` float32 on ``gt``'s device, ``batch_size`` pairs per
+    forward pass: the one loop behind :func:`lpips_distance` and :func:`lpips_rgb`. ``to_network(g, x)`` turns a
+    chunk of pairs (on the run device) into the network's input, two ``(n, 3, H, W)`` float tensors in ``[-1, 1]``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -192,10 +157,8 @@ def _check_pair(gt: torch.Tensor, estimate: torch.Tensor) -> None:
         raise ValueError(f"ground truth shape {tuple(gt.shape)} does not match estimate shape {tuple(estimate.shape)}")
 
 
-def lpips_distance(
-    gt: torch.Tensor, estimate: torch.Tensor, *, weights: str | os.PathLike[str] | None = None, batch_size: int = 32,
-    device: str | torch.device | None = None, clip: bool = False
-) -> torch.Tensor:
+def lpips_distance(gt: torch.Tensor, estimate: torch.Tensor, *, weights: str | os.PathLike[str] | None = None,
+                   batch_size: int = 32, device: str | torch.device | None = None, clip: bool = False) -> torch.Tensor:
     """LPIPS (AlexNet, v0.1 linear heads) per slice, shape ``(N,)``, float32 on ``gt``'s device.
 
     ``gt`` and ``estimate`` are ``(N, H, W)`` (complex or real; magnitudes are used). Each pair
@@ -230,24 +193,18 @@ LPIPS_MIN_SIDE = 32
 first convolution leave nothing of a side below 31 (:func:`lpips_rgb`'s ``resize`` upsamples)."""
 
 
-def lpips_rgb(
-    gt: torch.Tensor, estimate: torch.Tensor, *, weights: str | os.PathLike[str] | None = None, batch_size: int = 32,
-    device: str | torch.device | None = None, clip: bool = False, resize: int | None = None
-) -> torch.Tensor:
+def lpips_rgb(gt: torch.Tensor, estimate: torch.Tensor, *, weights: str | os.PathLike[str] | None = None,
+              batch_size: int = 32, device: str | torch.device | None = None, clip: bool = False,
+              resize: int | None = None) -> torch.Tensor:
     """LPIPS (AlexNet, v0.1 linear heads) of RGB images, shape ``(N,)``, float32 on ``gt``'s device.
 
-    ``gt`` and ``estimate`` are real ``(N, 3, H, W)`` already in ``[-1, 1]`` (the convention of
-    :mod:`adps.images` and of the ``lpips`` package): no scaling is applied, unlike
-    :func:`lpips_distance`'s magnitude images.
+    ``gt`` and ``estimate`` are real ``(N, 3, H, W)`` already in ``[-1, 1]`` (the convention of :mod:`adps.images` and
+    of the ``lpips`` package): no scaling is applied, unlike :func:`lpips_distance`'s magnitude images.
 
-    Keywords:
-        weights: AlexNet state dict (file or folder); default lookup as :func:`find_weights`.
-        batch_size: images per forward pass (32).
-        device: where the network runs (default: ``gt``'s device).
+    Keywords: ``weights``, ``batch_size`` and ``device`` as :func:`lpips_distance`, and
         clip: clamp the estimate to ``[-1, 1]`` first (False: values outside count as error).
-        resize: resize both images (bilinear, anti-aliased) to ``resize x resize`` before the
-            network. Images with a side below :data:`LPIPS_MIN_SIDE` need it (AlexNet has
-            nothing left of them); None (default) uses them as they are.
+        resize: resize both images (bilinear, anti-aliased) to ``resize x resize`` before the network. Images with
+            a side below :data:`LPIPS_MIN_SIDE` need it (AlexNet has nothing left of them); None: as they are.
     """
     _check_pair(gt, estimate)
     if gt.ndim != 4 or gt.shape[1] != 3 or gt.is_complex():
@@ -263,46 +220,30 @@ def lpips_rgb(
         if clip:
             x = x.clamp(-1, 1)
         if resize is not None:
-            size = (int(resize), int(resize))
-            g = F.interpolate(g, size=size, mode="bilinear", align_corners=False, antialias=True)
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+            g, x = (F.interpolate(t, size=(int(resize), int(resize)), mode="bilinear", align_corners=False,
+                                  antialias=True) for t in (g, x))
         return g, x
 
     return _lpips_batched(gt, estimate, to_network, weights=weights, batch_size=batch_size, device=device)
 
 
-# --------------------------------------------------------------------------------------------
-# FID
-# --------------------------------------------------------------------------------------------
-
-
-class _VGGPool(nn.Module):
-    """VGG16 ``features`` followed by global average pooling: a 512-d descriptor."""
-
-    def __init__(self, features: nn.Module) -> None:
-        super().__init__()
-        self.features = features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
-
-
+# FID ------------------------------------------------------------------------------------------
 def _build_vgg16(state: dict[str, torch.Tensor]) -> nn.Module:
+    """VGG16 ``features`` followed by global average pooling: a 512-d descriptor."""
     import torchvision
 
     # Only `features` is used, so only its entries are loaded (strictly); the classifier's
     # 120 M parameters are dropped and a features-only state dict is accepted as well.
     features = torchvision.models.vgg16(weights=None).features
     features.load_state_dict(_subset(state, "features."), strict=True)
-    return _VGGPool(features)
+    return nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
 def _build_inception_v3(state: dict[str, torch.Tensor]) -> nn.Module:
     import torchvision
 
-    # transform_input=True as torchvision sets it for its pretrained weights: those expect the
-    # ImageNet-normalised input re-mapped to Google's (x - 0.5) / 0.5 convention.
-    # init_weights=False: the random init (truncated normal) is slow and immediately replaced.
+    # transform_input=True as torchvision sets it for its pretrained weights: those expect the ImageNet-normalised
+    # input re-mapped to Google's (x - 0.5) / 0.5 convention. init_weights=False: the random init is slow and replaced.
     model = torchvision.models.inception_v3(weights=None, aux_logits=False, transform_input=True, init_weights=False)
     # pool3 (2048-d) is what the classifier sees after average pooling and (eval: no-op) dropout.
     model.fc = nn.Identity()
@@ -311,9 +252,8 @@ def _build_inception_v3(state: dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
-_BUILDERS: dict[str, Callable[[dict[str, torch.Tensor]], nn.Module]] = {
-    "vgg16": _build_vgg16, "inception_v3": _build_inception_v3
-}
+_BUILDERS: dict[str, Callable[[dict[str, torch.Tensor]], nn.Module]] = {"vgg16": _build_vgg16,
+                                                                        "inception_v3": _build_inception_v3}
 
 
 @functools.lru_cache(maxsize=4)
@@ -324,21 +264,15 @@ def _feature_model(backbone: str, weights_path: str, device: str) -> nn.Module:
     return model.to(device)
 
 
-def fid_features(
-    images: torch.Tensor, backbone: Backbone = "vgg16", *, weights: str | os.PathLike[str] | None = None,
-    batch_size: int = 32, device: str | torch.device | None = None, input_size: int | None = None,
-    scale: Literal["max", "none"] = "max", antialias: bool = True
-) -> torch.Tensor:
+def fid_features(images: torch.Tensor, backbone: Backbone = "vgg16", *, weights: str | os.PathLike[str] | None = None,
+                 batch_size: int = 32, device: str | torch.device | None = None, input_size: int | None = None,
+                 scale: Literal["max", "none"] = "max", antialias: bool = True) -> torch.Tensor:
     """Backbone features of magnitude images, ``(N, D)`` float64 on the CPU.
 
-    ``images`` is ``(N, H, W)`` (complex or real; magnitudes are used). ``backbone`` is
-    ``"vgg16"`` (``features`` + global average pool, D = 512) or ``"inception_v3"``
-    (torchvision's, pool3, D = 2048).
+    ``images`` is ``(N, H, W)`` (complex or real; magnitudes are used). ``backbone`` is ``"vgg16"`` (``features`` +
+    global average pool, D = 512) or ``"inception_v3"`` (torchvision's, pool3, D = 2048).
 
-    Keywords:
-        weights: backbone state dict (file or folder); default lookup as :func:`find_weights`.
-        batch_size: images per forward pass (32).
-        device: where the network runs (default: ``images``' device).
+    Keywords: ``weights`` (the backbone's), ``batch_size`` and ``device`` as :func:`lpips_distance`, and
         input_size: square side images are resized to (default: 224 for VGG16, 299 for
             Inception, what they were trained at; smaller only for quick tests).
         scale: ``"max"`` divides each image by its own maximum magnitude into ``[0, 1]``;
@@ -364,9 +298,7 @@ def fid_features(
             x = magnitude(images[start : start + batch_size]).float().to(run_device)
             if scale == "max":
                 x = x / x.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-            x = F.interpolate(
-                x.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False, antialias=antialias
-            )
+            x = F.interpolate(x.unsqueeze(1), (size, size), mode="bilinear", align_corners=False, antialias=antialias)
             x = (x.expand(-1, 3, -1, -1) - mean) / std
             chunks.append(model(x).double().cpu())
     if not chunks:
@@ -383,16 +315,12 @@ def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray,
 
 
 def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """``tr sqrtm(sigma1 sigma2)`` through symmetric eigendecompositions.
-
-    ``sigma1 sigma2`` is similar to ``S sigma2 S`` with ``S = sqrtm(sigma1)`` (symmetric PSD), so
-    the trace of its square root is ``sum sqrt(eigvalsh(S sigma2 S))``. Tiny negative
-    eigenvalues and those below the rounding level (``D * machine eps * largest``) count as 0,
-    so singular covariances need no offset.
-    """
+    """``tr sqrtm(sigma1 sigma2)`` through symmetric eigendecompositions: ``sigma1 sigma2`` is similar
+    to ``S sigma2 S`` with ``S = sqrtm(sigma1)`` (symmetric PSD), so the trace of its square root is
+    ``sum sqrt(eigvalsh(S sigma2 S))``. Singular covariances need no offset (see ``clip_rounding``)."""
 
     def clip_rounding(eigenvalues: np.ndarray) -> np.ndarray:
-        # Eigenvalues below the rounding level of the largest one are zeros of a singular
+        # Eigenvalues below the rounding level (D * machine eps * largest) are zeros of a singular
         # matrix; left as they are, their square roots (~1e-8 of the scale each) add up.
         floor = eigenvalues.size * np.finfo(np.float64).eps * max(float(np.max(np.abs(eigenvalues))), 0.0)
         return np.where(eigenvalues > floor, eigenvalues, 0.0)
@@ -404,28 +332,25 @@ def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     return float(np.sqrt(clip_rounding(eigenvalues)).sum())
 
 
-def frechet_distance(
-    mu1: np.ndarray | torch.Tensor, sigma1: np.ndarray | torch.Tensor, mu2: np.ndarray | torch.Tensor,
-    sigma2: np.ndarray | torch.Tensor, *, method: Literal["sqrtm", "eigh"] = "sqrtm", eps: float = 1e-6,
-    residual_tol: float = 1e-3, imag_tol: float = 1e-3
-) -> float:
+def frechet_distance(mu1: np.ndarray | torch.Tensor, sigma1: np.ndarray | torch.Tensor,
+                     mu2: np.ndarray | torch.Tensor, sigma2: np.ndarray | torch.Tensor, *,
+                     method: Literal["sqrtm", "eigh"] = "sqrtm", eps: float = 1e-6, residual_tol: float = 1e-3,
+                     imag_tol: float = 1e-3) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
     ``||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2))``.
 
     Keywords:
-        method: ``"sqrtm"`` (default) takes ``scipy.linalg.sqrtm(sigma1 @ sigma2)``, the
-            computation of pytorch-fid and most published FIDs. ``"eigh"`` computes the same
-            trace from two symmetric eigendecompositions (:func:`_trace_sqrt_product_eigh`):
-            equal up to rounding, needs no ``eps``, and is much faster for 2048-d features
-            (sqrtm of a singular 2048 x 2048 product takes about a minute on one CPU core).
-        eps: for ``"sqrtm"``: when the square root is not finite or inaccurate (relative
-            residual ``||X X - A||_F / ||A||_F`` above ``residual_tol``), as happens for the
-            singular covariances of fewer samples than feature dimensions, it is recomputed
-            with ``eps * I`` added to both covariances (1e-6; a bias of order ``eps * D``).
-        residual_tol: accuracy asked of the square root before the ``eps`` offset is used (1e-3).
-        imag_tol: the product of two covariances has real non-negative eigenvalues, so an
-            imaginary part of ``sqrtm`` is rounding noise and is dropped; one larger than
-            ``imag_tol`` times the largest real entry raises ``ValueError`` (1e-3).
+        method: ``"sqrtm"`` (default) takes ``scipy.linalg.sqrtm(sigma1 @ sigma2)``, the computation of pytorch-fid
+            and most published FIDs. ``"eigh"`` computes the same trace from two symmetric eigendecompositions
+            (:func:`_trace_sqrt_product_eigh`): equal up to rounding, needs no ``eps``, and is much faster for
+            2048-d features (sqrtm of a singular 2048 x 2048 product takes about a minute on one CPU core).
+        eps: for ``"sqrtm"``: when the square root is not finite or inaccurate (relative residual
+            ``||X X - A||_F / ||A||_F`` above ``residual_tol``, 1e-3), as happens for the singular covariances of
+            fewer samples than feature dimensions, it is recomputed with ``eps * I`` added to both covariances
+            (1e-6; a bias of order ``eps * D``).
+        imag_tol: the product of two covariances has real non-negative eigenvalues, so an imaginary part of
+            ``sqrtm`` is rounding noise and is dropped; one larger than ``imag_tol`` times the largest real entry
+            raises ``ValueError`` (1e-3).
     """
     mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
@@ -463,23 +388,16 @@ def frechet_distance(
     return base - 2 * float(np.trace(covmean))
 
 
-def fid(
-    real: torch.Tensor, fake: torch.Tensor, backbone: Backbone = "vgg16", *,
-    weights: str | os.PathLike[str] | None = None, batch_size: int = 32, device: str | torch.device | None = None,
-    input_size: int | None = None, scale: Literal["max", "none"] = "max", method: Literal["sqrtm", "eigh"] = "sqrtm",
-    eps: float = 1e-6
-) -> float:
+def fid(real: torch.Tensor, fake: torch.Tensor, backbone: Backbone = "vgg16", *,
+        weights: str | os.PathLike[str] | None = None, batch_size: int = 32, device: str | torch.device | None = None,
+        input_size: int | None = None, scale: Literal["max", "none"] = "max",
+        method: Literal["sqrtm", "eigh"] = "sqrtm", eps: float = 1e-6) -> float:
     """FID between two sets of magnitude images ``(N, H, W)`` and ``(M, H', W')``.
 
-    Features as :func:`fid_features` (same keywords and defaults), the distance as
-    :func:`frechet_distance` (``method`` "sqrtm", ``eps`` 1e-6). Both sets need at least two
-    images.
+    Features as :func:`fid_features` (same keywords and defaults), the distance as :func:`frechet_distance`
+    (``method`` "sqrtm", ``eps`` 1e-6). Both sets need at least two images.
     """
-    stats = []
-    for images in (real, fake):
-        features = fid_features(
-            images, backbone, weights=weights, batch_size=batch_size, device=device, input_size=input_size, scale=scale
-        )
-        stats.append(feature_statistics(features))
-    (mu1, sigma1), (mu2, sigma2) = stats
+    (mu1, sigma1), (mu2, sigma2) = (
+        feature_statistics(fid_features(images, backbone, weights=weights, batch_size=batch_size, device=device,
+                                        input_size=input_size, scale=scale)) for images in (real, fake))
     return frechet_distance(mu1, sigma1, mu2, sigma2, method=method, eps=eps)

@@ -6,10 +6,10 @@ every training step and sampler::
     dataset = PreparedSliceDataset("s3://bucket/prepared", "train", acceleration=4)
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True, num_workers=4)
 
-Safe in DataLoader workers: HDF5 files are opened lazily in the process that reads them, and
-reopened after a fork (h5py handles must not cross processes), so the dataset pickles without
-them. A Ray Train worker passes ``shards=`` to read only its own shards. Shards under an
-``s3://`` root are downloaded once to a local cache folder and read from there.
+Safe in DataLoader workers: HDF5 files are opened lazily in the reading process and reopened
+after a fork (h5py handles must not cross processes), so the dataset pickles without them. A Ray
+Train worker passes ``shards=`` to read only its own shards. Shards under an ``s3://`` root are
+downloaded once to a local cache folder and read from there.
 
 Layer 1 (see ARCHITECTURE.md): torch / h5py only, no Ray, no MLflow.
 """
@@ -32,8 +32,7 @@ from adps.data import storage
 from adps.data.preprocess import SPLITS, mask_key
 from adps.data.shards import ShardError, file_sha256, read_manifest
 
-# Reading a row as the raw bytes of its chunk needs a positional read into a buffer (POSIX) and
-# the file's little-endian layout in memory.
+# Reading a row as its chunk's raw bytes needs POSIX positional reads and a little-endian machine.
 _PREAD = hasattr(os, "preadv") and sys.byteorder == "little"
 
 DEFAULT_CACHE_ENV = "ADPS_SHARD_CACHE"
@@ -53,26 +52,23 @@ class PreparedSliceDataset(Dataset):
         root: the prepared dataset's folder or ``s3://`` prefix (holding ``manifest.json``).
         split: ``"train"``, ``"val"`` or ``"test"``.
         acceleration: the ``R`` whose masks are returned (one of the config's accelerations).
-        shards: restrict to these shard names (e.g. one Ray Train worker's share); default all
-            of the split's shards.
-        load_l1: also return the L1-wavelet reconstruction at ``R`` (needs ``l1: true`` at
-            preparation).
+        shards: restrict to these shard names (e.g. one Ray Train worker's share); default all.
+        load_l1: also return the L1-wavelet reconstruction at ``R`` (needs ``l1: true`` at preparation).
         cache_dir: where shards of an ``s3://`` root are downloaded (default
             :func:`default_cache_dir`; a sub-folder per dataset keeps datasets apart).
         verify: check each shard's sha256 against the manifest when first opened (once per
             process; for S3 roots, when downloaded).
-        keys: read only these item keys (``slice_id`` is always there); default all of them. A
-            training worker reads only what its method's step uses
-            (:data:`adps.nn.train_step.BATCH_KEYS`): an ambient run never reads the clean
-            ``reference`` from the shards, and an EDM run reads its one image per slice instead of
-            nine times that in k-space and coil maps.
+        keys: read only these item keys (``slice_id`` is always there); default all. A training
+            worker reads only what its method's step uses (:data:`adps.nn.train_step.BATCH_KEYS`):
+            an ambient run never reads the clean ``reference``, and an EDM run reads its one image
+            per slice instead of nine times that in k-space and coil maps.
 
-    Items are dicts of tensors with these keys (all of them unless ``keys`` picks some): ``kspace`` ``(C, H, W)`` complex64 (the
-    fully sampled prepared k-space; a training step applies the masks itself), ``maps``
-    ``(C, H, W)`` complex64, ``reference`` ``(H, W)`` complex64, ``mask`` ``(W,)`` bool (the
-    ``R`` mask), ``mask_further`` ``(W,)`` bool (its ``R + 1`` mask), ``l1`` ``(H, W)``
-    complex64 (only with ``load_l1``) and ``slice_id`` (int64 scalar). The default collate
-    function stacks them into ``(N, ...)`` batches.
+    Items are dicts of tensors with these keys (all unless ``keys`` picks some): ``kspace``
+    ``(C, H, W)`` complex64 (the fully sampled prepared k-space; a training step applies the masks
+    itself), ``maps`` ``(C, H, W)`` complex64, ``reference`` ``(H, W)`` complex64, ``mask``
+    ``(W,)`` bool (the ``R`` mask), ``mask_further`` ``(W,)`` bool (its ``R + 1`` mask), ``l1``
+    ``(H, W)`` complex64 (only with ``load_l1``) and ``slice_id`` (int64 scalar); the default
+    collate stacks them into ``(N, ...)`` batches.
 
     Raises:
         FileNotFoundError: no manifest under ``root``.
@@ -83,11 +79,9 @@ class PreparedSliceDataset(Dataset):
             slice whose coil maps are all zero (naming its slice id), when read.
     """
 
-    def __init__(
-        self, root: str | os.PathLike, split: str, *, acceleration: float, shards: Sequence[str] | None = None,
-        load_l1: bool = False, cache_dir: str | os.PathLike | None = None, verify: bool = True,
-        keys: Sequence[str] | None = None
-    ) -> None:
+    def __init__(self, root: str | os.PathLike, split: str, *, acceleration: float, shards: Sequence[str] | None = None,
+                 load_l1: bool = False, cache_dir: str | os.PathLike | None = None, verify: bool = True,
+                 keys: Sequence[str] | None = None) -> None:
         self.root = str(root)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -97,28 +91,22 @@ class PreparedSliceDataset(Dataset):
         available = {mask_key(r): r for r in config["accelerations"]}
         key = mask_key(acceleration)
         if key not in available:
-            raise ValueError(
-                f"{self.root}: acceleration R={acceleration:g} was not prepared "
-                f"(available: {', '.join(f'{r:g}' for r in available.values())})"
-            )
+            raise ValueError(f"{self.root}: acceleration R={acceleration:g} was not prepared "
+                             f"(available: {', '.join(f'{r:g}' for r in available.values())})")
         if load_l1 and not config.get("l1"):
             raise ValueError(f"{self.root}: load_l1=True but the dataset was prepared without L1 reconstructions (l1: false)")
         self.acceleration = acceleration
         self.load_l1 = load_l1
         self.verify = verify
-        self._datasets = {
-            "kspace": "kspace", "maps": "maps", "reference": "reference", "mask": f"mask/{key}",
-            "mask_further": f"mask_further/{key}", **({"l1": f"l1/{key}"} if load_l1 else {})
-        }
+        self._datasets = {"kspace": "kspace", "maps": "maps", "reference": "reference", "mask": f"mask/{key}",
+                          "mask_further": f"mask_further/{key}", **({"l1": f"l1/{key}"} if load_l1 else {})}
         if keys is not None:
             wanted = [k for k in dict.fromkeys(keys) if k != "slice_id"]
             unknown = [k for k in wanted if k not in self._datasets]
             if unknown:
                 hint = " (it needs load_l1=True)" if unknown[0] == "l1" else ""
-                raise ValueError(
-                    f"{self.root}: unknown item key {unknown[0]!r}{hint}; the items have "
-                    f"{', '.join(self._datasets)} and slice_id"
-                )
+                raise ValueError(f"{self.root}: unknown item key {unknown[0]!r}{hint}; the items have "
+                                 f"{', '.join(self._datasets)} and slice_id")
             self._datasets = {k: self._datasets[k] for k in wanted}
         self.keys: tuple[str, ...] = (*self._datasets, "slice_id")
         """The keys of every item, in order."""
@@ -131,28 +119,22 @@ class PreparedSliceDataset(Dataset):
             selected = list(dict.fromkeys(shards))
             unknown = [name for name in selected if name not in recorded]
             if unknown:
-                raise ValueError(
-                    f"{self.root}: shard {unknown[0]!r} is not in split {split!r} "
-                    f"(its shards: {', '.join(sorted(recorded)) or 'none'})"
-                )
+                raise ValueError(f"{self.root}: shard {unknown[0]!r} is not in split {split!r} "
+                                 f"(its shards: {', '.join(sorted(recorded)) or 'none'})")
         self.shards: dict[str, dict[str, Any]] = {name: recorded[name] for name in selected}
         chosen = set(selected)
-        self._index: list[tuple[str, int, int]] = [
-            (s["shard"], int(s["row"]), int(s["slice_id"])) for s in entry["slices"] if s["shard"] in chosen
-        ]
         self.slices: list[dict[str, Any]] = [s for s in entry["slices"] if s["shard"] in chosen]
         """Manifest entries of the slices, in item order (source, slice index, normalisation...)."""
+        self._index: list[tuple[str, int, int]] = [(s["shard"], int(s["row"]), int(s["slice_id"])) for s in self.slices]
 
-        self._local: dict[str, Path] = {}
+        self._local: dict[str, Path]
         if storage.is_s3(self.root):
             base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
             # One folder per dataset URI, so equal shard names of different datasets do not clash.
             folder = base / hashlib.sha256(self.root.rstrip("/").encode()).hexdigest()[:16]
-            for name in selected:
-                self._local[name] = self._download(name, folder)
+            self._local = {name: self._download(name, folder) for name in selected}
         else:
-            for name in selected:
-                self._local[name] = Path(self.root) / name
+            self._local = {name: Path(self.root) / name for name in selected}
 
         self._files: dict[str, h5py.File] = {}
         self._sources: dict[tuple[str, str], h5py.Dataset] = {}  # (shard, dataset name): its open dataset
@@ -189,10 +171,8 @@ class PreparedSliceDataset(Dataset):
                 raise ShardError(f"{storage.join(self.root, name)}: shard listed in the manifest is missing")
             if self.verify and name not in self._verified:
                 if file_sha256(path) != self.shards[name]["sha256"]:
-                    raise ShardError(
-                        f"{storage.join(self.root, name)}: checksum mismatch (the shard differs from the "
-                        "manifest's sha256; re-run adps prepare to restore it)"
-                    )
+                    raise ShardError(f"{storage.join(self.root, name)}: checksum mismatch (the shard differs from "
+                                     "the manifest's sha256; re-run adps prepare to restore it)")
                 self._verified.add(name)
             try:
                 handle = h5py.File(path, "r")
@@ -239,12 +219,11 @@ class PreparedSliceDataset(Dataset):
         """The items ``indices``, stacked key by key into one batch, as the default collate does.
 
         Each slice is read straight into its row of the batch's tensors, in page-locked memory
-        with ``pin_memory`` (ready for an asynchronous copy to the GPU). Stacking the items of
-        :meth:`__getitem__` instead copies every array twice more (once to stack, once to pin),
-        about 70 MB per copy at the paper's size (batch 8, 4 coils, 384 x 320). Where a shard
-        stores each row as one unfiltered chunk (as ``adps prepare`` writes them), the row is
-        that chunk's bytes and one positional read fetches it, about 3x faster than HDF5's own
-        read (:func:`_read_chunk_row`); other layouts are read through HDF5.
+        with ``pin_memory`` (ready for an asynchronous copy to the GPU): stacking the items of
+        :meth:`__getitem__` copies every array twice more, about 70 MB per copy at the paper's
+        size (batch 8, 4 coils, 384 x 320). A row stored as one unfiltered chunk (as
+        ``adps prepare`` writes them) is fetched by one positional read, about 3x faster than
+        HDF5's own (:func:`_read_chunk_row`); other layouts are read through HDF5.
 
         Raises:
             ValueError: no indices.
@@ -268,10 +247,9 @@ class PreparedSliceDataset(Dataset):
             for position, (name, row, sid) in enumerate(locations):
                 source = self._array(name, dataset)
                 if source.shape[1:] != shape:
-                    raise ShardError(
-                        f"{storage.join(self.root, name)}: slice id {sid} (row {row}): {dataset!r} has shape "
-                        f"{source.shape[1:]}, slice id {first_sid} of {first_name} {shape}: they cannot share a batch"
-                    )
+                    raise ShardError(f"{storage.join(self.root, name)}: slice id {sid} (row {row}): {dataset!r} has "
+                                     f"shape {source.shape[1:]}, slice id {first_sid} of {first_name} {shape}: they "
+                                     "cannot share a batch")
                 if (name, dataset) not in raw:
                     raw[name, dataset] = _file_descriptor(source) if _rows_are_chunks(source) else None
                 descriptor = raw[name, dataset]
@@ -303,26 +281,20 @@ class PreparedSliceDataset(Dataset):
 
     def _check_maps(self, maps: np.ndarray, name: str, row: int, sid: int) -> None:
         if not maps.any():
-            # Zero maps make A = 0: every loss and reconstruction of the slice would be zero or
-            # NaN, silently. One pass over an array just read (a zero-padded test coil is fine;
-            # only a slice with no nonzero map at all is refused).
-            raise ShardError(
-                f"{storage.join(self.root, name)}: slice id {sid} (row {row}): coil maps are all zero; "
-                "the shard is corrupt or was edited (re-run adps prepare to restore it)"
-            )
+            # Zero maps make A = 0: every loss and reconstruction of the slice would be zero or NaN,
+            # silently (a zero-padded test coil is fine; only a slice with no nonzero map is refused).
+            raise ShardError(f"{storage.join(self.root, name)}: slice id {sid} (row {row}): coil maps are all "
+                             "zero; the shard is corrupt or was edited (re-run adps prepare to restore it)")
 
 
 def _rows_are_chunks(source: h5py.Dataset) -> bool:
     """Whether each row of ``source`` is stored as one chunk holding exactly that row's bytes as
     numpy lays them out: one row per chunk, no filter (compression, checksum), the same item
     size as the numpy dtype (complex64 as HDF5's {r, i} float32 pair, bool as an 8-bit enum)."""
-    return (
-        _PREAD
-        and source.chunks == (1, *source.shape[1:])
-        and source.id.get_create_plist().get_nfilters() == 0
-        and source.id.get_type().get_size() == source.dtype.itemsize
-        and source.dtype.byteorder in ("=", "<", "|")
-    )
+    return (_PREAD and source.chunks == (1, *source.shape[1:])
+            and source.id.get_create_plist().get_nfilters() == 0
+            and source.id.get_type().get_size() == source.dtype.itemsize
+            and source.dtype.byteorder in ("=", "<", "|"))
 
 
 def _file_descriptor(source: h5py.Dataset) -> int | None:

@@ -11,10 +11,9 @@ The schema of a FastMRI multi-coil file (brain or knee), as published:
 * dataset ``reconstruction_rss`` (optional): ``(slices, h, w)`` float32 RSS reconstructions.
 * file attributes ``acquisition`` (e.g. ``"AXT2"``), ``max``, ``norm``, ``patient_id``.
 
-:func:`open_volume` checks this schema up front (:meth:`FastMRIVolume.validate`) so that a
-bad file fails with a :class:`FastMRIFormatError` naming it, not with an h5py error deep inside
-a Ray task. Slices are read on demand, so preparing 5 centre slices of a 16-slice volume reads
-only those 5.
+:func:`open_volume` checks this schema up front (:meth:`FastMRIVolume.validate`), so a bad file
+fails with a :class:`FastMRIFormatError` naming it, not with an h5py error deep in a Ray task.
+Slices are read on demand: preparing 5 centre slices of a 16-slice volume reads only those 5.
 """
 
 from __future__ import annotations
@@ -112,11 +111,10 @@ def parse_ismrmrd_header(xml: bytes | str) -> EncodingInfo:
         return (x, y) if x is not None and y is not None else None
 
     limits = "encoding/encodingLimits/kspace_encoding_step_1"
-    return EncodingInfo(
-        encoded_size=pair("encodedSpace"), recon_size=pair("reconSpace"), encoded_fov_mm=fov("encodedSpace"),
-        recon_fov_mm=fov("reconSpace"), phase_encode_center=integer(f"{limits}/center", required=False),
-        phase_encode_maximum=integer(f"{limits}/maximum", required=False)
-    )
+    return EncodingInfo(encoded_size=pair("encodedSpace"), recon_size=pair("reconSpace"),
+                        encoded_fov_mm=fov("encodedSpace"), recon_fov_mm=fov("reconSpace"),
+                        phase_encode_center=integer(f"{limits}/center", required=False),
+                        phase_encode_maximum=integer(f"{limits}/maximum", required=False))
 
 
 def _plain(value: Any) -> Any:
@@ -129,11 +127,9 @@ def _plain(value: Any) -> Any:
 
 
 class FastMRIVolume:
-    """One open FastMRI multi-coil volume. Obtain it from :func:`open_volume`.
-
-    ``path`` is the location the caller gave (an ``s3://`` URI stays one, although the data is
-    read from a temporary local copy), so every message names the file the user knows.
-    """
+    """One open FastMRI multi-coil volume, from :func:`open_volume`. ``path`` is the location the
+    caller gave (an ``s3://`` URI stays one, though the data is read from a temporary local copy),
+    so every message names the file the user knows."""
 
     def __init__(self, file: h5py.File, path: str) -> None:
         self._file = file
@@ -234,10 +230,8 @@ class FastMRIVolume:
 
     @property
     def patient_id(self) -> str:
-        """The ``patient_id`` attribute, or the file name without ``.h5`` if there is none.
-
-        Splits into train and test sets are made by patient, so every volume needs an id.
-        """
+        """The ``patient_id`` attribute, or the file name without ``.h5`` if there is none (splits
+        are made by patient, so every volume needs an id)."""
         value = self.attrs.get("patient_id")
         if value is not None and str(value):
             return str(value)
@@ -259,44 +253,34 @@ class FastMRIVolume:
         if bad.size:
             raise IndexError(f"{self._path}: slice {int(bad[0])} out of range (the volume has {self.num_slices} slices)")
         # h5py's fancy indexing wants increasing, unique indices.
-        unique, inverse = np.unique(wanted, return_inverse=True)
-        return unique, inverse
+        return np.unique(wanted, return_inverse=True)
+
+    def _read_rows(self, name: str, indices: Iterable[int] | int, dtype: type) -> np.ndarray:
+        """Slices ``indices`` of dataset ``name`` as ``dtype``, in the order asked; only they are read."""
+        unique, inverse = self._selection(indices)
+        dataset = self._file[name]
+        if unique.size == 0:
+            return np.empty((0, *dataset.shape[1:]), dtype=dtype)
+        try:
+            data = dataset[unique.tolist()]
+        except OSError as err:  # a damaged or truncated data block
+            raise self._error(f"cannot read {name} slices {unique.tolist()} ({err})") from None
+        return np.ascontiguousarray(data[inverse], dtype=dtype)
 
     def read_slices(self, indices: Iterable[int] | int) -> np.ndarray:
-        """k-space of the given slices, ``(n, coils, H, W)`` complex64, in the order asked.
-
-        Only the requested slices are read from the file.
-        """
-        unique, inverse = self._selection(indices)
-        if unique.size == 0:
-            return np.empty((0, *self.kspace_shape[1:]), dtype=np.complex64)
-        try:
-            data = self._kspace[unique.tolist()]
-        except OSError as err:  # a damaged or truncated data block
-            raise self._error(f"cannot read kspace slices {unique.tolist()} ({err})") from None
-        return np.ascontiguousarray(data[inverse], dtype=np.complex64)
+        """k-space of the given slices, ``(n, coils, H, W)`` complex64, in the order asked."""
+        return self._read_rows("kspace", indices, np.complex64)
 
     def read_reconstruction_rss(self, indices: Iterable[int] | int) -> np.ndarray:
         """``reconstruction_rss`` of the given slices ``(n, h, w)`` float32; raises if absent."""
         if not self.has_reconstruction_rss:
             raise self._error("no 'reconstruction_rss' dataset")
-        unique, inverse = self._selection(indices)
-        dataset = self._file["reconstruction_rss"]
-        if unique.size == 0:
-            return np.empty((0, *dataset.shape[1:]), dtype=np.float32)
-        try:
-            data = dataset[unique.tolist()]
-        except OSError as err:
-            raise self._error(f"cannot read reconstruction_rss slices {unique.tolist()} ({err})") from None
-        return np.ascontiguousarray(data[inverse], dtype=np.float32)
+        return self._read_rows("reconstruction_rss", indices, np.float32)
 
     def centre_slices(self, n: int) -> list[int]:
-        """The ``n`` central slice indices.
-
-        The block starts at ``S // 2 - n // 2``, so the middle slice ``S // 2`` (the same
-        centre convention as the FFT's DC index) is always included; when ``S - n`` is odd
-        the block leans one slice towards the end.
-        """
+        """The ``n`` central slice indices, from ``S // 2 - n // 2``: the middle slice ``S // 2`` (the
+        FFT's DC-index convention) is always included; when ``S - n`` is odd the block leans one
+        slice towards the end."""
         total = self.num_slices
         if n < 1:
             raise ValueError(f"{self._path}: the number of centre slices must be >= 1, got {n}")

@@ -18,10 +18,9 @@ from adps.mri.fft import fft2c
 def brain_phantom(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """A smooth, brain-like complex image ``(height, width)`` (complex64), different per draw.
 
-    A bright skull ring around a tissue ellipse, 6 to 12 random inner ellipses of other
-    intensities (ventricles, lesions), a low-pass texture and a smooth phase. The object fills
-    about 80 % of the field of view, leaving an empty background in the corners (the noise
-    covariance is estimated there).
+    A bright skull ring around a tissue ellipse, 6 to 12 random inner ellipses (ventricles,
+    lesions), a low-pass texture and a smooth phase. The object fills about 80 % of the field of
+    view, leaving empty corners (the noise covariance is estimated there).
     """
     yy, xx = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
 
@@ -52,17 +51,15 @@ def brain_phantom(height: int, width: int, rng: np.random.Generator) -> np.ndarr
 
 
 def _lowpass(height: int, width: int, cutoff: float) -> np.ndarray:
-    fy = np.fft.fftfreq(height)[:, None]
-    fx = np.fft.fftfreq(width)[None, :]
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.fftfreq(width)[None, :]
     return np.exp(-(fx**2 + fy**2) / (2 * cutoff**2))
 
 
 def birdcage_maps(n_coils: int, height: int, width: int, *, radius: float = 1.5, normalize: bool = True) -> np.ndarray:
     """Birdcage coil sensitivity maps ``(n_coils, height, width)`` (complex64) from sigpy.
 
-    With ``normalize`` the maps are scaled so that ``sum_c |S_c|^2 = 1`` at every pixel (as
-    ESPIRiT maps are inside the object), which makes the SENSE model ``A x`` of an image
-    consistent with its coil-combined reconstruction.
+    With ``normalize``, ``sum_c |S_c|^2 = 1`` at every pixel (as ESPIRiT maps inside the object),
+    so the SENSE model ``A x`` of an image is consistent with its coil-combined reconstruction.
     """
     import sigpy.mri  # deferred: sigpy's import is slow
 
@@ -90,10 +87,10 @@ def correlated_noise(shape: tuple[int, ...], covariance: np.ndarray, rng: np.ran
 def random_covariance(n_coils: int, rng: np.random.Generator, *, correlation: float = 0.3) -> np.ndarray:
     """A random Hermitian positive-definite coil noise covariance with realistic coupling.
 
-    Diagonal entries (coil noise variances) vary by a factor of about 2; off-diagonal
-    correlations have magnitude around ``correlation``.
+    Coil noise variances vary by a factor of about 2; correlations have magnitude around ``correlation``.
     """
-    mix = np.eye(n_coils) + correlation * (rng.standard_normal((n_coils, n_coils)) + 1j * rng.standard_normal((n_coils, n_coils))) / np.sqrt(2 * n_coils)
+    draw = rng.standard_normal((n_coils, n_coils)) + 1j * rng.standard_normal((n_coils, n_coils))
+    mix = np.eye(n_coils) + correlation * draw / np.sqrt(2 * n_coils)
     scale = np.diag(rng.uniform(0.8, 1.2, n_coils))
     cov = scale @ mix @ mix.conj().T @ scale
     return (cov + cov.conj().T) / 2
@@ -113,24 +110,16 @@ class SyntheticSlices:
     """The inter-coil covariance ``(C, C)`` of the added noise (zero if noiseless)."""
 
 
-def synthetic_slices(
-    n_slices: int, *, height: int = 192, width: int = 160, n_coils: int = 8, noise_std: float = 0.0, seed: int = 0
-) -> SyntheticSlices:
-    """``n_slices`` phantoms with their maps and fully sampled (optionally noisy) k-space.
-
-    Args:
-        n_slices: number of slices, each a different phantom.
-        height, width: matrix size.
-        n_coils: number of birdcage coils.
-        noise_std: standard deviation of the complex k-space noise per coil (before the random
-            inter-coil coupling); 0 for noiseless data.
-        seed: seed of every random draw.
+def synthetic_slices(n_slices: int, *, height: int = 192, width: int = 160, n_coils: int = 8, noise_std: float = 0.0,
+                     seed: int = 0) -> SyntheticSlices:
+    """``n_slices`` different phantoms ``height x width`` with their ``n_coils`` birdcage maps and
+    fully sampled k-space; ``noise_std``: the complex k-space noise per coil before the random
+    inter-coil coupling (0: noiseless). ``seed`` seeds every draw.
     """
     rng = np.random.default_rng(seed)
     images = np.stack([brain_phantom(height, width, rng) for _ in range(n_slices)])
     maps = np.broadcast_to(birdcage_maps(n_coils, height, width), (n_slices, n_coils, height, width)).copy()
-    image_t = torch.from_numpy(images)
-    maps_t = torch.from_numpy(maps)
+    image_t, maps_t = torch.from_numpy(images), torch.from_numpy(maps)
     kspace = fft2c(maps_t * image_t[:, None])
     covariance = np.zeros((n_coils, n_coils), dtype=np.complex128)
     if noise_std > 0:
@@ -140,41 +129,35 @@ def synthetic_slices(
     return SyntheticSlices(image=image_t, maps=maps_t, kspace=kspace, noise_covariance=torch.from_numpy(covariance))
 
 
-def synthetic_batch(
-    n: int, coils: int, height: int, width: int, acceleration: float, seed: int, *, acs: int | None = None,
-    noise_std: float = 0.0, with_l1: bool = True, l1_iterations: int = 10
-) -> dict[str, torch.Tensor]:
+def synthetic_batch(n: int, coils: int, height: int, width: int, acceleration: float, seed: int, *,
+                    acs: int | None = None, noise_std: float = 0.0, with_l1: bool = True,
+                    l1_iterations: int = 10) -> dict[str, torch.Tensor]:
     """A batch in the prepared-shard layout, from synthetic phantoms (tests and benchmarks).
 
-    The maps are normalised (``sum_c |S_c|^2 = 1``), so the coil-combined image is the exact
-    least-squares solution of the fully sampled k-space: ``reference`` is the phantom itself.
-    Masks come from :func:`adps.mri.column_mask` / :func:`~adps.mri.further_corrupted_mask`
-    with ``(seed, slice id)``. ``l1`` is a stand-in for the L1-wavelet reconstruction at R:
-    CG-SENSE with ``l1_iterations`` iterations (sigpy's L1 solver is too slow for tests).
+    The maps are normalised (``sum_c |S_c|^2 = 1``), so ``reference``, the exact least-squares
+    image of the fully sampled k-space, is the phantom itself. Masks come from
+    :func:`adps.mri.column_mask` / :func:`~adps.mri.further_corrupted_mask` with
+    ``(seed, slice id)``; ``l1`` stands in for the L1-wavelet reconstruction at R with CG-SENSE
+    (sigpy's L1 solver is too slow for tests).
 
     Args:
         n, coils, height, width: batch size, coil count and matrix size.
         acceleration: R of ``mask`` (``mask_further`` is at R + 1).
         seed: seeds the phantoms and the masks; slice ids are ``0 .. n - 1``.
-        acs: always-kept central columns; None = METHOD.md's 20, reduced where the width is
-            too small for 20 ACS columns at R + 1.
+        acs: always-kept central columns; None = METHOD.md's 20, fewer where the width is too
+            small for 20 ACS columns at R + 1.
         noise_std: k-space noise of the phantoms (0 = noiseless).
-        with_l1: include ``l1``.
-        l1_iterations: CG iterations of the ``l1`` stand-in.
+        with_l1, l1_iterations: include ``l1``, computed with this many CG iterations.
     """
     if acs is None:
         acs = min(20, lines_at(width, acceleration + 1))
     data = synthetic_slices(n, height=height, width=width, n_coils=coils, noise_std=noise_std, seed=seed)
-    masks, further = [], []
-    for slice_id in range(n):
-        mask = column_mask(width, acceleration, seed=seed, slice_id=slice_id, acs=acs)
-        masks.append(mask)
-        further.append(further_corrupted_mask(mask, acceleration, seed=seed, slice_id=slice_id, acs=acs))
-    batch = {
-        "kspace": data.kspace.to(torch.complex64), "maps": data.maps.to(torch.complex64),
-        "reference": data.image.to(torch.complex64), "mask": torch.stack(masks), "mask_further": torch.stack(further),
-        "slice_id": torch.from_numpy(np.arange(n, dtype=np.int64))
-    }
+    masks = [column_mask(width, acceleration, seed=seed, slice_id=slice_id, acs=acs) for slice_id in range(n)]
+    further = [further_corrupted_mask(mask, acceleration, seed=seed, slice_id=slice_id, acs=acs)
+               for slice_id, mask in enumerate(masks)]
+    batch = {"kspace": data.kspace.to(torch.complex64), "maps": data.maps.to(torch.complex64),
+             "reference": data.image.to(torch.complex64), "mask": torch.stack(masks),
+             "mask_further": torch.stack(further), "slice_id": torch.from_numpy(np.arange(n, dtype=np.int64))}
     if with_l1:
         op = SenseOperator(batch["maps"], batch["mask"])
         batch["l1"] = cg_sense(op, op.forward(batch["reference"]), iterations=l1_iterations)

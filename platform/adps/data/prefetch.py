@@ -1,14 +1,10 @@
 """Background prefetching of training batches: the next batches load while the device trains.
 
-:class:`Prefetcher` runs an iterator of batches (dicts of tensors, as
-``adps.orchestration.train`` builds them from a :class:`~adps.data.dataset.PreparedSliceDataset`)
-in a background thread and hands its items out in the same order. Reading HDF5 shards and
-stacking slices then overlaps the training step instead of adding to it.
-
-One thread is enough: the training thread spends its time inside torch (waiting for the GPU,
-or in the CPU kernels), which releases the GIL. With ``pin_memory`` the batches are copied to
-page-locked memory in the thread as well, so moving them to the GPU with
-``non_blocking=True`` is asynchronous.
+:class:`Prefetcher` runs an iterator of batches (as ``adps.orchestration.train`` builds them from a
+:class:`~adps.data.dataset.PreparedSliceDataset`) in a background thread, so reading HDF5 shards
+and stacking slices overlaps the training step instead of adding to it. One thread is enough:
+the training thread spends its time inside torch (waiting for the GPU, or in CPU kernels), which
+releases the GIL.
 
 Layer 1 of the platform (see ARCHITECTURE.md): no Ray, no MLflow.
 """
@@ -63,12 +59,11 @@ def _produce(source: Iterator[Any], out: queue.Queue, stop: threading.Event, pin
 class Prefetcher:
     """Iterate over ``source`` with up to ``depth`` items loaded ahead in a background thread.
 
-    The items come out in the source's order. An exception raised by the source is raised
-    again by :meth:`__next__` once the items before it have been handed out, unchanged (a
-    :class:`~adps.data.shards.ShardError` still names the file and slice). :meth:`close`
-    (also on ``with`` exit) stops the thread and closes the source; call it before closing
-    the dataset the source reads. ``depth = 0`` loads nothing ahead: the source is iterated
-    in the caller's thread, as without a prefetcher.
+    The items come out in the source's order. An exception of the source is raised, unchanged (a
+    :class:`~adps.data.shards.ShardError` still names the file and slice), by :meth:`__next__`
+    once the items before it are handed out. :meth:`close` (also on ``with`` exit) stops the
+    thread and closes the source; call it before closing the dataset the source reads.
+    ``depth = 0`` loads nothing ahead: the source is iterated in the caller's thread.
 
     Args:
         source: an iterator of batches: dicts of tensors, or anything else (handed out as is).
@@ -88,9 +83,8 @@ class Prefetcher:
         self._queue: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=max(depth, 1))
         self._thread: threading.Thread | None = None
         if depth:
-            # Started now, so the first batch loads while the caller is still setting up.
-            # The thread holds no reference to this object, so an abandoned prefetcher is
-            # collected, and its __del__ stops the thread.
+            # Started now, so the first batch loads while the caller sets up. The thread holds no
+            # reference to this object, so an abandoned prefetcher is collected (__del__ stops it).
             self._thread = threading.Thread(target=_produce, name="adps-prefetch", daemon=True,
                                             args=(self._source, self._queue, self._stop, pin_memory))
             self._thread.start()

@@ -73,9 +73,8 @@ EXECUTION_ONLY_KEYS = ("cpus_per_task",)
 class PrepareConfig(ConfigFile):
     """Settings of ``adps prepare``; every default is METHOD.md's value, visible here.
 
-    Load from YAML with :meth:`from_yaml` or from a mapping with :meth:`from_dict` (unknown
-    keys are refused by name); :meth:`to_dict` gives the JSON-ready form recorded in the
-    manifest.
+    Load with :meth:`from_yaml` or :meth:`from_dict` (unknown keys are refused by name);
+    :meth:`to_dict` gives the JSON-ready form recorded in the manifest.
     """
 
     source: str = ""
@@ -94,8 +93,7 @@ class PrepareConfig(ConfigFile):
     """Volumes held out for validation; all coils kept, like test (Ray Tune searches on them)."""
     held_out_within_draw: bool = False
     """False (the paper): test and validation volumes come from scans outside the ``n_volumes``
-    training scans. True: they are taken out of the ``n_volumes`` drawn (fewer training scans;
-    how adps prepared data before schema version 2)."""
+    training scans. True: they are taken out of them (fewer training scans; adps before schema 2)."""
     seed: int = 0
     """Seed of the volume draw, the split and every mask."""
     crop: tuple[int, int] = (384, 320)
@@ -137,9 +135,8 @@ class PrepareConfig(ConfigFile):
     shard_size: int = 64
     """Slices per shard (at most 64, the format's limit); the last shard of a split may hold fewer."""
     cpus_per_task: float = 1
-    """CPUs Ray reserves for each per-volume task. Tasks compute on one thread (so the output's
-    bytes do not depend on the cluster); reserve more only to run fewer tasks at once, e.g. when
-    memory per node is short. Execution only: changing it does not change the output."""
+    """CPUs Ray reserves per volume task; execution only (tasks compute on one thread, so the output
+    does not change): reserve more only to run fewer tasks at once, e.g. when memory is short."""
 
     MAX_SHARD_SIZE: typing.ClassVar[int] = 64
 
@@ -162,24 +159,19 @@ class PrepareConfig(ConfigFile):
             if getattr(self, key) < 0:
                 raise ValueError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
         if self.held_out_within_draw and self.test_volumes + self.val_volumes > self.n_volumes:
-            raise ValueError(
-                f"config keys test_volumes + val_volumes ({self.test_volumes} + {self.val_volumes}) "
-                f"exceed n_volumes ({self.n_volumes})"
-            )
+            raise ValueError(f"config keys test_volumes + val_volumes ({self.test_volumes} + {self.val_volumes}) "
+                             f"exceed n_volumes ({self.n_volumes})")
         if self.shard_size > self.MAX_SHARD_SIZE:
             raise ValueError(f"config key 'shard_size' must be <= {self.MAX_SHARD_SIZE}, got {self.shard_size}")
         rows, cols = self.crop
         if rows < 1 or cols < 1:
             raise ValueError(f"config key 'crop' must be two positive sizes, got {list(self.crop)}")
-        if self.noise_patch > min(rows, cols):
-            raise ValueError(f"config key 'noise_patch' ({self.noise_patch}) exceeds the crop {rows} x {cols}")
-        if self.calib_width > min(rows, cols):
-            raise ValueError(f"config key 'calib_width' ({self.calib_width}) exceeds the crop {rows} x {cols}")
+        for key in ("noise_patch", "calib_width"):
+            if getattr(self, key) > min(rows, cols):
+                raise ValueError(f"config key {key!r} ({getattr(self, key)}) exceeds the crop {rows} x {cols}")
         if self.noise_corner not in ("top-left", "top-right", "bottom-left", "bottom-right"):
-            raise ValueError(
-                f"config key 'noise_corner' must be top-left, top-right, bottom-left or bottom-right, "
-                f"got {self.noise_corner!r}"
-            )
+            raise ValueError("config key 'noise_corner' must be top-left, top-right, bottom-left or bottom-right, "
+                             f"got {self.noise_corner!r}")
         if not 0 < self.norm_percentile <= 100:
             raise ValueError(f"config key 'norm_percentile' must be in (0, 100], got {self.norm_percentile}")
         if not self.accelerations:
@@ -191,10 +183,9 @@ class PrepareConfig(ConfigFile):
                 raise ValueError(f"config key 'accelerations': R must be >= 1, got {acceleration}")
             further = lines_at(cols, acceleration + 1)
             if further < self.acs:
-                raise ValueError(
-                    f"config key 'accelerations': at R+1 = {acceleration + 1:g} a mask keeps floor({cols}/"
-                    f"{acceleration + 1:g}) = {further} columns, fewer than the {self.acs} ACS columns (key 'acs')"
-                )
+                raise ValueError(f"config key 'accelerations': at R+1 = {acceleration + 1:g} a mask keeps floor("
+                                 f"{cols}/{acceleration + 1:g}) = {further} columns, fewer than the {self.acs} ACS "
+                                 "columns (key 'acs')")
         if self.l1_scaling not in ("bart", "none"):
             raise ValueError(f"config key 'l1_scaling' must be bart or none, got {self.l1_scaling!r}")
         import pywt
@@ -207,12 +198,9 @@ class PrepareConfig(ConfigFile):
 
 
 # Identifiers -----------------------------------------------------------------------------------
-
-
 def volume_id(source: str) -> str:
     """The volume's identifier: its file name without ``.h5`` (the same for local and S3 copies)."""
-    name = str(source).rstrip("/").rsplit("/", 1)[-1]
-    return name.removesuffix(".h5")
+    return str(source).rstrip("/").rsplit("/", 1)[-1].removesuffix(".h5")
 
 
 def slice_id(volume: str, slice_index: int) -> int:
@@ -231,8 +219,6 @@ def mask_key(acceleration: float) -> str:
 
 
 # Per-slice preprocessing -----------------------------------------------------------------------
-
-
 def center_crop_image(coil_images: torch.Tensor, rows: int, cols: int, *, label: str) -> torch.Tensor:
     """The central ``rows x cols`` of coil images ``(C, H, W)``, keeping the centre at ``(H//2, W//2)``."""
     _, height, width = coil_images.shape
@@ -258,10 +244,9 @@ def check_kspace(kspace: torch.Tensor, *, label: str) -> None:
 def check_espirit_maps(maps: torch.Tensor, *, label: str) -> None:
     """Refuse ESPIRiT maps that cannot be used: NaN/Inf, or all zero.
 
-    sigpy's ESPIRiT gives NaN maps where its calibration is degenerate (it normalises the phase
-    by the first coil's map, and a zero eigenvector by its zero norm), and thresholded maps can
-    come out all zero; either would make the reference and every later loss NaN or zero. The
-    volume is rejected with this reason instead of being written to a shard.
+    sigpy gives NaN maps where its calibration is degenerate (it normalises by the first coil's
+    map and a zero eigenvector's zero norm) and thresholded maps can be all zero; either would
+    make the reference and every loss NaN or zero, so the volume is rejected instead.
     """
     if not bool(torch.isfinite(maps).all()):
         bad = int((~torch.isfinite(maps)).sum())
@@ -270,10 +255,8 @@ def check_espirit_maps(maps: torch.Tensor, *, label: str) -> None:
         raise ValueError(f"{label}: ESPIRiT coil maps are all zero (degenerate calibration region)")
 
 
-def preprocess_slice(
-    kspace: np.ndarray | torch.Tensor, *, split: str, slice_id: int, config: PrepareConfig, label: str | None = None,
-    timings: dict[str, float] | None = None
-) -> dict[str, np.ndarray]:
+def preprocess_slice(kspace: np.ndarray | torch.Tensor, *, split: str, slice_id: int, config: PrepareConfig,
+                     label: str | None = None, timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
     """Prepare one raw slice as METHOD.md specifies (see the module docstring for the steps).
 
     Args:
@@ -287,14 +270,13 @@ def preprocess_slice(
             ``reference``, ``l1``, ``mvue``), for the throughput benchmark.
 
     Returns:
-        numpy arrays: the shard datasets ``kspace`` ``(C', H, W)``, ``maps`` ``(C', H, W)``,
-        ``reference`` ``(H, W)`` (complex64), ``mask/r{R}`` and ``mask_further/r{R}`` ``(W,)``
-        (bool), optional ``l1/r{R}`` and ``mvue`` ``(H, W)`` (complex64); and the metadata of
-        :data:`METADATA_KEYS`: ``normalization`` (the constant k-space was divided by),
-        ``noise_std`` (RMS per-coil noise standard deviation of the raw data; the prepared
-        k-space has white noise of standard deviation ``1 / normalization``), the estimated raw
-        ``noise_covariance`` ``(C, C)`` (complex128) and ``coil_energy_kept`` (fraction of the
-        whitened k-space energy kept by coil compression; 1 for validation and test).
+        numpy arrays: the shard datasets ``kspace`` and ``maps`` ``(C', H, W)``, ``reference``
+        ``(H, W)`` (complex64), ``mask/r{R}`` and ``mask_further/r{R}`` ``(W,)`` (bool), optional
+        ``l1/r{R}`` and ``mvue`` ``(H, W)`` (complex64); and the metadata of :data:`METADATA_KEYS`:
+        ``normalization`` (the constant k-space was divided by), ``noise_std`` (RMS per-coil noise
+        standard deviation of the raw data; the prepared k-space's white noise has standard deviation
+        ``1 / normalization``), the raw ``noise_covariance`` ``(C, C)`` (complex128) and
+        ``coil_energy_kept`` (whitened k-space energy kept by coil compression; 1 for val and test).
 
     Raises:
         ValueError: naming the slice, for NaN/Inf or all-zero k-space, an image smaller than the
@@ -334,9 +316,8 @@ def preprocess_slice(
     phase_reference = principal_coil(white_images, coil_dim=0)
     if split in COMPRESSED_SPLITS:
         if config.virtual_coils > white.shape[0]:
-            raise ValueError(
-                f"{label}: has {white.shape[0]} coils, fewer than the {config.virtual_coils} virtual coils wanted"
-            )
+            raise ValueError(f"{label}: has {white.shape[0]} coils, fewer than the {config.virtual_coils} "
+                             "virtual coils wanted")
         compressed = coil_compress(white, config.virtual_coils, coil_dim=0)
         white, energy_kept = compressed.data, compressed.energy_kept
         phase_reference = compressed.matrix.to(phase_reference.dtype) @ phase_reference
@@ -344,10 +325,8 @@ def preprocess_slice(
 
     # 5. ESPIRiT maps in the one phase convention of every split (docs/data_format.md), and the
     # fully sampled CG-SENSE reference.
-    maps = espirit_maps(
-        white, calib_width=config.calib_width, thresh=config.espirit_threshold,
-        kernel_width=config.espirit_kernel_width, crop=0.0
-    )
+    maps = espirit_maps(white, calib_width=config.calib_width, thresh=config.espirit_threshold,
+                        kernel_width=config.espirit_kernel_width, crop=0.0)
     check_espirit_maps(maps, label=label)
     maps = align_map_phase(maps, phase_reference, coil_dim=0)
     clock.lap("espirit")
@@ -355,10 +334,9 @@ def preprocess_slice(
     reference = cg_sense(full_op, white[None], iterations=config.reference_iterations)[0]
     clock.lap("reference")
 
-    out: dict[str, np.ndarray] = {
-        "kspace": white.numpy().astype(np.complex64), "maps": maps.numpy().astype(np.complex64),
-        "reference": reference.numpy().astype(np.complex64)
-    }
+    out: dict[str, np.ndarray] = {"kspace": white.numpy().astype(np.complex64),
+                                  "maps": maps.numpy().astype(np.complex64),
+                                  "reference": reference.numpy().astype(np.complex64)}
     # 6. Masks, and the optional reconstructions at each R.
     for acceleration in config.accelerations:
         key = mask_key(acceleration)

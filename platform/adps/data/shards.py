@@ -33,9 +33,8 @@ from adps.data import storage
 SCHEMA_VERSION = 2
 """Version of the prepared-dataset contract; bumped on any incompatible change.
 
-2: one phase convention for every split (the maps rotated so that the scan's first virtual
-coil is real: :func:`adps.mri.align_map_phase`). Version 1 datasets gave the test split complex
-images of another phase (a sign flip on the synthetic scans) than the training split.
+2: one phase convention for every split (the maps rotated so that the scan's first virtual coil
+is real: :func:`adps.mri.align_map_phase`); version 1's test and training phases differed.
 """
 
 SCHEMA_CHANGES = {
@@ -52,10 +51,9 @@ PROGRESS_NAME = ".prepare-progress.json"
 SHARD_SUFFIX = ".h5"
 _HASH_BLOCK = 8 << 20
 
-# h5py settings that make the bytes of a file a function of its content only: no creation or
-# modification times on objects (h5py's default for datasets, set explicitly), links stored in
-# name order, and a file-format version range pinned so a newer HDF5 cannot pick newer
-# (and different) structures on its own.
+# h5py settings that make a file's bytes a function of its content only: no object times (h5py's
+# default for datasets, set explicitly), links in name order, and a pinned file-format version
+# range so a newer HDF5 cannot pick newer (and different) structures on its own.
 _FILE_KWARGS: dict[str, Any] = {"track_order": False, "libver": ("earliest", "v110")}
 
 
@@ -82,8 +80,6 @@ def shard_name(split: str, index: int) -> str:
 
 
 # Checksums -------------------------------------------------------------------------------------
-
-
 def slice_checksum(arrays: Mapping[str, np.ndarray]) -> str:
     """sha256 over a slice's arrays: each name, dtype, shape and bytes, in name order.
 
@@ -124,8 +120,6 @@ def verify_shard(uri: str, sha256: str) -> str | None:
 
 
 # Writing ---------------------------------------------------------------------------------------
-
-
 def stack_slices(slices: Sequence[Mapping[str, np.ndarray]], *, what: str) -> dict[str, np.ndarray]:
     """Stack per-slice arrays into ``(n, ...)`` arrays; every slice must have the same keys and shapes."""
     if not slices:
@@ -143,10 +137,8 @@ def stack_slices(slices: Sequence[Mapping[str, np.ndarray]], *, what: str) -> di
     return stacked
 
 
-def write_shard(
-    uri: str, slices: Sequence[Mapping[str, np.ndarray]], *, slice_ids: Sequence[int],
-    attrs: Mapping[str, str | int] | None = None
-) -> ShardInfo:
+def write_shard(uri: str, slices: Sequence[Mapping[str, np.ndarray]], *, slice_ids: Sequence[int],
+                attrs: Mapping[str, str | int] | None = None) -> ShardInfo:
     """Write one shard (atomically) and return its name, size and sha256.
 
     Args:
@@ -179,18 +171,15 @@ def write_shard(
 
 
 # Manifest --------------------------------------------------------------------------------------
-
-
 def encode_json(document: Mapping[str, Any]) -> bytes:
     """Canonical JSON bytes (sorted keys, fixed indentation): equal documents, equal bytes."""
     return (json.dumps(document, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
 def write_json_if_changed(uri: str, document: Mapping[str, Any]) -> bool:
-    """Write ``document`` atomically unless the file already holds exactly these bytes.
+    """Write ``document`` atomically unless the file already holds exactly these bytes; whether it wrote.
 
-    Returns whether it wrote. Leaving an identical file alone keeps its modification time, so a
-    re-run that has nothing to do changes nothing on disk.
+    Leaving an identical file alone keeps its modification time: a re-run with nothing to do changes nothing.
     """
     data = encode_json(document)
     if storage.exists(uri):
@@ -222,20 +211,15 @@ def is_plain_file_name(name: object) -> bool:
     ``s3://bucket/x.h5`` alike: joined onto the dataset's folder or S3 prefix, such a name could
     reach outside it (``Path(root) / "/etc/passwd"`` is ``/etc/passwd``).
     """
-    return (
-        isinstance(name, str)
-        and name not in ("", ".", "..")
-        and not any(char in name for char in ("/", "\\", "\0"))
-    )
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(char in name for char in ("/", "\\", "\0"))
 
 
 def check_shard_names(document: Mapping[str, Any], uri: str) -> None:
     """Refuse a manifest (or progress document) at ``uri`` that names a shard outside its folder.
 
-    Readers join shard names onto the dataset's root and open, hash or download what they
-    find, so a hand-edited or hostile manifest must not be able to point them anywhere else.
-    Checks every split's ``shards[].name`` and ``slices[].shard``: string tests only, once per
-    manifest read, before any shard is touched.
+    Readers join shard names onto the dataset's root and open, hash or download what they find,
+    so a hand-edited or hostile manifest must not point them elsewhere. Checks every split's
+    ``shards[].name`` and ``slices[].shard`` (string tests only) before any shard is touched.
 
     Raises:
         ValueError: naming ``uri``, the split and the offending shard name.
@@ -250,10 +234,9 @@ def check_shard_names(document: Mapping[str, Any], uri: str) -> None:
         names += [s.get("shard") for s in entry.get("slices") or () if isinstance(s, Mapping)]
         for name in names:
             if not is_plain_file_name(name):
-                raise ValueError(
-                    f"{uri}: split {split!r} names the shard {name!r}; shard names must be plain file names "
-                    f"inside the dataset folder (like {shard_name(str(split), 0)!r}), not paths or URIs"
-                )
+                raise ValueError(f"{uri}: split {split!r} names the shard {name!r}; shard names must be plain "
+                                 f"file names inside the dataset folder (like {shard_name(str(split), 0)!r}), not "
+                                 "paths or URIs")
 
 
 def schema_version_message(uri: str, version: Any) -> str:

@@ -1,23 +1,18 @@
 """Storage paths that are either local folders or ``s3://bucket/key`` URIs.
 
 Every reader and writer of raw data, prepared shards and manifests goes through these helpers,
-so the same code runs on a laptop (local disk) and on a cluster (S3, or any S3-compatible
-server such as MinIO or moto).
+so the same code runs on a laptop and on a cluster (S3, or any S3-compatible server: MinIO, moto).
 
-S3 configuration comes from the standard AWS environment and config files, nothing of our own:
-credentials (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` or a profile), the region
-(``AWS_DEFAULT_REGION``) and a custom endpoint (``AWS_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL_S3``;
-boto3 >= 1.28 reads these itself, and pyarrow, which Ray uses for its own storage, reads the
-same variable, so one setting serves both).
+S3 is configured by the standard AWS environment and config files only: credentials
+(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` or a profile), region (``AWS_DEFAULT_REGION``)
+and endpoint (``AWS_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL_S3``, read by boto3 >= 1.28 and by the
+pyarrow Ray uses for its own storage, so one setting serves both).
 
-Writes are atomic: a reader never sees a half-written file. Locally a file is written under a
-temporary name in the destination folder, flushed to disk and renamed over the destination
-(``os.replace`` is atomic within a file system). On S3 an object becomes visible only once its
-upload has completed, so a single put (or a multipart upload) is already atomic.
-
-An S3 endpoint that is unreachable or answers 5xx is retried with backoff for up to
-:data:`S3_OUTAGE_SECONDS` by every helper here, with one warning line naming the URI; every
-operation is idempotent, so a retry cannot leave a duplicate or a partial object.
+Writes are atomic: locally a file is written under a temporary name in the destination folder,
+flushed and renamed over the destination (``os.replace``); an S3 object appears only once its
+upload (single or multipart) completes. An S3 endpoint that is unreachable or answers 5xx is
+retried with backoff for up to :data:`S3_OUTAGE_SECONDS`, with one warning line naming the URI;
+every operation is idempotent, so a retry cannot leave a duplicate or a partial object.
 
 Errors a user can cause name the URI: a missing local file or folder, bucket or key raises
 ``FileNotFoundError("<uri>: ...")``.
@@ -41,10 +36,9 @@ S3_SCHEME = "s3://"
 
 # Environment variables that change which client boto3 builds; the client cache is keyed on
 # them so that a changed endpoint or credentials (e.g. a test's S3 server) takes effect.
-_CLIENT_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"
-)
+_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
+               "AWS_SHARED_CREDENTIALS_FILE")
 _clients: dict[tuple, Any] = {}
 _clients_lock = threading.Lock()
 
@@ -53,8 +47,6 @@ _NOT_FOUND_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 
 
 # Paths -----------------------------------------------------------------------------------------
-
-
 def is_s3(uri: PathLike) -> bool:
     """Whether ``uri`` is an ``s3://`` URI (anything else is a local path)."""
     return isinstance(uri, str) and uri.startswith(S3_SCHEME)
@@ -84,17 +76,13 @@ def basename(uri: PathLike) -> str:
 
 
 # S3 client -------------------------------------------------------------------------------------
-
-
 def s3_client() -> Any:
     """A boto3 S3 client configured from the standard AWS environment, with patient retries.
 
-    Clients are cached per process and per AWS environment: building one costs about 0.3 s,
-    and a created client is thread-safe, but creating clients concurrently from boto3's shared
-    default session is not, hence a fresh session under a lock. Retries use botocore's
-    ``standard`` mode with 8 attempts, which backs off on throttling and rides out blips of a
-    few seconds; every helper of this module also retries longer outages itself
-    (:data:`S3_OUTAGE_SECONDS`).
+    Cached per process and AWS environment (building one costs about 0.3 s). A client is
+    thread-safe but creating one from boto3's shared default session is not, hence a fresh
+    session under a lock. botocore's ``standard`` retries (8 attempts) ride out blips of a few
+    seconds; this module's helpers retry longer outages themselves (:data:`S3_OUTAGE_SECONDS`).
     """
     key = (os.getpid(), tuple(os.environ.get(name) for name in _CLIENT_ENV))
     with _clients_lock:
@@ -120,18 +108,9 @@ def _is_not_found(err: BaseException) -> bool:
     return _error_code(err) in _NOT_FOUND_CODES
 
 
-def _not_found(uri: str, err: BaseException) -> FileNotFoundError:
-    code = _error_code(err)
-    what = "no such bucket" if code == "NoSuchBucket" else "no such S3 object"
-    return FileNotFoundError(f"{uri}: {what}")
-
-
 def _check_bucket(uri: str) -> None:
-    """Raise FileNotFoundError naming ``uri`` if its bucket does not exist.
-
-    Other answers (e.g. 403 for a role that may write objects but not list the bucket) are
-    not taken as a verdict: the operation itself will tell.
-    """
+    """Raise FileNotFoundError naming ``uri`` if its bucket does not exist. Other answers (e.g. 403
+    for a role that may write objects but not list the bucket) are no verdict: the operation will tell."""
     from botocore.exceptions import ClientError
 
     bucket, _ = split_s3(uri)
@@ -143,14 +122,12 @@ def _check_bucket(uri: str) -> None:
 
 
 # Outages -----------------------------------------------------------------------------------------
-
 S3_OUTAGE_SECONDS = float(os.environ.get("ADPS_S3_OUTAGE_SECONDS", "300"))
 """How long an S3 operation keeps retrying while the endpoint is unreachable or answers 5xx
 (``$ADPS_S3_OUTAGE_SECONDS``, default 300 s), backing off from 0.5 s to 15 s between tries."""
 
-# botocore's own retries (standard mode) back off from 50 ms, so all 8 attempts are spent within
-# about 3 s, and a client-wide retry quota stops retrying altogether once many requests fail at
-# once: neither rides out an endpoint that is down for a while.
+# botocore's own retries spend all 8 attempts within about 3 s, and its client-wide retry quota
+# stops retrying once many requests fail: neither rides out an endpoint that is down for a while.
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
                     "RequestTimeout", "RequestTimeTooSkewed"}
 
@@ -192,16 +169,38 @@ def _retrying(uri: str, operation: Any) -> Any:
             delay = min(delay * 2, 15.0)
 
 
+def _retrying_found(uri: str, operation: Any) -> Any:
+    """:func:`_retrying`, with a missing bucket or object raised as FileNotFoundError naming ``uri``."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return _retrying(uri, operation)
+    except ClientError as err:
+        if _is_not_found(err):
+            what = "no such bucket" if _error_code(err) == "NoSuchBucket" else "no such S3 object"
+            raise FileNotFoundError(f"{uri}: {what}") from None
+        raise
+
+
+@contextlib.contextmanager
+def _temporary_file(uri: PathLike) -> Iterator[Path]:
+    """A local temporary file named after ``uri``, deleted on exit (also on error)."""
+    fd, tmp_name = tempfile.mkstemp(prefix="adps-", suffix="-" + basename(uri))
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # Reading ---------------------------------------------------------------------------------------
-
-
 def list_files(root: PathLike, suffix: str = ".h5") -> list[str]:
     """The files directly under ``root`` whose names end with ``suffix``, sorted.
 
     ``root`` is a local folder (not searched recursively) or an ``s3://bucket/prefix`` (the
-    objects one level below the prefix, as if it were a folder). Raises FileNotFoundError if the
-    local folder or the bucket does not exist; an S3 prefix with no objects is simply empty,
-    since S3 has no folders to be missing.
+    objects one level below it). Raises FileNotFoundError if the local folder or the bucket does
+    not exist; an S3 prefix with no objects is simply empty (S3 has no folders to be missing).
     """
     if not is_s3(root):
         folder = Path(root)
@@ -213,15 +212,12 @@ def list_files(root: PathLike, suffix: str = ".h5") -> list[str]:
 
     bucket, key = split_s3(str(root))
     prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+
     def listing() -> list[str]:
-        found = []
-        paginator = s3_client().get_paginator("list_objects_v2")
         # Delimiter "/" keeps the listing one level deep, like a local folder.
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-            for obj in page.get("Contents", []):
-                if obj["Key"].endswith(suffix):
-                    found.append(f"{S3_SCHEME}{bucket}/{obj['Key']}")
-        return found
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+        return [f"{S3_SCHEME}{bucket}/{obj['Key']}" for page in pages for obj in page.get("Contents", [])
+                if obj["Key"].endswith(suffix)]
 
     try:
         found = _retrying(str(root), listing)
@@ -258,24 +254,16 @@ def read_bytes(uri: PathLike) -> bytes:
             return Path(uri).read_bytes()
         except FileNotFoundError:
             raise FileNotFoundError(f"{uri}: no such file") from None
-    from botocore.exceptions import ClientError
-
     bucket, key = split_s3(str(uri))
-    try:
-        return _retrying(str(uri), lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
-    except ClientError as err:
-        if _is_not_found(err):
-            raise _not_found(str(uri), err) from None
-        raise
+    return _retrying_found(str(uri), lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
 @contextlib.contextmanager
 def local_copy(uri: PathLike) -> Iterator[Path]:
     """A local path holding the file at ``uri``, for libraries that need a real file (h5py).
 
-    A local path is yielded as it is. An S3 object is downloaded to a temporary file, which is
-    deleted when the context exits (also on error), so a worker's disk does not fill up with
-    the volumes it has processed.
+    A local path is yielded as it is. An S3 object is downloaded to a temporary file deleted when
+    the context exits (also on error), so a worker's disk does not fill up with processed volumes.
     """
     if not is_s3(uri):
         path = Path(uri)
@@ -283,33 +271,13 @@ def local_copy(uri: PathLike) -> Iterator[Path]:
             raise FileNotFoundError(f"{uri}: no such file")
         yield path
         return
-
-    from botocore.exceptions import ClientError
-
     bucket, key = split_s3(str(uri))
-    fd, tmp_name = tempfile.mkstemp(prefix="adps-", suffix="-" + basename(uri))
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        try:
-            _retrying(str(uri), lambda: s3_client().download_file(bucket, key, str(tmp)))
-        except ClientError as err:
-            if _is_not_found(err):
-                raise _not_found(str(uri), err) from None
-            raise
+    with _temporary_file(uri) as tmp:
+        _retrying_found(str(uri), lambda: s3_client().download_file(bucket, key, str(tmp)))
         yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # Writing ---------------------------------------------------------------------------------------
-
-
-def _temporary_sibling(path: Path) -> Path:
-    """``folder/name.tmp-<uuid>``: same folder (so the rename is atomic), never a real name."""
-    return path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
-
-
 def _fsync_folder(folder: Path) -> None:
     """Persist a rename: the directory entry lives in the folder, not in the file."""
     try:
@@ -317,18 +285,10 @@ def _fsync_folder(folder: Path) -> None:
     except OSError:  # some platforms / file systems do not open folders; the rename still holds
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _publish_local(tmp: Path, dest: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
-    _fsync_folder(dest.parent)
 
 
 @contextlib.contextmanager
@@ -342,28 +302,25 @@ def atomic_write_path(uri: PathLike) -> Iterator[Path]:
                 ...
 
     Local: ``tmp`` is ``name.tmp-<uuid>`` in the destination folder (created if missing),
-    fsynced and renamed over ``uri``. S3: ``tmp`` is a local temporary file, uploaded to
-    ``uri`` in a single upload. If the block raises, the temporary file is removed and nothing
-    appears at ``uri``.
+    fsynced and renamed over ``uri``. S3: ``tmp`` is a local temporary file, uploaded to ``uri``
+    in one upload. If the block raises, the temporary file is removed and nothing appears.
     """
     if is_s3(uri):
         _check_bucket(str(uri))  # fail before the caller's work, not after it
-        fd, tmp_name = tempfile.mkstemp(prefix="adps-", suffix="-" + basename(uri))
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
+        with _temporary_file(uri) as tmp:
             yield tmp
             upload_file_atomic(tmp, uri)
-        finally:
-            tmp.unlink(missing_ok=True)
         return
 
     dest = Path(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(dest)
+    tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex}")  # same folder, so the rename is atomic
     try:
         yield tmp
-        _publish_local(tmp, dest)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        _fsync_folder(dest.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -371,15 +328,8 @@ def atomic_write_path(uri: PathLike) -> Iterator[Path]:
 def write_bytes_atomic(uri: PathLike, data: bytes) -> None:
     """Write ``data`` to a local file or S3 object so that readers see all of it or nothing."""
     if is_s3(uri):
-        from botocore.exceptions import ClientError
-
         bucket, key = split_s3(str(uri))
-        try:
-            _retrying(str(uri), lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
-        except ClientError as err:
-            if _is_not_found(err):
-                raise _not_found(str(uri), err) from None
-            raise
+        _retrying_found(str(uri), lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
         return
     with atomic_write_path(uri) as tmp:
         tmp.write_bytes(data)
@@ -391,22 +341,15 @@ def upload_file_atomic(local_path: PathLike, uri: PathLike) -> None:
     if not source.is_file():
         raise FileNotFoundError(f"{local_path}: no such file")
     if not is_s3(uri):
-        dest = Path(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temporary_sibling(dest)
-        try:
+        with atomic_write_path(uri) as tmp:
             shutil.copyfile(source, tmp)
-            _publish_local(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
         return
 
     import boto3.exceptions
 
     bucket, key = split_s3(str(uri))
     try:
-        # upload_file switches to a multipart upload for large files; the object still appears
-        # only when the upload completes.
+        # A large file goes up in a multipart upload; the object still appears only once it completes.
         _retrying(str(uri), lambda: s3_client().upload_file(str(source), bucket, key))
     except boto3.exceptions.S3UploadFailedError:
         _check_bucket(str(uri))  # the usual cause: name the missing bucket

@@ -3,14 +3,12 @@
 The embedded demo and the tests run the whole data path (reading, preparation, training) on
 these files, so they imitate what matters about real FastMRI brain scans:
 
-* readout oversampling: k-space is acquired on a field of view ``oversampling`` times taller
-  than the reconstruction; the object occupies the central ``height`` rows and the rows above
-  and below are empty, so cropping the central rows in the image domain recovers the
-  reconstruction FOV (as FastMRI's own code does);
+* readout oversampling: k-space covers a field of view ``oversampling`` times taller than the
+  reconstruction, with the object in the central ``height`` rows and empty rows around it, so
+  cropping the central rows in the image domain recovers the reconstruction FOV (as FastMRI does);
 * birdcage coil sensitivities over the acquired FOV, normalised to ``sum_c |S_c|^2 = 1``;
 * complex Gaussian noise with a known inter-coil covariance, added in k-space (with the
-  orthonormal FFT it is the same white, correlated noise in the coil images, so the empty rows
-  give an exact background for noise estimation);
+  orthonormal FFT, the same noise in the coil images: the empty rows are an exact background);
 * a valid ISMRMRD header, ``reconstruction_rss`` and the file attributes the reader uses.
 
 Every random draw is seeded: the same ``seed`` gives the same volume bit for bit.
@@ -105,10 +103,8 @@ def _check_sizes(**sizes: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def synthetic_volume(
-    seed: int, *, n_slices: int = 8, n_coils: int = 16, height: int = 384, width: int = 320, oversampling: int = 2,
-    noise_std: float = 0.02
-) -> SyntheticVolume:
+def synthetic_volume(seed: int, *, n_slices: int = 8, n_coils: int = 16, height: int = 384, width: int = 320,
+                     oversampling: int = 2, noise_std: float = 0.02) -> SyntheticVolume:
     """A synthetic FastMRI-like multi-coil volume, in memory.
 
     Args:
@@ -151,13 +147,8 @@ def synthetic_volume(
 
 
 def rss_reconstruction(kspace: np.ndarray, height: int) -> np.ndarray:
-    """FastMRI's ``reconstruction_rss``: RSS of the coil images, cropped to ``height`` rows.
-
-    Args:
-        kspace: ``(S, C, H, W)`` complex, readout-oversampled.
-    Returns:
-        ``(S, height, W)`` float32.
-    """
+    """FastMRI's ``reconstruction_rss``, ``(S, height, W)`` float32: the RSS of the coil images of
+    ``kspace`` ``(S, C, H, W)`` (complex, readout-oversampled), cropped to ``height`` rows."""
     rows = central_rows(kspace.shape[2], height)
     out = np.empty((kspace.shape[0], height, kspace.shape[3]), dtype=np.float32)
     for s in range(kspace.shape[0]):  # per slice, to keep the memory of one slice's coil images
@@ -166,9 +157,8 @@ def rss_reconstruction(kspace: np.ndarray, height: int) -> np.ndarray:
     return out
 
 
-def ismrmrd_header_xml(
-    *, encoded_size: tuple[int, int], recon_size: tuple[int, int], n_coils: int, n_slices: int, protocol: str = "AXT2"
-) -> bytes:
+def ismrmrd_header_xml(*, encoded_size: tuple[int, int], recon_size: tuple[int, int], n_coils: int, n_slices: int,
+                       protocol: str = "AXT2") -> bytes:
     """A minimal, valid ISMRMRD XML header for a Cartesian, fully sampled 2-D multi-slice scan.
 
     Sizes are ``(x, y)`` = (readout rows, phase-encode columns); the encoding limits say that
@@ -189,8 +179,7 @@ def ismrmrd_header_xml(
             element(matrix, axis, value)
         fov = element(node, "fieldOfView_mm")
         # The recon pixel size in both directions; the encoded FOV is taller by the oversampling.
-        recon_x_mm = recon_size[0] * _PIXEL_MM
-        fov_x = recon_x_mm * size[0] / recon_size[0]
+        fov_x = recon_size[0] * _PIXEL_MM * size[0] / recon_size[0]
         for axis, value in zip("xyz", (fov_x, size[1] * _PIXEL_MM, _SLICE_THICKNESS_MM), strict=True):
             element(fov, axis, f"{value:g}")
 
@@ -221,9 +210,8 @@ def ismrmrd_header_xml(
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
-def write_volume(
-    path_or_uri: str | Path, volume: SyntheticVolume, *, acquisition: str = "AXT2", patient_id: str | None = None
-) -> str:
+def write_volume(path_or_uri: str | Path, volume: SyntheticVolume, *, acquisition: str = "AXT2",
+                 patient_id: str | None = None) -> str:
     """Write ``volume`` as a FastMRI multi-coil HDF5 file, local or ``s3://``; returns where.
 
     The file appears only when complete (temporary name + rename, or one S3 upload).
@@ -231,10 +219,9 @@ def write_volume(
     """
     uri = str(path_or_uri)
     rss = rss_reconstruction(volume.kspace, volume.height)
-    header = ismrmrd_header_xml(
-        encoded_size=(volume.kspace.shape[2], volume.width), recon_size=(volume.height, volume.width),
-        n_coils=volume.num_coils, n_slices=volume.num_slices, protocol=acquisition
-    )
+    header = ismrmrd_header_xml(encoded_size=(volume.kspace.shape[2], volume.width),
+                                recon_size=(volume.height, volume.width), n_coils=volume.num_coils,
+                                n_slices=volume.num_slices, protocol=acquisition)
     with storage.atomic_write_path(uri) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("kspace", data=volume.kspace.astype(np.complex64, copy=False))
         # A scalar byte string, as in the published files (h5py returns it as bytes).
@@ -252,11 +239,9 @@ def volume_name(index: int, acquisition: str) -> str:
     return f"file_brain_{acquisition}_synth_{index:04d}.h5"
 
 
-def synthesize_dataset(
-    root: str | Path, *, n_volumes: int = 4, n_slices: int = 8, n_coils: int = 16, height: int = 384, width: int = 320,
-    seed: int = 0, acquisitions: Sequence[str] = ("AXT2",), noise_std: float = 0.02, oversampling: int = 2,
-    progress: bool = True
-) -> list[str]:
+def synthesize_dataset(root: str | Path, *, n_volumes: int = 4, n_slices: int = 8, n_coils: int = 16, height: int = 384,
+                       width: int = 320, seed: int = 0, acquisitions: Sequence[str] = ("AXT2",),
+                       noise_std: float = 0.02, oversampling: int = 2, progress: bool = True) -> list[str]:
     """Write ``n_volumes`` synthetic FastMRI volumes under a local folder or ``s3://`` prefix.
 
     Volume ``i`` has acquisition ``acquisitions[i % len(acquisitions)]`` (so with several, an
@@ -280,10 +265,8 @@ def synthesize_dataset(
         # A seed per volume from (seed, i): volumes of one dataset, and of datasets with other
         # seeds, do not share phantoms or noise.
         volume_seed = int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0])
-        volume = synthetic_volume(
-            volume_seed, n_slices=n_slices, n_coils=n_coils, height=height, width=width, oversampling=oversampling,
-            noise_std=noise_std
-        )
+        volume = synthetic_volume(volume_seed, n_slices=n_slices, n_coils=n_coils, height=height, width=width,
+                                  oversampling=oversampling, noise_std=noise_std)
         uri = storage.join(root, volume_name(i, acquisition))
         write_volume(uri, volume, acquisition=acquisition, patient_id=f"synth{seed}-{i:04d}")
         written.append(uri)

@@ -5,13 +5,12 @@ and serves square RGB tensors in ``[-1, 1]`` at one resolution: the format Ambie
 and EDM train on (their ``dataset_tool.py`` writes exactly such folders and zips).
 
 Items are dicts of tensors indexed by an integer, like :class:`adps.data.dataset.PreparedSliceDataset`,
-so the Ray Train path can deal them out with ``worker_share``: each worker opens the dataset,
-which only lists file names (cheap), and decodes just the indices of its own share.
+so the Ray Train path can deal them out with ``worker_share``: each worker opens the dataset (a
+cheap listing of names) and decodes just the indices of its own share.
 
-With ``erasure_p > 0`` the dataset is the *corrupted* training set of an ambient model: each
-image carries one random inpainting mask, fixed per image (drawn from ``(seed, index)``), as in
-Ambient Diffusion, where every training image is seen through the same corruption at every
-epoch (a fresh mask per epoch would reveal the whole image over training).
+With ``erasure_p > 0`` the dataset is an ambient model's *corrupted* training set: each image
+carries one random inpainting mask drawn from ``(seed, index)``, the same at every epoch, as in
+Ambient Diffusion (a fresh mask per epoch would reveal the whole image over training).
 
 Layer 1 of the platform (ARCHITECTURE.md): no Ray, no MLflow.
 """
@@ -34,6 +33,7 @@ import torch
 
 from adps.data import storage
 from adps.images.operators import erasure_mask
+from adps.images.synth import check_int
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 """File name endings read as images (case-insensitive); anything else in a folder or zip is skipped."""
@@ -41,9 +41,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Random stream of the per-image erasure masks: np.random.SeedSequence([seed, stream, index]).
 _MASK_STREAM = 1
 
-# What PIL raises for bytes it cannot decode: an unknown format (UnidentifiedImageError is an
-# OSError), truncated data (OSError), broken headers (SyntaxError, ValueError, struct.error), a
-# short read (EOFError); plus DecompressionBombError, added where PIL is imported.
+# What PIL raises for undecodable bytes: unknown format or truncated data (OSError), broken headers
+# (SyntaxError, ValueError, struct.error), a short read (EOFError); plus, where PIL is imported,
+# DecompressionBombError.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 # What zipfile raises for a damaged member: a failed CRC check or bad header (BadZipFile), broken
@@ -63,12 +63,6 @@ def _is_image_name(name: str) -> bool:
     return base.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _check_probability(p: object, name: str) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0.0 <= float(p) < 1.0:
         raise ValueError(f"{name}: expected a probability in [0, 1), got {p!r}")
@@ -79,17 +73,16 @@ def fixed_erasure_mask(seed: int, index: int, resolution: int, p: float) -> torc
     """The erasure mask of image ``index`` in a dataset corrupted with ``(seed, p)``.
 
     Drawn with :func:`adps.images.operators.erasure_mask` from a CPU generator seeded by
-    ``np.random.SeedSequence([seed, stream, index])``, so it is the same on every machine,
-    worker and epoch, and independent between images and between seeds. Evaluation code can
-    call this to recover the mask a training image was seen through.
+    ``np.random.SeedSequence([seed, stream, index])``: the same on every machine, worker and
+    epoch, independent between images and seeds. Evaluation code can call this to recover the
+    mask a training image was seen through.
 
     Returns:
-        Boolean ``(1, resolution, resolution)``, True where a pixel is kept (shared by the
-        three channels).
+        Boolean ``(1, resolution, resolution)``, True where a pixel is kept (in all three channels).
     """
-    seed = _check_int(seed, "seed", 0)
-    index = _check_int(index, "index", 0)
-    resolution = _check_int(resolution, "resolution", 1)
+    seed = check_int(seed, "seed", 0)
+    index = check_int(index, "index", 0)
+    resolution = check_int(resolution, "resolution", 1)
     p = _check_probability(p, "p")
     state = np.random.SeedSequence([seed, _MASK_STREAM, index]).generate_state(1, np.uint64)[0]
     generator = torch.Generator().manual_seed(int(state))
@@ -99,12 +92,10 @@ def fixed_erasure_mask(seed: int, index: int, resolution: int, p: float) -> torc
 def to_square_tensor(image: Any, resolution: int) -> torch.Tensor:
     """A PIL image as a float32 ``(3, R, R)`` tensor in ``[-1, 1]``: RGB, centre square, resized.
 
-    Converted to RGB first (grey, palette, CMYK and alpha images alike; alpha is dropped, not
-    composited), then cropped to the central ``min(W, H)`` square (the EDM / Ambient Diffusion
-    ``center-crop`` convention: faces and animals are centred) and resized with PIL's
-    **bicubic** filter, which PIL applies antialiased when shrinking (its support widens with
-    the scale factor), so downscaling a 1024-pixel FFHQ image does not alias. An image already
-    ``R x R`` is passed through untouched.
+    Converted to RGB (alpha is dropped, not composited), cropped to the central ``min(W, H)``
+    square (EDM / Ambient Diffusion's ``center-crop``: faces and animals are centred) and resized
+    with PIL's **bicubic** filter, antialiased when shrinking, so downscaling a 1024-pixel FFHQ
+    image does not alias. An image already ``R x R`` is passed through untouched.
     """
     from PIL import Image  # deferred: only decoding needs PIL
 
@@ -128,16 +119,14 @@ class ImageDataset(torch.utils.data.Dataset):
 
     * a local folder or an ``s3://bucket/prefix``: the image files directly inside it (not
       sub-folders), sorted by name; on S3 each file is fetched when its item is read;
-    * a ``.zip`` file, local or on S3 (CelebA / FFHQ / AFHQ releases and EDM's
-      ``dataset_tool.py`` output): every image member at any depth, sorted by member name. An
-      S3 zip is downloaded once to a temporary file (``storage.local_copy``), deleted when the
-      dataset is closed or garbage-collected.
+    * a ``.zip`` file, local or on S3 (CelebA / FFHQ / AFHQ releases, EDM's ``dataset_tool.py``
+      output): every image member at any depth, sorted by name. An S3 zip is downloaded once to
+      a temporary file, deleted when the dataset is closed or garbage-collected.
 
-    Image files are ``.png``, ``.jpg``, ``.jpeg`` and ``.webp`` (any case); other files are
-    ignored. Opening the dataset lists names only; ``len()`` never decodes an image, so a
-    worker that reads a small share of a large dataset pays only for its share. A file that
-    cannot be decoded raises ``ValueError`` naming it when its item is read; :meth:`check`
-    decodes everything up front, for a job that should refuse a bad dataset before training.
+    Image files are :data:`IMAGE_SUFFIXES` (any case); other files are ignored. Opening lists
+    names only (``len()`` never decodes), so a worker reading a small share pays only for it. A
+    file that cannot be decoded raises ``ValueError`` naming it when its item is read;
+    :meth:`check` decodes everything up front, to refuse a bad dataset before training.
 
     Items (a dict of tensors, batched by the default collate):
 
@@ -149,9 +138,8 @@ class ImageDataset(torch.utils.data.Dataset):
     * ``"clean"`` (only with ``keep_clean=True``): the uncorrupted image, for tests and
       evaluation (an ambient model must never train on it).
 
-    The mask is keyed on the index in the sorted listing: adding or removing files shifts the
-    masks of the images after them, so a corrupted training set is fixed by ``(root's
-    listing, seed, erasure_p)``.
+    The mask is keyed on the index in the sorted listing (adding or removing files shifts the
+    masks after them): a corrupted training set is fixed by ``(root's listing, seed, erasure_p)``.
 
     Args:
         root: folder, ``s3://`` prefix, or ``.zip`` file (local or ``s3://``).
@@ -165,19 +153,16 @@ class ImageDataset(torch.utils.data.Dataset):
         ValueError: ``root`` holds no image files, is not a valid zip, or an argument is bad.
     """
 
-    def __init__(
-        self, root: storage.PathLike, resolution: int = 64, *, erasure_p: float = 0.0, seed: int = 0,
-        keep_clean: bool = False
-    ) -> None:
+    def __init__(self, root: storage.PathLike, resolution: int = 64, *, erasure_p: float = 0.0, seed: int = 0,
+                 keep_clean: bool = False) -> None:
         self.root = str(root) if storage.is_s3(root) else str(Path(root))
-        self.resolution = _check_int(resolution, "resolution", 1)
+        self.resolution = check_int(resolution, "resolution", 1)
         self.erasure_p = _check_probability(erasure_p, "erasure_p")
-        self.seed = _check_int(seed, "seed", 0)
+        self.seed = check_int(seed, "seed", 0)
         self.keep_clean = bool(keep_clean)
         self.is_zip = self.root.lower().endswith(".zip")
 
-        # Zip state; the archive handle is per process (a handle shared over fork would have
-        # two processes seeking one file descriptor).
+        # Zip state; the handle is per process (shared over a fork, two processes would seek one descriptor).
         self._zip_path: Path | None = None
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid: int | None = None
@@ -188,18 +173,17 @@ class ImageDataset(torch.utils.data.Dataset):
         else:
             if not storage.is_s3(self.root) and Path(self.root).is_file():
                 raise ValueError(f"{self.root}: expected a folder of images or a .zip file, got another file")
-            self._files = [path for path in storage.list_files(self.root, suffix="") if _is_image_name(storage.basename(path))]
+            listing = storage.list_files(self.root, suffix="")
+            self._files = [path for path in listing if _is_image_name(storage.basename(path))]
         if not self._files:
             what = "zip" if self.is_zip else "folder" if not storage.is_s3(self.root) else "S3 prefix"
-            raise ValueError(
-                f"{self.root}: no image files in this {what} (looked for {', '.join(IMAGE_SUFFIXES)}"
-                f"{' at any depth' if self.is_zip else ', not in sub-folders'})"
-            )
+            raise ValueError(f"{self.root}: no image files in this {what} (looked for {', '.join(IMAGE_SUFFIXES)}"
+                             f"{' at any depth' if self.is_zip else ', not in sub-folders'})")
 
     # Listing and reading ---------------------------------------------------------------------
     def _open_zip_listing(self) -> list[str]:
-        archive = self._archive()
-        return sorted(info.filename for info in archive.infolist() if not info.is_dir() and _is_image_name(info.filename))
+        members = self._archive().infolist()
+        return sorted(info.filename for info in members if not info.is_dir() and _is_image_name(info.filename))
 
     def _archive(self) -> zipfile.ZipFile:
         """This process's handle on the zip, opened (and for S3, downloaded) on first use."""
@@ -219,8 +203,7 @@ class ImageDataset(torch.utils.data.Dataset):
         stack = contextlib.ExitStack()
         path = stack.enter_context(storage.local_copy(self.root))
         if storage.is_s3(self.root):
-            # Delete the download when this dataset goes away (or close() is called), not
-            # before: items are read from it for the dataset's whole life.
+            # Delete the download when this dataset goes away (or is closed): items are read from it till then.
             self._zip_finalizer = weakref.finalize(self, stack.close)
         return path
 
@@ -262,8 +245,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def check(self) -> list[tuple[str, str]]:
         """Decode every image; the ``(file, reason)`` of each one that fails, empty if all read.
 
-        For a job to refuse a bad dataset before training rather than fail mid-epoch. It
-        reads the whole dataset (every object, on S3), so it costs one epoch of decoding.
+        Refuses a bad dataset before training rather than mid-epoch, at the cost of one epoch of decoding.
         """
         bad = []
         for index in range(len(self)):
@@ -289,9 +271,9 @@ class ImageDataset(torch.utils.data.Dataset):
         self.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        # Pickled for DataLoader workers or Ray: the copy reopens the zip in its own process.
-        # It keeps the download's path (usable in a forked or same-machine worker while this
-        # object lives) but not its ownership; elsewhere it downloads its own copy.
+        # Pickled for DataLoader workers or Ray: the copy reopens the zip in its own process. It keeps the
+        # download's path (usable on this machine while this object lives), not its ownership; elsewhere
+        # it downloads its own copy.
         state = self.__dict__.copy()
         state.update(_zip=None, _zip_pid=None, _zip_finalizer=None)
         return state
@@ -312,13 +294,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         index = self._check_index(index)
         clean = self.decode(index)
-        item: dict[str, torch.Tensor] = {}
+        item: dict[str, torch.Tensor] = {"image": clean}
         if self.erasure_p > 0:
             mask = fixed_erasure_mask(self.seed, index, self.resolution, self.erasure_p)
-            item["image"] = clean * mask
-            item["mask"] = mask
-        else:
-            item["image"] = clean
+            item.update(image=clean * mask, mask=mask)
         if self.keep_clean:
             item["clean"] = clean
         item["index"] = torch.tensor(index, dtype=torch.int64)

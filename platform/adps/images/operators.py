@@ -1,20 +1,16 @@
 """Linear inverse-problem operators for natural images (section 3.1 of the A-DPS paper).
 
-Images are real tensors ``x`` of shape ``(N, C, H, W)`` (``C = 3`` for RGB, values in
-``[-1, 1]``); each operator defines its own measurement shape (:meth:`ImageOperator.measurement_shape`).
-Every operator offers ``forward(x) = A x``, ``adjoint(y) = A^T y``, ``normal(x) = A^T A x`` and
-``pseudo_inverse(y)`` (the least-squares ``x`` with ``A x`` closest to ``y``, the baseline a
-posterior sampler has to beat). All are differentiable (the DPS guidance term is the gradient of
-``||A x - y||^2``) and return tensors on the device and in the dtype of their input.
+Images are real ``(N, C, H, W)`` tensors (``C = 3`` for RGB, values in ``[-1, 1]``); each operator
+defines its measurement shape (:meth:`ImageOperator.measurement_shape`) and offers
+``forward(x) = A x``, ``adjoint(y) = A^T y``, ``normal(x) = A^T A x`` and ``pseudo_inverse(y)``
+(the least-squares baseline a posterior sampler has to beat), all differentiable (DPS guidance is
+the gradient of ``||A x - y||^2``) and on the device and in the dtype of their input.
 
-The operators are noiseless: measurement noise belongs to the caller, who knows its level
-(:func:`add_noise` draws it reproducibly). Every random choice takes an explicit
-``torch.Generator`` or seed (ARCHITECTURE.md: masks and matrices are reproducible).
-
-Training corruption (Ambient Diffusion): :func:`erasure_mask` erases each pixel, shared by the
-channels, with probability ``p``; :func:`further_corrupt` erases a further fraction ``delta`` of
-the kept pixels, the paper's ``A~ = B A``. Test-time tasks: :class:`GaussianCompressedSensing`,
-:class:`SuperResolution`, :class:`GaussianBlur`, :class:`BoxInpainting`.
+The operators are noiseless: the caller, who knows the noise level, adds it (:func:`add_noise`).
+Every random choice takes an explicit ``torch.Generator`` or seed (ARCHITECTURE.md: masks and
+matrices are reproducible). Training corruption (Ambient Diffusion): :func:`erasure_mask` and
+:func:`further_corrupt` (the paper's ``A~ = B A``). Test-time tasks:
+:class:`GaussianCompressedSensing`, :class:`SuperResolution`, :class:`GaussianBlur`, :class:`BoxInpainting`.
 """
 
 from __future__ import annotations
@@ -36,10 +32,9 @@ BLUR_CG_ITERATIONS = 50
 class ImageOperator(LinearOperator):
     """A linear operator ``A`` on real image batches ``(N, C, H, W)``; subclasses define the physics.
 
-    The :class:`~adps.linear_operator.LinearOperator` of the natural-image study: a network sees
-    the images as they are, and an ambient model's training corruption is random inpainting
-    (:meth:`corruption`). ``normal`` defaults to ``adjoint(forward(x))``; operators with a
-    cheaper fused form override it.
+    The natural-image :class:`~adps.linear_operator.LinearOperator`: a network sees the images as
+    they are, and an ambient model's training corruption is random inpainting (:meth:`corruption`).
+    ``normal`` defaults to ``adjoint(forward(x))``; operators with a cheaper fused form override it.
     """
 
     @abstractmethod
@@ -128,10 +123,9 @@ class RandomInpainting(_DiagonalMask):
         n, c, h, w = x.shape
         mn, mc, mh, mw = mask.shape
         if (mh, mw) != (h, w) or mn not in (1, n) or mc not in (1, c):
-            raise ValueError(
-                f"{name}: shape {tuple(x.shape)} does not match the mask's shape {tuple(self.mask.shape)} "
-                "(expected the mask's H, W, and a mask batch and channel size of 1 or equal to the input's)"
-            )
+            raise ValueError(f"{name}: shape {tuple(x.shape)} does not match the mask's shape "
+                             f"{tuple(self.mask.shape)} (expected the mask's H, W, and a mask batch and channel "
+                             "size of 1 or equal to the input's)")
         return mask.to(device=x.device, dtype=x.dtype)
 
     def condition(self) -> torch.Tensor:
@@ -159,19 +153,16 @@ class BoxInpainting(_DiagonalMask):
             raise ValueError(f"box: expected four integers (top, left, height, width), got {box!r}")
         top, left, height, width = (int(v) for v in box)
         if top < 0 or left < 0 or height < 1 or width < 1:
-            raise ValueError(
-                f"box: expected top, left >= 0 and height, width >= 1, got (top, left, height, width) = {tuple(box)}"
-            )
+            raise ValueError("box: expected top, left >= 0 and height, width >= 1, got (top, left, height, width) = "
+                             f"{tuple(box)}")
         self.box = (top, left, height, width)
 
     def _mask_like(self, x: torch.Tensor, name: str) -> torch.Tensor:
         top, left, height, width = self.box
         h, w = x.shape[-2:]
         if top + height > h or left + width > w:
-            raise ValueError(
-                f"box: (top, left, height, width) = {self.box} reaches row {top + height} and column "
-                f"{left + width}, outside the {name} images of size H={h}, W={w}"
-            )
+            raise ValueError(f"box: (top, left, height, width) = {self.box} reaches row {top + height} and column "
+                             f"{left + width}, outside the {name} images of size H={h}, W={w}")
         mask = torch.ones(h, w, device=x.device, dtype=x.dtype)
         mask[top : top + height, left : left + width] = 0
         return mask
@@ -229,11 +220,10 @@ class GaussianCompressedSensing(ImageOperator):
     ``torch.Generator().manual_seed(seed)`` on the CPU: the same seed gives the same matrix on
     every machine and device. Measurements are ``(N, m)``.
 
-    Memory: the matrix holds ``m * C * H * W`` numbers, 4 bytes each in float32: at 64x64 RGB
-    (12288 pixels) that is 47 MiB per 1000 measurements (188 MiB at m = 4000, the
-    setting of the paper's step-count figure). A copy in another dtype or on another device is made on
-    first use and kept (one at a time). The pseudo-inverse adds the ``min(m, CHW)^2`` float64
-    Gram factor (122 MiB at m = 4000).
+    Memory: ``m * C * H * W`` float32 numbers: at 64x64 RGB, 47 MiB per 1000 measurements (188 MiB
+    at m = 4000, the paper's step-count figure). A copy in another dtype or on another device is
+    made on first use and kept (one at a time). The pseudo-inverse adds the ``min(m, CHW)^2``
+    float64 Gram factor (122 MiB at m = 4000).
 
     Args:
         m: the number of measurements, >= 1.
@@ -242,17 +232,12 @@ class GaussianCompressedSensing(ImageOperator):
         device, dtype: where and how ``A`` is stored (default CPU float32).
     """
 
-    def __init__(
-        self, m: int, image_shape: tuple[int, int, int], seed: int, *, device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32
-    ) -> None:
+    def __init__(self, m: int, image_shape: tuple[int, int, int], seed: int, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
         if not _is_int(m) or m < 1:
             raise ValueError(f"m: expected the number of measurements as an integer >= 1, got {m!r}")
-        if not (
-            isinstance(image_shape, (tuple, list))
-            and len(image_shape) == 3
-            and all(_is_int(v) and v >= 1 for v in image_shape)
-        ):
+        shape_ok = isinstance(image_shape, (tuple, list)) and len(image_shape) == 3
+        if not (shape_ok and all(_is_int(v) and v >= 1 for v in image_shape)):
             raise ValueError(f"image_shape: expected (C, H, W) as three positive integers, got {image_shape!r}")
         if not _is_int(seed):
             raise ValueError(f"seed: expected an integer, got {seed!r}")
@@ -410,11 +395,8 @@ class GaussianBlur(ImageOperator):
         return F.conv_transpose2d(y, self._weight(y), padding=self.kernel_size // 2, groups=y.shape[1])
 
     def pseudo_inverse(self, y: torch.Tensor, iterations: int = BLUR_CG_ITERATIONS) -> torch.Tensor:
-        """Least squares by conjugate gradient on ``A^T A x = A^T y`` from zero, ``iterations`` steps.
-
-        Exact (to the CG tolerance) for a mild blur; for a strong one the Gaussian's tiny
-        high-frequency gains make the exact inverse useless, and the early stop regularises.
-        """
+        """Least squares by conjugate gradient on ``A^T A x = A^T y`` from zero, ``iterations`` steps:
+        exact for a mild blur, while for a strong one the early stop regularises (:data:`BLUR_CG_ITERATIONS`)."""
         _check_image(y, "y")
         return conjugate_gradient(self.normal, self.adjoint(y), iterations=iterations)
 
@@ -428,9 +410,7 @@ class GaussianBlur(ImageOperator):
 def pseudo_inverse(operator: ImageOperator, y: torch.Tensor) -> torch.Tensor:
     """``A^+ y``, the least-squares image of smallest norm: the baseline a posterior sampler beats.
 
-    Closed form for masks (``mask * y``), super-resolution (nearest upsampling) and compressed
-    sensing (``A^T (A A^T)^-1 y``); conjugate gradient for the blur (see
-    :meth:`GaussianBlur.pseudo_inverse`).
+    Closed form for every operator but the blur (conjugate gradient: :meth:`GaussianBlur.pseudo_inverse`).
     """
     if not isinstance(operator, ImageOperator):
         raise ValueError(f"operator: expected an ImageOperator, got {type(operator).__name__}")
@@ -440,9 +420,8 @@ def pseudo_inverse(operator: ImageOperator, y: torch.Tensor) -> torch.Tensor:
 def add_noise(y: torch.Tensor, sigma: float, *, generator: torch.Generator) -> torch.Tensor:
     """``y + sigma * n`` with standard Gaussian ``n`` (circular complex for complex ``y``).
 
-    The operators are noiseless; a caller wanting noisy measurements adds noise here, with its own
-    generator so that the noise is reproducible. The noise is drawn on the generator's device and
-    moved to ``y``'s.
+    The operators are noiseless: a caller adds noise here, with its own generator so that it is
+    reproducible. The noise is drawn on the generator's device and moved to ``y``'s.
     """
     if not isinstance(y, torch.Tensor) or not (y.is_floating_point() or y.is_complex()):
         got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
@@ -502,12 +481,8 @@ def _check_mask(mask: torch.Tensor, name: str, any_shape: bool = False) -> torch
 
 def _probability(value: float, name: str, *, low_open: bool) -> float:
     """Validate a probability in ``[0, 1)`` (``low_open``: ``(0, 1)``)."""
-    ok = (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and (0 < value < 1 if low_open else 0 <= value < 1)
-    )
-    if not ok:
+    in_range = isinstance(value, (int, float)) and (0 < value < 1 if low_open else 0 <= value < 1)
+    if isinstance(value, bool) or not in_range:
         interval = "(0, 1)" if low_open else "[0, 1)"
         raise ValueError(f"{name}: expected a probability in {interval}, got {value!r}")
     return float(value)

@@ -1,15 +1,14 @@
 """Synthetic natural images (``adps synth-images``): a stand-in for CelebA / FFHQ / AFHQ.
 
 The natural-image path (dataset reading, erasure corruption, training, A-DPS on Gaussian CS or
-super-resolution) must run end to end on a laptop and in CI without downloading a face or
-animal dataset. These images imitate what matters to that path, not faces: smooth colour
-gradients and low-frequency texture (a prior worth learning), and a few ellipses, rectangles
-and blobs with soft, anti-aliased edges (structure an inpainting mask hides and a posterior
-sampler has to restore). Values fill the whole 8-bit range, as real photographs do.
+super-resolution) must run end to end on a laptop and in CI without downloading a face or animal
+dataset. These images imitate what matters to it: smooth colour gradients and low-frequency
+texture (a prior worth learning), and ellipses, rectangles and blobs with soft, anti-aliased
+edges (structure an inpainting mask hides and a sampler must restore), over the full 8-bit range.
 
-Every image is a pure function of ``(seed, index)``: shapes are placed in normalised
-coordinates, so the same pair draws the same picture at any resolution, and written files are
-byte-for-byte reproducible (fixed zip timestamps; PNG encoding is deterministic).
+Every image is a pure function of ``(seed, index)``, placed in normalised coordinates (the same
+picture at any resolution), and written files are byte-for-byte reproducible (fixed zip
+timestamps; PNG encoding is deterministic).
 """
 
 from __future__ import annotations
@@ -37,7 +36,8 @@ IMAGE_FORMATS: dict[str, tuple[str, dict[str, object]]] = {
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
 
-def _check_int(value: object, name: str, minimum: int) -> int:
+def check_int(value: object, name: str, minimum: int) -> int:
+    """``value`` as an int, or a ValueError naming ``name`` unless it is an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return int(value)
@@ -53,8 +53,7 @@ def synthetic_image(index: int, resolution: int = 64, seed: int = 0) -> np.ndarr
 
     A bilinear blend of four corner colours with a few low-frequency colour waves, under three
     to seven shapes (ellipses, rotated rectangles, wobbly blobs) alpha-blended with soft edges
-    and a linear shading across each. Every random number is drawn before the pixel grid is
-    evaluated, so the picture does not depend on ``resolution``, only its sampling does.
+    and a linear shading across each. The picture does not depend on ``resolution``, only its sampling.
 
     Args:
         index: the image's number, >= 0.
@@ -62,24 +61,19 @@ def synthetic_image(index: int, resolution: int = 64, seed: int = 0) -> np.ndarr
         seed: the dataset's seed, >= 0.
 
     Returns:
-        ``uint8`` array of shape ``(resolution, resolution, 3)`` (height, width, RGB), the
-        layout PIL writes.
+        ``uint8`` array ``(resolution, resolution, 3)`` (height, width, RGB), the layout PIL writes.
     """
-    index = _check_int(index, "index", 0)
-    resolution = _check_int(resolution, "resolution", 1)
-    seed = _check_int(seed, "seed", 0)
+    index = check_int(index, "index", 0)
+    resolution = check_int(resolution, "resolution", 1)
+    seed = check_int(seed, "seed", 0)
     rng = np.random.default_rng([seed, _IMAGE_STREAM, index])
 
     centres = (np.arange(resolution) + 0.5) / resolution  # pixel centres in (0, 1)
     y, x = np.meshgrid(centres, centres, indexing="ij")
 
     corners = rng.uniform(0.05, 0.95, size=(4, 3))
-    image = (
-        ((1 - y) * (1 - x))[..., None] * corners[0]
-        + ((1 - y) * x)[..., None] * corners[1]
-        + (y * (1 - x))[..., None] * corners[2]
-        + (y * x)[..., None] * corners[3]
-    )
+    image = (((1 - y) * (1 - x))[..., None] * corners[0] + ((1 - y) * x)[..., None] * corners[1]
+             + (y * (1 - x))[..., None] * corners[2] + (y * x)[..., None] * corners[3])
     for _ in range(3):  # low-frequency texture: plane waves of a few cycles per image
         frequency, angle, phase = rng.uniform(1.0, 4.0), rng.uniform(0, 2 * math.pi), rng.uniform(0, 2 * math.pi)
         amplitude = rng.uniform(0.02, 0.08, size=3)
@@ -143,19 +137,16 @@ def image_name(index: int, fmt: str = "png") -> str:
 
 
 def _check_counts(n: int, resolution: int, seed: int) -> tuple[int, int, int]:
-    return _check_int(n, "n", 1), _check_int(resolution, "resolution", 1), _check_int(seed, "seed", 0)
+    return check_int(n, "n", 1), check_int(resolution, "resolution", 1), check_int(seed, "seed", 0)
 
 
-def write_image_folder(
-    out: storage.PathLike, n: int, resolution: int = 64, seed: int = 0, fmt: str = "png"
-) -> list[str]:
+def write_image_folder(out: storage.PathLike, n: int, resolution: int = 64, seed: int = 0,
+                       fmt: str = "png") -> list[str]:
     """Write ``n`` synthetic images ``img-00000.png`` ... to a local folder or ``s3://`` prefix.
 
-    Each file is written atomically (a reader never sees half an image); a local folder is
-    created if missing. Image ``i`` is :func:`synthetic_image` ``(i, resolution, seed)``.
-
-    Returns:
-        The written paths (local paths or S3 URIs), in index order.
+    Each file is written atomically; a local folder is created if missing. Image ``i`` is
+    :func:`synthetic_image` ``(i, resolution, seed)``. Returns the written paths (local paths or
+    S3 URIs), in index order.
     """
     n, resolution, seed = _check_counts(n, resolution, seed)
     _format(fmt)  # refuse a bad format before writing anything
@@ -170,13 +161,10 @@ def write_image_folder(
 def write_image_zip(out_zip: storage.PathLike, n: int, resolution: int = 64, seed: int = 0, fmt: str = "png") -> str:
     """Write ``n`` synthetic images into one ``.zip`` (local or ``s3://``), the CelebA / FFHQ style.
 
-    Members ``img-00000.png`` ... sit at the top level, stored uncompressed (PNG and JPEG are
-    already compressed, and stored members read fastest), with a fixed timestamp so that the
-    same arguments give the same bytes. The zip is built in a temporary file and published in
-    one step, so a reader never sees a partial archive.
-
-    Returns:
-        ``out_zip`` as a string.
+    Members ``img-00000.png`` ... sit at the top level, stored uncompressed (the images are already
+    compressed, and stored members read fastest), with a fixed timestamp so that the same arguments
+    give the same bytes. The zip is published in one step: a reader never sees a partial archive.
+    Returns ``out_zip`` as a string.
     """
     n, resolution, seed = _check_counts(n, resolution, seed)
     _format(fmt)

@@ -22,30 +22,20 @@ def rss(coil_images: torch.Tensor, coil_dim: int = -3) -> torch.Tensor:
 
 
 # Noise pre-whitening -------------------------------------------------------------------------
-
-
 def noise_covariance(noise: torch.Tensor, coil_dim: int = 0) -> torch.Tensor:
-    """Sample covariance ``E[n n^H]`` of zero-mean complex coil noise.
-
-    Args:
-        noise: noise samples with coils on ``coil_dim`` and samples on every other axis.
-
-    Returns:
-        ``(C, C)`` Hermitian covariance matrix (complex128 for a stable Cholesky).
+    """Sample covariance ``E[n n^H]`` of zero-mean complex coil noise: ``(C, C)``, Hermitian,
+    complex128 (for a stable Cholesky). ``noise`` has coils on ``coil_dim``, samples on every other axis.
     """
     samples = torch.movedim(noise, coil_dim, 0).reshape(noise.shape[coil_dim], -1).to(torch.complex128)
     if samples.shape[1] < samples.shape[0]:
-        raise ValueError(
-            f"noise: {samples.shape[1]} samples per coil cannot estimate a {samples.shape[0]}-coil covariance"
-        )
+        raise ValueError(f"noise: {samples.shape[1]} samples per coil cannot estimate a {samples.shape[0]}-coil "
+                         "covariance")
     return samples @ samples.conj().T / samples.shape[1]
 
 
 def background_patch(coil_images: torch.Tensor, size: int = 30, corner: str = "top-left") -> torch.Tensor:
-    """A ``size x size`` patch of coil images ``(C, H, W)`` taken from a corner (object-free).
-
-    METHOD.md estimates the noise covariance from a 30 x 30 background patch in a corner.
-    """
+    """A ``size x size`` patch of coil images ``(C, H, W)`` taken from a corner (object-free):
+    METHOD.md estimates the noise covariance from a 30 x 30 background patch in a corner."""
     if coil_images.ndim != 3:
         raise ValueError(f"coil_images: expected shape (C, H, W), got {tuple(coil_images.shape)}")
     _, h, w = coil_images.shape
@@ -74,8 +64,7 @@ def whitening_matrix(covariance: torch.Tensor) -> torch.Tensor:
 def apply_coil_matrix(data: torch.Tensor, matrix: torch.Tensor, coil_dim: int = -3) -> torch.Tensor:
     """Mix coils: ``out[c'] = sum_c matrix[c', c] data[c]`` along ``coil_dim``.
 
-    Coil mixing commutes with the FFT, so whitening or compressing k-space and coil images is
-    the same operation.
+    Coil mixing commutes with the FFT: whitening or compressing k-space and coil images is the same.
     """
     moved = torch.movedim(data, coil_dim, -1)
     if moved.shape[-1] != matrix.shape[1]:
@@ -90,8 +79,6 @@ def whiten(data: torch.Tensor, covariance: torch.Tensor, coil_dim: int = -3) -> 
 
 
 # SVD coil compression -------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class CoilCompression:
     """Result of :func:`coil_compress`."""
@@ -120,19 +107,14 @@ def coil_compress(data: torch.Tensor, n_virtual: int, coil_dim: int = -3) -> Coi
     energy = s**2
     kept = float(energy[:n_virtual].sum() / energy.sum()) if energy.sum() > 0 else 1.0
     compression = u[:, :n_virtual].conj().T
-    return CoilCompression(
-        data=apply_coil_matrix(data, compression, coil_dim), matrix=compression.to(data.dtype), energy_kept=kept
-    )
+    return CoilCompression(data=apply_coil_matrix(data, compression, coil_dim), matrix=compression.to(data.dtype),
+                           energy_kept=kept)
 
 
 def _fix_vector_phases(u: torch.Tensor) -> torch.Tensor:
-    """Singular vectors (columns of ``u``) with their free phase fixed: each column's
-    largest-magnitude entry made real and positive.
-
-    An SVD gives each singular vector only up to a unit factor, which LAPACK builds may choose
-    differently; fixing it makes the virtual coils, and the phase convention built on the first
-    of them (:func:`principal_coil`), the same on every machine.
-    """
+    """Singular vectors (columns of ``u``) with each column's largest-magnitude entry made real and
+    positive: LAPACK builds may choose the free unit factor differently, and fixing it makes the
+    virtual coils (and :func:`principal_coil`'s phase convention) the same on every machine."""
     pivot = u.gather(0, u.abs().argmax(dim=0, keepdim=True))
     return u * (pivot.conj() / pivot.abs().clamp_min(torch.finfo(u.real.dtype).tiny))
 
@@ -142,10 +124,9 @@ def principal_coil(coil_images: torch.Tensor, coil_dim: int = -3) -> torch.Tenso
     (the first virtual coil of :func:`coil_compress`), with its phase fixed so that the combined
     image ``sum_r w^H x(r)`` sums to a real, positive number.
 
-    It is the phase reference of prepared data (:func:`align_map_phase`): a property of the
-    scan, not of the coil basis it is expressed in, so a split compressed to virtual coils, a
-    split keeping every coil, and the same scan with its coils in another order or phase all
-    get the same complex image, whose mean is real and positive.
+    It is the phase reference of prepared data (:func:`align_map_phase`): a property of the scan,
+    not of its coil basis, so compressed and uncompressed splits, and the same scan with its coils
+    in another order or phase, all get the same complex image, whose mean is real and positive.
 
     Args:
         coil_images: image-domain data with coils on ``coil_dim`` (the sum is over the image).
@@ -161,15 +142,13 @@ def principal_coil(coil_images: torch.Tensor, coil_dim: int = -3) -> torch.Tenso
 def align_map_phase(maps: torch.Tensor, weights: torch.Tensor, coil_dim: int = -3) -> torch.Tensor:
     """Coil maps rotated, pixel by pixel, so that ``sum_c conj(w_c) S_c(r)`` is real and >= 0.
 
-    A SENSE model ``y_c = S_c x`` fixes the maps only up to a phase per pixel (``S e^{i t}``
-    with ``x e^{-i t}`` gives the same data). ESPIRiT (sigpy) picks the phase of the first coil,
-    which depends on the coil basis: compressing to virtual coils and keeping every coil give
-    references that differ by a phase (for the synthetic scans, a sign). Rotating every pixel
-    so that the maps' combination with ``w`` is real makes the image's phase the phase of the
-    coil combination ``w^H y``, whatever the basis, when ``w`` is expressed in the maps' basis
-    (``matrix @ w`` after :func:`apply_coil_matrix` with a compression ``matrix``).
-
-    Pixels where the combination is exactly 0 (outside ESPIRiT's support) are left unchanged.
+    A SENSE model ``y_c = S_c x`` fixes the maps only up to a phase per pixel (``S e^{i t}`` with
+    ``x e^{-i t}`` gives the same data). ESPIRiT (sigpy) picks the first coil's phase, which depends
+    on the coil basis (compressed and uncompressed references differ by a phase; a sign for the
+    synthetic scans). Rotating every pixel so that the maps' combination with ``w`` is real makes
+    the image's phase that of ``w^H y`` whatever the basis, with ``w`` in the maps' basis
+    (``matrix @ w`` after :func:`apply_coil_matrix` with a compression ``matrix``). Pixels where
+    the combination is exactly 0 (outside ESPIRiT's support) are left unchanged.
 
     Args:
         maps: complex maps with coils on ``coil_dim`` (``(C, H, W)`` or ``(N, C, H, W)``).
@@ -186,42 +165,28 @@ def align_map_phase(maps: torch.Tensor, weights: torch.Tensor, coil_dim: int = -
 
 
 # ESPIRiT --------------------------------------------------------------------------------------
-
-
-def espirit_maps(
-    kspace: torch.Tensor, *, calib_width: int = 24, thresh: float = 0.02, kernel_width: int = 6, crop: float = 0.0,
-    max_iter: int = 100, show_progress: bool = False
-) -> torch.Tensor:
-    """ESPIRiT coil maps (one set) of one slice's k-space ``(C, H, W)`` via sigpy.
-
-    A thin wrapper around ``sigpy.mri.app.EspiritCalib`` with METHOD.md's defaults
-    (calibration width 24, no crop); every parameter is passed through unchanged.
-    Returns complex64 maps ``(C, H, W)`` on the input's device.
-    """
+def espirit_maps(kspace: torch.Tensor, *, calib_width: int = 24, thresh: float = 0.02, kernel_width: int = 6,
+                 crop: float = 0.0, max_iter: int = 100, show_progress: bool = False) -> torch.Tensor:
+    """ESPIRiT coil maps (one set) of one slice's k-space ``(C, H, W)``: complex64 ``(C, H, W)`` on
+    the input's device. A thin wrapper around ``sigpy.mri.app.EspiritCalib`` with METHOD.md's
+    defaults (calibration width 24, no crop); every parameter is passed through unchanged."""
     import sigpy.mri  # deferred: sigpy's import is slow and only ESPIRiT needs it here
 
     if kspace.ndim != 3 or not kspace.is_complex():
         raise ValueError(f"kspace: expected one slice, complex (C, H, W), got {tuple(kspace.shape)} {kspace.dtype}")
     array = kspace.detach().cpu().numpy().astype(np.complex64)
-    maps = sigpy.mri.app.EspiritCalib(
-        array, calib_width=calib_width, thresh=thresh, kernel_width=kernel_width, crop=crop, max_iter=max_iter,
-        show_pbar=show_progress
-    ).run()
+    maps = sigpy.mri.app.EspiritCalib(array, calib_width=calib_width, thresh=thresh, kernel_width=kernel_width,
+                                      crop=crop, max_iter=max_iter, show_pbar=show_progress).run()
     return torch.from_numpy(np.asarray(maps, dtype=np.complex64)).to(kspace.device)
 
 
 # Normalisation --------------------------------------------------------------------------------
-
-
 def normalization_constant(kspace: torch.Tensor, acs_size: int = 24, percentile: float = 99.0) -> float:
     """The 99th percentile of the RSS image of the central ``24 x 24`` k-space (METHOD.md).
 
-    The central block is kept in place (everything else zeroed) and transformed at full size,
-    giving a low-resolution image on the same scale as the full image; k-space is divided by
-    the returned constant so that images have a comparable dynamic range across scans.
-
-    Args:
-        kspace: one slice ``(C, H, W)``, complex.
+    ``kspace`` is one slice ``(C, H, W)``, complex. The central block is kept in place (the rest
+    zeroed) and transformed at full size: a low-resolution image on the full image's scale.
+    k-space is divided by the constant so that images have a comparable range across scans.
     """
     if kspace.ndim != 3 or not kspace.is_complex():
         raise ValueError(f"kspace: expected one slice, complex (C, H, W), got {tuple(kspace.shape)} {kspace.dtype}")

@@ -12,10 +12,10 @@ Every random draw comes from a ``numpy`` generator seeded with ``(seed, slice_id
 through ``SeedSequence``: masks of different slices are independent, the same slice always gets
 the same masks, and the R mask and its further-corrupted mask use separate streams.
 
-Two *draws* exist (:data:`DRAWS`), each with its own pair of streams: ``"acquisition"`` (the
-masks ``adps prepare`` stores: what was measured) and ``"a_tr"`` (A-DPS's training-corruption
-masks ``A_tr``, drawn at sampling time). Their streams differ, so whatever seeds a user gives
-preparation and evaluation, A_tr is an independent draw and never the slice's own stored mask.
+Two *draws* (:data:`DRAWS`) have their own pairs of streams: ``"acquisition"`` (the masks
+``adps prepare`` stores: what was measured) and ``"a_tr"`` (A-DPS's training-corruption masks
+``A_tr``, drawn at sampling time), so whatever seeds preparation and evaluation get, A_tr is an
+independent draw and never the slice's own stored mask.
 """
 
 from __future__ import annotations
@@ -59,16 +59,14 @@ def _generator(seed: int, slice_id: int, stream: int, acceleration: float) -> np
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(slice_id), stream, r_key]))
 
 
-def column_mask(
-    width: int, acceleration: float, *, seed: int, slice_id: int, acs: int = DEFAULT_ACS, draw: str = "acquisition"
-) -> torch.Tensor:
+def column_mask(width: int, acceleration: float, *, seed: int, slice_id: int, acs: int = DEFAULT_ACS,
+                draw: str = "acquisition") -> torch.Tensor:
     """Random column mask at acceleration ``R``: ACS plus random others, ``floor(W/R)`` in all.
 
     Args:
         width: number of phase-encode columns ``W``.
         acceleration: ``R >= 1``; ``R = 1`` keeps every column.
-        seed: experiment seed.
-        slice_id: identifier of the slice (an integer unique within the dataset).
+        seed, slice_id: the experiment seed and the slice's integer id (unique within the dataset).
         acs: number of central columns always kept.
         draw: ``"acquisition"`` or ``"a_tr"`` (:data:`DRAWS`): which independent stream.
 
@@ -79,10 +77,8 @@ def column_mask(
     n_lines = lines_at(width, acceleration)
     acs_idx = acs_columns(width, acs)
     if n_lines < acs:
-        raise ValueError(
-            f"R={acceleration} keeps floor({width}/{acceleration}) = {n_lines} columns, "
-            f"fewer than the {acs} ACS columns; lower R or acs"
-        )
+        raise ValueError(f"R={acceleration} keeps floor({width}/{acceleration}) = {n_lines} columns, "
+                         f"fewer than the {acs} ACS columns; lower R or acs")
     mask = np.zeros(width, dtype=bool)
     mask[acs_idx] = True
     others = np.setdiff1d(np.arange(width), acs_idx)
@@ -91,18 +87,15 @@ def column_mask(
     return torch.from_numpy(mask)
 
 
-def further_corrupted_mask(
-    mask: torch.Tensor, acceleration: float, *, seed: int, slice_id: int, acs: int = DEFAULT_ACS,
-    draw: str = "acquisition"
-) -> torch.Tensor:
+def further_corrupted_mask(mask: torch.Tensor, acceleration: float, *, seed: int, slice_id: int, acs: int = DEFAULT_ACS,
+                           draw: str = "acquisition") -> torch.Tensor:
     """Delete random non-ACS columns of an ``R`` mask until ``floor(W / (R + 1))`` remain.
 
     Args:
         mask: the slice's ``R`` mask, boolean ``(W,)``.
         acceleration: the ``R`` of ``mask``; the result is at ``R + 1``.
-        seed, slice_id: as for :func:`column_mask`.
+        seed, slice_id, draw: as for :func:`column_mask`.
         acs: ACS width; these columns are never deleted.
-        draw: as for :func:`column_mask`.
 
     Returns:
         Boolean tensor ``(W,)``, a subset of ``mask``.
@@ -114,10 +107,8 @@ def further_corrupted_mask(
     if not mask_np[acs_idx].all():
         raise ValueError(f"mask must keep the {acs} central ACS columns")
     if target < acs:
-        raise ValueError(
-            f"R+1={acceleration + 1} keeps floor({width}/{acceleration + 1}) = {target} columns, "
-            f"fewer than the {acs} ACS columns"
-        )
+        raise ValueError(f"R+1={acceleration + 1} keeps floor({width}/{acceleration + 1}) = {target} columns, "
+                         f"fewer than the {acs} ACS columns")
     kept = int(mask_np.sum())
     if kept < target:
         raise ValueError(f"mask keeps {kept} columns, fewer than the {target} wanted at R+1")
@@ -128,9 +119,8 @@ def further_corrupted_mask(
     return torch.from_numpy(further)
 
 
-def slice_masks(
-    width: int, acceleration: float, *, seed: int, slice_id: int, acs: int = DEFAULT_ACS, draw: str = "acquisition"
-) -> tuple[torch.Tensor, torch.Tensor]:
+def slice_masks(width: int, acceleration: float, *, seed: int, slice_id: int, acs: int = DEFAULT_ACS,
+                draw: str = "acquisition") -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(R mask, R+1 further-corrupted mask)`` pair of one slice, from ``draw``'s streams."""
     mask = column_mask(width, acceleration, seed=seed, slice_id=slice_id, acs=acs, draw=draw)
     return mask, further_corrupted_mask(mask, acceleration, seed=seed, slice_id=slice_id, acs=acs, draw=draw)

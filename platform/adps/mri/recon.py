@@ -30,20 +30,17 @@ def mvue(kspace: torch.Tensor, maps: torch.Tensor, eps: float = 1e-12) -> torch.
     undersampled ``y`` it is the sensitivity-weighted zero-filled image.
     """
     _check_pair(kspace, maps)
-    coil_images = ifft2c(kspace)
-    numerator = torch.sum(maps.conj() * coil_images, dim=1)
+    numerator = torch.sum(maps.conj() * ifft2c(kspace), dim=1)
     denominator = torch.sum(maps.abs() ** 2, dim=1)
     return numerator / denominator.clamp_min(eps)
 
 
-def conjugate_gradient(
-    normal: LinearMap, rhs: torch.Tensor, *, x0: torch.Tensor | None = None, iterations: int = 30, tol: float = 0.0
-) -> torch.Tensor:
+def conjugate_gradient(normal: LinearMap, rhs: torch.Tensor, *, x0: torch.Tensor | None = None, iterations: int = 30,
+                       tol: float = 0.0) -> torch.Tensor:
     """Batched conjugate gradient for ``M x = b`` with a Hermitian positive (semi)definite ``M``.
 
-    Each batch entry (the first axis) gets its own step sizes, so slices of different
-    difficulty converge independently. Out-of-place operations only, so the result can be
-    back-propagated through (MoDL's data-consistency layer relies on this).
+    Each batch entry (the first axis) gets its own step sizes, so slices converge independently.
+    Out-of-place operations only, so MoDL's data-consistency layer can back-propagate through it.
 
     Args:
         normal: the map ``x -> M x`` (e.g. ``lambda x: A.normal(x) + lam * x``).
@@ -77,10 +74,8 @@ def conjugate_gradient(
     return x
 
 
-def cg_sense(
-    op: SenseOperator, kspace: torch.Tensor, *, iterations: int = 30, tol: float = 0.0, lam: float = 0.0,
-    x0: torch.Tensor | None = None
-) -> torch.Tensor:
+def cg_sense(op: SenseOperator, kspace: torch.Tensor, *, iterations: int = 30, tol: float = 0.0, lam: float = 0.0,
+             x0: torch.Tensor | None = None) -> torch.Tensor:
     """CG-SENSE: solve ``(A^H A + lam I) x = A^H y`` by batched conjugate gradient.
 
     METHOD.md's reference image is CG-SENSE with 30 iterations on fully sampled k-space.
@@ -143,27 +138,24 @@ def _max_eigenvalue(op: SenseOperator, iterations: int = 30) -> float:
     return value
 
 
-def l1_wavelet_recon(
-    kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor | None = None, *, lam: float = 0.001,
-    iterations: int = 100, wavelet: str = "db2", scaling: str = "bart", show_progress: bool = False
-) -> torch.Tensor:
+def l1_wavelet_recon(kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor | None = None, *, lam: float = 0.001,
+                     iterations: int = 100, wavelet: str = "db2", scaling: str = "bart",
+                     show_progress: bool = False) -> torch.Tensor:
     """L1-wavelet compressed sensing, ``min_x 1/2 ||A x - y||^2 + lam s ||W x||_1`` (sigpy's
     FISTA), as the paper's baseline ran it in BART: ``pics -l1 -r 0.001 -i 100``.
 
-    * ``wavelet``: ``db2`` (Daubechies with 2 vanishing moments), BART's ``dau2`` (METHOD.md's
-      lam was set for it; db4 gave a reconstruction 0.18 NRMSE away from BART's);
-    * ``scaling``: ``bart`` (default): ``s`` = :func:`bart_scale`, what ``pics`` does without
-      ``-w`` (it divides the data by ``s``; with ``-S`` it multiplies the result back, which is
-      this objective), so that lam means what it means in BART; ``none``: ``s = 1``, as
-      ``pics -w 1``, lam on the data's own scale;
-    * deterministic: the step size is ``1 / ||A^H A||`` from a seeded power iteration
-      (:func:`_max_eigenvalue`), so the same slice always gives the same image (and
-      ``l1: true`` shards are byte-identical on a re-run).
+    * ``wavelet``: ``db2`` (2 vanishing moments), BART's ``dau2`` (METHOD.md's lam was set for it;
+      db4 gave a reconstruction 0.18 NRMSE away from BART's);
+    * ``scaling``: ``bart`` (default): ``s`` = :func:`bart_scale`, as ``pics`` without ``-w`` (it
+      divides the data by ``s``; ``-S`` multiplies the result back: this objective), so lam means
+      what it means in BART; ``none``: ``s = 1``, as ``pics -w 1``, lam on the data's own scale;
+    * deterministic: the step size ``1 / ||A^H A||`` comes from a seeded power iteration
+      (:func:`_max_eigenvalue`), so ``l1: true`` shards are byte-identical on a re-run.
 
-    Against BART 0.8 on the same k-space, maps and mask (``tests/test_mri_recon.py``, where
-    ``bart`` is installed): 0.04-0.06 NRMSE from ``pics -l1 -r 0.001 -i 100 -S -n``; BART's
-    default also shifts the wavelets at random each iteration (cycle spinning; ``-n`` turns it
-    off), which this solver does not. Runs slice by slice on the CPU.
+    Against BART 0.8 on the same data (``tests/test_mri_recon.py``, where ``bart`` is installed):
+    0.04-0.06 NRMSE from ``pics -l1 -r 0.001 -i 100 -S -n``; BART's default also shifts the
+    wavelets at random each iteration (cycle spinning, off with ``-n``), which this solver does
+    not. Runs slice by slice on the CPU.
 
     Args:
         kspace: ``(N, C, H, W)`` undersampled k-space (zeros where not sampled).
@@ -180,10 +172,7 @@ def l1_wavelet_recon(
     if scaling not in L1_SCALINGS:
         raise ValueError(f"l1_wavelet_recon: scaling must be one of {', '.join(L1_SCALINGS)}, got {scaling!r}")
     n, _, h, w = kspace.shape
-    if mask is None:
-        weights = (kspace.abs().sum(dim=(1, 2)) > 0).cpu().numpy()
-    else:
-        weights = _mask_rows(mask, n, w)
+    weights = (kspace.abs().sum(dim=(1, 2)) > 0).cpu().numpy() if mask is None else _mask_rows(mask, n, w)
     kspace_cpu = kspace.detach().cpu().to(torch.complex64)
     maps_cpu = maps.detach().cpu().to(torch.complex64)
     y, mps = kspace_cpu.numpy(), maps_cpu.numpy()
@@ -194,11 +183,10 @@ def l1_wavelet_recon(
         scale = bart_scale(measured) if scaling == "bart" else 1.0
         step = _max_eigenvalue(SenseOperator(maps_cpu[i : i + 1], columns))
         # sigpy's weights multiply k-space, so a (1, W) 0/1 row broadcasts as the column mask.
-        app = sigpy.mri.app.L1WaveletRecon(
+        out[i] = sigpy.mri.app.L1WaveletRecon(
             y[i], mps[i], lam * scale, weights=weights[i][None, :].astype(np.float32), wave_name=wavelet,
             max_iter=iterations, alpha=1.0 / step if step > 0 else 1.0, show_pbar=show_progress
-        )
-        out[i] = app.run()
+        ).run()
     return torch.from_numpy(out).to(kspace.device)
 
 

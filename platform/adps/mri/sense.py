@@ -12,10 +12,9 @@ Shapes (batched over slices ``N``, coils ``C``):
 ``normal(x) = A^H A x``. The FFT is the centred orthonormal one of :mod:`adps.mri.fft`.
 All three are differentiable and run on whatever device the maps live on.
 
-It implements :class:`adps.linear_operator.LinearOperator`: a network sees a complex image as
-``[Re, Im]`` channels, and an ambient model's training corruption ``A_tr`` is the same maps
-with a further-corrupted column mask (:meth:`SenseOperator.corruption`), given to the network
-as the channels ``[mask, ones]`` (:func:`mask_channels`).
+As a :class:`adps.linear_operator.LinearOperator`, a network sees a complex image as ``[Re, Im]``
+channels, and an ambient model's training corruption ``A_tr`` is the same maps with a further-corrupted
+column mask (:meth:`SenseOperator.corruption`), given as the channels ``[mask, ones]`` (:func:`mask_channels`).
 """
 
 from __future__ import annotations
@@ -31,9 +30,8 @@ class SenseOperator(LinearOperator):
 
     Args:
         maps: coil sensitivity maps ``(N, C, H, W)``, complex. Not checked for all-zero slices
-            here (:func:`check_maps` runs where maps enter: the dataset, reconstruction and
-            sampling), since training builds an operator every step, where the check would
-            cost a GPU synchronisation each time.
+            here (:func:`check_maps` runs where maps enter: dataset, reconstruction, sampling):
+            training builds an operator every step, and the check costs a GPU synchronisation.
         mask: column mask ``(W,)`` or ``(N, W)``; ``None`` means fully sampled (``P = I``).
     """
 
@@ -167,9 +165,8 @@ class SenseOperator(LinearOperator):
         if not tensor.is_complex():
             raise ValueError(f"{name}: expected a complex tensor, got dtype {tensor.dtype}")
         if tuple(tensor.shape) != tuple(expected):
-            raise ValueError(
-                f"{name}: expected shape {tuple(expected)} to match the coil maps, got {tuple(tensor.shape)}"
-            )
+            raise ValueError(f"{name}: expected shape {tuple(expected)} to match the coil maps, "
+                             f"got {tuple(tensor.shape)}")
 
 
 def mask_channels(mask: torch.Tensor, height: int) -> torch.Tensor:
@@ -187,11 +184,10 @@ def mask_channels(mask: torch.Tensor, height: int) -> torch.Tensor:
 def check_maps(maps: torch.Tensor) -> None:
     """Refuse coil maps ``(N, C, H, W)`` in which some slice's maps are all zero.
 
-    With every sensitivity zero, ``A x = 0`` for every image: the adjoint and CG-SENSE return
-    zeros, the MVUE divides zero by zero and a sampler's data term vanishes, all silently. A
-    single zero coil is fine (test slices are zero-padded to the split's coil count); only a
-    slice with no nonzero map at all is refused. One pass over the maps and, on a GPU, one
-    synchronisation: called once per reconstruction or sampling call, not per operator.
+    With every sensitivity zero, ``A x = 0``: the adjoint and CG-SENSE return zeros, the MVUE
+    divides zero by zero and a sampler's data term vanishes, all silently. A single zero coil is
+    fine (test slices are zero-padded to the split's coil count). One pass over the maps and, on a
+    GPU, one synchronisation: called once per reconstruction or sampling call, not per operator.
 
     Raises:
         ValueError: naming the batch index (or indices) of the all-zero slices.
@@ -201,18 +197,13 @@ def check_maps(maps: torch.Tensor) -> None:
         return
     zero = [str(i) for i in torch.nonzero(~nonzero).flatten().tolist()]
     which = f"batch item {zero[0]}" if len(zero) == 1 else f"batch items {', '.join(zero)}"
-    raise ValueError(
-        f"maps: the coil maps of {which} are all zero (every coil sensitivity is 0, so A x = 0 for "
-        "any image and the slice cannot be reconstructed)"
-    )
+    raise ValueError(f"maps: the coil maps of {which} are all zero (every coil sensitivity is 0, so A x = 0 for "
+                     "any image and the slice cannot be reconstructed)")
 
 
 def _broadcast_mask(mask: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """Validate a 1-D ``(W,)`` or per-slice ``(N, W)`` column mask; return it as ``(N|1, 1, 1, W)``.
-
-    The mask is stored as a real tensor in the maps' real dtype so that multiplying complex
-    k-space by it stays complex64 and differentiable.
-    """
+    """Validate a 1-D ``(W,)`` or per-slice ``(N, W)`` column mask; return it as ``(N|1, 1, 1, W)``
+    in the maps' real dtype, so that multiplying complex k-space by it stays complex64 and differentiable."""
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
     n, _, _, w = maps.shape
@@ -230,5 +221,4 @@ def _broadcast_mask(mask: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         mask = mask.view(n, 1, 1, w)
     else:
         raise ValueError(f"mask: expected shape (W,) or (N, W), got {tuple(mask.shape)}")
-    real_dtype = maps.real.dtype
-    return mask.to(device=maps.device, dtype=real_dtype)
+    return mask.to(device=maps.device, dtype=maps.real.dtype)

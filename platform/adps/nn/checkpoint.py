@@ -1,20 +1,16 @@
 """The model checkpoint format: a folder with ``weights.safetensors`` and ``config.json``.
 
-* ``weights.safetensors``: the network's ``state_dict`` (safetensors; never pickle, so
-  loading a checkpoint cannot execute code).
-* ``config.json``: everything needed to rebuild the network and to know what it is:
-  the caller's fields (``preset``, ``method``, ``R``, the training config, ...), plus
-  ``architecture`` (``"songunet"``, ``"ncsnv2"`` or ``"modl"``), the network's complete
-  resolved config under its own key (``unet``: :class:`~adps.nn.unet.UNetConfig`,
-  ``ncsnv2``: :class:`~adps.nn.ncsnv2.NCSNv2Config`, ``modl``:
-  :class:`~adps.nn.modl.MoDLConfig`), ``precond`` (when an
-  :class:`~adps.nn.precond.EDMPrecond` was saved), ``versions`` and ``format``. A config
-  without ``architecture`` (written before the baselines existed) is a SongUNet.
+* ``weights.safetensors``: the network's ``state_dict`` (safetensors; never pickle, so loading cannot execute code).
+* ``config.json``: everything needed to rebuild the network and to know what it is: the caller's fields (``preset``,
+  ``method``, ``R``, the training config, ...), plus ``architecture`` (``"songunet"``, ``"ncsnv2"`` or ``"modl"``),
+  the network's complete resolved config under its own key (``unet``: :class:`~adps.nn.unet.UNetConfig`,
+  ``ncsnv2``: :class:`~adps.nn.ncsnv2.NCSNv2Config`, ``modl``: :class:`~adps.nn.modl.MoDLConfig`), ``precond``
+  (when an :class:`~adps.nn.precond.EDMPrecond` was saved), ``versions`` and ``format``. A config without
+  ``architecture`` (written before the baselines existed) is a SongUNet.
 
-Each file is written under a temporary name in the same folder and then renamed
-(``os.replace``, atomic on POSIX), so a reader never sees a half-written file. Loading
-rebuilds the network from the config and refuses weights whose tensor names, shapes or
-dtypes differ in any way from that network.
+Each file is written under a temporary name in the same folder and then renamed (``os.replace``, atomic on POSIX),
+so a reader never sees a half-written file. Loading rebuilds the network from the config and refuses weights whose
+tensor names, shapes or dtypes differ in any way from that network.
 """
 
 from __future__ import annotations
@@ -66,10 +62,8 @@ def _versions() -> dict[str, str]:
         adps_version = version("adps")
     except (ImportError, PackageNotFoundError):
         adps_version = getattr(sys.modules.get("adps"), "__version__", "unknown")
-    return {
-        "adps": str(adps_version), "torch": torch.__version__,
-        "safetensors": getattr(safetensors, "__version__", "unknown"), "python": sys.version.split()[0]
-    }
+    return {"adps": str(adps_version), "torch": torch.__version__,
+            "safetensors": getattr(safetensors, "__version__", "unknown"), "python": sys.version.split()[0]}
 
 
 def _write_atomically(target: Path, write: Any) -> None:
@@ -88,15 +82,14 @@ def _write_atomically(target: Path, write: Any) -> None:
 
 
 def save_model(path_dir: str | os.PathLike[str], model: nn.Module, config: dict[str, Any]) -> Path:
-    """Save ``model`` (a :class:`SongUNet`, :class:`NCSNv2` or :class:`MoDL`, bare or inside
-    an :class:`EDMPrecond`) to a folder.
+    """Save ``model`` (a :class:`SongUNet`, :class:`NCSNv2` or :class:`MoDL`, bare or inside an :class:`EDMPrecond`)
+    to a folder.
 
     Args:
         path_dir: the checkpoint folder (created if needed; existing files are replaced).
         model: the network; DDP / torch.compile wrappers are looked through.
-        config: JSON-serialisable description: preset, method, R, training config, ...
-            (``architecture``, the network config, ``precond``, ``versions`` and ``format``
-            are filled in here).
+        config: JSON-serialisable description: preset, method, R, training config, ... (``architecture``, the network
+            config, ``precond``, ``versions`` and ``format`` are filled in here).
 
     Returns:
         The checkpoint folder.
@@ -104,10 +97,8 @@ def save_model(path_dir: str | os.PathLike[str], model: nn.Module, config: dict[
     model = unwrap_model(model)
     precond: dict[str, Any] | None = None
     if isinstance(model, EDMPrecond):
-        precond = {
-            "type": "edm", "sigma_data": model.sigma_data, "image_channels": model.image_channels,
-            "scale_cond": model.scale_cond
-        }
+        precond = {"type": "edm", "sigma_data": model.sigma_data, "image_channels": model.image_channels,
+                   "scale_cond": model.scale_cond}
         net = unwrap_model(model.net)
     else:
         net = model
@@ -120,12 +111,10 @@ def save_model(path_dir: str | os.PathLike[str], model: nn.Module, config: dict[
         raise ValueError(f"save_model: config keys {clashes} are reserved (written by save_model)")
 
     record = dict(config)
-    record["architecture"] = architecture
-    record[_ARCHITECTURES[architecture][2]] = net.config.to_dict()
+    record.update({"architecture": architecture, _ARCHITECTURES[architecture][2]: net.config.to_dict()})
     if precond is not None:
         record["precond"] = precond
-    record["versions"] = _versions()
-    record["format"] = FORMAT
+    record.update(versions=_versions(), format=FORMAT)
     try:
         config_text = json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n"
     except (TypeError, ValueError) as err:
@@ -137,14 +126,9 @@ def save_model(path_dir: str | os.PathLike[str], model: nn.Module, config: dict[
     folder = Path(path_dir)
     folder.mkdir(parents=True, exist_ok=True)
     _write_atomically(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-
-    def write_config(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(config_text)
-
-    # Weights first: a reader that meets new weights with the old config gets a clear
-    # mismatch error from load_model rather than silently wrong numbers.
-    _write_atomically(folder / CONFIG_FILE, write_config)
+    # Weights first: a reader that meets new weights with the old config gets a clear mismatch error from load_model
+    # rather than silently wrong numbers.
+    _write_atomically(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_text, encoding="utf-8"))
     return folder
 
 
@@ -152,9 +136,8 @@ def _build_from_config(config: dict[str, Any], config_path: Path) -> nn.Module:
     """The network described by a checkpoint config (without weights)."""
     architecture = config.get("architecture", _DEFAULT_ARCHITECTURE)
     if architecture not in _ARCHITECTURES:
-        raise ValueError(
-            f"{config_path}: unknown architecture {architecture!r}; expected one of {sorted(_ARCHITECTURES)}"
-        )
+        raise ValueError(f"{config_path}: unknown architecture {architecture!r}; "
+                         f"expected one of {sorted(_ARCHITECTURES)}")
     cls, config_cls, key, build = _ARCHITECTURES[architecture]
     try:
         if key in config:
@@ -172,40 +155,26 @@ def _short(keys: list[str]) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > _MAX_KEYS_SHOWN else "")
 
 
-def _check_tensors(
-    weights_path: Path, config_path: Path, found: dict[str, Tensor], expected: dict[str, Tensor]
-) -> None:
+def _check_tensors(weights_path: Path, config_path: Path, found: dict[str, Tensor],
+                   expected: dict[str, Tensor]) -> None:
     """Raise ValueError unless ``found`` has exactly the names, shapes and dtypes of ``expected``."""
-    problems = []
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    if missing:
-        problems.append(f"missing tensor(s) {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensor(s) {_short(unexpected)}")
-    shape_bad = [
-        f"{k} {tuple(found[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in sorted(set(found) & set(expected))
-        if found[k].shape != expected[k].shape
-    ]
-    if shape_bad:
-        problems.append(f"shape mismatch (file vs config) for {_short(shape_bad)}")
-    dtype_bad = [
-        f"{k} {found[k].dtype} vs {expected[k].dtype}"
-        for k in sorted(set(found) & set(expected))
-        if found[k].dtype != expected[k].dtype
-    ]
-    if dtype_bad:
-        problems.append(f"dtype mismatch (file vs config) for {_short(dtype_bad)}")
+    common = sorted(set(found) & set(expected))
+    checks = {
+        "missing tensor(s)": sorted(set(expected) - set(found)),
+        "unexpected tensor(s)": sorted(set(found) - set(expected)),
+        "shape mismatch (file vs config) for": [f"{k} {tuple(found[k].shape)} vs {tuple(expected[k].shape)}"
+                                                for k in common if found[k].shape != expected[k].shape],
+        "dtype mismatch (file vs config) for": [f"{k} {found[k].dtype} vs {expected[k].dtype}"
+                                                for k in common if found[k].dtype != expected[k].dtype],
+    }
+    problems = [f"{what} {_short(keys)}" for what, keys in checks.items() if keys]
     if problems:
-        raise ValueError(
-            f"{weights_path}: weights do not match the network described by {config_path}: " + "; ".join(problems)
-        )
+        raise ValueError(f"{weights_path}: weights do not match the network described by {config_path}: "
+                         + "; ".join(problems))
 
 
-def load_model(
-    path_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(path_dir: str | os.PathLike[str],
+               device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Load a checkpoint written by :func:`save_model`.
 
     Returns:
@@ -245,8 +214,7 @@ def load_model(
     if precond is not None:
         if not isinstance(precond, dict) or precond.get("type") != "edm":
             raise ValueError(f"{config_path}: unsupported 'precond' entry {precond!r}")
-        model = EDMPrecond(
-            net, sigma_data=float(precond.get("sigma_data", 0.5)), image_channels=int(precond.get("image_channels", 2)),
-            scale_cond=bool(precond.get("scale_cond", False))
-        )
+        model = EDMPrecond(net, sigma_data=float(precond.get("sigma_data", 0.5)),
+                           image_channels=int(precond.get("image_channels", 2)),
+                           scale_cond=bool(precond.get("scale_cond", False)))
     return model.to(device).eval(), config

@@ -1,13 +1,12 @@
 """Exponential moving average of model weights, in EDM's "half-life in images" form.
 
-EDM (Karras et al. 2022, training loop) specifies the EMA by the number of training
-images over which an old weight's contribution halves, not by a per-step decay, so the
-average means the same thing at any batch size:
+EDM (Karras et al. 2022, training loop) specifies the EMA by the number of training images over which an old
+weight's contribution halves, not by a per-step decay, so the average means the same thing at any batch size:
 
     beta = 0.5 ** (batch_size / half_life)
 
-Early in training the half-life is capped at ``images_seen * rampup_ratio`` so that the
-average does not drag the random initial weights along for half a million images.
+Early in training the half-life is capped at ``images_seen * rampup_ratio`` so that the average does not drag
+the random initial weights along for half a million images.
 """
 
 from __future__ import annotations
@@ -20,21 +19,14 @@ from torch import Tensor, nn
 __all__ = ["EMA", "ema_beta", "unwrap_model"]
 
 
-def ema_beta(
-    batch_size: int, half_life_images: float = 500_000, rampup_ratio: float | None = 0.05, images_seen: int = 0
-) -> float:
-    """Weight of the old average for one update of ``batch_size`` images.
+def ema_beta(batch_size: int, half_life_images: float = 500_000, rampup_ratio: float | None = 0.05,
+             images_seen: int = 0) -> float:
+    """Weight ``beta`` in [0, 1) of the old average for one update of ``batch_size`` images (in this optimiser
+    step, over all workers): new_average = beta * old_average + (1 - beta) * weights.
 
-    Args:
-        batch_size: images in this optimiser step (over all workers).
-        half_life_images: EMA half-life in images (EDM/reference: 500k).
-        rampup_ratio: if not None, the half-life is ``min(half_life_images,
-            images_seen * rampup_ratio)``; the reference uses 0.05.
-        images_seen: images trained on before this step.
-
-    Returns:
-        ``beta`` in [0, 1): new_average = beta * old_average + (1 - beta) * weights.
-        At ``images_seen = 0`` with a ramp-up, beta is 0 (the average starts as a copy).
+    ``half_life_images``: the EMA half-life in images (EDM/reference: 500k); with a ``rampup_ratio`` (the
+    reference's 0.05) it is ``min(half_life_images, images_seen * rampup_ratio)``, ``images_seen`` being the
+    images trained on before this step; at ``images_seen = 0`` beta is then 0 (the average starts as a copy).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
@@ -58,15 +50,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 class EMA:
     """A frozen copy of a model whose weights follow the trained ones by EMA.
 
-    ``update`` must be called after every optimiser step; it counts the images itself
-    (``images_seen``) for the ramp-up. Restore ``images_seen`` together with the weights
-    when resuming (:meth:`load_state_dict`).
+    ``update`` must be called after every optimiser step; it counts the images itself (``images_seen``) for the
+    ramp-up. Restore ``images_seen`` together with the weights when resuming (:meth:`load_state_dict`).
     """
 
-    def __init__(
-        self, model: nn.Module, half_life_images: float = 500_000, rampup_ratio: float | None = 0.05,
-        images_seen: int = 0
-    ):
+    def __init__(self, model: nn.Module, half_life_images: float = 500_000, rampup_ratio: float | None = 0.05,
+                 images_seen: int = 0):
         self.model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
         self.half_life_images = float(half_life_images)
         self.rampup_ratio = rampup_ratio

@@ -1,24 +1,22 @@
 """Diffusion models of natural images trained on randomly inpainted data (paper section 3.1).
 
-Ambient Diffusion (Daras et al. 2023) learns a denoiser from images whose pixels were erased
-at random with probability ``p`` (:func:`adps.images.erasure_mask`). The A-DPS paper uses those
-models, trained at ``p`` in {0.0, 0.2, 0.4, 0.6, 0.8, 0.9}, as priors for *other* inverse
-problems (compressed sensing, super-resolution). This module holds the learning side of that
-study, as small pieces:
+Ambient Diffusion (Daras et al. 2023) learns a denoiser from images whose pixels were erased at random with
+probability ``p`` (:func:`adps.images.erasure_mask`). The A-DPS paper uses those models, trained at the ``p`` of
+:data:`PAPER_ERASURE_P`, as priors for *other* inverse problems (compressed sensing, super-resolution). This module
+holds the learning side of that study:
 
-* :func:`build_image_model`: EDM preconditioning around a SongUNet with ``3`` image channels
-  in and out; an *ambient* model (``p > 0``) also takes the further-corrupted mask as one extra
-  input channel (``[mask~ * x_t, mask~]``: 4 inputs); the ``p = 0`` model is plain EDM (3
-  inputs). :func:`is_ambient_image_model` tells them apart from the weights alone.
-* :func:`ambient_image_loss`: the ambient loss for random inpainting; :func:`~adps.nn.objectives.edm_loss`:
-  EDM's loss on clean images (``p = 0``).
-* :func:`ambient_image_input` and :func:`sampling_mask`: what an ambient model sees when it is
-  used as a prior (A-DPS), so that training and sampling build the input the same way.
+* :func:`build_image_model`: EDM preconditioning around a SongUNet with ``3`` image channels in and out; an
+  *ambient* model (``p > 0``) also takes the further-corrupted mask as one extra input channel
+  (``[mask~ * x_t, mask~]``: 4 inputs); the ``p = 0`` model is plain EDM (3 inputs). :func:`is_ambient_image_model`
+  tells them apart from the weights alone.
+* :func:`ambient_image_loss`: the ambient loss for random inpainting; :func:`~adps.nn.objectives.edm_loss`: EDM's
+  loss on clean images (``p = 0``).
+* :func:`ambient_image_input` and :func:`sampling_mask`: what an ambient model sees when it is used as a prior
+  (A-DPS), so that training and sampling build the input the same way.
 
-Images are real ``(N, 3, H, W)`` in ``[-1, 1]``; masks boolean ``(N, 1, H, W)``, True where a
-pixel is kept, shared by the three colour channels. Denoisers are called as
-``D(x, sigma, cond=None)`` like :class:`~adps.nn.precond.EDMPrecond`. ``sigma_data = 0.5``
-(EDM's value for images in ``[-1, 1]``).
+Images are real ``(N, 3, H, W)`` in ``[-1, 1]``; masks boolean ``(N, 1, H, W)``, True where a pixel is kept, shared
+by the three colour channels. Denoisers are called as ``D(x, sigma, cond=None)`` like
+:class:`~adps.nn.precond.EDMPrecond`. ``sigma_data = 0.5`` (EDM's value for images in ``[-1, 1]``).
 
 Layer 2 (no Ray, no MLflow).
 """
@@ -50,19 +48,16 @@ DEFAULT_DELTA = 0.1
 """Further corruption of the training masks (Ambient Diffusion; the paper's 0.1)."""
 IMAGE_SAMPLING: dict[str, Any] = {"solver": "heun", "steps": 100, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0,
                                   "guidance": 1.0}
-"""How the natural-image study samples (section 3.1) with :func:`adps.nn.samplers.a_dps` / ``dps``:
-EDM's Heun over its image schedule (Karras et al. 2022: sigma 80 -> 0.002, rho 7), 100 steps,
-and DPS's step size ``guidance`` (``zeta``, Chung et al. 2023) of 1. The study's ``guidance`` is
-DPS's ``zeta``, the gradient's factor on the plain norm ``||y - A D||``; the samplers' is the
-A-DPS reference code's ``l_ss`` on ``||r||^2 / ||r||``, which is ``zeta / 2``
-(:func:`image_sampler_options` converts)."""
+"""How the natural-image study samples (section 3.1) with :func:`adps.nn.samplers.a_dps` / ``dps``: EDM's Heun over
+its image schedule (Karras et al. 2022: sigma 80 -> 0.002, rho 7), 100 steps, and DPS's step size ``guidance``
+(``zeta``, Chung et al. 2023, the gradient's factor on ``||y - A D||``) of 1. The samplers' ``guidance`` is the
+A-DPS reference code's ``l_ss`` on ``||r||^2 / ||r||``, which is ``zeta / 2`` (:func:`image_sampler_options`
+converts)."""
 
 # UNet settings of the two image presets (the channel counts are set by build_image_model).
 IMAGE_PRESETS: dict[str, dict[str, Any]] = {
-    # EDM's DDPM++ for 64 x 64 images (CelebA / FFHQ / AFHQ at 64, as Ambient Diffusion and the
-    # A-DPS paper use them): 128 channels, multipliers 1, 2, 2, 2, 4 blocks per level,
-    # attention at 16 x 16 (level 2 at 64 x 64). Ungated convolutions: the gates are the MRI
-    # reference's addition; Ambient Diffusion's image models are EDM's plain DDPM++.
+    # EDM's DDPM++ for 64 x 64 images (CelebA / FFHQ / AFHQ, as Ambient Diffusion and the A-DPS paper use them),
+    # attention at 16 x 16 (level 2). Ungated convolutions: the gates are the MRI reference's addition.
     "image": {"model_channels": 128, "channel_mult": (1, 2, 2, 2), "num_blocks": 4, "attn_levels": (2,),
               "dropout": 0.1, "gated": False},
     # Tests and the CPU demo: the same code paths at a few thousand parameters.
@@ -76,8 +71,8 @@ def build_image_model(preset: str = "tiny", *, ambient: bool, sigma_data: float 
 
     Args:
         preset: ``"image"`` (the paper's 64 x 64 DDPM++) or ``"tiny"`` (tests, demo).
-        ambient: True for a model trained on inpainted images (``p > 0``): it takes the mask as
-            a fourth input channel. False: a plain EDM model (``p = 0``), 3 channels in.
+        ambient: True for a model trained on inpainted images (``p > 0``): it takes the mask as a fourth input
+            channel. False: a plain EDM model (``p = 0``), 3 channels in.
         sigma_data: EDM's data standard deviation (0.5 for images in ``[-1, 1]``).
         overrides: any :class:`~adps.nn.unet.UNetConfig` field.
     """
@@ -91,8 +86,8 @@ def build_image_model(preset: str = "tiny", *, ambient: bool, sigma_data: float 
 
 
 def is_ambient_image_model(model: nn.Module) -> bool:
-    """Whether ``model`` (an image denoiser from :func:`build_image_model`, possibly wrapped)
-    takes a mask channel: its network has more input channels than image channels."""
+    """Whether ``model`` (an image denoiser from :func:`build_image_model`, possibly wrapped) takes a mask channel: its
+    network has more input channels than image channels."""
     core = unwrap_model(model)
     if not isinstance(core, EDMPrecond) or core.image_channels != IMAGE_CHANNELS:
         raise TypeError(f"expected an image denoiser (EDMPrecond with {IMAGE_CHANNELS} image channels), "
@@ -116,32 +111,27 @@ def _check_image_mask(mask: Tensor, images: Tensor, name: str) -> Tensor:
 def ambient_image_input(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """An ambient image model's input, as EDMPrecond takes it: ``(mask * x, mask)``.
 
-    ``x`` ``(N, 3, H, W)`` (a noisy image); ``mask`` ``(N, 1, H, W)`` boolean, the
-    further-corrupted mask ``A~``. Erased pixels are exactly 0 (``where``, not a product, so a
-    NaN in an erased pixel cannot leak into the input). The mask goes in unscaled as a float
-    channel (EDMPrecond scales only the image channels by ``c_in``).
+    ``x`` ``(N, 3, H, W)`` (a noisy image); ``mask`` ``(N, 1, H, W)`` boolean, the further-corrupted mask ``A~``.
+    Erased pixels are exactly 0 (``where``, not a product, so a NaN in an erased pixel cannot leak in). The mask goes
+    in as a float channel (EDMPrecond scales only the image channels by ``c_in``).
     """
     _check_images(x, "x")
     mask = _check_image_mask(mask, x, "mask")
     return torch.where(mask, x, x.new_zeros(())), mask.to(torch.float32)
 
 
-def ambient_image_loss(
-    denoiser: Denoiser, images: Tensor, mask: Tensor, sigma: Tensor, noise: Tensor, *, delta: float = DEFAULT_DELTA,
-    generator: torch.Generator | None = None, mask_further: Tensor | None = None, sigma_data: float = 0.5,
-    reduce: bool = True
-) -> Tensor:
+def ambient_image_loss(denoiser: Denoiser, images: Tensor, mask: Tensor, sigma: Tensor, noise: Tensor, *,
+                       delta: float = DEFAULT_DELTA, generator: torch.Generator | None = None,
+                       mask_further: Tensor | None = None, sigma_data: float = 0.5, reduce: bool = True) -> Tensor:
     """The Ambient Diffusion loss for random inpainting (Daras et al. 2023, eq. 3.2)::
 
         A~      = further_corrupt(A, delta)             (fresh every call, from ``generator``)
         input   = (A~ (A x0 + sigma n), A~)
         loss    = lambda(sigma) || A (D(input, sigma) - x0) ||^2
 
-    Only ``A x0`` enters: pixels outside the training mask are replaced by zeros before
-    anything else sees them, so the result is the same whether ``images`` are clean or
-    already masked. The loss is on the pixels of the training mask ``A``, so the model must
-    predict the pixels that ``A~`` hid and ``A`` did not: that is what makes it learn
-    ``E[x0 | A~ x_t, A~]`` (the paper's requirement ``delta > 0``).
+    Only ``A x0`` enters (pixels outside the training mask are zeroed first, so ``images`` may be clean or masked).
+    The loss is on the pixels of ``A``, so the model must predict the pixels that ``A~`` hid and ``A`` did not: that
+    is what makes it learn ``E[x0 | A~ x_t, A~]`` (the paper's requirement ``delta > 0``).
 
     Args:
         denoiser: ``D(x, sigma, cond=mask)``, from :func:`build_image_model` (``ambient=True``).
@@ -152,8 +142,7 @@ def ambient_image_loss(
         delta: probability of erasing each kept pixel for ``A~`` (> 0; the paper's 0.1).
         generator: source of ``A~``'s draw (ignored when ``mask_further`` is given).
         mask_further: ``A~`` itself (tests), a subset of ``mask``.
-        sigma_data: data standard deviation of the weight (0.5).
-        reduce: mean over the batch (True) or the ``(N,)`` per-image losses.
+        sigma_data, reduce: as for :func:`~adps.nn.objectives.edm_loss`.
     """
     _check_images(images)
     if noise.shape != images.shape:
@@ -174,40 +163,33 @@ def ambient_image_loss(
     return per_image.mean() if reduce else per_image
 
 
-def sampling_mask(
-    shape: tuple[int, ...], erasure_p: float, *, delta: float = DEFAULT_DELTA, generator: torch.Generator
-) -> Tensor:
+def sampling_mask(shape: tuple[int, ...], erasure_p: float, *, delta: float = DEFAULT_DELTA,
+                  generator: torch.Generator) -> Tensor:
     """The mask an ambient model is fed as a prior (A-DPS): a training-like ``A~``.
 
-    A fresh random-inpainting mask at the model's training erasure ``erasure_p``, further
-    corrupted by ``delta``, drawn once per image: the model has only ever seen inputs masked
-    this way (the image analogue of METHOD.md's "fresh R_train + 1 mask drawn once per slice").
-
-    Returns:
-        Boolean ``(N, 1, H, W)``.
+    A fresh random-inpainting mask at the model's training erasure ``erasure_p``, further corrupted by ``delta``,
+    drawn once per image: the model has only ever seen inputs masked this way (the image analogue of METHOD.md's
+    "fresh R_train + 1 mask drawn once per slice"). Returns boolean ``(N, 1, H, W)``.
     """
     return further_corrupt(erasure_mask(shape, erasure_p, generator=generator), delta, generator=generator)
 
 
 def image_sampler(model: nn.Module) -> str:
-    """The sampler of an image model: ``a_dps`` for an ambient model (a mask input channel),
-    ``dps`` for a clean one."""
+    """The sampler of an image model: ``a_dps`` for an ambient model (a mask input channel), ``dps`` for a clean one."""
     try:
         return "a_dps" if is_ambient_image_model(unwrap_model(model)) else "dps"
     except TypeError as err:
         raise ValueError(f"image_sampler: {err}") from None
 
 
-def image_sampler_options(
-    model: nn.Module, *, steps: int | None = None, guidance: float | None = None, erasure_p: float | None = None,
-    delta: float = DEFAULT_DELTA, **schedule: float
-) -> dict[str, Any]:
-    """The keywords of :func:`adps.nn.samplers.run_sampler` that sample an image model as the
-    natural-image study does (:data:`IMAGE_SAMPLING`): its sampler's ``name``, Heun, the image
-    schedule with ``steps`` (and any of ``sigma_min``, ``sigma_max``, ``rho`` in ``schedule``),
-    ``guidance`` as DPS's ``zeta`` (converted to the samplers' ``zeta / 2``) and, for an ambient
-    model, its training ``erasure_p`` (required) and ``delta``, from which ``run_sampler`` draws
-    its fresh mask."""
+def image_sampler_options(model: nn.Module, *, steps: int | None = None, guidance: float | None = None,
+                          erasure_p: float | None = None, delta: float = DEFAULT_DELTA,
+                          **schedule: float) -> dict[str, Any]:
+    """The keywords of :func:`adps.nn.samplers.run_sampler` that sample an image model as the natural-image study does
+    (:data:`IMAGE_SAMPLING`): its sampler's ``name``, Heun, the image schedule with ``steps`` (and any of
+    ``sigma_min``, ``sigma_max``, ``rho`` in ``schedule``), ``guidance`` as DPS's ``zeta`` (converted to the samplers'
+    ``zeta / 2``) and, for an ambient model, its training ``erasure_p`` (required) and ``delta``, from which
+    ``run_sampler`` draws its fresh mask."""
     name = image_sampler(model)
     if name == "a_dps" and (isinstance(erasure_p, bool) or not isinstance(erasure_p, (int, float))
                             or not 0 < erasure_p < 1):

@@ -1,9 +1,9 @@
-"""What a training run learns and how (layer 2): the method, its network, objective, optimiser,
-EMA and precision; every default is METHOD.md's value, visible here.
+"""What a training run learns and how (layer 2): the method, its network, objective, optimiser, EMA and precision;
+every default is METHOD.md's value, visible here.
 
 :class:`LearningConfig` is the learning core's part of a run's settings; the orchestration's
-:class:`adps.orchestration.train_config.TrainConfig` adds where the data is and how the run is
-distributed, stored and tracked. A config file holds both parts' keys side by side.
+:class:`adps.orchestration.train_config.TrainConfig` adds where the data is and how the run is distributed, stored
+and tracked. A config file holds both parts' keys side by side.
 """
 
 from __future__ import annotations
@@ -60,25 +60,23 @@ class LearningConfig(ConfigFile):
     method: str = "ambient"
     """One of :data:`adps.nn.train_step.METHODS`."""
     r_train: float = 4
-    """R_train, the training acceleration (docs/protocol.md "Names"): 1 for ``edm`` / ``ncsnv2``; > 1 (paper: 2, 4, 6, 8) otherwise,
-    and one the prepared dataset stores masks for. Does not apply to ``image`` (not checked,
-    not used: its corruption is ``erasure_p``)."""
+    """R_train, the training acceleration (docs/protocol.md "Names"): 1 for ``edm`` / ``ncsnv2``; > 1 (paper: 2, 4, 6,
+    8) otherwise, and one the prepared dataset stores masks for. Does not apply to ``image`` (its corruption is
+    ``erasure_p``)."""
     preset: str = ""
-    """Network preset: the method's paper preset (empty = that; ``image`` for the image method,
-    EDM's 64 x 64 DDPM++) or ``tiny`` (tests, demo)."""
+    """Network preset: the method's paper preset (empty = that; ``image`` for the image method, EDM's 64 x 64 DDPM++)
+    or ``tiny`` (tests, demo)."""
     erasure_p: float = 0.0
-    """``image`` only: probability in [0, 1) that a training pixel is erased, one fixed mask per
-    image drawn from ``(seed, index)`` (:func:`adps.images.fixed_erasure_mask`); the model then
-    learns from the erased images only, with Ambient Diffusion's loss, and is an ambient model
-    (a mask input channel). 0 = plain EDM on the clean images (paper grid: 0, 0.2, 0.4, 0.6,
-    0.8, 0.9)."""
+    """``image`` only: probability in [0, 1) that a training pixel is erased, one fixed mask per image drawn from
+    ``(seed, index)`` (:func:`adps.images.fixed_erasure_mask`); the model then learns from the erased images only,
+    with Ambient Diffusion's loss, and is an ambient model (a mask input channel). 0 = plain EDM on the clean images
+    (paper grid: :data:`IMAGE_GRID`)."""
     delta: float = DEFAULT_DELTA
-    """``image`` with ``erasure_p > 0``: probability in (0, 1) of erasing each kept pixel once
-    more for the model's input (the further corruption ``A~`` of Ambient Diffusion, drawn
-    afresh every step; the paper's 0.1). Unused at ``erasure_p = 0``."""
+    """``image`` with ``erasure_p > 0``: probability in (0, 1) of erasing each kept pixel once more for the model's
+    input (Ambient Diffusion's further corruption ``A~``, drawn afresh every step; the paper's 0.1)."""
     resolution: int = 64
-    """``image`` only: side in pixels of the square training images (images are centre-cropped
-    and resized to it); a multiple of 8 (the U-Net halves it three times). The paper: 64."""
+    """``image`` only: side in pixels of the square training images (centre-cropped and resized to it); a multiple
+    of 8 (the U-Net halves it three times). The paper: 64."""
     batch_size: int = 8
     """Slices per worker per step (METHOD.md: 8 per GPU); the global batch is this x workers."""
     # The objective and the network's preconditioning (METHOD.md "Ambient training", "Samplers") --
@@ -89,9 +87,8 @@ class LearningConfig(ConfigFile):
     sigma_data: float = 0.5
     """EDM's data standard deviation: the preconditioning and the loss weight."""
     scale_cond: bool = True
-    """``ambient``: whether the mask channels are scaled by ``c_in`` with the image, as the
-    reference code does (all four input channels); False keeps the mask at its own scale
-    (:class:`adps.nn.precond.EDMPrecond`; docs/evaluation.md says which a measurement favours)."""
+    """``ambient``: whether the mask channels are scaled by ``c_in`` with the image, as the reference code does; False
+    keeps the mask at its own scale (:class:`adps.nn.precond.EDMPrecond`; docs/evaluation.md compares them)."""
     ssdu_rho: float = 0.2
     """``ssdu``: ``|Lambda| / |Omega|``, the share of the acquired columns held out for the loss."""
     ssdu_keep_center: int = 4
@@ -103,9 +100,8 @@ class LearningConfig(ConfigFile):
     modl_lambda_init: float = 0.0
     """``modl`` / ``ssdu``: initial (learnable) ``lambda``; 0 = the preset's (0.05)."""
     validation_sigma: float = 0.0
-    """Noise level of the priors' denoising validation (``val_nrmse`` of edm, edm_l1, ncsnv2;
-    ``val_mse`` of image models); 0 = the method's (0.1 on the MRI data's scale, 0.2 on images':
-    :func:`adps.nn.reconstruct.validation_metric`, :data:`~adps.nn.reconstruct.IMAGE_VALIDATION_SIGMA`)."""
+    """Noise level of the priors' denoising validation (``val_nrmse`` of edm, edm_l1, ncsnv2; ``val_mse`` of image
+    models); 0 = the method's (0.1 for MRI, 0.2 for images: :func:`adps.nn.reconstruct.validation_metric`)."""
     lr: float = 2e-4
     """Adam learning rate."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -119,41 +115,34 @@ class LearningConfig(ConfigFile):
     ema_rampup: float = 0.05
     """EMA ramp-up ratio: the half-life is at most ``images_seen * ema_rampup``."""
     lr_rampup: float = 0.05
-    """Learning-rate warm-up, as a fraction of the run's optimiser steps: the rate rises
-    linearly from 0 to ``lr`` over the first 5 % of the run, then stays (0 = none, the
-    MoDL / SSDU configs). METHOD.md asks that the run reach ``lr`` early: EDM's reference loop
-    ramps over 10 M images, made for 200 M-image runs, while the paper grid's runs see about
-    2.5 M (250 epochs of 9,900 slices), so a 10 M ramp would never pass 5e-5. Training logs the
-    effective rate (``lr``) at every step of the warm-up."""
+    """Learning-rate warm-up, as a fraction of the run's optimiser steps: the rate rises linearly from 0 to ``lr``
+    over the first 5 % of the run, then stays (0 = none, the MoDL / SSDU configs). METHOD.md asks that the run reach
+    ``lr`` early: EDM's 10 M-image ramp, made for 200 M-image runs, would never pass 5e-5 in the paper grid's runs of
+    about 2.5 M images (250 epochs of 9,900 slices). Training logs the effective rate (``lr``) during the warm-up."""
     epochs: int = 0
-    """Passes over the split; 0 = the method's default (250; MoDL and SSDU 10; ``image`` 250,
-    far below Ambient Diffusion's 200 M images, so set it for a paper-scale image run)."""
+    """Passes over the split; 0 = the method's default (250; MoDL and SSDU 10; ``image`` 250, far below Ambient
+    Diffusion's 200 M images, so set it for a paper-scale image run)."""
     max_steps: int = 0
     """Stop after this many optimiser steps in all (0 = no cap; tests and the demo)."""
     amp: str = ""
-    """Mixed precision of the forward pass: ``""`` (float32, right on CPU), ``bf16`` or ``fp16``.
-    METHOD.md trains in mixed precision: the GPU configs set ``bf16``."""
+    """Mixed precision of the forward pass: ``""`` (float32, right on CPU), ``bf16`` or ``fp16``. METHOD.md trains in
+    mixed precision: the GPU configs set ``bf16``."""
     activation_checkpointing: bool = False
-    """Memory-lean mode for the U-Net methods (ambient, edm, edm_l1, image) and NCSNv2 (see
-    :data:`CHECKPOINTING_METHODS`): every residual block's activations are recomputed in the
+    """Memory-lean mode of :data:`CHECKPOINTING_METHODS`: every residual block's activations are recomputed in the
     backward pass instead of kept (:attr:`adps.nn.unet.SongUNet.activation_checkpointing`,
-    :attr:`adps.nn.ncsnv2.NCSNv2.activation_checkpointing`): the same gradients, about one more
-    forward pass per step, for 24 GB cards. The paper grid's configs turn it on."""
+    :attr:`adps.nn.ncsnv2.NCSNv2.activation_checkpointing`): the same gradients, about one more forward pass per
+    step, for 24 GB cards. The paper grid's configs turn it on."""
     compile_mode: str = ""
-    """``torch.compile`` the network for training: ``""`` (off, eager), ``default``,
-    ``reduce-overhead`` (adds CUDA graphs), ``max-autotune`` or ``max-autotune-no-cudagraphs``
-    (see :data:`COMPILE_MODES`): faster and leaner on GPUs (bench/README.md). The first step
-    pays the compilation (minutes for the ``ambient`` preset); validation, checkpoints and the EMA
-    use the plain network."""
+    """``torch.compile`` the network for training: ``""`` (off, eager) or one of :data:`COMPILE_MODES`
+    (``reduce-overhead`` adds CUDA graphs): faster and leaner on GPUs (bench/README.md). The first step pays the
+    compilation (minutes for the ``ambient`` preset); validation, checkpoints and the EMA use the plain network."""
     activation_memory_budget: float = 1.0
-    """With ``compile_mode``: the share of the activations the compiled backward may keep, in
-    (0, 1] (``torch._functorch.config.activation_memory_budget``). Below 1 the partitioner
-    recomputes the cheapest intermediates in the backward pass instead of keeping them, which is
-    checkpointing chosen by cost rather than by block."""
+    """With ``compile_mode``: the share of the activations the compiled backward may keep, in (0, 1]
+    (``torch._functorch.config.activation_memory_budget``). Below 1 the partitioner recomputes the cheapest
+    intermediates in the backward pass: checkpointing chosen by cost rather than by block."""
     cudnn_benchmark: bool = True
-    """``torch.backends.cudnn.benchmark`` in the GPU workers: cuDNN times its convolution
-    algorithms once per shape and keeps the fastest. Training shapes are fixed, so this pays
-    once. No effect on CPU workers."""
+    """``torch.backends.cudnn.benchmark`` in the GPU workers: cuDNN times its convolution algorithms once per (fixed)
+    training shape and keeps the fastest. No effect on CPU workers."""
     seed: int = 0
     """Seeds the model initialisation, the per-epoch shuffles and the loss's random draws."""
 
@@ -164,9 +153,8 @@ class LearningConfig(ConfigFile):
         return self.preset or PAPER_PRESETS.get(self.method, "")
 
     def network_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`adps.nn.train_step.build_model` this config sets
-        (besides method and preset): the EDM models' ``sigma_data`` (and the ambient one's
-        ``scale_cond``), MoDL's unrolls / CG steps / initial lambda where not the preset's."""
+        """The keyword arguments of :func:`adps.nn.train_step.build_model` this config sets besides method and preset:
+        the EDM models' ``sigma_data`` (and the ambient one's ``scale_cond``), MoDL's where not the preset's."""
         if self.method in ("ambient", "edm", "edm_l1", "image"):
             return {"sigma_data": self.sigma_data, **({"scale_cond": self.scale_cond} if self.method == "ambient" else {})}
         if self.method in ("modl", "ssdu"):
@@ -204,9 +192,8 @@ class LearningConfig(ConfigFile):
             raise ValueError(f"config key 'activation_checkpointing': only the methods {', '.join(CHECKPOINTING_METHODS)} "
                              f"have it, not {self.method}")
         if self.preset and self.preset not in (PAPER_PRESETS[self.method], "tiny"):
-            raise ValueError(
-                f"config key 'preset': {self.method} takes {PAPER_PRESETS[self.method]!r} or 'tiny', got {self.preset!r}"
-            )
+            raise ValueError(f"config key 'preset': {self.method} takes {PAPER_PRESETS[self.method]!r} or 'tiny', "
+                             f"got {self.preset!r}")
         if self.is_image:
             self._check_image_keys()
         elif changed := [key for key, default in _IMAGE_KEYS.items() if getattr(self, key) != default]:
@@ -214,15 +201,11 @@ class LearningConfig(ConfigFile):
                              f"not to {self.method}")
         elif self.method in FULLY_SAMPLED:
             if self.r_train != 1:
-                raise ValueError(
-                    f"config key 'r_train': {self.method} trains on fully sampled data (R = 1), "
-                    f"got R = {self.r_train:g}"
-                )
+                raise ValueError(f"config key 'r_train': {self.method} trains on fully sampled data (R = 1), "
+                                 f"got R = {self.r_train:g}")
         elif self.r_train <= 1:
-            raise ValueError(
-                f"config key 'r_train': {self.method} trains on undersampled data (R > 1; paper: "
-                f"{', '.join(map(str, PAPER_ACCELERATIONS))}), got R = {self.r_train:g}"
-            )
+            raise ValueError(f"config key 'r_train': {self.method} trains on undersampled data (R > 1; paper: "
+                             f"{', '.join(map(str, PAPER_ACCELERATIONS))}), got R = {self.r_train:g}")
         if self.batch_size < 1:
             raise ValueError(f"config key 'batch_size' must be >= 1, got {self.batch_size}")
         for key in ("epochs", "max_steps", "grad_clip"):
@@ -265,7 +248,6 @@ class LearningConfig(ConfigFile):
         if self.resolution < multiple or self.resolution % multiple:
             raise ValueError(f"config key 'resolution' must be a multiple of {multiple} (the {self.resolved_preset} "
                              f"U-Net halves it {levels - 1} times), got {self.resolution}")
-
 
 
 def image_run_name(erasure_p: float) -> str:

@@ -1,21 +1,19 @@
-"""MoDL: model-based deep learning for MRI (Aggarwal, Mani & Jacob 2019), the supervised
-(MoDL) and self-supervised (SSDU) end-to-end baselines of the study.
+"""MoDL: model-based deep learning for MRI (Aggarwal, Mani & Jacob 2019), the supervised (MoDL) and
+self-supervised (SSDU) end-to-end baselines of the study.
 
-The reconstruction alternates ``K`` times between a CNN denoiser ``D_w`` (one set of
-weights shared by every unroll) and a data-consistency step that solves, by batched
-conjugate gradient,
+The reconstruction alternates ``K`` times between a CNN denoiser ``D_w`` (one set of weights shared by every
+unroll) and a data-consistency step that solves, by batched conjugate gradient,
 
     (A^H A + lambda I) x_{k+1} = A^H y + lambda D_w(x_k),        x_0 = A^H y
 
-with a learnable ``lambda > 0`` (METHOD.md: K = 6 unrolls, 6 CG steps). CG is the
-differentiable, batched :func:`adps.mri.conjugate_gradient`, so the loss back-propagates
-through every CG iteration into ``lambda`` and the denoiser (MoDL's "exact" gradient rather
-than a fixed-point approximation).
+with a learnable ``lambda > 0`` (METHOD.md: K = 6 unrolls, 6 CG steps). CG is the differentiable, batched
+:func:`adps.mri.conjugate_gradient`, so the loss back-propagates through every CG iteration into ``lambda`` and
+the denoiser (MoDL's "exact" gradient rather than a fixed-point approximation).
 
-Choices: the denoiser is a plain residual CNN ``x + N_w(x)`` (3x3 convs + ReLU) without
-MoDL's batch normalisation, so that a slice's reconstruction never depends on the other
-slices of its batch and train/eval behave the same; ``lambda = exp(log_lambda)`` keeps it
-positive (upstream trains ``lambda`` unconstrained and relies on it staying positive).
+Choices: the denoiser is a plain residual CNN ``x + N_w(x)`` (3x3 convs + ReLU) without MoDL's batch
+normalisation, so that a slice's reconstruction never depends on the other slices of its batch and train/eval
+behave the same; ``lambda = exp(log_lambda)`` keeps it positive (upstream trains ``lambda`` unconstrained and
+relies on it staying positive).
 """
 
 from __future__ import annotations
@@ -59,10 +57,8 @@ class MoDLConfig(ConfigFile):
             raise ValueError(f"MoDLConfig: lambda_init must be > 0, got {self.lambda_init}")
 
 
-
-MODL_PRESETS: dict[str, MoDLConfig] = {
-    "modl": MoDLConfig(), "tiny": MoDLConfig(unrolls=2, cg_iterations=3, features=8, depth=3)
-}
+MODL_PRESETS: dict[str, MoDLConfig] = {"modl": MoDLConfig(),
+                                       "tiny": MoDLConfig(unrolls=2, cg_iterations=3, features=8, depth=3)}
 
 
 def build_modl(preset: str, **overrides: Any) -> MoDL:
@@ -90,12 +86,9 @@ class ResidualDenoiser(nn.Module):
 
 
 class MoDL(nn.Module):
-    """Unrolled MoDL reconstruction ``x = MoDL(y, S, mask)``.
-
-    ``forward(kspace, maps, mask)``: undersampled k-space ``(N, C, H, W)`` (only columns in
-    ``mask`` are used), coil maps ``(N, C, H, W)``, column mask ``(N, W)`` or ``(W,)``;
-    returns the complex image ``(N, H, W)``.
-    """
+    """Unrolled MoDL reconstruction ``x = MoDL(y, S, mask)``: ``forward(kspace, maps, mask)`` takes undersampled
+    k-space ``(N, C, H, W)`` (only columns in ``mask`` are used), coil maps ``(N, C, H, W)`` and a column mask
+    ``(N, W)`` or ``(W,)``, and returns the complex image ``(N, H, W)``."""
 
     def __init__(self, config: MoDLConfig):
         super().__init__()
@@ -108,25 +101,16 @@ class MoDL(nn.Module):
         """The regularisation weight ``lambda = exp(log_lambda) > 0``."""
         return self.log_lambda.exp()
 
-    def data_consistency(
-        self, op: SenseOperator, rhs_data: Tensor, prior: Tensor, iterations: int | None = None
-    ) -> Tensor:
-        """Solve ``(A^H A + lambda I) x = A^H y + lambda z`` by ``iterations`` CG steps from 0.
-
-        Args:
-            op: the SENSE operator ``A`` (its mask is the sampling pattern).
-            rhs_data: ``A^H y``, complex ``(N, H, W)``.
-            prior: ``z`` (the denoiser's output), complex ``(N, H, W)``.
-            iterations: CG iterations (default ``config.cg_iterations``).
-        """
+    def data_consistency(self, op: SenseOperator, rhs_data: Tensor, prior: Tensor,
+                         iterations: int | None = None) -> Tensor:
+        """Solve ``(A^H A + lambda I) x = A^H y + lambda z`` by ``iterations`` CG steps from 0 (default
+        ``config.cg_iterations``), with ``op`` the SENSE operator ``A`` (its mask is the sampling pattern),
+        ``rhs_data`` ``A^H y`` and ``prior`` ``z`` (the denoiser's output), both complex ``(N, H, W)``."""
         lam = self.lam.to(rhs_data.real.dtype)
-        # FFTs and CG in full precision even under autocast: CG's recurrences lose
-        # orthogonality quickly in half precision.
+        # FFTs and CG in full precision even under autocast: CG's recurrences lose orthogonality quickly in half.
         with torch.autocast(device_type=rhs_data.device.type, enabled=False):
-            return conjugate_gradient(
-                lambda x: op.normal(x) + lam * x, rhs_data + lam * prior,
-                iterations=self.config.cg_iterations if iterations is None else iterations
-            )
+            return conjugate_gradient(lambda x: op.normal(x) + lam * x, rhs_data + lam * prior,
+                                      iterations=self.config.cg_iterations if iterations is None else iterations)
 
     def forward(self, kspace: Tensor, maps: Tensor, mask: Tensor) -> Tensor:
         op = SenseOperator(maps, mask)

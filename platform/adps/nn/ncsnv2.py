@@ -1,22 +1,20 @@
-"""A compact NCSNv2 score network (Song & Ermon 2020, "Improved Techniques for Training
-Score-Based Generative Models"), the R = 1 ALD baseline of the study.
+"""A compact NCSNv2 score network (Song & Ermon 2020, "Improved Techniques for Training Score-Based Generative
+Models"), the R = 1 ALD baseline of the study.
 
-NCSNv2 is a RefineNet (Lin et al. 2017) of pre-activation residual blocks with instance
-normalisation "++", and it is conditioned on the noise level only through its output:
-``s(x, sigma) = F(x) / sigma`` (technique 3 of the paper: the optimal score scales like
-``1 / sigma``, so an unconditional ``F`` suffices). Structure::
+NCSNv2 is a RefineNet (Lin et al. 2017) of pre-activation residual blocks with instance normalisation "++",
+conditioned on the noise level only through its output: ``s(x, sigma) = F(x) / sigma`` (technique 3 of the paper:
+the optimal score scales like ``1 / sigma``). Structure::
 
     begin conv -> stages (each: first block changes channels and down-samples or dilates,
     then residual blocks) -> RefineNet decoder from the coarsest stage up (residual conv
     units, multi-resolution fusion, chained residual pooling) -> norm -> act -> end conv
     -> divide by sigma
 
-Preset ``ncsnv2`` is the "NCSNv2Deepest" layout (6 stages, ngf 128) that Jalal et al. 2021
-trained on FastMRI brain MVUE images, with their noise schedule; ``tiny`` keeps every code
-path at a CPU-test size. Differences from the reference implementation, on purpose: no
-``2x - 1`` input rescaling (it is for [0, 1] natural images, not complex MRI), and the first
-block of a dilated stage is a plain dilated block (upstream's "down" variant with dilation
-changes channels one conv later; the receptive field is the same).
+Preset ``ncsnv2`` is the "NCSNv2Deepest" layout (6 stages, ngf 128) that Jalal et al. 2021 trained on FastMRI brain
+MVUE images, with their noise schedule; ``tiny`` keeps every code path at a CPU-test size. Differences from the
+reference implementation, on purpose: no ``2x - 1`` input rescaling (it is for [0, 1] natural images, not complex
+MRI), and the first block of a dilated stage is a plain dilated block (upstream's "down" variant with dilation changes
+channels one conv later; the receptive field is the same).
 """
 
 from __future__ import annotations
@@ -69,10 +67,8 @@ class NCSNv2Config(ConfigFile):
         object.__setattr__(self, "dilation", tuple(int(d) for d in self.dilation))
         stages = len(self.channel_mult)
         if stages < 1 or len(self.downsample) != stages or len(self.dilation) != stages:
-            raise ValueError(
-                "NCSNv2Config: channel_mult, downsample and dilation need one entry per stage, got "
-                f"{len(self.channel_mult)}, {len(self.downsample)}, {len(self.dilation)}"
-            )
+            raise ValueError("NCSNv2Config: channel_mult, downsample and dilation need one entry per stage, got "
+                             f"{len(self.channel_mult)}, {len(self.downsample)}, {len(self.dilation)}")
         if self.downsample[0]:
             raise ValueError("NCSNv2Config: the first stage works at full resolution (downsample[0] = False)")
         if self.ngf < 2 or self.blocks_per_stage < 1:
@@ -87,15 +83,12 @@ class NCSNv2Config(ConfigFile):
         return 2 ** sum(self.downsample)
 
 
-
 NCSNV2_PRESETS: dict[str, NCSNv2Config] = {
     # NCSNv2Deepest, ngf 128, and the brain-T2 noise schedule of Jalal et al. 2021.
     "ncsnv2": NCSNv2Config(),
     # Every code path (down-sampling, dilation, fusion of several inputs) at a CPU-test size.
-    "tiny": NCSNv2Config(
-        ngf=8, channel_mult=(1, 2, 2), downsample=(False, True, False), dilation=(1, 1, 2), blocks_per_stage=1,
-        sigma_begin=5.0, sigma_end=0.01, num_scales=10
-    ),
+    "tiny": NCSNv2Config(ngf=8, channel_mult=(1, 2, 2), downsample=(False, True, False), dilation=(1, 1, 2),
+                         blocks_per_stage=1, sigma_begin=5.0, sigma_end=0.01, num_scales=10),
 }
 
 
@@ -107,9 +100,9 @@ def build_ncsnv2(preset: str, **overrides: Any) -> NCSNv2:
 class InstanceNormPlusPlus2d(nn.Module):
     """Instance normalisation "++" (NCSNv2, unconditional form).
 
-    Plain instance norm removes each channel's mean, which for images is the colour/intensity
-    balance between channels; "++" adds the normalised channel means back with a learned
-    weight ``alpha``: ``y = gamma * (IN(x) + alpha * (mu - mean(mu)) / std(mu)) + beta``.
+    Plain instance norm removes each channel's mean (for images the balance between channels); "++" adds the
+    normalised channel means back with a learned weight: ``y = gamma * (IN(x) + alpha * (mu - mean(mu)) / std(mu)) +
+    beta``.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5):
@@ -184,8 +177,7 @@ class ResidualConvUnit(nn.Module):
 
 
 class ChainedResidualPooling(nn.Module):
-    """RefineNet's CRP: ``x <- x + conv(maxpool5(...))`` chained ``n_stages`` times: cheap
-    large-context aggregation."""
+    """RefineNet's CRP, cheap large-context aggregation: ``x <- x + conv(maxpool5(...))`` chained ``n_stages`` times."""
 
     def __init__(self, features: int, act: type[nn.Module], n_stages: int = 2):
         super().__init__()
@@ -208,9 +200,7 @@ class RefineBlock(nn.Module):
         super().__init__()
         self.adapt = nn.ModuleList(ResidualConvUnit(c, act, n_blocks=2) for c in in_channels)
         # Multi-resolution fusion: project every input to `features` (only needed for >1 input).
-        self.fuse = (
-            nn.ModuleList(_conv3x3(c, features) for c in in_channels) if len(in_channels) > 1 else None
-        )
+        self.fuse = nn.ModuleList(_conv3x3(c, features) for c in in_channels) if len(in_channels) > 1 else None
         self.pool = ChainedResidualPooling(features, act)
         self.output = ResidualConvUnit(features, act, n_blocks=3 if end else 1)
 
@@ -229,9 +219,8 @@ class RefineBlock(nn.Module):
 class NCSNv2(ActivationCheckpointing, nn.Module):
     """NCSNv2 score network ``s(x, sigma) = F(x) / sigma``.
 
-    ``forward(x, sigma)``: ``x`` ``(N, in_channels, H, W)`` (H, W multiples of
-    ``config.size_multiple``), ``sigma`` ``(N,)`` or a scalar; returns the score estimate
-    ``(N, in_channels, H, W)`` in float32.
+    ``forward(x, sigma)``: ``x`` ``(N, in_channels, H, W)`` (H, W multiples of ``config.size_multiple``), ``sigma``
+    ``(N,)`` or a scalar; returns the score estimate ``(N, in_channels, H, W)`` in float32.
     """
 
     def __init__(self, config: NCSNv2Config):

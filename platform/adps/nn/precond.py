@@ -35,16 +35,10 @@ class EDMCoefficients(NamedTuple):
 
 
 def edm_coefficients(sigma: Tensor | float, sigma_data: float = 0.5) -> EDMCoefficients:
-    """EDM's preconditioning coefficients (Karras et al. 2022, Table 1).
-
-    Args:
-        sigma: noise level(s) > 0; a float or a tensor of any shape. Floating tensors keep
-            their dtype (use float64 for exact checks); anything else becomes float32.
-        sigma_data: standard deviation of the data (0.5 in EDM and in the MRI reference).
-
-    Returns:
-        ``(c_skip, c_out, c_in, c_noise)``, tensors shaped like ``sigma``.
-    """
+    """EDM's preconditioning coefficients (Karras et al. 2022, Table 1), ``(c_skip, c_out, c_in, c_noise)``
+    shaped like ``sigma``: noise level(s) > 0, a float or a tensor of any shape (floating tensors keep their
+    dtype, use float64 for exact checks; anything else becomes float32). ``sigma_data``: standard deviation of
+    the data (0.5 in EDM and in the MRI reference)."""
     sigma = torch.as_tensor(sigma)
     if not sigma.is_floating_point():
         sigma = sigma.to(torch.float32)
@@ -62,20 +56,17 @@ def edm_coefficients(sigma: Tensor | float, sigma_data: float = 0.5) -> EDMCoeff
 class EDMPrecond(nn.Module):
     """Denoiser ``D(x, sigma, cond)`` = EDM preconditioning around a raw network.
 
-    ``x`` holds the image channels ([Re, Im]); ``cond`` optional extra input channels
-    (for the ambient model the further-corrupted mask channels). The network sees
-    ``cat([c_in * x, cond])`` and the skip connection acts on the image channels only:
-    ``D = c_skip * x + c_out * F[:, :image_channels]``. Any extra output channels of the
-    network (the reference ambient net has 4 outputs, of which its loss keeps the first 2)
-    are ignored.
+    ``x`` holds the image channels ([Re, Im]); ``cond`` optional extra input channels (for the ambient model the
+    further-corrupted mask channels). The network sees ``cat([c_in * x, cond])`` and the skip connection acts on
+    the image channels only: ``D = c_skip * x + c_out * F[:, :image_channels]``. Any extra output channels of
+    the network (the reference ambient net has 4 outputs, of which its loss keeps the first 2) are ignored.
 
-    ``scale_cond``: whether ``cond`` is scaled by ``c_in`` like the image channels. The reference
-    code concatenates the mask channels before preconditioning and so scales all four inputs by
-    ``c_in``; the ambient models of the platform do the same by default (``TrainConfig.scale_cond``,
-    :func:`adps.nn.train_step.build_model`). ``False`` keeps the mask at its own scale whatever
-    sigma (it is a mask, not a noisy image); the same weights give outputs up to 45 % apart at
-    sigma 2.5 under the two settings, so a checkpoint records which one it was trained with
-    (checkpoints written before the key existed were trained with ``False``).
+    ``scale_cond``: whether ``cond`` is scaled by ``c_in`` like the image channels. The reference code concatenates
+    the mask channels before preconditioning and so scales all four inputs by ``c_in``; the platform's ambient models
+    do the same by default (``TrainConfig.scale_cond``, :func:`adps.nn.train_step.build_model`). ``False`` keeps the
+    mask at its own scale whatever sigma (it is a mask, not a noisy image); the same weights give outputs up to 45 %
+    apart at sigma 2.5 under the two settings, so a checkpoint records which one it was trained with (checkpoints
+    written before the key existed were trained with ``False``).
     """
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5, image_channels: int = 2, scale_cond: bool = False):
@@ -87,20 +78,11 @@ class EDMPrecond(nn.Module):
         self.image_channels = int(image_channels)
         self.scale_cond = bool(scale_cond)
 
-    def forward(
-        self, x: Tensor, sigma: Tensor | float, cond: Tensor | None = None, class_labels: Tensor | None = None
-    ) -> Tensor:
-        """Denoise.
-
-        Args:
-            x: ``(N, image_channels, H, W)`` noisy image.
-            sigma: noise level: a float, a scalar, ``(N,)`` or ``(N, 1, 1, 1)``.
-            cond: ``(N, C_cond, H, W)`` extra input channels, or None.
-            class_labels: passed through to the network.
-
-        Returns:
-            ``(N, image_channels, H, W)`` float32 estimate of the clean image.
-        """
+    def forward(self, x: Tensor, sigma: Tensor | float, cond: Tensor | None = None,
+                class_labels: Tensor | None = None) -> Tensor:
+        """The float32 estimate of the clean image, ``(N, image_channels, H, W)`` like the noisy ``x``, at noise
+        level ``sigma`` (a float, a scalar, ``(N,)`` or ``(N, 1, 1, 1)``); ``cond``: extra input channels
+        ``(N, C_cond, H, W)`` or None; ``class_labels``: passed through to the network."""
         if x.ndim != 4 or x.shape[1] != self.image_channels:
             raise ValueError(f"expected x of shape (N, {self.image_channels}, H, W), got {tuple(x.shape)}")
         # Coefficients and the skip sum in float32 even under autocast, as in EDM: at low

@@ -6,42 +6,38 @@ In the style of k-diffusion's ``sample_*`` functions, every sampler is::
     sampler(model, y, operator, sigmas, *, generator=None, callback=None, **options) -> Tensor
 
 * ``model``: the method's network (or None where none is used: ``l1_wavelet``);
-* ``y``: measured multi-coil k-space ``(N, C, H, W)`` complex64. Only the columns of the
-  operator's mask are read (anything elsewhere is replaced by zeros first);
-* ``operator``: an :class:`adps.mri.SenseOperator` ``A_inf`` (the slices' maps and their
-  acquisition masks ``(N, W)``);
-* ``sigmas``: the noise schedule (:mod:`adps.nn.schedules`); None = the sampler's default
-  from METHOD.md (:func:`default_sigmas`); unused by the one-pass methods;
-* ``generator``: a ``torch.Generator``, the source of every random draw (same seed, same
-  result); None = torch's global RNG;
-* ``callback(info)``: called once per step with a dict holding at least ``sampler``,
-  ``step`` (0-based), ``total``, ``sigma``, ``sigma_next``, ``x`` (the state after the
-  step), ``denoised`` (the step's estimate of the clean image) and ``residual_norm``
-  (``(N,)`` per-slice ``||y - A_inf denoised||``, the data-consistency trace; None without
+* ``y``: measured multi-coil k-space ``(N, C, H, W)`` complex64; only the columns of the operator's mask are read
+  (anything elsewhere is replaced by zeros first);
+* ``operator``: an :class:`adps.mri.SenseOperator` ``A_inf`` (the slices' maps and acquisition masks ``(N, W)``);
+* ``sigmas``: the noise schedule (:mod:`adps.nn.schedules`); None = the sampler's default from METHOD.md
+  (:func:`default_sigmas`); unused by the one-pass methods;
+* ``generator``: a ``torch.Generator``, the source of every random draw (same seed, same result); None = torch's
+  global RNG;
+* ``callback(info)``: called once per step with a dict holding at least ``sampler``, ``step`` (0-based), ``total``,
+  ``sigma``, ``sigma_next``, ``x`` (the state after the step), ``denoised`` (the step's estimate of the clean image)
+  and ``residual_norm`` (``(N,)`` per-slice ``||y - A_inf denoised||``, the data-consistency trace; None without
   measurements). Tensors in it are detached; copy them if you keep them.
 
-Every sampler returns the complex image ``(N, H, W)`` complex64 on the model's device, is
-batched over the N slices (one network call per step for all of them), keeps its state in
-complex64 / float32, and runs on CPU as well as CUDA. ``amp="bf16"`` (or ``"fp16"``) runs the
-network calls under ``torch.autocast`` on CUDA only; on CPU it is ignored with a warning
-(CPU autocast is slow and not what the GPU numbers mean).
+Every sampler returns the complex image ``(N, H, W)`` complex64 on the model's device, is batched over the N slices
+(one network call per step for all of them), keeps its state in complex64 / float32, and runs on CPU as well as CUDA.
+``amp="bf16"`` (or ``"fp16"``) runs the network calls under ``torch.autocast`` on CUDA only; on CPU it is ignored
+with a warning (CPU autocast is slow and not what the GPU numbers mean).
 
 Samplers (settings: METHOD.md "Samplers"):
 
-* :func:`a_dps`: Ambient DPS (paper eq. 2.12), Euler over the EDM grid with the ambient
-  network fed ``[A_tr^H A_tr x, mask_tr]``;
+* :func:`a_dps`: Ambient DPS (paper eq. 2.12), Euler over the EDM grid, the ambient network fed
+  ``[A_tr^H A_tr x, mask_tr]``;
 * :func:`dps`: the same loop with a prior ``D(x, sigma)`` (FS-DPS, L1-DPS);
 * :func:`a_os`: Ambient One-Step, one network call;
 * :func:`ald`: annealed Langevin dynamics with the NCSNv2 score network;
 * :func:`prior_heun`: EDM's deterministic Heun sampler, unconditional (FID samples);
 * :func:`l1_wavelet`, :func:`unrolled`: the classical and unrolled baselines;
-* :func:`zero_filled`, :func:`cg_sense_recon`: the two reconstructions every table shows for
-  scale (the adjoint ``A^H y``, and CG-SENSE without regularisation).
+* :func:`zero_filled`, :func:`cg_sense_recon`: the two reconstructions every table shows for scale (the adjoint
+  ``A^H y``, and CG-SENSE without regularisation).
 
-The guided loop is written once (:func:`_guided_loop`, Euler or Heun); A-DPS and DPS differ only
-in the denoise function they give it. A-DPS and DPS take any
-:class:`~adps.linear_operator.LinearOperator`: the SENSE operator of the MRI study, or an
-operator of :mod:`adps.images` for the natural-image study (there with ``solver="heun"``).
+The guided loop is written once (:func:`_guided_loop`, Euler or Heun); A-DPS and DPS differ only in the denoise
+function they give it, and take any :class:`~adps.linear_operator.LinearOperator`: the SENSE operator of the MRI
+study, or an operator of :mod:`adps.images` for the natural-image study (there with ``solver="heun"``).
 """
 
 from __future__ import annotations
@@ -108,8 +104,8 @@ SCHEDULE_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 """The schedule settings :func:`default_sigmas` takes per sampler (besides ``steps``)."""
 ITERATIVE_SAMPLERS = ("a_dps", "dps", "ald")
-"""The samplers that call the network once per step, hundreds of times, from random noise: the
-stochastic ones (posterior samples differ by seed) and the ones worth compiling."""
+"""The samplers that call the network once per step, hundreds of times, from random noise: the stochastic ones
+(posterior samples differ by seed) and the ones worth compiling."""
 DEFAULT_STEPS: dict[str, int] = {name: int(values["steps"]) for name, values in SAMPLER_DEFAULTS.items()}
 """Network evaluations / iterations per sampler at its defaults (A-DPS, DPS 500; ALD 1,300; ...)."""
 
@@ -125,55 +121,37 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # ------------------------------------------------------------------------------ schedules, masks
 
 
-def default_sigmas(
-    sampler: str, model: nn.Module | None = None, *, steps: int | None = None, **schedule_options: Any
-) -> Tensor | None:
-    """The default schedule of ``sampler`` (METHOD.md), optionally with another step count.
+def default_sigmas(sampler: str, model: nn.Module | None = None, *, steps: int | None = None,
+                   **schedule_options: Any) -> Tensor | None:
+    """The default schedule of ``sampler`` (METHOD.md, :data:`SAMPLER_DEFAULTS`), optionally with another step count.
 
-    * ``a_dps``, ``dps``: :func:`~adps.nn.schedules.edm_sigmas` (500, 0.004, 10, 7);
-    * ``prior_heun``: ``edm_sigmas(18, 0.002, 80, 7)``;
-    * ``ald``: :func:`~adps.nn.schedules.ald_sigmas` over ``model.sigmas()`` (1,300 steps,
-      3 per level); needs the model;
-    * the one-pass methods: None (they take no schedule).
-
-    ``schedule_options`` override the other schedule settings (``sigma_min``, ``sigma_max``,
-    ``rho``; for ald ``steps_per_level``, ``sigma_start``).
+    :func:`~adps.nn.schedules.edm_sigmas` for ``a_dps``, ``dps`` and ``prior_heun``;
+    :func:`~adps.nn.schedules.ald_sigmas` over ``model.sigmas()`` for ``ald`` (needs the model); None for the one-pass
+    methods. ``schedule_options`` override the sampler's other settings in :data:`SCHEDULE_OPTIONS`.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     defaults = SAMPLER_DEFAULTS[sampler]
     steps = int(defaults["steps"] if steps is None else steps)
-    if sampler in ("a_dps", "dps", "prior_heun"):
-        unknown = sorted(set(schedule_options) - {"sigma_min", "sigma_max", "rho"})
-        if unknown:
-            raise ValueError(f"default_sigmas({sampler!r}): unknown schedule option(s) {unknown}")
-        settings = {k: schedule_options.get(k, defaults[k]) for k in ("sigma_min", "sigma_max", "rho")}
-        return edm_sigmas(steps, **settings)
+    if sampler not in SCHEDULE_OPTIONS:
+        return None
+    unknown = sorted(set(schedule_options) - set(SCHEDULE_OPTIONS[sampler]))
+    if unknown:
+        raise ValueError(f"default_sigmas({sampler!r}): unknown schedule option(s) {unknown}")
+    settings = {k: schedule_options.get(k, defaults[k]) for k in SCHEDULE_OPTIONS[sampler]}
     if sampler == "ald":
-        unknown = sorted(set(schedule_options) - {"steps_per_level", "sigma_start"})
-        if unknown:
-            raise ValueError(f"default_sigmas('ald'): unknown schedule option(s) {unknown}")
-        levels = _model_levels(model)
-        return ald_sigmas(
-            levels, steps, schedule_options.get("steps_per_level", defaults["steps_per_level"]),
-            schedule_options.get("sigma_start", defaults["sigma_start"])
-        )
-    return None
+        return ald_sigmas(_model_levels(model), steps, settings["steps_per_level"], settings["sigma_start"])
+    return edm_sigmas(steps, **settings)
 
 
-def train_masks(
-    width: int, r_train: float, n: int, seed: int, slice_ids: list[int] | Tensor | None = None, *,
-    acs: int = DEFAULT_ACS
-) -> Tensor:
+def train_masks(width: int, r_train: float, n: int, seed: int, slice_ids: list[int] | Tensor | None = None, *,
+                acs: int = DEFAULT_ACS) -> Tensor:
     """The A-DPS training-corruption masks ``A_tr``: one R_train + 1 mask per slice, ``(n, W)`` bool.
 
-    Drawn as the training data's further-corrupted masks are (an R_train column mask, then
-    random non-ACS columns deleted down to ``floor(W / (R_train + 1))``:
-    :func:`adps.mri.masks.slice_masks`), reproducible from ``(seed, slice id)``, but from the
-    ``"a_tr"`` streams (:data:`adps.mri.masks.DRAWS`), never the acquisition's: whatever the
-    seed, at ``R_inf = R_train`` A_tr is a fresh draw, not the slice's own stored R + 1 mask
-    (a subset of the acquired columns, which would favour A-DPS on the grid's diagonal;
-    METHOD.md "Samplers").
+    Drawn as the training data's further-corrupted masks are (:func:`adps.mri.masks.slice_masks`), reproducible
+    from ``(seed, slice id)``, but from the ``"a_tr"`` streams (:data:`adps.mri.masks.DRAWS`), never the
+    acquisition's: at ``R_inf = R_train`` A_tr is a fresh draw, not the slice's stored R + 1 mask (a subset of the
+    acquired columns, which would favour A-DPS on the grid's diagonal; METHOD.md "Samplers").
 
     Args:
         width: phase-encode columns W.
@@ -195,16 +173,12 @@ def train_masks(
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module | None) -> Iterator[None]:
-    """Eval mode (dropout off: a reconstruction must not be random beyond ``generator``) and
-    frozen weights; every submodule's train/eval flag and every parameter's ``requires_grad``
-    are restored afterwards.
+    """Eval mode (dropout off: a reconstruction must not be random beyond ``generator``) and frozen weights; every
+    submodule's train/eval flag and every parameter's ``requires_grad`` are restored afterwards.
 
-    Autograd stays on for the input: DPS / A-DPS differentiate the network's output with
-    respect to ``x``. The weights are frozen because a sampler never needs their gradients,
-    and a ``torch.compile``'d network does not know that: its backward graph is built ahead
-    of the call and computes a gradient for every input that requires one, weights included
-    (measured on the CPU, tiny preset, ``aot_eager`` backend: 56.8 ms per gradient to x with
-    trainable weights, 42.3 ms frozen; eager mode skips the unneeded weight gradients by itself).
+    Autograd stays on for the input (DPS / A-DPS differentiate through the network). The weights are frozen because a
+    ``torch.compile``'d backward graph computes a gradient for every input that requires one, weights included (CPU,
+    tiny preset, ``aot_eager``: 56.8 ms per gradient to x with trainable weights, 42.3 ms frozen).
     """
     if model is None:
         yield
@@ -230,11 +204,8 @@ def _autocast(device: torch.device, amp: str | None, sampler: str) -> contextlib
     if amp not in _AMP_DTYPES:
         raise ValueError(f"{sampler}: amp must be None or one of {sorted(_AMP_DTYPES)}, got {amp!r}")
     if device.type != "cuda":
-        warnings.warn(
-            f"{sampler}: amp={amp!r} is ignored on {device.type}: autocast is applied on CUDA only, "
-            "the network runs in float32 here",
-            stacklevel=3,
-        )
+        warnings.warn(f"{sampler}: amp={amp!r} is ignored on {device.type}: autocast is applied on CUDA only, "
+                      "the network runs in float32 here", stacklevel=3)
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=_AMP_DTYPES[amp])
 
@@ -290,10 +261,9 @@ def _edm_input_channels(core: nn.Module) -> int | None:
 
 def _check_denoiser(model: nn.Module, sampler: str, *, ambient: bool, channels: int = 2,
                     condition_channels: int = 2) -> None:
-    """Reject the model types a sampler cannot use: an EDMPrecond must take the image's
-    ``channels`` (``[Re, Im]`` for MRI, RGB for images), plus the mask's ``condition_channels``
-    for an ambient model. Modules of other types are accepted as long as they follow the
-    denoiser call convention (``D(x, sigma, cond=None)``; e.g. exact denoisers in tests)."""
+    """Reject the model types a sampler cannot use: an EDMPrecond must take the image's ``channels`` (``[Re, Im]`` for
+    MRI, RGB for images), plus the mask's ``condition_channels`` for an ambient model. Other modules are accepted if
+    they follow the denoiser call convention ``D(x, sigma, cond=None)`` (e.g. exact denoisers in tests)."""
     if model is None:
         raise ValueError(f"{sampler}: a model is required")
     core = unwrap_model(model)
@@ -328,8 +298,8 @@ def _emit(callback: Callback | None, **info: Any) -> None:
 
 
 def _prior_denoiser(model: nn.Module, operator: LinearOperator, n: int, device: torch.device, autocast: Any) -> Denoise:
-    """``D(x, sigma)`` of a prior, the image given to the network as ``operator.to_channels(x)``
-    (``[Re, Im]`` for MRI, as :func:`~adps.nn.objectives.edm_loss` gives it in training)."""
+    """``D(x, sigma)`` of a prior fed ``operator.to_channels(x)`` (``[Re, Im]`` for MRI, as in
+    :func:`~adps.nn.objectives.edm_loss`)."""
 
     def denoise(x: Tensor, sigma: float) -> Tensor:
         with autocast:
@@ -341,11 +311,10 @@ def _prior_denoiser(model: nn.Module, operator: LinearOperator, n: int, device: 
 
 def _ambient_denoiser(model: nn.Module, operator: LinearOperator, train_mask: Tensor | None, sampler: str,
                       autocast: Any, device: torch.device) -> tuple[Denoise, int]:
-    """``D(x, sigma) = net([A_tr^H A_tr x, condition(A_tr)], sigma)`` of an ambient model: its
-    input built as in training, with ``A_tr = operator.corruption(train_mask)`` on the
-    operator's image space (MRI: the slices' maps and ``train_mask`` ``(N, W)`` columns, as
-    :func:`~adps.nn.objectives.ambient_network_input`; images: random inpainting with
-    ``train_mask`` ``(N, 1, H, W)``). Returns the denoiser and the count of its mask channels."""
+    """``D(x, sigma) = net([A_tr^H A_tr x, condition(A_tr)], sigma)`` of an ambient model, its input built as in
+    training with ``A_tr = operator.corruption(train_mask)`` (MRI: the slices' maps and ``(N, W)`` columns, as
+    :func:`~adps.nn.objectives.ambient_network_input`; images: random inpainting with ``(N, 1, H, W)``).
+    Returns the denoiser and the count of its mask channels."""
     if train_mask is None:
         raise ValueError(f"{sampler}: train_mask is required: A_tr's mask (MRI: the R_train + 1 columns (N, W) bool, "
                          "e.g. adps.nn.samplers.train_masks(W, R_train, N, seed); images: (N, 1, H, W), "
@@ -369,15 +338,14 @@ def _ambient_denoiser(model: nn.Module, operator: LinearOperator, train_mask: Te
 # ------------------------------------------------------------------------------ the guided loop
 
 SOLVERS = ("euler", "heun")
-"""The integrators of :func:`a_dps` / :func:`dps`: METHOD.md's Euler (the MRI protocol), or EDM's
-Heun (the natural-image study, as DPS's and Ambient Diffusion's code)."""
+"""The integrators of :func:`a_dps` / :func:`dps`: METHOD.md's Euler (MRI), or EDM's Heun (the natural-image study,
+as DPS's and Ambient Diffusion's code)."""
 
 
 def network_calls(steps: int, solver: str = "euler") -> int:
-    """Network evaluations of a guided run of ``steps`` steps on a grid ending in 0: ``steps``
-    for Euler, ``2 steps - 1`` for Heun (two per step but the last, Euler, step to sigma = 0).
-    The guidance gradient reuses the step's first call (a backward pass, no extra evaluation).
-    The x-axis of the paper's speed plots (figure 4)."""
+    """Network evaluations of a guided run of ``steps`` steps on a grid ending in 0 (the x-axis of the paper's figure
+    4): ``steps`` for Euler, ``2 steps - 1`` for Heun (its last step, to sigma = 0, is Euler). The guidance gradient
+    reuses the step's first call (a backward pass, no extra evaluation)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"network_calls: steps must be an integer >= 1, got {steps!r}")
     if solver not in SOLVERS:
@@ -385,15 +353,13 @@ def network_calls(steps: int, solver: str = "euler") -> int:
     return steps if solver == "euler" else 2 * steps - 1
 
 
-def _guided_loop(
-    denoise: Denoise, y: Tensor, operator: LinearOperator, shape: tuple[int, ...], sigmas: list[float], *,
-    guidance: float, generator: torch.Generator | None, callback: Callback | None, sampler: str, solver: str = "euler",
-    churn: float = 0.0, extra_info: dict[str, Any] | None = None
-) -> Tensor:
+def _guided_loop(denoise: Denoise, y: Tensor, operator: LinearOperator, shape: tuple[int, ...], sigmas: list[float], *,
+                 guidance: float, generator: torch.Generator | None, callback: Callback | None, sampler: str,
+                 solver: str = "euler", churn: float = 0.0) -> Tensor:
     """The DPS / A-DPS loop (paper eq. 2.12 / 2.3, METHOD.md "Samplers").
 
-    Start ``x = sigma_0 n`` (``operator.start_noise``: complex N(0, 1) real and imaginary parts
-    for MRI). For each interval ``(sigma, sigma_next)`` of the grid::
+    Start ``x = sigma_0 n`` (``operator.start_noise``: complex N(0, 1) for MRI). For each interval
+    ``(sigma, sigma_next)`` of the grid::
 
         D = denoise(x, sigma);   r = y - A D
         x' = x + (sigma_next - sigma) (x - D) / sigma              (Euler)
@@ -401,18 +367,15 @@ def _guided_loop(
                                                                     not when sigma_next = 0)
         x  = x' - (guidance / ||r||) grad_x ||r||^2
 
-    per slice / image (``||r||`` and the gradient are each one's own; they share no term, so one
-    backward pass of ``sum_i ||r_i||^2`` gives every gradient). The gradient runs through the
-    network (autograd) and comes from the step's first call. ``(guidance / ||r||) grad ||r||^2``
-    is the A-DPS reference code's form; it equals ``2 guidance grad ||r||``, a step of constant
-    length in the direction that reduces the residual (DPS's ``zeta`` is ``2 guidance``).
-    Returns the final iterate (on a grid ending in 0 the last step lands on ``D`` minus its
-    guidance correction). With ``guidance = 0`` no gradient is computed.
+    per slice / image (they share no term, so one backward pass of ``sum_i ||r_i||^2`` gives every gradient). The
+    gradient runs through the network and comes from the step's first call. ``(guidance / ||r||) grad ||r||^2`` is
+    the A-DPS reference code's form; it equals ``2 guidance grad ||r||``, a step of constant length that reduces the
+    residual (DPS's ``zeta`` is ``2 guidance``). With ``guidance = 0`` no gradient is computed. Returns the final
+    iterate (on a grid ending in 0, ``D`` minus its guidance correction).
 
-    ``churn`` > 0 (EDM's ``S_churn``, Karras et al. 2022, Algorithm 2; a Ray Tune option, not
-    part of METHOD.md's setting) first raises each level to ``sigma_hat = sigma (1 + gamma)``,
-    ``gamma = min(churn / steps, sqrt(2) - 1)``, by adding fresh noise of std
-    ``sqrt(sigma_hat^2 - sigma^2)`` from ``generator``, and then steps from ``sigma_hat``.
+    ``churn`` > 0 (EDM's ``S_churn``, Karras et al. 2022, Algorithm 2; a Ray Tune option, not METHOD.md's) first
+    raises each level to ``sigma_hat = sigma (1 + gamma)``, ``gamma = min(churn / steps, sqrt(2) - 1)``, by adding
+    fresh noise of std ``sqrt(sigma_hat^2 - sigma^2)`` from ``generator``, then steps from ``sigma_hat``.
     """
     if solver not in SOLVERS:
         raise ValueError(f"{sampler}: solver must be one of {SOLVERS}, got {solver!r}")
@@ -448,7 +411,7 @@ def _guided_loop(
             x_next = x_next - scale.view(-1, *([1] * (x.ndim - 1))) * grad
         x = x_next.detach()
         _emit(callback, sampler=sampler, step=step, total=total, sigma=sigma, sigma_next=sigma_next,
-              x=x, denoised=denoised, residual_norm=norm, **(extra_info or {}))
+              x=x, denoised=denoised, residual_norm=norm)
     return x
 
 
@@ -458,19 +421,13 @@ def _squared_norm(residual: Tensor) -> Tensor:
     return values.square().reshape(residual.shape[0], -1).sum(dim=1)
 
 
-def _check_guidance(guidance: float, sampler: str) -> float:
+def _guided(sampler: str, model: nn.Module, y: Tensor, operator: LinearOperator, sigmas: Tensor | None, *,
+            ambient: bool, train_mask: Tensor | None, guidance: float, generator: torch.Generator | None,
+            callback: Callback | None, solver: str, churn: float, amp: str | None) -> Tensor:
+    """:func:`a_dps` and :func:`dps`: the checks, the denoiser, then :func:`_guided_loop`."""
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not (0 <= guidance < float("inf")):
         raise ValueError(f"{sampler}: guidance must be a finite number >= 0, got {guidance!r}")
-    return float(guidance)
-
-
-def _guided(
-    sampler: str, model: nn.Module, y: Tensor, operator: LinearOperator, sigmas: Tensor | None, *,
-    ambient: bool, train_mask: Tensor | None, guidance: float, generator: torch.Generator | None,
-    callback: Callback | None, solver: str, churn: float, amp: str | None,
-) -> Tensor:
-    """:func:`a_dps` and :func:`dps`: the checks, the denoiser, then :func:`_guided_loop`."""
-    guidance = _check_guidance(guidance, sampler)
+    guidance = float(guidance)
     if model is None:
         raise ValueError(f"{sampler}: a model is required")
     device = _device(model)
@@ -489,32 +446,27 @@ def _guided(
                             callback=callback, sampler=sampler, solver=solver, churn=churn)
 
 
-def a_dps(
-    model: nn.Module, y: Tensor, operator: LinearOperator, sigmas: Tensor | None = None, *,
-    generator: torch.Generator | None = None, callback: Callback | None = None, train_mask: Tensor | None = None,
-    guidance: float = DEFAULT_GUIDANCE, churn: float = 0.0, solver: str = "euler", amp: str | None = None
-) -> Tensor:
+def a_dps(model: nn.Module, y: Tensor, operator: LinearOperator, sigmas: Tensor | None = None, *,
+          generator: torch.Generator | None = None, callback: Callback | None = None, train_mask: Tensor | None = None,
+          guidance: float = DEFAULT_GUIDANCE, churn: float = 0.0, solver: str = "euler",
+          amp: str | None = None) -> Tensor:
     """Ambient Diffusion Posterior Sampling (paper eq. 2.12; METHOD.md "Samplers").
 
-    The guided loop (:func:`_guided_loop`) with the ambient denoiser
-    ``D(x, sigma) = net([A_tr^H A_tr x, mask_tr], sigma)``: the network input is built as in
-    training, with ``A_tr = operator.corruption(train_mask)`` (MRI: the slice's maps and a fresh
-    R_train + 1 column mask, exactly as :func:`adps.nn.reconstruct.a_os` builds it; images:
-    random inpainting with a fresh mask at the model's erasure probability), so at noise level
-    sigma the network sees what it was trained on, ``A~^H A~ (x + sigma n)``. The likelihood
-    uses the acquisition operator ``A_inf``.
+    The guided loop (:func:`_guided_loop`) with the ambient denoiser ``D(x, sigma) = net([A_tr^H A_tr x, mask_tr],
+    sigma)``, its input built as in training with ``A_tr = operator.corruption(train_mask)`` (MRI: the slice's maps
+    and a fresh R_train + 1 column mask, as :func:`adps.nn.reconstruct.a_os` builds it; images: random inpainting
+    with a fresh mask at the model's erasure probability), so at level sigma the network sees what it was trained on,
+    ``A~^H A~ (x + sigma n)``. The likelihood uses the acquisition operator ``A_inf``.
 
     Args:
-        model: the ambient denoiser ``D(x, sigma, cond=...)`` (EDMPrecond of an ambient U-Net;
-            DDP / compiled wrappers are fine).
+        model: the ambient denoiser ``D(x, sigma, cond=...)`` (EDMPrecond of an ambient U-Net; wrappers are fine).
         y: the measurements: MRI k-space ``(N, C, H, W)``; for images what ``operator`` gives.
         operator: ``A_inf``, any :class:`~adps.linear_operator.LinearOperator`.
         sigmas: the grid, ending in 0; None = ``edm_sigmas(500, 0.004, 10, 7)`` (METHOD.md).
         generator: source of the start noise (the loop itself is deterministic but for ``churn``).
         callback: per-step progress (see the module docstring).
-        train_mask: ``A_tr``'s mask, required. MRI: columns ``(N, W)`` bool (or ``(W,)`` for
-            all slices), drawn with :func:`train_masks` (R_train + 1, one per slice, seeded);
-            images: ``(N, 1, H, W)`` bool, :func:`adps.nn.image_diffusion.sampling_mask`.
+        train_mask: ``A_tr``'s mask, required. MRI: columns ``(N, W)`` bool (or ``(W,)`` for all slices), from
+            :func:`train_masks`; images: ``(N, 1, H, W)`` bool, :func:`adps.nn.image_diffusion.sampling_mask`.
         guidance: ``l_ss``, the likelihood step (1.0).
         churn: EDM ``S_churn`` (0 = METHOD.md's deterministic loop; see :func:`_guided_loop`).
         solver: ``"euler"`` (METHOD.md) or ``"heun"`` (the natural-image study).
@@ -527,23 +479,15 @@ def a_dps(
                    generator=generator, callback=callback, solver=solver, churn=churn, amp=amp)
 
 
-def dps(
-    model: nn.Module, y: Tensor, operator: LinearOperator, sigmas: Tensor | None = None, *,
-    generator: torch.Generator | None = None, callback: Callback | None = None, guidance: float = DEFAULT_GUIDANCE,
-    churn: float = 0.0, solver: str = "euler", amp: str | None = None
-) -> Tensor:
-    """Diffusion Posterior Sampling with a prior denoiser (FS-DPS with ``edm``, L1-DPS with
-    ``edm_l1``, the clean image model ``p = 0``): the A-DPS loop with
-    ``D = net(to_channels(x), sigma)``, called as :func:`~adps.nn.objectives.edm_loss` calls it
-    in training.
+def dps(model: nn.Module, y: Tensor, operator: LinearOperator, sigmas: Tensor | None = None, *,
+        generator: torch.Generator | None = None, callback: Callback | None = None, guidance: float = DEFAULT_GUIDANCE,
+        churn: float = 0.0, solver: str = "euler", amp: str | None = None) -> Tensor:
+    """Diffusion Posterior Sampling with a prior denoiser (FS-DPS with ``edm``, L1-DPS with ``edm_l1``, the clean
+    image model ``p = 0``): the A-DPS loop with ``D = net(to_channels(x), sigma)``, as
+    :func:`~adps.nn.objectives.edm_loss` calls it in training.
 
-    Args:
-        model: ``D(x, sigma)`` (EDMPrecond of a U-Net without mask channels).
-        y, operator, sigmas, generator, callback, guidance, churn, solver, amp: as for
-            :func:`a_dps` (defaults: ``edm_sigmas(500, 0.004, 10, 7)``, ``guidance = 1.0``, Euler).
-
-    Returns:
-        The final iterate: complex ``(N, H, W)`` for MRI, real ``(N, C, H, W)`` for images.
+    ``model`` is ``D(x, sigma)`` (EDMPrecond of a U-Net without mask channels); the other arguments, the defaults and
+    the result are as for :func:`a_dps`.
     """
     return _guided("dps", model, y, operator, sigmas, ambient=False, train_mask=None, guidance=guidance,
                    generator=generator, callback=callback, solver=solver, churn=churn, amp=amp)
@@ -555,9 +499,9 @@ def dps(
 def _single_pass(sampler: str, model: nn.Module | None, y: Tensor, operator: SenseOperator,
                  callback: Callback | None, amp: str | None, *, solve: Callable[[Tensor, SenseOperator], Tensor],
                  sigma: float = 0.0) -> Tensor:
-    """A one-pass reconstruction ``solve(y, operator)`` through the shared signature: the
-    measurement checked and masked, the network (if any) under ``amp``, the result complex64 on
-    the model's device (``y``'s without a model), one callback."""
+    """A one-pass reconstruction ``solve(y, operator)`` through the shared signature: the measurement checked and
+    masked, the network (if any) under ``amp``, the result complex64 on the model's device (else ``y``'s), one
+    callback."""
     if model is not None:
         device = _device(model)
     else:
@@ -571,15 +515,13 @@ def _single_pass(sampler: str, model: nn.Module | None, y: Tensor, operator: Sen
     return out
 
 
-def a_os(
-    model: nn.Module, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
-    generator: torch.Generator | None = None, callback: Callback | None = None, sigma: float = A_OS_SIGMA,
-    amp: str | None = None
-) -> Tensor:
+def a_os(model: nn.Module, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
+         generator: torch.Generator | None = None, callback: Callback | None = None, sigma: float = A_OS_SIGMA,
+         amp: str | None = None) -> Tensor:
     """Ambient One-Step: :func:`adps.nn.reconstruct.a_os`, one call ``D([A^H y, mask], sigma)``.
 
-    ``sigmas`` and ``generator`` are unused (deterministic, one pass); ``sigma`` is the level
-    the network is told (0.003). In-distribution only at R_inf = R_train (METHOD.md).
+    ``sigmas`` and ``generator`` are unused (one deterministic pass); ``sigma`` is the level the network is told
+    (0.003). In-distribution only at R_inf = R_train (METHOD.md).
     """
     del sigmas, generator  # part of the shared signature only
     _check_denoiser(model, "a_os", ambient=True)
@@ -587,14 +529,11 @@ def a_os(
         model, y, op.maps, op.column_mask(), sigma=sigma))
 
 
-def unrolled(
-    model: nn.Module, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
-    generator: torch.Generator | None = None, callback: Callback | None = None, amp: str | None = None
-) -> Tensor:
-    """MoDL / SSDU: :func:`adps.nn.reconstruct.unrolled` on the measured k-space (one pass).
-
-    ``sigmas`` and ``generator`` are unused.
-    """
+def unrolled(model: nn.Module, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
+             generator: torch.Generator | None = None, callback: Callback | None = None,
+             amp: str | None = None) -> Tensor:
+    """MoDL / SSDU: :func:`adps.nn.reconstruct.unrolled` on the measured k-space (one pass; ``sigmas`` and
+    ``generator`` are unused)."""
     del sigmas, generator
     if model is None or not isinstance(unwrap_model(model), MoDL):
         got = "None" if model is None else type(unwrap_model(model)).__name__
@@ -603,40 +542,33 @@ def unrolled(
                         solve=lambda y, op: _unrolled_one_pass(model, y, op.maps, op.column_mask()))
 
 
-def l1_wavelet(
-    model: nn.Module | None, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
-    generator: torch.Generator | None = None, callback: Callback | None = None, lam: float = 0.001,
-    iterations: int = 100, wavelet: str = "db2", scaling: str = "bart", amp: str | None = None
-) -> Tensor:
-    """L1-wavelet compressed sensing, :func:`adps.mri.recon.l1_wavelet_recon`
-    (``min 1/2 ||A x - y||^2 + lam s ||W x||_1``; METHOD.md: lam 0.001, 100 iterations, as BART's
-    ``pics -l1 -r 0.001 -i 100``: Daubechies-2 wavelets and BART's data scale ``s``).
+def l1_wavelet(model: nn.Module | None, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
+               generator: torch.Generator | None = None, callback: Callback | None = None, lam: float = 0.001,
+               iterations: int = 100, wavelet: str = "db2", scaling: str = "bart", amp: str | None = None) -> Tensor:
+    """L1-wavelet compressed sensing, :func:`adps.mri.recon.l1_wavelet_recon` (``min 1/2 ||A x - y||^2 + lam s
+    ||W x||_1``; METHOD.md: lam 0.001, 100 iterations, as BART's ``pics -l1 -r 0.001 -i 100``: Daubechies-2 wavelets
+    and BART's data scale ``s``).
 
-    No network: ``model``, ``sigmas``, ``generator`` and ``amp`` are unused (pass None). Runs
-    on the CPU (sigpy); the result is returned on ``y``'s device.
+    No network: ``model``, ``sigmas``, ``generator`` and ``amp`` are unused (pass None). Runs on the CPU (sigpy); the
+    result is returned on ``y``'s device.
     """
     del model, sigmas, generator, amp
     return _single_pass("l1_wavelet", None, y, operator, callback, None, solve=lambda y, op: l1_wavelet_recon(
         y, op.maps, op.column_mask(), lam=float(lam), iterations=int(iterations), wavelet=wavelet, scaling=scaling))
 
 
-
-
-def zero_filled(
-    model: nn.Module | None, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
-    generator: torch.Generator | None = None, callback: Callback | None = None, amp: str | None = None
-) -> Tensor:
-    """The zero-filled reconstruction ``A^H y`` (unmeasured columns taken as 0). No network:
-    every argument but ``y`` and ``operator`` is unused."""
+def zero_filled(model: nn.Module | None, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
+                generator: torch.Generator | None = None, callback: Callback | None = None,
+                amp: str | None = None) -> Tensor:
+    """The zero-filled reconstruction ``A^H y`` (unmeasured columns as 0); every argument but ``y`` and ``operator``
+    is unused."""
     del model, sigmas, generator, amp
     return _single_pass("zero_filled", None, y, operator, callback, None, solve=lambda y, op: op.adjoint(y))
 
 
-def cg_sense_recon(
-    model: nn.Module | None, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
-    generator: torch.Generator | None = None, callback: Callback | None = None, iterations: int = 10,
-    amp: str | None = None
-) -> Tensor:
+def cg_sense_recon(model: nn.Module | None, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
+                   generator: torch.Generator | None = None, callback: Callback | None = None, iterations: int = 10,
+                   amp: str | None = None) -> Tensor:
     """CG-SENSE from the measured columns, :func:`adps.mri.cg_sense` without regularisation
     (``iterations`` conjugate-gradient steps on ``A^H A x = A^H y``, from 0). No network."""
     del model, sigmas, generator, amp
@@ -649,50 +581,42 @@ def cg_sense_recon(
 # ------------------------------------------------------------------------------ ALD
 
 
-def ald(
-    model: nn.Module, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
-    generator: torch.Generator | None = None, callback: Callback | None = None, step_scale: float = 0.5,
-    noise_std: float = 0.0, likelihood_weight: float = 1.0, denoise_last: bool = True, amp: str | None = None
-) -> Tensor:
+def ald(model: nn.Module, y: Tensor, operator: SenseOperator, sigmas: Tensor | None = None, *,
+        generator: torch.Generator | None = None, callback: Callback | None = None, step_scale: float = 0.5,
+        noise_std: float = 0.0, likelihood_weight: float = 1.0, denoise_last: bool = True,
+        amp: str | None = None) -> Tensor:
     """Annealed Langevin dynamics with the NCSNv2 score network and data consistency.
 
-    The posterior Langevin sampler of Jalal et al. 2021 ("Robust compressed sensing MRI with
-    deep generative priors", Algorithm 1), here as implemented: for each step ``t`` at level
-    ``sigma_t`` (``sigmas``, one entry per step)::
+    The posterior Langevin sampler of Jalal et al. 2021 ("Robust compressed sensing MRI with deep generative priors",
+    Algorithm 1), here as implemented: for each step ``t`` at level ``sigma_t`` (``sigmas``, one entry per step)::
 
         eta_t = step_scale sigma_t^2
         x <- x + eta_t [ s(x, sigma_t) + w A^H (y - A x) / (noise_std^2 + sigma_t^2) ]
                + sqrt(2 eta_t) z,      z ~ complex N(0, I)
 
-    The likelihood's variance anneals with the prior's (Jalal et al.'s ``gamma_t = sigma_t``)
-    plus the measurement noise ``noise_std^2``. ``eta_t ~ sigma_t^2`` is NCSNv2's step size
-    (Song & Ermon: ``eta_t = step_lr (sigma_t / sigma_L)^2``, so ``step_lr = step_scale
-    sigma_L^2``); the dimensionless ``step_scale`` makes the default independent of the
-    network's levels. Stability: the score's Lipschitz constant is at most about
-    ``1 / sigma_t^2`` and the data term's ``w / sigma_t^2`` (``||A|| <= 1`` with normalised
-    maps), so a gradient step is stable for ``step_scale < 2 / (1 + w)``; 0.5 leaves a margin
-    (and keeps the Langevin discretisation bias small). Jalal et al.'s ``step_lr = 5e-5`` at
-    ``sigma_L = 0.0066`` is ``step_scale`` 1.15, beyond that bound with ``w = 1``: with an
-    exact Gaussian score the iterates grew by 10^12 before recovering. Their code also
-    rescales the data gradient to the score's norm times a weight (``mse = 5``); that
-    heuristic is not used here: ``likelihood_weight`` (``w``) is a plain factor.
+    The likelihood's variance anneals with the prior's (Jalal et al.'s ``gamma_t = sigma_t``) plus the measurement
+    noise ``noise_std^2``. ``eta_t ~ sigma_t^2`` is NCSNv2's step size (``eta_t = step_lr (sigma_t / sigma_L)^2``,
+    so ``step_lr = step_scale sigma_L^2``); the dimensionless ``step_scale`` makes the default independent of the
+    network's levels. Stability: the score's Lipschitz constant is at most about ``1 / sigma_t^2`` and the data
+    term's ``w / sigma_t^2`` (``||A|| <= 1`` with normalised maps), so a step is stable for ``step_scale < 2 / (1 +
+    w)``; 0.5 leaves a margin. Jalal et al.'s ``step_lr = 5e-5`` at ``sigma_L = 0.0066`` is ``step_scale`` 1.15,
+    beyond that bound with ``w = 1``: with an exact Gaussian score the iterates grew by 10^12 before recovering.
+    Their code's rescaling of the data gradient to the score's norm (``mse = 5``) is not used: ``likelihood_weight``
+    (``w``) is a plain factor.
 
-    Start ``x = sigmas[0] n``. With ``denoise_last`` a final Tweedie step ``x + sigma_L^2
-    s(x, sigma_L)`` (``sigma_L`` the smallest level of ``sigmas``) removes the last level's
-    noise (Song & Ermon 2020's ``denoise`` option); otherwise the last Langevin iterate is
-    returned.
+    Start ``x = sigmas[0] n``. With ``denoise_last`` a final Tweedie step ``x + sigma_L^2 s(x, sigma_L)``
+    (``sigma_L`` the smallest level of ``sigmas``; Song & Ermon 2020's ``denoise`` option) removes the last level's
+    noise; otherwise the last Langevin iterate is returned.
 
-    Defaults: ``sigmas = ald_sigmas(model.sigmas(), 1300, 3)`` (the paper's 1,300 steps; 3
-    per level from the geometric middle of NCSNv2's 2,311 levels, sigma 1.24 -> 0.0066, as
-    Jalal et al.), ``step_scale = 0.5``, ``noise_std = 0`` (prewhitened, normalised data:
-    the measurement noise is far below the smallest level), ``likelihood_weight = 1``,
-    ``denoise_last = True``.
+    Defaults: ``sigmas = ald_sigmas(model.sigmas(), 1300, 3)`` (the paper's 1,300 steps; 3 per level from the
+    geometric middle of NCSNv2's 2,311 levels, sigma 1.24 -> 0.0066, as Jalal et al.), ``noise_std = 0``
+    (prewhitened, normalised data: the measurement noise is far below the smallest level).
 
     Args:
-        model: an :class:`~adps.nn.ncsnv2.NCSNv2` (``s(x, sigma)`` on ``[Re, Im]``; any module
-            with that call, and ``sigmas()`` for the default schedule).
-        y, operator, generator, callback, amp: as for :func:`a_dps`; the callback's
-            ``denoised`` is Tweedie's estimate ``x + sigma^2 s(x, sigma)`` before the step.
+        model: an :class:`~adps.nn.ncsnv2.NCSNv2` (``s(x, sigma)`` on ``[Re, Im]``; any module with that call, and
+            ``sigmas()`` for the default schedule).
+        y, operator, generator, callback, amp: as for :func:`a_dps`; the callback's ``denoised`` is Tweedie's
+            estimate ``x + sigma^2 s(x, sigma)`` before the step.
         sigmas: the level of each step (non-increasing, > 0, no trailing 0); None = default.
         step_scale: ``eta_t / sigma_t^2``.
         noise_std: measurement noise standard deviation (per real channel).
@@ -746,25 +670,23 @@ def ald(
 # ------------------------------------------------------------------------------ prior sampling
 
 
-def prior_heun(
-    model: nn.Module, y: Tensor | None = None, operator: SenseOperator | None = None, sigmas: Tensor | None = None, *,
-    generator: torch.Generator | None = None, callback: Callback | None = None, shape: tuple[int, int] | None = None,
-    batch: int = 1, train_mask: Tensor | None = None, amp: str | None = None
-) -> Tensor:
-    """Unconditional samples of a prior: EDM's deterministic Heun sampler (Karras et al. 2022,
-    Algorithm 1 without churn; METHOD.md "prior": 18 steps, sigma 80 -> 0.002, rho 7), for
-    every EDM-preconditioned model alike, so that FIDs compare models, not samplers.
+def prior_heun(model: nn.Module, y: Tensor | None = None, operator: SenseOperator | None = None,
+               sigmas: Tensor | None = None, *, generator: torch.Generator | None = None,
+               callback: Callback | None = None, shape: tuple[int, int] | None = None, batch: int = 1,
+               train_mask: Tensor | None = None, amp: str | None = None) -> Tensor:
+    """Unconditional samples of a prior: EDM's deterministic Heun sampler (Karras et al. 2022, Algorithm 1 without
+    churn; METHOD.md "prior": 18 steps, sigma 80 -> 0.002, rho 7), for every EDM-preconditioned model alike, so that
+    FIDs compare models, not samplers.
 
-    ``x = sigma_0 n``; per interval ``d = (x - D(x, sigma)) / sigma``, Euler to ``sigma_next``,
-    then (unless ``sigma_next = 0``) the trapezoidal correction with ``D`` at ``sigma_next``:
-    2 network calls per step but the last (35 with 18 steps).
+    ``x = sigma_0 n``; per interval ``d = (x - D(x, sigma)) / sigma``, Euler to ``sigma_next``, then (unless
+    ``sigma_next = 0``) the trapezoidal correction with ``D`` at ``sigma_next``: 35 network calls with 18 steps.
 
-    * A prior on ``[Re, Im]`` (``edm``, ``edm_l1``): ``D = net(x, sigma)``. The image size comes
-      from ``operator`` when one is given (``(N, H, W)`` of its maps, ``batch`` ignored),
-      otherwise from ``shape = (H, W)`` and ``batch`` (N).
-    * An ambient model: ``D = net([A_tr^H A_tr x, mask_tr], sigma)`` as in A-DPS, which needs
-      ``operator`` (its maps define ``A_tr``; its mask is not used) and ``train_mask`` (one
-      R_train + 1 mask per sample, :func:`train_masks`).
+    * A prior on ``[Re, Im]`` (``edm``, ``edm_l1``): ``D = net(x, sigma)``. The image size comes from ``operator``
+      when one is given (``(N, H, W)`` of its maps, ``batch`` ignored), otherwise from ``shape = (H, W)`` and
+      ``batch`` (N).
+    * An ambient model: ``D = net([A_tr^H A_tr x, mask_tr], sigma)`` as in A-DPS, which needs ``operator`` (its maps
+      define ``A_tr``; its mask is not used) and ``train_mask`` (one R_train + 1 mask per sample,
+      :func:`train_masks`).
 
     ``y`` is unused (accepted for the shared signature; pass None).
 
@@ -823,9 +745,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 
 
 def sampler_for(method: str) -> Callable[..., Tensor]:
-    """The default sampler of a training method (:data:`METHOD_SAMPLERS`): ``ambient`` ->
-    :func:`a_dps`, ``edm`` / ``edm_l1`` -> :func:`dps`, ``ncsnv2`` -> :func:`ald`, ``modl`` /
-    ``ssdu`` -> :func:`unrolled`, ``l1`` -> :func:`l1_wavelet`."""
+    """The default sampler of a training method, as :data:`METHOD_SAMPLERS` names it."""
     if method not in METHOD_SAMPLERS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHOD_SAMPLERS)}")
     return SAMPLERS[METHOD_SAMPLERS[method]]
@@ -839,23 +759,18 @@ def run_sampler(
 ) -> Tensor:
     """Run sampler ``name`` from driver-level settings (what an evaluation grid varies).
 
-    * ``steps``: the default schedule of the sampler with this many steps
-      (:func:`default_sigmas`); for ``l1_wavelet`` the solver iterations; ignored by the
-      one-pass ``a_os`` / ``unrolled``. None = METHOD.md's default.
+    * ``steps``: the default schedule of the sampler with this many steps (:func:`default_sigmas`); for
+      ``l1_wavelet`` / ``cg_sense`` the solver iterations; ignored by the one-pass methods. None = METHOD.md's.
     * ``guidance``: ``l_ss`` of ``a_dps`` / ``dps`` (None = 1.0); ignored by the others.
-    * ``a_dps`` only: its ``train_mask`` is drawn here. MRI: with :func:`train_masks` from
-      ``r_train`` (R_train, required), ``seed`` and ``slice_ids`` (default ``0 ..
-      N - 1``); ``acs`` = the masks' ACS width (None = METHOD.md's 20, or fewer where
-      ``floor(W / (R_train + 1))`` columns cannot hold 20). Images: with
-      :func:`~adps.nn.image_diffusion.sampling_mask` from the model's training ``erasure_p``
-      (required) and ``delta``, drawn from ``generator`` before the start noise. A
-      ``train_mask`` in ``options`` is used as given instead.
+    * ``a_dps`` only: its ``train_mask`` is drawn here. MRI: with :func:`train_masks` from ``r_train`` (R_train,
+      required), ``seed`` and ``slice_ids`` (default ``0 .. N - 1``); ``acs`` = the masks' ACS width (None =
+      METHOD.md's 20, or fewer where ``floor(W / (R_train + 1))`` columns cannot hold 20). Images: with
+      :func:`~adps.nn.image_diffusion.sampling_mask` from the model's training ``erasure_p`` (required) and
+      ``delta``, drawn from ``generator`` before the start noise. A ``train_mask`` in ``options`` is used as given.
     * ``amp``: None / ``""`` (off), ``"bf16"``, ``"fp16"``.
-    * ``options``: the schedule settings of :data:`SCHEDULE_OPTIONS` (``sigma_max``,
-      ``sigma_min``, ``rho``; ``steps_per_level``, ``sigma_start`` for ald) go to
-      :func:`default_sigmas`; the rest to the sampler (e.g. ``churn`` of ``a_dps``, ``sigma``
-      of ``a_os``, ``step_scale`` of ``ald``). This is how a Ray Tune trial's settings and
-      the tuned settings of an evaluation reach a sampler.
+    * ``options``: the schedule settings of :data:`SCHEDULE_OPTIONS` go to :func:`default_sigmas`, the rest to the
+      sampler (e.g. ``churn`` of ``a_dps``, ``sigma`` of ``a_os``, ``step_scale`` of ``ald``): how a Ray Tune trial's
+      settings and an evaluation's tuned settings reach a sampler.
     """
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")

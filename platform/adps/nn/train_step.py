@@ -1,7 +1,7 @@
 """One optimisation step of every method in the study, on one device, from plain Python.
 
-The training platform (Ray Train) and the benchmarks call exactly :func:`train_step`; it
-knows nothing of distribution (wrap the model in DDP outside) or of logging.
+The training platform (Ray Train) and the benchmarks call exactly :func:`train_step`; it knows nothing of
+distribution (wrap the model in DDP outside) or of logging.
 
 A batch is a dict of tensors as the prepared-shard dataset returns them:
 
@@ -17,35 +17,29 @@ key                shape / dtype       meaning
 ``slice_id``       (N,) int64          optional
 =================  ==================  ===============================================
 
-The natural-image method ``image`` (paper section 3.1) reads an
-:class:`adps.images.ImageDataset` batch instead: ``image`` real ``(N, 3, H, W)`` in
-``[-1, 1]`` (erased pixels already 0 when corrupted) and, for a corrupted training set
-(``erasure_p > 0``), ``mask`` bool ``(N, 1, H, W)``, True where a pixel is kept.
+The natural-image method ``image`` (paper section 3.1) reads an :class:`adps.images.ImageDataset` batch instead:
+``image`` real ``(N, 3, H, W)`` in ``[-1, 1]`` (erased pixels already 0 when corrupted) and, for a corrupted
+training set (``erasure_p > 0``), ``mask`` bool ``(N, 1, H, W)``, True where a pixel is kept.
 
 What each method trains on (:data:`METHODS`):
 
-* ``ambient``: ``kspace * mask`` only (the ambient loss, k-space form); never the full
-  k-space nor the reference.
+* ``ambient``: ``kspace * mask`` only (the ambient loss, k-space form); never the full k-space nor the reference.
 * ``edm``: ``reference`` (the fully sampled model, R = 1).
 * ``edm_l1``: ``l1`` (the L1-EDM baseline at R).
 * ``ncsnv2``: ``reference``, denoising score matching over the network's noise levels.
 * ``modl``: input ``kspace * mask``, supervised by ``reference`` (NRMSE).
-* ``ssdu``: ``kspace * mask`` split per step into Theta (input) and Lambda (loss); no
-  reference. A fresh split is drawn every step from the step's generator, so over training
-  every acquired column serves as loss column (SSDU's multi-mask spirit); SSDU's original
-  code draws one split per slice before training.
+* ``ssdu``: ``kspace * mask`` split into Theta (input) and Lambda (loss); no reference. A fresh split is drawn every
+  step from the step's generator, so every acquired column serves as loss column over training (SSDU's multi-mask
+  spirit; SSDU's code draws one split per slice before training).
 * ``image``: natural images. With ``mask`` in the batch, Ambient Diffusion's inpainting loss
-  (:func:`adps.nn.image_diffusion.ambient_image_loss`: only the kept pixels ``mask * image``
-  enter, the further-corrupted mask is drawn each step from the step's generator with
-  probability ``delta``); without it, EDM's loss on the clean images
-  (:func:`~adps.nn.objectives.edm_loss` on RGB images). The model must match: an ambient image
-  model (mask channel) exactly when the batch has masks.
+  (:func:`adps.nn.image_diffusion.ambient_image_loss`, the further-corrupted mask drawn each step from the step's
+  generator); without it, EDM's loss on the clean images. The model must match: an ambient image model (mask
+  channel) exactly when the batch has masks.
 
-The step: loss (optionally under autocast) -> backward -> non-finite gradient entries set
-to zero -> gradient-norm clipping -> optimizer step -> EMA update. A non-finite loss skips
-the step entirely (no parameter, optimizer or EMA change); under DistributedDataParallel
-the ranks decide that together (a loss that is non-finite on one rank skips the step on
-all), so that no rank waits alone in the gradient all-reduce.
+The step: loss (optionally under autocast) -> backward -> non-finite gradient entries set to zero -> gradient-norm
+clipping -> optimizer step -> EMA update. A non-finite loss skips the step entirely (no parameter, optimizer or EMA
+change); under DistributedDataParallel the ranks decide that together, so that no rank waits alone in the gradient
+all-reduce.
 """
 
 from __future__ import annotations
@@ -60,12 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from .ema import EMA, unwrap_model
-from .image_diffusion import (
-    DEFAULT_DELTA,
-    ambient_image_loss,
-    build_image_model,
-    is_ambient_image_model,
-)
+from .image_diffusion import DEFAULT_DELTA, ambient_image_loss, build_image_model, is_ambient_image_model
 from .modl import MoDL, build_modl
 from .ncsnv2 import NCSNv2, build_ncsnv2
 from .objectives import (
@@ -73,6 +62,7 @@ from .objectives import (
     ambient_loss,
     dsm_loss,
     edm_loss,
+    keep_columns,
     modl_loss,
     sample_noise,
     sample_sigma,
@@ -84,7 +74,7 @@ from .unet import build_unet
 
 __all__ = [
     "BATCH_KEYS", "IMAGE_METHODS", "LossBySigma", "METHODS", "MRI_METHODS", "PAPER_PRESETS", "SIGMA_BIN_EDGES",
-    "build_model", "make_optimizer", "method_loss", "train_step"
+    "build_model", "make_optimizer", "method_loss", "model_device", "train_step"
 ]
 
 MRI_METHODS = ("ambient", "edm", "edm_l1", "ncsnv2", "modl", "ssdu")
@@ -114,24 +104,21 @@ PAPER_PRESETS = {
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_model(
-    method: str, preset: str = "tiny", *, sigma_data: float = 0.5, ambient: bool | None = None,
-    scale_cond: bool = True, **overrides: Any
-) -> nn.Module:
+def build_model(method: str, preset: str = "tiny", *, sigma_data: float = 0.5, ambient: bool | None = None,
+                scale_cond: bool = True, **overrides: Any) -> nn.Module:
     """The network a method trains, in the form :func:`train_step` expects.
 
     * ``ambient``: :class:`EDMPrecond` around a SongUNet with 4 inputs (``ambient`` / ``tiny``);
     * ``edm``, ``edm_l1``: EDMPrecond around a 2-input SongUNet (``edm`` / ``tiny``);
     * ``ncsnv2``: :class:`NCSNv2` (``ncsnv2`` / ``tiny``);
     * ``modl``, ``ssdu``: :class:`MoDL` (``modl`` / ``tiny``);
-    * ``image``: :func:`adps.nn.image_diffusion.build_image_model` (``image`` / ``tiny``), an
-      RGB denoiser; ``ambient`` (required for this method, refused for the others) says
-      whether it takes the mask channel (trained on erased pixels, ``erasure_p > 0``).
+    * ``image``: :func:`adps.nn.image_diffusion.build_image_model` (``image`` / ``tiny``), an RGB denoiser;
+      ``ambient`` (required for this method, refused for the others) says whether it takes the mask channel
+      (trained on erased pixels, ``erasure_p > 0``).
 
-    ``sigma_data``: EDM's data standard deviation (METHOD.md 0.5) of the EDM-preconditioned
-    models; ``scale_cond``: whether the ambient model's mask channels are scaled by ``c_in``
-    with the image (the reference code's behaviour, the default; :class:`EDMPrecond`).
-    ``overrides`` are passed to the preset builder (fields of the network's config).
+    ``sigma_data``: EDM's data standard deviation (METHOD.md 0.5) of the EDM-preconditioned models; ``scale_cond``:
+    whether the ambient model's mask channels are scaled by ``c_in`` with the image (the reference code's behaviour,
+    the default; :class:`EDMPrecond`). ``overrides`` are fields of the network's config, for the preset builder.
     """
     _check_method(method)
     if preset not in (PAPER_PRESETS[method], "tiny"):
@@ -159,7 +146,7 @@ def _check_method(method: str) -> None:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -192,31 +179,28 @@ def _prepare_image_batch(batch: Mapping[str, Tensor], device: torch.device) -> d
     return out
 
 
-def method_loss(
-    method: str, model: nn.Module, batch: Mapping[str, Tensor], *, generator: torch.Generator | None = None,
-    p_mean: float = -1.2, p_std: float = 1.2, ssdu_rho: float = 0.2, ssdu_keep_center: int = 4,
-    delta: float = DEFAULT_DELTA, details: dict[str, Tensor] | None = None
-) -> Tensor:
+def method_loss(method: str, model: nn.Module, batch: Mapping[str, Tensor], *, generator: torch.Generator | None = None,
+                p_mean: float = -1.2, p_std: float = 1.2, ssdu_rho: float = 0.2, ssdu_keep_center: int = 4,
+                delta: float = DEFAULT_DELTA, details: dict[str, Tensor] | None = None) -> Tensor:
     """The scalar training loss of ``method`` on ``batch`` (no backward, no step).
 
     Args:
         method: one of :data:`METHODS`.
         model: the network from :func:`build_model` (DDP / compile wrappers are fine).
         batch: the dataset's dict (see the module docstring); moved to the model's device.
-        generator: source of every random draw (sigma, noise, SSDU split, NCSN levels, the image
-            method's further-corrupted mask); on the model's device for speed (a CPU generator
-            works anywhere).
+        generator: source of every random draw (sigma, noise, SSDU split, NCSN levels, the image method's
+            further-corrupted mask); on the model's device for speed (a CPU generator works anywhere).
         p_mean, p_std: EDM's log-normal sigma distribution (METHOD.md: -1.2, 1.2).
         ssdu_rho: SSDU's ``|Lambda| / |Omega|`` (0.2).
         ssdu_keep_center: central columns SSDU never puts in Lambda (see :func:`ssdu_split`).
-        delta: ``image`` with masks: probability of erasing each kept pixel for the
-            further-corrupted mask (Ambient Diffusion; the paper's 0.1).
-        details: if a dict is given, the diffusion methods (``ambient``, ``edm``, ``edm_l1``,
-            ``image``) put in it ``sigma`` and ``sample_loss``, the ``(N,)`` noise levels drawn
-            and the per-slice losses (detached), whose mean is the returned loss.
+        delta: ``image`` with masks: probability of erasing each kept pixel for the further-corrupted mask (the
+            paper's 0.1).
+        details: if a dict is given, the diffusion methods (``ambient``, ``edm``, ``edm_l1``, ``image``) put in it
+            ``sigma`` and ``sample_loss``, the ``(N,)`` noise levels drawn and the per-slice losses (detached), whose
+            mean is the returned loss.
     """
     _check_method(method)
-    device = _model_device(model)
+    device = model_device(model)
     data = _prepare_batch(method, batch, device)
     core = unwrap_model(model)
 
@@ -230,10 +214,8 @@ def method_loss(
         sigma = sample_sigma(images.shape[0], generator, p_mean=p_mean, p_std=p_std, device=device)
         noise = sample_noise(images, generator)
         if method == "ambient":
-            per_slice = ambient_loss(
-                model, data["kspace"], data["maps"], data["mask"], data["mask_further"], sigma, noise,
-                sigma_data=sigma_data, reduce=False,
-            )
+            per_slice = ambient_loss(model, data["kspace"], data["maps"], data["mask"], data["mask_further"], sigma,
+                                     noise, sigma_data=sigma_data, reduce=False)
         else:
             per_slice = edm_loss(model, images, sigma, noise, sigma_data=sigma_data, reduce=False)
         return _reduce(per_slice, sigma, details)
@@ -246,11 +228,11 @@ def method_loss(
     if not isinstance(core, MoDL):
         raise TypeError(f"{method}: expected a MoDL model, got {type(core).__name__}")
     mask = data["mask"]
-    measured = _keep_columns(data["kspace"], mask)  # the undersampled acquisition y = P F S x
+    measured = keep_columns(data["kspace"], mask)  # the undersampled acquisition y = P F S x
     if method == "modl":
         return modl_loss(model(measured, data["maps"], mask), data["reference"])
     theta, lam = ssdu_split(mask, rho=ssdu_rho, generator=generator, keep_center=ssdu_keep_center)
-    recon = model(_keep_columns(measured, theta), data["maps"], theta)
+    recon = model(keep_columns(measured, theta), data["maps"], theta)
     return ssdu_loss(recon, measured, data["maps"], lam)
 
 
@@ -262,10 +244,8 @@ def _reduce(per_sample: Tensor, sigma: Tensor, details: dict[str, Tensor] | None
     return per_sample.mean()
 
 
-def _image_loss(
-    model: nn.Module, data: Mapping[str, Tensor], generator: torch.Generator | None, *, p_mean: float, p_std: float,
-    delta: float, details: dict[str, Tensor] | None = None,
-) -> Tensor:
+def _image_loss(model: nn.Module, data: Mapping[str, Tensor], generator: torch.Generator | None, *, p_mean: float,
+                p_std: float, delta: float, details: dict[str, Tensor] | None = None) -> Tensor:
     """The ``image`` method's loss: ambient inpainting loss with masks, EDM's loss without."""
     core = unwrap_model(model)
     ambient = is_ambient_image_model(core)
@@ -289,75 +269,58 @@ def _image_loss(
     return _reduce(per_image, sigma, details)
 
 
-def _keep_columns(kspace: Tensor, mask: Tensor) -> Tensor:
-    """``kspace`` with the columns outside ``mask`` (N, W) set to zero. ``where`` rather than a
-    product: a NaN/Inf in an unmeasured column must not reach the loss (0 * NaN = NaN)."""
-    return torch.where(mask[:, None, None, :], kspace, kspace.new_zeros(()))
-
-
-def make_optimizer(
-    model: nn.Module, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
-) -> torch.optim.Adam:
+def make_optimizer(model: nn.Module, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
+                   eps: float = 1e-8) -> torch.optim.Adam:
     """Adam over ``model``'s parameters with METHOD.md's defaults.
 
-    On CUDA the fused implementation: one kernel updates every parameter, where the default
-    multi-tensor one makes several passes over weights, gradients and moments (the same update
-    up to rounding; the state dict is the same, so checkpoints move between the two).
-    Elsewhere torch's default.
+    On CUDA the fused implementation: one kernel updates every parameter, where the default multi-tensor one makes
+    several passes (the same update up to rounding, and the same state dict). Elsewhere torch's default.
     """
     on_cuda = any(p.device.type == "cuda" for p in model.parameters())
     return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps, fused=True if on_cuda else None)
 
 
-def train_step(
-    method: str, model: nn.Module, batch: Mapping[str, Tensor], optimizer: torch.optim.Optimizer, *,
-    generator: torch.Generator | None = None, amp: str | None = None, scaler: torch.amp.GradScaler | None = None,
-    grad_clip: float | None = 1.0, ema: EMA | None = None, ema_batch_size: int | None = None, **loss_kwargs: Any
-) -> dict[str, Any]:
+def train_step(method: str, model: nn.Module, batch: Mapping[str, Tensor], optimizer: torch.optim.Optimizer, *,
+               generator: torch.Generator | None = None, amp: str | None = None,
+               scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = 1.0, ema: EMA | None = None,
+               ema_batch_size: int | None = None, **loss_kwargs: Any) -> dict[str, Any]:
     """One training step of ``method``: loss, backward, gradient hygiene, optimizer step, EMA.
 
     Args:
         method: one of :data:`METHODS`.
-        model: the network (from :func:`build_model`), in train mode; weights stay float32
-            (the master copy) whatever ``amp`` is.
+        model: the network (from :func:`build_model`), in train mode; weights stay float32 whatever ``amp`` is.
         batch: the dataset's dict (module docstring); moved to the model's device.
         optimizer: e.g. Adam(lr 2e-4, betas (0.9, 0.999), eps 1e-8) as METHOD.md.
         generator: source of every random draw of the loss (see :func:`method_loss`).
-        amp: None (full float32; the default, and the sensible choice on CPU), ``"bf16"`` or
-            ``"fp16"``: autocast of the forward pass to that dtype.
-        scaler: a ``torch.amp.GradScaler`` for ``fp16`` (optional): with it, overflowing steps
-            are skipped and the scale adapted; without it, non-finite gradient entries are
-            zeroed as for every other setting (the reference code's rule).
+        amp: None (full float32; the default, and the sensible choice on CPU), ``"bf16"`` or ``"fp16"``: autocast
+            of the forward pass to that dtype.
+        scaler: a ``torch.amp.GradScaler`` for ``fp16`` (optional): with it, overflowing steps are skipped and the
+            scale adapted; without it, non-finite gradient entries are zeroed as for every other setting.
         grad_clip: maximum global gradient norm (METHOD.md: 1.0); None or 0 = no clipping.
         ema: an :class:`~adps.nn.ema.EMA` to update after the step.
-        ema_batch_size: images the EMA counts for this step. Its half-life is in images over
-            all workers (EDM), so under DDP pass the global batch; default: this batch's size.
+        ema_batch_size: images the EMA counts for this step. Its half-life is in images over all workers (EDM), so
+            under DDP pass the global batch; default: this batch's size.
         loss_kwargs: hyper-parameters of :func:`method_loss` (``p_mean``, ``p_std``, ...).
 
     Returns:
-        ``{"loss": float, "grad_norm": float, "skipped": bool, "nonfinite_grads": int}``:
-        the loss, the gradient norm before clipping (after zeroing), whether the step was
-        skipped (non-finite loss, or a GradScaler overflow), and how many gradient entries
-        were non-finite and zeroed; for the diffusion methods also ``sigma`` and
-        ``sample_loss``, lists of each sample's noise level and loss (:class:`LossBySigma`
-        bins them).
+        ``{"loss": float, "grad_norm": float, "skipped": bool, "nonfinite_grads": int}``: the loss, the gradient
+        norm before clipping (after zeroing), whether the step was skipped (non-finite loss, or a GradScaler
+        overflow), and how many gradient entries were non-finite and zeroed; for the diffusion methods also
+        ``sigma`` and ``sample_loss``, lists of each sample's noise level and loss (:class:`LossBySigma` bins them).
     """
     if amp is not None and amp not in _AMP_DTYPES:
         raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
-    device = _model_device(model)
+    device = model_device(model)
     n_slices = int(next(v for v in batch.values() if isinstance(v, Tensor)).shape[0])
     optimizer.zero_grad(set_to_none=True)
 
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp]) if amp is not None else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device.type, dtype=_AMP_DTYPES[amp]) if amp is not None else contextlib.nullcontext()
     details: dict[str, Tensor] = {}
     with autocast:
         loss = method_loss(method, model, batch, generator=generator, details=details, **loss_kwargs)
     loss_value = float(loss.detach())
     # Per-sample losses with their sigma (diffusion methods): the loss-by-sigma curve of training.
-    by_sigma = {"sigma": details["sigma"].float().cpu().tolist(), "sample_loss": details["sample_loss"].float().cpu().tolist()} \
-        if details else {}
+    by_sigma = {key: details[key].float().cpu().tolist() for key in ("sigma", "sample_loss")} if details else {}
     if not _finite_on_every_rank(model, math.isfinite(loss_value), device):
         # A NaN/Inf loss means a bad batch or a diverged net: nothing of this step may land.
         optimizer.zero_grad(set_to_none=True)
@@ -372,17 +335,14 @@ def train_step(
     grads = [p.grad for p in with_grad]
     nonfinite, grad_norm = 0, 0.0
     if grads:
-        # The global norm first (a few multi-tensor kernels, one device sync): a finite norm
-        # means every entry is finite, so the per-tensor count of non-finite entries (three
-        # small kernels per tensor, over 600 tensors for the ambient network) runs only when
-        # the norm is not finite.
+        # The global norm first (a few multi-tensor kernels, one sync): only a non-finite norm needs the per-tensor
+        # count of non-finite entries (three small kernels per tensor, over 600 tensors for the ambient network).
         total = torch.nn.utils.get_total_norm(grads)
         grad_norm = float(total)
         if not math.isfinite(grad_norm):
             nonfinite = int(torch.stack([(~torch.isfinite(g)).sum() for g in grads]).sum())
             if nonfinite and not use_scaler:
-                # METHOD.md: NaN/Inf gradient entries are zeroed (the reference maps NaN to 0 and
-                # +-Inf to +-1e5 before clipping; zero drops the broken entries entirely).
+                # METHOD.md: NaN/Inf gradient entries are zeroed (the reference maps +-Inf to +-1e5 before clipping).
                 for g in grads:
                     torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
                 total = torch.nn.utils.get_total_norm(grads)
@@ -403,22 +363,21 @@ def train_step(
 
 
 SIGMA_BIN_EDGES = (0.01, 0.05, 0.2, 1.0, 5.0)
-"""Edges of the noise-level bins of :class:`LossBySigma` (6 bins: below 0.01 ... above 5). With
-EDM's ``ln sigma ~ N(-1.2, 1.2^2)`` about 0.2 % of draws fall below 0.01 and 1.7 % above 5."""
+"""Edges of the noise-level bins of :class:`LossBySigma` (6 bins: below 0.01 ... above 5). With EDM's
+``ln sigma ~ N(-1.2, 1.2^2)`` about 0.2 % of draws fall below 0.01 and 1.7 % above 5."""
 
 
 class LossBySigma:
     """The training loss binned by noise level: where in sigma a diffusion model still learns.
 
-    Logged by training as the MLflow metrics ``loss_by_sigma/lt0.01``, ``loss_by_sigma/0.01-0.05``,
-    ..., ``loss_by_sigma/gt5``: the mean loss of the samples drawn in each bin since the last log.
+    Logged by training as the MLflow metrics ``loss_by_sigma/lt0.01``, ``loss_by_sigma/0.01-0.05``, ...,
+    ``loss_by_sigma/gt5``: the mean loss of the samples drawn in each bin since the last log.
 
-    The loss of EDM-preconditioned models is weighted by ``lambda(sigma) ~ 1 / sigma^2`` at low
-    sigma, so one mean over all sigma is dominated by the few low draws. Binned, it shows the
-    curve: an EDM model's loss falls at every level as it trains; an ambient model's keeps a
-    floor at low sigma (the columns of ``A`` outside ``A~`` cannot be predicted exactly from the
-    ``A~`` data, and ``lambda`` multiplies that error by ``1 / sigma^2``), and where that floor
-    sits against the other bins tells how far down a sampler can trust it (docs/evaluation.md).
+    The loss is weighted by ``lambda(sigma) ~ 1 / sigma^2`` at low sigma, so one mean over all sigma is dominated by
+    the few low draws. Binned, it shows the curve: an EDM model's loss falls at every level as it trains; an ambient
+    model's keeps a floor at low sigma (the columns of ``A`` outside ``A~`` cannot be predicted exactly, and
+    ``lambda`` multiplies that error), and where that floor sits tells how far down a sampler can trust it
+    (docs/evaluation.md).
     """
 
     def __init__(self, edges: tuple[float, ...] = SIGMA_BIN_EDGES) -> None:
@@ -448,11 +407,8 @@ class LossBySigma:
 
 
 def _finite_on_every_rank(model: nn.Module, finite: bool, device: torch.device) -> bool:
-    """Whether the loss is finite on every DDP rank (just ``finite`` without DDP).
-
-    Under DistributedDataParallel a rank that skipped its backward would leave the others
-    waiting in the gradient all-reduce, so the skip decision is made together.
-    """
+    """Whether the loss is finite on every DDP rank (just ``finite`` without DDP): a rank that skipped its backward
+    alone would leave the others waiting in the gradient all-reduce."""
     if not (isinstance(model, nn.parallel.DistributedDataParallel) and torch.distributed.is_initialized()):
         return finite
     flag = torch.tensor([1.0 if finite else 0.0], device=device)

@@ -1,10 +1,8 @@
 """The EDM "DDPM++" U-Net (``SongUNet``) with the gated convolutions of Ambient Diffusion.
 
-This is the raw network ``F`` of Karras et al. 2022 ("Elucidating the Design Space of
-Diffusion-Based Generative Models", EDM), in its DDPM++ configuration (Song et al. 2021,
-"Score-Based Generative Modeling through Stochastic Differential Equations"), with the
-gated convolutions that the Ambient Diffusion reference code adds to every convolution.
-Preconditioning (``c_in``, ``c_skip``, ...) lives in :mod:`adps.nn.precond`.
+The raw network ``F`` of Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative Models",
+EDM) in its DDPM++ configuration (Song et al. 2021), with the gated convolutions that the Ambient Diffusion reference
+code adds to every convolution. Preconditioning (``c_in``, ``c_skip``, ...) lives in :mod:`adps.nn.precond`.
 
 Structure (``L`` = ``len(channel_mult)`` levels, ``B`` = ``num_blocks``)::
 
@@ -17,8 +15,8 @@ Structure (``L`` = ``len(channel_mult)`` levels, ``B`` = ``num_blocks``)::
                 residual blocks, each consuming one skip connection (concatenated).
     output:     GroupNorm -> SiLU -> 3x3 conv model_channels*channel_mult[0] -> out_channels.
 
-The network is fully convolutional apart from attention, so it runs on any ``H x W`` that
-is divisible by ``2 ** (L - 1)`` (e.g. 384 x 320 with four levels), square or not.
+The network is fully convolutional apart from attention, so it runs on any ``H x W`` divisible by ``2 ** (L - 1)``
+(e.g. 384 x 320 with four levels), square or not.
 """
 
 from __future__ import annotations
@@ -43,12 +41,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class UNetConfig(ConfigFile):
-    """Every hyper-parameter of :class:`SongUNet`, with the upstream DDPM++ defaults.
-
-    The defaults are those of the Ambient Diffusion MRI reference (``--arch=ddpmpp
-    --cres=1,1,1,1 --dropout=0.1 --augment=0``); only the channel counts have no default
-    because they depend on the method (see :data:`PRESETS`).
-    """
+    """Every hyper-parameter of :class:`SongUNet`, with the defaults of the Ambient Diffusion MRI reference
+    (``--arch=ddpmpp --cres=1,1,1,1 --dropout=0.1 --augment=0``); the channel counts depend on the method
+    (:data:`PRESETS`)."""
 
     in_channels: int
     """Channels of the network input, e.g. 2 ([Re, Im]) or 4 ([Re, Im, mask, ones])."""
@@ -65,12 +60,11 @@ class UNetConfig(ConfigFile):
     num_blocks: int = 4
     """Residual blocks per level in the encoder (the decoder has ``num_blocks + 1``)."""
     attn_levels: tuple[int, ...] = ()
-    """Levels (0 = full resolution) whose encoder blocks and last decoder block carry
-    self-attention. Upstream selects these by absolute resolution (``attn_resolutions =
-    [16]``); at 384 x 320 no level is 16 pixels wide, so upstream has none: empty here."""
+    """Levels (0 = full resolution) whose encoder blocks and last decoder block carry self-attention. Upstream selects
+    them by resolution (``attn_resolutions = [16]``); at 384 x 320 no level is 16 pixels wide: none."""
     mid_attention: bool = True
-    """Self-attention in the decoder's first block at the lowest level (always on upstream):
-    with the defaults this is the network's only attention block."""
+    """Self-attention in the decoder's first block at the lowest level (always on upstream): with the defaults the
+    network's only attention block."""
     num_heads: int = 1
     """Attention heads (DDPM++ uses a single head)."""
     dropout: float = 0.1
@@ -98,10 +92,8 @@ class UNetConfig(ConfigFile):
         if not self.channel_mult:
             raise ValueError("UNetConfig: channel_mult must name at least one level")
         if self.embedding_type != "positional":
-            raise ValueError(
-                f"UNetConfig: embedding_type {self.embedding_type!r} is not supported "
-                "(only 'positional', the DDPM++ embedding)"
-            )
+            raise ValueError(f"UNetConfig: embedding_type {self.embedding_type!r} is not supported "
+                             "(only 'positional', the DDPM++ embedding)")
         bad_levels = [a for a in self.attn_levels if not 0 <= a < len(self.channel_mult)]
         if bad_levels:
             raise ValueError(f"UNetConfig: attn_levels {bad_levels} outside 0..{len(self.channel_mult) - 1}")
@@ -119,30 +111,21 @@ class UNetConfig(ConfigFile):
         return 2 ** (self.num_levels - 1)
 
 
-
 PRESETS: dict[str, UNetConfig] = {
-    # The reference ambient model. Upstream builds it with img_channels = 4 for both input
-    # ([Re, Im, mask, ones]) and output, and the loss keeps only the first two output
-    # channels (``net(...)[:, :2]``). The two spare output channels are kept here because
-    # they are part of the published architecture: they make the parameter count exactly
-    # 36,768,644 and keep weights interchangeable. EDMPrecond uses channels [:2] only.
+    # The reference ambient model: [Re, Im, mask, ones] in, 4 out as upstream (img_channels = 4), whose loss keeps
+    # only the first two (EDMPrecond too). The spare outputs keep the published parameter count, 36,768,644, and
+    # weights interchangeable.
     "ambient": UNetConfig(in_channels=4, out_channels=4),
     # The R = 1 EDM model and the L1-EDM baselines: plain [Re, Im] in and out.
     "edm": UNetConfig(in_channels=2, out_channels=2),
-    # A small network for tests and the CPU demo: the same code paths (gates, resampling,
-    # attention), four levels like the real one. Four levels matter: the attention block
-    # sits at the lowest level, and with only two levels it would attend over 192 x 160 =
-    # 30,720 positions at 384 x 320. The full-resolution level dominates the CPU time,
-    # hence only 8 channels there (2 GroupNorm groups of 4).
+    # Tests and the CPU demo: the same code paths, and four levels like the real one (with two, the attention at the
+    # lowest level would attend over 30,720 positions at 384 x 320); 8 channels at the costly full resolution.
     "tiny": UNetConfig(in_channels=4, out_channels=2, model_channels=8, channel_mult=(1, 2, 2, 2), num_blocks=1),
 }
 
 
 def build_unet(preset: str, **overrides: Any) -> SongUNet:
-    """Build a :class:`SongUNet` from a named preset, with any field overridden.
-
-    Example: ``build_unet("tiny", in_channels=2)``.
-    """
+    """A :class:`SongUNet` from a named preset, with any field overridden (``build_unet("tiny", in_channels=2)``)."""
     return SongUNet(from_preset(PRESETS, preset, "network", **overrides))
 
 
@@ -151,9 +134,8 @@ def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-# --------------------------------------------------------------------------------------
-# Initialisation. Upstream initialises every conv/linear weight with Xavier-uniform
-# (fans include the kernel area) times a per-layer gain, and every bias with zero.
+# -------------------------------------------------------------------------------------- initialisation
+# As upstream: every conv/linear weight Xavier-uniform (fans include the kernel area) times a per-layer gain, biases 0.
 
 
 def _xavier_uniform_(weight: Tensor, gain: float) -> None:
@@ -203,10 +185,9 @@ class GroupNorm(nn.Module):
 class Resample(nn.Module):
     """Parameter-free 2x down- or up-sampling with a separable FIR filter.
 
-    Upstream implements this as a depthwise (transposed) convolution with the outer product
-    of ``resample_filter`` (normalised to unit DC gain; times 4 for up-sampling). For the
-    DDPM++ filter (1, 1) that is exactly 2x2 average pooling and nearest-neighbour
-    up-sampling, which have faster dedicated kernels, so those are used for it.
+    Upstream's depthwise (transposed) convolution with the outer product of ``resample_filter`` (unit DC gain; times 4
+    for up-sampling). For DDPM++'s (1, 1) that is exactly 2x2 average pooling and nearest-neighbour up-sampling,
+    which have faster dedicated kernels, so those are used for it.
     """
 
     def __init__(self, mode: str, resample_filter: tuple[int, ...]):
@@ -237,27 +218,20 @@ class Resample(nn.Module):
 class GatedConv2d(nn.Module):
     """2-D convolution (same padding) with an optional multiplicative gate and resampling.
 
-    With ``gated=True`` the layer holds a second, bias-free weight ``gate_weight`` of the
-    same shape as ``weight`` (the Ambient Diffusion reference adds one to every conv) and
-    computes::
+    With ``gated=True`` the layer holds a second, bias-free weight ``gate_weight`` shaped like ``weight`` (the Ambient
+    Diffusion reference adds one to every conv) and computes::
 
         y = conv(x, weight) * sigmoid(sigmoid(conv(x, gate_weight))) + bias
 
-    The sigmoid is applied twice on purpose: the reference code does exactly that (it
-    stores ``sigmoid(conv_g(x))`` and multiplies by ``sigmoid`` of it), and trained
-    reference weights assume it. As upstream, the bias is added after gating.
+    The double sigmoid is on purpose: the reference code does exactly that, and its trained weights assume it. As
+    upstream, the bias is added after gating. Both convolutions run as one ``conv2d`` with the two weights
+    concatenated along the output channels, then split: one large GEMM instead of two smaller ones.
 
-    Both convolutions run as one ``conv2d`` call with the two weights concatenated along
-    the output-channel axis, then split: one large GEMM instead of two smaller ones.
-
-    ``resample`` ("up"/"down") resamples the input before the convolution, as upstream's
-    non-fused path does (DDPM++ never uses the fused variant).
+    ``resample`` ("up"/"down") resamples the input before the convolution, as upstream's non-fused path does.
     """
 
-    def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True, gated: bool = True,
-        resample: str | None = None, resample_filter: tuple[int, ...] = (1, 1), gain: float = _GAIN_DEFAULT
-    ):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True, gated: bool = True,
+                 resample: str | None = None, resample_filter: tuple[int, ...] = (1, 1), gain: float = _GAIN_DEFAULT):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd for same padding, got {kernel_size}")
@@ -286,10 +260,8 @@ class GatedConv2d(nn.Module):
         # Double sigmoid: kept from the reference implementation (see class docstring).
         out = value * torch.sigmoid(torch.sigmoid(gate))
         if self.bias is not None:
-            # In the convolution's output dtype, not the input's: under autocast a float32 input
-            # (the GroupNorm before it runs in float32) gives a bf16 output, and a float32 bias
-            # would promote the sum, and with it the whole residual stream, to float32: twice the
-            # memory traffic and saved activations of every element-wise op after it.
+            # In the output's dtype, not the input's: under autocast a float32 input gives a bf16 output, and a float32
+            # bias would promote the whole residual stream to float32 (twice the memory traffic after it).
             out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
         return out
 
@@ -297,18 +269,15 @@ class GatedConv2d(nn.Module):
 class UNetBlock(nn.Module):
     """DDPM++ residual block with optional 2x resampling and single-/multi-head attention.
 
-    ``x -> GN -> SiLU -> conv0(resample) -> + emb -> GN -> SiLU -> dropout -> conv1``, added
-    to the (projected) shortcut and scaled by sqrt(1/2); then optionally
-    ``x -> x + proj(attention(qkv(GN(x))))``, again scaled by sqrt(1/2).
+    ``x -> GN -> SiLU -> conv0(resample) -> + emb -> GN -> SiLU -> dropout -> conv1``, added to the (projected)
+    shortcut and scaled by sqrt(1/2); then optionally ``x -> x + proj(attention(qkv(GN(x))))``, again scaled.
     """
 
     # sqrt(1/2) keeps the variance of "residual + shortcut" at that of one branch.
     skip_scale = math.sqrt(0.5)
 
-    def __init__(
-        self, in_channels: int, out_channels: int, emb_channels: int, cfg: UNetConfig, resample: str | None = None,
-        attention: bool = False
-    ):
+    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, cfg: UNetConfig,
+                 resample: str | None = None, attention: bool = False):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -323,8 +292,7 @@ class UNetBlock(nn.Module):
         self.norm1 = GroupNorm(out_channels, eps=cfg.eps)
         self.conv1 = GatedConv2d(out_channels, out_channels, 3, gain=_GAIN_ZERO, **conv_kw)
 
-        # Shortcut: identity when shapes agree, else a 1x1 projection (DDPM++ projects
-        # also when only resampling, "resample_proj=True"; it is gated like every conv).
+        # Shortcut: identity when shapes agree, else a gated 1x1 projection (also when only resampling, as DDPM++).
         self.skip = None
         if in_channels != out_channels or resample is not None:
             self.skip = GatedConv2d(in_channels, out_channels, 1, resample=resample, **conv_kw)
@@ -352,26 +320,21 @@ class UNetBlock(nn.Module):
 def spatial_attention(qkv: Tensor, num_heads: int) -> Tensor:
     """Multi-head self-attention over the pixels of a ``(N, 3C, H, W)`` qkv tensor.
 
-    The channel layout is upstream's: channel index = (head, channel, {q, k, v}), i.e.
-    ``qkv.reshape(N * heads, C // heads, 3, H * W)``; it is kept so that weights stay
+    The channel layout is upstream's, ``qkv.reshape(N * heads, C // heads, 3, H * W)``, so that weights stay
     interchangeable with the reference. Returns ``(N, C, H, W)``.
     """
     n, c3, h, w = qkv.shape
     c = c3 // 3
     qkv = qkv.reshape(n, num_heads, c // num_heads, 3, h * w)
     q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(3))  # each (N, heads, HW, C/heads)
-    # softmax(q k^T / sqrt(d)) v, as upstream's AttentionOp. The fused kernel keeps the
-    # softmax statistics in fp32, which is what upstream's explicit fp32 op is for.
+    # softmax(q k^T / sqrt(d)) v, as upstream's AttentionOp; the fused kernel keeps the softmax statistics in fp32.
     a = F.scaled_dot_product_attention(q, k, v)
     return a.transpose(-1, -2).reshape(n, c, h, w)
 
 
 class PositionalEmbedding(nn.Module):
-    """Transformer-style sinusoidal embedding of the (scalar) noise label.
-
-    Frequencies ``(1 / max_positions) ** (i / (n/2 - 1))``, i = 0..n/2-1 (``endpoint=True``
-    upstream), output ``[cos(x f), sin(x f)]``.
-    """
+    """Transformer-style sinusoidal embedding of the (scalar) noise label: frequencies ``(1 / max_positions) ** (i /
+    (n/2 - 1))``, i = 0..n/2-1 (``endpoint=True`` upstream), output ``[cos(x f), sin(x f)]``."""
 
     def __init__(self, num_channels: int, max_positions: int = 10000):
         super().__init__()
@@ -389,18 +352,15 @@ class PositionalEmbedding(nn.Module):
 
 
 class SongUNet(ActivationCheckpointing, nn.Module):
-    """EDM's ``SongUNet`` (DDPM++ encoder/decoder, "standard" types) with gated convs.
-
-    ``forward(x, noise_labels, class_labels=None)`` is the raw network ``F``: no
-    preconditioning; ``noise_labels`` is ``c_noise`` (one value per batch element).
-    """
+    """EDM's ``SongUNet`` (DDPM++ encoder/decoder, "standard" types) with gated convs: the raw network ``F`` (no
+    preconditioning; ``noise_labels`` is ``c_noise``)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
-        self.config = config
-        cfg = config
+        self.config = cfg = config
         emb_channels = cfg.model_channels * cfg.channel_mult_emb
         noise_channels = cfg.model_channels * cfg.channel_mult_noise
+        conv_kw = dict(gated=cfg.gated, resample_filter=cfg.resample_filter)
 
         # Mapping network: noise label (and class label) -> embedding vector.
         self.map_noise = PositionalEmbedding(noise_channels, max_positions=cfg.max_positions)
@@ -411,17 +371,14 @@ class SongUNet(ActivationCheckpointing, nn.Module):
         def block(cin: int, cout: int, resample: str | None = None, attention: bool = False) -> UNetBlock:
             return UNetBlock(cin, cout, emb_channels, cfg, resample=resample, attention=attention)
 
-        # Encoder. Names are "l<level>_<role>" (upstream names by "<res>x<res>", which
-        # has no meaning for non-square images).
+        # Encoder. Names are "l<level>_<role>" (upstream's "<res>x<res>" means nothing for non-square images).
         self.enc = nn.ModuleDict()
         skip_channels: list[int] = []
         cout = cfg.in_channels
         for level, mult in enumerate(cfg.channel_mult):
             if level == 0:
                 cin, cout = cout, cfg.model_channels
-                self.enc[f"l{level}_conv"] = GatedConv2d(
-                    cin, cout, 3, gated=cfg.gated, resample_filter=cfg.resample_filter
-                )
+                self.enc[f"l{level}_conv"] = GatedConv2d(cin, cout, 3, **conv_kw)
             else:
                 self.enc[f"l{level}_down"] = block(cout, cout, resample="down")
             skip_channels.append(cout)
@@ -445,9 +402,7 @@ class SongUNet(ActivationCheckpointing, nn.Module):
         assert not skip_channels, "every skip connection must be consumed"
 
         self.out_norm = GroupNorm(cout, eps=cfg.eps)
-        self.out_conv = GatedConv2d(
-            cout, cfg.out_channels, 3, gated=cfg.gated, resample_filter=cfg.resample_filter, gain=_GAIN_ZERO
-        )
+        self.out_conv = GatedConv2d(cout, cfg.out_channels, 3, gain=_GAIN_ZERO, **conv_kw)
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """Apply the network.
@@ -465,10 +420,8 @@ class SongUNet(ActivationCheckpointing, nn.Module):
             raise ValueError(f"expected input (N, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
         m = cfg.size_multiple
         if x.shape[2] % m or x.shape[3] % m:
-            raise ValueError(
-                f"input size {x.shape[2]}x{x.shape[3]} is not divisible by {m} "
-                f"(required by {cfg.num_levels} resolution levels)"
-            )
+            raise ValueError(f"input size {x.shape[2]}x{x.shape[3]} is not divisible by {m} "
+                             f"(required by {cfg.num_levels} resolution levels)")
         noise_labels = noise_labels.reshape(-1).to(x.dtype)
         if noise_labels.numel() == 1:
             noise_labels = noise_labels.expand(x.shape[0])

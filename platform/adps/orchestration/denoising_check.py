@@ -1,10 +1,10 @@
-"""The denoising check (docs/evaluation.md): before any sampler runs, each diffusion model
-denoises a few slices of the split it is used on; a model whose output is not closer to the
-truth than its noisy input is used on data unlike its training data. Run by ``adps evaluate``
-(test split) and ``adps tune`` (its split)."""
+"""The denoising check (docs/evaluation.md): before any sampler runs, each diffusion model denoises a few slices of the
+split it is used on; a model whose output is not closer to the truth than its noisy input is used on data unlike its
+training data. Run by ``adps evaluate`` (test split) and ``adps tune`` (its split)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,27 +19,20 @@ from adps.orchestration.registry import load_model_entry, model_label
 __all__ = ["check_denoisers", "format_denoising_check"]
 
 
-def check_denoisers(
-    models: Sequence[tuple[str, dict[str, Any]]], dataset: str, split: str, *, slices: int = 4,
-    sigmas: Sequence[float] = (0.05, 0.1, 0.2), seed: int = 0, tracking_uri: str | None = None, device: str = "cpu"
-) -> list[dict[str, Any]]:
-    """Does each model denoise the slices it is about to reconstruct? One row per model and sigma.
+def check_denoisers(models: Sequence[tuple[str, dict[str, Any]]], dataset: str, split: str, *, slices: int = 4,
+                    sigmas: Sequence[float] = (0.05, 0.1, 0.2), seed: int = 0, tracking_uri: str | None = None,
+                    device: str = "cpu") -> list[dict[str, Any]]:
+    """Does each model denoise the slices it is about to reconstruct? One row per model and sigma:
+    ``{"model", "uri", "method", "split", "sigma", "input_nrmse", "output_nrmse", "passed"}`` (``passed``: the model's
+    verdict over all sigmas, repeated on each of its rows).
 
-    :func:`adps.nn.reconstruct.denoising_check` on the first ``slices`` slices of ``split``
-    for every model with a denoiser (ambient, edm, edm_l1, ncsnv2; the others are skipped): the
-    complex NRMSE of the noisy input and of the model's output, averaged over the slices. An
-    ambient model is fed ``A~^H A~ (x + sigma n)`` with R_train + 1 masks drawn as A-DPS draws
-    its A_tr (:func:`adps.nn.samplers.train_masks`, from ``seed``). A model whose output is not
-    closer to the truth than its input at every sigma is flagged (``passed`` False) and a
-    warning names it: it was trained on data of another convention than ``split`` (schema
-    version, phase, scale) or is not trained at all, and its reconstructions will be poor.
-
-    Returns:
-        rows ``{"model", "uri", "method", "split", "sigma", "input_nrmse", "output_nrmse", "passed"}``
-        (``passed`` is the model's verdict over all sigmas, repeated on each of its rows).
+    :func:`adps.nn.reconstruct.denoising_check` on the first ``slices`` slices of ``split`` for every model with a
+    denoiser (ambient, edm, edm_l1, ncsnv2; the others are skipped): the complex NRMSE of the noisy input and of the
+    model's output, averaged over the slices. An ambient model is fed ``A~^H A~ (x + sigma n)`` with R_train + 1
+    masks drawn as A-DPS draws its A_tr (:func:`adps.nn.samplers.train_masks`, from ``seed``). A model whose output
+    is not closer to the truth than its input at every sigma fails, and a warning names it: it was trained on data of
+    another convention than ``split`` (schema version, phase, scale) or not at all, and will reconstruct poorly.
     """
-    import warnings
-
     checked = [(uri, model_config) for uri, model_config in models if model_config["method"] in DENOISER_METHODS]
     if not checked:
         return []
@@ -58,9 +51,8 @@ def check_denoisers(
         model, _ = load_model_entry(uri, device, tracking_uri)
         train_mask = None
         if method == "ambient":
-            width = batch["reference"].shape[-1]
-            train_mask = train_masks(width, float(model_config["r_train"]), len(items), seed, slice_ids,
-                                     acs=manifest["config"].get("acs", 20))
+            train_mask = train_masks(batch["reference"].shape[-1], float(model_config["r_train"]), len(items), seed,
+                                     slice_ids, acs=manifest["config"].get("acs", 20))
         found = denoising_check(method, model, batch, sigmas=tuple(sigmas), train_mask=train_mask,
                                 generator=torch.Generator().manual_seed(seed))
         model_rows = [{"model": label, "uri": uri, "method": method, "split": split, "sigma": sigma,
@@ -90,6 +82,3 @@ def format_denoising_check(rows: Sequence[dict[str, Any]]) -> str:
         cells = "  ".join(f"s={r['sigma']:g}: {r['input_nrmse']:.3f} -> {r['output_nrmse']:.3f}" for r in found)
         lines.append(f"  {model:14s} {'ok    ' if found[0]['passed'] else 'FAILED'}  {cells}")
     return "\n".join(lines)
-
-
-# The whole evaluation ------------------------------------------------------------------------

@@ -1,22 +1,18 @@
 """The evaluation of both studies: one driver, each study's own part in its module.
 
 ``adps evaluate`` / ``jobs/evaluate.py`` call :func:`evaluate` with an
-:class:`~adps.orchestration.study_mri.EvaluateConfig` (the MRI study: models x R_inf x test
-slices, docs/evaluation.md) or an :class:`~adps.orchestration.study_images.ImageEvaluateConfig`
-(the natural-image study: models x tasks x settings x test images, docs/natural_images.md).
-The config's type picks the :class:`~adps.orchestration.cells.Study`; the driver does what
-both share:
+:class:`~adps.orchestration.study_mri.EvaluateConfig` (the MRI study: models x R_inf x test slices,
+docs/evaluation.md) or an :class:`~adps.orchestration.study_images.ImageEvaluateConfig` (the natural-image
+study: models x tasks x settings x test images, docs/natural_images.md). The config's type picks the
+:class:`~adps.orchestration.cells.Study`; the driver does what both share:
 
-1. resolve the tracking URI, the output folder and the LPIPS weights once on the driver (the
-   tasks run in other folders; a missing file fails here, naming it, not in every task);
-2. the study plans its cells (it resolves and pins the models first, so a wrong entry fails
-   before any task starts);
-3. :func:`~adps.orchestration.cells.run_cells` computes the cells not yet in
-   ``<output>/cells/`` as Ray tasks (one GPU each with ``use_gpu``): an interrupted evaluation,
-   run again, computes only what is missing;
-4. the rows, sorted, go to one MLflow run (``results.parquet`` / ``results.csv``, the study's
-   cross-over table and figures, its metrics and tags), and the same files to
-   ``<output>/report/``.
+1. resolve the tracking URI, the output folder and the LPIPS weights once on the driver (the tasks run in
+   other folders; a missing file fails here, naming it, not in every task);
+2. the study plans its cells (it pins the models first, so a wrong entry fails before any task starts);
+3. :func:`~adps.orchestration.cells.run_cells` computes the cells not yet in ``<output>/cells/`` as Ray tasks
+   (one GPU each with ``use_gpu``): an interrupted evaluation, run again, computes only what is missing;
+4. the rows, sorted, go to one MLflow run (``results.parquet`` / ``results.csv``, the study's cross-over
+   table and figures, its metrics and tags), and the same files to ``<output>/report/``.
 """
 
 from __future__ import annotations
@@ -40,10 +36,8 @@ from adps.orchestration.study_mri import MRI_STUDY, EvaluateConfig, format_cross
 from adps.orchestration.tracking import RunLogger, end_run, open_run, refuse_job_scratch, resolve_tracking_uri
 from adps.perceptual import find_weights
 
-__all__ = [
-    "STUDIES", "EvaluateConfig", "ImageEvaluateConfig", "evaluate", "format_crossover", "format_image_crossover",
-    "format_image_results", "format_results", "study_of",
-]
+__all__ = ["STUDIES", "EvaluateConfig", "ImageEvaluateConfig", "evaluate", "format_crossover", "format_image_crossover",
+           "format_image_results", "format_results", "study_of"]
 
 STUDIES: dict[str, Study] = {study.name: study for study in (MRI_STUDY, IMAGE_STUDY)}
 """``adps evaluate --study`` -> the study."""
@@ -59,15 +53,13 @@ def study_of(config: EvaluationConfig) -> Study:
 
 
 def evaluate(config: EvaluationConfig, *, ray_address: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the evaluation ``config`` describes; returns ``{"rows", "crossover",
-    "run_id", "output"}`` and what the study adds (MRI: ``denoising_check``; images:
-    ``figures``, the file names written)."""
-
+    """Run (or resume) the evaluation ``config`` describes; returns ``{"rows", "crossover", "run_id", "output",
+    "figures"}`` (the figures' file names) and what the study adds (MRI: ``denoising_check``)."""
     study = study_of(config)
     config.validate()
     n_test = study.check_data(config)
-    refuse_job_scratch(config.resolved_output, "the evaluation's output", "set output to durable storage (s3://..., "
-                       "or a folder outside the job)")
+    refuse_job_scratch(config.resolved_output, "the evaluation's output",
+                       "set output to durable storage (s3://..., or a folder outside the job)")
     resolved = {"tracking_uri": resolve_tracking_uri(config.tracking_uri), "output": config.resolved_output}
     if config.lpips:
         resolved["lpips_weights"] = str(find_weights("alexnet", config.lpips_weights or None))
@@ -93,8 +85,8 @@ def _cell_task(config: dict[str, Any], cell: dict[str, Any]) -> list[dict[str, A
 
 def _log_to_mlflow(study: Study, config: EvaluationConfig, rows: list[dict[str, Any]], crossovers: list[Any],
                    cells: list[Any], extra: dict[str, Any]) -> tuple[str, list[str]]:
-    """One MLflow run (found again by output and run name): the tables, the study's report and
-    its metrics and tags; returns the run id and the figures' file names."""
+    """One MLflow run (found again by output and run name): the tables, the study's report and its metrics and
+    tags; returns the run id and the figures' file names."""
     import pandas as pd
 
     run_id, _ = open_run(config.tracking_uri, config.experiment, f"{config.resolved_output}#{config.run_name}",
@@ -120,10 +112,9 @@ def _log_to_mlflow(study: Study, config: EvaluationConfig, rows: list[dict[str, 
 
 def crown_champion(study: Study, config: EvaluationConfig, rows: list[dict[str, Any]], cells: list[Any],
                    run_id: str) -> str:
-    """Point the alias ``@champion`` at the registered version that scored best here: the
-    lowest mean ``study.score`` over its cells (its best sampler's), among the evaluated models
-    that are registry versions (:func:`~adps.orchestration.registry.set_champion`). Returns
-    ``models:/<name>/<version>`` ('' without registry models)."""
+    """Point the alias ``@champion`` at the registered version that scored best here: the lowest mean
+    ``study.score`` over its cells (its best sampler's), among the evaluated models that are registry versions
+    (:func:`~adps.orchestration.registry.set_champion`). Returns ``models:/<name>/<version>`` ('' without)."""
     versions = {cell.label: cell.model for cell in cells if cell.model.startswith("models:/")}
     scores: dict[tuple[str, str], list[float]] = {}
     for row in rows:

@@ -1,20 +1,15 @@
 """Unconditional samples and FID per diffusion model (paper table 1): ``adps fid``.
 
-One Ray task per model (one GPU each with ``use_gpu``) draws ``samples`` unconditional images,
-computes the FID against the reference images of the dataset's ``split`` (VGG16 features by
-default, Inception-v3 as an option; local weights only, see :mod:`adps.perceptual`) and draws a
-sample grid. The driver logs one MLflow run: ``fid.csv`` (model, FID, the paper's value, the
-sampler and its settings), metrics ``fid.<model>``, tags ``adps.fid_sampler.<model>`` and
-``samples_<model>.png``.
+One Ray task per model (one GPU each with ``use_gpu``) draws ``samples`` unconditional images, computes the
+FID against the reference images of the dataset's ``split`` (VGG16 features by default, Inception-v3 as an
+option; local weights only, see :mod:`adps.perceptual`) and draws a sample grid. The driver logs one MLflow
+run: ``fid.csv`` (model, FID, the paper's value, the sampler and its settings), metrics ``fid.<model>``, tags
+``adps.fid_sampler.<model>`` and ``samples_<model>.png``.
 
-Table 1's FIDs must compare models, not samplers (METHOD.md "prior"), so every
-EDM-preconditioned model samples with EDM's Heun sampler, 18 steps, sigma 80 -> 0.002, rho 7
-(:func:`adps.nn.samplers.prior_heun`): ``edm`` / ``edm_l1`` on ``[Re, Im]``, and ambient models
-with the network fed ``[A_tr^H A_tr x, mask_tr]`` as in training (a fresh R_train + 1 mask per
-sample from the A_tr stream, and the coil maps of the split's slices, cycled, since its input is
-defined through them). NCSNv2 samples by annealed Langevin dynamics without a data term over its
-own full noise range, from its largest training sigma (:func:`fid_sampler` says which, with
-every setting).
+Table 1's FIDs must compare models, not samplers (METHOD.md "prior"), so each family samples with one fixed
+sampler (:func:`fid_sampler`); ambient models with the network fed ``[A_tr^H A_tr x, mask_tr]`` as in training
+(a fresh R_train + 1 mask per sample from the A_tr stream, and the coil maps of the split's slices, cycled,
+since its input is defined through them).
 """
 
 from __future__ import annotations
@@ -41,10 +36,8 @@ from adps.perceptual import fid, find_weights
 
 __all__ = ["PAPER_FID", "FidConfig", "fid_sampler", "format_fid_table", "run_fid", "unconditional_samples"]
 
-PAPER_FID = {
-    "edm_r1": 10.41, "edm_l1_r2": 18.55, "edm_l1_r4": 27.64, "edm_l1_r6": 51.43, "edm_l1_r8": 102.98,
-    "ncsnv2_r1": 13.20, "ambient_r2": 30.34, "ambient_r4": 32.31, "ambient_r6": 31.50, "ambient_r8": 48.15,
-}
+PAPER_FID = {"edm_r1": 10.41, "edm_l1_r2": 18.55, "edm_l1_r4": 27.64, "edm_l1_r6": 51.43, "edm_l1_r8": 102.98,
+             "ncsnv2_r1": 13.20, "ambient_r2": 30.34, "ambient_r4": 32.31, "ambient_r6": 31.50, "ambient_r8": 48.15}
 """Table 1 of the paper (METHOD.md): FID of 100 unconditional samples, lower is better."""
 
 
@@ -102,7 +95,6 @@ def fid_sampler(method: str, model: torch.nn.Module | None = None, steps: int = 
     ``prior_heun`` (18 steps, sigma 80 -> 0.002, rho 7) for ``edm``, ``edm_l1`` and ``ambient``;
     ``ald`` over the NCSNv2's full noise range (from its largest level; 1,300 steps, 3 per level,
     no data term) for ``ncsnv2``. A setting > 0 replaces METHOD.md's (for every model alike)."""
-
     if method in ("edm", "edm_l1", "ambient"):
         defaults = SAMPLER_DEFAULTS["prior_heun"]
         return {"sampler": "prior_heun", "steps": steps or defaults["steps"],
@@ -118,19 +110,14 @@ def fid_sampler(method: str, model: torch.nn.Module | None = None, steps: int = 
     raise ValueError(f"{method}: no unconditional sampler (edm, edm_l1, ncsnv2 and ambient have one)")
 
 
-def unconditional_samples(
-    method: str, model: torch.nn.Module, n: int, shape: tuple[int, int], *, steps: int = 0, batch: int = 25,
-    seed: int = 0, amp: str = "", device: str = "cpu", maps: torch.Tensor | None = None, r_train: float | None = None,
-    acs: int | None = None, sigma_max: float = 0.0, sigma_min: float = 0.0, rho: float = 0.0
-) -> torch.Tensor:
-    """``n`` unconditional complex images ``(n, H, W)`` from a diffusion prior, with the sampler
-    of :func:`fid_sampler`.
-
-    ``maps`` ``(M, C, H, W)`` and ``r_train`` (R_train) are needed for ``ambient``
-    models (see the module docstring); sample ``i`` uses ``maps[i % M]``; ``acs``: the ACS
-    width of its masks (the prepared dataset's; None = METHOD.md's 20 where it fits).
-    """
-
+def unconditional_samples(method: str, model: torch.nn.Module, n: int, shape: tuple[int, int], *, steps: int = 0,
+                          batch: int = 25, seed: int = 0, amp: str = "", device: str = "cpu",
+                          maps: torch.Tensor | None = None, r_train: float | None = None, acs: int | None = None,
+                          sigma_max: float = 0.0, sigma_min: float = 0.0, rho: float = 0.0) -> torch.Tensor:
+    """``n`` unconditional complex images ``(n, H, W)`` from a diffusion prior, with the sampler of
+    :func:`fid_sampler`. ``maps`` ``(M, C, H, W)`` and ``r_train`` (R_train) are needed for ``ambient`` models
+    (see the module docstring); sample ``i`` uses ``maps[i % M]``; ``acs``: the ACS width of its masks (the
+    prepared dataset's; None = METHOD.md's 20 where it fits)."""
     settings = fid_sampler(method, unwrap_model(model) if method == "ncsnv2" else None, steps, sigma_max=sigma_max,
                            sigma_min=sigma_min, rho=rho)
     if method == "ambient" and (maps is None or r_train is None):
@@ -144,10 +131,8 @@ def unconditional_samples(
                                     sigma_min=settings["sigma_min"], rho=settings["rho"])
             if method == "ambient":
                 picked = maps[torch.arange(start, start + count) % maps.shape[0]].to(device)
-                width = shape[1]
-                acs_width = min(DEFAULT_ACS, lines_at(width, r_train + 1)) if acs is None else int(acs)
-                mask = train_masks(width, r_train, count, seed, list(range(start, start + count)),
-                                   acs=acs_width)
+                acs_width = min(DEFAULT_ACS, lines_at(shape[1], r_train + 1)) if acs is None else int(acs)
+                mask = train_masks(shape[1], r_train, count, seed, list(range(start, start + count)), acs=acs_width)
                 out.append(samplers.prior_heun(model, None, SenseOperator(picked), sigmas, generator=generator,
                                                train_mask=mask, amp=amp or None))
             else:
@@ -191,8 +176,7 @@ def _fid_task(config: dict[str, Any], uri: str) -> dict[str, Any]:
     model, model_config = load_model_entry(uri, device, cfg.tracking_uri)
     label = model_label(model_config)
     prepared = read_manifest(cfg.dataset)["config"]
-    acceleration = prepared["accelerations"][0]
-    dataset = PreparedSliceDataset(cfg.dataset, cfg.split, acceleration=acceleration)
+    dataset = PreparedSliceDataset(cfg.dataset, cfg.split, acceleration=prepared["accelerations"][0])
     try:
         items = [dataset[i] for i in range(len(dataset))]
         real = torch.stack([item["reference"] for item in items])
@@ -207,8 +191,7 @@ def _fid_task(config: dict[str, Any], uri: str) -> dict[str, Any]:
         row["sampler"] = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
         fake = unconditional_samples(model_config["method"], model, cfg.samples, tuple(real.shape[-2:]), steps=cfg.steps,
                                      batch=cfg.batch, seed=cfg.seed, amp=cfg.amp, device=device, maps=maps,
-                                     r_train=float(model_config["r_train"]), acs=prepared.get("acs"),
-                                     **schedule)
+                                     r_train=float(model_config["r_train"]), acs=prepared.get("acs"), **schedule)
     except ValueError as err:
         row["note"] = str(err)
         return row

@@ -1,7 +1,6 @@
-"""The evaluation's figures (matplotlib, no display): metrics against R_inf (paper figures 7-9),
-a reconstruction grid with error maps on one stated scale (figure 6), posterior mean / error /
-standard deviation maps of K samples per slice, and the natural-image study's
-metrics against measurements, downscaling factor or NFE (figures 2-4)."""
+"""The evaluation's figures (matplotlib, no display): metrics against R_inf (paper figures 7-9), a
+reconstruction grid with error maps on one stated scale (figure 6), posterior mean / error / standard deviation
+maps of K samples per slice, and the natural-image study's metrics against its task settings (figures 2-4)."""
 
 from __future__ import annotations
 
@@ -45,11 +44,10 @@ def _metric_lines(axis: Any, table: Any, metric: str, x: str) -> None:
 
 
 def metric_figure(table: Any, metric: str, *, crossovers: Sequence[Any] = ()) -> Any:
-    """``metric`` against R_inf, one line per (model, sampler): the mean over slices with a band
-    of +-1 standard deviation. ``table``: the results DataFrame. ``crossovers``
-    (:class:`adps.crossover.CrossOver` of this metric) are drawn as vertical lines at their R_inf
-    (solid: a cross-over; dotted: inconclusive) and listed in the title with the ones that are
-    none, so the figure says all three outcomes."""
+    """``metric`` against R_inf, one line per (model, sampler): the mean over slices with a band of +-1 standard
+    deviation. ``table``: the results DataFrame. ``crossovers`` (:class:`adps.crossover.CrossOver` of this
+    metric) are drawn as vertical lines at their R_inf (solid: a cross-over; dotted: inconclusive) and listed in
+    the title with the ones that are none, so the figure says all three outcomes."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
     _metric_lines(axis, table, metric, "r_inf")
@@ -71,12 +69,11 @@ def metric_figure(table: Any, metric: str, *, crossovers: Sequence[Any] = ()) ->
     return figure
 
 
-def sweep_figure(
-    table: Any, metrics: Sequence[str], x: str, xlabel: str, *, title: str = "", log_x: bool = False
-) -> Any:
-    """One panel per metric of ``metrics`` against the column ``x``, one line per (model,
-    sampler) with its +-1 standard deviation band (the natural-image study's figures 2-4:
-    metric against measurements, downscaling factor or NFE). ``table``: a results DataFrame."""
+def sweep_figure(table: Any, metrics: Sequence[str], x: str, xlabel: str, *, title: str = "",
+                 log_x: bool = False) -> Any:
+    """One panel per metric of ``metrics`` against the column ``x``, one line per (model, sampler) with its +-1
+    standard deviation band (the natural-image study's figures 2-4: metric against measurements, downscaling
+    factor or NFE). ``table``: a results DataFrame."""
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
     for axis, metric in zip(axes[0], metrics, strict=True):
@@ -105,18 +102,15 @@ def _blank(axis: Any) -> None:
         spine.set_visible(False)
 
 
-def reconstruction_grid(
-    images: Mapping[tuple[str, float], tuple[np.ndarray, np.ndarray]], *, error_scale: float = ERROR_SCALE
-) -> Any:
-    """Methods by R_inf at a glance (paper figure 6): one row per (model sampler) pair, one pair of
-    columns per R_inf (the magnitude image, then its error ``| |x^| - |x| |``), and the
-    reference in the first column.
+def reconstruction_grid(images: Mapping[tuple[str, float], tuple[np.ndarray, np.ndarray]], *,
+                        error_scale: float = ERROR_SCALE) -> Any:
+    """Methods by R_inf at a glance (paper figure 6): one row per (model sampler) pair, one pair of columns per
+    R_inf (the magnitude image, then its error ``| |x^| - |x| |``), and the reference in the first column.
 
-    Every magnitude image shares the grey scale ``[0, max |x|]`` and every error map the one
-    colour scale ``[0, error_scale max |x|]`` (``ERROR_SCALE``: 25 %), stated on the colour
-    bar: errors are comparable across the grid, and only errors beyond the scale saturate.
-    ``images[(row name, r_inf)] = (reconstruction, reference)``, complex ``(H, W)``, the same
-    reference slice throughout.
+    Every magnitude image shares the grey scale ``[0, max |x|]`` and every error map the one colour scale
+    ``[0, error_scale max |x|]`` (``ERROR_SCALE``: 25 %), stated on the colour bar: errors are comparable across
+    the grid, and only errors beyond the scale saturate. ``images[(row name, r_inf)] = (reconstruction,
+    reference)``, complex ``(H, W)``, the same reference slice throughout.
     """
     plt = _pyplot()
     rows = sorted({name for name, _ in images})
@@ -157,10 +151,10 @@ def reconstruction_grid(
 
 def posterior_grid(means: np.ndarray, stds: np.ndarray, references: np.ndarray, *, title: str = "",
                    slices: Sequence[int] = (), error_scale: float = ERROR_SCALE) -> Any:
-    """K posterior samples per slice, summarised: one column per slice, rows the posterior mean's
-    magnitude, its error ``| |mean| - |x| |`` and twice the samples' standard deviation (where
-    the error should mostly lie), the last two on one shared colour scale ``[0, error_scale
-    max |x|]``. ``means``, ``references``: complex ``(N, H, W)``; ``stds``: real ``(N, H, W)``."""
+    """K posterior samples per slice, summarised: one column per slice, rows the posterior mean's magnitude, its
+    error ``| |mean| - |x| |`` and twice the samples' standard deviation (where the error should mostly lie),
+    the last two on one shared colour scale ``[0, error_scale max |x|]``. ``means``, ``references``: complex
+    ``(N, H, W)``; ``stds``: real ``(N, H, W)``."""
     plt = _pyplot()
     n, height, width = references.shape
     panel = 1.3

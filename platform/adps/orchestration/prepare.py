@@ -2,25 +2,23 @@
 
 The job, in order:
 
-1. **Scan** (Ray tasks over batches of files): open every ``.h5`` under ``config.source``
-   (local or ``s3://``) and read its acquisition, patient, slice and coil counts. A file that
-   cannot be opened or breaks the FastMRI schema is *rejected* with its reason.
-2. **Plan** (:func:`plan_volumes`, deterministic): keep the volumes of ``config.acquisition``,
-   draw ``n_volumes`` of them with the seed, and split them by patient into test, validation
-   and train, so that no patient crosses splits.
-3. **Prepare** (one Ray task per volume, ``num_cpus=config.cpus_per_task``): read the centre
-   slices and run :func:`adps.data.preprocess.preprocess_slice` on each. A volume whose reading
-   or preparation fails (truncated file, bad k-space) is rejected and the job goes on.
+1. **Scan** (Ray tasks over batches of files): read every ``.h5`` under ``config.source`` (local
+   or ``s3://``) for its acquisition, patient, slice and coil counts; a file that cannot be
+   opened or breaks the FastMRI schema is *rejected* with its reason.
+2. **Plan** (:func:`plan_volumes`, deterministic): keep ``config.acquisition``'s volumes, draw
+   ``n_volumes`` with the seed, split them by patient (none crosses splits) into test, val, train.
+3. **Prepare** (one Ray task per volume, ``num_cpus=config.cpus_per_task``):
+   :func:`adps.data.preprocess.preprocess_slice` on each centre slice; a volume whose reading or
+   preparation fails (truncated file, bad k-space) is rejected and the job goes on.
 4. **Pack** (the driver, as results arrive): each split's slices, in plan order, are cut into
-   shards of ``config.shard_size``; a shard is written as soon as its slices are in, so memory
-   holds only a window of volumes. After every shard the resume state is saved; the manifest is
-   written last.
+   shards of ``config.shard_size``, each written as soon as its slices are in (memory holds only
+   a window of volumes) and followed by a save of the resume state; the manifest comes last.
 
 Resuming: the state (plan, each volume's outcome, each written shard's sha256) lives in
-``.prepare-progress.json`` next to the shards, and the manifest holds the same information. A
-re-run with the same config verifies the recorded shards, re-processes only the volumes that
-feed a missing or corrupt shard, and produces byte-identical files; with nothing to redo it
-writes nothing. A different config aimed at the same output is refused.
+``.prepare-progress.json`` next to the shards and in the manifest. A re-run with the same config
+verifies the recorded shards, re-processes only the volumes feeding a missing or corrupt shard
+and produces byte-identical files (with nothing to redo it writes nothing); a different config
+aimed at the same output is refused.
 """
 
 from __future__ import annotations
@@ -80,8 +78,6 @@ _NOT_COMPARED = (*EXECUTION_ONLY_KEYS, "output")
 
 
 # Scanning ----------------------------------------------------------------------------------------
-
-
 def scan_volume(source: str, slices_per_volume: int) -> dict[str, Any]:
     """What the plan needs of one source file, or why it is rejected.
 
@@ -90,16 +86,11 @@ def scan_volume(source: str, slices_per_volume: int) -> dict[str, Any]:
     """
     try:
         with open_volume(source) as volume:
-            record = {
-                "source": source, "ok": True, "acquisition": volume.acquisition, "patient_id": volume.patient_id,
-                "num_slices": volume.num_slices, "num_coils": volume.num_coils,
-                "kspace_shape": list(volume.kspace_shape)
-            }
             # Only volumes of the wanted acquisition need enough slices; others are skipped anyway.
-            record["slice_indices"] = (
-                volume.centre_slices(slices_per_volume) if volume.num_slices >= slices_per_volume else None
-            )
-            return record
+            indices = volume.centre_slices(slices_per_volume) if volume.num_slices >= slices_per_volume else None
+            return {"source": source, "ok": True, "acquisition": volume.acquisition, "patient_id": volume.patient_id,
+                    "num_slices": volume.num_slices, "num_coils": volume.num_coils,
+                    "kspace_shape": list(volume.kspace_shape), "slice_indices": indices}
     except VOLUME_ERRORS as err:
         return {"source": source, "ok": False, "reason": _reason(err)}
 
@@ -118,8 +109,6 @@ def _reason(err: BaseException) -> str:
 
 
 # Planning ----------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class VolumePlan:
     """One drawn volume: where it is, which split it goes to and which slices are taken."""
@@ -132,10 +121,8 @@ class VolumePlan:
     num_coils: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source, "volume_id": self.volume_id, "patient_id": self.patient_id,
-            "slice_indices": list(self.slice_indices), "num_coils": self.num_coils
-        }
+        return {"source": self.source, "volume_id": self.volume_id, "patient_id": self.patient_id,
+                "slice_indices": list(self.slice_indices), "num_coils": self.num_coils}
 
 
 @dataclass
@@ -145,8 +132,7 @@ class Plan:
     volumes: dict[str, list[VolumePlan]]
     """Per split, its volumes in processing order (sorted by volume id)."""
     coils: dict[str, int]
-    """Per split, the coil count of its shards (test: the largest of its volumes; slices with
-    fewer coils are zero-padded)."""
+    """Per split, its shards' coil count (uncompressed: the most of its volumes'; fewer are zero-padded)."""
     source_summary: dict[str, Any]
     """Counts of files listed, matching the acquisition, and drawn."""
     scan_rejected: list[dict[str, str]] = field(default_factory=list)
@@ -157,13 +143,12 @@ def plan_volumes(config: PrepareConfig, scanned: Iterable[Mapping[str, Any]]) ->
     """Filter by acquisition, split by patient, draw ``n_volumes`` training volumes with the seed.
 
     Deterministic in ``(config, scanned)``: candidates are sorted by volume id before the seeded
-    shuffle and draw, so the listing order of the source does not matter. Patients are shuffled
-    with the seed and assigned whole to test until it holds ``test_volumes`` volumes, then to
-    validation (``val_volumes``); ``n_volumes`` training volumes are then drawn from the other
-    patients' volumes (the paper: 2,000 training scans, test and validation from other scans).
+    shuffle and draw, so the source's listing order does not matter. Shuffled patients go whole
+    to test until it holds ``test_volumes`` volumes, then to validation (``val_volumes``; a
+    patient's extra volumes can overshoot either); ``n_volumes`` training volumes are drawn from
+    the other patients' (the paper: 2,000 training scans, test and validation from other scans).
     With ``held_out_within_draw`` the ``n_volumes`` are drawn first and test and validation
-    taken out of them. A patient with several volumes can make test or validation exceed its
-    count by the patient's extra volumes.
+    taken out of them.
     """
     records = sorted(scanned, key=lambda r: (volume_id(r["source"]), r["source"]))
     rejected = [{"source": r["source"], "reason": r["reason"]} for r in records if not r["ok"]]
@@ -171,19 +156,15 @@ def plan_volumes(config: PrepareConfig, scanned: Iterable[Mapping[str, Any]]) ->
     usable = []
     for record in matching:
         if record["slice_indices"] is None:
-            rejected.append({
-                "source": record["source"],
-                "reason": f"has {record['num_slices']} slices, fewer than slices_per_volume={config.slices_per_volume}",
-            })
+            reason = f"has {record['num_slices']} slices, fewer than slices_per_volume={config.slices_per_volume}"
+            rejected.append({"source": record["source"], "reason": reason})
         else:
             usable.append(record)
     ids = [volume_id(r["source"]) for r in usable]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
-        raise ValueError(
-            f"{config.source}: several files share the volume id {duplicates[0]!r} (slice ids and masks derive from "
-            "the file name, so names must be unique)"
-        )
+        raise ValueError(f"{config.source}: several files share the volume id {duplicates[0]!r} (slice ids and "
+                         "masks derive from the file name, so names must be unique)")
 
     draw_rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0]))
     split_rng = np.random.default_rng(np.random.SeedSequence([config.seed, 1]))
@@ -218,9 +199,8 @@ def plan_volumes(config: PrepareConfig, scanned: Iterable[Mapping[str, Any]]) ->
             assigned[split] += [plan_of(record, patient, split) for record in pool[patient]]
         drawn_count = sum(len(v) for v in pool.values())
     else:
-        # The paper: test and validation scans first, whole patients, then n_volumes training
-        # scans drawn from the other patients' (METHOD.md: 100 test slices from scans outside
-        # the 2,000).
+        # The paper: test and validation scans first, whole patients, then n_volumes training scans
+        # drawn from the other patients' (METHOD.md: 100 test slices from scans outside the 2,000).
         pool = by_patient(usable)
         patients = sorted(pool)
         rest: list[Mapping[str, Any]] = []
@@ -236,29 +216,22 @@ def plan_volumes(config: PrepareConfig, scanned: Iterable[Mapping[str, Any]]) ->
         assigned["train"] = [plan_of(record, str(record["patient_id"]), "train") for record in training]
         drawn_count = len(training) + len(assigned["test"]) + len(assigned["val"])
     volumes = {split: sorted(assigned[split], key=lambda v: v.volume_id) for split in SPLITS}
-    coils = {
-        split: (config.virtual_coils if split in COMPRESSED_SPLITS else max((v.num_coils for v in volumes[split]), default=0))
-        for split in SPLITS
-    }
-    summary = {
-        "root": config.source, "listed": len(records), "matching_acquisition": len(matching), "drawn": drawn_count
-    }
+    coils = {split: config.virtual_coils if split in COMPRESSED_SPLITS
+             else max((v.num_coils for v in volumes[split]), default=0) for split in SPLITS}
+    summary = {"root": config.source, "listed": len(records), "matching_acquisition": len(matching),
+               "drawn": drawn_count}
     return Plan(volumes=volumes, coils=coils, source_summary=summary, scan_rejected=rejected)
 
 
 # Preparing one volume ---------------------------------------------------------------------------
-
-
-def prepare_volume(
-    plan: VolumePlan, coils: int, config: PrepareConfig
-) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+def prepare_volume(plan: VolumePlan, coils: int,
+                   config: PrepareConfig) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
     """Read a volume's planned slices and prepare each; the body of the per-volume Ray task.
 
     Args:
         plan: the volume, its split and slice indices.
-        coils: the split's shard coil count; slices with fewer coils are zero-padded to it
-            (a zero coil has zero k-space and zero maps, so A, A^H and every reconstruction are
-            unchanged).
+        coils: the split's shard coil count; slices with fewer are zero-padded to it (a zero coil
+            has zero k-space and maps: A, A^H and every reconstruction are unchanged).
         config: the preparation settings.
 
     Returns:
@@ -276,20 +249,14 @@ def prepare_volume(
         payload = []
         for slice_index, slice_kspace in zip(plan.slice_indices, kspace, strict=True):
             sid = slice_id(plan.volume_id, slice_index)
-            prepared = preprocess_slice(
-                slice_kspace, split=plan.split, slice_id=sid, config=config, label=f"{plan.source} slice {slice_index}",
-                timings=timings
-            )
+            prepared = preprocess_slice(slice_kspace, split=plan.split, slice_id=sid, config=config,
+                                        label=f"{plan.source} slice {slice_index}", timings=timings)
             arrays = _pad_coils(shard_arrays(prepared), coils)
-            payload.append({
-                "meta": {
-                    "source": plan.source, "volume_id": plan.volume_id, "patient_id": plan.patient_id,
+            meta = {"source": plan.source, "volume_id": plan.volume_id, "patient_id": plan.patient_id,
                     "slice_index": int(slice_index), "slice_id": sid, "coils": int(prepared["kspace"].shape[0]),
                     "normalization": float(prepared["normalization"]), "noise_std": float(prepared["noise_std"]),
-                    "coil_energy_kept": float(prepared["coil_energy_kept"]), "sha256": slice_checksum(arrays)
-                },
-                "arrays": arrays,
-            })
+                    "coil_energy_kept": float(prepared["coil_energy_kept"]), "sha256": slice_checksum(arrays)}
+            payload.append({"meta": meta, "arrays": arrays})
     except VOLUME_ERRORS as err:
         summary.update(ok=False, reason=_reason(err), n_slices=0, seconds=time.perf_counter() - started,
                        timings=timings)
@@ -314,17 +281,14 @@ def _pad_coils(arrays: dict[str, np.ndarray], coils: int) -> dict[str, np.ndarra
 def _prepare_volume_task(plan: VolumePlan, coils: int, config_dict: dict[str, Any]):
     import torch
 
-    # One thread, whatever the task reserves: a multi-threaded reduction sums in an order that
-    # depends on the thread count, and the shards' bytes must not depend on the cluster's shape
-    # (resumed runs and reruns elsewhere must reproduce them). Parallelism comes from running
-    # one task per volume; Ray already gives numpy's BLAS one thread (OMP_NUM_THREADS=1).
+    # One thread, whatever the task reserves: a multi-threaded reduction's order depends on the thread
+    # count, and the shards' bytes must not depend on the cluster (resumes and reruns reproduce them).
+    # Parallelism is one task per volume; Ray already gives numpy's BLAS one thread (OMP_NUM_THREADS=1).
     torch.set_num_threads(1)
     return prepare_volume(plan, coils, PrepareConfig.from_dict(config_dict))
 
 
 # Resume state ------------------------------------------------------------------------------------
-
-
 @dataclass
 class _Outcome:
     """A processed volume: rejected with a reason, or its slices' manifest entries in order."""
@@ -360,21 +324,15 @@ def _document(config: PrepareConfig, state: _State, *, complete: bool) -> dict[s
                 rejected.append({"source": volume.source, "reason": outcome.rejected})
             for meta in outcome.slices:
                 position = len(slices)
-                slices.append({
-                    **meta, "shard": shard_name(split, position // config.shard_size),
-                    "row": position % config.shard_size
-                })
+                slices.append({**meta, "shard": shard_name(split, position // config.shard_size),
+                               "row": position % config.shard_size})
         shards = [state.shards[split][name].to_dict() for name in sorted(state.shards[split])]
-        splits[split] = {
-            "coils": state.plan.coils[split], "shape": [rows, cols],
-            "n_volumes": sum(1 for v in volumes if v["status"] == "ok"), "n_slices": len(slices), "volumes": volumes,
-            "shards": shards, "slices": slices
-        }
-    document = {
-        "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "config": config.to_dict(),
-        "source": state.plan.source_summary, "datasets": _dataset_names(config), "splits": splits,
-        "rejected": sorted(rejected, key=lambda r: (r["source"], r["reason"]))
-    }
+        n_volumes = sum(1 for v in volumes if v["status"] == "ok")
+        splits[split] = {"coils": state.plan.coils[split], "shape": [rows, cols], "n_volumes": n_volumes,
+                         "n_slices": len(slices), "volumes": volumes, "shards": shards, "slices": slices}
+    document = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "config": config.to_dict(),
+                "source": state.plan.source_summary, "datasets": _dataset_names(config), "splits": splits,
+                "rejected": sorted(rejected, key=lambda r: (r["source"], r["reason"]))}
     if not complete:
         document["complete"] = False
     return document
@@ -401,13 +359,9 @@ def _state_from_document(document: Mapping[str, Any]) -> _State:
     reasons = {r["source"]: r["reason"] for r in document["rejected"]}
     for split in SPLITS:
         entry = document["splits"][split]
-        volumes[split] = [
-            VolumePlan(
-                source=v["source"], volume_id=v["volume_id"], patient_id=v["patient_id"], split=split,
-                slice_indices=tuple(v["slice_indices"]), num_coils=v["num_coils"],
-            )
-            for v in entry["volumes"]
-        ]
+        volumes[split] = [VolumePlan(source=v["source"], volume_id=v["volume_id"], patient_id=v["patient_id"],
+                                     split=split, slice_indices=tuple(v["slice_indices"]), num_coils=v["num_coils"])
+                          for v in entry["volumes"]]
         in_splits.update(v["source"] for v in entry["volumes"])
         by_volume: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
         for meta in entry["slices"]:
@@ -419,29 +373,23 @@ def _state_from_document(document: Mapping[str, Any]) -> _State:
             elif v["status"] == "rejected":
                 outcomes[split][v["volume_id"]] = _Outcome(rejected=reasons.get(v["source"], "rejected"), slices=[])
         shards[split] = {s["name"]: ShardInfo(**s) for s in entry["shards"]}
-    plan = Plan(
-        volumes=volumes, coils={split: document["splits"][split]["coils"] for split in SPLITS},
-        source_summary=document["source"],
-        scan_rejected=[r for r in document["rejected"] if r["source"] not in in_splits]
-    )
+    plan = Plan(volumes=volumes, coils={split: document["splits"][split]["coils"] for split in SPLITS},
+                source_summary=document["source"],
+                scan_rejected=[r for r in document["rejected"] if r["source"] not in in_splits])
     return _State(plan=plan, outcomes=outcomes, shards=shards)
 
 
 def _config_differences(recorded: Mapping[str, Any], config: PrepareConfig) -> list[str]:
     current = config.to_dict()
     keys = sorted((set(recorded) | set(current)) - set(_NOT_COMPARED))
-    return [
-        f"{key}: {recorded.get(key, '(absent)')!r} -> {current.get(key, '(absent)')!r}"
-        for key in keys
-        if recorded.get(key) != current.get(key)
-    ]
+    return [f"{key}: {recorded.get(key, '(absent)')!r} -> {current.get(key, '(absent)')!r}"
+            for key in keys if recorded.get(key) != current.get(key)]
 
 
 def _load_recorded(config: PrepareConfig) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The existing manifest and progress documents at the output (None where absent).
 
-    Raises ValueError if either was made with a different config, or names a shard outside
-    the output folder.
+    Raises ValueError if either was made with a different config or names a shard outside the output.
     """
     found = {}
     for name in (MANIFEST_NAME, PROGRESS_NAME):
@@ -459,17 +407,14 @@ def _load_recorded(config: PrepareConfig) -> tuple[dict[str, Any] | None, dict[s
         check_shard_names(document, uri)
         differences = _config_differences(document.get("config", {}), config)
         if differences:
-            raise ValueError(
-                f"{config.output} holds a dataset prepared with a different config ({'; '.join(differences)}); "
-                "choose another output folder, or delete this one to start over"
-            )
+            raise ValueError(f"{config.output} holds a dataset prepared with a different config "
+                             f"({'; '.join(differences)}); choose another output folder, or delete this one to "
+                             "start over")
         found[name] = document
     return found[MANIFEST_NAME], found[PROGRESS_NAME]
 
 
 # Packing -----------------------------------------------------------------------------------------
-
-
 class _SplitPacker:
     """Cuts one split's slice stream into shards, in plan order, writing those not already verified.
 
@@ -479,10 +424,8 @@ class _SplitPacker:
     its outcome is unknown or one of its shards must be (re)written.
     """
 
-    def __init__(
-        self, split: str, state: _State, verified: set[str], config: PrepareConfig,
-        on_shard_written: Callable[[], None] = lambda: None
-    ) -> None:
+    def __init__(self, split: str, state: _State, verified: set[str], config: PrepareConfig,
+                 on_shard_written: Callable[[], None] = lambda: None) -> None:
         self.split = split
         self.on_shard_written = on_shard_written
         self.config = config
@@ -495,9 +438,7 @@ class _SplitPacker:
         self.stream: list[tuple[dict[str, Any], dict[str, np.ndarray] | None]] = []
         self.needs = self._needs_processing()
         # Recorded manifest entries by slice id: a kept shard keeps the entries it was written with.
-        self.recorded_slices = {
-            meta["slice_id"]: meta for outcome in self.recorded.values() for meta in outcome.slices
-        }
+        self.recorded_slices = {meta["slice_id"]: meta for outcome in self.recorded.values() for meta in outcome.slices}
 
     def _needs_processing(self) -> list[bool]:
         size = self.config.shard_size
@@ -519,14 +460,10 @@ class _SplitPacker:
             return determined and name in self.verified and info is not None and info.n_slices == end - start
 
         needs = []
-        for i in range(len(self.volumes)):
-            if i >= len(spans):
-                needs.append(True)
-                continue
-            start, count = spans[i]
+        for start, count in spans:
             shards = range(start // size, (start + count - 1) // size + 1) if count else range(0)
             needs.append(not all(shard_ok(j) for j in shards))
-        return needs
+        return needs + [True] * (len(self.volumes) - len(spans))  # volumes with no recorded outcome
 
     def consume(self, index: int, outcome: _Outcome, payload: list[dict[str, Any]] | None, *, fresh: bool) -> int:
         """Add volume ``index``'s outcome (in order) and write every shard it completes; returns how many.
@@ -539,15 +476,12 @@ class _SplitPacker:
         volume = self.volumes[index]
         recorded = self.recorded.get(volume.volume_id)
         if recorded is not None and fresh:
-            # A re-processed volume must reproduce its recorded outcome, or the recorded shard
-            # layout after it would no longer hold.
+            # A re-processed volume must reproduce its recorded outcome, or the shard layout after it breaks.
             if (recorded.rejected is None) != (outcome.rejected is None) or len(recorded.slices) != len(outcome.slices):
                 was = f"rejected ({recorded.rejected})" if recorded.rejected else f"{len(recorded.slices)} slices"
                 now = f"rejected ({outcome.rejected})" if outcome.rejected else f"{len(outcome.slices)} slices"
-                raise ValueError(
-                    f"{volume.source}: changed since the recorded run ({was}, now {now}); the output "
-                    f"{self.config.output} cannot be resumed: prepare into a new folder"
-                )
+                raise ValueError(f"{volume.source}: changed since the recorded run ({was}, now {now}); the output "
+                                 f"{self.config.output} cannot be resumed: prepare into a new folder")
         self.state.outcomes[self.split][volume.volume_id] = outcome
         arrays = [item["arrays"] for item in payload] if payload is not None else [None] * len(outcome.slices)
         self.stream.extend(zip(outcome.slices, arrays, strict=True))
@@ -574,10 +508,8 @@ class _SplitPacker:
         if any(arrays is None for _, arrays in items):
             raise RuntimeError(f"{name}: a slice of a skipped volume is needed to write this shard")  # a bug
         info = write_shard(
-            storage.join(self.config.output, name),
-            [arrays for _, arrays in items],  # type: ignore[misc]
-            slice_ids=[meta["slice_id"] for meta, _ in items],
-            attrs={"split": self.split},
+            storage.join(self.config.output, name), [arrays for _, arrays in items],  # type: ignore[misc]
+            slice_ids=[meta["slice_id"] for meta, _ in items], attrs={"split": self.split}
         )
         self.state.shards[self.split][name] = info
         self.verified.add(name)
@@ -591,13 +523,11 @@ class _SplitPacker:
 
 
 # The job ------------------------------------------------------------------------------------------
-
-
 def prepare_dataset(config: PrepareConfig, *, ray_address: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Prepare ``config.source`` into ``config.output``; returns the manifest.
 
-    Resumes an interrupted run of the same config (verifying what is there, redoing only what
-    is missing or corrupt) and does nothing when the output is complete and verifies.
+    Resumes an interrupted run of the same config (redoing only what is missing or corrupt); does
+    nothing when the output is complete and verifies.
 
     Args:
         config: the preparation settings (validated here).
@@ -621,10 +551,8 @@ def prepare_dataset(config: PrepareConfig, *, ray_address: str | None = None, pr
         if manifest is not None and not failures:
             log.info("%s is complete and every shard verifies: nothing to do", config.output)
             return manifest
-        log.info(
-            "resuming the recorded preparation in %s: %d shard(s) verify, %d to rewrite%s",
-            config.output, len(verified), len(failures), f" ({'; '.join(failures[:5])})" if failures else "",
-        )
+        log.info("resuming the recorded preparation in %s: %d shard(s) verify, %d to rewrite%s",
+                 config.output, len(verified), len(failures), f" ({'; '.join(failures[:5])})" if failures else "")
         _remove_stale_temporaries(config.output)
 
     started_ray = _ensure_ray(ray_address)
@@ -650,9 +578,8 @@ def prepare_dataset(config: PrepareConfig, *, ray_address: str | None = None, pr
 def _remove_stale_temporaries(output: str) -> None:
     """Delete temporary files a killed run left in a local output (``name.tmp-<uuid>``).
 
-    A run that ends normally or by an exception removes its own; only a hard kill leaves them.
-    (S3 uploads are atomic and leave nothing behind.) Two runs into one output at the same time
-    are not supported, so nothing else can be writing them.
+    Only a hard kill leaves them (S3 uploads leave nothing); two runs into one output at once are
+    not supported, so nothing else can be writing them.
     """
     if storage.is_s3(output):
         return
@@ -704,17 +631,13 @@ def _scan_and_plan(config: PrepareConfig) -> Plan:
     scanned = [record for records in ray.get(refs) for record in records]
     plan = plan_volumes(config, scanned)
     counts = ", ".join(f"{s} {len(plan.volumes[s])}" for s in SPLITS)
-    log.info(
-        "%d files, %d %s, %d drawn (%s volumes), %d rejected at scan",
-        len(sources), plan.source_summary["matching_acquisition"], config.acquisition,
-        plan.source_summary["drawn"], counts, len(plan.scan_rejected),
-    )
+    log.info("%d files, %d %s, %d drawn (%s volumes), %d rejected at scan", len(sources),
+             plan.source_summary["matching_acquisition"], config.acquisition, plan.source_summary["drawn"], counts,
+             len(plan.scan_rejected))
     if not any(plan.volumes.values()):
         reasons = "; ".join(f"{r['source']}: {r['reason']}" for r in plan.scan_rejected[:3])
-        raise ValueError(
-            f"{config.source}: no usable {config.acquisition} volume among {len(sources)} files"
-            + (f" (rejected: {reasons})" if reasons else "")
-        )
+        rejected = f" (rejected: {reasons})" if reasons else ""
+        raise ValueError(f"{config.source}: no usable {config.acquisition} volume among {len(sources)} files{rejected}")
     return plan
 
 
@@ -737,8 +660,7 @@ def _run(config: PrepareConfig, state: _State, verified: set[str], *, progress: 
     parallel = max(1, int(cpus // config.cpus_per_task))
     # Tasks submitted and not finished: enough to keep every CPU busy, not the whole dataset.
     max_in_flight = 2 * parallel
-    # Finished volumes waiting for an earlier one of their split before they can be packed: a
-    # slow volume may hold up packing while others keep finishing, but memory stays bounded.
+    # Finished volumes waiting for an earlier one of their split to be packed: memory stays bounded.
     max_waiting = max(8, 4 * parallel)
     task = ray.remote(num_cpus=config.cpus_per_task, num_returns=2)(_prepare_volume_task)
     config_dict = config.to_dict()
@@ -747,8 +669,7 @@ def _run(config: PrepareConfig, state: _State, verified: set[str], *, progress: 
     in_flight: dict[Any, tuple[str, int, Any]] = {}  # summary ref -> (split, index, payload ref)
     finished: dict[tuple[str, int], tuple[dict[str, Any], Any]] = {}
     started = time.monotonic()
-    done_slices = 0
-    task_seconds = 0.0
+    done_slices, task_seconds = 0, 0.0
     stage_seconds: dict[str, float] = collections.defaultdict(float)
     bar = tqdm(total=total_slices, unit="slice", desc="prepare", disable=not progress, dynamic_ncols=True)
     try:
@@ -785,15 +706,12 @@ def _run(config: PrepareConfig, state: _State, verified: set[str], *, progress: 
     if done_slices:
         # Task time against the CPU slots shows how busy the cluster was (scheduling, start-up
         # and packing overheads are the rest); the stage split shows where the time goes.
-        stats = {
-            "slices": done_slices, "wall_s": elapsed, "task_s": task_seconds, "slots": parallel,
-            "stages_s": dict(stage_seconds)
-        }
-        log.info(
-            "processed %d slices in %.1f s (%.2f slices/s); tasks busy %.0f%% of %d CPU slots; task seconds: %s",
-            done_slices, elapsed, done_slices / elapsed, 100 * task_seconds / (elapsed * parallel), parallel,
-            ", ".join(f"{k} {v:.1f}" for k, v in stage_seconds.items()), extra={"prepare_stats": stats}
-        )
+        stats = {"slices": done_slices, "wall_s": elapsed, "task_s": task_seconds, "slots": parallel,
+                 "stages_s": dict(stage_seconds)}
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in stage_seconds.items())
+        log.info("processed %d slices in %.1f s (%.2f slices/s); tasks busy %.0f%% of %d CPU slots; task seconds: %s",
+                 done_slices, elapsed, done_slices / elapsed, 100 * task_seconds / (elapsed * parallel), parallel,
+                 stages, extra={"prepare_stats": stats})
 
 
 def _pack_ready(packers: dict[str, _SplitPacker], finished: dict[tuple[str, int], tuple[dict[str, Any], Any]]) -> None:
@@ -803,15 +721,12 @@ def _pack_ready(packers: dict[str, _SplitPacker], finished: dict[tuple[str, int]
             index = packer.next_volume
             volume = packer.volumes[index]
             if not packer.needs[index]:
-                outcome = packer.recorded[volume.volume_id]
-                packer.consume(index, outcome, None, fresh=False)
+                packer.consume(index, packer.recorded[volume.volume_id], None, fresh=False)
                 continue
             if (split, index) not in finished:
                 break
             summary, payload_ref = finished.pop((split, index))
             payload = ray.get(payload_ref) if summary["ok"] else None
-            outcome = _Outcome(
-                rejected=None if summary["ok"] else summary["reason"],
-                slices=[item["meta"] for item in payload] if payload is not None else [],
-            )
+            outcome = _Outcome(rejected=None if summary["ok"] else summary["reason"],
+                               slices=[item["meta"] for item in payload] if payload is not None else [])
             packer.consume(index, outcome, payload, fresh=True)

@@ -1,9 +1,8 @@
 """The pyfunc model of a registered adps network, logged as MLflow "model from code".
 
-MLflow stores this file with the model and executes it when the model is loaded (no pickled
-Python object): it builds the network from the ``weights`` artifact (safetensors + JSON) and
-reconstructs through :func:`adps.orchestration.registry.predict_arrays`. See
-:mod:`adps.orchestration.registry` for the input and output format.
+MLflow stores this file with the model and executes it when the model is loaded (no pickled Python object): it
+builds the network from the ``weights`` artifact (safetensors + JSON) and reconstructs through
+:func:`adps.orchestration.registry.predict_arrays`, whose module describes the input and output format.
 """
 
 from __future__ import annotations
@@ -19,10 +18,9 @@ from mlflow.pyfunc import PythonModel
 class RequestError(MlflowException):
     """A bad request, answered with HTTP 400 and ``message`` saying what is wrong with it.
 
-    MLflow's scoring server answers any other exception of ``predict`` with a generic message
-    (ours only in ``stack_trace``), and rewrites an MlflowException's message to start with the
-    whole request ("Failed to predict data '<input>'", megabytes for one slice). This class
-    keeps the first message it is given."""
+    MLflow's scoring server answers any other exception of ``predict`` with a generic message (ours only in
+    ``stack_trace``), and rewrites an MlflowException's message to start with the whole request ("Failed to predict
+    data '<input>'", megabytes for one slice). This class keeps the first message it is given."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)

@@ -1,26 +1,22 @@
 """The MLflow model registry: registering trained networks and pulling them back.
 
 A registered model ``adps-<method>-r<R>`` is an MLflow *pyfunc* model logged "from code"
-(:mod:`adps.orchestration.pyfunc_model`): its artifacts are the network's safetensors weights
-and JSON config (:func:`adps.nn.checkpoint.save_model`), so loading it never unpickles
-anything, and its ``predict`` reconstructs slices:
+(:mod:`adps.orchestration.pyfunc_model`): its artifacts are the network's safetensors weights and JSON config
+(:func:`adps.nn.checkpoint.save_model`), so loading it never unpickles anything. Its ``predict`` reconstructs slices:
 
 * ``ambient``: A-OS, one call of the denoiser on ``[A^H y, mask]`` at sigma 0.003;
 * ``modl`` / ``ssdu``: the unrolled network;
-* ``edm`` / ``edm_l1`` / ``ncsnv2`` are priors: they reconstruct only through posterior
-  sampling (``adps evaluate``, the samplers of :mod:`adps.nn.samplers`); ``predict`` refuses them.
-* ``image`` (natural-image models, registered as ``adps-image-p<erasure_p>``) are priors of
-  RGB images, not MRI reconstructors: they are registered without the MRI signature, and
+* ``edm`` / ``edm_l1`` / ``ncsnv2`` are priors: they reconstruct only through posterior sampling (``adps evaluate``,
+  the samplers of :mod:`adps.nn.samplers`); ``predict`` refuses them.
+* ``image`` models (``adps-image-p<erasure_p>``) are priors of RGB images, registered without the MRI signature;
   ``predict`` refuses them, pointing to ``adps evaluate`` and the samplers.
 
-``predict`` takes a dict of arrays (what ``mlflow models serve`` parses from
-``{"inputs": {...}}``): ``kspace`` ``(N, C, H, W, 2)`` and ``maps`` ``(N, C, H, W, 2)`` float32
-with ``[real, imag]`` on the last axis (JSON has no complex numbers), ``mask`` ``(N, W)`` bool;
-it returns the image ``(N, H, W, 2)`` float32. :func:`to_model_input` and
-:func:`image_from_output` convert from and to complex tensors. In the compact format
-(:func:`compact_model_input`) each value is instead a base64 ``.npy`` string, float16 k-space
-and maps: 8x smaller requests for real-size slices. A bad request is answered with what is
-wrong with it, never with the request itself (docs/training.md, "Serving").
+``predict`` takes a dict of arrays (what ``mlflow models serve`` parses from ``{"inputs": {...}}``): ``kspace`` and
+``maps`` ``(N, C, H, W, 2)`` float32 with ``[real, imag]`` on the last axis (JSON has no complex numbers), ``mask``
+``(N, W)`` bool; it returns the image ``(N, H, W, 2)`` float32. :func:`to_model_input` and :func:`image_from_output`
+convert from and to complex tensors. In the compact format (:func:`compact_model_input`) each value is a base64
+``.npy`` string, k-space and maps float16: 8x smaller requests for real-size slices. A bad request is answered with
+what is wrong with it, never with the request itself (docs/training.md, "Serving").
 
 Users pull a ready network with :func:`load_model` (also ``adps.load_model``)::
 
@@ -32,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -50,20 +47,18 @@ from adps.nn.reconstruct import A_OS_SIGMA, a_os, reconstruct
 from adps.nn.samplers import METHOD_SAMPLERS
 from adps.orchestration.tracking import process_tracking_uri, resolve_tracking_uri
 
-__all__ = [
-    "ALIAS", "CHAMPION", "PYFUNC_FILE", "RECONSTRUCTORS", "WEIGHTS_ARTIFACT", "compact_model_input", "encode_array",
-    "image_from_output", "image_model_name", "input_example", "load_model", "model_description", "model_name",
-    "pip_requirements", "predict_arrays", "register_model", "registered_name", "set_champion", "to_model_input"
-]
+__all__ = ["ALIAS", "CHAMPION", "PYFUNC_FILE", "RECONSTRUCTORS", "WEIGHTS_ARTIFACT", "compact_model_input",
+           "encode_array", "image_from_output", "image_model_name", "input_example", "load_model", "model_description",
+           "model_name", "pip_requirements", "predict_arrays", "register_model", "registered_name", "set_champion",
+           "to_model_input"]
 
 RECONSTRUCTORS = ("ambient", "modl", "ssdu")
 """Methods whose registered model's ``predict`` reconstructs (A-OS or the unrolled network)."""
 CHAMPION = "champion"
 """The alias ``adps evaluate`` points at the version of each registered model it found best."""
 ALIAS = "latest"
-"""How users address the newest version: ``models:/adps-ambient-r4@latest``. MLflow 3 reserves
-this alias and resolves it itself to the highest version number, so it is never set (setting it
-is refused); :func:`register_model` sets only other aliases."""
+"""How users address the newest version: ``models:/adps-ambient-r4@latest``. MLflow 3 reserves this alias (setting
+it is refused) and resolves it to the highest version number; :func:`register_model` sets only other aliases."""
 WEIGHTS_ARTIFACT = "weights"
 """Name of the pyfunc artifact holding the safetensors weights and config.json."""
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -76,8 +71,8 @@ def model_name(method: str, r_train: float) -> str:
 
 
 def image_model_name(erasure_p: float) -> str:
-    """The registry name of the natural-image model trained at ``erasure_p``: ``adps-image-p<p>``
-    (``adps-image-p0.6``; ``adps-image-p0`` for the model trained on clean images)."""
+    """The registry name of the natural-image model trained at ``erasure_p``: ``adps-image-p<p>`` (``adps-image-p0.6``;
+    ``adps-image-p0`` for the model trained on clean images)."""
     return f"adps-image-p{erasure_p:g}"
 
 
@@ -102,9 +97,8 @@ TRAINED_ON = {
 
 
 def model_description(name: str, config: Mapping[str, Any]) -> str:
-    """The registered model ``name``'s description (Markdown): what it is, how to load and use
-    it, and the aliases the platform sets. ``config``: the model's ``config.json`` (method,
-    r_train or erasure_p)."""
+    """The registered model ``name``'s description (Markdown): what it is, how to load and use it, and the aliases
+    the platform sets. ``config``: the model's ``config.json`` (method, r_train or erasure_p)."""
     method = config["method"]
     what = TRAINED_ON[method].format(r=f"{float(config.get('r_train') or 1):g}", p=f"{float(config.get('erasure_p') or 0):g}")
     use = ("Reconstructs through posterior sampling (`adps evaluate`, `adps tune`); `predict` refuses it."
@@ -118,8 +112,7 @@ def model_description(name: str, config: Mapping[str, Any]) -> str:
 
 
 def pip_requirements() -> list[str]:
-    """The serving environment: pinned to the versions this process runs (inferring them
-    costs MLflow 15-20 s per model)."""
+    """The serving environment: the versions this process runs (inferring them costs MLflow 15-20 s per model)."""
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in ("torch", "numpy", "safetensors", "mlflow", "h5py")]
@@ -134,12 +127,9 @@ def _pairs(array: Any) -> np.ndarray:
 
 
 def to_model_input(kspace: Any, maps: Any, mask: Any) -> dict[str, np.ndarray]:
-    """``predict``'s input from complex k-space ``(N, C, H, W)``, complex maps ``(N, C, H, W)``
-    and a column mask ``(N, W)`` (tensors or arrays)."""
-    return {
-        "kspace": _pairs(kspace), "maps": _pairs(maps),
-        "mask": torch.as_tensor(mask).detach().cpu().to(torch.bool).numpy()
-    }
+    """``predict``'s input from complex k-space and maps ``(N, C, H, W)`` and a column mask ``(N, W)`` (any arrays)."""
+    return {"kspace": _pairs(kspace), "maps": _pairs(maps),
+            "mask": torch.as_tensor(mask).detach().cpu().to(torch.bool).numpy()}
 
 
 def image_from_output(output: Any) -> Tensor:
@@ -148,17 +138,15 @@ def image_from_output(output: Any) -> Tensor:
 
 
 def encode_array(array: Any) -> str:
-    """``array`` as the compact request format's string: a ``.npy`` file (dtype and shape in
-    its header), base64-encoded. :func:`compact_model_input` builds a whole request."""
+    """``array`` as a compact request's string: a ``.npy`` file (dtype and shape in its header), base64-encoded."""
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def compact_model_input(kspace: Any, maps: Any, mask: Any, *, dtype: Any = np.float16) -> dict[str, str]:
-    """:func:`to_model_input` in the compact request format: each array a base64 ``.npy``
-    string (:func:`encode_array`), k-space and maps as ``dtype`` (float16: a 16-coil 384 x 320
-    slice is 21 MB of JSON instead of 171 MB as lists; float32, 42 MB, keeps every bit)."""
+    """:func:`to_model_input` in the compact request format (:func:`encode_array`), k-space and maps as ``dtype``
+    (float16: a 16-coil 384 x 320 slice is 21 MB of JSON, not 171 MB as lists; float32, 42 MB, keeps every bit)."""
     arrays = to_model_input(kspace, maps, mask)
     return {key: encode_array(value if key == "mask" else value.astype(dtype)) for key, value in arrays.items()}
 
@@ -185,42 +173,29 @@ def _complex_input(inputs: Mapping[str, Any], key: str, ndim: int) -> Tensor:
     elif value.ndim == ndim + 1 and value.shape[-1] == 2:
         value = torch.view_as_complex(value.to(torch.float32).contiguous())
     else:
-        raise ValueError(
-            f"predict: input {key!r} must be complex with {ndim} axes or float with {ndim + 1} axes ending in "
-            f"[real, imag], got shape {tuple(value.shape)} and dtype {value.dtype}"
-        )
+        raise ValueError(f"predict: input {key!r} must be complex with {ndim} axes or float with {ndim + 1} axes "
+                         f"ending in [real, imag], got shape {tuple(value.shape)} and dtype {value.dtype}")
     if value.ndim != ndim:
         raise ValueError(f"predict: input {key!r} must have {ndim} axes (N, C, H, W), got shape {tuple(value.shape)}")
     return value
 
 
 def predict_arrays(method: str, model: nn.Module, inputs: Mapping[str, Any], *, sigma: float = A_OS_SIGMA) -> np.ndarray:
-    """Reconstruct the slices of ``inputs`` (see the module docstring) with ``model``.
-
-    Returns the image ``(N, H, W, 2)`` float32 ``[real, imag]``.
-
-    Raises:
-        ValueError: for a natural-image model (method ``image``), which reconstructs nothing
-            in one pass and takes no k-space; and for inputs of the wrong shape or type.
-    """
-
+    """Reconstruct the slices of ``inputs`` (see the module docstring) with ``model``: the image ``(N, H, W, 2)``
+    float32 ``[real, imag]``. Raises ValueError for a natural-image model (method ``image``: it takes no k-space and
+    reconstructs nothing in one pass) and for inputs of the wrong shape or type."""
     if method == "image":
-        raise ValueError(
-            "predict: 'image' models are priors of natural images (a denoiser D(x, sigma[, mask])), not MRI "
-            "reconstructors: they reconstruct through posterior sampling, with `adps evaluate` or the samplers of "
-            "adps.nn (load the network with adps.load_model)"
-        )
-
-    kspace = _complex_input(inputs, "kspace", 4)
-    maps = _complex_input(inputs, "maps", 4)
+        raise ValueError("predict: 'image' models are priors of natural images (a denoiser D(x, sigma[, mask])), not "
+                         "MRI reconstructors: they reconstruct through posterior sampling, with `adps evaluate` or the "
+                         "samplers of adps.nn (load the network with adps.load_model)")
+    kspace, maps = _complex_input(inputs, "kspace", 4), _complex_input(inputs, "maps", 4)
     mask = torch.as_tensor(_input_array(inputs, "mask")).to(torch.bool)
     if mask.ndim == 1:
         mask = mask.expand(kspace.shape[0], -1)
     if maps.shape != kspace.shape or mask.shape != (kspace.shape[0], kspace.shape[-1]):
-        raise ValueError(
-            f"predict: shapes do not agree: kspace {tuple(kspace.shape)}, maps {tuple(maps.shape)} (same as kspace), "
-            f"mask {tuple(mask.shape)} (expected (N, W) = ({kspace.shape[0]}, {kspace.shape[-1]}))"
-        )
+        raise ValueError(f"predict: shapes do not agree: kspace {tuple(kspace.shape)}, maps {tuple(maps.shape)} (same "
+                         f"as kspace), mask {tuple(mask.shape)} (expected (N, W) = ({kspace.shape[0]}, "
+                         f"{kspace.shape[-1]}))")
     device = next(model.parameters()).device
     kspace, maps, mask = kspace.to(device), maps.to(device), mask.to(device)
     with torch.no_grad():
@@ -233,21 +208,18 @@ def predict_arrays(method: str, model: nn.Module, inputs: Mapping[str, Any], *, 
 
 # Registration --------------------------------------------------------------------------------
 def _signature():
-    """Output and parameters only. An input schema would make MLflow check the inputs before
-    ``predict`` and answer a missing key with the whole request echoed back; and it could not
-    describe the compact format. ``predict`` checks them, and the input example shows them."""
+    """Output and parameters only: an input schema would make MLflow check the inputs before ``predict`` (echoing the
+    whole request back for a missing key) and could not describe the compact format; ``predict`` checks them."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
-    return ModelSignature(
-        inputs=None, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 2), "image")]),
-        params=ParamSchema([ParamSpec("sigma", "double", A_OS_SIGMA)]),
-    )
+    return ModelSignature(inputs=None, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 2), "image")]),
+                          params=ParamSchema([ParamSpec("sigma", "double", A_OS_SIGMA)]))
 
 
 def input_example(*, coils: int = 2, size: int = 16) -> dict[str, list]:
-    """A small request (one ``size`` x ``size`` slice of ``coils`` coils, every other column
-    sampled) stored with each registered reconstructor: the format, readable in MLflow's UI."""
+    """A small request (one ``size`` x ``size`` slice of ``coils`` coils, every other column sampled) stored with each
+    registered reconstructor: the format, readable in MLflow's UI."""
     generator = torch.Generator().manual_seed(0)
     shape = (1, coils, size, size)
     kspace = torch.complex(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
@@ -257,20 +229,14 @@ def input_example(*, coils: int = 2, size: int = 16) -> dict[str, list]:
             for key, value in to_model_input(kspace / size, maps, mask).items()}
 
 
-def register_model(
-    weights_dir: str | Path, *, tracking_uri: str, run_id: str, name: str, tags: Mapping[str, str] | None = None,
-    alias: str | None = None, description: str = ""
-) -> Any:
-    """Log the network in ``weights_dir`` (a :func:`~adps.nn.checkpoint.save_model` folder) as a
-    pyfunc model of run ``run_id``, register it as ``name`` (a new version, which
-    ``models:/<name>@latest`` then resolves to), tag it and point ``alias`` (if any, other than
-    ``latest``) at it; returns the :class:`mlflow.entities.model_registry.ModelVersion`.
-
-    The adps package travels with the model (``code_paths``), so a serving machine needs only
-    the pinned :func:`pip_requirements`. A natural-image model (``"method": "image"`` in the
-    folder's config.json) is logged without the MRI tensor signature (its ``predict`` refuses
-    every input, see :func:`predict_arrays`).
-    """
+def register_model(weights_dir: str | Path, *, tracking_uri: str, run_id: str, name: str,
+                   tags: Mapping[str, str] | None = None, alias: str | None = None, description: str = "") -> Any:
+    """Log the network in ``weights_dir`` (a :func:`~adps.nn.checkpoint.save_model` folder) as a pyfunc model of run
+    ``run_id``, register it as a new version of ``name`` (``models:/<name>@latest`` then resolves to it), tag it and
+    point ``alias`` (if any, other than ``latest``) at it; returns the
+    :class:`mlflow.entities.model_registry.ModelVersion`. The adps package travels with the model (``code_paths``), so
+    a serving machine needs only the pinned :func:`pip_requirements`. A natural-image model (``"method": "image"`` in
+    its config.json) is logged without the MRI tensor signature (its ``predict`` refuses every input)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -284,19 +250,17 @@ def register_model(
         # Only the package's sources travel (no caches or editable-install leftovers).
         code = Path(tmp) / "adps"
         shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        # MLflow keeps an artifact folder's own name: copied to ``weights`` it lands at the fixed
-        # ``artifacts/weights`` that load_model looks for, whatever the checkpoint calls it.
+        # MLflow keeps an artifact folder's own name: copied to ``weights``, it lands at the fixed ``artifacts/weights``
+        # that load_model looks for, whatever the checkpoint calls it.
         weights = Path(tmp) / WEIGHTS_ARTIFACT
         shutil.copytree(weights_dir, weights)
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            # MLflow suggests type hints and an input example: the explicit signature replaces the
-            # hints, and priors have no example (their predict refuses every input).
+            # MLflow suggests type hints and an input example: the signature replaces the hints, and priors have none.
             warnings.filterwarnings("ignore", message=".*(type hints|input example|signature).*", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_FILE), artifacts={WEIGHTS_ARTIFACT: str(weights)},
                 code_paths=[str(code)], pip_requirements=pip_requirements(), signature=signature,
-                input_example=example, registered_model_name=name, await_registration_for=60
-            )
+                input_example=example, registered_model_name=name, await_registration_for=60)
     version = str(info.registered_model_version)
     if description:
         client.update_model_version(name, version, description=description)
@@ -311,8 +275,6 @@ def register_model(
 
 def _model_config(weights_dir: str | Path) -> dict[str, Any]:
     """The ``config.json`` of the save_model folder ``weights_dir``."""
-    import json
-
     path = Path(weights_dir) / CONFIG_FILE
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -326,15 +288,11 @@ def _model_config(weights_dir: str | Path) -> dict[str, Any]:
 # Loading -------------------------------------------------------------------------------------
 def _weights_folder(local: Path) -> Path:
     """The save_model folder inside a downloaded pyfunc model (or ``local`` itself)."""
-    if (local / "config.json").is_file():
-        return local
-    candidate = local / "artifacts" / WEIGHTS_ARTIFACT
-    if (candidate / "config.json").is_file():
-        return candidate
-    raise FileNotFoundError(
-        f"{local}: neither an adps model folder (config.json + weights.safetensors) nor an adps pyfunc model "
-        f"(artifacts/{WEIGHTS_ARTIFACT}/)"
-    )
+    for candidate in (local, local / "artifacts" / WEIGHTS_ARTIFACT):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{local}: neither an adps model folder (config.json + weights.safetensors) nor an adps "
+                            f"pyfunc model (artifacts/{WEIGHTS_ARTIFACT}/)")
 
 
 def load_model(
@@ -343,17 +301,14 @@ def load_model(
     """A ready network (eval mode, on ``device``) from the registry or a folder.
 
     Args:
-        uri: ``models:/adps-ambient-r4@latest``, ``models:/<name>/<version>``, a bare registered
-            name (``adps-ambient-r4``: its newest version, as in the configs' ``models``),
-            ``runs:/<id>/model``, any MLflow artifact URI, or a local folder (a pyfunc model or a
-            save_model folder).
+        uri: ``models:/adps-ambient-r4@latest``, ``models:/<name>/<version>``, a bare registered name
+            (``adps-ambient-r4``: its newest version, as in the configs' ``models``), ``runs:/<id>/model``, any MLflow
+            artifact URI, or a local folder (a pyfunc model or a save_model folder).
         device: where the network goes.
-        tracking_uri: the MLflow server or store (default as for training:
-            ``$MLFLOW_TRACKING_URI``, else ``.adps/mlflow.db`` of the current folder); a SQLite
+        tracking_uri: the MLflow server or store (default as for training, :func:`resolve_tracking_uri`); a SQLite
             store that does not exist is an error naming it, never created.
         with_config: also return the model's config (method, R, preset, architecture, ...).
     """
-
     text = str(uri)
     if Path(text).exists():
         model, config = load_folder(_weights_folder(Path(text)), device=device)
@@ -367,11 +322,10 @@ def load_model(
                                     "adps-* name")
 
         tracking_uri = resolve_tracking_uri(tracking_uri or "", create=False)
-        # A model is ~50 small files: MLflow's per-download progress bar would print one line
-        # per load in every Ray task and trial (set the variable to "true" to see it).
+        # A model is ~50 small files: MLflow's progress bar would print a line per load in every Ray task and trial.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        # models:/ URIs are resolved through the *registry* URI, which follows the process-wide
-        # tracking URI, not download_artifacts' tracking_uri argument.
+        # models:/ URIs are resolved through the *registry* URI, which follows the process-wide tracking URI, not
+        # download_artifacts' tracking_uri argument.
         with tempfile.TemporaryDirectory(prefix="adps-model-") as tmp, process_tracking_uri(tracking_uri):
             try:
                 local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=tmp, tracking_uri=tracking_uri)
@@ -395,14 +349,12 @@ def model_uri(entry: str) -> str:
                      f"name, an existing folder, nor one of {', '.join(CLASSICAL)}")
 
 
-def load_model_entry(
-    uri: str, device: str, tracking_uri: str | None = None
-) -> tuple[torch.nn.Module | None, dict[str, Any]]:
+def load_model_entry(uri: str, device: str,
+                     tracking_uri: str | None = None) -> tuple[torch.nn.Module | None, dict[str, Any]]:
     """The network and its config (a :data:`CLASSICAL` entry: no network, method = the entry)."""
     if uri in CLASSICAL:
         return None, {"method": uri, "r_train": 1.0}
-    model, config = load_model(uri, device=device, tracking_uri=tracking_uri, with_config=True)
-    return model, config
+    return load_model(uri, device=device, tracking_uri=tracking_uri, with_config=True)
 
 
 def model_label(config: dict[str, Any]) -> str:
@@ -418,8 +370,7 @@ TUNED_TAG = "adps.tuned.r{r_inf:g}.{key}"
 
 
 def model_version_of(uri: str, tracking_uri: str) -> Any:
-    """The registered model version a ``models:/name@alias`` / ``models:/name/N`` URI names, or
-    None for any other model entry."""
+    """The registered model version a ``models:/name@alias`` / ``models:/name/N`` URI names, else None."""
     from mlflow import MlflowClient
 
     if not uri.startswith("models:/"):
@@ -433,10 +384,9 @@ def model_version_of(uri: str, tracking_uri: str) -> Any:
 
 
 def pin_model_entry(entry: str, tracking_uri: str) -> tuple[str, torch.nn.Module | None, dict[str, Any]]:
-    """A ``models`` entry resolved once on a driver: ``(uri, network, config)``, the URI pinned
-    to the registry version it names now (every task then loads that version, even if another is
-    registered meanwhile) and the config holding that version's tags as ``_version_tags``. A
-    wrong entry fails here, naming it, before any task starts."""
+    """A ``models`` entry resolved once on a driver: ``(uri, network, config)``, the URI pinned to the registry version
+    it names now (every task then loads that version, even if another is registered meanwhile) and the config holding
+    that version's tags as ``_version_tags``. A wrong entry fails here, naming it, before any task starts."""
     uri = model_uri(entry)
     model, config = load_model_entry(uri, "cpu", tracking_uri)
     version = model_version_of(uri, tracking_uri)
@@ -446,9 +396,8 @@ def pin_model_entry(entry: str, tracking_uri: str) -> tuple[str, torch.nn.Module
 
 
 def set_champion(winner: str, evaluated: list[str], tracking_uri: str, note: str) -> None:
-    """Point :data:`CHAMPION` at the registry version ``winner`` (``models:/<name>/<version>``),
-    tagged ``adps.champion_of`` = ``note``; an ``evaluated`` version that holds the alias of its
-    name and lost gives it up."""
+    """Point :data:`CHAMPION` at the registry version ``winner`` (``models:/<name>/<version>``), tagged
+    ``adps.champion_of`` = ``note``; an ``evaluated`` version that holds the alias of its name and lost gives it up."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -471,19 +420,15 @@ TUNED_META = ("run_id", "budget", "split")
 TUNED_SPEED = ("seconds_per_slice", "fastest_seconds_per_slice")
 """Keys of a search's tags that record how fast its best and fastest settings ran (not settings)."""
 FASTEST = "fastest"
-"""The ``sampler`` of :func:`tuned_settings` for a search's fastest settings within its tolerance
-of the protocol's quality (``adps.tuned.r<R>.fastest.<key>``)."""
+"""The ``sampler`` of :func:`tuned_settings` for a search's fastest settings within its tolerance of the protocol's
+quality (``adps.tuned.r<R>.fastest.<key>``)."""
 
 
 def tuned_settings(tags: dict[str, str], r_inf: float, sampler: str = "") -> dict[str, float]:
-    """The sampler settings a Ray Tune search at ``r_inf`` stored on the model version, or ``{}``.
-
-    ``sampler`` empty: the model's own sampler's best (:data:`TUNED_TAG` with a plain key:
-    ``guidance``, ``steps`` and any other searched setting); :data:`FASTEST`: its fastest within
-    the search's tolerance (``adps.tuned.r<R>.fastest.<key>``); ``"a_os"``: A-OS's, which a search
-    with ``tune_spaces/a_os.yaml`` stores under ``adps.tuned.r<R>.a_os.<key>``. The search's own
-    description (:data:`TUNED_META`, :data:`TUNED_SPEED`) is left out.
-    """
+    """The sampler settings a Ray Tune search at ``r_inf`` stored on the model version (or ``{}``), without the search's
+    own description (:data:`TUNED_META`, :data:`TUNED_SPEED`). ``sampler``: empty for the model's own sampler's best
+    (:data:`TUNED_TAG` with a plain key: ``guidance``, ``steps``, ...), :data:`FASTEST` for its fastest within the
+    search's tolerance, ``"a_os"`` for A-OS's (``tune_spaces/a_os.yaml``); tags ``adps.tuned.r<R>.<sampler>.<key>``."""
     prefix = TUNED_TAG.format(r_inf=r_inf, key=f"{sampler}." if sampler else "")
     found = {}
     for tag, value in tags.items():
@@ -495,20 +440,18 @@ def tuned_settings(tags: dict[str, str], r_inf: float, sampler: str = "") -> dic
 
 
 def tuned_meta(tags: dict[str, str], r_inf: float) -> dict[str, str]:
-    """The search behind a model version's settings at ``r_inf``: its ``run_id``, ``budget``
-    (trials) and ``split`` (empty where the search predates them)."""
+    """The ``run_id``, ``budget`` (trials) and ``split`` of the search behind a version's settings at ``r_inf`` (empty
+    where the search predates them)."""
     return {key: tags.get(TUNED_TAG.format(r_inf=r_inf, key=key), "") for key in TUNED_META}
 
 
 IMAGE_TUNED_TAG = "adps.tuned.{task}.{key}"
-"""Model-version tags of an image search: ``task`` is ``cs`` / ``sr`` (read by the image
-evaluation with ``sampler_settings: best``: ``adps.tuned.cs.guidance``, ``adps.tuned.sr.steps``) or
-``cs_m<m>`` / ``sr_x<factor>`` (the searched setting's own)."""
+"""Model-version tags of an image search: ``task`` is ``cs`` / ``sr`` (``adps.tuned.cs.guidance``: what the image
+evaluation reads with ``sampler_settings: best``) or ``cs_m<m>`` / ``sr_x<factor>`` (the searched setting's own)."""
 
 
 def image_tuned_settings(tags: dict[str, str], task: str) -> dict[str, float]:
-    """The settings a search for ``task`` stored on a model version (:data:`IMAGE_TUNED_TAG`),
-    or ``{}``."""
+    """The settings a search for ``task`` stored on a model version (:data:`IMAGE_TUNED_TAG`), or ``{}``."""
     prefix = IMAGE_TUNED_TAG.format(task=task, key="")
     return {tag[len(prefix):]: float(value) for tag, value in tags.items()
             if tag.startswith(prefix) and tag[len(prefix):] != "run_id"}
@@ -516,18 +459,17 @@ def image_tuned_settings(tags: dict[str, str], task: str) -> dict[str, float]:
 
 def tag_tuned_settings(config: Any, best: dict[str, Any], run_id: str, *, sampler: str = "",
                        model_method: str = "") -> Any:
-    """Store a search's best settings (and its ``run_id``; for MRI its ``budget`` and ``split``)
-    as tags of the model version ``config.model`` names (an ``adps.orchestration.tune_config.SearchConfig``):
-    :data:`TUNED_TAG` for MRI (the model's own sampler's keys plain, another's prefixed),
-    :data:`IMAGE_TUNED_TAG` for an image task. Returns the tagged version."""
+    """Store a search's best settings (and its ``run_id``; for MRI its ``budget`` and ``split``) as tags of the model
+    version ``config.model`` names (an ``adps.orchestration.tune_config.SearchConfig``): :data:`TUNED_TAG` for MRI (the
+    model's own sampler's keys plain, another's prefixed), :data:`IMAGE_TUNED_TAG` for an image task. Returns the
+    tagged version."""
     from mlflow import MlflowClient
 
+    client = MlflowClient(config.tracking_uri)
     version = model_version_of(config.model, config.tracking_uri)
     if version is None:  # ``models:/name`` without version or alias: the newest version
-        client = MlflowClient(config.tracking_uri)
         name = config.model[len("models:/"):]
         version = max(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
-    client = MlflowClient(config.tracking_uri)
     # An MRI search also records its budget and split: the evaluation compares only models tuned alike.
     meta = {} if config.task else {"budget": config.num_samples, "split": config.split}
     own = METHOD_SAMPLERS.get(model_method) == sampler

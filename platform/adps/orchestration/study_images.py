@@ -1,23 +1,16 @@
-"""The natural-image study's evaluation (paper section 3.1, figures 2-4): MSE and LPIPS of
-posterior sampling with models trained on randomly inpainted images, against the model trained
-on clean images (``p = 0``) and the pseudo-inverse; docs/natural_images.md.
+"""The natural-image study's evaluation (paper section 3.1, figures 2-4): MSE and LPIPS of posterior sampling
+with models trained on randomly inpainted images, against the model trained on clean images (``p = 0``) and
+the pseudo-inverse; docs/natural_images.md.
 
-:func:`adps.orchestration.evaluate.evaluate` runs it (``adps evaluate --study images``). Three
-tasks, each *different* from the models' training corruption (:data:`TASKS`): Gaussian
-compressed sensing over ``measurements`` (figure 2), super-resolution over ``factors``
-(figure 3) and compressed sensing at ``nfe_measurements`` over ``steps_list`` (figure 4,
+:func:`adps.orchestration.evaluate.evaluate` runs it (``adps evaluate --study images``). Three tasks, each *different*
+from the models' training corruption: Gaussian compressed sensing over ``measurements`` (figure 2), super-resolution
+over ``factors`` (figure 3) and compressed sensing at ``nfe_measurements`` over ``steps_list`` (figure 4,
 ``NFE = 2 steps - 1``). Each model is sampled with the sampler its weights call for
-(:func:`~adps.nn.image_diffusion.image_sampler`); the pseudo-inverse (sampler ``pinv``) is the
-baseline of ``cs`` and ``sr``. Every model sees the same images, matrix and measurement noise
-(seeded), so results are paired by image; estimates are clipped to ``[-1, 1]``, then scored by
-MSE on the ``[0, 1]`` scale (:func:`adps.metrics.rgb_mse`) and LPIPS
-(:func:`adps.perceptual.lpips_rgb`). A cell (one model, task, setting and chunk of
-``images_per_task`` images) is keyed by its model version, its sampler settings and a hash of
-everything else its numbers depend on (:meth:`ImageEvaluateConfig.context`).
-
-Sampler settings: the config's ``steps`` / ``guidance`` when set; else the tags a search left
-on the registered version (:data:`~adps.orchestration.registry.IMAGE_TUNED_TAG`; the ``nfe``
-sweep takes the ``cs`` guidance); else the samplers' defaults (100 steps, guidance 1).
+(:func:`~adps.nn.image_diffusion.image_sampler`) and the config's ``steps`` / ``guidance``, else those a search left
+on the registered version (:data:`~adps.orchestration.registry.IMAGE_TUNED_TAG`), else the samplers' defaults; the
+pseudo-inverse (sampler ``pinv``) is the baseline of ``cs`` and ``sr``. Every model sees the same images, matrix and
+measurement noise (seeded), so results are paired by image; estimates are clipped to ``[-1, 1]``, then scored by MSE
+on the ``[0, 1]`` scale (:func:`adps.metrics.rgb_mse`) and LPIPS (:func:`adps.perceptual.lpips_rgb`).
 """
 
 from __future__ import annotations
@@ -44,14 +37,12 @@ from adps.orchestration.figures import sweep_figure
 from adps.orchestration.registry import image_tuned_settings, load_model_entry, pin_model_entry
 from adps.perceptual import lpips_rgb
 
-__all__ = [
-    "IMAGE_STUDY", "METRICS", "PINV", "TABLE_COLUMNS", "TASKS", "ImageCell", "ImageEvaluateConfig",
-    "evaluate_image_cell", "format_image_crossover", "format_image_results", "image_crossovers", "plan_image_cells"
-]
+__all__ = ["IMAGE_STUDY", "METRICS", "PINV", "TABLE_COLUMNS", "TASKS", "ImageCell", "ImageEvaluateConfig",
+           "evaluate_image_cell", "format_image_crossover", "format_image_results", "image_crossovers",
+           "plan_image_cells"]
 
 TASKS = ("cs", "sr", "nfe")
-"""Compressed sensing over ``measurements``, super-resolution over ``factors``, compressed
-sensing at ``nfe_measurements`` over ``steps_list``."""
+"""The three tasks, as the module docstring says."""
 METRICS = ("mse", "lpips")
 PINV = "pinv"
 """Model label and sampler name of the pseudo-inverse baseline (no network)."""
@@ -60,16 +51,14 @@ TABLE_COLUMNS = ("model", "erasure_p", "sampler", "task", "measurements", "facto
 FIGURES = {
     "cs": ("fig2_cs_vs_measurements.png", "measurements", "measurements m (Gaussian compressed sensing)"),
     "sr": ("fig3_sr_vs_factor.png", "factor", "downscaling factor (super-resolution)"),
-    "nfe": ("fig4_cs_vs_nfe.png", "nfe", "NFE (network evaluations)"),
-}
+    "nfe": ("fig4_cs_vs_nfe.png", "nfe", "NFE (network evaluations)")}
 """Per task: the figure's file name, its x column and x label (paper figures 2, 3 and 4)."""
 
 
 @dataclass(frozen=True)
 class ImageEvaluateConfig(EvaluationConfig):
-    """Everything the natural-image evaluation needs (with :class:`EvaluationConfig`'s keys);
-    unknown keys are refused by name. One of the ``models`` should be the ``p = 0`` model
-    (``adps-image-p0``): the cross-over is measured against it."""
+    """Everything the natural-image evaluation needs (with :class:`EvaluationConfig`'s keys; unknown keys refused
+    by name). One of the ``models`` should be the ``p = 0`` model (``adps-image-p0``): the cross-over's reference."""
 
     AMP_MODES = ("", "bf16", "fp16")
     images: str = ""
@@ -93,8 +82,8 @@ class ImageEvaluateConfig(EvaluationConfig):
     guidance: float = 0.0
     """DPS / A-DPS guidance zeta for every task; 0 = tuned (model-version tag), else 1."""
     sampler_settings: str = "best"
-    """``best``: read ``adps.tuned.<task>.steps`` / ``.guidance`` tags of registered model versions
-    for settings left at 0; ``paper``: the samplers' defaults (``fastest`` is MRI only)."""
+    """``best``: read ``adps.tuned.<task>.steps`` / ``.guidance`` tags of registered model versions for settings
+    left at 0; ``paper``: the samplers' defaults (``fastest`` is MRI only)."""
     noise: float = 0.0
     """Standard deviation of the Gaussian noise added to the measurements (image units)."""
     pinv: bool = True
@@ -189,20 +178,19 @@ class ImageCell:
     @property
     def nfe(self) -> int:
         """Network evaluations per image (0 for the pseudo-inverse)."""
-
         return 0 if self.sampler == PINV else network_calls(self.steps, IMAGE_SAMPLING["solver"])
 
     @property
     def key(self) -> str:
+        # The model version, the sampler settings and the config's context: other ones get new cells.
         model = hashlib.sha1(self.model.encode()).hexdigest()[:8]
         return (f"{self.label}-{model}__{self.sampler}__{self.task}_{self.setting}__s{self.steps}_g{self.guidance:g}__"
                 f"{self.context}__{self.indices[0]:05d}-{self.indices[-1]:05d}")
 
 
 def _settings(config: ImageEvaluateConfig, tags: dict[str, str], task: str) -> tuple[int, float, str]:
-    """``(steps, guidance, where each came from)`` of ``task`` (``nfe`` takes ``cs``'s guidance): the
-    config's, else tuned, else the samplers' defaults."""
-
+    """``(steps, guidance, where each came from)`` of ``task`` (``nfe`` takes ``cs``'s guidance): the config's,
+    else tuned, else the samplers' defaults (100 steps, guidance 1)."""
     tuned = image_tuned_settings(tags, "cs" if task == "nfe" else task) if config.sampler_settings == "best" else {}
     steps = config.steps or int(tuned.get("steps", 0)) or int(IMAGE_SAMPLING["steps"])
     guidance = config.guidance or float(tuned.get("guidance", 0.0)) or float(IMAGE_SAMPLING["guidance"])
@@ -211,14 +199,10 @@ def _settings(config: ImageEvaluateConfig, tags: dict[str, str], task: str) -> t
     return steps, guidance, ", ".join(sources)
 
 
-def plan_image_cells(
-    config: ImageEvaluateConfig, models: Sequence[tuple[str, dict[str, Any]]], n_test: int
-) -> list[ImageCell]:
-    """Every cell: (models + the pseudo-inverse) x tasks x settings x image chunks.
-
-    ``models``: ``(uri, config)`` pairs, each config with ``erasure_p``, ``delta``, ``_sampler``
-    (the sampler's name) and ``_version_tags``.
-    """
+def plan_image_cells(config: ImageEvaluateConfig, models: Sequence[tuple[str, dict[str, Any]]],
+                     n_test: int) -> list[ImageCell]:
+    """Every cell: (models + the pseudo-inverse) x tasks x settings x image chunks. ``models``: ``(uri, config)``
+    pairs, each config with ``erasure_p``, ``delta``, ``_sampler`` (the sampler's name) and ``_version_tags``."""
     count = min(n_test, config.n_images) if config.n_images else n_test
     chunks = [tuple(range(i, min(i + config.images_per_task, count))) for i in range(0, count, config.images_per_task)]
     context = config.context()
@@ -248,7 +232,6 @@ def plan_image_cells(
 
 def _operator(cell: ImageCell, resolution: int, seed: int) -> Any:
     """The cell's forward operator: one Gaussian matrix per (m, seed), shared by every model."""
-
     if cell.task == "sr":
         return SuperResolution(int(cell.factor))
     return GaussianCompressedSensing(int(cell.measurements), (3, resolution, resolution), seed)
@@ -264,7 +247,6 @@ def _seeded(*keys: int) -> torch.Generator:
 def measure(operator: Any, images: torch.Tensor, indices: Sequence[int], *, noise: float, seed: int) -> torch.Tensor:
     """``y = A x (+ noise)``, the noise of each image drawn from its own seed ``(seed, 1, index)``,
     so every model and every chunking sees the same measurements."""
-
     y = operator(images)
     if noise <= 0:
         return y
@@ -274,7 +256,6 @@ def measure(operator: Any, images: torch.Tensor, indices: Sequence[int], *, nois
 
 def evaluate_image_cell(config: ImageEvaluateConfig, cell: ImageCell, *, device: str = "cpu") -> list[dict[str, Any]]:
     """Sample and measure one cell; writes ``<output>/cells/<key>.json`` (its rows) and returns them."""
-
     with ImageDataset(config.images, config.resolution) as dataset:
         images = torch.stack([dataset[i]["image"] for i in cell.indices]).to(device)
     operator = _operator(cell, config.resolution, config.seed)
@@ -311,7 +292,6 @@ def evaluate_image_cell(config: ImageEvaluateConfig, cell: ImageCell, *, device:
 def _resolve_models(config: ImageEvaluateConfig) -> list[tuple[str, dict[str, Any]]]:
     """Every model's URI (registry versions pinned) and config, loaded once on the driver:
     a wrong entry fails here, before any task starts."""
-
     resolved = []
     labels: dict[str, str] = {}
     for entry in config.models:
@@ -351,20 +331,16 @@ def _difficulty(row: dict[str, Any]) -> float:
 
 def image_crossovers(rows: Sequence[dict[str, Any]], *, n_boot: int = 2000, level: float = 0.95,
                      seed: int = 0) -> list[dict[str, Any]]:
-    """For each ambient model (``p > 0``) against the ``p = 0`` model, per task and metric: the
-    easiest setting at which the ambient model beats it on average over the images (paired by
-    image), scanning from the easiest setting to the hardest (most measurements, smallest
-    factor, most NFEs first): where it "starts beating p = 0" (paper figures 2-4).
+    """For each ambient model (``p > 0``) against the ``p = 0`` model, per task and metric: the easiest setting
+    at which the ambient model beats it, paired by image, scanning from the easiest setting to the hardest (most
+    measurements, smallest factor, most NFEs first): where it "starts beating p = 0" (paper figures 2-4).
 
-    The functions of :mod:`adps.crossover`, with the task's difficulty (:func:`_difficulty`) as
-    their ``r_inf``. Rows: one per model, ``task``, ``axis`` (``measurements`` / ``factor`` /
-    ``nfe``), ``metric``: ``outcome`` (``crossover``, ``inconclusive`` or ``none``:
-    :func:`adps.crossover.crossover`), ``crossover`` (the setting of a cross-over, else None),
-    ``setting`` (the setting reported for a cross-over or an inconclusive outcome), ``margin``
-    (mean improvement there, positive = better), ``ci_low`` / ``ci_high`` (bootstrap interval)
-    and ``n_images``. Empty without a ``p = 0`` model.
+    :func:`adps.crossover.crossover_table` with the task's difficulty (:func:`_difficulty`) as ``r_inf``. Rows:
+    one per model, ``task``, ``axis`` (``measurements`` / ``factor`` / ``nfe``), ``metric``: ``outcome``
+    (:data:`adps.crossover.OUTCOMES`), ``crossover`` (the setting of a cross-over, else None), ``setting`` (the
+    setting reported for a cross-over or an inconclusive outcome), ``margin`` (mean improvement there, positive
+    = better), ``ci_low`` / ``ci_high`` (bootstrap interval) and ``n_images``. Empty without a ``p = 0`` model.
     """
-
     models = {r["model"]: r["erasure_p"] for r in rows if r["sampler"] != PINV}
     reference = next((label for label, p in models.items() if p == 0), None)
     ambient = sorted((label for label, p in models.items() if p and p > 0), key=lambda label: models[label])
@@ -456,9 +432,8 @@ def format_image_results(rows: Sequence[dict[str, Any]], metric: str = "mse") ->
     if table.empty:
         return "(no rows)"
     table["run"] = table["model"] + " " + table["sampler"]
-    table["setting"] = [f"{t} x{f:g}" if t == "sr" else f"nfe {n:g}" if t == "nfe" else f"{t} m {m:g}"
-                        for t, m, f, n in zip(table["task"], table["measurements"], table["factor"], table["nfe"],
-                                              strict=True)]
+    table["setting"] = [f"{t} x{f:g}" if t == "sr" else f"nfe {n:g}" if t == "nfe" else f"{t} m {m:g}" for t, m, f, n
+                        in zip(table["task"], table["measurements"], table["factor"], table["nfe"], strict=True)]
     order = list(dict.fromkeys(table["setting"]))
     pivot = table.pivot_table(index="run", columns="setting", values=metric, aggfunc="mean")
     pivot = pivot[[s for s in order if s in pivot.columns]]
@@ -481,11 +456,8 @@ def format_image_crossover(crossovers: Sequence[dict[str, Any]]) -> str:
 
 IMAGE_STUDY = Study(
     name="images", config=ImageEvaluateConfig, cell=ImageCell.from_dict, columns=TABLE_COLUMNS, paths=("images",),
-    check_data=count_test_images, plan=plan,
-    evaluate_cell=evaluate_image_cell,
+    check_data=count_test_images, plan=plan, evaluate_cell=evaluate_image_cell,
     describe=lambda cell: f"{cell.label} {cell.task} {cell.setting} steps {cell.steps}",
     sort_key=lambda r: (r["model"], TASKS.index(r["task"]), r["measurements"] or 0, r["factor"] or 0, r["steps"],
                         r["image"]),
-    crossovers=find_crossovers, report=report,
-    score="mse",
-)
+    crossovers=find_crossovers, report=report, score="mse")

@@ -1,14 +1,10 @@
 """The MRI study's evaluation: every model x R_inf x test slice, metrics, figures and the cross-over.
 
-:func:`adps.orchestration.evaluate.evaluate` runs it (``adps evaluate``, ``jobs/evaluate.py``);
-this module holds what is the MRI study's own (docs/evaluation.md): its config, its cells (one
-model, one sampler, one R_inf, a chunk of ``slices_per_task`` test slices), the sampler settings
-of each cell (the paper's protocol, the config's or a fair search's), the reconstruction of a
-cell, the cross-over of each ambient model against the fully sampled reference
-(:func:`adps.crossover.crossover_table`) and its figures (paper figures 6-9).
-
-A cell's key holds its model (the registry version it was pinned to, or its folder) and its
-sampler settings, so a retrained model or other settings get new cells rather than old results.
+:func:`adps.orchestration.evaluate.evaluate` runs it (``adps evaluate``, ``jobs/evaluate.py``); this module holds what
+is the MRI study's own (docs/evaluation.md): its config, its cells (one model, one sampler, one R_inf, a chunk of
+``slices_per_task`` test slices), the sampler settings of each cell (the paper's protocol, the config's or a fair
+search's), the reconstruction of a cell, the cross-over of each ambient model against the fully sampled reference and
+its figures (paper figures 6-9).
 """
 
 from __future__ import annotations
@@ -47,10 +43,8 @@ from adps.orchestration.registry import (
 )
 from adps.perceptual import lpips_distance
 
-__all__ = [
-    "MRI_STUDY", "Cell", "EvaluateConfig", "evaluate_cell", "format_crossover", "format_results", "plan_cells",
-    "network_for_sampler", "cell_settings", "resolve_models", "check_fair_tuning", "format_settings",
-]
+__all__ = ["MRI_STUDY", "Cell", "EvaluateConfig", "evaluate_cell", "format_crossover", "format_results", "plan_cells",
+           "network_for_sampler", "cell_settings", "resolve_models", "check_fair_tuning", "format_settings"]
 
 METRICS = ("nrmse", "psnr", "ssim", "lpips")
 TABLE_COLUMNS = ("model", "method", "sampler", "r_train", "r_inf", "slice", *METRICS, "seconds", "steps", "guidance",
@@ -59,10 +53,9 @@ TABLE_COLUMNS = ("model", "method", "sampler", "r_train", "r_inf", "slice", *MET
 
 @dataclass(frozen=True)
 class EvaluateConfig(EvaluationConfig):
-    """Everything the MRI evaluation needs (with :class:`EvaluationConfig`'s keys); unknown keys
-    are refused by name. ``models`` may also name the classical reconstructions without a network
-    (:data:`~adps.orchestration.registry.CLASSICAL`): ``l1`` (L1-wavelet CS), ``zero_filled``
-    (``A^H y``), ``cg_sense`` (unregularised CG-SENSE)."""
+    """Everything the MRI evaluation needs (with :class:`EvaluationConfig`'s keys; unknown keys refused by
+    name). ``models`` may also name the classical reconstructions (:data:`~adps.orchestration.registry.CLASSICAL`):
+    ``l1`` (L1-wavelet CS), ``zero_filled`` (``A^H y``), ``cg_sense`` (unregularised CG-SENSE)."""
 
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"accelerations": "r_inf"}
 
@@ -79,15 +72,15 @@ class EvaluateConfig(EvaluationConfig):
     # The samplers' settings. By default the paper's protocol (METHOD.md "Samplers"); a value set
     # here applies to every model (docs/protocol.md "Sampler settings").
     steps: int = 0
-    """Steps of the iterative samplers (A-DPS, DPS, ALD) for every model; 0 = a tuned value
-    (``sampler_settings``), else METHOD.md's (500 for A-DPS / DPS, 1,300 for ALD)."""
+    """Steps of the iterative samplers (A-DPS, DPS, ALD) for every model; 0 = a tuned value (``sampler_settings``),
+    else METHOD.md's (500 for A-DPS / DPS, 1,300 for ALD)."""
     guidance: float = 0.0
     """A-DPS / DPS step size l_ss for every model; 0 = tuned, else METHOD.md's 1.0."""
     sigma_max: float = 0.0
     """Start of the A-DPS / DPS schedule for every model; 0 = tuned, else METHOD.md's 10."""
     sigma_min: float = 0.0
-    """End of the A-DPS / DPS schedule for every model; 0 = tuned, else ``a_dps_sigma_min`` for
-    ambient models where set, else METHOD.md's 0.004."""
+    """End of the A-DPS / DPS schedule for every model; 0 = tuned, else ``a_dps_sigma_min`` for ambient models
+    where set, else METHOD.md's 0.004."""
     rho: float = 0.0
     """Curvature of the A-DPS / DPS schedule; 0 = tuned, else METHOD.md's 7."""
     ald_step_scale: float = 0.0
@@ -98,42 +91,34 @@ class EvaluateConfig(EvaluationConfig):
     """L1-wavelet CS's iterations; 0 = METHOD.md's 100."""
     cg_sense_iterations: int = 0
     """CG-SENSE's iterations; 0 = 10 (its only regulariser at R > 1 is stopping early)."""
-    # sampler_settings (EvaluationConfig): with best or fastest, the evaluation is fair or it refuses:
-    # at each R_inf, either every diffusion model compared has settings from a search with the same
-    # budget on a split other than test, or none has (then all run the protocol); a model without
-    # them is refused unless ``allow_untuned``.
+    # sampler_settings (EvaluationConfig) best or fastest: the evaluation is fair or it refuses (check_fair_tuning).
     allow_untuned: bool = False
-    """With ``sampler_settings`` best or fastest: evaluate a diffusion model that has no search at
-    an R_inf where others have one with its untuned settings, its rows marked ``untuned``,
-    instead of refusing."""
+    """With ``sampler_settings`` best or fastest: evaluate a diffusion model that has no search at an R_inf
+    where others have one with its untuned settings, its rows marked ``untuned``, instead of refusing."""
     a_os: bool = True
     """Also evaluate A-OS for ambient models, at R_inf = R_train only (its valid case)."""
     a_dps_sigma_min: float = 0.0
-    """End of the A-DPS schedule of ambient models where neither ``sigma_min`` nor a search set
-    one; 0 = METHOD.md's 0.004. A small ambient model needs more (the demo's: 0.1;
-    docs/evaluation.md)."""
+    """End of the A-DPS schedule of ambient models where neither ``sigma_min`` nor a search set one; 0 =
+    METHOD.md's 0.004. A small ambient model needs more (the demo's: 0.1; docs/evaluation.md)."""
     a_os_sigma: float = 0.0
     """A-OS's sigma where no search (``tune_spaces/a_os.yaml``) set one; 0 = METHOD.md's 0.003."""
     compile_mode: str = ""
-    """``torch.compile`` the network of the iterative samplers (A-DPS, DPS, ALD) in each task:
-    ``""`` (off), ``default``, ``reduce-overhead``, ``max-autotune`` or
-    ``max-autotune-no-cudagraphs``. The compilation takes minutes per task shape, so it pays
-    with ``use_gpu``, 500 steps and a ``slices_per_task`` of 8-16 (bench/README.md). One-call
-    samplers (A-OS, unrolled) are never compiled."""
+    """``torch.compile`` the network of the iterative samplers (A-DPS, DPS, ALD) in each task: ``""`` (off),
+    ``default``, ``reduce-overhead``, ``max-autotune`` or ``max-autotune-no-cudagraphs``. The compilation takes
+    minutes per task shape, so it pays with ``use_gpu``, 500 steps and a ``slices_per_task`` of 8-16
+    (bench/README.md). One-call samplers (A-OS, unrolled) are never compiled."""
     experiment: str = "adps-eval"
     posterior_samples: int = 1
-    """K: posterior samples per slice of the stochastic samplers (A-DPS, DPS, ALD), drawn in one
-    batch of K x ``slices_per_task`` (K times the memory and time of one). With K > 1 a row's
-    metrics are those of the posterior mean, its ``calibration`` is the fraction of pixels whose
-    error lies within 2 standard deviations of the samples (:func:`adps.metrics.posterior_summary`),
-    and a figure per model, sampler and R_inf shows each slice's standard deviation map."""
+    """K: posterior samples per slice of the stochastic samplers (A-DPS, DPS, ALD), drawn in one batch of K x
+    ``slices_per_task`` (K times the memory and time of one). With K > 1 a row's metrics are the posterior
+    mean's, its ``calibration`` that of :func:`adps.metrics.posterior_summary` (2 standard deviations), and a
+    figure per model, sampler and R_inf shows each slice's standard deviation map."""
     posterior_figure_slices: int = 8
     """Slices shown in each posterior figure (the first ones)."""
     denoising_check: bool = True
-    """Before any sampler runs, check on a few test slices that each diffusion model's denoiser
-    output is closer to the truth than its noisy input (:func:`check_denoisers`); a model that
-    fails is reported (a warning, the MLflow tag ``adps.denoising_check_failed``) but still
-    evaluated."""
+    """Before any sampler runs, check on a few test slices that each diffusion model's denoiser output is closer
+    to the truth than its noisy input (:func:`check_denoisers`); a model that fails is reported (a warning, the
+    MLflow tag ``adps.denoising_check_failed``) but still evaluated."""
     denoising_check_slices: int = 4
     """Test slices of the denoising check (the first ones)."""
     denoising_check_sigmas: tuple[float, ...] = (0.05, 0.1, 0.2)
@@ -182,9 +167,8 @@ class Cell:
     options: tuple[tuple[str, float], ...] = ()
     """The sampler's other settings (``sigma_min``, ``churn``, ``step_scale``, ``iterations``, ...), sorted."""
     settings: str = "paper"
-    """Where the settings came from: ``paper`` (METHOD.md's), ``config`` (a value of the
-    evaluation config), ``tuned`` (a search's best), ``fastest`` (a search's fastest within its
-    tolerance) or ``untuned`` (no search, others had one)."""
+    """Where the settings came from: ``paper`` (METHOD.md's), ``config`` (the evaluation config's), ``tuned`` (a
+    search's best), ``fastest`` (a search's fastest within its tolerance) or ``untuned`` (no search, others had)."""
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Cell:
@@ -194,9 +178,8 @@ class Cell:
 
     @property
     def key(self) -> str:
-        # The settings are part of the key: a re-run with other settings computes new cells.
-        # So is the model itself (its pinned registry version or folder): a retrained model
-        # registered under the same name gets new cells, not the old model's results.
+        # The settings and the model itself (its pinned registry version or folder) are part of the key: other
+        # settings, or a retrained model registered under the same name, get new cells, not old results.
         extra = "".join(f"_{name}{value:g}" for name, value in self.options)
         model = hashlib.sha1(self.model.encode()).hexdigest()[:8]
         return (f"{self.label}-{model}__{self.sampler}__R{self.r_inf:g}__s{self.steps}_g{self.guidance:g}{extra}__"
@@ -204,13 +187,12 @@ class Cell:
 
 
 def check_fair_tuning(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any]]]) -> dict[tuple[str, float], str]:
-    """With ``sampler_settings`` best or fastest: which settings each diffusion model gets at each
-    R_inf, refusing an unfair comparison. Returns ``{(label, r_inf): "tuned" | "untuned" | "paper"}``.
+    """With ``sampler_settings`` best or fastest: which settings each diffusion model gets at each R_inf,
+    refusing an unfair comparison. Returns ``{(label, r_inf): "tuned" | "untuned" | "paper"}``.
 
-    At each R_inf, either every diffusion model has settings from a search, all with the same
-    budget and none on the test split, or none has (``paper``: the protocol for all). A model
-    without a search where others have one is refused, naming it and the command that tunes
-    it, unless ``allow_untuned`` (then ``untuned``).
+    At each R_inf, either every diffusion model has settings from a search, all with the same budget and none
+    on the test split, or none has (``paper``: the protocol for all). A model without a search where others
+    have one is refused, naming it and the command that tunes it, unless ``allow_untuned`` (then ``untuned``).
     """
     verdict: dict[tuple[str, float], str] = {}
     diffusion = [(uri, c) for uri, c in models if c["method"] in DENOISER_METHODS]
@@ -236,10 +218,8 @@ def check_fair_tuning(config: EvaluateConfig, models: Sequence[tuple[str, dict[s
                              f"budget (adps tune --model ... --r-inf {r_inf:g}{'; fastest needs the protocol as a trial' if which else ''}), "
                              "or set allow_untuned: true to run them untuned (rows marked), or sampler_settings: paper "
                              "for the paper's protocol")
-        for label in tuned:
-            verdict[(label, r_inf)] = "tuned"
-        for label in missing:
-            verdict[(label, r_inf)] = "untuned" if tuned else "paper"
+        verdict.update({(label, r_inf): "tuned" for label in tuned})
+        verdict.update({(label, r_inf): "untuned" if tuned else "paper" for label in missing})
     return verdict
 
 
@@ -248,21 +228,19 @@ EXPLICIT_OPTIONS = {
     "a_dps": (("sigma_max", "sigma_max"), ("sigma_min", "sigma_min"), ("rho", "rho")),
     "dps": (("sigma_max", "sigma_max"), ("sigma_min", "sigma_min"), ("rho", "rho")),
     "ald": (("ald_step_scale", "step_scale"),), "l1_wavelet": (("l1_lam", "lam"), ("l1_iterations", "iterations")),
-    "cg_sense": (("cg_sense_iterations", "iterations"),)
-}
+    "cg_sense": (("cg_sense_iterations", "iterations"),)}
 
 
 def cell_settings(config: EvaluateConfig, model_config: dict[str, Any], sampler: str, r_inf: float,
                   fairness: dict[tuple[str, float], str] | None = None) -> tuple[int, float, dict[str, float], str]:
     """``(steps, guidance, options, source)`` of one model's ``sampler`` at ``r_inf``.
 
-    Each value: the config's when set (for every model), else a search's (``sampler_settings``
-    best or fastest; A-OS, one network call, always takes its search's best), else, for ambient
-    models, ``a_dps_sigma_min`` / ``a_os_sigma``, else METHOD.md's. Settings searched together
-    are used together: an explicit guidance drops the rest of the tuned set. ``source`` is
-    ``tuned`` (best) or ``fastest`` when any value came from a search, ``untuned`` for a model the
-    fair rule let run without one (:func:`check_fair_tuning`), ``config`` when any came from the
-    config, else ``paper``.
+    Each value: the config's when set (for every model), else a search's (``sampler_settings`` best or fastest;
+    A-OS, one network call, always takes its search's best), else, for ambient models, ``a_dps_sigma_min`` /
+    ``a_os_sigma``, else METHOD.md's. Settings searched together are used together: an explicit guidance drops
+    the rest of the tuned set. ``source`` is ``tuned`` (best) or ``fastest`` when any value came from a search,
+    ``untuned`` for a model the fair rule let run without one (:func:`check_fair_tuning`), ``config`` when any
+    came from the config, else ``paper``.
     """
     method = model_config["method"]
     tags = model_config.get("_version_tags", {})
@@ -294,9 +272,7 @@ def cell_settings(config: EvaluateConfig, model_config: dict[str, Any], sampler:
 
 def plan_cells(config: EvaluateConfig, models: Sequence[tuple[str, dict[str, Any]]], n_test: int,
                fairness: dict[tuple[str, float], str] | None = None) -> list[Cell]:
-    """Every cell of the grid: models x samplers x R_inf x slice chunks, each with its model's
-    sampler settings (:func:`cell_settings`)."""
-
+    """Every cell: models x samplers x R_inf x slice chunks, with each model's settings (:func:`cell_settings`)."""
     count = min(n_test, config.slices) if config.slices else n_test
     chunks = [tuple(range(i, min(i + config.slices_per_task, count))) for i in range(0, count, config.slices_per_task)]
     cells = []
@@ -321,19 +297,17 @@ def _cell_path(config: EvaluateConfig, cell: Cell, suffix: str) -> str:
 
 
 def network_for_sampler(model: torch.nn.Module | None, sampler: str, compile_mode: str) -> torch.nn.Module | None:
-    """The network a cell's sampler calls: ``model`` itself, or ``torch.compile(model)`` with
-    static shapes (a task's batch never changes) for an iterative sampler when ``compile_mode``
-    is set. The samplers freeze the weights while they run, so the compiled backward of A-DPS /
-    DPS computes the gradient to ``x`` alone."""
+    """The network a cell's sampler calls: ``model`` itself, or ``torch.compile(model)`` with static shapes (a
+    task's batch never changes) for an iterative sampler when ``compile_mode`` is set. The samplers freeze the
+    weights while they run, so the compiled backward of A-DPS / DPS computes the gradient to ``x`` alone."""
     if model is None or not compile_mode or sampler not in ITERATIVE_SAMPLERS:
         return model
     return torch.compile(model, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
 
 
 def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") -> list[dict[str, Any]]:
-    """Reconstruct and measure one cell; writes ``<key>.json`` (rows) and ``<key>.npz`` (the
-    first slice's reconstruction and reference) and returns the rows."""
-
+    """Reconstruct and measure one cell; writes ``<key>.json`` (rows) and ``<key>.npz`` (the first slice's
+    reconstruction and reference) and returns the rows."""
     model, _ = load_model_entry(cell.model, device, config.tracking_uri)
     model = network_for_sampler(model, cell.sampler, config.compile_mode)
 
@@ -349,10 +323,8 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
     batch = stack_batch(items * samples, device)
     slice_ids = batch["slice_ids"][: len(items)]
     started = time.perf_counter()
-    image = reconstruct_batch(
-        cell.sampler, model, batch, r_train=cell.r_train, seed=config.seed, acs=acs, amp=config.amp,
-        steps=cell.steps or None, guidance=cell.guidance, **dict(cell.options),
-    )
+    image = reconstruct_batch(cell.sampler, model, batch, r_train=cell.r_train, seed=config.seed, acs=acs,
+                              amp=config.amp, steps=cell.steps or None, guidance=cell.guidance, **dict(cell.options))
     seconds = (time.perf_counter() - started) / len(items)
     reference = batch["reference"][: len(items)]
     extra: dict[str, np.ndarray] = {}
@@ -370,8 +342,7 @@ def evaluate_cell(config: EvaluateConfig, cell: Cell, *, device: str = "cpu") ->
         row = {"model": cell.label, "method": cell.method, "sampler": cell.sampler, "r_train": cell.r_train,
                "r_inf": cell.r_inf, "slice": slice_id, "seconds": seconds, "steps": cell.steps,
                "guidance": cell.guidance, "options": ",".join(f"{name}={value:g}" for name, value in cell.options),
-               "settings": cell.settings,
-               "samples": samples, "calibration": float(calibration[i])}
+               "settings": cell.settings, "samples": samples, "calibration": float(calibration[i])}
         row.update({metric: float(scores[metric][i]) if metric in scores else math.nan for metric in METRICS})
         rows.append(row)
     buffer = io.BytesIO()
@@ -391,8 +362,7 @@ def resolve_models(config: EvaluateConfig) -> list[tuple[str, dict[str, Any]]]:
 
 
 def check_data(config: EvaluateConfig) -> int:
-    """The number of test slices; every R_inf must be prepared in the dataset (a dataset of an
-    older schema is refused here)."""
+    """The number of test slices; every R_inf must be prepared in the dataset (an older schema is refused)."""
     prepared = [float(r) for r in read_manifest(config.dataset)["config"]["accelerations"]]
     missing = [r for r in config.r_inf if float(r) not in prepared]
     if missing:
@@ -406,8 +376,8 @@ def check_data(config: EvaluateConfig) -> int:
 
 
 def plan(config: EvaluateConfig, n_test: int, progress: bool) -> tuple[list[Cell], dict[str, Any]]:
-    """Resolve the models (pinned), run the denoising check and the fair-tuning rule, and plan
-    the cells of ``n_test`` test slices; ``extra``: the denoising check's rows."""
+    """Resolve the models (pinned), run the denoising check and the fair-tuning rule, and plan the cells of
+    ``n_test`` test slices; ``extra``: the denoising check's rows."""
     models = resolve_models(config)
     checks: list[dict[str, Any]] = []
     if config.denoising_check:
@@ -435,9 +405,8 @@ def find_crossovers(config: EvaluateConfig, rows: list[dict[str, Any]]) -> list[
 
 def report(config: EvaluateConfig, folder: Path, table: Any, crossovers: list[Any], cells: list[Cell],
            extra: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
-    """``crossover.csv``, ``denoising_check.csv``, the metric, reconstruction and posterior
-    figures; the mean metrics (``nrmse.<model>.<sampler>.r<R_inf>``), the cross-over,
-    calibration and denoising-check metrics and tags."""
+    """``crossover.csv``, ``denoising_check.csv``, the metric, reconstruction and posterior figures; the mean
+    metrics (``nrmse.<model>.<sampler>.r<R_inf>``), the cross-over, calibration and denoising-check metrics and tags."""
     import pandas as pd
 
     checks = extra["denoising_check"]
@@ -491,8 +460,8 @@ def report(config: EvaluateConfig, folder: Path, table: Any, crossovers: list[An
 
 
 def format_settings(cells: Sequence[Cell]) -> str:
-    """One line per model, sampler and R_inf: the sampler's settings and where they came from
-    (``paper``, ``config``, ``tuned``, ``untuned``); identical lines merged over R_inf."""
+    """One line per model, sampler and R_inf: the sampler's settings and where they came from (``paper``,
+    ``config``, ``tuned``, ``untuned``); identical lines merged over R_inf."""
     seen: dict[tuple, list[float]] = {}
     for cell in cells:
         what = (cell.label, cell.sampler, cell.steps, cell.guidance, cell.options, cell.settings)
@@ -522,11 +491,7 @@ def format_results(rows: Sequence[dict[str, Any]], metric: str = "nrmse") -> str
 
 
 def format_crossover(crossovers: Sequence[Any]) -> str:
-    """The cross-over table: model, metric, outcome, R_inf, margin and its confidence interval.
-
-    ``crossover``: the R_inf from which the model wins with every interval above 0;
-    ``inconclusive``: the R_inf from which the means favour it, with the interval there (which
-    includes 0 somewhere from there on); ``none``: it does not stay ahead."""
+    """The cross-over table: model, metric, outcome (:func:`adps.crossover.crossover`), R_inf, margin and its CI."""
     level = f"{crossovers[0].level:.0%} CI" if crossovers else "CI"
     lines = [f"{'model':14s} {'metric':6s} {'outcome':12s} {'R_inf':>5s} {'margin':>9s}  {level}"]
     for c in crossovers:
@@ -539,8 +504,8 @@ def format_crossover(crossovers: Sequence[Any]) -> str:
 
 
 MRI_STUDY = Study(
-    name="mri", config=EvaluateConfig, cell=Cell.from_dict, columns=TABLE_COLUMNS, paths=("dataset",), check_data=check_data, plan=plan,
-    evaluate_cell=evaluate_cell, describe=lambda cell: f"{cell.label} {cell.sampler} R_inf {cell.r_inf:g}",
+    name="mri", config=EvaluateConfig, cell=Cell.from_dict, columns=TABLE_COLUMNS, paths=("dataset",),
+    check_data=check_data, plan=plan, evaluate_cell=evaluate_cell,
+    describe=lambda cell: f"{cell.label} {cell.sampler} R_inf {cell.r_inf:g}",
     sort_key=lambda r: (r["model"], r["sampler"], r["r_inf"], r["slice"]), crossovers=find_crossovers, report=report,
-    score="nrmse",
-)
+    score="nrmse")

@@ -1,15 +1,14 @@
 """The paper's whole training grid as concurrent Ray Train runs (``adps sweep``).
 
-One config file per run (``configs/<method>_r<R>.yaml``, the grid of
-:data:`adps.nn.learning_config.PAPER_GRID`; ``configs/images/image_p<p>.yaml``, the natural-image
-models of :data:`~adps.nn.learning_config.IMAGE_GRID`), the same ``--set`` overrides applied to each. Every
-run is one :func:`adps.orchestration.train.train` call inside a Ray task (a zero-CPU driver:
-its workers hold the resources), at most ``max_concurrent`` at a time: by default as many as
+One config file per run (``configs/<method>_r<R>.yaml``, the grid of :data:`adps.nn.learning_config.PAPER_GRID`;
+``configs/images/image_p<p>.yaml``, the natural-image models of :data:`~adps.nn.learning_config.IMAGE_GRID`), the
+same ``--set`` overrides applied to each. Every run is one :func:`adps.orchestration.train.train` call inside a Ray
+task (a zero-CPU driver: its workers hold the resources), at most ``max_concurrent`` at a time: by default as many as
 the cluster's GPUs (or CPUs, for CPU runs) hold runs of ``num_workers`` workers.
 
-Resumable: a run whose MLflow run has finished and registered its model is skipped; any other
-is (re)started, and Ray Train resumes it from its latest checkpoint. A failed run does not
-stop the others; the sweep ends with a table of runs, status and registered versions.
+Resumable: a run whose MLflow run has finished and registered its model is skipped; any other is (re)started, and Ray
+Train resumes it from its latest checkpoint. A failed run does not stop the others; the sweep ends with a table of
+runs, status and registered versions.
 """
 
 from __future__ import annotations
@@ -48,11 +47,10 @@ class SweepRun:
     """Image runs' validation metric (their ``val_nrmse`` stays None)."""
 
 
-def load_sweep_configs(
-    folder: str | Path, overrides: Mapping[str, Any] | None = None, only: Sequence[str] = ()
-) -> list[TrainConfig]:
-    """Every ``*.yaml`` config of ``folder`` with ``overrides`` applied, checked (dataset
-    included) before anything starts; ``only`` keeps the named runs."""
+def load_sweep_configs(folder: str | Path, overrides: Mapping[str, Any] | None = None,
+                       only: Sequence[str] = ()) -> list[TrainConfig]:
+    """Every ``*.yaml`` config of ``folder`` with ``overrides`` applied, checked (dataset included) before anything
+    starts; ``only`` keeps the named runs."""
     files = sorted(Path(folder).glob("*.yaml"))
     if not files:
         raise FileNotFoundError(f"{folder}: no *.yaml training configs (see configs/ and scripts/make_train_configs.py)")
@@ -76,8 +74,8 @@ def load_sweep_configs(
 
 def grid_gaps(configs: Sequence[TrainConfig]) -> list[str]:
     """Runs of the paper grid that ``configs`` do not cover: ``<method>_r<R>`` of the MRI grid
-    (:data:`~adps.nn.learning_config.PAPER_GRID`) if any config is an MRI run, ``image_p<p>`` of
-    the image grid (:data:`~adps.nn.learning_config.IMAGE_GRID`) if any is an image run."""
+    (:data:`~adps.nn.learning_config.PAPER_GRID`) if any config is an MRI run, ``image_p<p>`` of the image grid
+    (:data:`~adps.nn.learning_config.IMAGE_GRID`) if any is an image run."""
     mri = [config for config in configs if not config.is_image]
     images = [config for config in configs if config.is_image]
     gaps = []
@@ -91,8 +89,8 @@ def grid_gaps(configs: Sequence[TrainConfig]) -> list[str]:
 
 
 def runs_at_once(configs: Sequence[TrainConfig], resources: Mapping[str, float]) -> int:
-    """How many runs the cluster's ``resources`` (``ray.cluster_resources()``) hold at once:
-    GPUs / GPUs per run for GPU runs, else CPUs / CPUs per run (at least 1)."""
+    """How many runs the cluster's ``resources`` (``ray.cluster_resources()``) hold at once: GPUs / GPUs per run for
+    GPU runs, else CPUs / CPUs per run (at least 1)."""
     biggest = max(configs, key=lambda c: c.num_workers * (1 if c.use_gpu else c.cpus_per_worker))
     if biggest.use_gpu:
         return max(1, int(resources.get("GPU", 0) // biggest.num_workers))
@@ -100,9 +98,8 @@ def runs_at_once(configs: Sequence[TrainConfig], resources: Mapping[str, float])
 
 
 def _finished_before(config: TrainConfig, storage: str) -> str:
-    """``name/version`` if this run finished and registered its model earlier, else ``""``: by
-    its folder's :data:`~adps.orchestration.train.FINISHED_FILE`, else (a run older than that
-    file) by its MLflow run."""
+    """``name/version`` if this run finished and registered its model earlier, else ``""``: by its folder's
+    :data:`~adps.orchestration.train.FINISHED_FILE`, else (a run older than that file) by its MLflow run."""
     record = finished_record(storage, config.resolved_run_name)
     if record is not None:
         return record.get("registered_model") or "(not registered)"
@@ -117,26 +114,17 @@ def _finished_before(config: TrainConfig, storage: str) -> str:
 
 def _train_remote(config_dict: dict[str, Any]) -> dict[str, Any]:
     """Body of the Ray task that drives one run."""
-
     started = time.perf_counter()
     run = train(TrainConfig.from_dict(config_dict))
     metrics = run.metrics or {}
-    return {
-        "step": metrics.get("step"), "loss": metrics.get("loss"), "val_nrmse": metrics.get("val_nrmse"),
-        "val_mse": metrics.get("val_mse"),
-        "model": f"{run.model_name}/{run.model_version}" if run.model_version else "",
-        "seconds": time.perf_counter() - started
-    }
+    return {"step": metrics.get("step"), "loss": metrics.get("loss"), "val_nrmse": metrics.get("val_nrmse"),
+            "val_mse": metrics.get("val_mse"), "model": run.registered_model, "seconds": time.perf_counter() - started}
 
 
-def run_sweep(
-    configs: Sequence[TrainConfig], *, max_concurrent: int = 0, ray_address: str | None = None, progress: bool = True,
-    on_run_end: Callable[[SweepRun], Any] | None = None,
-) -> list[SweepRun]:
-    """Train ``configs`` concurrently (see the module docstring); returns one row per run.
-
-    ``on_run_end(row)`` is called once per run as it ends (finished, failed, or skipped as
-    finished before), e.g. to advance a progress bar."""
+def run_sweep(configs: Sequence[TrainConfig], *, max_concurrent: int = 0, ray_address: str | None = None,
+              progress: bool = True, on_run_end: Callable[[SweepRun], Any] | None = None) -> list[SweepRun]:
+    """Train ``configs`` concurrently (see the module docstring); returns one row per run. ``on_run_end(row)`` is
+    called once per run as it ends (finished, failed, or skipped as finished before), e.g. to advance a progress bar."""
     import ray
 
     if not ray.is_initialized():
@@ -184,8 +172,8 @@ def run_sweep(
 
 
 def format_summary(rows: Sequence[SweepRun]) -> str:
-    """The sweep's table: run, status, steps, last loss, validation NRMSE (MRI runs) and / or
-    validation MSE (image runs: the column appears when the sweep has one), registered model."""
+    """The sweep's table: run, status, steps, last loss, validation NRMSE (MRI runs) and / or validation MSE (image
+    runs: the column appears when the sweep has one), registered model."""
 
     def number(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)

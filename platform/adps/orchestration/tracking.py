@@ -1,25 +1,27 @@
 """MLflow runs of training jobs: one run per training run, kept across restarts and resubmits.
 
-The driver (:func:`adps.orchestration.train.train`) opens the run with :func:`open_run` before
-any worker starts and hands its id to the workers; rank 0 logs through :class:`RunLogger`.
-Because the run is found again by its *run key* (the storage path and run name that also
-identify the Ray Train run folder), a worker-group restart and a resubmission of the same run
-continue the same MLflow run instead of opening a duplicate.
+The driver (:func:`adps.orchestration.train.train`) opens the run with :func:`open_run` before any worker starts and
+hands its id to the workers; rank 0 logs through :class:`RunLogger`. Because the run is found again by its *run key*
+(the storage path and run name that also identify the Ray Train run folder), a worker-group restart and a
+resubmission of the same run continue the same MLflow run instead of opening a duplicate.
 
-Tracking URI: the config's ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite
-store ``.adps/mlflow.db`` in the current folder (:func:`resolve_tracking_uri`). MLflow 3 refuses
-the plain file store, and a relative SQLite path would point elsewhere in each Ray worker, so
-the URI is made absolute on the driver.
+Tracking URI: the config's ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store ``.adps/mlflow.db``
+in the current folder (:func:`resolve_tracking_uri`). MLflow 3 refuses the plain file store, and a relative SQLite
+path would point elsewhere in each Ray worker, so the URI is made absolute on the driver.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +31,10 @@ from adps.config import ConfigFile
 from adps.data import storage
 from adps.images import ImageDataset
 
-__all__ = [
-    "DEFAULT_EXPERIMENT", "RUN_KEY_TAG", "QueuedRunLogger", "RunConfig", "RunLogger", "SUBMITTED_JOB_ENV", "artifact_location",
-    "config_hash", "end_run", "find_run", "flat_params", "git_commit", "image_listing_checksum", "manifest_checksum",
-    "open_run", "process_tracking_uri", "refuse_job_scratch", "resolve_tracking_uri"
-]
+__all__ = ["DEFAULT_EXPERIMENT", "RUN_KEY_TAG", "QueuedRunLogger", "RunConfig", "RunLogger", "SUBMITTED_JOB_ENV",
+           "artifact_location", "config_hash", "end_run", "find_run", "flat_params", "git_commit",
+           "image_listing_checksum", "manifest_checksum", "open_run", "process_tracking_uri", "refuse_job_scratch",
+           "resolve_tracking_uri"]
 
 DEFAULT_STORE = Path(".adps") / "mlflow.db"
 """The embedded default store, relative to the folder a job starts in."""
@@ -45,18 +46,15 @@ _SQLITE = "sqlite:///"
 
 @dataclass(frozen=True)
 class RunConfig(ConfigFile):
-    """The keys of every job that samples with a network and logs one MLflow run (the
-    evaluations, ``adps fid``, ``adps tune``): each job's config adds its own."""
+    """The keys of every job that samples with a network and logs one MLflow run (the evaluations, ``adps fid``,
+    ``adps tune``): each job's config adds its own."""
 
     seed: int = 0
-    """Seeds every draw of the job (the samplers' noise, masks, measurement matrices and noise),
-    per slice or image: the same config gives the same numbers."""
+    """Seeds every draw (samplers' noise, masks, measurement matrices and noise) per slice or image, reproducibly."""
     amp: str = ""
-    """``bf16``: the network in bf16 autocast (GPU only; the natural-image evaluation also takes
-    ``fp16``)."""
+    """``bf16``: the network in bf16 autocast (GPU only; the natural-image evaluation also takes ``fp16``)."""
     tracking_uri: str = ""
-    """MLflow tracking URI (default ``$MLFLOW_TRACKING_URI``, else ``.adps/mlflow.db``:
-    :func:`resolve_tracking_uri`)."""
+    """MLflow tracking URI (default ``$MLFLOW_TRACKING_URI`` or ``.adps/mlflow.db``: :func:`resolve_tracking_uri`)."""
     experiment: str = DEFAULT_EXPERIMENT
     """MLflow experiment of the job's run."""
 
@@ -69,14 +67,14 @@ class RunConfig(ConfigFile):
 
 
 SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-"""Set by Ray (2.60) in the driver of a job started by ``ray job submit`` (``jobs/uploaded_tree.py``
-names it again: it runs before adps is imported)."""
+"""Set by Ray (2.60) in the driver of a job started by ``ray job submit`` (``jobs/uploaded_tree.py`` names it again:
+it runs before adps is imported)."""
 
 
 def refuse_job_scratch(path: str | os.PathLike[str], what: str, remedy: str) -> None:
     """In a submitted job, refuse a local ``path`` inside the job's copy of its working dir
-    (``.../runtime_resources/working_dir_files/_ray_pkg_<hash>``, where the job starts): Ray
-    deletes it with the session, and the runs, results or store written there with it."""
+    (``.../runtime_resources/working_dir_files/_ray_pkg_<hash>``, where the job starts): Ray deletes it with the
+    session, and the runs, results or store written there with it."""
     if SUBMITTED_JOB_ENV not in os.environ or "://" in str(path):
         return
     cwd = Path.cwd().resolve()
@@ -84,17 +82,14 @@ def refuse_job_scratch(path: str | os.PathLike[str], what: str, remedy: str) -> 
         return
     resolved = Path(path).expanduser().resolve()
     if resolved == cwd or cwd in resolved.parents:
-        raise ValueError(f"{what} would be {resolved}, inside this job's copy of its working dir, which Ray deletes with "
-                         f"its session: {remedy} (docs/deployment.md)")
+        raise ValueError(f"{what} would be {resolved}, inside this job's copy of its working dir, which Ray deletes "
+                         f"with its session: {remedy} (docs/deployment.md)")
 
 
 def resolve_tracking_uri(configured: str = "", *, create: bool = True) -> str:
-    """``configured``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/.adps/mlflow.db``.
-
-    A relative SQLite path is made absolute (Ray workers run in other folders) and its folder
-    is created; with ``create=False`` (a reader: nothing to find in a store that is not there)
-    a SQLite store that does not exist is an error naming it, and nothing is created.
-    """
+    """``configured``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/.adps/mlflow.db``. A relative SQLite
+    path is made absolute (Ray workers run in other folders) and its folder is created; with ``create=False`` (a
+    reader: nothing to find in a store that is not there) a missing SQLite store is an error naming it."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "") or _SQLITE + str(DEFAULT_STORE)
     if uri.startswith(_SQLITE):
         path = Path(uri[len(_SQLITE):]).expanduser().resolve()
@@ -109,23 +104,18 @@ def resolve_tracking_uri(configured: str = "", *, create: bool = True) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         uri = _SQLITE + str(path)
     elif "://" not in uri:
-        raise ValueError(
-            f"config key 'tracking_uri': {uri!r} is not a tracking URI; use http(s)://host:port or "
-            "sqlite:///path/mlflow.db (MLflow 3 refuses plain folders)"
-        )
+        raise ValueError(f"config key 'tracking_uri': {uri!r} is not a tracking URI; use http(s)://host:port or "
+                         "sqlite:///path/mlflow.db (MLflow 3 refuses plain folders)")
     return uri
 
 
 @contextlib.contextmanager
 def process_tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's process-wide tracking URI at ``uri`` for the block, then put back what was
-    there before, ``$MLFLOW_TRACKING_URI`` included.
-
-    MLflow's fluent API (``start_run``, ``log_model``, and the resolution of ``models:/`` URIs)
-    follows only the process-wide URI, and ``mlflow.set_tracking_uri`` also rewrites the
-    environment variable; without the restore, a library call would leave its caller's process
-    (a notebook, a test session, the next job in a driver) pointed at another server.
-    """
+    """Point MLflow's process-wide tracking URI at ``uri`` for the block, then put back what was there before,
+    ``$MLFLOW_TRACKING_URI`` included. MLflow's fluent API (``start_run``, ``log_model``, resolving ``models:/`` URIs)
+    follows only the process-wide URI, and ``mlflow.set_tracking_uri`` also rewrites the environment variable: without
+    the restore, a library call would leave its caller (a notebook, a test session, the next job in a driver) pointed
+    at another server."""
     import mlflow
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
@@ -143,13 +133,9 @@ def process_tracking_uri(uri: str) -> Iterator[None]:
 
 
 def artifact_location(tracking_uri: str) -> str | None:
-    """Where a new experiment keeps its artifacts: next to a SQLite store
-    (``file://<store folder>/mlartifacts``; each experiment gets a subfolder), else None (the
-    server's default, e.g. its proxied artifact store).
-
-    MLflow's own default for a SQLite store is ``./mlruns`` of whatever folder the process runs
-    in, which scatters model artifacts into the working trees of jobs and Ray workers.
-    """
+    """Where a new experiment keeps its artifacts: next to a SQLite store (``file://<store folder>/mlartifacts``, a
+    subfolder per experiment; MLflow's own ``./mlruns`` of the current folder scatters artifacts into the working trees
+    of jobs and Ray workers), else None (the server's default, e.g. its proxied artifact store)."""
     if not tracking_uri.startswith(_SQLITE):
         return None
     return (Path(tracking_uri[len(_SQLITE):]).parent / "mlartifacts").as_uri()
@@ -157,12 +143,8 @@ def artifact_location(tracking_uri: str) -> str | None:
 
 def flat_params(values: Mapping[str, Any]) -> dict[str, str]:
     """Config values as MLflow params (strings; sequences comma-joined, empty strings kept)."""
-    params = {}
-    for key, value in values.items():
-        if isinstance(value, list | tuple):
-            value = ",".join(str(v) for v in value)
-        params[key] = str(value)
-    return params
+    return {key: ",".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)
+            for key, value in values.items()}
 
 
 def config_hash(values: Mapping[str, Any]) -> str:
@@ -171,15 +153,12 @@ def config_hash(values: Mapping[str, Any]) -> str:
 
 
 def git_commit() -> str:
-    """Commit of the package's source checkout, ``$ADPS_GIT_COMMIT`` (set in images built
-    without ``.git``), or ``unknown``."""
+    """Commit of the package's checkout, ``$ADPS_GIT_COMMIT`` (set in images built without ``.git``), or ``unknown``."""
     if os.environ.get("ADPS_GIT_COMMIT"):
         return os.environ["ADPS_GIT_COMMIT"]
     try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
-            timeout=10, check=True,
-        )
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                                text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return result.stdout.strip() or "unknown"
@@ -187,20 +166,14 @@ def git_commit() -> str:
 
 def manifest_checksum(dataset: str) -> str:
     """sha256 of the prepared dataset's ``manifest.json`` (which holds every shard's sha256)."""
-
     return hashlib.sha256(storage.read_bytes(storage.join(dataset, "manifest.json"))).hexdigest()
 
 
 def image_listing_checksum(dataset: str) -> str:
-    """sha256 of an image dataset's sorted listing (:class:`adps.images.ImageDataset`): the
-    image names relative to the folder, prefix or zip, one per line.
-
-    An image folder has no manifest, and hashing every image would read the whole dataset on
-    the driver before training starts; the listing identifies the set of images, and the
-    per-image erasure masks are keyed on its order (:func:`adps.images.fixed_erasure_mask`).
-    It does not see an image whose content changed under the same name.
-    """
-
+    """sha256 of an image dataset's sorted listing (:class:`adps.images.ImageDataset`): the image names relative to
+    the folder, prefix or zip, one per line. An image folder has no manifest, and hashing every image would read the
+    whole dataset on the driver; the listing identifies the set of images, and the per-image erasure masks are keyed
+    on its order (:func:`adps.images.fixed_erasure_mask`). It misses an image whose content changed under its name."""
     with ImageDataset(dataset, 1) as images:
         names = images.files if images.is_zip else [storage.basename(path) for path in images.files]
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
@@ -227,24 +200,16 @@ def find_run(tracking_uri: str, experiment: str, run_key: str) -> Any:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
-    runs = client.search_runs(
-        [found.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = {_quoted(run_key)}", max_results=1,
-        order_by=["attributes.start_time ASC"],
-    )
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = {_quoted(run_key)}",
+                              max_results=1, order_by=["attributes.start_time ASC"])
     return runs[0] if runs else None
 
 
-def open_run(
-    tracking_uri: str, experiment: str, run_key: str, run_name: str, params: Mapping[str, Any],
-    tags: Mapping[str, str] | None = None
-) -> tuple[str, bool]:
-    """The MLflow run of ``run_key``, created on first use (with ``params`` and ``tags``) or
-    reopened (status back to RUNNING); returns ``(run_id, resumed)``.
-
-    On a resume, params are not logged again (MLflow refuses changing a param's value); keys
-    whose value changed since the run was created are listed in the tag
-    ``adps.changed_on_resume`` instead.
-    """
+def open_run(tracking_uri: str, experiment: str, run_key: str, run_name: str, params: Mapping[str, Any],
+             tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """The MLflow run of ``run_key``, created on first use (with ``params`` and ``tags``) or reopened (status back to
+    RUNNING): ``(run_id, resumed)``. A resume logs no params (MLflow refuses changing a param's value); the keys whose
+    value changed since the run was created are listed in the tag ``adps.changed_on_resume`` instead."""
     client = _client(tracking_uri)
     run = find_run(tracking_uri, experiment, run_key)
     flat = flat_params(params)
@@ -267,12 +232,9 @@ def open_run(
 
 
 def _experiment_id(client: Any, tracking_uri: str, experiment: str) -> str:
-    """The id of ``experiment``, created (with its own artifact location) if it does not exist.
-
-    Runs of a sweep start concurrently: two may both find the experiment missing and both
-    create it; the loser's creation fails on the store's unique name, and it takes the
-    winner's experiment.
-    """
+    """The id of ``experiment``, created (with its own artifact location) if it does not exist. Runs of a sweep start
+    concurrently: two may both find the experiment missing and both create it; the loser's creation fails on the
+    store's unique name, and it takes the winner's experiment."""
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(experiment)
@@ -293,19 +255,12 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 def metric_entries(metrics: Mapping[str, Any], step: int) -> list[Any]:
-    """The finite numeric entries of ``metrics`` as MLflow ``Metric`` s at ``step``, stamped now
-    (others, such as lists and NaN, are left out)."""
-    import math
-    import time
-
+    """The finite numeric entries of ``metrics`` (no lists or NaN) as MLflow ``Metric`` s at ``step``, stamped now."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    return [
-        Metric(key, float(value), now, step)
-        for key, value in metrics.items()
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ]
+    return [Metric(key, float(value), now, step) for key, value in metrics.items()
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)]
 
 
 class RunLogger:
@@ -333,24 +288,17 @@ class RunLogger:
 class QueuedRunLogger:
     """Logs metrics and tags to one MLflow run without ever holding up training (rank 0).
 
-    A call only queues what it logs (metrics keep the time they were logged at); a background
-    thread sends the queue in order, merging queued metrics into batches. When the tracking
-    server cannot be reached, the thread keeps the queue and tries again after 1 s, doubling up
-    to ``max_backoff_s``: metrics logged during an outage arrive once the server is back, and
-    training never waits for it. One line says when MLflow became unreachable, one when it is
-    back. :meth:`close` waits (up to a limit) for the queue to drain.
-
-    Each request of the background thread fails fast (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` 0 and
-    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` 30 s in this process, unless set): the thread retries itself,
-    whereas MLflow's own retries would hold the queue for minutes after the server is back.
+    A call only queues what it logs (metrics keep the time they were logged at); a background thread sends the queue
+    in order, merging queued metrics into batches. While the tracking server cannot be reached, the thread keeps the
+    queue and retries after 1 s, doubling up to ``max_backoff_s``; one line says when MLflow became unreachable, one
+    when it is back. :meth:`close` waits (up to a limit) for the queue to drain. The thread's requests fail fast
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` 0 and ``MLFLOW_HTTP_REQUEST_TIMEOUT`` 30 s in this process, unless set):
+    MLflow's own retries would hold the queue for minutes after the server is back.
     """
 
     _BATCH = 1000  # MLflow's limit of metrics per log_batch
 
     def __init__(self, tracking_uri: str, run_id: str, *, max_backoff_s: float = 30.0) -> None:
-        import collections
-        import threading
-
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.run_id = run_id
@@ -382,10 +330,8 @@ class QueuedRunLogger:
             return len(self._queue)
 
     def close(self, timeout_s: float = 300.0) -> int:
-        """Send what is queued, waiting up to ``timeout_s``; returns how many items stayed unsent
-        (and says so: they are lost when this process ends)."""
-        import time
-
+        """Send what is queued, waiting up to ``timeout_s``; returns how many items stayed unsent (and says so: they are
+        lost when this process ends)."""
         deadline = time.monotonic() + timeout_s
         with self._changed:
             self._closing = True
@@ -418,8 +364,6 @@ class QueuedRunLogger:
         return kind, items, count
 
     def _send_forever(self) -> None:
-        import time
-
         backoff = 1.0
         outage_since: float | None = None
         while True:
@@ -428,10 +372,7 @@ class QueuedRunLogger:
                     self._changed.wait()
                 kind, items, count = self._next_batch()
             try:
-                if kind == "metrics":
-                    self._sender.client.log_batch(self.run_id, metrics=items)
-                else:
-                    self._sender.client.log_batch(self.run_id, tags=items)
+                self._sender.client.log_batch(self.run_id, **{kind: items})  # kind is "metrics" or "tags"
             except Exception as err:  # noqa: BLE001 - any client or server error: keep it and retry
                 self.failed_attempts += 1
                 if outage_since is None:

@@ -1,14 +1,12 @@
 """Distributed training of every method on Ray Train V2 (``adps train``); docs/training.md.
 
-:func:`train` checks a :class:`~adps.orchestration.train_config.TrainConfig` on the driver,
-opens the run's MLflow run before any worker starts (:func:`~adps.orchestration.tracking.open_run`:
-found again by storage path + run name, so a restart or a resubmission continues it), then runs
-a :class:`ray.train.torch.TorchTrainer` whose workers each run
-:func:`adps.orchestration.train_worker.worker_loop` (DDP over disjoint, equal shares of the
-split; checkpoints; exact resume from ``ray.train.get_checkpoint()``). Re-running with the same
-``run_name`` and ``storage_path`` resumes the run (Ray Train V2 has no ``Trainer.restore``). At
-the end the driver registers the EMA model as ``adps-<method>-r<R_train>`` (natural images:
-``adps-image-p<erasure_p>``). The only module of the training path that imports Ray.
+:func:`train` checks a :class:`~adps.orchestration.train_config.TrainConfig` on the driver, opens the run's MLflow run
+before any worker starts (:func:`~adps.orchestration.tracking.open_run`: found again by storage path + run name, so a
+restart or a resubmission continues it), then runs a :class:`ray.train.torch.TorchTrainer` whose workers each run
+:func:`adps.orchestration.train_worker.worker_loop` (DDP over disjoint, equal shares of the split; checkpoints; exact
+resume from ``ray.train.get_checkpoint()``). Re-running with the same ``run_name`` and ``storage_path`` resumes the run
+(Ray Train V2 has no ``Trainer.restore``). At the end the driver registers the EMA model as ``adps-<method>-r<R_train>``
+(natural images: ``adps-image-p<erasure_p>``). The only module of the training path that imports Ray.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import torch
 
 from adps.data import storage
@@ -53,8 +52,8 @@ __all__ = ["FINISHED_FILE", "TrainedRun", "checkpoint_uri", "finished_record", "
            "with_absolute_paths"]
 
 FINISHED_FILE = "adps_finished.json"
-"""Written into a run's folder (``<storage_path>/<run_name>/``) when it finishes: its final step,
-checkpoint, MLflow run and model version. A resubmission that would train nothing is refused by it."""
+"""Written into a run's folder (``<storage_path>/<run_name>/``) when it finishes: its final step, checkpoint, MLflow run
+and model version. A resubmission that would train nothing is refused by it."""
 
 
 # Ray Train -----------------------------------------------------------------------------------
@@ -72,8 +71,7 @@ def _ray_worker(payload: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     log = None
     if rank == 0 and payload.get("mlflow_run_id"):
-        # Queued: a tracking outage never holds up training, and what is logged meanwhile
-        # arrives once the server is back.
+        # Queued: a tracking outage never holds up training; what is logged meanwhile arrives once the server is back.
         log = QueuedRunLogger(config.tracking_uri, payload["mlflow_run_id"])
 
     def report(metrics: dict[str, Any], folder: str | None) -> None:
@@ -84,18 +82,15 @@ def _ray_worker(payload: dict[str, Any]) -> None:
             log.set_tags({"adps.checkpoint": checkpoint_uri(config.storage_path, persisted.path)})
             log.log_metrics({"checkpoint_step": metrics["step"]}, metrics["step"])
 
+    checkpoint_dir: str | None = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         # A local copy: the checkpoint may live on S3, and the loop reads it after this block.
-        checkpoint_dir: str | None = str(scratch_folder("resume", config, rank))
+        checkpoint_dir = str(scratch_folder("resume", config, rank))
         with checkpoint.as_directory() as folder:
             shutil.copytree(folder, checkpoint_dir, dirs_exist_ok=True)
-    else:
-        checkpoint_dir = None
-    ctx = WorkerContext(
-        rank=rank, world_size=context.get_world_size(), report=report, checkpoint=checkpoint_dir,
-        wrap=ray.train.torch.prepare_model, fault_dir=payload.get("fault_dir"), log=log
-    )
+    ctx = WorkerContext(rank=rank, world_size=context.get_world_size(), report=report, checkpoint=checkpoint_dir,
+                        wrap=ray.train.torch.prepare_model, fault_dir=payload.get("fault_dir"), log=log)
     try:
         worker_loop(config, ctx)
     finally:
@@ -147,26 +142,18 @@ class TrainedRun:
 
 
 def _run_tags(config: TrainConfig) -> dict[str, str]:
+    """Run tags: method, R_train / erasure p, dataset and its sha256 (images: of the listing), commit, config hash."""
     if config.is_image:
-        return {
-            "adps.method": config.method,
-            "adps.erasure_p": f"{config.erasure_p:g}",
-            "adps.dataset": config.dataset,
-            # No manifest: the sha256 of the image listing (tracking.image_listing_checksum).
-            "adps.dataset_sha256": image_listing_checksum(config.dataset),
-            "adps.git_commit": git_commit(),
-            "adps.config_hash": config_hash(config.to_dict()),
-        }
-    return {
-        "adps.method": config.method, "adps.r_train": f"{config.r_train:g}", "adps.dataset": config.dataset,
-        "adps.dataset_sha256": manifest_checksum(config.dataset), "adps.git_commit": git_commit(),
-        "adps.config_hash": config_hash(config.to_dict())
-    }
+        setting, checksum = {"adps.erasure_p": f"{config.erasure_p:g}"}, image_listing_checksum(config.dataset)
+    else:
+        setting, checksum = {"adps.r_train": f"{config.r_train:g}"}, manifest_checksum(config.dataset)
+    return {"adps.method": config.method, **setting, "adps.dataset": config.dataset, "adps.dataset_sha256": checksum,
+            "adps.git_commit": git_commit(), "adps.config_hash": config_hash(config.to_dict())}
 
 
 def planned_steps(config: TrainConfig) -> int:
-    """The steps ``config`` trains in all, from its training set's size (opened on the driver);
-    refuses a batch that does not fit the split, naming the key, before any worker starts."""
+    """The steps ``config`` trains in all, from its training set's size (opened on the driver); refuses a batch that
+    does not fit the split, naming the key, before any worker starts."""
     dataset, _ = training_set(config)
     try:
         return training_length(config, len(dataset), config.num_workers)[1]
@@ -181,8 +168,8 @@ def finished_record(storage_root: str, run_name: str) -> dict[str, Any] | None:
 
 
 def _unless_finished(config: TrainConfig, storage_root: str, total_steps: int) -> TrainConfig:
-    """``config``, or with ``on_finished: new_run`` the same under the first free ``<run_name>-<k>``,
-    when its run folder holds a run finished at ``total_steps`` or more; else refused."""
+    """``config``, or with ``on_finished: new_run`` the same under the first free ``<run_name>-<k>``, when its run
+    folder holds a run finished at ``total_steps`` or more; else refused."""
     name = config.resolved_run_name
     record = finished_record(storage_root, name)
     if record is None or int(record.get("step") or 0) < total_steps:
@@ -202,11 +189,8 @@ def _unless_finished(config: TrainConfig, storage_root: str, total_steps: int) -
 
 
 def check_resume(config: TrainConfig, storage_root: str) -> None:
-    """Refuse, on the driver, to resume a run from checkpoints of another network: their method,
-    network preset and R_train (erasure_p for images) must be the config's. In the workers the
-    mismatch would fail loading the weights, and Ray would retry it ``max_failures`` times."""
-    import pyarrow.fs
-
+    """Refuse, on the driver, to resume a run from checkpoints of another network (method, network preset, R_train or
+    erasure_p): in the workers, loading the weights would fail, and Ray would retry it ``max_failures`` times."""
     path, filesystem = run_storage(storage_root)
     filesystem = filesystem or pyarrow.fs.LocalFileSystem()
     folder = f"{path.rstrip('/')}/{config.resolved_run_name}"
@@ -231,16 +215,14 @@ def check_resume(config: TrainConfig, storage_root: str) -> None:
 
 
 def checkpoint_uri(storage_path: str, path: str) -> str:
-    """A checkpoint's location as users open it: Ray's ``checkpoint.path`` has no scheme
-    (``bucket/key`` on S3), so the storage's scheme is put back."""
+    """A checkpoint's location as users open it: Ray's ``checkpoint.path`` (``bucket/key`` on S3), scheme put back."""
     return f"{storage_path.split('://')[0]}://{path}" if "://" in storage_path else path
 
 
 def run_description(config: TrainConfig, run_folder: str, *, checkpoint: str = "", model: str = "",
                     step: Any = None) -> str:
-    """The MLflow run's description (Markdown): where its checkpoints and registered model are.
-    The weights stay in the run storage and the registry, not in the run's artifacts: this is
-    where a user browsing the run finds them."""
+    """The MLflow run's description (Markdown): where its checkpoints and registered model are. The weights stay in
+    the run storage and the registry, not in the run's artifacts: this is where a user browsing the run finds them."""
     what = (f"{config.method} at erasure p = {config.erasure_p:g}" if config.is_image
             else f"{config.method} at R_train = {config.r_train:g}")
     lines = [f"**{config.resolved_run_name}**: {what}, trained with Ray Train ({config.num_workers} worker(s)).", "",
@@ -256,9 +238,7 @@ def run_description(config: TrainConfig, run_folder: str, *, checkpoint: str = "
 
 
 def _finish_tracking(config: TrainConfig, run: TrainedRun, tags: dict[str, str], where: str, run_folder: str) -> None:
-    """Record the final checkpoint (``where``, its location), register the EMA model, describe
-    the run and close it."""
-
+    """Record the final checkpoint (``where``, its location), register the EMA model, describe the run and close it."""
     logger = RunLogger(run.tracking_uri, run.run_id)
     checkpoint = run.result.checkpoint
     if checkpoint is not None:
@@ -275,16 +255,16 @@ def _finish_tracking(config: TrainConfig, run: TrainedRun, tags: dict[str, str],
         run.model_name, run.model_version = name, str(version.version)
         logger.set_tags({"adps.registered_model": run.registered_model})
         print(f"adps train: registered {name} version {version.version} (models:/{name}@latest)", flush=True)
-    model = f"models:/{run.model_name}/{run.model_version}" if run.model_version else ""
-    logger.set_tags({"mlflow.note.content": run_description(config, run_folder, checkpoint=where, model=model,
-                                                            step=run.metrics.get("step"))})
+    description = run_description(config, run_folder, checkpoint=where, model=run.model_uri or "",
+                                  step=run.metrics.get("step"))
+    logger.set_tags({"mlflow.note.content": description})
     end_run(run.tracking_uri, run.run_id, "FINISHED")
 
 
 @contextlib.contextmanager
 def _controller_poll_interval(seconds: float):
-    """Set ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` while the trainer starts its controller (Ray
-    propagates it from the driver's environment to the controller), unless the user set it."""
+    """Set ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` while the trainer starts its controller (Ray propagates it from the
+    driver's environment to the controller), unless the user set it."""
     key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
     if key in os.environ:
         yield
@@ -297,12 +277,9 @@ def _controller_poll_interval(seconds: float):
 
 
 def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
-    """Validate ``config`` (before any worker starts), then run or resume it on Ray Train,
-    tracked in MLflow and registered at the end when ``tracking`` is on.
-
-    ``ray_address``: the cluster to join when Ray is not initialised yet (default: RAY_ADDRESS,
-    else a local instance, as ``ray.init`` decides).
-    """
+    """Validate ``config`` (before any worker starts), then run or resume it on Ray Train, tracked in MLflow and
+    registered at the end when ``tracking`` is on. ``ray_address``: the cluster to join when Ray is not initialised yet
+    (default: RAY_ADDRESS, else a local instance, as ``ray.init`` decides)."""
     config.validate()
     config = with_absolute_paths(config)
     import ray
@@ -320,33 +297,29 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
         config = config.replace(tracking_uri=resolve_tracking_uri(config.tracking_uri))
         tags = _run_tags(config)
         run.tracking_uri = config.tracking_uri
-        run.run_id, resumed = open_run(config.tracking_uri, config.experiment, run_folder, run_name, config.to_dict(),
-                                       tags)
+        run.run_id, resumed = open_run(config.tracking_uri, config.experiment, run_folder, run_name,
+                                       config.to_dict(), tags)
         RunLogger(run.tracking_uri, run.run_id).set_tags({"mlflow.note.content": run_description(config, run_folder)})
         print(f"adps train: MLflow run {run.run_id} ({'resumed' if resumed else 'new'}) at {config.tracking_uri}",
               flush=True)
 
     if not ray.is_initialized():
         ray.init(address=ray_address)
-    local_storage = "://" not in storage_root
-    fault_dir = str(Path(storage_root) / run_name) if local_storage and config.fail_at_steps else None
+    fault_dir = str(Path(storage_root) / run_name) if "://" not in storage_root and config.fail_at_steps else None
 
     storage_path, storage_filesystem = run_storage(storage_root)
+    resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
     # The dashboard's Train view lists a run only if its driver tracks state (off in Ray 2.60).
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config": config.to_dict(), "fault_dir": fault_dir, "mlflow_run_id": run.run_id},
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=config.num_workers, use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
-        ),
-        run_config=RunConfig(
-            name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=config.max_failures)
-        ),
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=config.max_failures)),
     )
     try:
         with _controller_poll_interval(config.controller_poll_s):

@@ -1,12 +1,10 @@
-"""Settings of one training run (``adps train``): the learning core's
-(:class:`adps.nn.learning_config.LearningConfig`) and the orchestration's: the data, the Ray
-Train workers, storage, tracking and the registry.
+"""Settings of one training run (``adps train``): the learning core's (:class:`adps.nn.learning_config.LearningConfig`)
+and the orchestration's: the data, the Ray Train workers, storage, tracking and the registry.
 
-Loaded and checked completely on the driver, before any Ray worker starts (the dataset's
-manifest or image folder is read here), so that a typo costs a second, not a cluster start-up.
-The loading rules mirror :class:`adps.data.preprocess.PrepareConfig`: :meth:`TrainConfig.from_yaml`
-with ``--set KEY=VALUE`` overrides (:func:`adps.config.parse_overrides`), unknown keys and
-wrong types refused naming the key.
+Loaded and checked completely on the driver, before any Ray worker starts (the dataset's manifest or image folder is
+read here), so that a typo costs a second, not a cluster start-up. The loading rules mirror
+:class:`adps.data.preprocess.PrepareConfig`: :meth:`TrainConfig.from_yaml` with ``--set KEY=VALUE`` overrides
+(:func:`adps.config.parse_overrides`), unknown keys and wrong types refused naming the key.
 """
 
 from __future__ import annotations
@@ -26,16 +24,14 @@ class TrainConfig(LearningConfig):
     """Settings of ``adps train``: :class:`~adps.nn.learning_config.LearningConfig`'s keys and these."""
 
     dataset: str = ""
-    """Root (folder or ``s3://`` prefix) of a prepared dataset (holding ``manifest.json``); for
-    ``image``: a folder, ``.zip`` or ``s3://`` prefix of image files
-    (:class:`adps.images.ImageDataset`; no manifest), holding at least ``batch_size x
-    num_workers`` images."""
+    """Root (folder or ``s3://`` prefix) of a prepared dataset (holding ``manifest.json``); for ``image``: a folder,
+    ``.zip`` or ``s3://`` prefix of image files (:class:`adps.images.ImageDataset`; no manifest), holding at least
+    ``batch_size x num_workers`` images."""
     split: str = "train"
     """Split trained on (MRI; an image dataset has no splits: all of it is trained on)."""
     prefetch_batches: int = 2
-    """Batches each worker loads ahead in a background thread while it trains
-    (:class:`adps.data.prefetch.Prefetcher`; pinned memory on GPUs); 0 = load each batch when
-    it is needed."""
+    """Batches each worker loads ahead in a background thread while it trains (:class:`adps.data.prefetch.Prefetcher`;
+    pinned memory on GPUs); 0 = load each batch when it is needed."""
     num_workers: int = 1
     """Ray Train workers (one per GPU); each reads a disjoint share of the train shards."""
     use_gpu: bool = False
@@ -51,52 +47,45 @@ class TrainConfig(LearningConfig):
     storage_path: str = ""
     """Folder or ``s3://`` URI for Ray Train's run folders (empty = ``~/ray_results``)."""
     run_name: str = ""
-    """Run folder name under ``storage_path``; re-running with the same name resumes. Empty =
-    ``<method>_r<R>`` (``image_p<erasure_p>`` for ``image``)."""
+    """Run folder name under ``storage_path``; re-running with the same name resumes. Empty = ``<method>_r<R>``
+    (``image_p<erasure_p>`` for ``image``)."""
     on_finished: str = "refuse"
-    """When ``run_name`` under ``storage_path`` holds a run that finished at least the steps this
-    config asks for (a resubmission would train nothing): ``refuse`` (an error naming the run,
-    its MLflow run and model version) or ``new_run`` (train a new run ``<run_name>-2``, ``-3``,
-    ...). A config asking for more steps (a larger ``max_steps`` or ``epochs``) resumes it."""
+    """When ``run_name`` under ``storage_path`` holds a run that finished the steps this config asks for (a resubmission
+    would train nothing): ``refuse`` (an error naming the run, its MLflow run and model version) or ``new_run`` (train
+    ``<run_name>-2``, ``-3``, ...). A config asking for more steps (``max_steps``, ``epochs``) resumes it."""
     log_every_steps: int = 10
-    """Metrics are reported to Ray and MLflow every this many steps (checkpoints always carry
-    metrics)."""
+    """Metrics are reported to Ray and MLflow every this many steps (checkpoints always carry metrics)."""
     controller_poll_s: float = 0.5
-    """How often Ray Train's controller polls the workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``,
-    Ray's default 2 s). A worker's ``ray.train.report`` waits for the next poll, so with Ray's
-    default a step after a report stalls up to 2 s (bench/train_scaling.py measured 1.8-2.0 s).
-    The environment variable, where set, wins."""
+    """How often Ray Train's controller polls the workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's default 2 s).
+    A worker's ``ray.train.report`` waits for the next poll, so with Ray's default a step after a report stalls up to
+    2 s (bench/train_scaling.py measured 1.8-2.0 s). The environment variable, where set, wins."""
     validate_every_steps: int = 1000
-    """Validation metric (A-OS NRMSE for ambient models, the unrolled network's NRMSE for MoDL /
-    SSDU, one-pass denoising NRMSE for the priors; :func:`adps.nn.reconstruct.validation_metric`;
-    for ``image`` the denoising MSE ``val_mse`` on the observed pixels,
-    :func:`adps.nn.reconstruct.validation_metric`) of the EMA model every this many
-    steps and at the end (0 = only at the end)."""
+    """Validation metric (:func:`adps.nn.reconstruct.validation_metric`: A-OS NRMSE for ambient models, the unrolled
+    network's NRMSE for MoDL / SSDU, one-pass denoising NRMSE for the priors; for ``image`` the denoising MSE
+    ``val_mse`` on the observed pixels) of the EMA model every this many steps and at the end (0 = only at the end)."""
     validation_slices: int = 4
-    """Slices of the ``val`` split the validation metric averages over (0 = no validation); for
-    ``image``: the first this many training images, as the model sees them (an image dataset
-    has no validation split, and an ambient model has no clean images to be scored on)."""
+    """Slices of the ``val`` split the validation metric averages over (0 = no validation); for ``image``: the first
+    this many training images, as the model sees them (an image dataset has no validation split, and an ambient
+    model has no clean images to be scored on)."""
     tracking: bool = True
     """Log the run to MLflow (params, metrics, validation) and register the final EMA model."""
     tracking_uri: str = ""
-    """MLflow tracking URI; empty = ``$MLFLOW_TRACKING_URI``, else ``sqlite:///.adps/mlflow.db``
-    in the folder the job starts in."""
+    """MLflow tracking URI; empty = ``$MLFLOW_TRACKING_URI`` or ``sqlite:///.adps/mlflow.db`` where the job starts."""
     experiment: str = "adps"
     """MLflow experiment of the run."""
     tracking_flush_s: float = 300.0
-    """At the end of training, how long rank 0 waits for metrics still queued for an
-    unreachable MLflow server (they are retried with backoff throughout the run)."""
+    """At the end of training, how long rank 0 waits for metrics still queued for an unreachable MLflow server (they
+    are retried with backoff throughout the run)."""
     register: bool = True
-    """At the end, register the EMA model as ``adps-<method>-r<R>`` (``adps-image-p<erasure_p>``
-    for ``image``; a new version, which ``models:/<name>@latest`` resolves to)."""
+    """At the end, register the EMA model as ``adps-<method>-r<R>`` (``adps-image-p<erasure_p>`` for ``image``; a new
+    version, which ``models:/<name>@latest`` resolves to)."""
     max_skipped_in_a_row: int = 50
-    """A step whose loss is NaN / Inf is skipped (nothing of it lands) and counted
-    (``skipped_steps``); this many skipped *in a row* means the model diverged: the run stops
-    with a checkpoint, its MLflow run FAILED with the reason, nothing registered (0 = never stop)."""
+    """A step whose loss is NaN / Inf is skipped (nothing of it lands) and counted (``skipped_steps``); this many
+    skipped *in a row* means the model diverged: the run stops with a checkpoint, its MLflow run FAILED with the
+    reason, nothing registered (0 = never stop)."""
     fail_at_steps: tuple[int, ...] = ()
-    """Fault injection (tests): the process of worker rank 1 (rank 0 when alone) is killed
-    (SIGKILL) once just after each of these steps; a marker file in the run folder makes each
-    fire only once."""
+    """Fault injection (tests): the process of worker rank 1 (rank 0 when alone) is killed (SIGKILL) once just after
+    each of these steps; a marker file in the run folder makes each fire only once."""
 
     @property
     def resolved_run_name(self) -> str:
@@ -106,12 +95,8 @@ class TrainConfig(LearningConfig):
         return image_run_name(self.erasure_p) if self.is_image else f"{self.method}_r{self.r_train:g}"
 
     def validate(self, *, check_dataset: bool = True) -> None:
-        """Refuse settings that cannot work, naming the key, before any worker starts.
-
-        Args:
-            check_dataset: also read the dataset's manifest (it must exist, and hold masks at
-                ``r_train``); off only for checks of the config alone.
-        """
+        """Refuse settings that cannot work, naming the key, before any worker starts. ``check_dataset``: also read the
+        dataset's manifest (it must exist, and hold masks at ``r_train``); off only for checks of the config alone."""
         self.validate_learning()
         if self.split not in SPLITS:
             raise ValueError(f"config key 'split' must be one of {', '.join(SPLITS)}, got {self.split!r}")
@@ -152,29 +137,23 @@ class TrainConfig(LearningConfig):
             dataset.close()
         needed = self.batch_size * self.num_workers
         if n_images < needed:
-            raise ValueError(
-                f"config key 'dataset': {self.dataset!r} holds {n_images} image(s), fewer than one step needs "
-                f"(batch_size {self.batch_size} x num_workers {self.num_workers} = {needed})"
-            )
+            raise ValueError(f"config key 'dataset': {self.dataset!r} holds {n_images} image(s), fewer than one step "
+                             f"needs (batch_size {self.batch_size} x num_workers {self.num_workers} = {needed})")
 
     def _check_dataset(self) -> None:
         try:
             manifest = read_manifest(self.dataset)
         except FileNotFoundError:
-            raise ValueError(
-                f"config key 'dataset': no manifest.json under {self.dataset!r} (not prepared, or not finished)"
-            ) from None
+            raise ValueError(f"config key 'dataset': no manifest.json under {self.dataset!r} (not prepared, or not "
+                             "finished)") from None
         accelerations = manifest["config"]["accelerations"]
-        # R = 1 runs read the reference only, but the dataset's masks are still loaded by the
-        # dataset class: any stored R serves them (see adps.orchestration.train_worker.dataset_acceleration).
+        # R = 1 runs read the reference only, but the dataset class still loads masks: any stored R serves them
+        # (see adps.orchestration.train_worker.dataset_acceleration).
         if self.r_train != 1 and mask_key(self.r_train) not in {mask_key(r) for r in accelerations}:
-            raise ValueError(
-                f"config key 'r_train': the dataset {self.dataset!r} has no masks at R = {self.r_train:g} "
-                f"(it has {', '.join(f'{r:g}' for r in accelerations)})"
-            )
+            raise ValueError(f"config key 'r_train': the dataset {self.dataset!r} has no masks at R = {self.r_train:g} "
+                             f"(it has {', '.join(f'{r:g}' for r in accelerations)})")
         if self.method == "edm_l1" and not manifest["config"].get("l1"):
-            raise ValueError(
-                f"config key 'dataset': method edm_l1 needs L1 reconstructions, but {self.dataset!r} was prepared with l1: false"
-            )
+            raise ValueError(f"config key 'dataset': method edm_l1 needs L1 reconstructions, but {self.dataset!r} was "
+                             "prepared with l1: false")
         if not manifest["splits"][self.split]["shards"]:
             raise ValueError(f"config key 'split': the dataset {self.dataset!r} has no {self.split!r} slices")

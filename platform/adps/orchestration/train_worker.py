@@ -1,18 +1,15 @@
 """What each Ray Train worker of ``adps train`` runs: :func:`worker_loop`, and the state it trains.
 
-* :class:`Trainee`: the model (seeded: identical on every rank), Adam and the EMA
-  (:func:`build_trainee`), stepped by :func:`train_one_step` with the learning-rate warm-up;
-* the data: each epoch the split's slices are permuted from ``(seed, epoch)`` and dealt out by
-  rank (:func:`worker_share`), read batch by batch straight from the shards in a background
-  thread (:func:`shard_batches`, :class:`adps.data.prefetch.Prefetcher`);
-* the checkpoint layout (:func:`save_training_checkpoint` / :func:`load_training_checkpoint`:
-  model and EMA weights, Adam's tensors in safetensors, scalars and the data position in JSON;
-  no pickle): a resumed run continues at the exact step;
+* :class:`Trainee`: the model (seeded: identical on every rank), Adam and the EMA (:func:`build_trainee`), stepped by
+  :func:`train_one_step` with the learning-rate warm-up;
+* the data: each epoch the split's slices are permuted from ``(seed, epoch)``, dealt out by rank (:func:`worker_share`)
+  and read batch by batch from the shards in a background thread (:func:`shard_batches`, ``Prefetcher``);
+* checkpoints (:func:`save_training_checkpoint` / :func:`load_training_checkpoint`): model and EMA weights, Adam's
+  tensors in safetensors, scalars and the data position in JSON, no pickle; a resumed run continues at the exact step;
 * fault injection for the tests (``fail_at_steps``).
 
-No Ray here: the loop talks to Ray Train through :class:`WorkerContext` (``report``,
-``checkpoint``), which :mod:`adps.orchestration.train` fills in, and a benchmark can run the
-loop in-process.
+No Ray here: the loop talks to Ray Train through :class:`WorkerContext` (``report``, ``checkpoint``), which
+:mod:`adps.orchestration.train` fills in, and a benchmark can run the loop in-process.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,16 +43,11 @@ from adps.nn.train_step import BATCH_KEYS, LossBySigma, build_model, make_optimi
 from adps.nn.unet import set_activation_checkpointing
 from adps.orchestration.train_config import TrainConfig
 
-if TYPE_CHECKING:
-    from adps.data.dataset import PreparedSliceDataset
-
-__all__ = [
-    "build_trainee", "dataset_acceleration", "EMA_DIR", "image_training_set", "image_validation_batch",
-    "ImageTrainingSet", "learning_rate", "load_training_checkpoint", "MODEL_DIR", "model_record", "mri_training_set",
-    "rampup_steps", "save_training_checkpoint", "training_length", "training_set", "shard_batches", "STATE_FILE",
-    "steps_per_epoch", "train_one_step",
-    "Trainee", "validation_batch", "worker_loop", "worker_share", "WorkerContext"
-]
+__all__ = ["build_trainee", "dataset_acceleration", "EMA_DIR", "image_training_set", "image_validation_batch",
+           "ImageTrainingSet", "learning_rate", "load_training_checkpoint", "MODEL_DIR", "model_record",
+           "mri_training_set", "rampup_steps", "save_training_checkpoint", "training_length", "training_set",
+           "shard_batches", "STATE_FILE", "steps_per_epoch", "train_one_step", "Trainee", "validation_batch",
+           "worker_loop", "worker_share", "WorkerContext"]
 
 # The training checkpoint's layout (save_training_checkpoint / load_training_checkpoint).
 STATE_FILE = "state.json"
@@ -67,12 +59,9 @@ EMA_DIR = "ema"
 
 # Data shares -----------------------------------------------------------------------------------
 def worker_share(n_slices: int, world_size: int, rank: int, epoch: int, seed: int) -> list[int]:
-    """Indices (into the split) that worker ``rank`` trains on in ``epoch``, in its order.
-
-    One permutation of ``range(n_slices)`` per epoch (from ``seed`` and ``epoch``), dealt out
-    round-robin and cut to ``n_slices // world_size`` each: the shares are disjoint, equally
-    long, and miss at most ``world_size - 1`` slices (different ones each epoch).
-    """
+    """Indices (into the split) that worker ``rank`` trains on in ``epoch``, in its order: one permutation of
+    ``range(n_slices)`` per epoch (from ``seed`` and ``epoch``) dealt out round-robin, cut to ``n_slices // world_size``
+    each. Disjoint, equally long shares that miss at most ``world_size - 1`` slices (different ones each epoch)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside a world of {world_size}")
     order = np.random.default_rng([seed, epoch]).permutation(n_slices)
@@ -99,20 +88,14 @@ class Trainee:
     step: int = 0
     """Optimiser steps done so far (over the whole run, resumes included)."""
     total_steps: int = 0
-    """Optimiser steps of the whole run (the learning-rate warm-up is a fraction of it; 0 = unknown:
-    no warm-up)."""
+    """Optimiser steps of the whole run (the learning-rate warm-up is a fraction of it; 0 = unknown: no warm-up)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def build_trainee(
-    config: TrainConfig, *, rank: int = 0, world_size: int = 1, wrap: Callable[[nn.Module], nn.Module] | None = None,
-    device: torch.device | str = "cpu"
-) -> Trainee:
-    """Model (seeded: identical on every rank), Adam (METHOD.md settings) and EMA for ``config``.
-
-    ``wrap`` is applied to the model after building (``ray.train.torch.prepare_model`` in a Ray
-    worker: DDP and the device); without it the model is moved to ``device``.
-    """
+def build_trainee(config: TrainConfig, *, rank: int = 0, world_size: int = 1,
+                  wrap: Callable[[nn.Module], nn.Module] | None = None, device: torch.device | str = "cpu") -> Trainee:
+    """Model (seeded: identical on every rank), Adam (METHOD.md settings) and EMA for ``config``; the model is wrapped
+    by ``wrap`` (``ray.train.torch.prepare_model`` in a Ray worker: DDP and the device), else moved to ``device``."""
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts them)
     # An image model takes the mask channel exactly when its training set is corrupted.
     kind = {"ambient": config.erasure_p > 0} if config.is_image else {}
@@ -128,8 +111,8 @@ def build_trainee(
 
         # Read when the first step compiles; set on every compiled build (one model per worker).
         functorch_config.activation_memory_budget = config.activation_memory_budget
-        # After DDP's wrap, so that DDP's optimiser splits the graph at its gradient buckets.
-        # The EMA, checkpoints and validation look through the wrapper to the plain module.
+        # After DDP's wrap, so that DDP's optimiser splits the graph at its gradient buckets. The EMA, checkpoints and
+        # validation look through the wrapper to the plain module.
         model = torch.compile(model, mode=None if config.compile_mode == "default" else config.compile_mode)
     optimizer = make_optimizer(model, lr=config.lr, betas=config.betas, eps=config.eps)
     ema = EMA(model, half_life_images=config.ema_half_life_images, rampup_ratio=config.ema_rampup)
@@ -142,37 +125,25 @@ def rampup_steps(config: TrainConfig, total_steps: int) -> int:
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
-    """The rate of optimiser step ``step`` (1-based): linear from ``lr / ramp`` to ``lr`` over the
-    first :func:`rampup_steps` steps, then ``lr``."""
+    """The rate of optimiser step ``step`` (1-based): linear from ``lr / ramp`` to ``lr`` over the first
+    :func:`rampup_steps` steps, then ``lr``."""
     ramp = rampup_steps(config, total_steps)
     return config.lr if ramp == 0 else config.lr * min(1.0, step / ramp)
 
 
 def train_one_step(trainee: Trainee, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """One optimiser step of ``trainee`` on ``batch`` (this worker's part of the global batch).
-
-    The learning rate follows the warm-up over the run's steps (:func:`learning_rate`); the
-    loss's random draws come from a generator seeded by ``(seed, rank, step)`` so that a resumed
-    run repeats them.
-    """
+    """One optimiser step of ``trainee`` on ``batch`` (this worker's part of the global batch) at the warm-up's
+    :func:`learning_rate`; the loss's draws are seeded by ``(seed, rank, step)``, so a resumed run repeats them."""
     config = trainee.config
     global_batch = config.batch_size * trainee.world_size
     for group in trainee.optimizer.param_groups:
         group["lr"] = learning_rate(config, trainee.step + 1, trainee.total_steps)
     seed = int(np.random.SeedSequence([config.seed, trainee.rank, trainee.step]).generate_state(1)[0])
     generator = torch.Generator().manual_seed(seed)
-    out = train_step(
-        config.method,
-        trainee.model,
-        batch,
-        trainee.optimizer,
-        generator=generator,
-        amp=config.amp or None,
-        grad_clip=config.grad_clip or None,
-        ema=trainee.ema,
-        ema_batch_size=global_batch,  # the EMA half-life counts images over all workers
-        **config.loss_options(),
-    )
+    out = train_step(config.method, trainee.model, batch, trainee.optimizer, generator=generator,
+                     amp=config.amp or None, grad_clip=config.grad_clip or None, ema=trainee.ema,
+                     ema_batch_size=global_batch,  # the EMA half-life counts images over all workers
+                     **config.loss_options())
     trainee.step += 1
     out["lr"] = trainee.optimizer.param_groups[0]["lr"]
     return out
@@ -180,9 +151,9 @@ def train_one_step(trainee: Trainee, batch: dict[str, torch.Tensor]) -> dict[str
 
 # Checkpoints ---------------------------------------------------------------------------------
 def save_training_checkpoint(folder: str | os.PathLike[str], trainee: Trainee, state: dict[str, Any]) -> Path:
-    """Write a resumable checkpoint: model and EMA weights (:func:`adps.nn.checkpoint.save_model`),
-    optimizer tensors (safetensors) and scalars (JSON), and ``state`` (step, epoch, data
-    position, ...) as ``state.json``. Nothing is pickled, so loading cannot execute code."""
+    """Write a resumable checkpoint: model and EMA weights (:func:`adps.nn.checkpoint.save_model`), optimizer tensors
+    (safetensors) and scalars (JSON), and ``state`` (step, epoch, data position, ...) as ``state.json``. Nothing is
+    pickled, so loading cannot execute code."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     record = model_record(trainee.config)
@@ -205,9 +176,8 @@ def save_training_checkpoint(folder: str | os.PathLike[str], trainee: Trainee, s
 
 
 def model_record(config: TrainConfig) -> dict[str, Any]:
-    """What a checkpoint's (and so a registered model's) ``config.json`` records of the run, on
-    top of the network: ``method``, ``preset`` and ``r_train``; for an image model ``erasure_p``,
-    ``delta`` and ``resolution`` instead of ``r_train``, so that evaluation knows how it was trained."""
+    """What a checkpoint's (and so a registered model's) ``config.json`` records of the run besides the network, for
+    the evaluation: ``method``, ``preset`` and ``r_train`` (image models: ``erasure_p``, ``delta``, ``resolution``)."""
     if config.is_image:
         return {"method": config.method, "erasure_p": config.erasure_p, "delta": config.delta,
                 "resolution": config.resolution, "preset": config.resolved_preset}
@@ -256,16 +226,15 @@ class WorkerContext:
 
 
 def scratch_path(kind: str, config: TrainConfig, rank: int) -> Path:
-    """``<tmp>/adps-<kind>-<run key>-r<rank>``: the local folder of this run and rank for ``kind``
-    (``resume``: the copy of the checkpoint resumed from; ``ckpt``: one being written)."""
+    """``<tmp>/adps-<kind>-<run key>-r<rank>``: the local folder of this run and rank for ``kind`` (``resume``: the
+    copy of the checkpoint resumed from; ``ckpt``: one being written)."""
     key = hashlib.sha1(f"{config.storage_path}/{config.resolved_run_name}".encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"adps-{kind}-{key}-r{rank}"
 
 
 def scratch_folder(kind: str, config: TrainConfig, rank: int) -> Path:
-    """:func:`scratch_path`, emptied and created: a worker killed while using it leaves it behind,
-    and the next start of the same run and rank empties and reuses it, instead of leaving one more
-    (a random name would)."""
+    """:func:`scratch_path`, emptied and created: a worker killed while using it leaves it behind, and the next start
+    of the same run and rank empties and reuses it, instead of leaving one more (a random name would)."""
     folder = scratch_path(kind, config, rank)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -273,11 +242,9 @@ def scratch_folder(kind: str, config: TrainConfig, rank: int) -> Path:
 
 
 def shard_batches(dataset: Any, indices: list[int], batch_size: int, start: int, *, pin_memory: bool = False):
-    """Batches of ``dataset[indices]`` from batch number ``start`` on (full batches only).
-
-    A dataset with ``read_batch`` (the prepared shards) reads each batch straight into its
-    tensors, page-locked with ``pin_memory``; others are stacked item by item (and pinned by the
-    Prefetcher)."""
+    """Batches of ``dataset[indices]`` from batch number ``start`` on (full batches only). A dataset with
+    ``read_batch`` (the prepared shards) reads each batch straight into its tensors, page-locked with ``pin_memory``;
+    others are stacked item by item (and pinned by the Prefetcher)."""
     read_batch = getattr(dataset, "read_batch", None)
     for b in range(start, len(indices) // batch_size):
         chosen = indices[b * batch_size : (b + 1) * batch_size]
@@ -289,8 +256,8 @@ def shard_batches(dataset: Any, indices: list[int], batch_size: int, start: int,
 
 
 def training_length(config: TrainConfig, n: int, world_size: int) -> tuple[int, int]:
-    """``(steps per epoch, steps in all)`` of a run over ``n`` training slices (images) on
-    ``world_size`` workers; refuses a batch that does not fit the split, naming the key."""
+    """``(steps per epoch, steps in all)`` of a run over ``n`` training slices (images) on ``world_size`` workers;
+    refuses a batch that does not fit the split, naming the key."""
     per_epoch = steps_per_epoch(n, world_size, config.batch_size)
     if per_epoch < 1:
         what = f"{n} images of {config.dataset}" if config.is_image else f"{n} slices of split {config.split!r}"
@@ -301,17 +268,14 @@ def training_length(config: TrainConfig, n: int, world_size: int) -> tuple[int, 
 
 
 def training_set(config: TrainConfig) -> tuple[Any, float | None]:
-    """The run's training set (MRI slices or images) and the R whose masks it carries (None
-    for images)."""
+    """The run's training set (MRI slices or images) and the R whose masks it carries (None for images)."""
     return (image_training_set(config), None) if config.is_image else mri_training_set(config)
 
 
 def mri_training_set(config: TrainConfig) -> tuple[PreparedSliceDataset, float]:
-    """The run's training slices (split ``split`` of ``dataset``) and the R whose masks they
-    carry. Only the keys the method's step reads come off the disk (:data:`BATCH_KEYS`): an
-    ambient run never reads the clean reference, and the data path moves 11 % fewer bytes per
-    ambient slice, 9x fewer per EDM slice."""
-
+    """The run's training slices (split ``split`` of ``dataset``) and the R whose masks they carry. Only the keys the
+    method's step reads come off the disk (:data:`BATCH_KEYS`): an ambient run never reads the clean reference, and
+    the data path moves 11 % fewer bytes per ambient slice, 9x fewer per EDM slice."""
     acceleration = dataset_acceleration(config, read_manifest(config.dataset)["config"]["accelerations"])
     dataset = PreparedSliceDataset(config.dataset, config.split, acceleration=acceleration,
                                    load_l1=config.method == "edm_l1", keys=BATCH_KEYS[config.method])
@@ -319,15 +283,12 @@ def mri_training_set(config: TrainConfig) -> tuple[PreparedSliceDataset, float]:
 
 
 def dataset_acceleration(config: TrainConfig, accelerations: list[float]) -> float:
-    """The R whose masks the dataset loads: ``r_train``; R = 1 methods ignore masks, so any
-    stored R serves."""
+    """The R whose masks the dataset loads: ``r_train``; R = 1 methods ignore masks, so any stored R serves."""
     return accelerations[0] if config.r_train == 1 else config.r_train
 
 
 def validation_batch(config: TrainConfig, acceleration: float) -> dict[str, torch.Tensor] | None:
-    """The first ``validation_slices`` slices of the ``val`` split as one batch (None if the
-    split is empty or validation is off)."""
-
+    """The first ``validation_slices`` slices of the ``val`` split as one batch (None: empty split or no validation)."""
     if config.validation_slices < 1:
         return None
     dataset = PreparedSliceDataset(config.dataset, "val", acceleration=acceleration)
@@ -342,8 +303,8 @@ def validation_batch(config: TrainConfig, acceleration: float) -> dict[str, torc
 
 
 class ImageTrainingSet:
-    """An image dataset as the training loop reads it: each item also carries ``slice_id``
-    (its ``index``), the key the loop's metrics name the trained items by."""
+    """An image dataset as the training loop reads it: each item also carries ``slice_id`` (its ``index``), the key
+    the loop's metrics name the trained items by."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -361,16 +322,14 @@ class ImageTrainingSet:
 
 
 def image_training_set(config: TrainConfig) -> ImageTrainingSet:
-    """The run's training images: ``dataset`` at ``resolution``, erased with ``erasure_p``
-    (one fixed mask per image from ``(seed, index)``; clean when 0)."""
-
+    """The run's training images: ``dataset`` at ``resolution``, erased with ``erasure_p`` (one fixed mask per image
+    from ``(seed, index)``; clean when 0)."""
     return ImageTrainingSet(ImageDataset(config.dataset, config.resolution, erasure_p=config.erasure_p, seed=config.seed))
 
 
 def image_validation_batch(config: TrainConfig, dataset: ImageTrainingSet) -> dict[str, torch.Tensor] | None:
-    """The first ``validation_slices`` training images as one batch, as the model trains on them
-    (erased where the run erases: an ambient model is scored on observed pixels only); None
-    when validation is off."""
+    """The first ``validation_slices`` training images as one batch, as the model trains on them (erased where the
+    run erases: an ambient model is scored on observed pixels only); None when validation is off."""
     if config.validation_slices < 1:
         return None
     items = [dataset[i] for i in range(min(config.validation_slices, len(dataset)))]
@@ -378,14 +337,11 @@ def image_validation_batch(config: TrainConfig, dataset: ImageTrainingSet) -> di
 
 
 def _gpu_memory_gb() -> dict[str, float]:
-    if not torch.cuda.is_available():
-        return {}
-    return {"gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+    return {"gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
 
 
 def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
     """Train this worker's share until ``max_steps`` or the configured epochs; returns the final state."""
-
     dataset, acceleration = training_set(config)
     n = len(dataset)
     per_epoch, total = training_length(config, n, ctx.world_size)
@@ -418,18 +374,10 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
     ctx_run_id = getattr(ctx.log, "run_id", None)
 
     def state(epoch: int, position: int) -> dict[str, Any]:
-        return {
-            "epoch": epoch,
-            "position": position,  # batches of this epoch already trained on
-            "steps_per_epoch": per_epoch,
-            "total_steps": total,
-            "world_size": ctx.world_size,
-            "seed": config.seed,
-            "resumed_from": resumed_from,
-            "skipped_steps": skipped_steps,
-            "mlflow_run_id": ctx_run_id,
-            "config": config.to_dict(),
-        }
+        # position: the batches of this epoch already trained on
+        return {"epoch": epoch, "position": position, "steps_per_epoch": per_epoch, "total_steps": total,
+                "world_size": ctx.world_size, "seed": config.seed, "resumed_from": resumed_from,
+                "skipped_steps": skipped_steps, "mlflow_run_id": ctx_run_id, "config": config.to_dict()}
 
     def checkpoint_and_report(metrics: dict[str, Any], epoch: int, position: int) -> None:
         if ctx.rank == 0:
@@ -459,8 +407,7 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
                 out = train_one_step(trainee, batch)
                 if "sigma" in out:
                     by_sigma.add(out["sigma"], out["sample_loss"])
-                # Every rank agrees on a skip (train_step decides it together), so every rank counts
-                # the same and stops at the same step.
+                # Every rank agrees on a skip (train_step decides it together): all count the same and stop together.
                 skipped_steps += out["skipped"]
                 skipped_in_a_row = skipped_in_a_row + 1 if out["skipped"] else 0
                 now = time.perf_counter()
@@ -477,8 +424,8 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
                     **validate(trainee.step)
                 }
                 if config.max_skipped_in_a_row and skipped_in_a_row >= config.max_skipped_in_a_row:
-                    # Diverged: skipped steps changed nothing, so this checkpoint holds the last good
-                    # weights. The run ends here (no Ray retry: a restart would diverge again).
+                    # Diverged: skipped steps changed nothing, so this checkpoint holds the last good weights. The run
+                    # ends here (no Ray retry: a restart would diverge again).
                     metrics["stopped"] = (f"{skipped_in_a_row} steps in a row (to step {trainee.step}) had a NaN / Inf "
                                           f"loss: the model diverged (lower lr, check grad_clip and the data)")
                     if ctx.log is not None:
@@ -504,9 +451,8 @@ def worker_loop(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
 
 
 def _maybe_fail(config: TrainConfig, ctx: WorkerContext, fail_rank: int, step: int) -> None:
-    """Fault injection: the worker process is killed (SIGKILL, as by a preempted node or the
-    OOM killer: no exception, no clean-up) once at each of ``fail_at_steps``; a marker file
-    written first makes it once."""
+    """Fault injection: the worker process is killed (SIGKILL, as by a preempted node or the OOM killer: no exception,
+    no clean-up) once at each of ``fail_at_steps``; a marker file written first makes it once."""
     if step not in config.fail_at_steps or ctx.rank != fail_rank or ctx.fault_dir is None:
         return
     marker = Path(ctx.fault_dir) / f".adps-fault-step-{step}"

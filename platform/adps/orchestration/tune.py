@@ -1,14 +1,12 @@
 """Ray Tune search of the posterior samplers' settings (guidance, steps, ...) per model and R_inf.
 
-``adps tune`` / ``jobs/tune_dps.py`` call :func:`tune_search`: a Ray Tune ``Tuner`` with
-Optuna's TPE (seeded) and ASHA early stopping over the trials of
-:mod:`adps.orchestration.tune_trial` (each reconstructs the same validation slices with the same
-noise and reports running means per batch). Running a search of the same name again restores
-it. Results go to MLflow (a parent run, one child run per trial, ``best.json``, the figure
-``objective_vs_steps.png``) and, for a ``models:/`` URI, become tags of that model version
-(:data:`~adps.orchestration.registry.TUNED_TAG`, read by :func:`~adps.orchestration.registry.tuned_settings`;
-image models: :data:`~adps.orchestration.registry.IMAGE_TUNED_TAG`). docs/tuning.md and
-docs/natural_images.md describe the search, its space files, its results and its tags.
+``adps tune`` / ``jobs/tune_dps.py`` call :func:`tune_search`: a Ray Tune ``Tuner`` with Optuna's TPE (seeded) and ASHA
+early stopping over the trials of :mod:`adps.orchestration.tune_trial` (each reconstructs the same validation slices
+with the same noise and reports running means per batch). Running a search of the same name again restores it. Results
+go to MLflow (a parent run, one child run per trial, ``best.json``, the figure ``objective_vs_steps.png``) and, for a
+``models:/`` URI, become tags of that model version (:data:`~adps.orchestration.registry.TUNED_TAG`,
+:data:`~adps.orchestration.registry.IMAGE_TUNED_TAG` for image models). docs/tuning.md and docs/natural_images.md
+describe the search, its space files, its results and its tags.
 """
 
 from __future__ import annotations
@@ -29,19 +27,8 @@ from adps.nn.samplers import METHOD_SAMPLERS, network_calls
 from adps.orchestration.denoising_check import check_denoisers, format_denoising_check
 from adps.orchestration.figures import LABELS, _pyplot
 from adps.orchestration.registry import CLASSICAL, model_label, model_uri, pin_model_entry, tag_tuned_settings
-from adps.orchestration.tracking import (
-    RunLogger,
-    end_run,
-    find_run,
-    open_run,
-    refuse_job_scratch,
-    resolve_tracking_uri,
-)
-from adps.orchestration.tune_config import (
-    SearchConfig,
-    SearchSpace,
-    load_space,
-)
+from adps.orchestration.tracking import RunLogger, end_run, find_run, open_run, refuse_job_scratch, resolve_tracking_uri
+from adps.orchestration.tune_config import SearchConfig, SearchSpace, load_space
 from adps.orchestration.tune_trial import search_trial
 
 __all__ = ["fastest_within", "pareto_front", "truncated_search_state", "tune_search"]
@@ -52,8 +39,8 @@ def _progress_callback(progress: bool, total: int, metric: str, n_batches: int) 
     from ray.tune import Callback
 
     class TrialLog(Callback):
-        """A progress bar over the trials and one line per ended trial (its settings, its
-        objective and how many batches it reported before ASHA stopped it or it finished)."""
+        """A progress bar over the trials and one line per ended trial (its settings, its objective and how many
+        batches it reported before ASHA stopped it or it finished)."""
 
         def __init__(self) -> None:
             self._bar: Any = None
@@ -68,8 +55,6 @@ def _progress_callback(progress: bool, total: int, metric: str, n_batches: int) 
                 self._bar = tqdm(total=total, desc="adps tune", unit="trial")
 
         def _line(self, trial: Any, word: str) -> None:
-            from tqdm.auto import tqdm
-
             result = trial.last_result or {}
             settings = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in trial.config.items())
             batches = result.get("training_iteration", 0)
@@ -81,8 +66,7 @@ def _progress_callback(progress: bool, total: int, metric: str, n_batches: int) 
                 if word == "failed":  # a failure is always said
                     print(line, flush=True)
                 return
-            if self._bar is None:
-                self._bar = tqdm(total=total, desc="adps tune", unit="trial")
+            self.setup()  # a callback restored from the pickled experiment state has no bar yet
             self._bar.write(line)
             self._bar.update(1)
             if self._bar.n >= total:
@@ -109,8 +93,7 @@ def _max_concurrent(config: SearchConfig) -> int:
 
 
 def _model_info(config: SearchConfig, space: SearchSpace) -> tuple[str, dict[str, Any]]:
-    """The model's URI, pinned to the registry version it names now (every trial loads that
-    version and its tags go to it, even if another is registered meanwhile), and its config."""
+    """The model's URI, pinned as by :func:`pin_model_entry`, and config; refuses a model the space cannot search."""
     if model_uri(config.model) in CLASSICAL:
         raise ValueError(f"config key 'model': {config.model} has no sampler settings to search")
     uri, _, model_config = pin_model_entry(config.model, config.tracking_uri)
@@ -168,9 +151,7 @@ def _image_resolution(config: SearchConfig, model_config: dict[str, Any]) -> int
 
 
 def _search_plan(config: SearchConfig, space: SearchSpace, model_config: dict[str, Any]) -> dict[str, Any]:
-    """What differs between an MRI and an image search: the label, default name, item count
-    (slices or images), the trainable and the parent run's tags."""
-
+    """What differs between an MRI and an image search: label, default name, item count, trainable, parent run tags."""
     if space.sampler == "image":
         resolution = _image_resolution(config, model_config)
         label = f"image_p{float(model_config['erasure_p']):g}"
@@ -180,12 +161,12 @@ def _search_plan(config: SearchConfig, space: SearchSpace, model_config: dict[st
                 "trainable": (search_trial, {"resolution": resolution}), "title": f"{label} on {config.image_setting}",
                 "tags": {"adps.task": config.image_setting, "adps.resolution": str(resolution)}}
 
-    prepared = [float(r) for r in read_manifest(config.dataset)["config"]["accelerations"]]
+    manifest = read_manifest(config.dataset)
+    prepared = [float(r) for r in manifest["config"]["accelerations"]]
     if float(config.r_inf) not in prepared:
         raise ValueError(f"config key 'r_inf': {config.r_inf:g} not prepared in {config.dataset} "
                          f"(it has {', '.join(f'{r:g}' for r in prepared)})")
     label = model_label(model_config)
-    manifest = read_manifest(config.dataset)
     coils = {split: manifest["splits"][split]["coils"] for split in (config.split, "test")}
     compressed = {split: split in COMPRESSED_SPLITS for split in coils}
     if compressed[config.split] != compressed["test"] or coils[config.split] > coils["test"]:
@@ -204,14 +185,10 @@ def _search_plan(config: SearchConfig, space: SearchSpace, model_config: dict[st
 
 
 def tune_search(config: SearchConfig, *, ray_address: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the search; returns ``{"best", "trials", "run_id", "path", "resumed", "version"}``.
-
-    An MRI model is searched at ``r_inf`` on the prepared ``dataset``; a natural-image model
-    (method ``image``) on ``task`` over the image folder ``dataset`` (see the module docstring).
-
-    ``best``: the best trial's settings, objective and id (also ``best.json``); ``trials``: one
-    dict per trial (``trial_id``, ``settings``, the metrics, ``reports``, ``stopped_early``).
-    """
+    """Run (or resume) the search of an MRI model at ``r_inf`` on the prepared ``dataset``, or of a natural-image model
+    (method ``image``) on ``task`` over the image folder ``dataset``; returns ``{"best", "trials", "run_id", "path",
+    "resumed", "version"}``. ``best``: the best trial's settings, objective and id (also ``best.json``); ``trials``:
+    one dict per trial (``trial_id``, ``settings``, the metrics, ``reports``, ``stopped_early``)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -248,10 +225,8 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
         _check_denoiser(config, uri, model_config, run_id, progress)
 
     function, extra = plan["trainable"]
-    trainable = tune.with_resources(
-        tune.with_parameters(function, config=config.to_dict(), **extra),
-        {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
-    )
+    trainable = tune.with_resources(tune.with_parameters(function, config=config.to_dict(), **extra),
+                                    {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial})
     reference = space.reference_point() if config.reference_trial and not config.task else None
     resumed = bool(tune.Tuner.can_restore(path))
     if resumed:
@@ -276,8 +251,7 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
             tune_config=tune.TuneConfig(
                 metric=space.metric, mode=space.mode, num_samples=config.num_samples,
                 max_concurrent_trials=_max_concurrent(config),
-                # A trial's process is kept for the next trial: Ray would otherwise start a new
-                # one each time, and importing torch and adps there costs seconds.
+                # A trial's process is kept for the next trial: a new one would import torch and adps (seconds).
                 reuse_actors=True,
                 search_alg=OptunaSearch(space=space.ray_space(), metric=space.metric, mode=space.mode, seed=config.seed,
                                         points_to_evaluate=[reference] if reference else None),
@@ -288,18 +262,15 @@ def tune_search(config: SearchConfig, *, ray_address: str | None = None, progres
             run_config=tune.RunConfig(name=name, storage_path=config.storage_path, callbacks=callbacks,
                                       verbose=0),  # our TrialLog shows the progress
         )
-    grid = tuner.fit()
-    trials = _trial_rows(grid, space, n_batches, reference)
+    trials = _trial_rows(tuner.fit(), space, n_batches, reference)
     return _finish(config, space, trials, run_id=run_id, path=path, resumed=resumed, label=label, n_batches=n_batches,
                    title=f"{plan['title']} ({space.sampler})", method=model_config.get("method", ""))
 
 
 def _check_denoiser(config: SearchConfig, uri: str, model_config: dict[str, Any], run_id: str, progress: bool) -> None:
-    """The evaluation's denoising check (:func:`adps.orchestration.evaluate.check_denoisers`) on
-    the searched split, before any trial: a model that does not denoise these slices is warned
-    about and tagged ``adps.denoising_check_failed`` on the search's run (its settings would be
-    tuned to a mismatch)."""
-
+    """The evaluation's denoising check (:func:`adps.orchestration.evaluate.check_denoisers`) on the searched split,
+    before any trial: a model that does not denoise these slices is warned about and tagged
+    ``adps.denoising_check_failed`` on the search's run (its settings would be tuned to a mismatch)."""
     checks = check_denoisers([(uri, model_config)], config.dataset, config.split, slices=4, seed=config.seed,
                              tracking_uri=config.tracking_uri)
     if not checks:
@@ -314,12 +285,11 @@ def _check_denoiser(config: SearchConfig, uri: str, model_config: dict[str, Any]
 
 
 def truncated_search_state(path: str) -> list[str]:
-    """Ray Tune's search-algorithm state files in a local experiment folder that a kill cut short.
+    """Ray Tune's search-algorithm state files in a local (not ``s3://``) experiment folder that a kill cut short.
 
-    Tune copies these pickles into the experiment folder without an atomic rename, so a driver
-    killed during the copy leaves an empty or partial file; on restore Tune fails to load it and
-    silently starts the experiment over. A complete pickle ends with the STOP opcode (``.``), so
-    the check reads one byte and unpickles nothing. Remote (``s3://``) folders are not checked.
+    Tune copies these pickles into the experiment folder without an atomic rename: a driver killed during the copy
+    leaves an empty or partial file, and on restore Tune fails to load it and silently starts the experiment over. A
+    complete pickle ends with the STOP opcode (``.``), so the check reads one byte and unpickles nothing.
     """
     if "://" in path:
         return []
@@ -339,8 +309,8 @@ def truncated_search_state(path: str) -> list[str]:
 
 def _trial_rows(grid: Any, space: SearchSpace, n_batches: int,
                 reference: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One row per trial: settings, final metrics and seconds per item, the objective's running
-    mean per batch (``history``), whether ASHA stopped it, whether it ran the ``reference`` point."""
+    """One row per trial: settings, final metrics and seconds per item, the objective's running mean per batch
+    (``history``), whether ASHA stopped it, whether it ran the ``reference`` point."""
     seconds = space.seconds_metric
     rows = []
     for result in grid:
@@ -351,8 +321,7 @@ def _trial_rows(grid: Any, space: SearchSpace, n_batches: int,
         history = result.metrics_dataframe
         reports = int(metrics.get("training_iteration", 0) or 0)
         rows.append({
-            "trial_id": str(metrics.get("trial_id") or Path(result.path).name),
-            "settings": settings,
+            "trial_id": str(metrics.get("trial_id") or Path(result.path).name), "settings": settings,
             "reports": reports,
             "error": None if result.error is None else str(result.error)[:500],
             "stopped_early": result.error is None and reports < n_batches,
@@ -367,8 +336,8 @@ def _trial_rows(grid: Any, space: SearchSpace, n_batches: int,
 
 
 def pareto_front(trials: list[dict[str, Any]], space: SearchSpace, seconds: str) -> list[dict[str, Any]]:
-    """The complete trials (every slice, no error) that no other complete trial beats on both
-    the objective and ``seconds`` (per slice): the quality each speed can have. Fastest first."""
+    """The complete trials (every slice, no error) that no other complete trial beats on both the objective and
+    ``seconds`` (per slice): the quality each speed can have. Fastest first."""
     sign = 1 if space.mode == "min" else -1
     complete = [t for t in trials if t["error"] is None and not t["stopped_early"] and space.metric in t
                 and seconds in t]
@@ -382,10 +351,9 @@ def pareto_front(trials: list[dict[str, Any]], space: SearchSpace, seconds: str)
 
 def fastest_within(trials: list[dict[str, Any]], space: SearchSpace, seconds: str,
                    tolerance: float) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """``(fastest, reference)``: the quickest complete trial whose objective is within
-    ``tolerance`` of the reference trial's, both taken on the slices the reference saw (their
-    running means after its last batch: ASHA may have stopped it early); ``fastest`` None when
-    no trial is within it, both None without a reference result."""
+    """``(fastest, reference)``: the quickest complete trial whose objective is within ``tolerance`` of the reference
+    trial's, both taken on the slices the reference saw (their running means after its last batch: ASHA may have
+    stopped it early); ``fastest`` None when no trial is within it, both None without a reference result."""
     reference = next((t for t in trials if t.get("reference") and t["error"] is None and t["history"]), None)
     if reference is None:
         return None, None
@@ -398,8 +366,7 @@ def fastest_within(trials: list[dict[str, Any]], space: SearchSpace, seconds: st
 
 
 def _best(trials: list[dict[str, Any]], space: SearchSpace) -> dict[str, Any] | None:
-    """The best trial that reconstructed every slice (a partial mean is on fewer slices); else
-    the best of any."""
+    """The best trial that reconstructed every slice (a partial mean is on fewer slices); else the best of any."""
     scored = [t for t in trials if t["error"] is None and space.metric in t]
     complete = [t for t in scored if not t["stopped_early"]] or scored
     if not complete:
@@ -410,7 +377,8 @@ def _best(trials: list[dict[str, Any]], space: SearchSpace) -> dict[str, Any] | 
 
 def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any]], *, run_id: str, path: str,
             resumed: bool, label: str, n_batches: int, title: str, method: str = "") -> dict[str, Any]:
-
+    """Log the trials as child runs and the search's results (``best.json``, ``trials.json``, ``pareto.csv``, the
+    figures) to the parent run, tag the model version, and end the run; returns :func:`tune_search`'s result."""
     uri = config.tracking_uri
     parent = RunLogger(uri, run_id)
     seconds = space.seconds_metric
@@ -484,8 +452,8 @@ def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any
 
 
 def _pareto_table(trials: list[dict[str, Any]], front: list[dict[str, Any]], space: SearchSpace, seconds: str) -> Any:
-    """Every trial's settings, objective, seconds per item and network calls, and whether it is
-    on the Pareto front or ran the reference point (``pareto.csv``)."""
+    """``pareto.csv``: each trial's settings, objective, seconds per item and network calls, and whether it is
+    complete, on the Pareto front and the reference point."""
     import pandas as pd
 
     on_front = {t["trial_id"] for t in front}
@@ -506,9 +474,8 @@ def _calls(sampler: str, settings: dict[str, Any]) -> int | None:
 
 def pareto_figure(trials: list[dict[str, Any]], front: list[dict[str, Any]], space: SearchSpace, seconds: str,
                   title: str, fastest: dict[str, Any] | None, reference: dict[str, Any] | None) -> Any:
-    """The objective of every trial against its seconds per item (hollow: stopped early), the
-    Pareto front joined, the reference and the fastest within tolerance marked; None without
-    timed trials."""
+    """The objective of every trial against its seconds per item (hollow: stopped early), the Pareto front joined, the
+    reference and the fastest within tolerance marked; None without timed trials."""
     timed = [t for t in trials if seconds in t and space.metric in t]
     if not timed:
         return None
@@ -534,12 +501,10 @@ def pareto_figure(trials: list[dict[str, Any]], front: list[dict[str, Any]], spa
 
 
 def objective_figure(trials: list[dict[str, Any]], space: SearchSpace, title: str) -> Any:
-    """The objective of every trial against its step count (hollow: stopped early, partial),
-    with the best complete trial per step count joined by a line (paper figure 4); None when
-    ``steps`` is not searched."""
+    """The objective of every trial against its step count (hollow: stopped early, partial), with the best complete
+    trial per step count joined by a line (paper figure 4); None when ``steps`` is not searched."""
     if "steps" not in space.params:
         return None
-
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 4))
     sign = 1 if space.mode == "min" else -1

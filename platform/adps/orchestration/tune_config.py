@@ -6,15 +6,12 @@ Search-space files (``tune_spaces/*.yaml``, one per sampler family)::
     objective: {metric: nrmse, mode: min}   # metric: nrmse | psnr | ssim (image_dps: mse | psnr); mode: min | max
     params:                  # name: spec; names the sampler takes (see SAMPLER_PARAMS)
       guidance: {type: loguniform, low: 0.1, high: 10.0}   # low > 0, low < high
-      steps: {type: choice, values: [50, 100, 500]}        # a non-empty list
+      steps: {type: choice, values: [50, 100, 500]}        # a non-empty list of numbers
       sigma_max: {type: uniform, low: 20, high: 120}       # low < high
       rho: {type: randint, low: 5, high: 9}                # integers, high inclusive
       churn: {type: uniform, low: 0, high: 40}             # EDM S_churn (0 = METHOD.md's loop)
 
-Param types: ``loguniform`` / ``uniform`` (``low``, ``high``: numbers), ``randint``
-(``low``, ``high``: integers, both included), ``choice`` (``values``: a non-empty list of
-numbers). ``steps`` must be integer valued. :func:`load_space` checks all of this and names the
-file and the key at fault.
+``steps`` must be integer valued. :func:`load_space` checks all of this and names the file and the key at fault.
 """
 
 from __future__ import annotations
@@ -28,32 +25,25 @@ from adps.data import storage
 from adps.nn.samplers import SAMPLER_DEFAULTS
 from adps.orchestration.tracking import RunConfig
 
-__all__ = [
-    "IMAGE_OBJECTIVE_METRICS", "IMAGE_TASKS", "OBJECTIVE_METRICS", "SAMPLER_FAMILIES", "SAMPLER_PARAMS", "SECONDS_PER",
-    "SearchConfig",
-    "SearchSpace", "load_space", "parse_space"
-]
+__all__ = ["IMAGE_OBJECTIVE_METRICS", "IMAGE_TASKS", "OBJECTIVE_METRICS", "SAMPLER_FAMILIES", "SAMPLER_PARAMS",
+           "SECONDS_PER", "SearchConfig", "SearchSpace", "load_space", "parse_space"]
 
-SAMPLER_FAMILIES = {"adps": "a_dps", "a_dps": "a_dps", "a_os": "a_os", "dps": "dps", "ald": "ald",
-                    "image_dps": "image"}
-"""A space file's ``sampler`` -> the :func:`adps.nn.samplers.run_sampler` name (``image``: the
-natural-image samplers, :func:`adps.nn.image_diffusion.image_sampler` picks A-DPS or DPS
-from the model)."""
+SAMPLER_FAMILIES = {"adps": "a_dps", "a_dps": "a_dps", "a_os": "a_os", "dps": "dps", "ald": "ald", "image_dps": "image"}
+"""A space file's ``sampler`` -> the :func:`adps.nn.samplers.run_sampler` name (``image``: the natural-image samplers,
+:func:`adps.nn.image_diffusion.image_sampler` picks A-DPS or DPS from the model)."""
 SECONDS_PER = {"slices": "seconds_per_slice", "images": "seconds_per_image"}
-"""The speed a trial reports beside its quality: the running mean of the sampler's wall time
-per slice (image), the network on its device, data loading and metrics not counted."""
-SAMPLER_PARAMS = {
-    "a_dps": ("guidance", "steps", "sigma_max", "sigma_min", "rho", "churn"), "a_os": ("sigma",),
-    "dps": ("guidance", "steps", "sigma_max", "sigma_min", "rho", "churn"),
-    "ald": ("steps", "step_scale", "likelihood_weight", "noise_std"),
-    "image": ("guidance", "steps", "sigma_max", "sigma_min", "rho")
-}
+"""The speed a trial reports beside its quality: the running mean of the sampler's wall time per slice (image), the
+network on its device, data loading and metrics not counted."""
+SAMPLER_PARAMS = {"a_dps": ("guidance", "steps", "sigma_max", "sigma_min", "rho", "churn"), "a_os": ("sigma",),
+                  "dps": ("guidance", "steps", "sigma_max", "sigma_min", "rho", "churn"),
+                  "ald": ("steps", "step_scale", "likelihood_weight", "noise_std"),
+                  "image": ("guidance", "steps", "sigma_max", "sigma_min", "rho")}
 """The settings each sampler can search (``churn``: EDM's S_churn in the DPS / A-DPS loop)."""
 OBJECTIVE_METRICS = ("nrmse", "psnr", "ssim")
 """The objectives of an MRI search (reported by every MRI trial)."""
 IMAGE_OBJECTIVE_METRICS = ("mse", "psnr")
-"""The objectives of a natural-image search (reported by every image trial): MSE per image on
-the ``[0, 1]`` scale (:func:`adps.metrics.rgb_mse`) and its PSNR ``-10 log10 mse``."""
+"""The objectives of a natural-image search (reported by every image trial): MSE per image on the ``[0, 1]`` scale
+(:func:`adps.metrics.rgb_mse`) and its PSNR ``-10 log10 mse``."""
 IMAGE_TASKS = ("cs", "sr")
 """Natural-image tasks: Gaussian compressed sensing (``measurements``), super-resolution (``factor``)."""
 PARAM_TYPES = {"loguniform": ("low", "high"), "uniform": ("low", "high"), "randint": ("low", "high"),
@@ -85,9 +75,8 @@ class SearchSpace:
         return SECONDS_PER["images" if self.sampler == "image" else "slices"]
 
     def reference_point(self) -> dict[str, Any] | None:
-        """The protocol's settings (METHOD.md, :data:`~adps.nn.samplers.SAMPLER_DEFAULTS`) of the
-        searched params, when the space holds every one of them; else None. A search runs them as
-        its first trial: the quality its fastest settings are measured against."""
+        """The protocol's settings (METHOD.md, :data:`~adps.nn.samplers.SAMPLER_DEFAULTS`) of the searched params if
+        the space holds them all, else None: a search's first trial, the quality its fastest trials are held to."""
         defaults = {**SAMPLER_DEFAULTS.get(self.sampler, {}), "churn": 0.0} if self.sampler != "image" else {}
         point = {}
         for name, spec in self.params.items():
@@ -213,12 +202,11 @@ def load_space(path: str | Path) -> SearchSpace:
 # The config ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SearchConfig(RunConfig):
-    """One Ray Tune search: one model at one R_inf (an MRI model) or on one task (a natural-image
-    model: ``task`` set) over one space file; unknown keys refused."""
+    """One Ray Tune search: one model at one R_inf (an MRI model) or on one task (a natural-image model: ``task`` set)
+    over one space file; unknown keys refused."""
 
     model: str = ""
-    """``models:/<name>@<alias>`` / ``models:/<name>/<version>``, a registered ``adps-*`` name,
-    ``runs:/...`` or a model folder."""
+    """``models:/<name>@<alias>`` or ``/<version>``, a registered ``adps-*`` name, ``runs:/...`` or a model folder."""
     r_inf: float = 0.0
     """The acceleration searched at (prepared in the dataset); MRI only (0 for an image search)."""
     space: str = ""
@@ -226,16 +214,15 @@ class SearchConfig(RunConfig):
     dataset: str = ""
     """Prepared dataset (folder or ``s3://``); for an image search a folder or ``.zip`` of images."""
     split: str = "val"
-    """The split reconstructed: ``val`` (or ``train``), never ``test``, whose slices the
-    evaluation scores; it must have the test split's coil setting (prepared val does: every
-    coil). MRI only."""
+    """The split reconstructed: ``val`` (or ``train``), never ``test``, whose slices the evaluation scores; it must
+    have the test split's coil setting (prepared val does: every coil). MRI only."""
     slices: int = 8
     """Slices (images) each trial reconstructs (the first ones; 0 = all of the split / folder)."""
     slices_per_report: int = 2
     """Slices (images) per batch: the trial reports its running mean after each batch."""
     task: str = ""
-    """Natural-image models only (method ``image``): ``cs`` (Gaussian compressed sensing with
-    ``measurements``) or ``sr`` (super-resolution by ``factor``); empty for an MRI search."""
+    """Natural-image models only (method ``image``): ``cs`` (Gaussian compressed sensing with ``measurements``) or
+    ``sr`` (super-resolution by ``factor``); empty for an MRI search."""
     measurements: int = 0
     """``task: cs``: the number of Gaussian measurements m (the matrix is seeded by ``seed``)."""
     factor: int = 0
@@ -258,17 +245,16 @@ class SearchConfig(RunConfig):
     storage_path: str = ""
     """Ray Tune storage (folder or ``s3://``; default ``.adps/tune``)."""
     name: str = ""
-    """Experiment name (default ``tune-<method>_r<R_train>-r<R_inf>-<sampler>``); running a
-    search of the same name again resumes it."""
+    """Experiment name (default ``tune-<method>_r<R_train>-r<R_inf>-<sampler>``); reusing a name resumes its search."""
     experiment: str = "adps-tune"
     tag_model: bool = True
     """Write the best settings as tags on the registered model version (``models:/`` only)."""
     reference_trial: bool = True
-    """Run the protocol's settings (METHOD.md: 500 Euler steps, guidance 1, ...) as the first
-    trial, when the space holds them: the quality that ``fastest`` is measured against (MRI)."""
+    """Run the protocol's settings (METHOD.md: 500 Euler steps, guidance 1, ...) as the first trial, when the space
+    holds them: the quality that ``fastest`` is measured against (MRI)."""
     fastest_tolerance: float = 0.01
-    """``fastest``: the quickest trial whose objective is within this fraction of the reference
-    trial's on the same slices (NRMSE at most 1 % higher by default; PSNR / SSIM at most 1 % lower)."""
+    """``fastest``: the quickest trial whose objective is within this fraction of the reference trial's on the same
+    slices (NRMSE at most 1 % higher by default; PSNR / SSIM at most 1 % lower)."""
 
     def validate(self) -> None:
         """Checks that need no I/O; names the key at fault."""

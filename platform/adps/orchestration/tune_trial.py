@@ -1,12 +1,10 @@
 """What one trial of an ``adps tune`` search runs, in a Ray Tune worker process.
 
-:func:`search_trial` serves both studies: it reconstructs the search's validation slices at
-``R_inf`` (MRI), or measures and reconstructs the search's images with its task's operator
-(natural images), with the sampled settings, and reports the running mean of the objective's
-metrics after each batch, so that ASHA can stop a poor trial early, and of the seconds the
-sampler took per slice (image). Every trial sees the same data and noise.
-Ray Tune is imported inside it: this module is imported by the driver, which must not need
-a Ray worker to load.
+:func:`search_trial` serves both studies: with the sampled settings it reconstructs the search's validation slices at
+``R_inf`` (MRI), or measures and reconstructs the search's images with its task's operator (natural images), and
+reports after each batch the running mean of the objective's metrics (so that ASHA can stop a poor trial early) and
+of the sampler's seconds per slice (image). Every trial sees the same data and noise. Ray Tune is imported inside it:
+the driver imports this module, and must not need a Ray worker to load.
 """
 
 from __future__ import annotations
@@ -14,6 +12,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from typing import Any
+
+import numpy as np
+import torch
 
 from adps.data.dataset import PreparedSliceDataset
 from adps.data.shards import read_manifest
@@ -43,14 +44,9 @@ def _load_batches(config: SearchConfig, device: str) -> tuple[list[dict[str, Any
 
 
 def search_trial(params: dict[str, Any], *, config: dict[str, Any], sampler: str = "", resolution: int = 0) -> None:
-    """The Ray Tune function trainable of both studies: reconstruct batch after batch with the
-    trial's settings (``params``) and report the running means of the objective's metrics.
-
-    An MRI search (no ``task``) reconstructs the split's slices at ``R_inf`` with ``sampler``
-    (:func:`_mri_scores`); a natural-image search measures the images with its task's operator
-    and samples them with the model's sampler (:func:`_image_scores`, at ``resolution``).
-    """
-    import torch
+    """The Ray Tune function trainable of both studies (see the module docstring), with the trial's settings
+    ``params``: an MRI search (no ``task``) reconstructs with ``sampler`` (:func:`_mri_scores`), a natural-image search
+    samples at ``resolution`` with the model's sampler (:func:`_image_scores`)."""
     from ray import tune
 
     search = SearchConfig.from_dict(config)
@@ -78,11 +74,8 @@ def search_trial(params: dict[str, Any], *, config: dict[str, Any], sampler: str
                      SECONDS_PER[unit]: seconds / seen})
 
 
-
 def _timed(device: str, run: Any) -> tuple[Any, float]:
     """``(run(), seconds)``, the device synchronised before the clock is read."""
-    import torch
-
     started = time.perf_counter()
     result = run()
     if device == "cuda":
@@ -92,8 +85,7 @@ def _timed(device: str, run: Any) -> tuple[Any, float]:
 
 def _mri_scores(search: SearchConfig, model: Any, model_config: dict[str, Any], settings: dict[str, Any],
                 device: str, sampler: str) -> Iterator[tuple[dict[str, Any], float]]:
-    """Per batch of validation slices: NRMSE / PSNR / SSIM of ``sampler``'s reconstructions and
-    the seconds they took."""
+    """Per batch of validation slices: the NRMSE / PSNR / SSIM of ``sampler``'s reconstructions and their seconds."""
     batches, acs = _load_batches(search, device)
     for batch in batches:
         image, seconds = _timed(device, lambda batch=batch: reconstruct_batch(
@@ -104,10 +96,8 @@ def _mri_scores(search: SearchConfig, model: Any, model_config: dict[str, Any], 
 
 def _image_scores(search: SearchConfig, model: Any, model_config: dict[str, Any], settings: dict[str, Any],
                   device: str, resolution: int) -> Iterator[tuple[dict[str, Any], float]]:
-    """Per batch of images: MSE (``[0, 1]`` scale, estimates clipped to ``[-1, 1]``) and PSNR of
-    the model's posterior samples from the task's measurements, and the seconds they took."""
-    import torch
-
+    """Per batch of images: MSE (``[0, 1]`` scale, estimates clipped to ``[-1, 1]``) and PSNR of the model's posterior
+    samples from the task's measurements, and the seconds they took."""
     settings = dict(settings)
     schedule = {key: settings.pop(key) for key in ("sigma_min", "sigma_max", "rho") if key in settings}
     ambient = image_sampler(model) == "a_dps"
@@ -128,28 +118,20 @@ def _image_scores(search: SearchConfig, model: Any, model_config: dict[str, Any]
 
 
 def _seeded(*keys: int) -> Any:
-    """A CPU ``torch.Generator`` seeded from ``keys`` through numpy's SeedSequence (independent
-    streams): the same keys as ``adps evaluate --study images`` uses, so a search and the
-    evaluation see the same measurement noise and start noise for an image."""
-    import numpy as np
-    import torch
-
+    """A CPU ``torch.Generator`` seeded from ``keys`` through numpy's SeedSequence (independent streams), keyed as in
+    ``adps evaluate --study images``: a search and the evaluation draw the same measurement and start noise."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
 
 
 def _image_operator(search: SearchConfig, resolution: int) -> Any:
     """The image task's operator: one Gaussian matrix per (m, seed), or the downscaling."""
-
     if search.task == "sr":
         return SuperResolution(search.factor)
     return GaussianCompressedSensing(search.measurements, (3, resolution, resolution), search.seed)
 
 
 def _load_image_batches(search: SearchConfig, resolution: int, device: str) -> list[tuple[list[int], Any]]:
-    """The first ``slices`` clean images of the folder in batches of ``slices_per_report``:
-    ``(indices, images (n, 3, R, R) in [-1, 1])``."""
-    import torch
-
+    """The first ``slices`` clean images in batches of ``slices_per_report``: ``(indices, (n, 3, R, R) in [-1, 1])``."""
     with ImageDataset(search.dataset, resolution) as dataset:
         count = min(len(dataset), search.slices) if search.slices else len(dataset)
         batches = []
