@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 ConfigT = TypeVar("ConfigT", bound="ConfigFile")
 
 
@@ -46,8 +48,6 @@ class ConfigFile:
     @classmethod
     def from_yaml(cls: type[ConfigT], path: str | Path, overrides: Mapping[str, Any] | None = None) -> ConfigT:
         """Load a YAML mapping of config keys, then apply ``overrides`` (e.g. ``--set`` values)."""
-        import yaml  # deferred: only config loading needs it
-
         text = Path(path).read_text()
         try:
             values = yaml.safe_load(text) or {}
@@ -75,8 +75,6 @@ class ConfigFile:
 
     def to_yaml(self) -> str:
         """The config as YAML, in field order (printed at the start of a job)."""
-        import yaml  # deferred: only config printing needs it
-
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
 
@@ -98,8 +96,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     Values are read as YAML scalars or lists (``true``, ``4``, ``[2, 4]``); ``from_dict`` then
     coerces them to each field's type, so ``accelerations=4,8`` works too.
     """
-    import yaml  # deferred: only config loading needs it
-
     overrides: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")

@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,8 +152,6 @@ def _retrying(uri: str, operation: Any) -> Any:
     """``operation()``, tried again with backoff for up to :data:`S3_OUTAGE_SECONDS` while S3 is
     unreachable; one warning line names the URI. Every S3 call here is idempotent (a put writes
     the whole object again), so a retry after a dropped connection cannot duplicate anything."""
-    import time
-
     deadline = time.monotonic() + S3_OUTAGE_SECONDS
     delay, warned = 0.5, False
     while True:

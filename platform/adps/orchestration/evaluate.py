@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from adps.orchestration.cells import EvaluationConfig, Study, publish_report, run_cells
@@ -87,8 +88,6 @@ def _log_to_mlflow(study: Study, config: EvaluationConfig, rows: list[dict[str, 
                    cells: list[Any], extra: dict[str, Any]) -> tuple[str, list[str]]:
     """One MLflow run (found again by output and run name): the tables, the study's report and its metrics and
     tags; returns the run id and the figures' file names."""
-    import pandas as pd
-
     run_id, _ = open_run(config.tracking_uri, config.experiment, f"{config.resolved_output}#{config.run_name}",
                          config.run_name, config.to_dict())
     log = RunLogger(config.tracking_uri, run_id)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,8 +213,6 @@ def format_fid_table(rows: list[dict[str, Any]]) -> str:
 
 def run_fid(config: FidConfig, *, ray_address: str | None = None) -> dict[str, Any]:
     """Sample, measure and log every model; returns ``{"rows", "run_id"}``."""
-    import tempfile
-
     import ray
 
     config.validate()

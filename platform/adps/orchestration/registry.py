@@ -34,6 +34,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +114,6 @@ def model_description(name: str, config: Mapping[str, Any]) -> str:
 
 def pip_requirements() -> list[str]:
     """The serving environment: the versions this process runs (inferring them costs MLflow 15-20 s per model)."""
-    from importlib.metadata import version
-
     return [f"{name}=={version(name)}" for name in ("torch", "numpy", "safetensors", "mlflow", "h5py")]
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 
 from adps.crossover import crossover_table
@@ -239,8 +241,6 @@ def _operator(cell: ImageCell, resolution: int, seed: int) -> Any:
 
 def _seeded(*keys: int) -> torch.Generator:
     """A CPU generator seeded from ``keys`` through numpy's SeedSequence (independent streams)."""
-    import numpy as np
-
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
 
 
@@ -394,8 +394,6 @@ def report(config: ImageEvaluateConfig, folder: Path, table: Any, crossovers: li
            cells: list[ImageCell], extra: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
     """``crossover.csv`` and figures 2-4; the means per (model, task, setting) and the
     cross-overs as metrics, the pairs without a cross-over as tags."""
-    import pandas as pd
-
     columns = ["model", "reference", "task", "axis", "metric", "outcome", "crossover", "setting", "margin", "ci_low",
                "ci_high", "level", "n_images"]
     pd.DataFrame(crossovers, columns=columns).to_csv(folder / "crossover.csv", index=False)
@@ -426,8 +424,6 @@ def report(config: ImageEvaluateConfig, folder: Path, table: Any, crossovers: li
 # Printing ------------------------------------------------------------------------------------
 def format_image_results(rows: Sequence[dict[str, Any]], metric: str = "mse") -> str:
     """Mean ``metric`` over images: one line per (model, sampler), one column per task setting."""
-    import pandas as pd
-
     table = pd.DataFrame(list(rows))
     if table.empty:
         return "(no rows)"

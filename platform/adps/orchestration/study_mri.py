@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import pandas as pd
 import torch
 
 from adps.crossover import crossover_table
@@ -407,8 +408,6 @@ def report(config: EvaluateConfig, folder: Path, table: Any, crossovers: list[An
            extra: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
     """``crossover.csv``, ``denoising_check.csv``, the metric, reconstruction and posterior figures; the mean
     metrics (``nrmse.<model>.<sampler>.r<R_inf>``), the cross-over, calibration and denoising-check metrics and tags."""
-    import pandas as pd
-
     checks = extra["denoising_check"]
     pd.DataFrame([c.as_row() for c in crossovers]).to_csv(folder / "crossover.csv", index=False)
     if checks:
@@ -479,8 +478,6 @@ def format_settings(cells: Sequence[Cell]) -> str:
 
 def format_results(rows: Sequence[dict[str, Any]], metric: str = "nrmse") -> str:
     """Mean ``metric`` over slices: one line per (model, sampler), one column per R_inf."""
-    import pandas as pd
-
     table = pd.DataFrame(list(rows))
     if table.empty:
         return "(no rows)"

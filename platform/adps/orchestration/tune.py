@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from adps.data import storage
 from adps.data.dataset import PreparedSliceDataset
 from adps.data.preprocess import COMPRESSED_SPLITS
@@ -454,8 +456,6 @@ def _finish(config: SearchConfig, space: SearchSpace, trials: list[dict[str, Any
 def _pareto_table(trials: list[dict[str, Any]], front: list[dict[str, Any]], space: SearchSpace, seconds: str) -> Any:
     """``pareto.csv``: each trial's settings, objective, seconds per item and network calls, and whether it is
     complete, on the Pareto front and the reference point."""
-    import pandas as pd
-
     on_front = {t["trial_id"] for t in front}
     rows = [{"trial_id": t["trial_id"], **t["settings"], space.metric: t.get(space.metric), seconds: t.get(seconds),
              "network_calls": _calls(space.sampler, t["settings"]), "complete": t["error"] is None and not t["stopped_early"],

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from adps.data import storage
 from adps.nn.samplers import SAMPLER_DEFAULTS
 from adps.orchestration.tracking import RunConfig
@@ -190,8 +192,6 @@ def parse_space(values: Any, path: str = "<space>") -> SearchSpace:
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a space file (see the module docstring)."""
-    import yaml
-
     try:
         values = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as err:
