@@ -299,6 +299,9 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         final = {k: v.tolist() for k, v in model.state_dict().items()}
         result = {"first_skipped": first["skipped"], "unchanged": unchanged, "second": second, "weights": final}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        # Both ranks leave together: a rank that tore its process group down while the other still
+        # used the connection aborted the other once ("terminate called without an active exception").
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
