@@ -18,9 +18,9 @@ Gaussian prior, its exact denoiser (DPS) and exact ambient denoiser at R_train 2
 truth drawn from the prior, measured at ``--r-inf`` through random coil maps. With ``--model``
 (a saved model folder: ambient models run A-DPS, EDM / EDM-L1 DPS) the first ``--slices`` val
 slices of ``--dataset`` at ``--r-inf``, against their references. With ``--train-steps`` a
-small ambient model (``--train-preset``, R_train 2) is first trained here on synthetic phantoms
-(no Ray, MLflow or sigpy needed: the GPU check's "model trained on the GPU in the session"), then
-reconstructs ``--slices`` other phantoms with A-DPS.
+small model (``--train-method`` ambient at R_train 2, or edm; ``--train-preset``) is first
+trained here on synthetic phantoms (no Ray, MLflow or sigpy needed: the GPU check's "model trained
+on the GPU in the session"), then reconstructs ``--slices`` other phantoms with A-DPS (DPS).
 
 Prints one JSON line per row and per summary on stdout, a table on stderr; ``--json PATH`` also
 writes them to a file. Needs torch and adps layers 1-2 only.
@@ -97,31 +97,37 @@ def model_problems(model_dir: str, dataset: str, *, slices: int, r_inf: float) -
              "acs": read_manifest(dataset)["config"].get("acs")}]
 
 
+TRAINED_SAMPLERS = {"ambient": "a_dps", "edm": "dps"}
+"""``--train-method`` -> the sampler its model reconstructs with."""
+
+
 def trained_problem(*, steps: int, seconds: float, preset: str, batch_size: int, train_slices: int, slices: int,
                     coils: int, height: int, width: int, r_inf: float, device: torch.device, amp: str | None,
-                    seed: int, r_train: float = 2.0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train an ambient model here (``steps`` Adam steps of ``batch_size`` slices, or fewer if
-    ``seconds`` run out) on ``train_slices`` synthetic phantoms at ``r_train``; the A-DPS problem
-    of ``slices`` other phantoms (another seed) at ``r_inf``, and a record of the training."""
+                    seed: int, method: str = "ambient", r_train: float = 2.0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train a ``method`` model here (``steps`` Adam steps of ``batch_size`` slices, or fewer if
+    ``seconds`` run out) on ``train_slices`` synthetic phantoms (ambient: their k-space at
+    ``r_train``; edm: the fully sampled images); the A-DPS / DPS problem of ``slices`` other
+    phantoms (another seed) at ``r_inf``, and a record of the training."""
     data = benchmark_batch(train_slices, coils, height, width, r_train, seed=seed)
     data = {key: value.to(device) for key, value in data.items() if key != "l1"}
     torch.manual_seed(seed)
-    model = build_model("ambient", preset).to(device).train()
+    model = build_model(method, preset).to(device).train()
     optimizer = make_optimizer(model)
     generator = torch.Generator().manual_seed(seed)
     started, losses, done = time.perf_counter(), [], 0
     while done < steps and time.perf_counter() - started < seconds:
         index = torch.randint(train_slices, (batch_size,), generator=generator).to(device)
-        result = train_step("ambient", model, {k: v[index] for k, v in data.items()}, optimizer, generator=generator,
+        result = train_step(method, model, {k: v[index] for k, v in data.items()}, optimizer, generator=generator,
                             amp=amp)
         losses.append(result["loss"])
         done += 1
-    training = {"train_steps": done, "train_seconds": time.perf_counter() - started, "train_preset": preset,
+    training = {"train_method": method, "train_steps": done, "train_seconds": time.perf_counter() - started,
+                "train_preset": preset,
                 "train_batch": batch_size, "train_slices": train_slices, "r_train": r_train, "amp": amp,
                 "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:]))}
     test = benchmark_batch(slices, coils, height, width, r_inf, seed=seed + 1)
     mask = test["mask"].to(device)
-    problem = {"problem": f"trained-{preset}", "sampler": "a_dps", "model": model.eval(),
+    problem = {"problem": f"trained-{method}-{preset}", "sampler": TRAINED_SAMPLERS[method], "model": model.eval(),
                "y": test["kspace"].to(device) * mask[:, None, None, :],
                "operator": SenseOperator(test["maps"].to(device), mask), "truth": test["reference"].to(device),
                "r_train": r_train, "amp": amp}  # acs None: the training masks' rule (run_sampler)
@@ -189,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=0,
                         help="train an ambient model here for this many steps first (0: no training)")
     parser.add_argument("--train-seconds", type=float, default=float("inf"), help="... or until this time is spent")
-    parser.add_argument("--train-preset", choices=["tiny", "ambient"], default="tiny")
+    parser.add_argument("--train-method", choices=list(TRAINED_SAMPLERS), default="ambient",
+                        help="the model --train-steps trains: ambient (A-DPS, on R_train 2 k-space) or edm (DPS)")
+    parser.add_argument("--train-preset", choices=["tiny", "ambient", "edm"], default="tiny",
+                        help="tiny, or the method's paper-size preset")
     parser.add_argument("--train-batch", type=int, default=8, help="slices per training step (8)")
     parser.add_argument("--train-slices", type=int, default=64, help="synthetic training phantoms (64)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -215,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         problem, training = trained_problem(
             steps=args.train_steps, seconds=args.train_seconds, preset=args.train_preset, batch_size=args.train_batch,
             train_slices=args.train_slices, slices=args.slices, coils=args.coils, height=args.height, width=args.width,
-            r_inf=args.r_inf, device=torch.device(args.device), amp=args.amp, seed=args.seed)
+            r_inf=args.r_inf, device=torch.device(args.device), amp=args.amp, seed=args.seed, method=args.train_method)
         print(json.dumps({"training": training}), flush=True)
         print(f"trained {training['train_steps']} steps in {training['train_seconds']:.1f} s, loss "
               f"{training['final_loss']:.4f} (mean of the last 50)", file=sys.stderr)

@@ -208,7 +208,7 @@ def test_fewer_calls_bench_trains_a_model_first_and_compares_it_with_zero_fillin
     document = json.loads(out.read_text())
     assert document["training"]["train_steps"] == 3 and document["training"]["train_preset"] == "tiny"
     assert {(r["problem"], r["sampler"], r["steps"]) for r in document["rows"]} == {
-        ("trained-tiny", "a_dps", 5), ("trained-tiny", "a_dps", 500)}
+        ("trained-ambient-tiny", "a_dps", 5), ("trained-ambient-tiny", "a_dps", 500)}
     (line,) = document["summary"]
     assert 0 < line["zero_filled_nrmse"] < 1.5 and line["reference_nrmse"] > 0
     with pytest.raises(SystemExit):
