@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform as std_platform  # the standard library module (our package is adps)
 import sys
 import time
 from pathlib import Path
@@ -122,9 +121,8 @@ def trained_problem(*, steps: int, seconds: float, preset: str, batch_size: int,
         losses.append(result["loss"])
         done += 1
     training = {"train_method": method, "train_steps": done, "train_seconds": time.perf_counter() - started,
-                "train_preset": preset,
-                "train_batch": batch_size, "train_slices": train_slices, "r_train": r_train, "amp": amp,
-                "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:]))}
+                "train_preset": preset, "train_batch": batch_size, "train_slices": train_slices, "r_train": r_train,
+                "amp": amp, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:]))}
     test = benchmark_batch(slices, coils, height, width, r_inf, seed=seed + 1)
     mask = test["mask"].to(device)
     problem = {"problem": f"trained-{method}-{preset}", "sampler": TRAINED_SAMPLERS[method], "model": model.eval(),
@@ -158,7 +156,7 @@ def run_row(problem: dict[str, Any], solver: str, steps: int, *, guidance: float
 
 def summarise(rows: list[dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
     """Per problem and solver: the fewest calls whose NRMSE is within ``tolerance`` of the
-    reference (500-step Euler) row's."""
+    reference (500-step Euler) row's, with both rows' seconds per slice."""
     out = []
     for key in sorted({(r["problem"], r["sampler"]) for r in rows}):
         group = [r for r in rows if (r["problem"], r["sampler"]) == key]
@@ -169,10 +167,9 @@ def summarise(rows: list[dict[str, Any]], tolerance: float) -> list[dict[str, An
             out.append({"summary": "fewest_calls_within_tolerance", "problem": key[0], "sampler": key[1],
                         "solver": solver, "tolerance": tolerance, "reference_nrmse": reference["nrmse"],
                         "reference_calls": reference["network_calls"],
-                        "network_calls": None if best is None else best["network_calls"],
-                        "steps": None if best is None else best["steps"],
-                        "guidance": None if best is None else best["guidance"],
-                        "nrmse": None if best is None else best["nrmse"],
+                        "reference_s_per_slice": reference["s_per_slice"],
+                        **{key: None if best is None else best[key]
+                           for key in ("network_calls", "steps", "guidance", "nrmse", "s_per_slice")},
                         "speedup": None if best is None else reference["network_calls"] / best["network_calls"]})
     return out
 
@@ -232,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         problems = gaussian_problems(slices=args.slices, coils=args.coils, height=args.height, width=args.width,
                                      r_inf=args.r_inf, seed=args.seed)
-    device = (device_name(torch.device(args.device)) if args.device == "cuda" else
-              f"cpu ({std_platform.processor() or std_platform.machine()}, {args.threads} thread(s))")
+    device = device_name(torch.device(args.device))
     plan = sorted({(solver, steps, guidance) for solver in args.solvers for steps in args.steps
                    for guidance in args.guidance} | {("euler", PROTOCOL_STEPS, 1.0)})
     rows = []

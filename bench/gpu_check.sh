@@ -437,9 +437,6 @@ if fewer:
             print(f"fewer_calls    {line['sampler']} {line['solver']}: none within {line['tolerance']:.0%} of the "
                   f"500-step NRMSE {line['reference_nrmse']:.4f}")
             continue
-        row = next(r for r in fewer["rows"] if (r["solver"], r["steps"], r["guidance"]) ==
-                   (line["solver"], line["steps"], line["guidance"]))
-        reference = next(r for r in fewer["rows"] if (r["solver"], r["steps"], r["guidance"]) == ("euler", 500, 1.0))
         # The paper-size network's seconds per slice at this many calls: the fastest protocol
         # row's seconds per network call (sample_speed times the per-step cost) times the calls.
         paper = (f", paper-size network {paper_step['s_per_slice'] / paper_step['steps'] * line['network_calls']:.2f}"
@@ -447,8 +444,8 @@ if fewer:
                  if paper_step else "")
         print(f"fewer_calls    {line['sampler']} {line['solver']}: {line['network_calls']} calls (steps "
               f"{line['steps']}, guidance {line['guidance']:g}) NRMSE {line['nrmse']:.4f} against "
-              f"{line['reference_nrmse']:.4f} at 500 (zero-filled {line['zero_filled_nrmse']:.4f}); {row['s_per_slice']:.3f} s/slice against "
-              f"{reference['s_per_slice']:.3f}{paper}")
+              f"{line['reference_nrmse']:.4f} at 500 (zero-filled {line['zero_filled_nrmse']:.4f}); "
+              f"{line['s_per_slice']:.3f} s/slice against {line['reference_s_per_slice']:.3f}{paper}")
 PYEOF
 "$PY" - "$LOGS" "$OUT/results.jsonl" <<'PYEOF'
 import json
