@@ -5,61 +5,56 @@
 #
 # The machine has torch (CUDA), numpy, h5py, scipy, scikit-image, safetensors and pytest, but
 # no Ray, MLflow or sigpy, and nothing can be installed there; everything runs with
-# PYTHONPATH=platform. In order of importance (a step that would run past the budget is cut, the
-# ones after it skipped), each with its own time limit, inside a budget of 470 s
-# (GPU_CHECK_BUDGET_S) that keeps the whole script under 8 minutes (the issue's limit):
+# PYTHONPATH=platform. Each step has its own time limit, inside a budget of 470 s
+# (GPU_CHECK_BUDGET_S) that keeps the whole script under 8 minutes; a step that would run past it
+# is cut and the ones after it skipped. First issue 29's rows, with two torch.compile's in all
+# (about 2 minutes each on the first run's H200 machine, 16 CPU cores: what bounds a run):
 #
 #   1. nvidia-smi, and the Python environment (versions; what is missing);
-#   2. bench/train_step.py --device cuda: the tiny ambient row, and the paper-size ambient step
-#      torch.compile'd with Inductor's channels-last layout forced on ("nhwc": the first run's
-#      profile found cuDNN's layout transposes at 61 of the compiled step's 264 ms), and eager
-#      (cudnn.benchmark) on a card of 100 GB or more (82.7 GB: an 80 GB card cannot hold it), each
-#      profiled once (device time by kernel family); the bf16 step's loss and gradients against
-#      float32, eager and compiled;
-#   3. bench/operators.py --device cuda: the SENSE operators at the paper's test size;
-#   4. bench/sample_speed.py --device cuda: A-DPS s/slice compiled with CUDA graphs
-#      ("reduce-overhead"), "nhwc" and "inline" (element-wise intermediates recomputed in their
-#      readers) at batch 16 (8 on a card under 100 GB: batch 16 peaked at 80.9 GB), and a
-#      complete 20-step A-DPS run in bf16 against float32 (eager, batch 2: the same
-#      reconstructions within tolerance); if the compiled configuration fails, the same without
-#      CUDA graphs and "inline";
-#   5. bench/fewer_calls.py --device cuda: a small ambient model trained here (15-60 s: what the budget leaves),
-#      then A-DPS over steps x guidance against the 500-step protocol: the fewest network calls
-#      within 1 % of its NRMSE, their seconds per slice, and (in the summary) the paper-size
-#      network's seconds per slice at that many calls, from step 4's per-step time;
-#   6. bench/train_scaling.py --gpu: the bare step against the platform's worker loop, whose
-#      batches load in a background thread, and against the data path alone (bf16);
-#   7. bench/train_step.py again, the candidate for the lean mode: the compiled step with CUDA
-#      graphs, "nhwc" and an activation memory budget of 0.5; if that fails, at once
-#      train_step_budget;
-#   8. the tests that use CUDA: those marked `gpu` and the CUDA cases of the tests parametrised
-#      over devices (test_train_step, test_mri_sense, test_mri_recon, test_prefetch). Their
-#      phantoms need sigpy's birdcage_maps: where sigpy is missing, a stand-in for that one
-#      function is put on the tests' path (in a temporary folder, never in the repository);
-#   9. if time is left: train_step_budget (the candidate for the 27 GB target: budget 0.7, no
-#      CUDA graphs); A-DPS eager at batches 1 and 8 (the baselines); the compiled step with
-#      activation checkpointing; the step with each U-Net block compiled on its own ("regional":
-#      shorter compilation); the paper-size NCSNv2 step eager, with and without activation
-#      checkpointing (the paper grid's ncsnv2_r1 config turns it on for 24 GB cards).
+#   2. train_step (bench/train_step.py): the paper-size ambient step, batch 8, 384 x 320, 4 coils,
+#      bf16: the 27 GB candidate (torch.compile'd, Inductor's channels-last layout forced on
+#      ("nhwc": the first run's profile found cuDNN's layout transposes at 61 of the compiled
+#      step's 264 ms) and an activation memory budget of 0.7), profiled once (device time by
+#      kernel family), and its loss and gradients against float32 (Inductor's cache serves the
+#      compiled graph again); then the product's memory-lean mode (activation_checkpointing,
+#      eager): slices/s and peak GB;
+#   3. sample_speed_compiled (bench/sample_speed.py): A-DPS, 16 coils, s/slice of the 500-step
+#      protocol compiled with CUDA graphs ("reduce-overhead"), "nhwc" and "inline" (element-wise
+#      intermediates recomputed in their readers) at batch 16 (8 on a card under 100 GB: batch 16
+#      peaked at 80.9 GB), and a complete 20-step A-DPS run in bf16 against float32 (eager,
+#      batch 2); if the compiled configuration fails, the same without CUDA graphs and "inline";
+#   4. fewer_calls (bench/fewer_calls.py): a small ambient model trained here (15-40 s: what the
+#      budget leaves), then A-DPS over steps x guidance against the 500-step protocol: the fewest
+#      network calls within 1 % of its NRMSE, their seconds per slice, and (in the summary) the
+#      paper-size network's seconds per slice at that many calls, from step 3's per-step time;
+#   5. data_path (bench/train_scaling.py --configs load): the worker's data path alone (read the
+#      shards into page-locked memory, copy to the GPU); the summary divides its slices/s by
+#      step 2's compiled step's.
 #
-# Steps 2-7 are issue 29's rows; 8-9 are checks and baselines.
-# Each torch.compile of the paper-size network took about 2 minutes on the first run's machine
-# (16 CPU cores), which is what bounds the number of compiled rows per run.
+# Then, while the budget lasts, checks and candidates:
+#   6. operators: the SENSE operators at the paper's test size;
+#   7. train_step_lean: the compiled lean candidate (CUDA graphs, "nhwc", budget 0.5); without
+#      CUDA graphs if that fails;
+#   8. tests: those marked `gpu` and the CUDA cases of the tests parametrised over devices
+#      (test_train_step, test_mri_sense, test_mri_recon, test_prefetch). Their phantoms need
+#      sigpy's birdcage_maps: where sigpy is missing, a stand-in for that one function is put on
+#      the tests' path (in a temporary folder, never in the repository);
+#   9. the compiled step without a memory budget (and eager, on a card of 100 GB or more: it took
+#      82.7 GB), A-DPS eager at batches 1 and 8 (the baselines), the worker loop against the bare
+#      step, the compiled step with activation checkpointing, the step with each U-Net block
+#      compiled on its own ("regional": shorter compilation), and the paper-size NCSNv2 step eager,
+#      with and without activation checkpointing.
 #
 # Every log and JSON goes under "$OUT" (./gpu_out if unset): the steps' logs packed in
 # gpu_check_logs.tar.gz, every JSON row in results.jsonl; a summary of the numbers is
 # printed at the end. The exit status is the number of failed steps (0 = all passed).
 #
 # GPU_CHECK_ONLY="step ..." runs only the named steps (the names the summary prints), e.g. the
-# ones a first call's budget cut, in a second call on the still-warm machine. With a compilation
-# of about 2 minutes per compiled row (H200, 2026-11-27; steps 2 and 4 compile once each, the
-# precision checks reuse Inductor's cache), the first call is expected to end within step 5 or 6; a lent machine's 15 minutes hold both calls, back to
-# back (the device tool's timeout_s 520, then 330), the second with what the first's summary
-# reports as skipped, e.g.:
+# ones a first call's budget cut, in a second call on the still-warm machine (a lent machine's
+# 15 minutes hold a second call of about 4 minutes), e.g.:
 #
-#     bash bench/gpu_check.sh
-#     GPU_CHECK_ONLY="fewer_calls train_scaling train_step_lean train_step_budget tests sample_speed" \
-#         GPU_CHECK_BUDGET_S=300 bash bench/gpu_check.sh
+#     GPU_CHECK_ONLY="train_step_lean tests train_step_full sample_speed" GPU_CHECK_BUDGET_S=220 \
+#         bash bench/gpu_check.sh
 #
 # GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at tiny sizes, with Ray, MLflow, sigpy
 # and boto3 made unimportable, to check this script where there is no GPU (PYTHON=.venv/bin/python;
@@ -127,12 +122,16 @@ run() {
 
 # The GPU run's rows of bench/train_step.py (--rows) and settings of the compiled sampler, which
 # the compiled dry run runs too, at the tiny sizes.
-# The candidate for the 20 GB lean mode: CUDA graphs (against the gaps between kernels), no
-# layout transposes, and an activation memory budget of 0.5. The candidate for the 27 GB target
-# is budget 0.7, without CUDA graphs (its peak free of their memory pool).
-MAIN_ROWS=(eager,cudnn compile,cudnn,nhwc)
+# Issue 29's rows: the candidate for the 27 GB target (activation memory budget 0.7, without CUDA
+# graphs: its peak free of their memory pool), then the product's lean mode as it ships
+# (activation_checkpointing, eager; 18.3 GB on the H200 of 2026-11-27).
+TARGET_ROWS=(compile,cudnn,nhwc,budget=0.7 ckpt,cudnn)
+# The candidate for a faster lean mode: CUDA graphs (against the gaps between kernels), no layout
+# transposes, and a budget of 0.5; without CUDA graphs if they fail.
 GPU_LEAN_ROWS=(compile=reduce-overhead,cudnn,nhwc,budget=0.5)
-GPU_BUDGET_ROWS=(compile,cudnn,nhwc,budget=0.7)
+GPU_BUDGET_ROWS=(compile,cudnn,nhwc,budget=0.5)
+# The compiled step without a memory budget (and eager where it fits): what the budget costs.
+FULL_ROWS=(compile,cudnn,nhwc eager,cudnn)
 CKPT_ROWS=(compile,cudnn,nhwc,ckpt)
 REGIONAL_ROWS=(compile,cudnn,regional)
 NCSNV2_ROWS=(eager,cudnn ckpt,cudnn)
@@ -168,6 +167,7 @@ PYEOF
     DEVICE=cpu
     SCALING_ARGS=(--gpu --device cpu --preset tiny --height 48 --width 40 --coils 2 --slices 4 --batch-size 2
                   --steps 2 --warmup 1)
+    DATA_PATH_ARGS=("${SCALING_ARGS[@]}")
     TRAIN_STEP_ARGS=(--device cpu --methods ambient modl --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
                      --profile 3 --precision-check bf16)
     OPERATORS_ARGS=(--device cpu --slices 2 --coils 3 --height 32 --width 40 --acceleration 1 --warmup 1 --repeats 2)
@@ -175,6 +175,7 @@ PYEOF
     TRAIN_STEP_LEAN_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2)
     LEAN_ROWS=(budget=0.5)  # eager: the CPU dry run compiles nothing it need not
     BUDGET_ROWS=(budget=0.5)
+    TRAIN_STEP_FULL_ARGS=()  # the CPU dry run runs no paper-size row; --tiny-rows below
     TRAIN_STEP_CKPT_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
                           --rows ckpt)
     TRAIN_STEP_REGIONAL_ARGS=(--device cpu --methods ambient --height 32 --width 40 --coils 2 --warmup 1 --repeats 2
@@ -188,7 +189,8 @@ PYEOF
     if [[ "$DRY_RUN" == compiled ]]; then
         # The GPU run's rows and compiled sampler, at the tiny sizes and under bf16 autocast as there.
         TINY_ROWS=(--device cpu --height 32 --width 40 --coils 2 --warmup 1 --repeats 2 --tiny-rows --amp bf16)
-        TRAIN_STEP_ARGS=("${TINY_ROWS[@]}" --methods ambient --rows "${MAIN_ROWS[@]}" --precision-check bf16)
+        TRAIN_STEP_ARGS=("${TINY_ROWS[@]}" --methods ambient --rows "${TARGET_ROWS[@]}" --precision-check bf16)
+        TRAIN_STEP_FULL_ARGS=("${TINY_ROWS[@]}" --methods ambient --rows "${FULL_ROWS[@]}")
         TRAIN_STEP_LEAN_ARGS=("${TINY_ROWS[@]}" --methods ambient)
         LEAN_ROWS=("${GPU_LEAN_ROWS[@]}")
         BUDGET_ROWS=("${GPU_BUDGET_ROWS[@]}")
@@ -207,11 +209,14 @@ else
     GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
     SAMPLE_BATCH=$(( ${GPU_MIB:-0} > 100000 ? 16 : 8 ))
     if (( ${GPU_MIB:-0} < 100000 )); then
-        MAIN_ROWS=(compile,cudnn,nhwc)  # the eager step (82.7 GB) cannot fit: its minute goes elsewhere
+        FULL_ROWS=(compile,cudnn,nhwc)  # the eager step (82.7 GB) cannot fit
     fi
-    SCALING_ARGS=(--gpu --amp bf16 --warmup 3 --steps 10)
-    TRAIN_STEP_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows "${MAIN_ROWS[@]}"
+    # The worker loop against the bare step: compiled, as the paper-size eager step needs 82.7 GB.
+    SCALING_ARGS=(--gpu --amp bf16 --warmup 3 --steps 10 --configs bare loop --compile default)
+    DATA_PATH_ARGS=(--gpu --warmup 3 --steps 20)
+    TRAIN_STEP_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows "${TARGET_ROWS[@]}"
                      --profile 8 --precision-check bf16)
+    TRAIN_STEP_FULL_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --rows "${FULL_ROWS[@]}")
     TRAIN_STEP_LEAN_ARGS=(--device cuda --methods ambient --warmup 3 --repeats 5 --profile 8)
     LEAN_ROWS=("${GPU_LEAN_ROWS[@]}")
     BUDGET_ROWS=("${GPU_BUDGET_ROWS[@]}")
@@ -226,7 +231,7 @@ else
     SAMPLE_COMPILED_ARGS=(--device cuda --batches "$SAMPLE_BATCH" "${SAMPLE_COMPILED_SETTINGS[@]}" --warmup 3)
     PYTEST_K="cuda or gpu"
     # A small ambient model trained here (tiny preset, 64 x 64, 4 coils, R_train 2; 1,500 steps or
-    # up to 60 s, below), then A-DPS (Euler: Heun gained nothing on the CPU) on 8 other phantoms at R_inf 4 over
+    # up to 40 s, below), then A-DPS (Euler: Heun gained nothing on the CPU) on 8 other phantoms at R_inf 4 over
     # steps x guidance against the 500-step protocol: the fewest calls within 1 % of its NRMSE,
     # and their seconds per slice.
     FEWER_CALLS_ARGS=(--device cuda --train-steps 1500 --train-batch 16 --train-slices 128 --height 64 --width 64
@@ -267,7 +272,7 @@ import adps.orchestration.train_worker  # noqa: F401,E402 - the GPU benchmark's 
 print("adps imports: ok", sorted(m for m in ("ray", "mlflow", "sigpy") if m in sys.modules) or "(no ray/mlflow/sigpy)")
 PYEOF
 
-# 2. Tests that use CUDA -----------------------------------------------------------------------------
+# The tests' stand-in for sigpy (step 8) ------------------------------------------------------------------
 TEST_PATH="$PYTHONPATH"
 if ! "$PY" -c "import sigpy.mri" 2>/dev/null; then
     # A stand-in for sigpy.mri.birdcage_maps (the 2-D case adps uses), for the tests'
@@ -298,11 +303,9 @@ PYEOF
     echo "(sigpy missing: the tests' phantoms use a stand-in birdcage_maps from $WORK/shim)"
 fi
 
-# 3-7. Benchmarks, the issue's targets first ------------------------------------------------------------
+# Issue 29's rows ---------------------------------------------------------------------------------
 run train_step 270 "$PY" -m bench.train_step "${TRAIN_STEP_ARGS[@]}"
 grep '^{' "$LOGS/train_step.log" >"$LOGS/train_step.jsonl" 2>/dev/null
-run operators 30 "$PY" -m bench.operators "${OPERATORS_ARGS[@]}"
-grep '^{' "$LOGS/operators.log" >"$LOGS/operators.jsonl" 2>/dev/null
 # A compiled configuration that fails (a timed JSON row with an error; checks aside) is retried
 # in its plainer form.
 rows_failed() {
@@ -321,28 +324,36 @@ if ((${#SAMPLE_COMPILED_ARGS[@]})); then
 fi
 # A-DPS at the fewest calls within 1 % of the protocol, on a model trained here (the issue's
 # "fastest settings on the trained models you can train on the GPU in the session").
-# Its training takes what the budget leaves beyond the sampling's ~50 s, 60 s at most and 15 s at
-# least (a shorter-trained model still gives the calls-against-quality curve, only a worse one).
+# Its training takes what the budget leaves beyond the sampling, the data path and the summary
+# (~50 s), 40 s at most and 15 s at least (a shorter-trained model still gives the
+# calls-against-quality curve, only a worse one).
 TRAIN_S=$(( DEADLINE - SECONDS - 50 ))
-TRAIN_S=$(( TRAIN_S > 60 ? 60 : TRAIN_S < 15 ? 15 : TRAIN_S ))
-run fewer_calls 120 "$PY" -m bench.fewer_calls "${FEWER_CALLS_ARGS[@]}" --train-seconds "$TRAIN_S" \
+TRAIN_S=$(( TRAIN_S > 40 ? 40 : TRAIN_S < 15 ? 15 : TRAIN_S ))
+run fewer_calls 100 "$PY" -m bench.fewer_calls "${FEWER_CALLS_ARGS[@]}" --train-seconds "$TRAIN_S" \
     --json "$LOGS/fewer_calls.json"
-run train_scaling 60 "$PY" -m bench.train_scaling "${SCALING_ARGS[@]}" --json "$LOGS/train_scaling.json"
+run data_path 60 "$PY" -m bench.train_scaling "${DATA_PATH_ARGS[@]}" --configs load --amp bf16 \
+    --json "$LOGS/data_path.json"
+
+# Checks and candidates, while the budget lasts ------------------------------------------------------
+run operators 30 "$PY" -m bench.operators "${OPERATORS_ARGS[@]}"
+grep '^{' "$LOGS/operators.log" >"$LOGS/operators.jsonl" 2>/dev/null
 run train_step_lean 170 "$PY" -m bench.train_step "${TRAIN_STEP_LEAN_ARGS[@]}" --rows "${LEAN_ROWS[@]}"
 grep '^{' "$LOGS/train_step_lean.log" >"$LOGS/train_step_lean.jsonl" 2>/dev/null
-budget_step() {
+if rows_failed "$LOGS/train_step_lean.log"; then
+    # The lean candidate's memory, without the CUDA graphs that failed.
     run train_step_budget 170 "$PY" -m bench.train_step "${TRAIN_STEP_LEAN_ARGS[@]}" --rows "${BUDGET_ROWS[@]}"
     grep '^{' "$LOGS/train_step_budget.log" >"$LOGS/train_step_budget.jsonl" 2>/dev/null
-}
-if rows_failed "$LOGS/train_step_lean.log"; then
-    budget_step  # the memory target's measurement, without the CUDA graphs that failed
 fi
 # The CUDA tests after the issue's rows: a broken CUDA path shows in those rows' errors too.
 run tests 150 env PYTHONPATH="$TEST_PATH" "$PY" -m pytest -p no:cacheprovider -q -k "$PYTEST_K" \
     --junitxml="$LOGS/tests.xml" tests/test_train_step.py tests/test_mri_sense.py tests/test_mri_recon.py \
     tests/test_prefetch.py
-[[ -f "$LOGS/train_step_budget.log" ]] || budget_step
+if ((${#TRAIN_STEP_FULL_ARGS[@]})); then
+    run train_step_full 200 "$PY" -m bench.train_step "${TRAIN_STEP_FULL_ARGS[@]}"
+    grep '^{' "$LOGS/train_step_full.log" >"$LOGS/train_step_full.jsonl" 2>/dev/null
+fi
 run sample_speed 30 "$PY" -m bench.sample_speed "${SAMPLE_ARGS[@]}" --json "$LOGS/sample_speed.json"
+run train_scaling 200 "$PY" -m bench.train_scaling "${SCALING_ARGS[@]}" --json "$LOGS/train_scaling.json"
 run train_step_ckpt 170 "$PY" -m bench.train_step "${TRAIN_STEP_CKPT_ARGS[@]}"
 grep '^{' "$LOGS/train_step_ckpt.log" >"$LOGS/train_step_ckpt.jsonl" 2>/dev/null
 run train_step_regional 150 "$PY" -m bench.train_step "${TRAIN_STEP_REGIONAL_ARGS[@]}"
@@ -382,9 +393,11 @@ if (out / "train_scaling.json").is_file():
     for amp, derived in json.loads((out / "train_scaling.json").read_text()).get("derived", {}).items():
         print(f"train_scaling  {amp}: " + ", ".join(f"{k} {v}" for k, v in derived.items()))
 for r in (rows("train_step.jsonl") + rows("train_step_lean.jsonl") + rows("train_step_budget.jsonl")
-          + rows("train_step_ckpt.jsonl") + rows("train_step_regional.jsonl") + rows("train_step_ncsnv2.jsonl")):
+          + rows("train_step_full.jsonl") + rows("train_step_ckpt.jsonl") + rows("train_step_regional.jsonl") + rows("train_step_ncsnv2.jsonl")):
     if r.get("check"):
-        print(f"precision      {r['amp']} compile {r['compile']}{' nhwc' if r.get('inductor_nhwc') else ''} vs fp32: " + (r["error"] if r.get("error") else
+        budget = r.get("activation_memory_budget", 1.0)
+        print(f"precision      {r['amp']} compile {r['compile']}{' nhwc' if r.get('inductor_nhwc') else ''}"
+              f"{f' budget {budget}' if budget != 1.0 else ''} vs fp32: " + (r["error"] if r.get("error") else
               f"loss {r['loss']:.6g} vs {r['loss_fp32']:.6g} (rel {r['loss_rel_diff']:.2e}), gradient rel "
               f"{r['grad_rel_diff']:.2e}, cosine {r['grad_cosine']:.5f}") + (" ok" if r["passed"] else " FAILED"))
         continue
@@ -406,6 +419,21 @@ for r in (rows("train_step.jsonl") + rows("train_step_lean.jsonl") + rows("train
         else:
             families = ", ".join(f"{k} {v:.1f}" for k, v in profiled["families_ms"].items())
             print(f"               profiled step: {profiled['device_ms']:.1f} ms in kernels: {families}")
+# The data path against the step it feeds (issue 29: at least 5x): the compiled target row, else
+# the fastest paper-size row, else (the CPU dry run) the fastest ambient row.
+steps = [r for r in rows("train_step.jsonl") if r.get("method") == "ambient" and not r.get("check")
+         and not r.get("error") and not r.get("activation_checkpointing")]
+step = (next((r for r in steps if r["preset"] != "tiny" and r.get("compile")), None)
+        or max((r for r in steps if r["preset"] != "tiny"), key=lambda r: r["slices_per_s"], default=None)
+        or max(steps, key=lambda r: r["slices_per_s"], default=None))
+for r in rows("data_path.json"):
+    if r.get("error"):
+        print(f"data_path      FAILED: {r['error']}")
+        continue
+    against = (f"; {r['slices_per_s'] / step['slices_per_s']:.1f}x the {step['preset']} step's {step['slices_per_s']:.2f}"
+               f" slices/s (compile {step.get('compile')}, batch {step['batch']})" if step else "")
+    print(f"data_path      {r['median_ms']:9.1f} ms/batch of {r['batch_per_worker']}"
+          f" {r['slices_per_s']:8.2f} slices/s{against}")
 for r in rows("sample_speed.json") + rows("sample_speed_compiled.json") + rows("sample_speed_compiled_default.json"):
     how = (f"amp {r['amp']}{' ckpt' if r.get('activation_checkpointing') else ''}"
            f"{' cudnn-bench' if r.get('cudnn_benchmark') else ''}{' nhwc' if r.get('inductor_nhwc') else ''}"

@@ -156,8 +156,9 @@ class RowSpec:
 
     @property
     def has_plain_graph(self) -> bool:
-        """Whether the precision check (whole denoiser, compiled or not) runs this row's graph."""
-        return not (self.ckpt or self.cl or self.regional or self.inline) and self.budget == 1.0
+        """Whether the precision check (whole denoiser, compiled or not, with the row's memory
+        budget) runs this row's graph."""
+        return not (self.ckpt or self.cl or self.regional or self.inline)
 
 
 def bench_one(
@@ -214,9 +215,9 @@ def inductor_layout(nhwc: bool) -> contextlib.AbstractContextManager:
 
 
 # Inductor's thresholds for materialising an element-wise intermediate instead of recomputing it in
-# each consumer's kernel (torch 2.14's defaults: 4 readers, 30 ops). At 8 and 60, kernel_plan.py
-# plans the compiled A-DPS step's generated kernels at 23.8 instead of 26.7 GB per slice (paper
-# size, batch 8); the training step moves 1 % more. 16 / 100 and 32 / 200 planned the same.
+# each consumer's kernel (torch 2.14's defaults: 4 readers, 30 ops). At 8 and 60, a CPU-side plan
+# of the compiled A-DPS step's kernels (since removed: unconfirmed on a GPU) moved 23.8 instead of
+# 26.7 GB per slice (paper size, batch 8); gpu_check.sh's sample_speed_compiled measures it.
 INLINE_REALIZE_READS = 8
 INLINE_REALIZE_OPCOUNT = 60
 
@@ -370,7 +371,7 @@ def exact_float32() -> Iterator[None]:
 
 def precision_check(method: str, preset: str, device: torch.device, batch_size: int, height: int, width: int,
                     coils: int, acceleration: float, amp: str, compile_mode: str | None = None,
-                    nhwc: bool = False) -> dict[str, object]:
+                    nhwc: bool = False, budget: float = 1.0) -> dict[str, object]:
     """The loss and gradients of one step under ``amp`` autocast (and ``compile_mode``) against
     the same step in full float32 (TF32 off): same weights, batch and random draws.
 
@@ -405,7 +406,7 @@ def precision_check(method: str, preset: str, device: torch.device, batch_size: 
     finally:
         set_activation_checkpointing(model, False)
     net = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile_mode else model
-    with inductor_layout(nhwc):
+    with inductor_layout(nhwc), activation_budget(budget):  # the timed row's graph: Inductor's cache serves it
         loss, grad = loss_and_grad(net, {"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
     loss_rel = abs(loss - reference_loss) / abs(reference_loss)
     grad_rel = float((grad - reference_grad).norm() / reference_grad.norm())
@@ -413,20 +414,20 @@ def precision_check(method: str, preset: str, device: torch.device, batch_size: 
     return {
         "device": device_name(device), "check": "amp_vs_fp32", "method": method, "preset": preset, "batch": batch_size,
         "height": height, "width": width, "coils": coils, "amp": amp, "compile": compile_mode, "inductor_nhwc": nhwc,
-        "loss_fp32": reference_loss, "loss": loss, "loss_rel_diff": loss_rel, "grad_rel_diff": grad_rel,
+        "activation_memory_budget": budget, "loss_fp32": reference_loss, "loss": loss, "loss_rel_diff": loss_rel, "grad_rel_diff": grad_rel,
         "grad_cosine": cosine, "loss_rtol": LOSS_RTOL, "grad_min_cosine": GRAD_MIN_COSINE,
         "passed": loss_rel < LOSS_RTOL and cosine >= GRAD_MIN_COSINE,
     }
 
 
 def run_precision_checks(args: argparse.Namespace, device: torch.device, compile_mode: str | None,
-                         nhwc: bool, checked: set[tuple]) -> int:
-    """The precision checks of one (compile, nhwc) setting, once: paper size on CUDA, right
+                         nhwc: bool, checked: set[tuple], budget: float = 1.0) -> int:
+    """The precision checks of one (compile, nhwc, budget) setting, once: paper size on CUDA, right
     after the first row that compiled the same graph (Inductor's cache then serves it);
     on the CPU, or with --tiny-rows, the tiny rows' size. Returns the number that failed."""
-    if (compile_mode, nhwc) in checked:
+    if (compile_mode, nhwc, budget) in checked:
         return 0
-    checked.add((compile_mode, nhwc))
+    checked.add((compile_mode, nhwc, budget))
     failed = 0
     for amp in args.precision_check:
         if device.type == "cuda":
@@ -436,10 +437,11 @@ def run_precision_checks(args: argparse.Namespace, device: torch.device, compile
             else ("tiny", args.batch, args.height, args.width, args.coils))
         try:
             row = precision_check("ambient", preset, device, batch, height, width, coils, args.acceleration,
-                                  amp, compile_mode, nhwc)
+                                  amp, compile_mode, nhwc, budget)
         except Exception as err:  # noqa: BLE001 - reported as a failed check
             row = {"device": device_name(device), "check": "amp_vs_fp32", "amp": amp, "compile": compile_mode,
-                   "inductor_nhwc": nhwc, "passed": False, "error": repr(err)[:500]}
+                   "inductor_nhwc": nhwc, "activation_memory_budget": budget, "passed": False,
+                   "error": repr(err)[:500]}
         failed += not row["passed"]
         print(json.dumps(row), flush=True)
     return failed
@@ -560,7 +562,8 @@ def main() -> int:
                     print(json.dumps(row), flush=True)
                     torch.backends.cudnn.benchmark = False
                     if spec.has_plain_graph and method == "ambient":
-                        failed_checks += run_precision_checks(args, device, spec.compile, spec.nhwc, checked)
+                        failed_checks += run_precision_checks(args, device, spec.compile, spec.nhwc, checked,
+                                                              spec.budget)
         else:
             failed_checks += run_precision_checks(args, device, None, False, checked)
     return 1 if failed_checks else 0

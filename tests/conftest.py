@@ -255,6 +255,27 @@ def tiny_prepared(ray_session, tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(output)
 
 
+def write_stand_in_weights(folder: Path) -> Path:
+    """Random torchvision weights under torchvision's file names (AlexNet for LPIPS, VGG16 and
+    Inception-v3 for FID) in ``folder``: no network access here, and the tests check the code
+    paths, not the numbers. Returns ``folder``."""
+    import torchvision
+
+    from adps.perceptual import WEIGHT_FILES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    # AlexNet and Inception as complete state dicts, the layout of the real files.
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), folder / WEIGHT_FILES["alexnet"])
+    inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=True)
+    torch.save(inception.state_dict(), folder / WEIGHT_FILES["inception_v3"])
+    # VGG16 `features` only: the code reads nothing else, and building and saving the
+    # classifier (120 M parameters, 500 MB) would cost seconds for nothing.
+    vgg_features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    torch.save({f"features.{k}": v for k, v in vgg_features.state_dict().items()}, folder / WEIGHT_FILES["vgg16"])
+    return folder
+
+
 def tiny_config(dataset: str, **changes: object):
     """A TrainConfig of the tiny preset on ``dataset`` (:func:`tiny_prepared`): ambient at R = 2,
     batch 1, no lr warm-up, every step logged; ``changes`` override any key."""

@@ -124,8 +124,9 @@ def test_train_step_rows_parse_into_their_settings() -> None:
     fields = spec.row_fields()
     assert fields["inductor_inline"] is True and fields["inductor_nhwc"] is True
     assert fields["activation_memory_budget"] == 0.7
-    # The precision check compiles the plain denoiser: it stands for no row with other kernels.
-    assert not spec.has_plain_graph and train_step.parse_row("compile,nhwc").has_plain_graph
+    # The precision check compiles the plain denoiser (with the row's memory budget): it stands
+    # for no row with other kernels.
+    assert not spec.has_plain_graph and train_step.parse_row("compile,nhwc,budget=0.7").has_plain_graph
     assert train_step.parse_row("eager") == train_step.RowSpec()
     with pytest.raises(argparse.ArgumentTypeError, match="unknown row option 'inlined'"):
         train_step.parse_row("compile,inlined")

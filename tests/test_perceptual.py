@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 from adps import perceptual
 from adps.data.phantom import brain_phantom
@@ -33,6 +32,7 @@ from adps.perceptual import (
     lpips_distance,
     lpips_rgb,
 )
+from conftest import write_stand_in_weights
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,17 +51,7 @@ def _one_blas_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random torchvision weights under torchvision's file names."""
-    folder = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    # AlexNet and Inception as complete state dicts, the layout of the real files.
-    torch.save(torchvision.models.alexnet(weights=None).state_dict(), folder / WEIGHT_FILES["alexnet"])
-    inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=True)
-    torch.save(inception.state_dict(), folder / WEIGHT_FILES["inception_v3"])
-    # VGG16 `features` only: the code reads nothing else, and building and saving the
-    # classifier (120 M parameters, 500 MB) would cost seconds for nothing.
-    vgg_features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
-    torch.save({f"features.{k}": v for k, v in vgg_features.state_dict().items()}, folder / WEIGHT_FILES["vgg16"])
-    return folder
+    return write_stand_in_weights(tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,8 @@ def test_local_paths_are_made_absolute_for_the_workers(tmp_path: Path, monkeypat
     monkeypatch.chdir(tmp_path)
     config = with_absolute_paths(TrainConfig(dataset="prepared", storage_path="runs"))
     assert config.dataset == str(tmp_path / "prepared") and config.storage_path == str(tmp_path / "runs")
+    # Without a storage_path, the runs go beside the default MLflow store of this folder.
+    assert with_absolute_paths(TrainConfig(dataset="prepared")).storage_path == str(tmp_path / ".adps" / "runs")
     remote = with_absolute_paths(TrainConfig(dataset="s3://bucket/prepared", storage_path="s3://bucket/runs"))
     assert remote.dataset == "s3://bucket/prepared" and remote.storage_path == "s3://bucket/runs"
 
@@ -330,7 +332,7 @@ def test_a_finished_run_is_never_resumed_silently_and_a_bad_batch_fails_before_r
     refused on the driver, before Ray starts."""
     from mlflow import MlflowClient
 
-    from adps.orchestration.train import FINISHED_FILE
+    from adps.orchestration.train import FINISHED_FILE, finished_in_another_store
 
     config = tiny_config(tiny_dataset, method="modl", max_steps=2, storage_path=str(tmp_path / "runs"),
                          run_name="once", experiment="finished-test", validation_slices=0, checkpoint_every_steps=100)
@@ -341,6 +343,17 @@ def test_a_finished_run_is_never_resumed_silently_and_a_bad_batch_fails_before_r
     with pytest.raises(ValueError, match=rf"'run_name': .*once holds a run that finished at step 2 \(MLflow run "
                                          rf"{first.run_id}, model {first.model_name}/{first.model_version}\)"):
         train(config)
+    # The same folder seen from another MLflow store (another project's clone, or a store deleted
+    # to start over): not this store's run, so a sweep does not skip it as done, and its train is
+    # refused naming both stores (the model it registered is not in this one).
+    other = config.replace(tracking_uri=f"sqlite:///{tmp_path / 'other.db'}")
+    assert finished_in_another_store(record, other) == record["tracking_uri"]
+    assert finished_in_another_store(record, config) == ""
+    with pytest.raises(ValueError, match=r"'storage_path': .*once holds a run that finished at step 2 and registered "
+                                         r"its model in another MLflow store \(sqlite:///\S+\), not in this one "
+                                         r"\(sqlite:///\S+other\.db\)\. Give this project a storage_path"):
+        train(other)
+    assert not (tmp_path / "other.db").exists()
     second = train(config.replace(on_finished="new_run"))
     assert second.run_id != first.run_id and second.metrics["step"] == 2
     assert (tmp_path / "runs" / "once-2" / FINISHED_FILE).exists()

@@ -21,7 +21,7 @@ from typing import Any
 
 from adps.nn.learning_config import IMAGE_GRID, PAPER_GRID, image_run_name
 from adps.orchestration.tracking import find_run, resolve_tracking_uri
-from adps.orchestration.train import finished_record, train, with_absolute_paths
+from adps.orchestration.train import finished_in_another_store, finished_record, train, with_absolute_paths
 from adps.orchestration.train_config import TrainConfig
 
 __all__ = ["SweepRun", "format_summary", "grid_gaps", "load_sweep_configs", "run_sweep", "runs_at_once"]
@@ -101,6 +101,8 @@ def _finished_before(config: TrainConfig, storage: str) -> str:
     """``name/version`` if this run finished and registered its model earlier, else ``""``: by its folder's
     :data:`~adps.orchestration.train.FINISHED_FILE`, else (a run older than that file) by its MLflow run."""
     record = finished_record(storage, config.resolved_run_name)
+    if record is not None and finished_in_another_store(record, config):
+        return ""  # not this store's: its train refuses it, naming both stores
     if record is not None:
         return record.get("registered_model") or "(not registered)"
     if not config.tracking:
@@ -134,7 +136,7 @@ def run_sweep(configs: Sequence[TrainConfig], *, max_concurrent: int = 0, ray_ad
     rows = {c.resolved_run_name: SweepRun(c.resolved_run_name, c.method, c.r_train) for c in configs}
     queue = []
     for config in configs:
-        storage = config.storage_path or str(Path.home() / "ray_results")
+        storage = config.storage_path  # absolute, the default filled in (with_absolute_paths)
         done = _finished_before(config, storage)
         if done:
             rows[config.resolved_run_name].status, rows[config.resolved_run_name].model = "done (skipped)", done

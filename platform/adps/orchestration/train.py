@@ -35,6 +35,7 @@ from adps.orchestration.tracking import (
     image_listing_checksum,
     manifest_checksum,
     open_run,
+    refuse_job_scratch,
     resolve_tracking_uri,
 )
 from adps.orchestration.train_config import TrainConfig
@@ -48,8 +49,8 @@ from adps.orchestration.train_worker import (
     worker_loop,
 )
 
-__all__ = ["FINISHED_FILE", "TrainedRun", "checkpoint_uri", "finished_record", "planned_steps", "train",
-           "with_absolute_paths"]
+__all__ = ["DEFAULT_RUNS", "FINISHED_FILE", "TrainedRun", "checkpoint_uri", "finished_in_another_store", "finished_record",
+           "planned_steps", "train", "with_absolute_paths"]
 
 FINISHED_FILE = "adps_finished.json"
 """Written into a run's folder (``<storage_path>/<run_name>/``) when it finishes: its final step, checkpoint, MLflow run
@@ -100,9 +101,17 @@ def _ray_worker(payload: dict[str, Any]) -> None:
             log.close(timeout_s=config.tracking_flush_s)
 
 
+DEFAULT_RUNS = Path(".adps") / "runs"
+"""Where run folders go without a ``storage_path``: beside the default MLflow store (``.adps/mlflow.db``) and the
+searches (``.adps/tune``) of the folder the command runs in, so that a project's runs, store and models go (and start
+over) together."""
+
+
 def with_absolute_paths(config: TrainConfig) -> TrainConfig:
-    """Local ``dataset`` and ``storage_path`` made absolute: Ray workers run in other folders."""
-    return config.absolute_paths("dataset", "storage_path")
+    """Local ``dataset`` and ``storage_path`` (empty: :data:`DEFAULT_RUNS`) made absolute: Ray workers run in other
+    folders."""
+    return config.replace(storage_path=config.storage_path or str(DEFAULT_RUNS)).absolute_paths("dataset",
+                                                                                                 "storage_path")
 
 
 @dataclass
@@ -167,6 +176,15 @@ def finished_record(storage_root: str, run_name: str) -> dict[str, Any] | None:
     return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
 
 
+def finished_in_another_store(record: dict[str, Any], config: TrainConfig) -> str:
+    """The MLflow store a finished run's record names when it is not ``config``'s (``""`` when it is, or either is
+    unknown): the run folder then belongs to another project or a store since deleted, whose model this store lacks."""
+    recorded = record.get("tracking_uri") or ""
+    if not recorded or not config.tracking:
+        return ""
+    return "" if recorded == resolve_tracking_uri(config.tracking_uri) else recorded
+
+
 def _unless_finished(config: TrainConfig, storage_root: str, total_steps: int) -> TrainConfig:
     """``config``, or with ``on_finished: new_run`` the same under the first free ``<run_name>-<k>``, when its run
     folder holds a run finished at ``total_steps`` or more; else refused."""
@@ -174,6 +192,7 @@ def _unless_finished(config: TrainConfig, storage_root: str, total_steps: int) -
     record = finished_record(storage_root, name)
     if record is None or int(record.get("step") or 0) < total_steps:
         return config
+    elsewhere = finished_in_another_store(record, config)
     if config.on_finished == "new_run":
         k = 2
         while finished_record(storage_root, f"{name}-{k}") is not None or (
@@ -181,6 +200,12 @@ def _unless_finished(config: TrainConfig, storage_root: str, total_steps: int) -
             k += 1
         print(f"adps train: {name} finished before (step {record['step']}); training a new run {name}-{k}", flush=True)
         return config.replace(run_name=f"{name}-{k}")
+    if elsewhere:
+        raise ValueError(
+            f"config key 'storage_path': {storage_root.rstrip('/')}/{name} holds a run that finished at step "
+            f"{record['step']} and registered its model in another MLflow store ({elsewhere}), not in this one "
+            f"({resolve_tracking_uri(config.tracking_uri)}). Give this project a storage_path of its own (e.g. "
+            "--set storage_path=$PWD/.adps/runs), a new run_name, or set on_finished: new_run")
     raise ValueError(
         f"config key 'run_name': {storage_root.rstrip('/')}/{name} holds a run that finished at step {record['step']} "
         f"(MLflow run {record.get('mlflow_run_id') or '-'}, model {record.get('registered_model') or '-'}); submitting "
@@ -286,7 +311,9 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainedRun:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage_root = config.storage_path or str(Path.home() / "ray_results")
+    storage_root = config.storage_path
+    refuse_job_scratch(storage_root, "Ray Train's run folders", "set storage_path to durable storage (s3://..., or "
+                       "a folder outside the job)")
     config = _unless_finished(config, storage_root, planned_steps(config))
     check_resume(config, storage_root)
     run_name = config.resolved_run_name

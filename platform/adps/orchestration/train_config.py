@@ -45,7 +45,8 @@ class TrainConfig(LearningConfig):
     max_failures: int = 3
     """Worker-group restarts from the latest checkpoint before the run fails."""
     storage_path: str = ""
-    """Folder or ``s3://`` URI for Ray Train's run folders (empty = ``~/ray_results``)."""
+    """Folder or ``s3://`` URI for Ray Train's run folders (empty = ``.adps/runs`` of the folder the command runs in,
+    beside the default MLflow store; a submitted job needs durable storage)."""
     run_name: str = ""
     """Run folder name under ``storage_path``; re-running with the same name resumes. Empty = ``<method>_r<R>``
     (``image_p<erasure_p>`` for ``image``)."""
