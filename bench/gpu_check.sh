@@ -392,8 +392,8 @@ for r in rows("train_scaling.json"):
 if (out / "train_scaling.json").is_file():
     for amp, derived in json.loads((out / "train_scaling.json").read_text()).get("derived", {}).items():
         print(f"train_scaling  {amp}: " + ", ".join(f"{k} {v}" for k, v in derived.items()))
-for r in (rows("train_step.jsonl") + rows("train_step_lean.jsonl") + rows("train_step_budget.jsonl")
-          + rows("train_step_full.jsonl") + rows("train_step_ckpt.jsonl") + rows("train_step_regional.jsonl") + rows("train_step_ncsnv2.jsonl")):
+for r in [r for step in ("", "_lean", "_budget", "_full", "_ckpt", "_regional", "_ncsnv2")
+          for r in rows(f"train_step{step}.jsonl")]:
     if r.get("check"):
         budget = r.get("activation_memory_budget", 1.0)
         print(f"precision      {r['amp']} compile {r['compile']}{' nhwc' if r.get('inductor_nhwc') else ''}"
@@ -419,13 +419,12 @@ for r in (rows("train_step.jsonl") + rows("train_step_lean.jsonl") + rows("train
         else:
             families = ", ".join(f"{k} {v:.1f}" for k, v in profiled["families_ms"].items())
             print(f"               profiled step: {profiled['device_ms']:.1f} ms in kernels: {families}")
-# The data path against the step it feeds (issue 29: at least 5x): the compiled target row, else
-# the fastest paper-size row, else (the CPU dry run) the fastest ambient row.
+# The data path against the step it feeds (issue 29: at least 5x): the fastest paper-size ambient
+# row without checkpointing (on the GPU, the compiled target row), else (the CPU dry run) the
+# fastest tiny one.
 steps = [r for r in rows("train_step.jsonl") if r.get("method") == "ambient" and not r.get("check")
          and not r.get("error") and not r.get("activation_checkpointing")]
-step = (next((r for r in steps if r["preset"] != "tiny" and r.get("compile")), None)
-        or max((r for r in steps if r["preset"] != "tiny"), key=lambda r: r["slices_per_s"], default=None)
-        or max(steps, key=lambda r: r["slices_per_s"], default=None))
+step = max(steps, key=lambda r: (r["preset"] != "tiny", r["slices_per_s"]), default=None)
 for r in rows("data_path.json"):
     if r.get("error"):
         print(f"data_path      FAILED: {r['error']}")

@@ -414,8 +414,8 @@ def precision_check(method: str, preset: str, device: torch.device, batch_size: 
     return {
         "device": device_name(device), "check": "amp_vs_fp32", "method": method, "preset": preset, "batch": batch_size,
         "height": height, "width": width, "coils": coils, "amp": amp, "compile": compile_mode, "inductor_nhwc": nhwc,
-        "activation_memory_budget": budget, "loss_fp32": reference_loss, "loss": loss, "loss_rel_diff": loss_rel, "grad_rel_diff": grad_rel,
-        "grad_cosine": cosine, "loss_rtol": LOSS_RTOL, "grad_min_cosine": GRAD_MIN_COSINE,
+        "activation_memory_budget": budget, "loss_fp32": reference_loss, "loss": loss, "loss_rel_diff": loss_rel,
+        "grad_rel_diff": grad_rel, "grad_cosine": cosine, "loss_rtol": LOSS_RTOL, "grad_min_cosine": GRAD_MIN_COSINE,
         "passed": loss_rel < LOSS_RTOL and cosine >= GRAD_MIN_COSINE,
     }
 

@@ -67,15 +67,17 @@ def test_local_commands_run_as_written(tmp_path: Path) -> None:
     # Ray's own temporary folder (its socket paths must stay short), not one a `ray start` left running.
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="adps-docs-ray-", dir="/tmp")
     env["PWD"] = str(work)
-    timings = []
-    for doc, line in local_commands():
-        started = time.monotonic()
-        result = subprocess.run(line, shell=True, cwd=work, env=env, capture_output=True, text=True,
-                                timeout=PER_COMMAND_TIMEOUT_S, executable="/bin/bash")
-        took = time.monotonic() - started
-        timings.append((took, doc, line))
-        print(f"{took:7.1f} s  exit {result.returncode}  {doc}: {line}", flush=True)
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-30:])
-        assert result.returncode == 0, f"{doc}: `{line}` exited {result.returncode} after {took:.0f} s:\n{tail}"
-    print(f"{sum(t for t, _, _ in timings):.0f} s for {len(timings)} commands")
-    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    total = 0.0
+    try:
+        for doc, line in local_commands():
+            started = time.monotonic()
+            result = subprocess.run(line, shell=True, cwd=work, env=env, capture_output=True, text=True,
+                                    timeout=PER_COMMAND_TIMEOUT_S, executable="/bin/bash")
+            took = time.monotonic() - started
+            total += took
+            print(f"{took:7.1f} s  exit {result.returncode}  {doc}: {line}", flush=True)
+            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-30:])
+            assert result.returncode == 0, f"{doc}: `{line}` exited {result.returncode} after {took:.0f} s:\n{tail}"
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    print(f"{total:.0f} s for {len(local_commands())} commands")

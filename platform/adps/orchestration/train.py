@@ -192,7 +192,6 @@ def _unless_finished(config: TrainConfig, storage_root: str, total_steps: int) -
     record = finished_record(storage_root, name)
     if record is None or int(record.get("step") or 0) < total_steps:
         return config
-    elsewhere = finished_in_another_store(record, config)
     if config.on_finished == "new_run":
         k = 2
         while finished_record(storage_root, f"{name}-{k}") is not None or (
@@ -200,6 +199,7 @@ def _unless_finished(config: TrainConfig, storage_root: str, total_steps: int) -
             k += 1
         print(f"adps train: {name} finished before (step {record['step']}); training a new run {name}-{k}", flush=True)
         return config.replace(run_name=f"{name}-{k}")
+    elsewhere = finished_in_another_store(record, config)
     if elsewhere:
         raise ValueError(
             f"config key 'storage_path': {storage_root.rstrip('/')}/{name} holds a run that finished at step "
